@@ -1,0 +1,39 @@
+# Two commands on a fresh machine: `make lab` and `make test`. Each creates .venv if missing,
+# installs the pinned CPU torch first (an unpinned torch would pull gigabytes of CUDA), then the
+# package with the extras it needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PIN := torch==2.13.0
+
+.PHONY: test test-all lab bench lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH_PIN)
+
+$(VENV)/.dev-installed: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+$(VENV)/.lab-installed: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e ".[dev,lab]"
+	touch $@
+
+test: $(VENV)/.dev-installed
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: $(VENV)/.dev-installed
+	$(PY) -m pytest -q
+
+lab: $(VENV)/.lab-installed
+	$(PY) benchmarks/softmax.py --quick
+
+bench: $(VENV)/.dev-installed
+	$(PY) benchmarks/softmax.py
+
+lint: $(VENV)/.dev-installed
+	$(PY) -m ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache build src/*.egg-info

@@ -1,0 +1,5 @@
+"""Functional mixers, one family per folder."""
+
+from causalmix.ops.softmax import AttentionOutput, softmax_attention
+
+__all__ = ["AttentionOutput", "softmax_attention"]

@@ -1,0 +1,76 @@
+"""Input checks shared by the public mixer functions: raise clear errors at the boundary."""
+
+from __future__ import annotations
+
+import torch
+
+from causalmix.visibility import Visibility
+
+
+def check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_qkv(fn: str, q, k, v, *, same_head_count: bool = False) -> tuple[int, ...]:
+    """Check ``q: [B, Tq, Hq, D]``, ``k: [B, Tk, Hkv, D]``, ``v: [B, Tk, Hkv, Dv]``.
+
+    Returns ``(B, Tq, Tk, Hq, Hkv, D, Dv)``.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{fn}: {name} must be 4-D [batch, seq, heads, dim], got shape {list(t.shape)}"
+            )
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{fn}: {name} must be a floating tensor, got dtype {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(
+            f"{fn}: q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}"
+        )
+    if not (q.device == k.device == v.device):
+        raise ValueError(
+            f"{fn}: q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}"
+        )
+    b, tq, hq, d = q.shape
+    bk, tk, hkv, dk = k.shape
+    bv, tv, hv, dv = v.shape
+    if not (b == bk == bv):
+        raise ValueError(f"{fn}: batch sizes differ: q {b}, k {bk}, v {bv}")
+    if tk != tv:
+        raise ValueError(f"{fn}: k and v must have the same length, got k {tk}, v {tv}")
+    if hkv != hv:
+        raise ValueError(f"{fn}: k and v must have the same heads, got k {hkv}, v {hv}")
+    if d != dk:
+        raise ValueError(f"{fn}: q and k head dims differ: q {d}, k {dk}")
+    if same_head_count and hq != hkv:
+        raise ValueError(f"{fn}: q, k, v must have the same heads, got q {hq}, k {hkv}")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(
+            f"{fn}: q heads ({hq}) must be a multiple of k/v heads ({hkv}) (GQA/MQA)"
+        )
+    return b, tq, tk, hq, hkv, d, dv
+
+
+def check_visibility(
+    fn: str, visibility, batch: int, q_len: int, k_len: int, q_offset, k_offset
+) -> None:
+    if not isinstance(visibility, Visibility):
+        raise TypeError(
+            f"{fn}: visibility must be a causalmix.visibility spec (Causal(), Window(...), ...), "
+            f"got {type(visibility).__name__}"
+        )
+    check_int("q_offset", q_offset, 0)
+    check_int("k_offset", k_offset, 0)
+    vb = visibility.batch_size
+    if vb is not None and vb != batch:
+        raise ValueError(
+            f"{fn}: visibility {visibility!r} is for batch size {vb} but the inputs have "
+            f"batch size {batch}"
+        )
+    visibility._check_positions(q_len, k_len, q_offset, k_offset)

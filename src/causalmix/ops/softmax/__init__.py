@@ -1,0 +1,5 @@
+"""Softmax attention under any visibility spec (``q: [B, Tq, Hq, D]``)."""
+
+from causalmix.ops.softmax.api import AttentionOutput, available_impls, softmax_attention
+
+__all__ = ["AttentionOutput", "available_impls", "softmax_attention"]

@@ -1,0 +1,228 @@
+"""Block-sparse softmax attention in plain PyTorch, forward and backward, CPU and GPU.
+
+The spec's block map splits the (query, key) plane into tiles. For each block of query rows the
+non-empty key tiles are gathered (one narrow view when they are contiguous) and the row block is
+computed in one go: scores, exact softmax over the gathered keys, output. Masks are built and
+applied only on *partial* tiles; full tiles see no mask work and empty tiles no work at all.
+
+Backward recomputes the scores per row block (FlashAttention-2 style): with ``P = exp(S - lse)``,
+``dV += P^T dO``, ``dS = P * (dO V^T - delta + dlse)`` where ``delta = rowsum(dO * O)``,
+``dQ = scale * dS K``, ``dK += scale * dS^T Q``. Memory is O(T * D) plus one row block of scores.
+
+Math is fp32 inside whatever the input dtype; results are cast back to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+
+import torch
+
+from causalmix.visibility import EMPTY, FULL, Visibility
+
+_SCORE_BUDGET = 1 << 22  # floats in one row block of scores (16 MiB fp32)
+_KEY_BLOCK = 64
+_PLAN_CACHE: OrderedDict = OrderedDict()
+_PLAN_CACHE_SIZE = 32
+
+
+def can_serve(q, k, v, visibility: Visibility, q_offset: int, k_offset: int, needs_lse: bool):
+    return None
+
+
+@dataclasses.dataclass
+class _RowBlock:
+    r0: int  # local query rows [r0, r1)
+    r1: int
+    ranges: list[tuple[int, int]]  # local key ranges [c0, c1) gathered, in order
+    width: int  # total gathered keys
+    partial: list[tuple[int, int, int]]  # (offset in gathered keys, local key start, end)
+
+
+def _row_size(b: int, hq: int, tq: int, tk: int) -> int:
+    rows = _SCORE_BUDGET // max(1, b * hq * max(tk, 1))
+    size = 16
+    while size * 2 <= min(rows, 256):
+        size *= 2
+    return max(1, min(size, tq))
+
+
+def _plan(visibility, tq, tk, q_offset, k_offset, rows, cols) -> list[_RowBlock]:
+    key = (visibility, tq, tk, q_offset, k_offset, rows, cols)
+    plan = _PLAN_CACHE.get(key)
+    if plan is not None:
+        _PLAN_CACHE.move_to_end(key)
+        return plan
+    kinds = visibility.block_map(tq, tk, rows, cols, q_offset=q_offset, k_offset=k_offset)
+    # One plan for the whole batch: a tile is skipped only if empty for every example, and
+    # mask-free only if full for every example.
+    nonempty = (kinds != EMPTY).any(dim=0)
+    full = (kinds == FULL).all(dim=0)
+    plan = []
+    for r, (ne_row, full_row) in enumerate(zip(nonempty.tolist(), full.tolist())):
+        ranges: list[tuple[int, int]] = []
+        partial = []
+        width = 0
+        for c, (ne, fu) in enumerate(zip(ne_row, full_row)):
+            if not ne:
+                continue
+            c0, c1 = c * cols, min(tk, (c + 1) * cols)
+            if not fu:
+                partial.append((width, c0, c1))
+            if ranges and ranges[-1][1] == c0:
+                ranges[-1] = (ranges[-1][0], c1)
+            else:
+                ranges.append((c0, c1))
+            width += c1 - c0
+        plan.append(_RowBlock(r * rows, min(tq, (r + 1) * rows), ranges, width, partial))
+    _PLAN_CACHE[key] = plan
+    if len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
+        _PLAN_CACHE.popitem(last=False)
+    return plan
+
+
+def _gather(x: torch.Tensor, ranges) -> torch.Tensor:
+    """``x: [B, H, T, D]`` -> the key ranges along T (a view when there is one range)."""
+    if len(ranges) == 1:
+        c0, c1 = ranges[0]
+        return x[:, :, c0:c1]
+    return torch.cat([x[:, :, c0:c1] for c0, c1 in ranges], dim=2)
+
+
+def _scatter_add(dst: torch.Tensor, src: torch.Tensor, ranges) -> None:
+    off = 0
+    for c0, c1 in ranges:
+        dst[:, :, c0:c1].add_(src[:, :, off : off + c1 - c0])
+        off += c1 - c0
+
+
+class _Masker:
+    """Builds the boolean masks of a row block's partial tiles (``[B', rows, 1, width]`` so they
+    broadcast over kv heads and the query-head group)."""
+
+    def __init__(self, visibility, q_offset, k_offset, device):
+        self.vis, self.q_offset, self.k_offset, self.device = visibility, q_offset, k_offset, device
+        nb = visibility.batch_size or 1
+        self.b = torch.arange(nb, device=device).view(nb, 1, 1)
+
+    def apply(self, s: torch.Tensor, blk: _RowBlock, group: int) -> None:
+        """``s: [B, Hkv, rows * group, width]`` scores, masked in place."""
+        if not blk.partial:
+            return
+        bsz, hkv, _, width = s.shape
+        s5 = s.view(bsz, hkv, blk.r1 - blk.r0, group, width)
+        i = torch.arange(
+            self.q_offset + blk.r0, self.q_offset + blk.r1, device=self.device
+        ).view(1, -1, 1)
+        for off, c0, c1 in blk.partial:
+            j = torch.arange(self.k_offset + c0, self.k_offset + c1, device=self.device)
+            vis = self.vis._pred(self.b, i, j.view(1, 1, -1))  # [B', rows, w]
+            hidden = ~vis.expand(vis.shape[0], blk.r1 - blk.r0, c1 - c0)
+            s5[..., off : off + c1 - c0].masked_fill_(hidden[:, None, :, None, :], float("-inf"))
+
+
+class _BlockAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, visibility, q_offset, k_offset, scale):
+        b, tq, hq, d = q.shape
+        tk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
+        group = hq // hkv
+        dev = q.device
+        rows = _row_size(b, hq, tq, tk)
+        cols = max(1, min(_KEY_BLOCK, tk))
+        plan = _plan(visibility, tq, tk, q_offset, k_offset, rows, cols)
+
+        # Head-major fp32 layouts; query rows carry their head group innermost so that a row
+        # block of all group heads is one contiguous [rows * group, D] matrix per kv head.
+        qh = (q.float() * scale).view(b, tq, hkv, group, d).permute(0, 2, 1, 3, 4).contiguous()
+        kh = k.float().transpose(1, 2).contiguous()  # [B, Hkv, Tk, D]
+        vh = v.float().transpose(1, 2).contiguous()  # [B, Hkv, Tk, Dv]
+        out = torch.zeros(b, hkv, tq, group, dv, device=dev)
+        lse = torch.full((b, hkv, tq, group), float("-inf"), device=dev)
+        masker = _Masker(visibility, q_offset, k_offset, dev)
+        work = torch.empty(b * hkv * rows * group * max((r.width for r in plan), default=0),
+                           device=dev)
+        for blk in plan:
+            if blk.width == 0:
+                continue
+            n = blk.r1 - blk.r0
+            qb = qh[:, :, blk.r0 : blk.r1].view(b, hkv, n * group, d)
+            kb, vb = _gather(kh, blk.ranges), _gather(vh, blk.ranges)
+            s = work[: b * hkv * n * group * blk.width].view(b, hkv, n * group, blk.width)
+            torch.matmul(qb, kb.transpose(-1, -2), out=s)
+            masker.apply(s, blk, group)
+            m = s.amax(dim=-1, keepdim=True)
+            if blk.partial:
+                m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+            s.sub_(m).exp_()
+            denom = s.sum(dim=-1, keepdim=True)
+            ob = torch.matmul(s, vb)
+            ob.div_(torch.where(denom > 0, denom, torch.ones_like(denom)))
+            out[:, :, blk.r0 : blk.r1] = ob.view(b, hkv, n, group, dv)
+            lse[:, :, blk.r0 : blk.r1] = (m + denom.log()).view(b, hkv, n, group)
+
+        ctx.save_for_backward(qh, kh, vh, out, lse)
+        ctx.plan, ctx.masker, ctx.scale = plan, masker, scale
+        ctx.shapes = (b, tq, tk, hq, hkv, group, d, dv, rows)
+        ctx.dtypes = (q.dtype, k.dtype, v.dtype)
+        o = out.permute(0, 2, 1, 3, 4).reshape(b, tq, hq, dv).to(q.dtype)
+        ls = lse.permute(0, 2, 1, 3).reshape(b, tq, hq)
+        return o, ls
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        qh, kh, vh, out, lse = ctx.saved_tensors
+        b, tq, tk, hq, hkv, group, d, dv, rows = ctx.shapes
+        plan, masker, scale = ctx.plan, ctx.masker, ctx.scale
+        dev = qh.device
+        if d_out is None:
+            d_out = torch.zeros(b, tq, hq, dv, device=dev)
+        do = d_out.float().view(b, tq, hkv, group, dv).permute(0, 2, 1, 3, 4).contiguous()
+        delta = (do * out).sum(-1)  # [B, Hkv, Tq, G]
+        if d_lse is not None:
+            delta = delta - d_lse.float().view(b, tq, hkv, group).permute(0, 2, 1, 3)
+        # exp(s - lse) with lse = +inf on empty rows gives 0 instead of NaN
+        lse_safe = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse)
+        dq = torch.zeros_like(qh)
+        dk = torch.zeros_like(kh)
+        dvv = torch.zeros_like(vh)
+        width_max = max((r.width for r in plan), default=0)
+        work_p = torch.empty(b * hkv * rows * group * width_max, device=dev)
+        work_d = torch.empty_like(work_p)
+        for blk in plan:
+            if blk.width == 0:
+                continue
+            n = blk.r1 - blk.r0
+            sl = slice(blk.r0, blk.r1)
+            qb = qh[:, :, sl].view(b, hkv, n * group, d)
+            dob = do[:, :, sl].view(b, hkv, n * group, dv)
+            kb, vb = _gather(kh, blk.ranges), _gather(vh, blk.ranges)
+            size = b * hkv * n * group * blk.width
+            p = work_p[:size].view(b, hkv, n * group, blk.width)
+            torch.matmul(qb, kb.transpose(-1, -2), out=p)
+            masker.apply(p, blk, group)
+            p.sub_(lse_safe[:, :, sl].reshape(b, hkv, n * group, 1)).exp_()
+            ds = work_d[:size].view(b, hkv, n * group, blk.width)
+            torch.matmul(dob, vb.transpose(-1, -2), out=ds)
+            ds.sub_(delta[:, :, sl].reshape(b, hkv, n * group, 1)).mul_(p)
+            dq[:, :, sl] = torch.matmul(ds, kb).view(b, hkv, n, group, d)
+            if len(blk.ranges) == 1:
+                c0, c1 = blk.ranges[0]
+                dvv[:, :, c0:c1] += torch.matmul(p.transpose(-1, -2), dob)
+                dk[:, :, c0:c1] += torch.matmul(ds.transpose(-1, -2), qb)
+            else:
+                _scatter_add(dvv, torch.matmul(p.transpose(-1, -2), dob), blk.ranges)
+                _scatter_add(dk, torch.matmul(ds.transpose(-1, -2), qb), blk.ranges)
+        qd, kd, vd = ctx.dtypes
+        dq = (dq * scale).permute(0, 2, 1, 3, 4).reshape(b, tq, hq, d).to(qd)
+        dk = dk.transpose(1, 2).to(kd)
+        dvv = dvv.transpose(1, 2).to(vd)
+        return dq, dk, dvv, None, None, None, None
+
+
+@torch.compiler.disable
+def attention(q, k, v, visibility: Visibility, *, q_offset: int, k_offset: int, scale: float):
+    """``q: [B, Tq, Hq, D]``, ``k: [B, Tk, Hkv, D]``, ``v: [B, Tk, Hkv, Dv]`` ->
+    ``(out [B, Tq, Hq, Dv] in q.dtype, lse [B, Tq, Hq] fp32)``."""
+    return _BlockAttention.apply(q, k, v, visibility, q_offset, k_offset, scale)

@@ -1,0 +1,72 @@
+"""PyTorch FlexAttention, compiled, with the spec as its ``mask_mod`` and block mask.
+
+Where it runs: on CUDA forward and backward (with log-sum-exp); on CPU, inference only and
+without log-sum-exp (torch's CPU lowering supports nothing more). Each new shape compiles once
+(11-25 s on a 2-core CPU), so ``auto`` never picks it on CPU.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from causalmix.visibility import Visibility
+
+_COMPILED = None
+_MASKS: OrderedDict = OrderedDict()
+
+
+def _flex_module():
+    try:
+        from torch.nn.attention import flex_attention as fa
+    except ImportError:  # pragma: no cover - torch without FlexAttention
+        return None
+    return fa
+
+
+def can_serve(q, k, v, visibility: Visibility, q_offset: int, k_offset: int, needs_lse: bool):
+    if _flex_module() is None:
+        return "FlexAttention is not available in this torch build"
+    if q.device.type == "cpu":
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            return "FlexAttention has no backward on CPU (inputs require grad)"
+        if needs_lse:
+            return "FlexAttention on CPU cannot return the log-sum-exp"
+    elif q.device.type != "cuda":
+        return f"FlexAttention does not run on {q.device.type}"
+    return None
+
+
+def _block_mask(fa, visibility, q_len, k_len, q_offset, k_offset, device):
+    key = (visibility, q_len, k_len, q_offset, k_offset, str(device))
+    bm = _MASKS.get(key)
+    if bm is None:
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return visibility._pred(b, q_idx + q_offset, kv_idx + k_offset)
+
+        bm = fa.create_block_mask(
+            mask_mod, visibility.batch_size, None, q_len, k_len, device=device
+        )
+        _MASKS[key] = bm
+        if len(_MASKS) > 16:
+            _MASKS.popitem(last=False)
+    return bm
+
+
+def attention(q, k, v, visibility: Visibility, *, q_offset: int, k_offset: int, scale: float):
+    global _COMPILED
+    fa = _flex_module()
+    if _COMPILED is None:
+        _COMPILED = torch.compile(fa.flex_attention, dynamic=False)
+    bm = _block_mask(fa, visibility, q.shape[1], k.shape[1], q_offset, k_offset, q.device)
+    args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    gqa = q.shape[2] != k.shape[2]
+    if q.device.type == "cpu":
+        out = _COMPILED(*args, block_mask=bm, scale=scale, enable_gqa=gqa)
+        return out.transpose(1, 2), None
+    out, aux = _COMPILED(
+        *args, block_mask=bm, scale=scale, enable_gqa=gqa, return_aux=fa.AuxRequest(lse=True)
+    )
+    return out.transpose(1, 2), aux.lse.transpose(1, 2).float()

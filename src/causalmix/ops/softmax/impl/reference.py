@@ -1,0 +1,49 @@
+"""Reference softmax attention: dense, eager, fp32 inside. This module *defines* correctness.
+
+For query i (absolute position ``q_offset + i``), key j (``k_offset + j``), head h, and the
+key/value head g(h) = h // (Hq / Hkv) it reads:
+
+    (1)  s_ij = scale * q_i . k_j                       if visible(i, j), else -inf
+    (2)  lse_i = log sum_j exp(s_ij)                     (-inf when query i sees no key)
+    (3)  o_i = sum_j exp(s_ij - lse_i) v_j               (0 when query i sees no key)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from causalmix.visibility import Visibility
+
+
+def can_serve(q, k, v, visibility: Visibility, q_offset: int, k_offset: int, needs_lse: bool):
+    return None
+
+
+def attention(q, k, v, visibility: Visibility, *, q_offset: int, k_offset: int, scale: float):
+    """``q: [B, Tq, Hq, D]``, ``k: [B, Tk, Hkv, D]``, ``v: [B, Tk, Hkv, Dv]`` ->
+    ``(out [B, Tq, Hq, Dv] in q.dtype, lse [B, Tq, Hq] fp32)``."""
+    b, tq, hq, _ = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    group = hq // hkv
+    qf, kf, vf = q.float(), k.float(), v.float()
+    kf = kf.repeat_interleave(group, dim=2)  # [B, Tk, Hq, D]: query head h reads kv head h//group
+    vf = vf.repeat_interleave(group, dim=2)
+
+    # (1) scores, with invisible pairs at -inf
+    s = torch.einsum("bqhd,bkhd->bhqk", qf, kf) * scale  # [B, Hq, Tq, Tk]
+    visible = visibility.mask(tq, tk, q_offset=q_offset, k_offset=k_offset, device=q.device)
+    visible = visible[:, None]  # [B', 1, Tq, Tk]
+    s = s.masked_fill(~visible, float("-inf"))
+
+    # (2) log-sum-exp, stable: subtract the (detached) row max; empty rows keep max 0
+    m = s.amax(dim=-1, keepdim=True).detach()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)  # exp(-inf) = 0 on invisible pairs
+    denom = p.sum(dim=-1, keepdim=True)
+    nonempty = denom > 0
+    safe = torch.where(nonempty, denom, torch.ones_like(denom))
+    lse = torch.where(nonempty, m + torch.log(safe), torch.full_like(m, float("-inf")))
+
+    # (3) normalised weights times values
+    o = torch.einsum("bhqk,bkhd->bqhd", p / safe, vf)
+    return o.to(q.dtype), lse.squeeze(-1).transpose(1, 2).contiguous()

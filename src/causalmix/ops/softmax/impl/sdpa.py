@@ -1,0 +1,47 @@
+"""torch's ``scaled_dot_product_attention`` where it is exact: ``Causal()`` with aligned offsets
+(``is_causal``), ``Causal()`` whose queries all follow every key, and ``Full()``. It never sees a
+boolean mask (that would compute every tile) and it returns no log-sum-exp."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from causalmix.visibility import Causal, Full, Visibility
+
+
+def _mode(visibility, q_len, k_len, q_offset, k_offset):
+    if type(visibility) is Full:
+        return "full"
+    if type(visibility) is Causal:
+        if q_offset >= k_offset + k_len - 1:
+            return "full"  # every query follows every key (decode)
+        if q_offset == k_offset:
+            return "causal"  # top-left aligned: exactly SDPA's is_causal
+    return None
+
+
+def can_serve(q, k, v, visibility: Visibility, q_offset: int, k_offset: int, needs_lse: bool):
+    if needs_lse:
+        return "sdpa returns no log-sum-exp (return_lse=True)"
+    if type(visibility) not in (Causal, Full):
+        return f"sdpa is exact only for Causal() and Full(), not {visibility!r}"
+    if _mode(visibility, q.shape[1], k.shape[1], q_offset, k_offset) is None:
+        return (
+            f"sdpa serves Causal() only with q_offset == k_offset or with every query after "
+            f"every key (got q_offset={q_offset}, k_offset={k_offset}, k_len={k.shape[1]})"
+        )
+    return None
+
+
+def attention(q, k, v, visibility: Visibility, *, q_offset: int, k_offset: int, scale: float):
+    mode = _mode(visibility, q.shape[1], k.shape[1], q_offset, k_offset)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        is_causal=mode == "causal",
+        scale=scale,
+        enable_gqa=q.shape[2] != k.shape[2],
+    )
+    return out.transpose(1, 2), None
