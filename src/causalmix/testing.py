@@ -23,7 +23,7 @@ def _floor(ref: torch.Tensor, dtype: torch.dtype, ulps: float) -> float:
 def max_error(actual: torch.Tensor, ref: torch.Tensor) -> float:
     """Max abs difference over positions finite in ``ref``; ``inf`` if the non-finite positions
     (e.g. lse = -inf of empty rows) differ, or if ``actual`` has a NaN."""
-    actual, ref = actual.float(), ref.float()
+    actual, ref = actual.detach().float(), ref.detach().float()
     if actual.shape != ref.shape:
         raise AssertionError(f"shape {list(actual.shape)} != reference {list(ref.shape)}")
     if torch.isnan(actual).any():
@@ -56,7 +56,7 @@ def assert_close(
     base = max_error(baseline, ref)
     if base == float("inf"):
         raise AssertionError(f"{name}: the baseline itself disagrees with the reference on inf/NaN")
-    tol = factor * base + _floor(ref.float(), dtype, ulps)
+    tol = factor * base + _floor(ref.detach().float(), dtype, ulps)
     if not err <= tol:
         raise AssertionError(
             f"{name}: max error {err:.3g} exceeds {factor} x baseline error {base:.3g} + floor "

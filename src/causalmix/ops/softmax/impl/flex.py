@@ -64,6 +64,8 @@ def attention(q, k, v, visibility: Visibility, *, q_offset: int, k_offset: int, 
     args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     gqa = q.shape[2] != k.shape[2]
     if q.device.type == "cpu":
+        # can_serve made sure no graph is needed; torch refuses inputs that merely require grad
+        args = tuple(a.detach() for a in args)
         out = _COMPILED(*args, block_mask=bm, scale=scale, enable_gqa=gqa)
         return out.transpose(1, 2), None
     out, aux = _COMPILED(
