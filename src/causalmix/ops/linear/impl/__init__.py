@@ -1,0 +1,1 @@
+"""Implementations of linear attention; they never import each other."""
