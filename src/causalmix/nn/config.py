@@ -1,0 +1,173 @@
+"""Typed configs for layers and models, with named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from causalmix.visibility import Causal, Visibility
+
+MIXERS = ("softmax", "linear")
+FEATURE_MAPS = ("taylor", "elu")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """One attention layer.
+
+    ``d_model`` is split into ``n_heads`` query heads of ``head_dim = d_model // n_heads``;
+    ``n_kv_heads`` (default ``n_heads``) key/value heads are shared by groups of query heads (GQA).
+
+    softmax: rotary positions (``rope_base``) from absolute indices, scale ``1/sqrt(head_dim)``.
+    linear: q and k are projected to ``feature_dim`` per head, passed through ``feature_map``
+    (``"taylor"``: ``[1, x, x (x) x / sqrt 2]`` so ``phi(q).phi(k) = 1 + q.k + (q.k)^2 / 2``, the
+    2nd-order Taylor expansion of ``exp(q.k)``; ``"elu"``: ``elu(x) + 1``), and normalised by the
+    same visibility-and-decay-weighted sum of ``phi(q).phi(k)`` (a ones column appended to v).
+    ``decay``: per-head decay in (0, 1] (``None``: no decay); its length must equal ``n_heads``.
+    """
+
+    d_model: int = 64
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    mixer: str = "softmax"
+    feature_dim: int = 16
+    feature_map: str = "taylor"
+    decay: tuple[float, ...] | None = None
+    rope_base: float = 10000.0
+    head_dim: int = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        if self.mixer not in MIXERS:
+            raise ValueError(f"mixer must be one of {list(MIXERS)}, got {self.mixer!r}")
+        if self.feature_map not in FEATURE_MAPS:
+            raise ValueError(
+                f"feature_map must be one of {list(FEATURE_MAPS)}, got {self.feature_map!r}"
+            )
+        for name in ("d_model", "n_heads", "feature_dim"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})"
+            )
+        kv = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+        if isinstance(kv, bool) or not isinstance(kv, int) or kv < 1 or self.n_heads % kv:
+            raise ValueError(
+                f"n_kv_heads must be an int dividing n_heads ({self.n_heads}), got {kv!r}"
+            )
+        object.__setattr__(self, "n_kv_heads", kv)
+        object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        if self.mixer == "softmax" and self.head_dim % 2:
+            raise ValueError(f"rotary positions need an even head_dim, got {self.head_dim}")
+        if self.decay is not None:
+            decay = tuple(float(d) for d in self.decay)
+            if len(decay) != self.n_heads or not all(0.0 < d <= 1.0 for d in decay):
+                raise ValueError(
+                    f"decay must be {self.n_heads} floats in (0, 1] (one per head), "
+                    f"got {self.decay!r}"
+                )
+            if self.mixer != "linear":
+                raise ValueError("decay is a linear-mixer option; the softmax mixer takes none")
+            object.__setattr__(self, "decay", decay)
+
+
+def head_decays(n_heads: int, fastest: float = 0.5) -> tuple[float, ...]:
+    """Per-head decays from ``fastest`` (a local, previous-token-like head) up to 1.0 (no decay,
+    long-range recall), spaced geometrically in ``1 - decay``."""
+    if n_heads == 1:
+        return (1.0,)
+    # 1 - decay runs geometrically from (1 - fastest) down to 1/64 over the first n - 1 heads.
+    first, last, m = 1.0 - fastest, 1.0 / 64, n_heads - 1
+    gaps = [first * (last / first) ** (h / max(m - 1, 1)) for h in range(m)]
+    return (*(round(1.0 - g, 6) for g in gaps), 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))`` (GELU, ``mlp_ratio``)."""
+
+    attention: AttentionConfig
+    visibility: Visibility = Causal()
+    mlp_ratio: int = 2
+
+    def __post_init__(self):
+        if not isinstance(self.visibility, Visibility):
+            raise TypeError(
+                f"visibility must be a causalmix.visibility spec, got "
+                f"{type(self.visibility).__name__}"
+            )
+        if isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, int) \
+                or self.mlp_ratio < 1:
+            raise ValueError(f"mlp_ratio must be an int >= 1, got {self.mlp_ratio!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A small sequence model: input (token embedding when ``vocab_size`` is set, else a linear
+    map from ``input_dim`` features), ``len(visibility)`` blocks where block ``l`` uses
+    ``visibility[l]`` (per-layer visibility), a final norm and a linear head to ``output_dim``
+    (default ``vocab_size``)."""
+
+    d_model: int = 64
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    mixer: str = "softmax"
+    visibility: tuple[Visibility, ...] = (Causal(), Causal())
+    vocab_size: int | None = None
+    input_dim: int | None = None
+    output_dim: int | None = None
+    mlp_ratio: int = 2
+    feature_dim: int = 16
+    feature_map: str = "taylor"
+    decay: tuple[float, ...] | None = None
+    blocks: tuple[BlockConfig, ...] = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        vis = self.visibility
+        if isinstance(vis, Visibility):
+            raise TypeError("visibility must be a tuple with one spec per layer, e.g. "
+                            "(Prefix(8), Causal()); got a single spec")
+        vis = tuple(vis)
+        if not vis:
+            raise ValueError("visibility must name at least one layer")
+        object.__setattr__(self, "visibility", vis)
+        if (self.vocab_size is None) == (self.input_dim is None):
+            raise ValueError("set exactly one of vocab_size (token inputs) and input_dim "
+                             f"(feature inputs), got {self.vocab_size!r} and {self.input_dim!r}")
+        for name in ("vocab_size", "input_dim", "output_dim"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be an int >= 1 or None, got {v!r}")
+        if self.output_dim is None:
+            if self.vocab_size is None:
+                raise ValueError("output_dim is required when the inputs are features")
+            object.__setattr__(self, "output_dim", self.vocab_size)
+        attn = AttentionConfig(
+            d_model=self.d_model, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
+            mixer=self.mixer, feature_dim=self.feature_dim, feature_map=self.feature_map,
+            decay=self.decay,
+        )
+        object.__setattr__(self, "blocks", tuple(
+            BlockConfig(attn, v, self.mlp_ratio) for v in vis
+        ))
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> ModelConfig:
+        """A named preset (see :data:`PRESETS`), with fields overridden by keyword."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; presets: {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+#: Named presets (keyword arguments of :class:`ModelConfig`; give vocab_size or input_dim).
+PRESETS: dict[str, dict] = {
+    # Two layers, d_model 64: what the lab trains on a 2-core CPU in seconds.
+    "tiny-softmax": dict(d_model=64, n_heads=4, mixer="softmax"),
+    "tiny-linear": dict(d_model=64, n_heads=4, mixer="linear", feature_dim=16,
+                        feature_map="taylor", decay=head_decays(4)),
+    "tiny-gqa": dict(d_model=64, n_heads=4, n_kv_heads=2, mixer="softmax"),
+    "small-softmax": dict(d_model=128, n_heads=4, mixer="softmax",
+                          visibility=(Causal(),) * 4),
+    "small-linear": dict(d_model=128, n_heads=4, mixer="linear", feature_dim=16,
+                         decay=head_decays(4), visibility=(Causal(),) * 4),
+}

@@ -1,0 +1,225 @@
+"""Attention layer, pre-norm block and a small sequence model, each under a visibility spec.
+
+Layout is ``[B, T, C]`` for activations and ``[B, T, H, D]`` inside the mixers. Positions are
+absolute token indices (``offset + [0, T)``): rotary angles and the visibility spec both use them,
+so a chunk of a stream computes exactly what the same rows of a whole-sequence run compute.
+
+A :class:`Block` implements the streaming protocol of :mod:`causalmix.stream`::
+
+    forward(x) == stream_out(x, mix(*stream_qkv(x, pos), visibility, **mixer_kwargs()), pos)
+
+where ``stream_qkv`` and ``stream_out`` are pointwise in time and ``mix`` is
+:func:`~causalmix.ops.softmax.softmax_attention` or
+:func:`~causalmix.ops.linear.linear_attention` (see :func:`mix`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from causalmix.nn.config import AttentionConfig, BlockConfig, ModelConfig
+from causalmix.ops.softmax import softmax_attention
+from causalmix.visibility import Visibility
+
+__all__ = ["Attention", "Block", "SequenceModel", "feature_map", "mix", "rotary"]
+
+
+def _linear_attention():
+    # Imported on first use so that the softmax side works while the linear family is absent;
+    # an ImportError here is a real error (no fallback to another mixer).
+    from causalmix.ops.linear import linear_attention
+
+    return linear_attention
+
+
+def mix(mixer: str, q, k, v, visibility: Visibility, *, q_offset: int = 0, k_offset: int = 0,
+        **kwargs) -> torch.Tensor:
+    """Run the named mixer: ``q, k: [B, Tq|Tk, H, D]``, ``v: [B, Tk, Hkv, Dv]`` ->
+    ``[B, Tq, H, Dv]``. ``kwargs`` are the layer's :meth:`Block.mixer_kwargs`."""
+    if mixer == "softmax":
+        return softmax_attention(q, k, v, visibility, q_offset=q_offset, k_offset=k_offset,
+                                 **kwargs)
+    if mixer == "linear":
+        return _linear_attention()(q, k, v, visibility, q_offset=q_offset, k_offset=k_offset,
+                                   **kwargs)
+    raise ValueError(f"mixer must be 'softmax' or 'linear', got {mixer!r}")
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """Rotate ``x: [B, n, H, D]`` (D even) by angles ``positions[t] * base ** (-2i / D)``;
+    ``positions: [n]`` int64 absolute indices. Computed in fp32, returned in x's dtype."""
+    d = x.shape[-1]
+    inv = base ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
+    ang = positions.to(device=x.device, dtype=torch.float32)[:, None] * inv  # [n, D/2]
+    cos, sin = ang.cos()[None, :, None, :], ang.sin()[None, :, None, :]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+def feature_map(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """Positive feature map for linear attention, ``x: [..., f]``.
+
+    ``"taylor"`` -> ``[..., 1 + f + f*f]``: ``[1, x', x' (x) x' / sqrt 2]`` with
+    ``x' = x / f ** 0.25``, so ``phi(q).phi(k) = 1 + s + s^2 / 2`` with ``s = q.k / sqrt f``:
+    the 2nd-order Taylor expansion of the softmax kernel ``exp(s)``, which is >= 1/2 for every
+    ``s`` (a safe normaliser) and, unlike ``elu + 1``, sharpens with ``|s|`` (the quadratic term)
+    so that a query can single out its matching key -- what associative recall needs (Based,
+    Arora et al. 2024). ``"elu"`` -> ``elu(x) + 1`` (Katharopoulos et al. 2020), same width.
+    """
+    if kind == "taylor":
+        f = x.shape[-1]
+        x = x / f ** 0.25
+        outer = (x[..., :, None] * x[..., None, :]).flatten(-2) / math.sqrt(2.0)
+        return torch.cat([torch.ones_like(x[..., :1]), x, outer], dim=-1)
+    if kind == "elu":
+        return F.elu(x) + 1.0
+    raise ValueError(f"feature_map must be 'taylor' or 'elu', got {kind!r}")
+
+
+class Attention(nn.Module):
+    """Projections of one attention layer (the mixing itself is :func:`mix`).
+
+    softmax: ``q: [B, n, H, hd]``, ``k, v: [B, n, Hkv, hd]`` with rotary positions on q and k.
+    linear: ``phi(q), phi(k): [B, n, H, F]`` and ``v: [B, n, H, hd + 1]`` (a ones column last:
+    the mixer then returns numerator and normaliser in one call); k/v heads are repeated for GQA.
+    """
+
+    def __init__(self, cfg: AttentionConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        qk_dim = hd if cfg.mixer == "softmax" else cfg.feature_dim
+        self.q_proj = nn.Linear(cfg.d_model, h * qk_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, hkv * qk_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, hkv * hd, bias=False)
+        self.o_proj = nn.Linear(h * hd, cfg.d_model, bias=False)
+        if cfg.decay is not None:
+            self.register_buffer("decay", torch.tensor(cfg.decay, dtype=torch.float32))
+        else:
+            self.decay = None
+
+    def mixer_kwargs(self) -> dict:
+        if self.cfg.mixer == "softmax":
+            return {"scale": 1.0 / math.sqrt(self.cfg.head_dim)}
+        return {} if self.decay is None else {"decay": self.decay}
+
+    def qkv(self, x: torch.Tensor, positions: torch.Tensor):
+        cfg = self.cfg
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, cfg.n_heads, -1)
+        k = self.k_proj(x).view(b, n, cfg.n_kv_heads, -1)
+        v = self.v_proj(x).view(b, n, cfg.n_kv_heads, cfg.head_dim)
+        if cfg.mixer == "softmax":
+            return rotary(q, positions, cfg.rope_base), rotary(k, positions, cfg.rope_base), v
+        group = cfg.n_heads // cfg.n_kv_heads
+        if group > 1:
+            k = k.repeat_interleave(group, dim=2)
+            v = v.repeat_interleave(group, dim=2)
+        q, k = feature_map(q, cfg.feature_map), feature_map(k, cfg.feature_map)
+        return q, k, torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+
+    def out(self, mixed: torch.Tensor) -> torch.Tensor:
+        """``mixed: [B, n, H, hd]`` (softmax) or ``[B, n, H, hd + 1]`` (linear) -> ``[B, n, C]``."""
+        if self.cfg.mixer == "linear":
+            num, den = mixed[..., :-1], mixed[..., -1:]
+            # den >= 1/2 * (decay-weighted count of visible keys) for the Taylor map; a row that
+            # sees no key has num = den = 0 and gets 0.
+            mixed = num / (den + 1e-6)
+        b, n = mixed.shape[:2]
+        return self.o_proj(mixed.reshape(b, n, -1))
+
+
+class Block(nn.Module):
+    """Pre-norm block ``y = h + mlp(norm2(h))``, ``h = x + attn(norm1(x))`` under ``visibility``.
+
+    ``x: [B, T, C]`` -> ``[B, T, C]``; implements the :mod:`causalmix.stream` layer protocol
+    (``mixer``, ``visibility``, ``mixer_kwargs``, ``stream_qkv``, ``stream_out``).
+    """
+
+    def __init__(self, cfg: BlockConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.mixer: str = cfg.attention.mixer
+        self.visibility: Visibility = cfg.visibility
+        c = cfg.attention.d_model
+        self.norm1 = nn.LayerNorm(c)
+        self.attn = Attention(cfg.attention)
+        self.norm2 = nn.LayerNorm(c)
+        self.mlp = nn.Sequential(
+            nn.Linear(c, cfg.mlp_ratio * c), nn.GELU(), nn.Linear(cfg.mlp_ratio * c, c)
+        )
+
+    def mixer_kwargs(self) -> dict:
+        """Keyword arguments for the mixer: ``{"scale": s}`` or ``{"decay": [H] tensor}``."""
+        return self.attn.mixer_kwargs()
+
+    def stream_qkv(self, x: torch.Tensor, positions: torch.Tensor):
+        """``x: [B, n, C]`` at absolute ``positions: [n]`` -> ``(q, k, v)`` for the mixer."""
+        return self.attn.qkv(self.norm1(x), positions)
+
+    def stream_out(self, x: torch.Tensor, mixed: torch.Tensor, positions: torch.Tensor):
+        """``x: [B, n, C]``, ``mixed: [B, n, H, Dv]`` (the mixer's output) -> ``[B, n, C]``."""
+        h = x + self.attn.out(mixed)
+        return h + self.mlp(self.norm2(h))
+
+    def forward(self, x: torch.Tensor, *, offset: int = 0,
+                visibility: Visibility | None = None) -> torch.Tensor:
+        """``x: [B, T, C]`` at positions ``offset + [0, T)``; ``visibility`` overrides the
+        block's spec for this call (e.g. ``Prefix(n)`` with per-example lengths)."""
+        vis = self.visibility if visibility is None else visibility
+        positions = torch.arange(offset, offset + x.shape[1], device=x.device)
+        q, k, v = self.stream_qkv(x, positions)
+        mixed = mix(self.mixer, q, k, v, vis, q_offset=offset, k_offset=offset,
+                    **self.mixer_kwargs())
+        return self.stream_out(x, mixed, positions)
+
+
+class SequenceModel(nn.Module):
+    """Embedding (or feature projection), blocks with per-layer visibility, norm, head.
+
+    ``inputs``: ``[B, T]`` int64 tokens (``vocab_size`` set) or ``[B, T, input_dim]`` floats ->
+    ``[B, T, output_dim]``.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.vocab_size is not None:
+            self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        else:
+            self.embed = nn.Linear(cfg.input_dim, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(b) for b in cfg.blocks)
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.output_dim)
+
+    def forward(self, inputs: torch.Tensor, *, offset: int = 0,
+                visibility: tuple[Visibility, ...] | None = None,
+                return_hidden: bool = False):
+        """``visibility``: one spec per layer overriding the config's for this call.
+        ``return_hidden``: also return each block's output ``[B, T, C]`` (a list)."""
+        cfg = self.cfg
+        if cfg.vocab_size is not None:
+            if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2 \
+                    or inputs.dtype != torch.int64:
+                raise ValueError(f"inputs must be int64 tokens [B, T], got "
+                                 f"{getattr(inputs, 'dtype', type(inputs))} "
+                                 f"{list(getattr(inputs, 'shape', []))}")
+        elif not isinstance(inputs, torch.Tensor) or inputs.dim() != 3 \
+                or inputs.shape[-1] != cfg.input_dim or not inputs.dtype.is_floating_point:
+            raise ValueError(f"inputs must be float features [B, T, {cfg.input_dim}], got "
+                             f"{getattr(inputs, 'dtype', type(inputs))} "
+                             f"{list(getattr(inputs, 'shape', []))}")
+        if visibility is not None and len(visibility) != len(self.blocks):
+            raise ValueError(f"visibility must give one spec per layer ({len(self.blocks)}), "
+                             f"got {len(visibility)}")
+        x = self.embed(inputs)
+        hidden = []
+        for i, block in enumerate(self.blocks):
+            x = block(x, offset=offset, visibility=None if visibility is None else visibility[i])
+            hidden.append(x)
+        out = self.head(self.norm(x))
+        return (out, hidden) if return_hidden else out
