@@ -1,0 +1,79 @@
+"""The ring: who sends to whom, point-to-point exchanges on ``torch.distributed``, and checks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass(frozen=True)
+class Ring:
+    """A process group seen as a ring: ``rank`` sends to ``rank + 1`` and receives from
+    ``rank - 1`` (group ranks; ``send_to`` / ``recv_from`` are the global ranks the p2p calls
+    need)."""
+
+    group: dist.ProcessGroup
+    rank: int
+    world: int
+    send_to: int
+    recv_from: int
+
+    @staticmethod
+    def of(fn: str, group) -> Ring:
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                f"{fn}: torch.distributed is not initialised; call "
+                f"torch.distributed.init_process_group(...) first (or use the single-process op)"
+            )
+        if group is None:
+            group = dist.group.WORLD
+        elif not isinstance(group, dist.ProcessGroup):
+            raise TypeError(
+                f"{fn}: group must be a torch.distributed ProcessGroup or None, got "
+                f"{type(group).__name__}"
+            )
+        rank = dist.get_rank(group)
+        if rank < 0:
+            raise ValueError(f"{fn}: this process is not a member of the given group")
+        world = dist.get_world_size(group)
+        return Ring(
+            group, rank, world,
+            dist.get_global_rank(group, (rank + 1) % world),
+            dist.get_global_rank(group, (rank - 1) % world),
+        )
+
+
+class Exchange:
+    """Send ``tensors`` to the next rank and receive same-shaped ones from the previous rank,
+    asynchronously (posted at construction; :meth:`wait` returns the received tensors)."""
+
+    def __init__(self, ring: Ring, tensors, tag: int):
+        self.recv = [torch.empty_like(t) for t in tensors]
+        ops = [dist.P2POp(dist.isend, t.contiguous(), ring.send_to, ring.group, tag + n)
+               for n, t in enumerate(tensors)]
+        ops += [dist.P2POp(dist.irecv, r, ring.recv_from, ring.group, tag + n)
+                for n, r in enumerate(self.recv)]
+        self.works = dist.batch_isend_irecv(ops)
+
+    def wait(self) -> list[torch.Tensor]:
+        for w in self.works:
+            w.wait()
+        return self.recv
+
+
+def check_same_everywhere(fn: str, ring: Ring, names: tuple[str, ...], values: tuple[int, ...],
+                          device) -> None:
+    """Raise ``ValueError`` on every rank if some rank passed different ``values`` (shapes...)."""
+    if ring.world == 1:
+        return
+    mine = torch.tensor(values, dtype=torch.int64, device=device)
+    everyone = [torch.empty_like(mine) for _ in range(ring.world)]
+    dist.all_gather(everyone, mine, group=ring.group)
+    for r, theirs in enumerate(everyone):
+        if not torch.equal(theirs, mine):
+            diff = [f"{n}: rank {ring.rank} has {a}, rank {r} has {b}"
+                    for n, a, b in zip(names, values, theirs.tolist(), strict=True) if a != b]
+            raise ValueError(f"{fn}: ranks disagree on the local shapes ({'; '.join(diff)}); "
+                             f"every rank must hold seq_len / world positions of one layout")

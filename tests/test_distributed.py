@@ -1,0 +1,387 @@
+"""Sequence parallel over torch.distributed: sharded == single-process, with real processes.
+
+Each test spawns one gloo process group (CPU, 1 thread per process) and runs a batch of cases in
+it; every rank checks outputs, lse and every gradient, gathered from all ranks, against the
+single-process reference (tolerance from a same-precision eager baseline's own error). The harness
+kills the group and fails if it does not finish within a hard timeout: nothing here can hang.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import multiprocessing as mp
+import os
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from causalmix import Causal, Chunked, Full, Prefix, Segments, Visibility, Window
+from causalmix import softmax_attention as single_attention
+from causalmix.distributed import (
+    LAYOUTS,
+    positions,
+    shard,
+    softmax_attention,
+    unshard,
+    work_balance,
+)
+from causalmix.testing import assert_close
+
+HARD_TIMEOUT_S = 240.0  # whole process group, spawn included; the harness kills it after this
+PG_TIMEOUT_S = 60.0  # torch.distributed op timeout inside a healthy group
+
+
+class StrictPast(Visibility):
+    """``j < i``: query 0 sees nothing (exercises empty rows: output 0, lse -inf, no NaN)."""
+
+    def _pred(self, b, i, j):
+        return j < i
+
+    def _intervals(self, i):
+        return torch.full_like(i, -(2**60)), i - 1
+
+    @property
+    def lookahead(self):
+        return -1
+
+    @property
+    def lookback(self):
+        return None
+
+    def __eq__(self, other):
+        return isinstance(other, StrictPast)
+
+    def __hash__(self):
+        return hash("StrictPast")
+
+    def __repr__(self):
+        return "StrictPast()"
+
+
+def make_specs(seq_len: int, batch: int) -> dict[str, Visibility]:
+    g = torch.Generator().manual_seed(seq_len)
+    docs = torch.sort(torch.randint(0, 4, (seq_len,), generator=g)).values
+    buckets = torch.randint(0, 3, (seq_len,), generator=g)
+    return {
+        "causal": Causal(),
+        "full": Full(),
+        "prefix": Prefix(seq_len // 3),
+        "prefix_batch": Prefix(torch.tensor([1, seq_len // 2 + 1][:batch])),
+        "window": Window(5, 2),
+        "chunked": Chunked(5, lookahead=1),
+        "docs_causal": Segments(docs) & Causal(),
+        "buckets_causal": Segments(buckets) & Causal(),  # not interval-shaped
+        "chunk_or_window": Chunked(4) | Window(3),
+        "strict_past": StrictPast(),
+    }
+
+
+# ------------------------------------------------------------------------------- the harness
+
+
+def _worker(rank, world, store, job, args, results):
+    torch.set_num_threads(1)
+    try:
+        timeout = datetime.timedelta(seconds=args.get("pg_timeout", PG_TIMEOUT_S))
+        if job == "never_joins":
+            t0 = time.monotonic()
+            try:
+                dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                                        world_size=world, timeout=timeout)
+            except RuntimeError as e:
+                results.put((rank, "raised", f"{time.monotonic() - t0:.1f}s: {e}"))
+                return
+            results.put((rank, "error", "init_process_group returned without the other rank"))
+            return
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                                world_size=world, timeout=timeout)
+        try:
+            out = JOBS[job](rank, world, **args.get("kwargs", {}))
+        finally:
+            if job != "dead_rank":
+                dist.destroy_process_group()
+        results.put((rank, "ok", out))
+    except BaseException:  # report everything to the parent, which fails the test
+        results.put((rank, "error", traceback.format_exc()))
+
+
+def run_group(tmp_path, world, job, *, ranks=None, hard_timeout=HARD_TIMEOUT_S, **args):
+    """Run ``JOBS[job]`` on ``ranks`` (default: all) of a ``world``-process gloo group; returns
+    ``{rank: (status, payload)}`` and the exit codes. Kills everything after ``hard_timeout``."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    store = str(tmp_path / f"store_{job}_{world}")
+    ranks = list(range(world)) if ranks is None else ranks
+    procs = {r: ctx.Process(target=_worker, args=(r, world, store, job, args, results))
+             for r in ranks}
+    for p in procs.values():
+        p.start()
+    deadline = time.monotonic() + hard_timeout
+    got = {}
+    try:
+        while len(got) < len(ranks):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                rank, status, payload = results.get(timeout=min(left, 1.0))
+                got[rank] = (status, payload)
+            except Exception:  # queue.Empty: check whether everyone still alive reported
+                if all(not p.is_alive() for p in procs.values()):
+                    # a last message may still be in the pipe
+                    try:
+                        while True:
+                            rank, status, payload = results.get(timeout=0.5)
+                            got[rank] = (status, payload)
+                    except Exception:
+                        break
+        for p in procs.values():
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+    finally:
+        hung = [r for r, p in procs.items() if p.is_alive()]
+        for p in procs.values():
+            if p.is_alive():
+                p.kill()
+                p.join()
+    assert not hung, f"ranks {hung} of job {job!r} were still running after {hard_timeout}s"
+    return got, {r: p.exitcode for r, p in procs.items()}
+
+
+def expect_ok(got, world):
+    errors = [f"rank {r}: {payload}" for r, (status, payload) in sorted(got.items())
+              if status != "ok"]
+    assert not errors, "\n".join(errors)
+    assert sorted(got) == list(range(world)), f"ranks that reported: {sorted(got)}"
+    return {r: payload for r, (_, payload) in got.items()}
+
+
+# ------------------------------------------------------------------------------- jobs (in ranks)
+
+
+def _eager_baseline(q, k, v, spec, scale):
+    """Plain attention in the inputs' own dtype: the error budget of a same-precision kernel."""
+    group = q.shape[2] // k.shape[2]
+    kk = k.repeat_interleave(group, 2).transpose(1, 2)
+    vv = v.repeat_interleave(group, 2).transpose(1, 2)
+    s = (q.transpose(1, 2) @ kk.transpose(-1, -2)) * scale
+    m = spec.mask(q.shape[1], k.shape[1])[:, None]
+    lowest = torch.finfo(q.dtype).min
+    p = torch.softmax(s.masked_fill(~m, lowest), dim=-1) * m
+    lse = torch.logsumexp(s.masked_fill(~m, lowest), dim=-1)
+    lse = torch.where(m.any(-1), lse, torch.full_like(lse, float("-inf")))
+    return (p @ vv).transpose(1, 2), lse.transpose(1, 2)
+
+
+def _loss(out, lse, w_out, w_lse):
+    finite = torch.where(torch.isfinite(lse), lse.float(), torch.zeros((), dtype=torch.float32))
+    return (out.float() * w_out).sum() + (finite * w_lse).sum()
+
+
+def _gather(x, world, layout):
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return unshard(parts, layout)
+
+
+def _check_softmax_case(rank, world, layout, spec_name, seq_len, dtype, b=2, hq=4, hkv=2, d=8,
+                        dv=6):
+    spec = make_specs(seq_len, b)[spec_name]
+    g = torch.Generator().manual_seed(1000 * seq_len + world)
+    q = torch.randn(b, seq_len, hq, d, generator=g).to(dtype).requires_grad_()
+    k = torch.randn(b, seq_len, hkv, d, generator=g).to(dtype).requires_grad_()
+    v = torch.randn(b, seq_len, hkv, dv, generator=g).to(dtype).requires_grad_()
+    w_out = torch.randn(b, seq_len, hq, dv, generator=g)
+    w_lse = torch.randn(b, seq_len, hq, generator=g)
+    scale = 1 / math.sqrt(d)
+    full = (q, k, v)
+
+    ref_o, ref_l = single_attention(q, k, v, spec, impl="reference", return_lse=True)
+    base_o, base_l = _eager_baseline(q, k, v, spec, scale)
+    g_ref = torch.autograd.grad(_loss(ref_o, ref_l, w_out, w_lse), full)
+    g_base = torch.autograd.grad(_loss(base_o, base_l, w_out, w_lse), full)
+
+    local = [shard(t.detach(), layout, rank, world).requires_grad_() for t in full]
+    o, lse = softmax_attention(*local, spec, layout=layout, return_lse=True)
+    assert o.dtype == dtype and o.shape == (b, seq_len // world, hq, dv)
+    assert lse.dtype == torch.float32 and lse.shape == (b, seq_len // world, hq)
+    sh = {"layout": layout, "rank": rank, "world": world}
+    loss = _loss(o, lse, shard(w_out, **sh), shard(w_lse, **sh))
+    g_loc = torch.autograd.grad(loss, local)
+
+    what = f"{layout} {spec_name} T={seq_len} W={world} {dtype}"
+    assert_close(_gather(o, world, layout), ref_o, base_o, name=f"{what} output")
+    assert_close(_gather(lse, world, layout), ref_l, base_l, name=f"{what} lse", dtype=dtype)
+    for name, a, r, bl in zip("qkv", g_loc, g_ref, g_base, strict=True):
+        a = _gather(a, world, layout)
+        assert not torch.isnan(a).any(), f"{what}: NaN in d{name}"
+        assert_close(a, r, bl, name=f"{what} d{name}")
+
+
+def job_softmax_grid(rank, world, cases):
+    for case in cases:
+        _check_softmax_case(rank, world, *case)
+    return len(cases)
+
+
+def job_shape_mismatch(rank, world):
+    n = 4 if rank == 0 else 6
+    x = torch.randn(1, n, 2, 8)
+    try:
+        softmax_attention(x, x, x, Causal(), layout="contiguous")
+    except ValueError as e:
+        assert "ranks disagree" in str(e) and "positions" in str(e), str(e)
+        return "raised"
+    raise AssertionError("mismatched shard lengths were accepted")
+
+
+def job_dead_rank(rank, world):
+    if rank == world - 1:
+        os._exit(3)  # dies without a word, mid-job
+    x = torch.randn(1, 8, 2, 8)
+    t0 = time.monotonic()
+    try:
+        softmax_attention(x, x, x, Causal(), layout="zigzag")
+        out = softmax_attention(x, x, x, Causal(), layout="zigzag")
+        out.sum()
+    except RuntimeError as e:  # gloo reports a closed connection or a timeout
+        return f"raised after {time.monotonic() - t0:.1f}s: {type(e).__name__}"
+    raise AssertionError("a ring with a dead rank returned a result")
+
+
+JOBS = {
+    "softmax_grid": job_softmax_grid,
+    "shape_mismatch": job_shape_mismatch,
+    "dead_rank": job_dead_rank,
+}
+
+# ------------------------------------------------------------------------------- the tests
+
+SPEC_NAMES = list(make_specs(8, 2))
+
+
+def _grid(world):
+    cases = []
+    for layout in LAYOUTS:
+        # odd per-rank lengths where the layout allows them (zigzag: odd chunks)
+        odd = 2 * world * 7 if layout == "zigzag" else world * 13
+        for spec in SPEC_NAMES:
+            cases.append((layout, spec, odd, torch.float32))
+    return cases
+
+
+@pytest.mark.distributed
+def test_softmax_world2_every_layout_and_spec(tmp_path):
+    cases = _grid(2)
+    cases += [(layout, "causal", 2 * 2 * 25, torch.bfloat16) for layout in LAYOUTS]
+    cases += [(layout, "docs_causal", 2 * 2 * 25, torch.bfloat16) for layout in LAYOUTS]
+    cases += [("striped", "window", 2, torch.float32), ("contiguous", "causal", 2, torch.float32)]
+    got, _ = run_group(tmp_path, 2, "softmax_grid", kwargs={"cases": cases})
+    assert set(expect_ok(got, 2).values()) == {len(cases)}
+
+
+@pytest.mark.distributed
+def test_softmax_world4_every_layout_and_spec(tmp_path):
+    cases = _grid(4)
+    cases += [("zigzag", "causal", 4 * 2 * 16, torch.bfloat16),
+              ("striped", "prefix", 4 * 31, torch.bfloat16)]
+    got, _ = run_group(tmp_path, 4, "softmax_grid", kwargs={"cases": cases})
+    assert set(expect_ok(got, 4).values()) == {len(cases)}
+
+
+@pytest.mark.distributed
+def test_mismatched_shards_raise_on_every_rank(tmp_path):
+    got, _ = run_group(tmp_path, 2, "shape_mismatch", hard_timeout=120)
+    assert set(expect_ok(got, 2).values()) == {"raised"}
+
+
+@pytest.mark.distributed
+def test_dead_rank_makes_the_others_fail_not_hang(tmp_path):
+    got, codes = run_group(tmp_path, 2, "dead_rank", pg_timeout=10, hard_timeout=120)
+    assert codes[1] == 3
+    assert got.get(0, (None,))[0] == "ok", got
+    assert got[0][1].startswith("raised"), got[0][1]
+
+
+@pytest.mark.distributed
+def test_rank_that_never_joins_makes_init_fail_not_hang(tmp_path):
+    got, _ = run_group(tmp_path, 2, "never_joins", ranks=[0], pg_timeout=3, hard_timeout=120)
+    assert got.get(0, (None,))[0] == "raised", got
+
+
+# ------------------------------------------------------------------------------- in-process
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_shard_unshard_round_trip_and_positions(layout, world):
+    per = 2 * 5 if layout == "zigzag" else 7
+    seq_len = world * per
+    x = torch.randn(3, seq_len, 2)
+    shards = [shard(x, layout, r, world) for r in range(world)]
+    assert torch.equal(unshard(shards, layout), x)
+    held = torch.cat([positions(layout, seq_len, r, world) for r in range(world)])
+    assert torch.equal(torch.sort(held).values, torch.arange(seq_len))
+    for r in range(world):
+        assert torch.equal(shards[r], x[:, positions(layout, seq_len, r, world)])
+    assert torch.equal(shard(x.transpose(0, 1), layout, 1 % world, world, dim=0),
+                       shards[1 % world].transpose(0, 1))
+
+
+def test_layout_positions_are_as_documented():
+    assert positions("contiguous", 8, 1, 2).tolist() == [4, 5, 6, 7]
+    assert positions("zigzag", 8, 0, 2).tolist() == [0, 1, 6, 7]
+    assert positions("zigzag", 8, 1, 2).tolist() == [2, 3, 4, 5]
+    assert positions("striped", 8, 1, 2).tolist() == [1, 3, 5, 7]
+
+
+@pytest.mark.parametrize(("layout", "seq_len", "world", "need"), [
+    ("contiguous", 10, 4, "multiple of world = 4"),
+    ("striped", 7, 2, "multiple of world = 2"),
+    ("zigzag", 12, 4, r"multiple of 2 \* world = 8"),
+])
+def test_lengths_that_do_not_divide_raise(layout, seq_len, world, need):
+    with pytest.raises(ValueError, match=need):
+        shard(torch.zeros(1, seq_len), layout, 0, world)
+    with pytest.raises(ValueError, match=need):
+        positions(layout, seq_len, 0, world)
+    with pytest.raises(ValueError, match=need):
+        work_balance(Causal(), layout, world, seq_len)
+
+
+def test_bad_arguments_raise_clear_errors():
+    x = torch.randn(1, 5, 2, 8)
+    with pytest.raises(ValueError, match="zigzag.*even number of positions per rank"):
+        softmax_attention(x, x, x, Causal(), layout="zigzag")
+    with pytest.raises(ValueError, match="layout must be one of"):
+        softmax_attention(x, x, x, Causal(), layout="ring")
+    with pytest.raises(TypeError, match="visibility"):
+        work_balance("causal", "striped", 2, 8)
+    with pytest.raises(ValueError, match="rank must be < world"):
+        shard(torch.zeros(1, 8), "striped", 2, 2)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        softmax_attention(x, x, x, Causal(), layout="striped")
+
+
+@pytest.mark.parametrize("spec_name", ["causal", "prefix", "window", "docs_causal",
+                                       "buckets_causal", "chunk_or_window"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_work_balance_counts_are_exact(layout, spec_name):
+    world, seq_len = 4, 48
+    spec = make_specs(seq_len, 1)[spec_name]
+    rep = work_balance(spec, layout, world, seq_len)
+    mask = spec.mask(seq_len, seq_len).sum(0)  # [T, T] summed over the spec's batch
+    for r in range(world):
+        assert rep.pairs[r] == int(mask[positions(layout, seq_len, r, world)].sum())
+    assert rep.total == int(mask.sum())
+    assert rep.max_over_mean == pytest.approx(max(rep.pairs) / (rep.total / world))
+
+
+def test_work_balance_causal_striped_and_zigzag_beat_contiguous():
+    for world in (4, 16):
+        cont = work_balance(Causal(), "contiguous", world, 64 * world).max_pairs
+        for layout in ("zigzag", "striped"):
+            assert work_balance(Causal(), layout, world, 64 * world).max_pairs <= 0.6 * cont
