@@ -1,0 +1,432 @@
+"""Pieces shared by the mixer streams: when an output becomes final, latency bookkeeping, a
+growable frame buffer, and the push / flush skeleton.
+
+Positions are absolute frame indices counted from the first pushed frame (frame ``t`` of the
+stream is position ``t``), exactly as in the parallel ops, so the stream asks the spec the same
+``visible(i, j)`` question as a parallel call over the whole sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from causalmix.ops._validate import check_qkv
+from causalmix.visibility import And, Or, Visibility
+
+_UNBOUNDED = 2**59  # interval ends at or above this are "unbounded" (visibility uses 2**60)
+
+
+# ============================================================================ when is output final
+
+
+def horizon(visibility: Visibility, positions: torch.Tensor) -> torch.Tensor | None:
+    """Last key position each query may see, for deciding when an output is final.
+
+    ``positions: [N]`` int64 -> ``[N]`` or ``[B, N]`` int64, or ``None`` when some query may see
+    keys arbitrarily far ahead (``Full()``, a non-interval spec without bounded lookahead).
+
+    Exact (equal to :meth:`Visibility.horizon`) for interval-shaped specs. Beyond them: ``a | b``
+    takes the larger of the two horizons (exact), ``a & b`` the smaller (an upper bound, exact
+    when one side is an interval spec containing the other's range), and any other spec with a
+    bounded :attr:`~Visibility.lookahead` ``a`` uses ``i + a`` (an upper bound). An upper bound
+    only makes the stream wait longer than needed; outputs stay exact.
+    """
+    iv = visibility._intervals(positions)
+    if iv is not None:
+        hi = iv[1]
+        if bool((hi >= _UNBOUNDED).any()):
+            return None
+        return hi.expand(torch.broadcast_shapes(hi.shape, positions.shape))
+    if isinstance(visibility, Or):
+        ha, hb = horizon(visibility.a, positions), horizon(visibility.b, positions)
+        if ha is None or hb is None:
+            return None
+        return torch.maximum(ha, hb)
+    if isinstance(visibility, And):
+        ha, hb = horizon(visibility.a, positions), horizon(visibility.b, positions)
+        if ha is None:
+            return hb
+        if hb is None:
+            return ha
+        return torch.minimum(ha, hb)
+    la = visibility.lookahead
+    if la is None:
+        return None
+    return positions + la
+
+
+def unbounded_error(owner: str, visibility: Visibility) -> ValueError:
+    return ValueError(
+        f"{owner}: {visibility!r} has an unbounded lookahead (a query may see keys arbitrarily far "
+        f"ahead), so no output is final before the end of the stream; streaming it is refused. "
+        f"Run the parallel op over the whole sequence instead, or use a spec with a bounded "
+        f"lookahead (Causal(), Prefix(n), Chunked(size, lookahead), Window(left, right), or one "
+        f"of them combined with &)."
+    )
+
+
+class ReadyTracker:
+    """For each position pushed, the position of the last input frame its output needs
+    (``ready_at``): ``max(i, horizon(i))`` (max over the batch for batch-dependent specs), made
+    non-decreasing with a running max because outputs leave in order. Output ``i`` is final once
+    frame ``ready_at[i]`` has arrived."""
+
+    def __init__(self, owner: str, visibility: Visibility):
+        self.owner, self.visibility = owner, visibility
+        self.running = -1
+        self.pending = torch.empty(0, dtype=torch.int64)  # ready_at of outputs not yet emitted
+        if horizon(visibility, torch.zeros(1, dtype=torch.int64)) is None:
+            raise unbounded_error(owner, visibility)
+
+    def add(self, positions: torch.Tensor) -> None:
+        h = horizon(self.visibility, positions)
+        if h is None:
+            raise unbounded_error(self.owner, self.visibility)
+        if h.dim() == 2:
+            h = h.amax(dim=0)
+        r = torch.maximum(h, positions)
+        r = torch.clamp(r, min=self.running).cummax(dim=0).values
+        self.running = int(r[-1])
+        self.pending = torch.cat([self.pending, r]) if self.pending.numel() else r
+
+    def count_ready(self, last_frame: int) -> int:
+        """How many pending outputs are final when frames up to ``last_frame`` have arrived."""
+        return int(torch.searchsorted(self.pending, last_frame, right=True))
+
+    def pop(self, m: int) -> torch.Tensor:
+        out, self.pending = self.pending[:m], self.pending[m:]
+        return out
+
+
+# ============================================================================ latency reports
+
+
+@dataclasses.dataclass(frozen=True)
+class LatencyStats:
+    """Summary of per-output algorithmic latencies (frames waited beyond the output's own)."""
+
+    count: int
+    mean: float
+    p50: float
+    p90: float
+    max: int
+
+    @staticmethod
+    def of(latency: torch.Tensor) -> LatencyStats:
+        """``latency: [N]`` int -> summary (all zeros / NaN mean for N = 0)."""
+        if latency.numel() == 0:
+            return LatencyStats(0, math.nan, math.nan, math.nan, 0)
+        f = latency.double()
+        return LatencyStats(
+            count=int(latency.numel()),
+            mean=float(f.mean()),
+            p50=float(torch.quantile(f, 0.5)),
+            p90=float(torch.quantile(f, 0.9)),
+            max=int(latency.max()),
+        )
+
+
+class IntLog:
+    """Append-only int64 log indexed by absolute output position, optionally pruned below a
+    position (``drop_before``) so that long streams keep only what is still asked for."""
+
+    def __init__(self):
+        self.start = 0  # position of the first stored entry
+        self._parts: list[torch.Tensor] = []
+        self._joined = torch.empty(0, dtype=torch.int64)
+
+    def append(self, values: torch.Tensor) -> None:
+        if values.numel():
+            self._parts.append(values.to(torch.int64))
+
+    def _all(self) -> torch.Tensor:
+        if self._parts:
+            self._joined = torch.cat([self._joined, *self._parts])
+            self._parts = []
+        return self._joined
+
+    def __len__(self) -> int:
+        return self.start + self._all().numel()
+
+    def get(self, positions: torch.Tensor) -> torch.Tensor:
+        return self._all()[positions - self.start]
+
+    def values(self) -> torch.Tensor:
+        """Entries from position :attr:`start` on."""
+        return self._all().clone()
+
+    def drop_before(self, position: int) -> None:
+        a = self._all()
+        n = min(max(0, position - self.start), a.numel())
+        if n:
+            self._joined = a[n:].clone()
+            self.start += n
+
+
+# ============================================================================ frame buffer
+
+
+class FrameBuffer:
+    """Frames ``[B, n, ...]`` at absolute positions ``[start, end)``, appended at the end and
+    dropped from the front, in one preallocated storage (amortised O(1) per frame, capacity at
+    most twice the largest live length plus one push)."""
+
+    def __init__(self):
+        self.storage: torch.Tensor | None = None
+        self.lo = 0  # storage index of position `start`
+        self.start = 0  # absolute position of the first live frame
+        self.length = 0
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.storage is None else self.storage.shape[1]
+
+    def nbytes(self) -> int:
+        s = self.storage
+        return 0 if s is None else s.numel() * s.element_size()
+
+    def append(self, x: torch.Tensor) -> None:
+        n = x.shape[1]
+        if self.storage is None:
+            self.storage = x.new_empty((x.shape[0], max(2 * n, 16), *x.shape[2:]))
+        if self.lo + self.length + n > self.capacity:
+            live = self.storage[:, self.lo : self.lo + self.length]
+            cap = self.capacity
+            if self.length + n > cap // 2:
+                cap = max(2 * (self.length + n), 16)
+                new = x.new_empty((x.shape[0], cap, *x.shape[2:]))
+                new[:, : self.length] = live
+                self.storage = new
+            else:
+                self.storage[:, : self.length] = live.clone()
+            self.lo = 0
+        self.storage[:, self.lo + self.length : self.lo + self.length + n] = x
+        self.length += n
+
+    def view(self, start: int | None = None, end: int | None = None) -> torch.Tensor:
+        """Frames at absolute positions ``[start, end)`` (default: all live ones), a view."""
+        start = self.start if start is None else start
+        end = self.end if end is None else end
+        if not (self.start <= start <= end <= self.end):
+            raise AssertionError(
+                f"[{start}, {end}) outside the live range [{self.start}, {self.end})"
+            )
+        a = self.lo + start - self.start
+        return self.storage[:, a : a + end - start]
+
+    def drop_before(self, position: int) -> None:
+        n = min(max(0, position - self.start), self.length)
+        self.lo += n
+        self.start += n
+        self.length -= n
+        if self.length == 0:
+            self.lo = 0
+            self.start = max(self.start, position)
+
+
+# ============================================================================ the mixer skeleton
+
+
+class MixerStream:
+    """Streams one mixer call ``mixer(q, k, v, visibility)`` over a sequence that arrives in
+    pieces.
+
+    ``push(q, k, v)`` takes the next ``n >= 1`` frames (``q, k: [B, n, H, D]``,
+    ``v: [B, n, Hkv, Dv]``) and returns the outputs that are now final, ``[B, m, H, Dv]`` with
+    ``m >= 0``; ``flush()`` ends the stream and returns the rest. Concatenated, the outputs equal
+    the parallel op over the whole sequence. An output at position ``i`` is final once frame
+    ``ready_at[i] = max(i, horizon(i))`` has arrived; its algorithmic latency is
+    ``ready_at[i] - i`` frames (at flush, ``ready_at`` is clipped to the last frame). Outputs leave
+    in order, so ``ready_at`` is made non-decreasing.
+
+    Streams are for inference: they run under ``torch.no_grad()`` and their outputs carry no
+    autograd graph.
+    """
+
+    mixer = "?"
+
+    def __init__(self, visibility: Visibility):
+        name = type(self).__name__
+        if not isinstance(visibility, Visibility):
+            raise TypeError(
+                f"{name}: visibility must be a causalmix.visibility spec (Causal(), Window(...), "
+                f"...), got {type(visibility).__name__}"
+            )
+        self.visibility = visibility
+        self._tracker = ReadyTracker(name, visibility)
+        self._pending_q = FrameBuffer()
+        self._ready_log = IntLog()  # ready_at of every emitted output (clipped at flush)
+        self._latency_parts: list[torch.Tensor] = []
+        self._shapes: tuple | None = None  # (B, H, Hkv, D, Dv, dtype, device) of the first push
+        self.frames_in = 0
+        self.frames_out = 0
+        self.closed = False
+
+    # ------------------------------------------------------------------ subclass hooks
+    def _accept(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _compute(self, q: torch.Tensor, p0: int, k_end: int) -> torch.Tensor:
+        """Outputs ``[B, m, H, Dv]`` for queries ``q: [B, m, H, D]`` at ``[p0, p0 + m)``, which
+        see no key at or after position ``k_end`` (``<= frames_in``)."""
+        raise NotImplementedError
+
+    def _advance(self) -> None:
+        """Called after outputs were emitted: drop what no future output needs."""
+
+    def cache_nbytes(self) -> int:
+        """Bytes of allocated storage the stream holds (cache / state and pending frames)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ public
+    def push(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Take the next frames, return the outputs now final.
+
+        Args:
+            q: ``[B, n, H, D]`` queries of the next ``n >= 1`` frames.
+            k: ``[B, n, Hkv, D]`` keys, ``v: [B, n, Hkv, Dv]`` values of the same frames; the
+                batch size, heads, dims, dtype and device must stay those of the first push.
+
+        Returns:
+            ``[B, m, H, Dv]`` in q's dtype: outputs of positions ``[frames_out, frames_out + m)``
+            (``m`` may be 0).
+        """
+        name = type(self).__name__
+        if self.closed:
+            raise ValueError(f"{name}.push: the stream was flushed (closed); start a new stream")
+        self._check(q, k, v)
+        n = q.shape[1]
+        self._check_cover(self.frames_in + n)
+        positions = torch.arange(self.frames_in, self.frames_in + n)
+        with torch.no_grad():
+            self._tracker.add(positions)
+            self._pending_q.append(q)
+            self._accept(k, v)
+            self.frames_in += n
+            m = self._tracker.count_ready(self.frames_in - 1)
+            return self._emit(m)
+
+    def flush(self) -> torch.Tensor:
+        """End the stream: the remaining outputs, ``[B, m, H, Dv]``, each computed with the keys
+        that exist (as the parallel op over the pushed sequence does)."""
+        name = type(self).__name__
+        if self.closed:
+            raise ValueError(f"{name}.flush: the stream was already flushed")
+        if self._shapes is None:
+            raise ValueError(f"{name}.flush: nothing was pushed, there is no output to return")
+        with torch.no_grad():
+            out = self._emit(self.frames_in - self.frames_out)
+        self.closed = True
+        return out
+
+    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Decode step: push ``n`` frames and return exactly their ``n`` outputs.
+
+        For generation, where the next input depends on these outputs: ``Causal()``,
+        ``Window(left, 0)``, ``Prefix(n)`` once the prefix was pushed in one piece, and
+        ``Chunked(size)`` one whole chunk per step. Raises ``ValueError`` when an output of these
+        frames is not final yet (the spec looks ahead of them) or earlier outputs are pending.
+        """
+        name = type(self).__name__
+        if self.frames_out != self.frames_in:
+            raise ValueError(
+                f"{name}.step: {self.frames_in - self.frames_out} earlier outputs are still "
+                f"pending; step() needs a stream whose outputs are all final (use push())"
+            )
+        p0 = self.frames_in
+        out = self.push(q, k, v)
+        if out.shape[1] != q.shape[1]:
+            raise ValueError(
+                f"{name}.step: outputs of positions [{p0 + out.shape[1]}, {p0 + q.shape[1]}) are "
+                f"not final after this step under {self.visibility!r} (they wait for frames up "
+                f"to {int(self._tracker.pending[-1])}); decode a whole chunk / the whole prefix "
+                f"per step, or use push()"
+            )
+        return out
+
+    @property
+    def ready_at(self) -> torch.Tensor:
+        """``[frames_out]`` int64: for each emitted output, the last input frame it waited for."""
+        if self._ready_log.start:
+            raise ValueError("ready_at history was pruned by the owning ModelStream")
+        return self._ready_log.values()
+
+    @property
+    def latency(self) -> torch.Tensor:
+        """``[frames_out]`` int64: frames each emitted output waited beyond its own frame."""
+        if self._latency_parts:
+            self._latency_parts = [torch.cat(self._latency_parts)]
+            return self._latency_parts[0].clone()
+        return torch.empty(0, dtype=torch.int64)
+
+    def latency_stats(self) -> LatencyStats:
+        """Mean / p50 / p90 / max of :attr:`latency`."""
+        return LatencyStats.of(self.latency)
+
+    @property
+    def lookahead_frames(self) -> int:
+        """Outputs not yet emitted (waiting for their lookahead)."""
+        return self.frames_in - self.frames_out
+
+    # ------------------------------------------------------------------ internals
+    def _emit(self, m: int) -> torch.Tensor:
+        b, hq, _, _, dv, dtype, device = self._shapes
+        ready = self._tracker.pop(m)
+        if m == 0:
+            return torch.empty(b, 0, hq, dv, dtype=dtype, device=device)
+        p0 = self.frames_out
+        ready = torch.clamp(ready, max=self.frames_in - 1)
+        q = self._pending_q.view(p0, p0 + m)
+        out = self._compute(q, p0, int(ready[-1]) + 1)
+        self._ready_log.append(ready)
+        self._latency_parts.append(ready - torch.arange(p0, p0 + m))
+        self.frames_out += m
+        self._pending_q.drop_before(self.frames_out)
+        self._advance()
+        return out
+
+    def _check(self, q, k, v) -> None:
+        name = f"{type(self).__name__}.push"
+        _, tq, tk, hq, hkv, d, dv = check_qkv(name, q, k, v)
+        if tq != tk:
+            raise ValueError(
+                f"{name}: q, k, v must hold the same frames, got q {tq}, k/v {tk} frames"
+            )
+        if tq < 1:
+            raise ValueError(f"{name}: push at least one frame, got q of shape {list(q.shape)}")
+        shapes = (q.shape[0], hq, hkv, d, dv, q.dtype, q.device)
+        if self._shapes is None:
+            self._check_first(q, k, v)
+            self._shapes = shapes
+        elif shapes != self._shapes:
+            names = ("batch", "q heads", "kv heads", "head dim", "value dim", "dtype", "device")
+            diff = [
+                f"{n} {new} (was {old})"
+                for n, new, old in zip(names, shapes, self._shapes, strict=True)
+                if new != old
+            ]
+            raise ValueError(f"{name}: frames differ from the first push: {', '.join(diff)}")
+
+    def _check_first(self, q, k, v) -> None:
+        name = f"{type(self).__name__}.push"
+        vb = self.visibility.batch_size
+        if vb is not None and vb != q.shape[0]:
+            raise ValueError(
+                f"{name}: visibility {self.visibility!r} is for batch size {vb} but the frames "
+                f"have batch size {q.shape[0]}"
+            )
+
+    def _check_cover(self, total: int) -> None:
+        cover = self.visibility._covered_length()
+        if cover is not None and total > cover:
+            raise ValueError(
+                f"{type(self).__name__}.push: {self.visibility!r} defines positions [0, {cover}) "
+                f"but this push would reach position {total - 1}"
+            )

@@ -1,0 +1,244 @@
+"""Streaming a stack of layers: each layer is pointwise in time around one mixer call."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from causalmix.stream._common import FrameBuffer, IntLog, LatencyStats, MixerStream
+from causalmix.visibility import Visibility
+
+MIXERS = ("softmax", "linear")
+
+
+@runtime_checkable
+class StreamableLayer(Protocol):
+    """What a layer provides to be streamed by :class:`ModelStream` (``causalmix.nn`` layers
+    implement it; ``stream`` never imports ``nn``).
+
+    A layer computes ``y = stream_out(x, mixer(*stream_qkv(x, pos), visibility, **mixer_kwargs()),
+    pos)`` where everything except the mixer is pointwise in time (projections, norms, position
+    encodings, residuals, MLPs): frame ``t`` of ``stream_qkv`` / ``stream_out`` depends only on
+    frame ``t`` of their inputs.
+    """
+
+    mixer: str  # "softmax" | "linear"
+    visibility: Visibility
+
+    def mixer_kwargs(self) -> dict:
+        """Keyword arguments of the mixer stream, e.g. ``{"scale": s}`` (softmax) or
+        ``{"decay": tensor}`` (linear); may include ``impl``."""
+        ...
+
+    def stream_qkv(
+        self, x: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x: [B, n, C]``, ``positions: [n]`` int64 absolute -> ``q, k: [B, n, H(kv), D]``,
+        ``v: [B, n, Hkv, Dv]``. Pointwise in time."""
+        ...
+
+    def stream_out(
+        self, x: torch.Tensor, mixed: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """``x: [B, n, C]`` (the layer input at these positions), ``mixed: [B, n, H, Dv]`` ->
+        ``y: [B, n, C']``. Pointwise in time."""
+        ...
+
+
+def mixer_stream(mixer: str, visibility: Visibility, **kwargs) -> MixerStream:
+    """The stream of one mixer call: ``"softmax"`` -> :class:`SoftmaxStream`, ``"linear"`` ->
+    :class:`LinearStream`, with ``kwargs`` passed to its constructor."""
+    if mixer == "softmax":
+        from causalmix.stream.softmax import SoftmaxStream
+
+        cls = SoftmaxStream
+        allowed = ("scale", "impl")
+    elif mixer == "linear":
+        from causalmix.stream.linear import LinearStream
+
+        cls = LinearStream
+        allowed = ("decay", "impl", "chunk_size")
+    else:
+        raise ValueError(f"mixer must be one of {list(MIXERS)}, got {mixer!r}")
+    bad = sorted(set(kwargs) - set(allowed))
+    if bad:
+        raise ValueError(
+            f"mixer_kwargs {bad} are not accepted by the {mixer!r} stream; allowed: {list(allowed)}"
+        )
+    return cls(visibility, **kwargs)
+
+
+class _LayerState:
+    def __init__(self, index: int, layer):
+        for attr in ("mixer", "visibility", "mixer_kwargs", "stream_qkv", "stream_out"):
+            if not hasattr(layer, attr):
+                raise TypeError(
+                    f"ModelStream: layers[{index}] ({type(layer).__name__}) is not a "
+                    f"StreamableLayer: it has no {attr!r}"
+                )
+        kwargs = layer.mixer_kwargs()
+        if not isinstance(kwargs, dict):
+            raise TypeError(
+                f"ModelStream: layers[{index}].mixer_kwargs() must return a dict, got "
+                f"{type(kwargs).__name__}"
+            )
+        self.layer = layer
+        self.mixer = mixer_stream(layer.mixer, layer.visibility, **kwargs)
+        self.x = FrameBuffer()  # layer inputs waiting for their mixed output (residual)
+
+    def push(self, x: torch.Tensor) -> torch.Tensor | None:
+        p0 = self.mixer.frames_in
+        positions = torch.arange(p0, p0 + x.shape[1], device=x.device)
+        q, k, v = self.layer.stream_qkv(x, positions)
+        self.x.append(x)
+        return self._finish(self.mixer.push(q, k, v))
+
+    def flush(self) -> torch.Tensor | None:
+        return self._finish(self.mixer.flush())
+
+    def _finish(self, mixed: torch.Tensor) -> torch.Tensor | None:
+        m = mixed.shape[1]
+        if m == 0:
+            return None
+        o1 = self.mixer.frames_out
+        o0 = o1 - m
+        positions = torch.arange(o0, o1, device=mixed.device)
+        y = self.layer.stream_out(self.x.view(o0, o1), mixed, positions)
+        self.x.drop_before(o1)
+        return y
+
+
+class ModelStream:
+    """Stream a stack of :class:`StreamableLayer` s: ``push(x [B, n, C]) -> [B, m, C']``.
+
+    Frames go through the layers in order; each layer's mixer stream releases the outputs that
+    are final, which then feed the next layer. Concatenated outputs (``push`` ... ``flush``)
+    equal running the layers in parallel over the whole sequence.
+
+    Latency compounds exactly: final output ``i`` needs layer ``L``'s input up to
+    ``r_L(i)``, which needs layer ``L-1``'s input up to ``r_{L-1}(r_L(i))``, and so on, where
+    ``r_l`` is layer ``l``'s ``ready_at``; the reported latency is ``r_1(...r_L(i)) - i``. With
+    ``Window(left, a)`` in every layer that is ``L * a``; with ``Chunked(size, a)`` it is
+    ``(i // size + L * a + 1) * size - 1 - i`` (clipped to the last frame at flush).
+
+    An empty result before any output was produced has the input's feature size ``C``.
+    Streams are for inference (``torch.no_grad()``).
+    """
+
+    def __init__(self, layers):
+        layers = list(layers)
+        if not layers:
+            raise ValueError("ModelStream: layers must hold at least one StreamableLayer")
+        self.layers = [_LayerState(i, layer) for i, layer in enumerate(layers)]
+        self._latency = IntLog()
+        self._shape: tuple | None = None  # (B, C, dtype, device) of the first push
+        self._out_features: int | None = None
+        self.frames_in = 0
+        self.frames_out = 0
+        self.closed = False
+
+    # ------------------------------------------------------------------ public
+    def push(self, x: torch.Tensor) -> torch.Tensor:
+        """``x: [B, n, C]``, the next ``n >= 1`` frames -> ``[B, m, C']`` final outputs of
+        positions ``[frames_out, frames_out + m)``."""
+        if self.closed:
+            raise ValueError("ModelStream.push: the stream was flushed (closed); start a new one")
+        self._check(x)
+        with torch.no_grad():
+            self.frames_in += x.shape[1]
+            h: torch.Tensor | None = x
+            for st in self.layers:
+                h = st.push(h)
+                if h is None:
+                    break
+            return self._collect(h, x)
+
+    def flush(self) -> torch.Tensor:
+        """End the stream and return the remaining outputs ``[B, m, C']``."""
+        if self.closed:
+            raise ValueError("ModelStream.flush: the stream was already flushed")
+        if self._shape is None:
+            raise ValueError("ModelStream.flush: nothing was pushed, there is no output to return")
+        with torch.no_grad():
+            h: torch.Tensor | None = None
+            for st in self.layers:
+                parts = []
+                if h is not None:
+                    y = st.push(h)
+                    if y is not None:
+                        parts.append(y)
+                y = st.flush()
+                if y is not None:
+                    parts.append(y)
+                h = torch.cat(parts, dim=1) if len(parts) > 1 else (parts[0] if parts else None)
+            self.closed = True
+            b, c, dtype, device = self._shape
+            return self._collect(h, torch.empty(b, 0, c, dtype=dtype, device=device))
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """Decode step: push ``x: [B, n, C]`` and return exactly its ``n`` outputs; raises
+        ``ValueError`` if an output is not final yet (some layer looks ahead of these frames)
+        or earlier outputs are pending. See :meth:`MixerStream.step` for the specs it serves."""
+        if self.frames_out != self.frames_in:
+            raise ValueError(
+                f"ModelStream.step: {self.frames_in - self.frames_out} earlier outputs are still "
+                f"pending; step() needs a stream whose outputs are all final (use push())"
+            )
+        p0 = self.frames_in
+        out = self.push(x)
+        if out.shape[1] != x.shape[1]:
+            specs = [repr(st.layer.visibility) for st in self.layers]
+            raise ValueError(
+                f"ModelStream.step: outputs of positions [{p0 + out.shape[1]}, "
+                f"{p0 + x.shape[1]}) are not final after this step (layer specs {specs}); decode "
+                f"a whole chunk / the whole prefix per step, or use push()"
+            )
+        return out
+
+    @property
+    def latency(self) -> torch.Tensor:
+        """``[frames_out]`` int64: input frames each emitted output waited for beyond its own."""
+        return self._latency.values()
+
+    def latency_stats(self) -> LatencyStats:
+        """Mean / p50 / p90 / max of :attr:`latency`."""
+        return LatencyStats.of(self._latency.values())
+
+    def cache_nbytes(self) -> int:
+        """Bytes held by every layer's mixer state / cache and pending-frame buffers."""
+        return sum(st.mixer.cache_nbytes() + st.x.nbytes() for st in self.layers)
+
+    # ------------------------------------------------------------------ internals
+    def _collect(self, h: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        if h is None:
+            c = self._out_features if self._out_features is not None else x.shape[2]
+            return x.new_empty(x.shape[0], 0, c)
+        self._out_features = h.shape[2]
+        m = h.shape[1]
+        positions = torch.arange(self.frames_out, self.frames_out + m)
+        p = positions
+        for st in reversed(self.layers):
+            p = st.mixer._ready_log.get(p)
+        self._latency.append(p - positions)
+        self.frames_out += m
+        for st in self.layers:
+            st.mixer._ready_log.drop_before(self.frames_out)
+        return h
+
+    def _check(self, x) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"ModelStream.push: x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 3 or x.shape[1] < 1:
+            raise ValueError(
+                f"ModelStream.push: x must be [batch, n >= 1 frames, features], got shape "
+                f"{list(x.shape)}"
+            )
+        shape = (x.shape[0], x.shape[2], x.dtype, x.device)
+        if self._shape is None:
+            self._shape = shape
+        elif shape != self._shape:
+            raise ValueError(
+                f"ModelStream.push: frames (batch, features, dtype, device) = {shape} differ from "
+                f"the first push's {self._shape}"
+            )

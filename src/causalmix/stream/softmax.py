@@ -1,0 +1,83 @@
+"""Streaming softmax attention: a KV cache at absolute positions, evicted by the spec's lookback."""
+
+from __future__ import annotations
+
+from causalmix.ops.softmax import softmax_attention
+from causalmix.ops.softmax.api import IMPLS
+from causalmix.stream._common import FrameBuffer, MixerStream
+from causalmix.visibility import Visibility
+
+
+class SoftmaxStream(MixerStream):
+    """Stream ``softmax_attention(q, k, v, visibility)`` frame by frame.
+
+    Keys and values go to a cache holding absolute positions ``[cache_start, frames_in)``. Each
+    push computes the outputs that became final with one ``softmax_attention`` call of those
+    queries against the cache (``q_offset``/``k_offset`` absolute), so every query sees exactly
+    the keys the parallel call gives it. When the spec's :attr:`~Visibility.lookback` is bounded
+    (``Window(left, right)``, ``Chunked(...) & Window(...)``), keys older than
+    ``first pending query - lookback`` can never be seen again and are evicted: the cache holds
+    at most ``lookback + lookahead + push size`` frames whatever the stream length. Otherwise
+    (``Causal``, ``Prefix``, ``Chunked``) it grows with the stream, as attention must.
+
+    Which outputs are final: see :class:`~causalmix.stream.MixerStream`. ``Prefix(n)`` waits for
+    the whole prefix (its first ``n`` outputs leave together once frame ``n - 1`` arrived), then
+    runs causally. Specs with unbounded lookahead (``Full()``, ``Segments`` without a causal
+    bound) raise ``ValueError`` at construction.
+
+    Args:
+        visibility: the spec, as for the parallel call.
+        scale: score scale, default ``1 / sqrt(D)``.
+        impl: passed to ``softmax_attention`` (``"auto"``, ``"blocks"``, ``"reference"``, ...).
+
+    Shapes: ``push(q [B, n, H, D], k [B, n, Hkv, D], v [B, n, Hkv, Dv]) -> [B, m, H, Dv]``.
+    """
+
+    mixer = "softmax"
+
+    def __init__(self, visibility: Visibility, *, scale: float | None = None, impl: str = "auto"):
+        super().__init__(visibility)
+        if impl != "auto" and impl not in IMPLS:
+            raise ValueError(
+                f"SoftmaxStream: impl must be one of {['auto', *IMPLS]}, got {impl!r}"
+            )
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+            raise ValueError(f"SoftmaxStream: scale must be a float or None, got {scale!r}")
+        self.scale, self.impl = scale, impl
+        self._k = FrameBuffer()
+        self._v = FrameBuffer()
+
+    @property
+    def cache_start(self) -> int:
+        """Absolute position of the oldest cached key."""
+        return self._k.start
+
+    @property
+    def cache_len(self) -> int:
+        """Number of cached key/value frames."""
+        return self._k.length
+
+    def cache_nbytes(self) -> int:
+        """Bytes held by the key/value cache and the pending-query buffer (allocated storage)."""
+        return self._k.nbytes() + self._v.nbytes() + self._pending_q.nbytes()
+
+    def _accept(self, k, v):
+        self._k.append(k)
+        self._v.append(v)
+
+    def _compute(self, q, p0, k_end):
+        k0 = self._k.start
+        return softmax_attention(
+            q, self._k.view(k0, k_end), self._v.view(k0, k_end), self.visibility,
+            q_offset=p0, k_offset=self._k.start, scale=self.scale, impl=self.impl,
+        )
+
+    def _advance(self):
+        lookback = self.visibility.lookback
+        if lookback is None:
+            return
+        # every future query sits at >= frames_out and sees keys >= its position - lookback
+        keep = max(0, self.frames_out - lookback)
+        self._k.drop_before(keep)
+        self._v.drop_before(keep)
+

@@ -1,0 +1,563 @@
+"""Streaming executors: pushing frames in random pieces gives exactly the parallel outputs, at the
+analytic latency, in bounded memory where the spec allows it; decode steps equal the parallel run.
+
+References are dense and computed here, in fp64 (``ref``); the baseline of every comparison is
+the same dense computation in fp32 (a same-precision eager run), as ``assert_close`` wants.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from causalmix.ops.linear import linear_attention
+from causalmix.ops.softmax import softmax_attention
+from causalmix.stream import (
+    LatencyStats,
+    LinearStream,
+    ModelStream,
+    SoftmaxStream,
+    StreamableLayer,
+    mixer_stream,
+)
+from causalmix.stream.linear import fold_state
+from causalmix.testing import assert_close
+from causalmix.visibility import Causal, Chunked, Full, Prefix, Segments, Window
+
+PUSH_SIZES = (1, 3, 17, 2, 64, 5, 1, 1, 29)
+
+
+# ============================================================================ dense references
+
+
+def dense_softmax(q, k, v, vis, scale=None):
+    """``q: [B, T, H, D]``, ``k, v: [B, T, Hkv, *]``: softmax over visible keys, q's dtype."""
+    b, t, h, d = q.shape
+    g = h // k.shape[2]
+    k, v = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)
+    scale = 1 / math.sqrt(d) if scale is None else scale
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    mask = vis.mask(t, t)[:, None].to(q.device)
+    s = s.masked_fill(~mask, float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, -1), v)
+
+
+def dense_linear(q, k, v, vis, decay=None):
+    """``o_i = sum_{j visible} lambda^|i-j| (q_i . k_j) v_j`` in q's dtype."""
+    b, t, h, d = q.shape
+    pos = torch.arange(t)
+    dist = (pos[:, None] - pos[None, :]).abs().to(q.dtype)
+    lam = torch.ones(h, dtype=q.dtype) if decay is None else decay.to(q.dtype)
+    w = lam[:, None, None] ** dist  # [H, T, T]
+    mask = vis.mask(t, t).to(q.dtype)[:, None]  # [B', 1, T, T]
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * w * mask
+    return torch.einsum("bhqk,bkhd->bqhd", s, v)
+
+
+def push_all(stream, sizes, *tensors):
+    """Push ``tensors`` ([B, T, ...] each) in pieces of the given sizes (cycled), then flush;
+    returns the concatenated outputs and the output count after each push."""
+    t = tensors[0].shape[1]
+    outs, counts, i, p = [], [], 0, 0
+    while p < t:
+        n = min(sizes[i % len(sizes)], t - p)
+        i += 1
+        outs.append(stream.push(*(x[:, p : p + n] for x in tensors)))
+        p += n
+        counts.append((p, stream.frames_out))
+    outs.append(stream.flush())
+    return torch.cat(outs, 1), counts
+
+
+def rand_sizes(seed, n=40):
+    g = torch.Generator().manual_seed(seed)
+    choices = torch.tensor([1, 1, 2, 3, 5, 17, 31, 64])
+    return tuple(int(c) for c in choices[torch.randint(len(choices), (n,), generator=g)])
+
+
+def analytic_ready(vis, t, layers=1):
+    """Last input frame each output needs through ``layers`` layers of ``vis`` (closed forms)."""
+    i = torch.arange(t)
+    r = i
+    for _ in range(layers):
+        if isinstance(vis, Window):
+            r = r + vis.right
+        elif isinstance(vis, Chunked):
+            r = (r // vis.size + vis.lookahead_chunks + 1) * vis.size - 1
+        elif isinstance(vis, Prefix):
+            # a batch-dependent prefix: the whole batch waits for the longest
+            n = int(vis.n.max()) if isinstance(vis.n, torch.Tensor) else vis.n
+            r = torch.clamp(r, min=n - 1)
+        elif isinstance(vis, Causal):
+            pass
+        else:
+            raise AssertionError(vis)
+    return torch.clamp(r, max=t - 1)
+
+
+# ============================================================================ single mixer: softmax
+
+SOFTMAX_SPECS = [
+    Causal(),
+    Window(7),
+    Window(5, 3),
+    Chunked(16),
+    Chunked(4, lookahead=2),
+    Prefix(10),
+    Chunked(8, lookahead=1) & Window(12, 4),
+    Chunked(16) | Window(4),
+]
+
+
+@pytest.mark.parametrize("vis", SOFTMAX_SPECS, ids=repr)
+@pytest.mark.parametrize("t", [1, 7, 63, 113])
+def test_softmax_stream_equals_parallel(vis, t):
+    torch.manual_seed(t)
+    b, h, hkv, d = 2, 4, 2, 8
+    q = torch.randn(b, t, h, d)
+    k, v = torch.randn(b, t, hkv, d), torch.randn(b, t, hkv, d)
+    s = SoftmaxStream(vis)
+    out, _ = push_all(s, rand_sizes(t), q, k, v)
+    ref = dense_softmax(q.double(), k.double(), v.double(), vis)
+    assert_close(out, ref, dense_softmax(q, k, v, vis), name=f"{vis!r} T={t}")
+    assert s.frames_out == t and s.latency.shape == (t,)
+
+
+@pytest.mark.parametrize(
+    "vis", [Window(16, 2), Chunked(32, lookahead=1), Prefix(torch.tensor([40, 3]))], ids=repr
+)
+def test_softmax_stream_long_and_explicit_impl(vis):
+    t = 500
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(2, t, 2, 16) for _ in range(3))
+    for impl in ("blocks", "reference"):
+        out, _ = push_all(SoftmaxStream(vis, scale=0.3, impl=impl), rand_sizes(7), q, k, v)
+        ref = dense_softmax(q.double(), k.double(), v.double(), vis, scale=0.3)
+        assert_close(out, ref, dense_softmax(q, k, v, vis, scale=0.3), name=f"{vis!r} {impl}")
+
+
+def test_softmax_stream_segments_and_causal():
+    t = 113
+    ids = torch.repeat_interleave(torch.arange(5), torch.tensor([10, 30, 1, 50, 22]))
+    vis = Segments(ids) & Causal()
+    q, k, v = (torch.randn(1, t, 2, 8) for _ in range(3))
+    s = SoftmaxStream(vis)
+    out, _ = push_all(s, (3, 17, 1), q, k, v)
+    ref = dense_softmax(q.double(), k.double(), v.double(), vis)
+    assert_close(out, ref, dense_softmax(q, k, v, vis))
+    assert torch.equal(s.latency, torch.zeros(t, dtype=torch.int64))
+    with pytest.raises(ValueError, match="defines positions"):
+        SoftmaxStream(vis).push(*(torch.randn(1, t + 1, 2, 8) for _ in range(3)))
+
+
+def test_softmax_matches_the_op_itself():
+    """The stream calls the public op; its result equals the op's own parallel run too."""
+    torch.manual_seed(3)
+    vis = Chunked(8, lookahead=1)
+    q, k, v = (torch.randn(1, 63, 2, 8) for _ in range(3))
+    out, _ = push_all(SoftmaxStream(vis, impl="blocks"), (5,), q, k, v)
+    par = softmax_attention(q, k, v, vis, impl="blocks")
+    ref = dense_softmax(q.double(), k.double(), v.double(), vis)
+    assert_close(out, ref, par)
+
+
+# ============================================================================ latency
+
+
+@pytest.mark.parametrize(
+    "vis", [Causal(), Window(6, 3), Chunked(8), Chunked(5, lookahead=2), Prefix(20)], ids=repr
+)
+def test_mixer_latency_is_analytic_and_outputs_leave_as_soon_as_final(vis):
+    t = 113
+    q, k, v = (torch.randn(1, t, 1, 4) for _ in range(3))
+    s = SoftmaxStream(vis)
+    _, counts = push_all(s, (1, 3, 17, 2), q, k, v)
+    ready = analytic_ready(vis, t)
+    assert torch.equal(s.ready_at, ready)
+    assert torch.equal(s.latency, ready - torch.arange(t))
+    for frames_in, frames_out in counts:
+        # exactly the outputs whose last needed frame has arrived
+        assert frames_out == int((analytic_ready(vis, 10**6)[:t] < frames_in).sum())
+    st = s.latency_stats()
+    lat = (ready - torch.arange(t)).double()
+    assert st == LatencyStats(
+        t, float(lat.mean()), float(lat.quantile(0.5)), float(lat.quantile(0.9)), int(lat.max())
+    )
+
+
+def test_latency_stats_values():
+    st = LatencyStats.of(torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9]))
+    assert (st.count, st.mean, st.p50, st.max) == (10, 4.5, 4.5, 9)
+    assert st.p90 == pytest.approx(8.1)
+    assert LatencyStats.of(torch.empty(0, dtype=torch.int64)).count == 0
+
+
+# ============================================================================ unbounded / errors
+
+
+def test_unbounded_lookahead_is_refused():
+    with pytest.raises(ValueError, match="unbounded lookahead"):
+        SoftmaxStream(Full())
+    with pytest.raises(ValueError, match="unbounded lookahead"):
+        SoftmaxStream(Causal() | Full())
+    scattered = Segments(torch.tensor([0, 1, 0, 1, 2, 2]))  # no interval, no bounded lookahead
+    with pytest.raises(ValueError, match="unbounded lookahead"):
+        SoftmaxStream(scattered)
+    with pytest.raises(ValueError, match="unbounded lookahead"):
+        ModelStream([TinyLayer("softmax", Full())])
+
+
+def test_bad_input_raises_clear_errors():
+    s = SoftmaxStream(Causal())
+    with pytest.raises(TypeError, match="visibility"):
+        SoftmaxStream("causal")
+    with pytest.raises(ValueError, match="impl"):
+        SoftmaxStream(Causal(), impl="nope")
+    with pytest.raises(ValueError, match="scale"):
+        SoftmaxStream(Causal(), scale="big")
+    with pytest.raises(ValueError, match="4-D"):
+        s.push(torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 8))
+    with pytest.raises(ValueError, match="same frames"):
+        s.push(torch.randn(1, 3, 2, 8), torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8))
+    with pytest.raises(ValueError, match="at least one frame"):
+        s.push(*(torch.randn(1, 0, 2, 8) for _ in range(3)))
+    with pytest.raises(ValueError, match="nothing was pushed"):
+        s.flush()
+    s.push(*(torch.randn(1, 3, 2, 8) for _ in range(3)))
+    with pytest.raises(ValueError, match="batch 2"):
+        s.push(*(torch.randn(2, 3, 2, 8) for _ in range(3)))
+    with pytest.raises(ValueError, match="dtype"):
+        s.push(*(torch.randn(1, 3, 2, 8, dtype=torch.float64) for _ in range(3)))
+    s.flush()
+    with pytest.raises(ValueError, match="flushed"):
+        s.push(*(torch.randn(1, 3, 2, 8) for _ in range(3)))
+    with pytest.raises(ValueError, match="already flushed"):
+        s.flush()
+    with pytest.raises(ValueError, match="batch size 2"):
+        SoftmaxStream(Prefix(torch.tensor([3, 4]))).push(*(torch.randn(3, 2, 1, 4) for _ in "qkv"))
+    with pytest.raises(ValueError, match="mixer must be one of"):
+        mixer_stream("mamba", Causal())
+    with pytest.raises(ValueError, match="not accepted"):
+        mixer_stream("softmax", Causal(), decay=torch.ones(2))
+    with pytest.raises(ValueError, match="at least one"):
+        ModelStream([])
+    with pytest.raises(TypeError, match="not a StreamableLayer: it has no 'mixer'"):
+        ModelStream([object()])
+    m = ModelStream([TinyLayer("softmax", Causal())])
+    with pytest.raises(ValueError, match=r"\[batch, n >= 1 frames, features\]"):
+        m.push(torch.randn(1, 0, 16))
+
+
+def test_linear_stream_rejects_what_it_cannot_carry():
+    for vis in (Window(4), Causal() | Window(3), Chunked(8) & Window(16, 2)):
+        with pytest.raises(ValueError, match=r"LinearStream: cannot stream .*supported: Causal"):
+            LinearStream(vis)
+    with pytest.raises(ValueError, match="unbounded lookahead"):
+        LinearStream(Full())
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        LinearStream(Causal(), decay=torch.tensor([0.5, 1.5]))
+    with pytest.raises(ValueError, match="decay"):
+        LinearStream(Causal(), decay=[0.5])
+    with pytest.raises(ValueError, match="chunk_size"):
+        LinearStream(Causal(), chunk_size=0)
+    with pytest.raises(ValueError, match="decay has 3 heads"):
+        LinearStream(Causal(), decay=torch.full((3,), 0.9)).push(
+            *(torch.randn(1, 2, 2, 4) for _ in "qkv")
+        )
+
+
+# ============================================================================ single mixer: linear
+
+IDS = torch.repeat_interleave(torch.arange(6), torch.tensor([5, 30, 1, 20, 40, 30]))  # 126
+LINEAR_SPECS = [
+    Causal(),
+    Chunked(16),
+    Chunked(4, lookahead=2),
+    Prefix(10),
+    Prefix(torch.tensor([3, 70])),
+    Segments(IDS) & Chunked(8, lookahead=1),
+    Segments(IDS) & Causal(),
+    Segments(IDS),
+]
+
+
+def test_fold_state_is_the_recurrence():
+    torch.manual_seed(0)
+    k, v = torch.randn(2, 9, 3, 4), torch.randn(2, 9, 3, 5)
+    lam = torch.tensor([0.5, 0.9, 1.0])
+    s0 = torch.randn(2, 3, 4, 5)
+    s = s0.clone()
+    for t in range(9):
+        s = lam[None, :, None, None] * s + torch.einsum("bhd,bhe->bhde", k[:, t], v[:, t])
+    assert torch.allclose(fold_state(s0, k, v, lam), s, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(
+        fold_state(None, k, v, None), torch.einsum("bnhd,bnhe->bhde", k.float(), v), atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("vis", LINEAR_SPECS, ids=repr)
+@pytest.mark.parametrize("t", [1, 7, 63, 113])
+def test_linear_stream_equals_parallel(vis, t):
+    torch.manual_seed(t)
+    b, h, d = 2, 2, 8
+    q, k, v = (torch.randn(b, t, h, d) / d**0.25 for _ in range(3))
+    decay = torch.tensor([0.9, 1.0])
+    s = LinearStream(vis, decay=decay)
+    out, _ = push_all(s, rand_sizes(t + 1), q, k, v)
+    ref = dense_linear(q.double(), k.double(), v.double(), vis, decay.double())
+    assert_close(out, ref, dense_linear(q, k, v, vis, decay), name=f"{vis!r} T={t}")
+    if isinstance(vis, (Causal, Window, Chunked, Prefix)):
+        assert torch.equal(s.latency, analytic_ready(vis, t) - torch.arange(t))
+
+
+@pytest.mark.parametrize("vis", [Chunked(32, lookahead=1), Prefix(40), Causal()], ids=repr)
+def test_linear_stream_long(vis):
+    t = 500
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(1, t, 2, 8) / 8**0.25 for _ in range(3))
+    decay = torch.tensor([0.95, 0.99])
+    for impl in ("chunk", "auto"):
+        s = LinearStream(vis, decay=decay, impl=impl, chunk_size=16)
+        out, _ = push_all(s, rand_sizes(11), q, k, v)
+        ref = dense_linear(q.double(), k.double(), v.double(), vis, decay.double())
+        assert_close(out, ref, dense_linear(q, k, v, vis, decay), name=impl)
+    par = linear_attention(q, k, v, vis, decay=decay)  # the op's own parallel run agrees too
+    assert_close(out, ref, par)
+
+
+# ============================================================================ bounded memory
+
+
+def test_softmax_window_cache_is_bounded():
+    vis = Chunked(16, lookahead=1) & Window(40, 8)
+    s = SoftmaxStream(vis)
+    sizes = (7, 1, 13)
+    nbytes = []
+    for i in range(600):
+        n = sizes[i % 3]
+        s.push(*(torch.randn(1, n, 2, 8) for _ in range(3)))
+        assert s.cache_len <= vis.lookback + (s.frames_in - s.frames_out)
+        assert s.frames_in - s.frames_out <= vis.lookahead + n
+        nbytes.append(s.cache_nbytes())
+    assert s.frames_in == 4200
+    assert max(nbytes[300:]) == max(nbytes[:300])  # allocation stopped growing early
+
+
+def test_softmax_unbounded_lookback_keeps_everything():
+    s = SoftmaxStream(Chunked(8))
+    s.push(*(torch.randn(1, 100, 1, 4) for _ in range(3)))
+    assert s.cache_len == 100 and s.cache_start == 0
+
+
+@pytest.mark.parametrize("vis", [Causal(), Chunked(16, lookahead=1), Prefix(30)], ids=repr)
+def test_linear_memory_is_constant(vis):
+    s = LinearStream(vis, decay=torch.tensor([0.9, 0.99]))
+    nbytes = []
+    for i in range(500):
+        n = (1, 9, 4)[i % 3]
+        s.push(*(torch.randn(1, n, 2, 8) for _ in range(3)))
+        held = s.frames_in - s.frames_out
+        assert s.buffer_len == held <= vis.lookahead + n
+        nbytes.append(s.cache_nbytes())
+    assert max(nbytes[250:]) == max(nbytes[:250])
+
+
+# ============================================================================ stacks of layers
+
+
+class TinyLayer(torch.nn.Module):
+    """A pre-norm block implementing :class:`StreamableLayer`: projections with a
+    position-dependent rotation of q/k, one mixer call, output projection + residual, MLP."""
+
+    def __init__(self, mixer, visibility, c=16, h=2, d=8, decay=None, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.mixer, self.visibility, self.h, self.d = mixer, visibility, h, d
+        self.norm1, self.norm2 = torch.nn.LayerNorm(c), torch.nn.LayerNorm(c)
+        self.qkv = torch.nn.Linear(c, 3 * h * d)
+        self.proj = torch.nn.Linear(h * d, c)
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(c, 2 * c), torch.nn.GELU(), torch.nn.Linear(2 * c, c)
+        )
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() > 1 else 0.05))
+        self.register_buffer("decay", decay)
+
+    def mixer_kwargs(self):
+        if self.mixer == "softmax":
+            return {"scale": 0.5}
+        return {"decay": self.decay}
+
+    def stream_qkv(self, x, positions):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.h, self.d).unbind(2)
+        angle = (positions.to(x.dtype) * 0.05)[None, :, None, None]
+        q = q * torch.cos(angle) + q.roll(1, -1) * torch.sin(angle)
+        k = k * torch.cos(angle) + k.roll(1, -1) * torch.sin(angle)
+        return q, k, v
+
+    def stream_out(self, x, mixed, positions):
+        h = x + self.proj(mixed.reshape(*mixed.shape[:2], -1))
+        return h + self.mlp(self.norm2(h))
+
+
+def run_parallel(layers, x):
+    """The layers over the whole sequence with dense mixers, in x's dtype."""
+    pos = torch.arange(x.shape[1])
+    for layer in layers:
+        q, k, v = layer.stream_qkv(x, pos)
+        if layer.mixer == "softmax":
+            mixed = dense_softmax(q, k, v, layer.visibility, **layer.mixer_kwargs())
+        else:
+            mixed = dense_linear(q, k, v, layer.visibility, layer.decay)
+        x = layer.stream_out(x, mixed, pos)
+    return x
+
+
+def make_layers(mixers, vis, seed=0):
+    decay = torch.tensor([0.9, 0.97])
+    return [TinyLayer(m, vis, decay=decay, seed=seed + i) for i, m in enumerate(mixers)]
+
+
+def check_model(layers, x, sizes):
+    assert all(isinstance(layer, StreamableLayer) for layer in layers)
+    m = ModelStream(layers)
+    out, counts = push_all(m, sizes, x)
+    with torch.no_grad():
+        ref = run_parallel([copy.deepcopy(layer).double() for layer in layers], x.double())
+        base = run_parallel(layers, x)
+    assert_close(out, ref, base)
+    return m, counts
+
+
+MODEL_SPECS = [Causal(), Window(6, 2), Chunked(8, lookahead=1), Prefix(12)]
+
+
+@pytest.mark.parametrize("vis", MODEL_SPECS, ids=repr)
+@pytest.mark.parametrize("depth", [1, 3])
+def test_model_stream_softmax(vis, depth):
+    t = 113
+    torch.manual_seed(depth)
+    x = torch.randn(2, t, 16)
+    m, counts = check_model(make_layers(["softmax"] * depth, vis), x, rand_sizes(depth))
+    ready = analytic_ready(vis, t, depth)
+    assert torch.equal(m.latency, ready - torch.arange(t))
+    for frames_in, frames_out in counts[:-1]:
+        assert frames_out == int((analytic_ready(vis, 10**6, depth)[:t] < frames_in).sum())
+
+
+@pytest.mark.parametrize("vis", [Causal(), Chunked(8, lookahead=1), Prefix(12)], ids=repr)
+@pytest.mark.parametrize("mixers", [["linear"], ["linear", "softmax", "linear"]], ids=len)
+def test_model_stream_linear_and_mixed(vis, mixers):
+    t = 113
+    torch.manual_seed(len(mixers))
+    x = torch.randn(2, t, 16)
+    m, _ = check_model(make_layers(mixers, vis), x, rand_sizes(5))
+    assert torch.equal(m.latency, analytic_ready(vis, t, len(mixers)) - torch.arange(t))
+
+
+@pytest.mark.parametrize(
+    "vis,mixers",
+    [
+        (Chunked(16, lookahead=1) & Window(24, 8), ["softmax"] * 3),
+        (Chunked(16, lookahead=1), ["softmax", "linear", "softmax"]),
+    ],
+    ids=["softmax-chunked&window", "mixed-chunked"],
+)
+def test_model_stream_long_three_layers(vis, mixers):
+    t = 500
+    x = torch.randn(1, t, 16)
+    m, _ = check_model(make_layers(mixers, vis), x, rand_sizes(9))
+    st = m.latency_stats()
+    assert st.count == t and st.max <= 3 * vis.lookahead
+    if isinstance(vis, Chunked):
+        assert torch.equal(m.latency, analytic_ready(vis, t, 3) - torch.arange(t))
+
+
+def test_model_latency_compounds_per_layer_spec():
+    """Different specs per layer: ready = r_1(r_2(r_3(i)))."""
+    t = 97
+    specs = [Window(4, 3), Chunked(8, lookahead=1), Window(2, 1)]
+    layers = [TinyLayer("softmax", s, seed=i) for i, s in enumerate(specs)]
+    m = ModelStream(layers)
+    out, _ = push_all(m, (3, 1, 17), torch.randn(1, t, 16))
+    i = torch.arange(t)
+    r = i + 1  # last layer: Window(2, 1)
+    r = (r // 8 + 2) * 8 - 1  # middle: Chunked(8, 1)
+    r = torch.clamp(r + 3, max=t - 1)  # first: Window(4, 3)
+    assert torch.equal(m.latency, r - i)
+    assert out.shape == (1, t, 16)
+
+
+def test_model_memory_is_bounded():
+    decay = torch.tensor([0.9, 0.99])
+    layers = [
+        TinyLayer("softmax", Window(16, 2)),
+        TinyLayer("linear", Chunked(8, lookahead=1), decay=decay, seed=1),
+        TinyLayer("softmax", Chunked(4) & Window(9), seed=2),
+    ]
+    m = ModelStream(layers)
+    nbytes = []
+    for i in range(400):
+        m.push(torch.randn(1, (1, 5, 11)[i % 3], 16))
+        nbytes.append(m.cache_nbytes())
+    assert max(nbytes[200:]) == max(nbytes[:200])
+
+
+# ============================================================================ decode
+
+
+def generate(layers, prompt, steps, chunk):
+    """Autoregressive generation with ``ModelStream.step``: the next frames are a function of
+    the last outputs. Returns the whole input sequence and every output."""
+    m = ModelStream(layers)
+    xs, ys = [prompt], [m.step(prompt)]
+    for _ in range(steps):
+        last = ys[-1][:, -1:]
+        nxt = torch.tanh(last).repeat(1, chunk, 1) + 0.1 * torch.arange(chunk)[None, :, None]
+        xs.append(nxt)
+        ys.append(m.step(nxt))
+    return torch.cat(xs, 1), torch.cat(ys, 1)
+
+
+DECODE = [
+    (Causal(), 1, 1),  # (spec, prompt length, frames per step)
+    (Prefix(9), 9, 1),
+    (Window(6), 3, 1),
+    (Chunked(8), 8, 8),
+]
+
+
+@pytest.mark.parametrize("vis,prompt_len,chunk", DECODE, ids=lambda x: repr(x))
+@pytest.mark.parametrize("mixers", [["softmax"], ["softmax", "linear", "softmax"]], ids=len)
+def test_decode_equals_parallel(vis, prompt_len, chunk, mixers):
+    if "linear" in mixers and isinstance(vis, Window):
+        mixers = ["softmax", "softmax", "softmax"]  # linear attention has no Window state
+    torch.manual_seed(0)
+    layers = make_layers(mixers, vis)
+    x, y = generate(layers, torch.randn(2, prompt_len, 16), steps=40 // chunk * 2, chunk=chunk)
+    with torch.no_grad():
+        ref = run_parallel([copy.deepcopy(layer).double() for layer in layers], x.double())
+        base = run_parallel(layers, x)
+    assert_close(y, ref, base)
+
+
+def test_decode_mixer_step_and_errors():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 20, 2, 8) for _ in range(3))
+    s = SoftmaxStream(Causal())
+    out = torch.cat([s.step(*(x[:, i : i + 1] for x in (q, k, v))) for i in range(20)], 1)
+    ref = dense_softmax(q.double(), k.double(), v.double(), Causal())
+    assert_close(out, ref, dense_softmax(q, k, v, Causal()))
+    c = SoftmaxStream(Chunked(4))
+    with pytest.raises(ValueError, match="not final after this step"):
+        c.step(q[:, :3], k[:, :3], v[:, :3])
+    with pytest.raises(ValueError, match="still pending"):
+        c.step(q[:, 3:4], k[:, 3:4], v[:, 3:4])
+    m = ModelStream([TinyLayer("softmax", Window(4, 1))])
+    with pytest.raises(ValueError, match="not final after this step"):
+        m.step(torch.randn(1, 1, 16))
