@@ -23,12 +23,14 @@ from causalmix import Causal, Chunked, Full, Prefix, Segments, Visibility, Windo
 from causalmix import softmax_attention as single_attention
 from causalmix.distributed import (
     LAYOUTS,
+    linear_attention,
     positions,
     shard,
     softmax_attention,
     unshard,
     work_balance,
 )
+from causalmix.ops.linear import linear_attention as single_linear
 from causalmix.testing import assert_close
 
 HARD_TIMEOUT_S = 240.0  # whole process group, spawn included; the harness kills it after this
@@ -252,7 +254,54 @@ def job_dead_rank(rank, world):
     raise AssertionError("a ring with a dead rank returned a result")
 
 
+def _check_linear_case(rank, world, spec_name, seq_len, dtype, with_decay, b=2, h=3, d=8, dv=6):
+    spec = make_specs(seq_len, b)[spec_name]
+    g = torch.Generator().manual_seed(2000 * seq_len + world)
+    q = torch.randn(b, seq_len, h, d, generator=g).to(dtype) / math.sqrt(d)
+    k = torch.randn(b, seq_len, h, d, generator=g).to(dtype)
+    v = torch.randn(b, seq_len, h, dv, generator=g).to(dtype)
+    decay = torch.tensor([0.9, 0.99, 1.0][:h]) if with_decay else None
+    w_out = torch.randn(b, seq_len, h, dv, generator=g)
+
+    def run(inputs, dec, impl):
+        out = single_linear(*inputs, spec, decay=dec, impl=impl)
+        wanted = [*inputs] + ([dec] if dec is not None else [])
+        return out, torch.autograd.grad((out.float() * w_out).sum(), wanted)
+
+    def leaves(ts, dt):
+        return [t.to(dt).requires_grad_() for t in ts]
+
+    wide = torch.float64
+    ref_o, g_ref = run(leaves((q, k, v), wide), leaves((decay,), wide)[0] if with_decay else None,
+                       "reference")
+    base_o, g_base = run(leaves((q, k, v), dtype),
+                         leaves((decay,), torch.float32)[0] if with_decay else None, "reference")
+
+    local = [shard(t, "contiguous", rank, world).requires_grad_() for t in (q, k, v)]
+    dec = decay.clone().requires_grad_() if with_decay else None
+    o = linear_attention(*local, spec, layout="contiguous", decay=dec, chunk_size=4)
+    assert o.dtype == dtype and o.shape == (b, seq_len // world, h, dv)
+    loss = (o.float() * shard(w_out, "contiguous", rank, world)).sum()
+    g_loc = torch.autograd.grad(loss, [*local] + ([dec] if with_decay else []))
+
+    what = f"linear {spec_name} T={seq_len} W={world} {dtype} decay={with_decay}"
+    assert_close(_gather(o, world, "contiguous"), ref_o, base_o, name=f"{what} output")
+    for name, a, r, bl in zip("qkv", g_loc[:3], g_ref[:3], g_base[:3], strict=True):
+        assert_close(_gather(a, world, "contiguous"), r, bl, name=f"{what} d{name}")
+    if with_decay:  # each rank holds its own loss's d(decay): the total is their sum
+        total = g_loc[3].clone()
+        dist.all_reduce(total)
+        assert_close(total, g_ref[3], g_base[3], name=f"{what} d(decay)", dtype=dtype)
+
+
+def job_linear_grid(rank, world, cases):
+    for case in cases:
+        _check_linear_case(rank, world, *case)
+    return len(cases)
+
+
 JOBS = {
+    "linear_grid": job_linear_grid,
     "softmax_grid": job_softmax_grid,
     "shape_mismatch": job_shape_mismatch,
     "dead_rank": job_dead_rank,
@@ -290,6 +339,19 @@ def test_softmax_world4_every_layout_and_spec(tmp_path):
               ("striped", "prefix", 4 * 31, torch.bfloat16)]
     got, _ = run_group(tmp_path, 4, "softmax_grid", kwargs={"cases": cases})
     assert set(expect_ok(got, 4).values()) == {len(cases)}
+
+
+LINEAR_SPECS = ["causal", "full", "prefix", "prefix_batch"]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world", [2, 4])
+def test_linear_contiguous_matches_single_process(tmp_path, world):
+    cases = [(spec, world * n, torch.float32, dec) for spec in LINEAR_SPECS
+             for n in (1, 7) for dec in (False, True)]
+    cases += [(spec, world * 13, torch.bfloat16, True) for spec in ("causal", "full")]
+    got, _ = run_group(tmp_path, world, "linear_grid", kwargs={"cases": cases})
+    assert set(expect_ok(got, world).values()) == {len(cases)}
 
 
 @pytest.mark.distributed
@@ -364,6 +426,12 @@ def test_bad_arguments_raise_clear_errors():
         shard(torch.zeros(1, 8), "striped", 2, 2)
     with pytest.raises(RuntimeError, match="not initialised"):
         softmax_attention(x, x, x, Causal(), layout="striped")
+    with pytest.raises(ValueError, match="layout 'zigzag' is not supported by the linear mixer"):
+        linear_attention(x, x, x, Causal(), layout="zigzag")
+    with pytest.raises(ValueError, match=r"Window\(left=3, right=0\).*supported: Causal"):
+        linear_attention(x, x, x, Window(3), layout="contiguous")
+    with pytest.raises(ValueError, match=r"decay must have shape \[H\] = \[2\]"):
+        linear_attention(x, x, x, Causal(), decay=torch.ones(3))
 
 
 @pytest.mark.parametrize("spec_name", ["causal", "prefix", "window", "docs_causal",
