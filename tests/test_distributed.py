@@ -223,13 +223,7 @@ def _check_softmax_case(rank, world, layout, spec_name, seq_len, dtype, b=2, hq=
         assert_close(a, r, bl, name=f"{what} d{name}")
 
 
-def job_softmax_grid(rank, world, cases):
-    for case in cases:
-        _check_softmax_case(rank, world, *case)
-    return len(cases)
-
-
-def job_shape_mismatch(rank, world):
+def _check_shape_mismatch(rank, world):
     n = 4 if rank == 0 else 6
     x = torch.randn(1, n, 2, 8)
     try:
@@ -294,16 +288,32 @@ def _check_linear_case(rank, world, spec_name, seq_len, dtype, with_decay, b=2, 
         assert_close(total, g_ref[3], g_base[3], name=f"{what} d(decay)", dtype=dtype)
 
 
-def job_linear_grid(rank, world, cases):
-    for case in cases:
-        _check_linear_case(rank, world, *case)
-    return len(cases)
+SECTIONS = {
+    "softmax": _check_softmax_case,
+    "linear": _check_linear_case,
+    "shape_mismatch": _check_shape_mismatch,
+}
+
+
+def job_sections(rank, world, sections):
+    """Run every section's cases; ``{section: None (passed) or the first failure}``. A failure
+    may leave the ranks out of step, so the remaining sections are not run (reported)."""
+    report = {}
+    for name, cases in sections.items():
+        if any(report.values()):
+            report[name] = "not run: an earlier section failed"
+            continue
+        try:
+            for case in cases:
+                SECTIONS[name](rank, world, *case)
+            report[name] = None
+        except Exception:
+            report[name] = traceback.format_exc()
+    return report
 
 
 JOBS = {
-    "linear_grid": job_linear_grid,
-    "softmax_grid": job_softmax_grid,
-    "shape_mismatch": job_shape_mismatch,
+    "sections": job_sections,
     "dead_rank": job_dead_rank,
 }
 
@@ -312,57 +322,77 @@ JOBS = {
 SPEC_NAMES = list(make_specs(8, 2))
 
 
-def _grid(world):
-    cases = []
+LINEAR_SPECS = ["causal", "full", "prefix", "prefix_batch"]
+
+
+def _sections(world):
+    """Every case for one process group of ``world`` ranks (one spawn per world size)."""
+    softmax = []
     for layout in LAYOUTS:
         # odd per-rank lengths where the layout allows them (zigzag: odd chunks)
         odd = 2 * world * 7 if layout == "zigzag" else world * 13
-        for spec in SPEC_NAMES:
-            cases.append((layout, spec, odd, torch.float32))
-    return cases
+        softmax += [(layout, spec, odd, torch.float32) for spec in SPEC_NAMES]
+        softmax.append((layout, "docs_causal", 2 * world * 12, torch.bfloat16))
+    if world == 2:
+        softmax += [(layout, "causal", 2 * 2 * 25, torch.bfloat16) for layout in LAYOUTS]
+        softmax += [("striped", "window", 2, torch.float32), ("contiguous", "causal", 2,
+                                                               torch.float32)]
+    else:
+        softmax += [("zigzag", "causal", 4 * 2 * 16, torch.bfloat16),
+                    ("striped", "prefix", 4 * 31, torch.bfloat16)]
+    linear = [(spec, world * n, torch.float32, dec) for spec in LINEAR_SPECS
+              for n in (1, 7) for dec in (False, True)]
+    linear += [(spec, world * 13, torch.bfloat16, True) for spec in ("causal", "full")]
+    sections = {"softmax": softmax, "linear": linear}
+    if world == 2:
+        sections["shape_mismatch"] = [()]
+    return sections
 
 
-@pytest.mark.distributed
-def test_softmax_world2_every_layout_and_spec(tmp_path):
-    cases = _grid(2)
-    cases += [(layout, "causal", 2 * 2 * 25, torch.bfloat16) for layout in LAYOUTS]
-    cases += [(layout, "docs_causal", 2 * 2 * 25, torch.bfloat16) for layout in LAYOUTS]
-    cases += [("striped", "window", 2, torch.float32), ("contiguous", "causal", 2, torch.float32)]
-    got, _ = run_group(tmp_path, 2, "softmax_grid", kwargs={"cases": cases})
-    assert set(expect_ok(got, 2).values()) == {len(cases)}
+_GROUPS: dict = {}
 
 
-@pytest.mark.distributed
-def test_softmax_world4_every_layout_and_spec(tmp_path):
-    cases = _grid(4)
-    cases += [("zigzag", "causal", 4 * 2 * 16, torch.bfloat16),
-              ("striped", "prefix", 4 * 31, torch.bfloat16)]
-    got, _ = run_group(tmp_path, 4, "softmax_grid", kwargs={"cases": cases})
-    assert set(expect_ok(got, 4).values()) == {len(cases)}
+@pytest.fixture(scope="module")
+def group_report(tmp_path_factory):
+    """Runs each world size's process group once (lazily) and hands out its section report."""
+
+    def get(world):
+        if world not in _GROUPS:
+            tmp = tmp_path_factory.mktemp(f"world{world}")
+            got, _ = run_group(tmp, world, "sections", kwargs={"sections": _sections(world)})
+            _GROUPS[world] = expect_ok(got, world)
+        return _GROUPS[world]
+
+    yield get
+    _GROUPS.clear()
 
 
-LINEAR_SPECS = ["causal", "full", "prefix", "prefix_batch"]
+def expect_section(reports, section):
+    failures = [f"rank {r}: {rep[section]}" for r, rep in sorted(reports.items())
+                if rep[section] is not None]
+    assert not failures, "\n".join(failures)
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("world", [2, 4])
-def test_linear_contiguous_matches_single_process(tmp_path, world):
-    cases = [(spec, world * n, torch.float32, dec) for spec in LINEAR_SPECS
-             for n in (1, 7) for dec in (False, True)]
-    cases += [(spec, world * 13, torch.bfloat16, True) for spec in ("causal", "full")]
-    got, _ = run_group(tmp_path, world, "linear_grid", kwargs={"cases": cases})
-    assert set(expect_ok(got, world).values()) == {len(cases)}
+def test_softmax_sharded_equals_single_process_every_layout_and_spec(group_report, world):
+    expect_section(group_report(world), "softmax")
 
 
 @pytest.mark.distributed
-def test_mismatched_shards_raise_on_every_rank(tmp_path):
-    got, _ = run_group(tmp_path, 2, "shape_mismatch", hard_timeout=120)
-    assert set(expect_ok(got, 2).values()) == {"raised"}
+@pytest.mark.parametrize("world", [2, 4])
+def test_linear_contiguous_equals_single_process(group_report, world):
+    expect_section(group_report(world), "linear")
+
+
+@pytest.mark.distributed
+def test_mismatched_shards_raise_on_every_rank(group_report):
+    expect_section(group_report(2), "shape_mismatch")
 
 
 @pytest.mark.distributed
 def test_dead_rank_makes_the_others_fail_not_hang(tmp_path):
-    got, codes = run_group(tmp_path, 2, "dead_rank", pg_timeout=10, hard_timeout=120)
+    got, codes = run_group(tmp_path, 2, "dead_rank", pg_timeout=5, hard_timeout=120)
     assert codes[1] == 3
     assert got.get(0, (None,))[0] == "ok", got
     assert got[0][1].startswith("raised"), got[0][1]

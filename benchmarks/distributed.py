@@ -1,0 +1,151 @@
+"""Sequence parallel: work balance of the layouts, and measured ring wall time on 2 processes.
+
+1. Balance report (exact counts from the spec, no timing): visible (query, key) pairs of the
+   busiest rank for world 2, 4, 8, 16, specs Causal() and Prefix(T/4), each layout; max/mean
+   imbalance and the busiest rank's work relative to the contiguous layout.
+2. Wall time of ``causalmix.distributed.softmax_attention`` forward + backward on a 2-process gloo
+   group (1 torch thread each), Causal(), T=16384 (``--quick``: 4096), contiguous vs zigzag vs
+   striped, and the single-process ``softmax_attention(impl="blocks")`` on 1 thread for reference.
+   Layouts are timed interleaved, best of ``--reps``, in one run: compare ratios, not absolute
+   times across runs (the CPU is shared).
+
+    .venv/bin/python benchmarks/distributed.py [--quick] [--seq-len T] [--reps N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import multiprocessing as mp
+import os
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+
+from causalmix import Causal, Prefix, softmax_attention
+from causalmix.distributed import LAYOUTS, shard, work_balance
+from causalmix.distributed import softmax_attention as ring_attention
+
+B, H, D = 1, 2, 64
+
+
+def balance_table(seq_len: int) -> dict:
+    print(f"## Work balance (visible pairs, exact), T={seq_len}")
+    print(f"{'spec':<12} {'world':>5} {'layout':<11} {'max rank pairs':>15} {'max/mean':>9} "
+          f"{'max vs contiguous':>18}")
+    figures = {}
+    for spec in (Causal(), Prefix(seq_len // 4)):
+        for world in (2, 4, 8, 16):
+            cont = work_balance(spec, "contiguous", world, seq_len).max_pairs
+            for layout in LAYOUTS:
+                rep = work_balance(spec, layout, world, seq_len)
+                rel = rep.max_pairs / cont
+                figures[(repr(spec), world, layout)] = rel
+                print(f"{spec!r:<12} {world:>5} {layout:<11} {rep.max_pairs:>15,} "
+                      f"{rep.max_over_mean:>9.3f} {rel:>17.3f}x")
+    return figures
+
+
+def _inputs(seq_len: int):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, seq_len, H, D, generator=g)
+    k = torch.randn(B, seq_len, H, D, generator=g)
+    v = torch.randn(B, seq_len, H, D, generator=g)
+    return q, k, v
+
+
+def _fwd_bwd(fn, q, k, v) -> float:
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    t0 = time.perf_counter()
+    out = fn(q, k, v)
+    out.sum().backward()
+    return time.perf_counter() - t0
+
+
+def _rank_main(rank, world, store, seq_len, reps, results):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=600))
+    try:
+        full = _inputs(seq_len)
+        best = {layout: float("inf") for layout in LAYOUTS}
+        for it in range(reps + 1):  # first round warms up (plans, allocator)
+            for layout in LAYOUTS:
+                local = [shard(t, layout, rank, world) for t in full]
+                dist.barrier()
+                t0 = time.perf_counter()
+                _fwd_bwd(lambda q, k, v, lay=layout: ring_attention(q, k, v, Causal(), layout=lay),
+                         *local)
+                dist.barrier()  # wall time of the group: until the slowest rank is done
+                if it > 0:
+                    best[layout] = min(best[layout], time.perf_counter() - t0)
+        results.put((rank, best))
+    finally:
+        dist.destroy_process_group()
+
+
+def ring_times(seq_len: int, reps: int, world: int = 2) -> dict:
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "store")
+        procs = [ctx.Process(target=_rank_main, args=(r, world, store, seq_len, reps, results))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        got = dict(results.get(timeout=3600) for _ in procs)
+        for p in procs:
+            p.join()
+    return got[0]
+
+
+def single_time(seq_len: int, reps: int) -> float:
+    torch.set_num_threads(1)
+    q, k, v = _inputs(seq_len)
+
+    def fn(q, k, v):
+        return softmax_attention(q, k, v, Causal(), impl="blocks")
+
+    _fwd_bwd(fn, q, k, v)
+    return min(_fwd_bwd(fn, q, k, v) for _ in range(reps))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="T=4096 for the timing, 1 rep")
+    ap.add_argument("--seq-len", type=int, default=None, help="timed sequence length")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions (best of)")
+    args = ap.parse_args()
+    seq_len = args.seq_len or (4096 if args.quick else 16384)
+    reps = args.reps or (1 if args.quick else 2)
+
+    fig = balance_table(16384)
+    print()
+    print("## Done-when figures (Causal, busiest rank's visible pairs vs contiguous)")
+    for world in (4, 16):
+        z, s = fig[("Causal()", world, "zigzag")], fig[("Causal()", world, "striped")]
+        ok = "OK" if max(z, s) <= 0.6 else "NOT MET"
+        print(f"world {world:>2}: zigzag {z:.3f}x, striped {s:.3f}x of contiguous "
+              f"(target <= 0.6x at world 4: {ok if world == 4 else 'n/a'})")
+
+    print()
+    print(f"## Wall time, Causal(), T={seq_len}, B={B}, H={H}, D={D}, fp32, forward + backward, "
+          f"best of {reps}")
+    ring = ring_times(seq_len, reps)
+    single = single_time(seq_len, reps)
+    print(f"{'run':<34} {'seconds':>8} {'vs 1 process':>13} {'contiguous / this':>18}")
+    print(f"{'1 process, 1 thread (blocks)':<34} {single:>8.3f} {1.0:>12.2f}x {'':>18}")
+    for layout in LAYOUTS:
+        t = ring[layout]
+        print(f"{'2 processes x 1 thread, ' + layout:<34} {t:>8.3f} {single / t:>12.2f}x "
+              f"{ring['contiguous'] / t:>17.2f}x")
+    print()
+    print(f"contiguous / striped wall ratio (2 processes): "
+          f"{ring['contiguous'] / ring['striped']:.2f}x; contiguous / zigzag: "
+          f"{ring['contiguous'] / ring['zigzag']:.2f}x; single process: {single:.3f} s")
+
+
+if __name__ == "__main__":
+    main()
