@@ -34,24 +34,54 @@ def _tile(x: torch.Tensor, a: int, c: int, cd) -> torch.Tensor:
 
 
 class _Geometry:
-    """Per-chunk masks and decay weights for one call (computed once per forward/backward)."""
+    """Per-chunk masks and decay weights for one call.
+
+    Chunks are classified once: the forward part is *plain* when no segment starts inside the
+    chunk; the reverse part is *plain* when every query's reverse region runs past the chunk
+    and every key enters, *dead* when no key of the chunk enters the reverse scan (``Prefix``
+    beyond ``n``: then the chunk's reverse state read and update are skipped, the state is 0).
+    Plain/dead chunks share one cached geometry per kind; the others are built on demand.
+    """
 
     def __init__(self, arrays: PositionArrays, length: int, c: int, g: torch.Tensor,
                  reverse: bool):
         self.t, self.c, self.g, self.reverse = length, c, g, reverse
         self.arr = arrays
-        self.n = -(-length // c)
+        self.n = n = -(-length // c)
         dev, cd = g.device, g.dtype
         r = torch.arange(c, device=dev)
         self.dist = (r[:, None] - r[None, :]).abs().to(cd)  # [C, C]
-        # A chunk's masks depend only on (r, j) when there are no segments, no key mask and the
-        # reverse regions reach the end of the call: build them once.
-        no_seg = bool((arrays.start == -1).all())
-        rev_static = (not reverse) or (
-            arrays.key_ok is None and bool((arrays.end == length - 1).all())
-        )
-        self.static = no_seg and rev_static
-        self._cache: dict[int, tuple] = {}
+        self._expd = torch.exp(g[:, None, None] * self.dist)  # [H, C, C], exponent <= 0
+        pad = n * c - length
+        starts = (torch.arange(n, device=dev) * c)[None, :]  # [1, N]
+
+        def chunks(x, fill):
+            return torch.nn.functional.pad(x, (0, pad), value=fill).view(x.shape[0], n, c)
+
+        fwd_plain = (chunks(arrays.start, -1).amax(-1) < starts).all(0)  # [N]
+        kinds = torch.zeros(n, dtype=torch.int64, device=dev)  # 0 general, 1 plain, 2 dead
+        if reverse:
+            ends = torch.nn.functional.pad(arrays.end, (0, pad), value=length).view(-1, n, c)
+            reach = (ends.amin(-1) >= starts + c).all(0)
+            if arrays.key_ok is not None:
+                kok = chunks(arrays.key_ok, False)
+                all_ok = kok.all(-1).all(0)  # padding is "not ok": a short chunk is never plain
+                none_ok = ~(kok.any(-1).any(0))
+                # dead: no key enters in this chunk nor in any later one
+                none_ok = none_ok.flip(0).to(torch.int64).cumprod(0).flip(0).bool()
+            else:
+                all_ok = torch.ones(n, dtype=torch.bool, device=dev)
+                none_ok = torch.zeros(n, dtype=torch.bool, device=dev)
+            kinds = torch.where(reach & all_ok, 1, kinds)
+            kinds = torch.where(none_ok, 2, kinds)
+        self.fwd_plain = fwd_plain.tolist()
+        self.rev_kind = kinds.tolist()
+        self._cache: dict[tuple, tuple] = {}
+
+    def dead(self, n: int) -> bool:
+        """No key of chunk n nor of any later chunk enters the reverse scan: the chunk's
+        reverse state is 0 and its reverse work is skipped (``Prefix`` past ``n``)."""
+        return self.reverse and self.rev_kind[n] == 2
 
     def chunk(self, n: int):
         """Returns ``(a, cn, M, wf, uf, cf, wr, ur, cr)`` for chunk n:
@@ -62,8 +92,9 @@ class _Geometry:
         """
         a = n * self.c
         cn = min(self.c, self.t - a)
-        key = (cn, a + cn == self.t)
-        if self.static and key in self._cache:
+        rk = self.rev_kind[n] if self.reverse else 0
+        key = (cn, rk) if self.fwd_plain[n] and (rk != 0 or not self.reverse) else None
+        if key is not None and key in self._cache:
             return (a, cn, *self._cache[key])
         g = self.g
         cd = g.dtype
@@ -71,7 +102,7 @@ class _Geometry:
         st = self.arr.start[:, a:a + cn] - a  # [B', cn] local to the chunk, < 0: before it
         low = r[None, None, :] <= r[None, :, None]  # [1, r, j]: j <= r
         fmask = low & (r[None, None, :] >= st[:, :, None])
-        expd = torch.exp(g[:, None, None] * self.dist[:cn, :cn])  # [H, cn, cn], exponent <= 0
+        expd = self._expd[:, :cn, :cn]
         read_f = (st < 0).to(cd)  # [B', cn]
         wf = torch.exp(g[:, None] * (r + 1).to(cd))[None] * read_f[:, None]
         st_last = st[:, -1]  # [B']
@@ -80,7 +111,7 @@ class _Geometry:
         cf = torch.exp(g * cn)[None] * (st_last < 0).to(cd)[:, None]
         wr = ur = cr = None
         mask = fmask
-        if self.reverse:
+        if self.reverse and rk != 2:
             en = self.arr.end[:, a:a + cn] - a  # [B', cn]
             bmask = (~low) & (r[None, None, :] <= en[:, :, None])
             kok = None
@@ -96,7 +127,7 @@ class _Geometry:
             cr = torch.exp(g * cn)[None] * (en[:, 0] >= cn).to(cd)[:, None]
         m = expd[None] * mask[:, None].to(cd)
         out = (m, wf, uf, cf, wr, ur, cr)
-        if self.static:
+        if key is not None:
             self._cache[key] = out
         return (a, cn, *out)
 
@@ -120,6 +151,8 @@ class ScanFunction(torch.autograd.Function):
             rs = q.new_zeros(b, h, d, dv, dtype=cd)
             for n in range(n_chunks - 1, -1, -1):
                 rstates[n] = rs
+                if geo.dead(n):
+                    continue
                 a, cn, _m, _wf, _uf, _cf, _wr, ur, cr = geo.chunk(n)
                 kt, vt = _tile(k, a, cn, cd), _tile(v, a, cn, cd)
                 rs = cr[..., None, None] * rs + (kt * ur[..., None]).transpose(-1, -2) @ vt
@@ -131,7 +164,7 @@ class ScanFunction(torch.autograd.Function):
             qt, kt, vt = _tile(q, a, cn, cd), _tile(k, a, cn, cd), _tile(v, a, cn, cd)
             att = (qt @ kt.transpose(-1, -2)) * m
             out = att @ vt + (qt * wf[..., None]) @ s
-            if reverse:
+            if reverse and not geo.dead(n):
                 out = out + (qt * wr[..., None]) @ rstates[n]
             o[:, a:a + cn] = out.transpose(1, 2)
             s = cf[..., None, None] * s + (kt * uf[..., None]).transpose(-1, -2) @ vt
@@ -163,6 +196,8 @@ class ScanFunction(torch.autograd.Function):
         if reverse:
             hs = q.new_zeros(b, h, d, dv, dtype=cd)
             for n in range(n_chunks):
+                if geo.dead(n):
+                    break  # later chunks are dead too; nothing reads their H
                 a, cn, _m, _wf, _uf, _cf, wr, _ur, cr = geo.chunk(n)
                 qt, dot = _tile(q, a, cn, cd), _tile(do, a, cn, cd)
                 hs = (qt * wr[..., None]).transpose(-1, -2) @ dot + cr[..., None, None] * hs
@@ -198,7 +233,7 @@ class ScanFunction(torch.autograd.Function):
                 dg += ((kt * y).sum(-1) * uf * (cn - 1 - pos)).sum(dim=(0, 2))
                 dg += cn * (cf * (gs * s).sum(dim=(-1, -2))).sum(0)
             gs = (qt * wf[..., None]).transpose(-1, -2) @ dot + cf[..., None, None] * gs
-            if reverse:
+            if reverse and not geo.dead(n):
                 # reverse state read: O += diag(wr) Q R_n
                 xr = dot @ rs.transpose(-1, -2)
                 dqt = dqt + xr * wr[..., None]
