@@ -40,12 +40,37 @@ class _RowBlock:
     partial: list[tuple[int, int, int]]  # (offset in gathered keys, local key start, end)
 
 
-def _row_size(b: int, hq: int, tq: int, tk: int) -> int:
-    rows = _SCORE_BUDGET // max(1, b * hq * max(tk, 1))
-    size = 16
-    while size * 2 <= min(rows, 256):
-        size *= 2
-    return max(1, min(size, tq))
+_ROW_CHOICES = (256, 128, 64, 32)
+_ROW_EFFICIENCY = {256: 1.0, 128: 1.08, 64: 1.2, 32: 1.45}  # matmul slowdown of thinner blocks
+_BLOCK_OVERHEAD_FLOPS = 12e6  # Python + launch cost of one row block, in flop-equivalents
+_ROWS_CACHE: OrderedDict = OrderedDict()
+
+
+def _row_size(visibility, b, hq, d, tq, tk, q_offset, k_offset, cols) -> int:
+    """Rows per block: the largest block whose scores fit the budget, unless a thinner one skips
+    enough masked work (a window, a block diagonal) to pay for its slower matmuls."""
+    key = (visibility, b, hq, d, tq, tk, q_offset, k_offset, cols)
+    rows = _ROWS_CACHE.get(key)
+    if rows is not None:
+        return rows
+    fit = _SCORE_BUDGET // max(1, b * hq * max(tk, 1))
+    options = [r for r in _ROW_CHOICES if r <= fit] or [_ROW_CHOICES[-1]]
+    options = [min(r, tq) for r in options]
+    best = None
+    for r in dict.fromkeys(options):
+        kinds = visibility.block_map(tq, tk, r, cols, q_offset=q_offset, k_offset=k_offset)
+        widths = ((kinds != EMPTY).any(dim=0).sum(dim=1) * cols).clamp(max=tk)
+        blocks = int((widths > 0).sum())
+        computed = float(widths.sum()) * r
+        cost = computed * 14 * d * hq * b * _ROW_EFFICIENCY.get(r, 1.6) \
+            + blocks * _BLOCK_OVERHEAD_FLOPS
+        if best is None or cost < best[0]:
+            best = (cost, r)
+    rows = best[1]
+    _ROWS_CACHE[key] = rows
+    if len(_ROWS_CACHE) > _PLAN_CACHE_SIZE:
+        _ROWS_CACHE.popitem(last=False)
+    return rows
 
 
 def _plan(visibility, tq, tk, q_offset, k_offset, rows, cols) -> list[_RowBlock]:
@@ -129,8 +154,8 @@ class _BlockAttention(torch.autograd.Function):
         tk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
         group = hq // hkv
         dev = q.device
-        rows = _row_size(b, hq, tq, tk)
         cols = max(1, min(_KEY_BLOCK, tk))
+        rows = _row_size(visibility, b, hq, d, tq, tk, q_offset, k_offset, cols)
         plan = _plan(visibility, tq, tk, q_offset, k_offset, rows, cols)
 
         # Head-major fp32 layouts; query rows carry their head group innermost so that a row
@@ -141,26 +166,36 @@ class _BlockAttention(torch.autograd.Function):
         out = torch.zeros(b, hkv, tq, group, dv, device=dev)
         lse = torch.full((b, hkv, tq, group), float("-inf"), device=dev)
         masker = _Masker(visibility, q_offset, k_offset, dev)
-        work = torch.empty(b * hkv * rows * group * max((r.width for r in plan), default=0),
-                           device=dev)
+        size_max = b * hkv * rows * group * max((r.width for r in plan), default=0)
+        work_s = torch.empty(size_max, device=dev)
+        work_p = torch.empty(size_max, device=dev)
         for blk in plan:
             if blk.width == 0:
                 continue
             n = blk.r1 - blk.r0
+            shape = (b, hkv, n * group, blk.width)
+            size = b * hkv * n * group * blk.width
             qb = qh[:, :, blk.r0 : blk.r1].view(b, hkv, n * group, d)
             kb, vb = _gather(kh, blk.ranges), _gather(vh, blk.ranges)
-            s = work[: b * hkv * n * group * blk.width].view(b, hkv, n * group, blk.width)
+            s = work_s[:size].view(shape)
             torch.matmul(qb, kb.transpose(-1, -2), out=s)
             masker.apply(s, blk, group)
             m = s.amax(dim=-1, keepdim=True)
+            p = work_p[:size].view(shape)
+            torch.softmax(s, dim=-1, out=p)  # one fused pass: exp(s - m) / sum
+            empty = None
             if blk.partial:
-                m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-            s.sub_(m).exp_()
-            denom = s.sum(dim=-1, keepdim=True)
-            ob = torch.matmul(s, vb)
-            ob.div_(torch.where(denom > 0, denom, torch.ones_like(denom)))
-            out[:, :, blk.r0 : blk.r1] = ob.view(b, hkv, n, group, dv)
-            lse[:, :, blk.r0 : blk.r1] = (m + denom.log()).view(b, hkv, n, group)
+                empty = torch.isinf(m)
+                if bool(empty.any()):
+                    p.masked_fill_(empty, 0.0)  # rows that see nothing: 0, not NaN
+                else:
+                    empty = None
+            # max_j p_j = exp(0) / l, so lse = m + log(l) = m - log(max_j p_j)
+            blk_lse = m - p.amax(dim=-1, keepdim=True).log()
+            if empty is not None:
+                blk_lse.masked_fill_(empty, float("-inf"))
+            torch.matmul(p, vb, out=out[:, :, blk.r0 : blk.r1].view(b, hkv, n * group, dv))
+            lse[:, :, blk.r0 : blk.r1] = blk_lse.view(b, hkv, n, group)
 
         ctx.save_for_backward(qh, kh, vh, out, lse)
         ctx.plan, ctx.masker, ctx.scale = plan, masker, scale
@@ -178,12 +213,20 @@ class _BlockAttention(torch.autograd.Function):
         dev = qh.device
         if d_out is None:
             d_out = torch.zeros(b, tq, hq, dv, device=dev)
-        do = d_out.float().view(b, tq, hkv, group, dv).permute(0, 2, 1, 3, 4).contiguous()
+        do = d_out.float().view(b, tq, hkv, group, dv).permute(0, 2, 1, 3, 4)
         delta = (do * out).sum(-1)  # [B, Hkv, Tq, G]
         if d_lse is not None:
             delta = delta - d_lse.float().view(b, tq, hkv, group).permute(0, 2, 1, 3)
-        # exp(s - lse) with lse = +inf on empty rows gives 0 instead of NaN
+        # Fold the row shifts into the matmuls with one extra column:
+        #   [q, -lse] . [k, 1] = s - lse          (then exp gives P directly)
+        #   [dO, -delta] . [v, 1] = dO v - delta  (then times P gives dS)
+        # Rows that see nothing have lse = -inf: use +inf there so that exp(s - lse) = 0.
         lse_safe = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse)
+        q_aug = torch.cat([qh, -lse_safe[..., None]], dim=-1)  # [B, Hkv, Tq, G, D+1]
+        do_aug = torch.cat([do, -delta[..., None]], dim=-1)  # [B, Hkv, Tq, G, Dv+1]
+        ones = torch.ones(b, hkv, tk, 1, device=dev)
+        k_aug = torch.cat([kh, ones], dim=-1)  # [B, Hkv, Tk, D+1]
+        v_aug = torch.cat([vh, ones], dim=-1)  # [B, Hkv, Tk, Dv+1]
         dq = torch.zeros_like(qh)
         dk = torch.zeros_like(kh)
         dvv = torch.zeros_like(vh)
@@ -195,18 +238,19 @@ class _BlockAttention(torch.autograd.Function):
                 continue
             n = blk.r1 - blk.r0
             sl = slice(blk.r0, blk.r1)
-            qb = qh[:, :, sl].view(b, hkv, n * group, d)
-            dob = do[:, :, sl].view(b, hkv, n * group, dv)
-            kb, vb = _gather(kh, blk.ranges), _gather(vh, blk.ranges)
+            qa = q_aug[:, :, sl].reshape(b, hkv, n * group, d + 1)
+            doa = do_aug[:, :, sl].reshape(b, hkv, n * group, dv + 1)
+            ka, va = _gather(k_aug, blk.ranges), _gather(v_aug, blk.ranges)
             size = b * hkv * n * group * blk.width
             p = work_p[:size].view(b, hkv, n * group, blk.width)
-            torch.matmul(qb, kb.transpose(-1, -2), out=p)
+            torch.matmul(qa, ka.transpose(-1, -2), out=p)
             masker.apply(p, blk, group)
-            p.sub_(lse_safe[:, :, sl].reshape(b, hkv, n * group, 1)).exp_()
+            p.exp_()
             ds = work_d[:size].view(b, hkv, n * group, blk.width)
-            torch.matmul(dob, vb.transpose(-1, -2), out=ds)
-            ds.sub_(delta[:, :, sl].reshape(b, hkv, n * group, 1)).mul_(p)
-            dq[:, :, sl] = torch.matmul(ds, kb).view(b, hkv, n, group, d)
+            torch.matmul(doa, va.transpose(-1, -2), out=ds)
+            ds.mul_(p)
+            kb, qb, dob = ka[..., :d], qa[..., :d], doa[..., :dv]
+            torch.matmul(ds, kb, out=dq[:, :, sl].view(b, hkv, n * group, d))
             if len(blk.ranges) == 1:
                 c0, c1 = blk.ranges[0]
                 dvv[:, :, c0:c1] += torch.matmul(p.transpose(-1, -2), dob)
