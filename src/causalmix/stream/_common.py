@@ -8,6 +8,8 @@ stream is position ``t``), exactly as in the parallel ops, so the stream asks th
 
 from __future__ import annotations
 
+import array
+import bisect
 import dataclasses
 import math
 
@@ -39,7 +41,9 @@ def horizon(visibility: Visibility, positions: torch.Tensor) -> torch.Tensor | N
         hi = iv[1]
         if bool((hi >= _UNBOUNDED).any()):
             return None
-        return hi.expand(torch.broadcast_shapes(hi.shape, positions.shape))
+        if hi.shape[-1] != positions.shape[0]:
+            hi = hi.expand(*hi.shape[:-1], positions.shape[0])
+        return hi
     if isinstance(visibility, Or):
         ha, hb = horizon(visibility.a, positions), horizon(visibility.b, positions)
         if ha is None or hb is None:
@@ -69,35 +73,62 @@ def unbounded_error(owner: str, visibility: Visibility) -> ValueError:
 
 
 class ReadyTracker:
-    """For each position pushed, the position of the last input frame its output needs
+    """For each position, the position of the last input frame its output needs
     (``ready_at``): ``max(i, horizon(i))`` (max over the batch for batch-dependent specs), made
     non-decreasing with a running max because outputs leave in order. Output ``i`` is final once
-    frame ``ready_at[i]`` has arrived."""
+    frame ``ready_at[i]`` has arrived.
+
+    ``ready_at`` depends on positions only, so it is computed ahead in blocks (kept as a list of
+    Python ints: a push then costs one ``bisect``, no tensor op)."""
+
+    BLOCK = 1024
 
     def __init__(self, owner: str, visibility: Visibility):
         self.owner, self.visibility = owner, visibility
         self.running = -1
-        self.pending = torch.empty(0, dtype=torch.int64)  # ready_at of outputs not yet emitted
-        if horizon(visibility, torch.zeros(1, dtype=torch.int64)) is None:
-            raise unbounded_error(owner, visibility)
+        self.base = 0  # position of ready[0]
+        self.ready: list[int] = []
+        self._cover = visibility._covered_length()
+        if self._cover == 0:
+            raise ValueError(f"{owner}: {visibility!r} defines no position to stream")
+        self._extend(1)
 
-    def add(self, positions: torch.Tensor) -> None:
-        h = horizon(self.visibility, positions)
-        if h is None:
-            raise unbounded_error(self.owner, self.visibility)
-        if h.dim() == 2:
-            h = h.amax(dim=0)
-        r = torch.maximum(h, positions)
-        r = torch.clamp(r, min=self.running).cummax(dim=0).values
-        self.running = int(r[-1])
-        self.pending = torch.cat([self.pending, r]) if self.pending.numel() else r
+    def _extend(self, upto: int) -> None:
+        """Make ``ready_at`` known for every position below ``upto``."""
+        while self.base + len(self.ready) < upto:
+            a = self.base + len(self.ready)
+            n = max(upto - a, self.BLOCK)
+            if self._cover is not None:
+                n = min(n, self._cover - a)
+            positions = torch.arange(a, a + n)
+            h = horizon(self.visibility, positions)
+            if h is None:
+                raise unbounded_error(self.owner, self.visibility)
+            if h.dim() == 2:
+                h = h.amax(dim=0)
+            r = torch.maximum(h, positions).clamp(min=self.running).cummax(dim=0).values
+            self.running = int(r[-1])
+            self.ready.extend(r.tolist())
 
-    def count_ready(self, last_frame: int) -> int:
-        """How many pending outputs are final when frames up to ``last_frame`` have arrived."""
-        return int(torch.searchsorted(self.pending, last_frame, right=True))
+    def count_ready(self, frames_out: int, frames_in: int) -> int:
+        """How many outputs from position ``frames_out`` on are final once the frames below
+        ``frames_in`` have arrived."""
+        self._extend(frames_in)
+        lo, hi = frames_out - self.base, frames_in - self.base
+        return bisect.bisect_right(self.ready, frames_in - 1, lo, hi) - lo
 
-    def pop(self, m: int) -> torch.Tensor:
-        out, self.pending = self.pending[:m], self.pending[m:]
+    def ready_of(self, position: int) -> int:
+        """``ready_at`` of a position not yet taken."""
+        self._extend(position + 1)
+        return self.ready[position - self.base]
+
+    def take(self, frames_out: int, m: int) -> list[int]:
+        """``ready_at`` of the outputs ``[frames_out, frames_out + m)``; forgets earlier ones."""
+        lo = frames_out - self.base
+        out = self.ready[lo : lo + m]
+        if lo + m >= self.BLOCK:
+            del self.ready[: lo + m]
+            self.base += lo + m
         return out
 
 
@@ -130,40 +161,33 @@ class LatencyStats:
 
 
 class IntLog:
-    """Append-only int64 log indexed by absolute output position, optionally pruned below a
-    position (``drop_before``) so that long streams keep only what is still asked for."""
+    """Append-only int64 log indexed by absolute output position (a compact ``array('q')``, 8
+    bytes per entry), optionally pruned below a position (``drop_before``) so that long streams
+    keep only what is still asked for."""
 
     def __init__(self):
-        self.start = 0  # position of the first stored entry
-        self._parts: list[torch.Tensor] = []
-        self._joined = torch.empty(0, dtype=torch.int64)
+        self.start = 0  # position of the first live entry
+        self._arr = array.array("q")
+        self._off = 0  # index in _arr of `start`
 
-    def append(self, values: torch.Tensor) -> None:
-        if values.numel():
-            self._parts.append(values.to(torch.int64))
+    def append(self, values: list[int]) -> None:
+        self._arr.extend(values)
 
-    def _all(self) -> torch.Tensor:
-        if self._parts:
-            self._joined = torch.cat([self._joined, *self._parts])
-            self._parts = []
-        return self._joined
-
-    def __len__(self) -> int:
-        return self.start + self._all().numel()
-
-    def get(self, positions: torch.Tensor) -> torch.Tensor:
-        return self._all()[positions - self.start]
+    def get(self, positions: list[int]) -> list[int]:
+        d = self._off - self.start
+        return [self._arr[p + d] for p in positions]
 
     def values(self) -> torch.Tensor:
-        """Entries from position :attr:`start` on."""
-        return self._all().clone()
+        """``[n]`` int64: the entries from position :attr:`start` on."""
+        return torch.tensor(self._arr[self._off :], dtype=torch.int64)
 
     def drop_before(self, position: int) -> None:
-        a = self._all()
-        n = min(max(0, position - self.start), a.numel())
-        if n:
-            self._joined = a[n:].clone()
-            self.start += n
+        n = min(max(0, position - self.start), len(self._arr) - self._off)
+        self._off += n
+        self.start += n
+        if self._off > 4096 and 2 * self._off > len(self._arr):
+            del self._arr[: self._off]
+            self._off = 0
 
 
 # ============================================================================ frame buffer
@@ -263,7 +287,7 @@ class MixerStream:
         self._tracker = ReadyTracker(name, visibility)
         self._pending_q = FrameBuffer()
         self._ready_log = IntLog()  # ready_at of every emitted output (clipped at flush)
-        self._latency_parts: list[torch.Tensor] = []
+        self._latency_log = IntLog()
         self._shapes: tuple | None = None  # (B, H, Hkv, D, Dv, dtype, device) of the first push
         self.frames_in = 0
         self.frames_out = 0
@@ -304,13 +328,11 @@ class MixerStream:
         self._check(q, k, v)
         n = q.shape[1]
         self._check_cover(self.frames_in + n)
-        positions = torch.arange(self.frames_in, self.frames_in + n)
         with torch.no_grad():
-            self._tracker.add(positions)
             self._pending_q.append(q)
             self._accept(k, v)
             self.frames_in += n
-            m = self._tracker.count_ready(self.frames_in - 1)
+            m = self._tracker.count_ready(self.frames_out, self.frames_in)
             return self._emit(m)
 
     def flush(self) -> torch.Tensor:
@@ -346,7 +368,8 @@ class MixerStream:
             raise ValueError(
                 f"{name}.step: outputs of positions [{p0 + out.shape[1]}, {p0 + q.shape[1]}) are "
                 f"not final after this step under {self.visibility!r} (they wait for frames up "
-                f"to {int(self._tracker.pending[-1])}); decode a whole chunk / the whole prefix "
+                f"to {self._tracker.ready_of(self.frames_in - 1)}); decode a whole chunk / the "
+                f"whole prefix "
                 f"per step, or use push()"
             )
         return out
@@ -361,10 +384,7 @@ class MixerStream:
     @property
     def latency(self) -> torch.Tensor:
         """``[frames_out]`` int64: frames each emitted output waited beyond its own frame."""
-        if self._latency_parts:
-            self._latency_parts = [torch.cat(self._latency_parts)]
-            return self._latency_parts[0].clone()
-        return torch.empty(0, dtype=torch.int64)
+        return self._latency_log.values()
 
     def latency_stats(self) -> LatencyStats:
         """Mean / p50 / p90 / max of :attr:`latency`."""
@@ -378,15 +398,17 @@ class MixerStream:
     # ------------------------------------------------------------------ internals
     def _emit(self, m: int) -> torch.Tensor:
         b, hq, _, _, dv, dtype, device = self._shapes
-        ready = self._tracker.pop(m)
         if m == 0:
             return torch.empty(b, 0, hq, dv, dtype=dtype, device=device)
         p0 = self.frames_out
-        ready = torch.clamp(ready, max=self.frames_in - 1)
+        last = self.frames_in - 1
+        ready = self._tracker.take(p0, m)
+        if ready[-1] > last:  # flush: the stream ends before the lookahead is satisfied
+            ready = [min(r, last) for r in ready]
         q = self._pending_q.view(p0, p0 + m)
-        out = self._compute(q, p0, int(ready[-1]) + 1)
+        out = self._compute(q, p0, ready[-1] + 1)
         self._ready_log.append(ready)
-        self._latency_parts.append(ready - torch.arange(p0, p0 + m))
+        self._latency_log.append([r - p for r, p in zip(ready, range(p0, p0 + m), strict=True)])
         self.frames_out += m
         self._pending_q.drop_before(self.frames_out)
         self._advance()

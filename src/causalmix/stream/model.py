@@ -216,11 +216,11 @@ class ModelStream:
             return x.new_empty(x.shape[0], 0, c)
         self._out_features = h.shape[2]
         m = h.shape[1]
-        positions = torch.arange(self.frames_out, self.frames_out + m)
-        p = positions
+        positions = range(self.frames_out, self.frames_out + m)
+        p = list(positions)
         for st in reversed(self.layers):
             p = st.mixer._ready_log.get(p)
-        self._latency.append(p - positions)
+        self._latency.append([r - i for r, i in zip(p, positions, strict=True)])
         self.frames_out += m
         for st in self.layers:
             st.mixer._ready_log.drop_before(self.frames_out)
