@@ -1,0 +1,224 @@
+"""Chunked linear attention (causalmix) measured side by side in one run.
+
+For T in 2048 .. 65536 and the specs Causal / Full / Prefix(T/2), all with per-head decay
+(0.9 .. 0.9999), fp32, B=1, H=4, D=Dv=64: time per token of ``chunk`` forward and
+forward+backward, the naive quadratic reference (``impl="reference"``, dense masked, fp32) where
+it fits, the achieved GFLOP/s of the chunk algorithm (the matmul FLOPs it executes) as a ratio of
+the machine's matmul GFLOP/s measured in the same run, and peak memory of forward+backward.
+
+Timing: each case is run once to warm up, then ``--reps`` times; the minimum is reported (the
+2-core host is shared, and its load only ever adds time). Cases of one T are interleaved
+repetition by repetition so that their ratios are measured side by side.
+
+Memory: every memory case runs in a fresh subprocess that imports torch, warms up on a tiny
+problem, reads its resident set (``/proc/self/statm``), allocates q, k, v, runs forward and
+backward (loss = sum(o * do)) and reads ``VmHWM`` from ``/proc/self/status`` (the kernel's
+high-water mark of this process's resident set; not ``ru_maxrss``, which Linux carries over
+from the parent across fork/exec). The figure is ``VmHWM - RSS before the inputs``:
+everything the case itself held at its peak, inputs included. It is compared with the bytes
+of q, k, v, o, do and dq, dk, dv (8 tensors of ``[B, T, H, 64]`` fp32), the "memory of q,
+k, v, o and their gradients".
+
+The naive reference at T=8192 is run one head at a time (the same FLOPs as all four at once,
+summed; a 4-head [4, T, T] fp32 graph would need several GB on a machine shared with others).
+
+    python benchmarks/linear.py                 # the full table (several minutes)
+    python benchmarks/linear.py --quick         # T in 2048, 8192; memory at 8192 only
+    python benchmarks/linear.py --threads 1     # torch threads (default: torch's own)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+
+from causalmix.ops.linear import linear_attention
+from causalmix.visibility import Causal, Full, Prefix
+
+B, H, D = 1, 4, 64
+DECAY = (0.9, 0.99, 0.999, 0.9999)
+
+
+def spec_for(name: str, t: int):
+    return {"causal": Causal(), "full": Full(), "prefix": Prefix(t // 2)}[name]
+
+
+def inputs(t: int, grad: bool):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, t, H, D, generator=g).requires_grad_(grad) for _ in range(3))
+    do = torch.randn(B, t, H, D, generator=g)
+    return q, k, v, do
+
+
+def step(q, k, v, do, spec, *, grad: bool, impl: str, c: int):
+    dec = torch.tensor(DECAY)
+    if not grad:
+        with torch.no_grad():
+            linear_attention(q, k, v, spec, decay=dec, impl=impl, chunk_size=c)
+        return
+    o = linear_attention(q, k, v, spec, decay=dec, impl=impl, chunk_size=c)
+    o.backward(do)
+    q.grad = k.grad = v.grad = None
+
+
+def chunk_flops(t: int, c: int, name: str, grad: bool) -> float:
+    """Matmul FLOPs the chunk algorithm executes (per head, summed over chunks)."""
+    n = -(-t // c)
+    tile = 2 * c * c * D  # one [C, C] x [C, D] product
+    state = 2 * c * D * D  # one [C, D] x [D, D] product
+    fwd, bwd = 2 * tile + 2 * state, 5 * tile + 4 * state  # causal part
+    live = {"causal": 0.0, "full": 1.0, "prefix": 0.5}[name]  # chunks with a reverse part
+    fwd_r, bwd_r = 2 * state, 5 * state
+    per_chunk = fwd + live * fwd_r + ((bwd + live * bwd_r) if grad else 0)
+    return n * per_chunk * H * B
+
+
+def matmul_gflops() -> float:
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    best = min(_time(lambda: a @ b) for _ in range(3))
+    return 2 * 2048**3 / best / 1e9
+
+
+def _time(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def naive_time(t: int, name: str, grad: bool) -> float:
+    """Reference (dense O(T^2)) time, one head at a time, summed."""
+    spec = spec_for(name, t)
+    total = 0.0
+    for h in range(H):
+        g = torch.Generator().manual_seed(h)
+        q, k, v = (torch.randn(B, t, 1, D, generator=g).requires_grad_(grad) for _ in range(3))
+        do = torch.randn(B, t, 1, D, generator=g)
+        dec = torch.tensor(DECAY[h:h + 1])
+
+        def run(q=q, k=k, v=v, do=do, dec=dec):
+            if grad:
+                linear_attention(q, k, v, spec, decay=dec, impl="reference").backward(do)
+            else:
+                with torch.no_grad():
+                    linear_attention(q, k, v, spec, decay=dec, impl="reference")
+
+        total += _time(run)
+    return total
+
+
+def memory_case(t: int, name: str, c: int, threads: int) -> dict:
+    code = f"""
+import json, torch, sys
+sys.path.insert(0, {repr(sys.path[0])})
+torch.set_num_threads({threads})
+from linear import inputs, step, spec_for
+q, k, v, do = inputs(64, True)
+step(q, k, v, do, spec_for({name!r}, 64), grad=True, impl="chunk", c={c})
+del q, k, v, do
+page = 4096
+before = int(open("/proc/self/statm").read().split()[1]) * page
+q, k, v, do = inputs({t}, True)
+step(q, k, v, do, spec_for({name!r}, {t}), grad=True, impl="chunk", c={c})
+peak = [int(x.split()[1]) * 1024 for x in open("/proc/self/status") if x.startswith("VmHWM")][0]
+print(json.dumps({{"before": before, "peak": peak}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    used = res["peak"] - res["before"]
+    tensors = 8 * B * t * H * D * 4
+    return {"used_mb": used / 2**20, "tensors_mb": tensors / 2**20, "ratio": used / tensors}
+
+
+def time_length(t: int, names, reps: int, c: int) -> dict:
+    """us/token of chunk fwd and fwd+bwd for every spec at length t, interleaved."""
+    data = {(n, gr): inputs(t, gr) for n in names for gr in (False, True)}
+    out: dict = {}
+
+    def run(n, gr):
+        step(*data[(n, gr)], spec_for(n, t), grad=gr, impl="chunk", c=c)
+
+    for n in names:
+        for gr in (False, True):
+            run(n, gr)  # warm-up
+    for _ in range(reps):
+        for n in names:
+            for gr in (False, True):
+                secs = _time(lambda n=n, gr=gr: run(n, gr))
+                out[(t, n, gr)] = min(out.get((t, n, gr), float("inf")), secs / t * 1e6)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="T in 2048, 8192 only")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per case")
+    ap.add_argument("--chunk-size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    ts = [2048, 8192] if args.quick else [2048, 8192, 32768, 65536]
+    reps = args.reps or (2 if args.quick else 3)
+    c = args.chunk_size
+    names = ["causal", "full", "prefix"]
+    print(f"linear attention benchmark: B={B} H={H} D=Dv={D} fp32, decay {DECAY}, "
+          f"chunk_size={c}, torch threads={threads}, reps={reps} (min reported)")
+    mm = matmul_gflops()
+    print(f"matmul 2048^3 fp32: {mm:.1f} GFLOP/s (same run)\n")
+
+    per_tok: dict = {}
+    for t in ts:
+        per_tok.update(time_length(t, names, reps, c))
+    naive: dict = {}
+    for t in [x for x in ts if x <= 8192]:
+        for gr in (False, True):
+            naive[(t, "causal", gr)] = min(naive_time(t, "causal", gr) for _ in range(1)) / t * 1e6
+
+    print(f"{'T':>6} {'spec':>7} {'mode':>8} {'us/token':>9} {'GFLOP/s':>8} {'/matmul':>8} "
+          f"{'naive us/tok':>13} {'naive/chunk':>12}")
+    for t in ts:
+        for n in names:
+            for gr in (False, True):
+                us = per_tok[(t, n, gr)]
+                gf = chunk_flops(t, c, n, gr) / (us * t * 1e-6) / 1e9
+                nv = naive.get((t, n, gr))
+                nv_s = f"{nv:13.1f} {nv / us:12.1f}" if nv else f"{'-':>13} {'-':>12}"
+                print(f"{t:>6} {n:>7} {'fwd+bwd' if gr else 'fwd':>8} {us:9.2f} {gf:8.1f} "
+                      f"{gf / mm:8.2f} {nv_s}")
+
+    print("\npeak memory, forward+backward (fresh subprocess per case, VmHWM - RSS before "
+          "the inputs)")
+    print(f"{'T':>6} {'spec':>7} {'peak MB':>9} {'q,k,v,o,grads MB':>17} {'ratio':>6}")
+    mem_cases = [(8192, "causal")] if args.quick else [
+        (2048, "causal"), (8192, "causal"), (32768, "causal"), (65536, "causal"),
+        (65536, "full"), (65536, "prefix")]
+    mem = {}
+    for t, n in mem_cases:
+        mem[(t, n)] = m = memory_case(t, n, c, threads)
+        print(f"{t:>6} {n:>7} {m['used_mb']:9.0f} {m['tensors_mb']:17.0f} {m['ratio']:6.2f}")
+
+    print("\ndone-when ratios (issue 3):")
+    t_lo, t_hi = ts[0], ts[-1]
+    r = per_tok[(t_hi, "causal", True)] / per_tok[(t_lo, "causal", True)]
+    print(f"  causal fwd+bwd us/token T={t_hi} / T={t_lo}: {r:.2f}  (goal <= 1.25)")
+    if (8192, "causal", True) in naive:
+        r = naive[(8192, "causal", True)] / per_tok[(8192, "causal", True)]
+        print(f"  naive reference / chunk, causal fwd+bwd T=8192: {r:.1f}x  (goal >= 10)")
+    t_mid = 32768 if 32768 in ts else ts[-1]
+    for n in ("full", "prefix"):
+        r = per_tok[(t_mid, n, True)] / per_tok[(t_mid, "causal", True)]
+        print(f"  {n} / causal fwd+bwd T={t_mid}: {r:.2f}  (goal <= 2.2)")
+    t_mem = max(t for t, _ in mem)
+    print(f"  peak memory causal fwd+bwd T={t_mem} / memory of q,k,v,o and grads: "
+          f"{mem[(t_mem, 'causal')]['ratio']:.2f}  (goal <= 2)")
+
+
+if __name__ == "__main__":
+    main()
