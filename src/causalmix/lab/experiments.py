@@ -142,17 +142,33 @@ def _plain(x):
 # 2-core CPU: d_model 64, 2 layers, sequences of 24-80 tokens, a few hundred steps.
 
 
-def _mqar_suite(steps: int, n_train: int, n_test: int, size: str) -> list[Experiment]:
-    base = dict(vocab_size=64, num_kv_pairs=16, num_queries=4, query_len=8,
-                num_train=n_train, num_test=n_test)
-    if size == "smoke":
+@dataclasses.dataclass(frozen=True)
+class SuiteSize:
+    """How big a suite is: training steps per task, data sizes, evaluations, default seeds."""
+
+    steps: dict[str, int]
+    num_train: int
+    num_test: int
+    num_val: int
+    evals: int  # validation evaluations per run (every steps // evals steps)
+    seeds: int
+
+    def train(self, task: str, **kw) -> TrainConfig:
+        steps = self.steps[task]
+        return TrainConfig(steps=steps, num_val=self.num_val,
+                           eval_every=max(steps // self.evals, 1), **kw)
+
+
+def _mqar_suite(size: SuiteSize, name: str) -> list[Experiment]:
+    base = dict(vocab_size=64, num_kv_pairs=8, num_queries=4, query_len=6,
+                num_train=size.num_train, num_test=size.num_test)
+    if name == "smoke":
         base.update(num_kv_pairs=4, num_queries=2, query_len=4)
-    train = TrainConfig(steps=steps, batch_size=32, lr=3e-3, eval_every=max(steps // 6, 1),
-                        target=0.99, patience=3)
+    train = size.train("mqar", batch_size=32, lr=3e-3, target=0.99, patience=3)
     out = []
     for mixer, scheme, passes in [("softmax", "causal", 1), ("linear", "causal", 1),
                                   ("linear", "causal", 2), ("linear", "full-first", 1)]:
-        if size == "smoke" and (passes, scheme) != (1, "causal"):
+        if name == "smoke" and (passes, scheme) != (1, "causal"):
             continue
         out.append(Experiment(
             name=f"mqar/{mixer}/{scheme}/passes={passes}",
@@ -163,24 +179,22 @@ def _mqar_suite(steps: int, n_train: int, n_test: int, size: str) -> list[Experi
     return out
 
 
-def _icl_suite(steps: int, n_train: int, n_test: int, size: str) -> list[Experiment]:
+def _icl_suite(size: SuiteSize, name: str) -> list[Experiment]:
     task = ICLRegression(dim=4, max_examples=16, seq_len=24, noise_std=0.1,
-                         test_examples=(1, 2, 4, 6, 8, 12, 16), num_train=n_train,
-                         num_test=n_test)
-    train = TrainConfig(steps=steps, batch_size=32, lr=2e-3, eval_every=max(steps // 6, 1),
-                        patience=4)
+                         test_examples=(1, 2, 4, 6, 8, 12, 16), num_train=size.num_train,
+                         num_test=size.num_test)
+    train = size.train("icl", batch_size=32, lr=2e-3, patience=4)
     return [Experiment(name=f"icl_regression/softmax/{scheme}", task=task, mixer="softmax",
                        scheme=scheme, preset="tiny-softmax", train=train,
                        labels=(("scheme", scheme),))
             for scheme in ("prefix", "causal")]
 
 
-def _lookahead_suite(steps: int, n_train: int, n_test: int, size: str) -> list[Experiment]:
-    task = Lookahead(num_symbols=8, max_delay=4, seq_len=48, num_train=n_train,
-                     num_test=n_test)
-    train = TrainConfig(steps=steps, batch_size=32, lr=3e-3, eval_every=max(steps // 6, 1),
-                        target=0.99, patience=3)
-    ahead = (0, 2) if size == "smoke" else (0, 1, 2, 4)
+def _lookahead_suite(size: SuiteSize, name: str) -> list[Experiment]:
+    task = Lookahead(num_symbols=8, max_delay=4, seq_len=48, num_train=size.num_train,
+                     num_test=size.num_test)
+    train = size.train("lookahead", batch_size=32, lr=3e-3, target=0.99, patience=3)
+    ahead = (0, 2) if name == "smoke" else (0, 1, 2, 4)
     return [Experiment(name=f"lookahead/softmax/lookahead-{a}", task=task, mixer="softmax",
                        scheme=f"lookahead-{a}", preset="tiny-softmax", train=train,
                        labels=(("lookahead", a),))
@@ -191,16 +205,17 @@ def suite(name: str) -> tuple[list[Experiment], int]:
     """The experiments of a named suite and its default number of seeds."""
     if name not in SUITES:
         raise ValueError(f"unknown suite {name!r}; suites: {sorted(SUITES)}")
-    steps, n_train, n_test, seeds = SUITES[name]
-    exps = (_mqar_suite(steps["mqar"], n_train, n_test, name)
-            + _icl_suite(steps["icl"], n_train, n_test, name)
-            + _lookahead_suite(steps["lookahead"], n_train, n_test, name))
-    return exps, seeds
+    size = SUITES[name]
+    exps = _mqar_suite(size, name) + _icl_suite(size, name) + _lookahead_suite(size, name)
+    return exps, size.seeds
 
 
-#: name -> (steps per task, train examples, test examples, default seeds)
-SUITES: dict[str, tuple[dict[str, int], int, int, int]] = {
-    "smoke": ({"mqar": 8, "icl": 8, "lookahead": 8}, 512, 64, 1),
-    "default": ({"mqar": 400, "icl": 300, "lookahead": 300}, 16384, 512, 3),
-    "full": ({"mqar": 1500, "icl": 1200, "lookahead": 1000}, 50000, 1000, 5),
+SUITES: dict[str, SuiteSize] = {
+    # CI: every code path (both mixers, prefix / causal / lookahead, DB, report) in seconds.
+    "smoke": SuiteSize({"mqar": 4, "icl": 4, "lookahead": 4}, num_train=128, num_test=32,
+                       num_val=32, evals=2, seeds=1),
+    "default": SuiteSize({"mqar": 600, "icl": 300, "lookahead": 200}, num_train=16384,
+                         num_test=512, num_val=256, evals=8, seeds=3),
+    "full": SuiteSize({"mqar": 2000, "icl": 1200, "lookahead": 600}, num_train=50000,
+                      num_test=1000, num_val=512, evals=10, seeds=5),
 }

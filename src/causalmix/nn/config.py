@@ -23,6 +23,8 @@ class AttentionConfig:
     2nd-order Taylor expansion of ``exp(q.k)``; ``"elu"``: ``elu(x) + 1``), and normalised by the
     same visibility-and-decay-weighted sum of ``phi(q).phi(k)`` (a ones column appended to v).
     ``decay``: per-head decay in (0, 1] (``None``: no decay); its length must equal ``n_heads``.
+    ``impl``: the mixer implementation :meth:`Block.forward` asks for (``"auto"``, or e.g.
+    ``"reference"`` to run the dense definition; passed on as ``impl=``).
     """
 
     d_model: int = 64
@@ -33,6 +35,7 @@ class AttentionConfig:
     feature_map: str = "taylor"
     decay: tuple[float, ...] | None = None
     rope_base: float = 10000.0
+    impl: str = "auto"
     head_dim: int = dataclasses.field(init=False)
 
     def __post_init__(self):
@@ -120,6 +123,7 @@ class ModelConfig:
     feature_dim: int = 16
     feature_map: str = "taylor"
     decay: tuple[float, ...] | None = None
+    impl: str = "auto"
     blocks: tuple[BlockConfig, ...] = dataclasses.field(init=False)
 
     def __post_init__(self):
@@ -145,7 +149,7 @@ class ModelConfig:
         attn = AttentionConfig(
             d_model=self.d_model, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
             mixer=self.mixer, feature_dim=self.feature_dim, feature_map=self.feature_map,
-            decay=self.decay,
+            decay=self.decay, impl=self.impl,
         )
         object.__setattr__(self, "blocks", tuple(
             BlockConfig(attn, v, self.mlp_ratio) for v in vis

@@ -22,18 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from causalmix.nn.config import AttentionConfig, BlockConfig, ModelConfig
+from causalmix.ops.linear import linear_attention
 from causalmix.ops.softmax import softmax_attention
 from causalmix.visibility import Visibility
 
 __all__ = ["Attention", "Block", "SequenceModel", "feature_map", "mix", "rotary"]
-
-
-def _linear_attention():
-    # Imported on first use so that the softmax side works while the linear family is absent;
-    # an ImportError here is a real error (no fallback to another mixer).
-    from causalmix.ops.linear import linear_attention
-
-    return linear_attention
 
 
 def mix(mixer: str, q, k, v, visibility: Visibility, *, q_offset: int = 0, k_offset: int = 0,
@@ -44,19 +37,21 @@ def mix(mixer: str, q, k, v, visibility: Visibility, *, q_offset: int = 0, k_off
         return softmax_attention(q, k, v, visibility, q_offset=q_offset, k_offset=k_offset,
                                  **kwargs)
     if mixer == "linear":
-        return _linear_attention()(q, k, v, visibility, q_offset=q_offset, k_offset=k_offset,
+        return linear_attention(q, k, v, visibility, q_offset=q_offset, k_offset=k_offset,
                                    **kwargs)
     raise ValueError(f"mixer must be 'softmax' or 'linear', got {mixer!r}")
 
 
 def rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
     """Rotate ``x: [B, n, H, D]`` (D even) by angles ``positions[t] * base ** (-2i / D)``;
-    ``positions: [n]`` int64 absolute indices. Computed in fp32, returned in x's dtype."""
+    ``positions: [n]`` int64 absolute indices. Computed in fp32 (fp64 for fp64 inputs),
+    returned in x's dtype."""
     d = x.shape[-1]
-    inv = base ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
-    ang = positions.to(device=x.device, dtype=torch.float32)[:, None] * inv  # [n, D/2]
+    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    inv = base ** (-torch.arange(0, d, 2, device=x.device, dtype=wide) / d)
+    ang = positions.to(device=x.device, dtype=wide)[:, None] * inv  # [n, D/2]
     cos, sin = ang.cos()[None, :, None, :], ang.sin()[None, :, None, :]
-    x1, x2 = x.float().chunk(2, dim=-1)
+    x1, x2 = x.to(wide).chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
@@ -174,7 +169,7 @@ class Block(nn.Module):
         positions = torch.arange(offset, offset + x.shape[1], device=x.device)
         q, k, v = self.stream_qkv(x, positions)
         mixed = mix(self.mixer, q, k, v, vis, q_offset=offset, k_offset=offset,
-                    **self.mixer_kwargs())
+                    impl=self.cfg.attention.impl, **self.mixer_kwargs())
         return self.stream_out(x, mixed, positions)
 
 

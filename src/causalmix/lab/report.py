@@ -1,0 +1,314 @@
+"""The lab report: a self-contained HTML page (PNG plots inlined as base64) and Markdown.
+
+Each plot sits beside what the seed paper claimed and what this run measured (mean +- std over
+seeds), and a table checks the four directions the lab is meant to reproduce.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import statistics
+from pathlib import Path
+
+from causalmix.lab.db import RunDB
+from causalmix.lab.experiments import Experiment, suite
+
+__all__ = ["write_report"]
+
+MAX_SEEDS = 64  # seeds looked up per experiment when collecting a suite's runs
+
+CLAIMS = {
+    "mqar": (
+        "Zoology (Arora et al. 2023): attention solves multi-query associative recall at model "
+        "widths where fixed-state mixers (linear attention, gated convolutions) fail, the gap "
+        "growing with the number of key-value pairs. JRT (Arora et al. 2024): reading the "
+        "prompt twice (JRT-Prompt) or non-causally (JRT-RNN) closes much of that gap for "
+        "linear recurrent models, because on the second (or bidirectional) read the model knows "
+        "what it will be asked and what to store."),
+    "icl_regression": (
+        "Ding et al. 2024 (CausalLM is not optimal for in-context learning; also Wang et al. "
+        "2022 on non-causal decoders): with a prefix-LM the in-context examples attend to each "
+        "other and the prediction converges to the least-squares optimum as examples are added; "
+        "a causal LM's examples see only their predecessors and it reaches a higher error."),
+    "lookahead": (
+        "Streaming with lookahead (ANCAT; chunked / lookahead streaming ASR such as Emformer): "
+        "a few frames of future context buy accuracy on labels that depend on what comes next, "
+        "at a latency of exactly those frames."),
+}
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    if not xs:
+        return math.nan, math.nan
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def _fmt(xs: list[float], digits: int = 3) -> str:
+    m, s = _mean_std(xs)
+    return f"{m:.{digits}f} ± {s:.{digits}f} (n={len(xs)})"
+
+
+def _collect(db: RunDB, exps: list[Experiment]) -> dict[str, list[dict]]:
+    keys = {e.run_key(s): e.name for e in exps for s in range(MAX_SEEDS)}
+    out: dict[str, list[dict]] = {e.name: [] for e in exps}
+    for row in db.runs(status="done", keys=list(keys)):
+        out[keys[row["key"]]].append(row)
+    return out
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _label(exp: Experiment) -> str:
+    lab = dict(exp.labels)
+    if exp.task_name == "mqar":
+        reading = {"causal": "causal", "full-first": "bidir. 1st layer"}[exp.scheme]
+        return f"{lab['mixer']}\n{reading}\n{lab['passes']} pass" + \
+            ("es" if lab["passes"] > 1 else "")
+    return exp.name
+
+
+def _mqar(exps, runs, plt):
+    ex = [e for e in exps if e.task_name == "mqar"]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    measured = []
+    for i, e in enumerate(ex):
+        acc = [r["metrics"]["accuracy"] for r in runs[e.name]]
+        m, s = _mean_std(acc)
+        color = "tab:blue" if e.mixer == "softmax" else "tab:orange"
+        ax.bar(i, m if acc else 0, yerr=s if acc else 0, color=color, alpha=0.7, capsize=4)
+        ax.scatter([i] * len(acc), acc, color="k", s=10, zorder=3)
+        measured.append(f"{e.name}: accuracy {_fmt(acc)}")
+    ax.set_xticks(range(len(ex)), [_label(e) for e in ex], fontsize=8)
+    ax.set_ylabel("query accuracy (test)")
+    ax.set_ylim(0, 1.02)
+    t = ex[0].task if ex else None
+    if t is not None:
+        ax.set_title(f"MQAR: {t.num_kv_pairs} pairs, {t.num_queries} queries, vocab "
+                     f"{t.vocab_size}, d_model {ex[0].model_config().d_model}", fontsize=9)
+    return fig, measured
+
+
+def _icl(exps, runs, plt):
+    ex = [e for e in exps if e.task_name == "icl_regression"]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    measured = []
+    baseline = None
+    for e in ex:
+        rs = runs[e.name]
+        if not rs:
+            continue
+        ks = sorted(int(k) for k in rs[0]["metrics"]["mse_by_examples"])
+        per_k = [[r["metrics"]["mse_by_examples"][str(k)] for r in rs] for k in ks]
+        mean = [_mean_std(v)[0] for v in per_k]
+        std = [_mean_std(v)[1] for v in per_k]
+        line, = ax.plot(ks, mean, marker="o", label=f"{e.scheme} ({e.mixer})")
+        lo = [m - s for m, s in zip(mean, std, strict=True)]
+        hi = [m + s for m, s in zip(mean, std, strict=True)]
+        ax.fill_between(ks, lo, hi, color=line.get_color(), alpha=0.2)
+        measured.append(f"{e.name}: query MSE {_fmt([r['metrics']['mse'] for r in rs])}; "
+                        f"at {ks[-1]} examples {_fmt(per_k[-1])}")
+        baseline = rs[0]["metrics"]
+    if baseline is not None:
+        ks = sorted(int(k) for k in baseline["bayes_mse"])
+        ax.plot(ks, [baseline["bayes_mse"][str(k)] for k in ks], "k--",
+                label="Bayes-optimal (ridge)")
+        ls = [baseline["least_squares_mse"][str(k)] for k in ks]
+        ax.plot(ks, ls, "k:", label="least squares (min-norm)")
+        top = max(max(line.get_ydata()) for line in ax.get_lines()[:len(ex)] or [ax.lines[0]])
+        ax.set_ylim(min(baseline["bayes_mse"].values()) / 2, max(2.0, top * 1.5))
+    ax.set_yscale("log")
+    ax.set_xlabel("in-context examples")
+    ax.set_ylabel("query MSE (test)")
+    ax.legend(fontsize=8)
+    ax.set_title("In-context linear regression: prefix vs causal", fontsize=9)
+    return fig, measured
+
+
+def _lookahead(exps, runs, plt):
+    ex = [e for e in exps if e.task_name == "lookahead"]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    measured, xs, means, stds, best = [], [], [], [], []
+    for e in ex:
+        rs = runs[e.name]
+        if not rs:
+            continue
+        acc = [r["metrics"]["accuracy"] for r in rs]
+        lat = rs[0]["metrics"]["latency_frames"]
+        m, s = _mean_std(acc)
+        xs.append(lat)
+        means.append(m)
+        stds.append(s)
+        best.append(rs[0]["metrics"]["best_possible_accuracy"])
+        ax.scatter([lat] * len(acc), acc, color="k", s=10, zorder=3)
+        measured.append(f"lookahead {lat} frames (latency {lat} frames): accuracy {_fmt(acc)} "
+                        f"(ceiling {best[-1]:.3f})")
+    ax.errorbar(xs, means, yerr=stds, marker="o", capsize=4, label="measured")
+    ax.plot(xs, best, "k--", label="ceiling: P(d <= L) + P(d > L) / symbols")
+    ax.set_xlabel("lookahead = streaming latency (frames)")
+    ax.set_ylabel("frame accuracy (test)")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8)
+    ax.set_title("Lookahead task: accuracy vs latency", fontsize=9)
+    return fig, measured
+
+
+def _directions(exps, runs) -> list[tuple[str, str, bool | None]]:
+    by = {e.name: e for e in exps}
+
+    def vals(pred, metric):
+        names = [n for n, e in by.items() if pred(e)]
+        return [r["metrics"][metric] for n in names for r in runs[n]], names
+
+    out = []
+    pre, _ = vals(lambda e: e.task_name == "icl_regression" and e.scheme == "prefix", "mse")
+    cau, _ = vals(lambda e: e.task_name == "icl_regression" and e.scheme == "causal", "mse")
+    out.append(("icl_regression: prefix MSE < causal MSE",
+                f"prefix {_fmt(pre)} vs causal {_fmt(cau)}",
+                None if not (pre and cau) else _mean_std(pre)[0] < _mean_std(cau)[0]))
+
+    def mq(mixer, scheme, passes):
+        return vals(lambda e: e.task_name == "mqar" and e.mixer == mixer and e.scheme == scheme
+                    and dict(e.labels)["passes"] == passes, "accuracy")[0]
+
+    sm, li, li2 = mq("softmax", "causal", 1), mq("linear", "causal", 1), mq("linear", "causal", 2)
+    out.append(("mqar: softmax >= linear accuracy (equal width, causal, 1 pass)",
+                f"softmax {_fmt(sm)} vs linear {_fmt(li)}",
+                None if not (sm and li) else _mean_std(sm)[0] >= _mean_std(li)[0]))
+    out.append(("mqar: linear, 2 passes > 1 pass", f"2 passes {_fmt(li2)} vs 1 pass {_fmt(li)}",
+                None if not (li2 and li) else _mean_std(li2)[0] > _mean_std(li)[0]))
+    la = sorted((int(e.scheme.split("-")[1]), e.name) for e in exps if e.task_name == "lookahead")
+    if la:
+        lo = [r["metrics"]["accuracy"] for r in runs[la[0][1]]]
+        hi = [r["metrics"]["accuracy"] for r in runs[la[-1][1]]]
+        out.append((f"lookahead: accuracy rises from lookahead {la[0][0]} to {la[-1][0]}",
+                    f"lookahead {la[0][0]}: {_fmt(lo)} vs lookahead {la[-1][0]}: {_fmt(hi)}",
+                    None if not (lo and hi) else _mean_std(hi)[0] > _mean_std(lo)[0]))
+    return out
+
+
+def _notes(exps, runs, directions) -> list[str]:
+    """For every direction that does not hold: the training evidence, with numbers."""
+    notes = []
+    for what, _, ok in directions:
+        if ok is not False:
+            continue
+        task = what.split(":")[0]
+        parts = []
+        for e in exps:
+            if e.task_name != task:
+                continue
+            for r in runs[e.name]:
+                c = r["curve"]
+                first, last = (c[0]["val_score"], c[-1]["val_score"]) if c else (math.nan,) * 2
+                parts.append(f"{e.name} seed {r['seed']}: {r['info']['steps']} steps "
+                             f"({r['info']['stop_reason']}), validation score {first:.3f} at the "
+                             f"first evaluation -> best {r['metrics']['val_score']:.3f}")
+        notes.append(f"'{what}' does not hold in this run. Training evidence: "
+                     + "; ".join(parts) + ".")
+    return notes
+
+
+def write_report(out: str | Path, suite_name: str | None = None) -> dict[str, Path]:
+    """Write ``out/report.html`` (self-contained) and ``out/report.md`` (+ ``out/figures``)
+    from the finished runs of ``suite_name`` (default: the suite of the latest run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    db = RunDB(out)
+    try:
+        if suite_name is None:
+            done = db.runs(status="done")
+            if not done:
+                raise ValueError(f"no finished runs in {db.path}; run `causalmix lab run` first")
+            suite_name = done[-1]["suite"]
+        exps, _ = suite(suite_name)
+        runs = _collect(db, exps)
+    finally:
+        db.close()
+    n_runs = sum(len(v) for v in runs.values())
+    if n_runs == 0:
+        raise ValueError(f"no finished runs of suite {suite_name!r} in {out}")
+    figdir = out / "figures"
+    figdir.mkdir(parents=True, exist_ok=True)
+    sections = []
+    for task, maker in (("mqar", _mqar), ("icl_regression", _icl), ("lookahead", _lookahead)):
+        fig, measured = maker(exps, runs, plt)
+        png = _png(fig)
+        plt.close(fig)
+        (figdir / f"{task}.png").write_bytes(png)
+        sections.append((task, png, measured))
+    directions = _directions(exps, runs)
+    notes = _notes(exps, runs, directions)
+    rows = [r for e in exps for r in runs[e.name]]
+    total_wall = sum(r["wall_time_s"] for r in rows)
+    revs = sorted({r["git_rev"] for r in rows})
+
+    def verdict(ok):
+        return {True: "holds", False: "does not hold", None: "not measured"}[ok]
+
+    # Markdown
+    md = [f"# causalmix lab report: suite `{suite_name}`", "",
+          f"{n_runs} runs, {total_wall:.0f} s of training in total; git {', '.join(revs)}.", "",
+          "## Directions", "", "| direction | measured (mean ± std over seeds) | verdict |",
+          "|---|---|---|"]
+    md += [f"| {w} | {m} | {verdict(ok)} |" for w, m, ok in directions]
+    if notes:
+        md += ["", "### Closing note", ""] + [f"- {n}" for n in notes]
+    for task, _, measured in sections:
+        md += ["", f"## {task}", "", f"![{task}](figures/{task}.png)", "",
+               f"**Seed paper's claim.** {CLAIMS[task]}", "", "**This run measured.**", ""]
+        md += [f"- {m}" for m in measured]
+    md += ["", "## Runs", "", "| experiment | seed | score | steps | stop | wall s | git |",
+           "|---|---|---|---|---|---|---|"]
+    md += [f"| {r['experiment']} | {r['seed']} | {r['metrics']['score']:.4f} | "
+           f"{r['info']['steps']} | {r['info']['stop_reason']} | {r['wall_time_s']:.1f} | "
+           f"{r['git_rev'][:12]} |" for r in rows]
+    md_path = out / "report.md"
+    md_path.write_text("\n".join(md) + "\n")
+
+    # HTML
+    e = html.escape
+    h = ["<!doctype html><html><head><meta charset='utf-8'>",
+         f"<title>causalmix lab: {e(suite_name)}</title><style>",
+         "body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}",
+         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}",
+         ".row{display:flex;gap:1.5em;align-items:flex-start}.row img{max-width:620px}",
+         ".holds{color:#080}.fails{color:#b00}</style></head><body>",
+         f"<h1>causalmix lab report: suite <code>{e(suite_name)}</code></h1>",
+         f"<p>{n_runs} runs, {total_wall:.0f} s of training in total; git "
+         f"{e(', '.join(revs))}.</p><h2>Directions</h2><table><tr><th>direction</th>"
+         "<th>measured (mean ± std over seeds)</th><th>verdict</th></tr>"]
+    for w, m, ok in directions:
+        cls = "holds" if ok else "fails"
+        h.append(f"<tr><td>{e(w)}</td><td>{e(m)}</td><td class='{cls}'>{verdict(ok)}</td></tr>")
+    h.append("</table>")
+    if notes:
+        h.append("<h3>Closing note</h3><ul>" + "".join(f"<li>{e(n)}</li>" for n in notes)
+                 + "</ul>")
+    for task, png, measured in sections:
+        b64 = base64.b64encode(png).decode()
+        h.append(f"<h2>{e(task)}</h2><div class='row'><img alt='{e(task)}' "
+                 f"src='data:image/png;base64,{b64}'><div><p><b>Seed paper's claim.</b> "
+                 f"{e(CLAIMS[task])}</p><p><b>This run measured.</b></p><ul>"
+                 + "".join(f"<li>{e(m)}</li>" for m in measured) + "</ul></div></div>")
+    h.append("<h2>Runs</h2><table><tr><th>experiment</th><th>seed</th><th>score</th>"
+             "<th>steps</th><th>stop</th><th>wall s</th><th>git</th></tr>")
+    for r in rows:
+        h.append(f"<tr><td>{e(r['experiment'])}</td><td>{r['seed']}</td>"
+                 f"<td>{r['metrics']['score']:.4f}</td><td>{r['info']['steps']}</td>"
+                 f"<td>{e(r['info']['stop_reason'])}</td><td>{r['wall_time_s']:.1f}</td>"
+                 f"<td>{e(r['git_rev'][:12])}</td></tr>")
+    h.append("</table></body></html>")
+    html_path = out / "report.html"
+    html_path.write_text("\n".join(h))
+    return {"html": html_path, "markdown": md_path, "figures": figdir}
