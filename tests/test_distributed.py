@@ -179,18 +179,20 @@ def _eager_baseline(q, k, v, spec, scale):
 
 
 def _loss(out, lse, w_out, w_lse):
-    finite = torch.where(torch.isfinite(lse), lse.float(), torch.zeros((), dtype=torch.float32))
-    return (out.float() * w_out).sum() + (finite * w_lse).sum()
+    """A loss touching every output and every finite lse (fp32, fp64 for fp64 weights)."""
+    dt = w_out.dtype
+    finite = torch.where(torch.isfinite(lse), lse.to(dt), torch.zeros((), dtype=dt))
+    return (out.to(dt) * w_out).sum() + (finite * w_lse).sum()
 
 
-def _gather(x, world, layout):
+def _gather(x, world, layout, group=None):
     parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous())
+    dist.all_gather(parts, x.contiguous(), group=group)
     return unshard(parts, layout)
 
 
 def _check_softmax_case(rank, world, layout, spec_name, seq_len, dtype, b=2, hq=4, hkv=2, d=8,
-                        dv=6):
+                        dv=6, group=None):
     spec = make_specs(seq_len, b)[spec_name]
     g = torch.Generator().manual_seed(1000 * seq_len + world)
     q = torch.randn(b, seq_len, hq, d, generator=g).to(dtype).requires_grad_()
@@ -201,13 +203,22 @@ def _check_softmax_case(rank, world, layout, spec_name, seq_len, dtype, b=2, hq=
     scale = 1 / math.sqrt(d)
     full = (q, k, v)
 
-    ref_o, ref_l = single_attention(q, k, v, spec, impl="reference", return_lse=True)
+    # truth: the dense definition in fp64 (the fp32 reference op agrees with it to fp32 accuracy;
+    # measuring against it would count its own rounding as our error); baseline: the same dense
+    # computation in the inputs' dtype
+    wide = [t.detach().double().requires_grad_() for t in full]
+    ref_o, ref_l = _eager_baseline(*wide, spec, scale)
+    g_ref = torch.autograd.grad(_loss(ref_o, ref_l, w_out.double(), w_lse.double()), wide)
     base_o, base_l = _eager_baseline(q, k, v, spec, scale)
-    g_ref = torch.autograd.grad(_loss(ref_o, ref_l, w_out, w_lse), full)
     g_base = torch.autograd.grad(_loss(base_o, base_l, w_out, w_lse), full)
+    single_o = single_attention(q, k, v, spec, impl="reference")
+    assert_close(single_o, ref_o, base_o, name="the single-process reference op itself")
 
     local = [shard(t.detach(), layout, rank, world).requires_grad_() for t in full]
-    o, lse = softmax_attention(*local, spec, layout=layout, return_lse=True)
+    o, lse = softmax_attention(*local, spec, layout=layout, group=group, return_lse=True)
+    if group is not None:  # also the plain call: the same output, no lse
+        plain = softmax_attention(*local, spec, layout=layout, group=group)
+        assert torch.equal(plain, o)
     assert o.dtype == dtype and o.shape == (b, seq_len // world, hq, dv)
     assert lse.dtype == torch.float32 and lse.shape == (b, seq_len // world, hq)
     sh = {"layout": layout, "rank": rank, "world": world}
@@ -215,10 +226,11 @@ def _check_softmax_case(rank, world, layout, spec_name, seq_len, dtype, b=2, hq=
     g_loc = torch.autograd.grad(loss, local)
 
     what = f"{layout} {spec_name} T={seq_len} W={world} {dtype}"
-    assert_close(_gather(o, world, layout), ref_o, base_o, name=f"{what} output")
-    assert_close(_gather(lse, world, layout), ref_l, base_l, name=f"{what} lse", dtype=dtype)
+    assert_close(_gather(o, world, layout, group), ref_o, base_o, name=f"{what} output")
+    assert_close(_gather(lse, world, layout, group), ref_l, base_l, name=f"{what} lse",
+                 dtype=dtype)
     for name, a, r, bl in zip("qkv", g_loc, g_ref, g_base, strict=True):
-        a = _gather(a, world, layout)
+        a = _gather(a, world, layout, group)
         assert not torch.isnan(a).any(), f"{what}: NaN in d{name}"
         assert_close(a, r, bl, name=f"{what} d{name}")
 
@@ -248,7 +260,8 @@ def job_dead_rank(rank, world):
     raise AssertionError("a ring with a dead rank returned a result")
 
 
-def _check_linear_case(rank, world, spec_name, seq_len, dtype, with_decay, b=2, h=3, d=8, dv=6):
+def _check_linear_case(rank, world, spec_name, seq_len, dtype, with_decay, b=2, h=3, d=8, dv=6,
+                       group=None):
     spec = make_specs(seq_len, b)[spec_name]
     g = torch.Generator().manual_seed(2000 * seq_len + world)
     q = torch.randn(b, seq_len, h, d, generator=g).to(dtype) / math.sqrt(d)
@@ -273,22 +286,33 @@ def _check_linear_case(rank, world, spec_name, seq_len, dtype, with_decay, b=2, 
 
     local = [shard(t, "contiguous", rank, world).requires_grad_() for t in (q, k, v)]
     dec = decay.clone().requires_grad_() if with_decay else None
-    o = linear_attention(*local, spec, layout="contiguous", decay=dec, chunk_size=4)
+    o = linear_attention(*local, spec, layout="contiguous", decay=dec, group=group, chunk_size=4)
     assert o.dtype == dtype and o.shape == (b, seq_len // world, h, dv)
     loss = (o.float() * shard(w_out, "contiguous", rank, world)).sum()
     g_loc = torch.autograd.grad(loss, [*local] + ([dec] if with_decay else []))
 
     what = f"linear {spec_name} T={seq_len} W={world} {dtype} decay={with_decay}"
-    assert_close(_gather(o, world, "contiguous"), ref_o, base_o, name=f"{what} output")
+    assert_close(_gather(o, world, "contiguous", group), ref_o, base_o, name=f"{what} output")
     for name, a, r, bl in zip("qkv", g_loc[:3], g_ref[:3], g_base[:3], strict=True):
-        assert_close(_gather(a, world, "contiguous"), r, bl, name=f"{what} d{name}")
+        assert_close(_gather(a, world, "contiguous", group), r, bl, name=f"{what} d{name}")
     if with_decay:  # each rank holds its own loss's d(decay): the total is their sum
         total = g_loc[3].clone()
-        dist.all_reduce(total)
+        dist.all_reduce(total, group=group)
         assert_close(total, g_ref[3], g_base[3], name=f"{what} d(decay)", dtype=dtype)
 
 
+def _check_subgroups(rank, world):
+    """Two rings in one world, {0, 2} and {1, 3}: group ranks differ from global ranks."""
+    groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    mine = groups[rank % 2]
+    grank = rank // 2
+    _check_softmax_case(grank, 2, "striped", "docs_causal", 2 * 9, torch.float32, group=mine)
+    _check_softmax_case(grank, 2, "zigzag", "prefix", 2 * 10, torch.float32, group=mine)
+    _check_linear_case(grank, 2, "full", 2 * 9, torch.float32, True, group=mine)
+
+
 SECTIONS = {
+    "subgroups": _check_subgroups,
     "softmax": _check_softmax_case,
     "linear": _check_linear_case,
     "shape_mismatch": _check_shape_mismatch,
@@ -335,17 +359,25 @@ def _sections(world):
         softmax.append((layout, "docs_causal", 2 * world * 12, torch.bfloat16))
     if world == 2:
         softmax += [(layout, "causal", 2 * 2 * 25, torch.bfloat16) for layout in LAYOUTS]
-        softmax += [("striped", "window", 2, torch.float32), ("contiguous", "causal", 2,
-                                                               torch.float32)]
+        softmax += [("striped", "window", 2, torch.float32),
+                    ("contiguous", "causal", 2, torch.float32),
+                    ("striped", "docs_causal", 2 * 113, torch.float32),
+                    ("zigzag", "buckets_causal", 2 * 2 * 63, torch.float32),
+                    ("contiguous", "prefix_batch", 2 * 250, torch.float32)]
     else:
         softmax += [("zigzag", "causal", 4 * 2 * 16, torch.bfloat16),
-                    ("striped", "prefix", 4 * 31, torch.bfloat16)]
+                    ("striped", "prefix", 4 * 31, torch.bfloat16),
+                    ("contiguous", "window", 4 * 63, torch.float32),
+                    ("striped", "chunked", 4 * 113, torch.float32)]
     linear = [(spec, world * n, torch.float32, dec) for spec in LINEAR_SPECS
               for n in (1, 7) for dec in (False, True)]
     linear += [(spec, world * 13, torch.bfloat16, True) for spec in ("causal", "full")]
+    linear += [("prefix", world * 63, torch.float32, True)]
     sections = {"softmax": softmax, "linear": linear}
     if world == 2:
         sections["shape_mismatch"] = [()]
+    else:
+        sections["subgroups"] = [()]
     return sections
 
 
@@ -388,6 +420,23 @@ def test_linear_contiguous_equals_single_process(group_report, world):
 @pytest.mark.distributed
 def test_mismatched_shards_raise_on_every_rank(group_report):
     expect_section(group_report(2), "shape_mismatch")
+
+
+@pytest.mark.distributed
+def test_rings_on_subgroups_equal_single_process(group_report):
+    expect_section(group_report(4), "subgroups")
+
+
+def test_world_of_one_equals_single_process(tmp_path):
+    """A one-process group (in this process): the ring degenerates to the local op."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1, timeout=datetime.timedelta(seconds=30))
+    try:
+        for layout in LAYOUTS:
+            _check_softmax_case(0, 1, layout, "docs_causal", 14, torch.float32)
+        _check_linear_case(0, 1, "prefix", 7, torch.float32, True)
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.distributed
