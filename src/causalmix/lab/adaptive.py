@@ -4,8 +4,9 @@ adaptive lookahead (:mod:`causalmix.nn.adaptive`, ANCAT-inspired) over a sweep o
 
 Every point is trained with the lab's task data (``Lookahead.build(seed)``) and
 :class:`~causalmix.lab.experiments.TrainConfig`; the fixed baselines are ordinary lab
-experiments trained by :func:`~causalmix.lab.train.train_one` (scheme ``causal``,
-``lookahead-L``: ``Causal() | Window(0, L)`` in the first layer, ``full-first``), the adaptive
+experiments trained by :func:`~causalmix.lab.train.train_one` (scheme ``lookahead-L``:
+``Causal() | Window(0, L)`` in the first layer; ``causal`` is ``L = 0``, ``full`` is
+``L = T - 1``), the adaptive
 points by :func:`train_adaptive` (same optimiser, schedule and checkpoint selection; its loss
 adds ``latency_weight * mean expected latency``). The latency of every point is measured the
 same way, per output frame of the test sequences, with :func:`compounded_latency`
@@ -82,15 +83,22 @@ class AdaptiveStudy:
             raise TypeError(f"AdaptiveStudy.task must be a Lookahead task, got "
                             f"{type(self.task).__name__}")
 
-    def baselines(self) -> list[Experiment]:
-        """The fixed-lookahead lab experiments: causal, lookahead-1..W, full-first."""
+    def baselines(self) -> list[tuple[str, Experiment]]:
+        """The fixed-lookahead lab experiments as ``(point, experiment)``: ``causal``
+        (scheme ``lookahead-0``), ``lookahead-1`` .. ``lookahead-W`` and ``full`` (scheme
+        ``lookahead-{T-1}``: on sequences of ``T`` frames the first layer's
+        ``Causal() | Window(0, T - 1)`` is ``Full()``; the scheme names keep the lab trainer's
+        lookahead metrics valid)."""
         out = []
-        for scheme in ["causal", *(f"lookahead-{a}" for a in range(1, self.max_lookahead + 1)),
-                       "full-first"]:
-            out.append(Experiment(
-                name=f"adaptive-study/{self.mixer}/{scheme}", task=self.task, mixer=self.mixer,
+        last = self.task.seq_len - 1
+        for point, ahead in [("causal", 0),
+                             *((f"lookahead-{a}", a) for a in range(1, self.max_lookahead + 1)),
+                             ("full", last)]:
+            scheme = f"lookahead-{ahead}"
+            out.append((point, Experiment(
+                name=f"adaptive-study/{self.mixer}/{point}", task=self.task, mixer=self.mixer,
                 scheme=scheme, preset=self.preset, train=self.train,
-                labels=(("kind", "fixed"), ("scheme", scheme))))
+                labels=(("kind", "fixed"), ("point", point)))))
         return out
 
     def model_config(self, n_layers: int) -> AdaptiveConfig:
@@ -268,7 +276,7 @@ def run_adaptive_study(study: str | AdaptiveStudy, out: str | Path, *, seeds: in
         raise ValueError(f"seeds must be an int >= 1, got {seeds!r}")
     sj = study.to_json()
     n_layers = len(study_base_config(study).blocks)
-    points = [(e.scheme, e) for e in study.baselines()] + \
+    points = list(study.baselines()) + \
              [(f"adaptive-w={w:g}", w) for w in study.latency_weights]
     db = RunDB(out)
     rev = git_revision()
@@ -313,7 +321,7 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def adaptive_summary(rows: list[dict], max_lookahead: int) -> dict:
-    """Per point (``causal``, ``lookahead-L``, ``full-first``, ``adaptive-w=...``): mean and std
+    """Per point (``causal``, ``lookahead-L``, ``full``, ``adaptive-w=...``): mean and std
     over seeds of accuracy and mean / p90 / max latency; and the verdict of the question "does
     some adaptive point reach accuracy within 1 point of lookahead-W at <= 50% of its mean
     latency?" (``"check"``)."""
@@ -344,7 +352,7 @@ def _order(point: str) -> tuple:
         return (0, 0.0)
     if point.startswith("lookahead-"):
         return (1, float(point.split("-")[1]))
-    if point == "full-first":
+    if point == "full":
         return (2, 0.0)
     return (3, float(point.split("=")[1]))
 
@@ -410,7 +418,7 @@ def write_adaptive_report(study: str | AdaptiveStudy, out: str | Path, *,
     st = STUDIES[study] if isinstance(study, str) else study
     seeds = st.seeds if seeds is None else seeds
     sj = st.to_json()
-    points = [e.scheme for e in st.baselines()] + [f"adaptive-w={w:g}"
+    points = [p for p, _ in st.baselines()] + [f"adaptive-w={w:g}"
                                                     for w in st.latency_weights]
     db = RunDB(out)
     try:
