@@ -1,5 +1,16 @@
-"""causalmix: one visibility spec, every mixer, every execution mode."""
+"""causalmix: one visibility spec, every mixer, every execution mode.
 
+The spec and the functional mixers live here; execution modes and models are subpackages:
+``causalmix.stream`` (streaming and decode), ``causalmix.distributed`` (sequence parallel),
+``causalmix.nn`` (layers and models), ``causalmix.lab`` (experiments).
+"""
+
+from causalmix.ops.linear import (
+    LinearOutput,
+    chunk_linear_attention,
+    linear_attention,
+    recurrent_linear_attention,
+)
 from causalmix.ops.softmax import AttentionOutput, softmax_attention
 from causalmix.visibility import (
     And,
@@ -21,10 +32,14 @@ __all__ = [
     "Causal",
     "Chunked",
     "Full",
+    "LinearOutput",
     "Or",
     "Prefix",
     "Segments",
     "Visibility",
     "Window",
+    "chunk_linear_attention",
+    "linear_attention",
+    "recurrent_linear_attention",
     "softmax_attention",
 ]
