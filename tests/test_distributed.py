@@ -30,6 +30,7 @@ from causalmix.distributed import (
     unshard,
     work_balance,
 )
+from causalmix.distributed._spec import Strided
 from causalmix.ops.linear import linear_attention as single_linear
 from causalmix.testing import assert_close
 
@@ -225,12 +226,12 @@ def _check_softmax_case(rank, world, layout, spec_name, seq_len, dtype, b=2, hq=
     loss = _loss(o, lse, shard(w_out, **sh), shard(w_lse, **sh))
     g_loc = torch.autograd.grad(loss, local)
 
+    # gather everything before asserting, so that a failing rank leaves no rank waiting
+    o, lse, *g_all = (_gather(t, world, layout, group) for t in (o, lse, *g_loc))
     what = f"{layout} {spec_name} T={seq_len} W={world} {dtype}"
-    assert_close(_gather(o, world, layout, group), ref_o, base_o, name=f"{what} output")
-    assert_close(_gather(lse, world, layout, group), ref_l, base_l, name=f"{what} lse",
-                 dtype=dtype)
-    for name, a, r, bl in zip("qkv", g_loc, g_ref, g_base, strict=True):
-        a = _gather(a, world, layout, group)
+    assert_close(o, ref_o, base_o, name=f"{what} output")
+    assert_close(lse, ref_l, base_l, name=f"{what} lse", dtype=dtype)
+    for name, a, r, bl in zip("qkv", g_all, g_ref, g_base, strict=True):
         assert not torch.isnan(a).any(), f"{what}: NaN in d{name}"
         assert_close(a, r, bl, name=f"{what} d{name}")
 
@@ -291,13 +292,16 @@ def _check_linear_case(rank, world, spec_name, seq_len, dtype, with_decay, b=2, 
     loss = (o.float() * shard(w_out, "contiguous", rank, world)).sum()
     g_loc = torch.autograd.grad(loss, [*local] + ([dec] if with_decay else []))
 
-    what = f"linear {spec_name} T={seq_len} W={world} {dtype} decay={with_decay}"
-    assert_close(_gather(o, world, "contiguous", group), ref_o, base_o, name=f"{what} output")
-    for name, a, r, bl in zip("qkv", g_loc[:3], g_ref[:3], g_base[:3], strict=True):
-        assert_close(_gather(a, world, "contiguous", group), r, bl, name=f"{what} d{name}")
+    # gather everything before asserting, so that a failing rank leaves no rank waiting
+    o, *g_all = (_gather(t, world, "contiguous", group) for t in (o, *g_loc[:3]))
     if with_decay:  # each rank holds its own loss's d(decay): the total is their sum
         total = g_loc[3].clone()
         dist.all_reduce(total, group=group)
+    what = f"linear {spec_name} T={seq_len} W={world} {dtype} decay={with_decay}"
+    assert_close(o, ref_o, base_o, name=f"{what} output")
+    for name, a, r, bl in zip("qkv", g_all, g_ref[:3], g_base[:3], strict=True):
+        assert_close(a, r, bl, name=f"{what} d{name}")
+    if with_decay:
         assert_close(total, g_ref[3], g_base[3], name=f"{what} d(decay)", dtype=dtype)
 
 
@@ -511,6 +515,30 @@ def test_bad_arguments_raise_clear_errors():
         linear_attention(x, x, x, Window(3), layout="contiguous")
     with pytest.raises(ValueError, match=r"decay must have shape \[H\] = \[2\]"):
         linear_attention(x, x, x, Causal(), decay=torch.ones(3))
+
+
+@pytest.mark.parametrize("spec_name", ["causal", "full", "prefix_batch", "window", "chunked",
+                                       "docs_causal", "buckets_causal", "chunk_or_window"])
+@pytest.mark.parametrize(("q_start", "q_stride", "k_start", "k_stride"), [
+    (0, 1, 5, 1), (1, 4, 0, 4), (3, 4, 2, 4), (2, 3, 7, 1), (0, 2, 1, 5),
+])
+def test_strided_spec_is_the_spec_at_the_mapped_positions(spec_name, q_start, q_stride, k_start,
+                                                          k_stride):
+    """The wrapper the striped layout runs on: mask and (analytic) tile counts are exact."""
+    seq_len = 60
+    spec = make_specs(seq_len, 2)[spec_name]
+    nq = (seq_len - q_start + q_stride - 1) // q_stride
+    nk = (seq_len - k_start + k_stride - 1) // k_stride
+    wrapped = Strided(spec, q_start, q_stride, k_start, k_stride)
+    qi = q_start + q_stride * torch.arange(nq)
+    kj = k_start + k_stride * torch.arange(nk)
+    want = spec.mask(seq_len, seq_len)[:, qi][:, :, kj]
+    assert torch.equal(wrapped.mask(nq, nk), want)
+    for bq, bk in ((4, 3), (7, 16)):
+        counts = wrapped.tile_counts(nq, nk, bq, bk)
+        pad = torch.nn.functional.pad(want.long(), (0, (-nk) % bk, 0, (-nq) % bq))
+        dense = pad.view(pad.shape[0], -(-nq // bq), bq, -(-nk // bk), bk).sum((2, 4))
+        assert torch.equal(counts, dense.expand_as(counts))
 
 
 @pytest.mark.parametrize("spec_name", ["causal", "prefix", "window", "docs_causal",

@@ -50,9 +50,11 @@ class Exchange:
     asynchronously (posted at construction; :meth:`wait` returns the received tensors)."""
 
     def __init__(self, ring: Ring, tensors, tag: int):
-        self.recv = [torch.empty_like(t) for t in tensors]
-        ops = [dist.P2POp(dist.isend, t.contiguous(), ring.send_to, ring.group, tag + n)
-               for n, t in enumerate(tensors)]
+        # keep the sent buffers alive until the exchange is waited on
+        self.sent = [t.contiguous() for t in tensors]
+        self.recv = [torch.empty_like(t) for t in self.sent]
+        ops = [dist.P2POp(dist.isend, t, ring.send_to, ring.group, tag + n)
+               for n, t in enumerate(self.sent)]
         ops += [dist.P2POp(dist.irecv, r, ring.recv_from, ring.group, tag + n)
                 for n, r in enumerate(self.recv)]
         self.works = dist.batch_isend_irecv(ops)
@@ -60,6 +62,7 @@ class Exchange:
     def wait(self) -> list[torch.Tensor]:
         for w in self.works:
             w.wait()
+        self.sent = []
         return self.recv
 
 
