@@ -26,8 +26,13 @@ test: $(VENV)/.dev-installed
 test-all: $(VENV)/.dev-installed
 	$(PY) -m pytest -q
 
+LAB_OUT ?= lab_out
+
+# The default suite (3 seeds, <= 15 min on 2 CPU cores), then report.html / report.md in
+# $(LAB_OUT). Rerunning resumes: finished runs are skipped.
 lab: $(VENV)/.lab-installed
-	$(PY) benchmarks/softmax.py --quick
+	$(VENV)/bin/causalmix lab run --suite default --out $(LAB_OUT)
+	$(VENV)/bin/causalmix lab report --out $(LAB_OUT)
 
 bench: $(VENV)/.dev-installed
 	$(PY) benchmarks/softmax.py
