@@ -27,7 +27,7 @@ from causalmix.stream.linear import fold_state
 from causalmix.testing import assert_close
 from causalmix.visibility import Causal, Chunked, Full, Prefix, Segments, Window
 
-PUSH_SIZES = (1, 3, 17, 2, 64, 5, 1, 1, 29)
+IDS = torch.repeat_interleave(torch.arange(6), torch.tensor([5, 30, 1, 20, 40, 30]))  # 126
 
 
 # ============================================================================ dense references
@@ -109,6 +109,8 @@ SOFTMAX_SPECS = [
     Prefix(10),
     Chunked(8, lookahead=1) & Window(12, 4),
     Chunked(16) | Window(4),
+    Segments(IDS),
+    Segments(IDS) & Chunked(8, lookahead=1),
 ]
 
 
@@ -137,6 +139,23 @@ def test_softmax_stream_long_and_explicit_impl(vis):
         out, _ = push_all(SoftmaxStream(vis, scale=0.3, impl=impl), rand_sizes(7), q, k, v)
         ref = dense_softmax(q.double(), k.double(), v.double(), vis, scale=0.3)
         assert_close(out, ref, dense_softmax(q, k, v, vis, scale=0.3), name=f"{vis!r} {impl}")
+
+
+@pytest.mark.parametrize("mixer", ["softmax", "linear"])
+def test_stream_bfloat16(mixer):
+    t = 113
+    torch.manual_seed(5)
+    vis = Chunked(8, lookahead=1)
+    q, k, v = (torch.randn(2, t, 2, 16, dtype=torch.bfloat16) / 2 for _ in range(3))
+    decay = torch.tensor([0.9, 0.99])
+    if mixer == "softmax":
+        s, dense = SoftmaxStream(vis), dense_softmax
+    else:
+        s, dense = LinearStream(vis, decay=decay), lambda *a: dense_linear(*a, decay)
+    out, _ = push_all(s, rand_sizes(4), q, k, v)
+    assert out.dtype == torch.bfloat16
+    ref = dense(q.double(), k.double(), v.double(), vis)
+    assert_close(out, ref, dense(q, k, v, vis))
 
 
 def test_softmax_stream_segments_and_causal():
@@ -271,7 +290,6 @@ def test_linear_stream_rejects_what_it_cannot_carry():
 
 # ============================================================================ single mixer: linear
 
-IDS = torch.repeat_interleave(torch.arange(6), torch.tensor([5, 30, 1, 20, 40, 30]))  # 126
 LINEAR_SPECS = [
     Causal(),
     Chunked(16),

@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import math
+
 from causalmix.ops.softmax import softmax_attention
 from causalmix.ops.softmax.api import IMPLS
 from causalmix.stream._common import FrameBuffer, MixerStream
-from causalmix.visibility import Visibility
+from causalmix.visibility import And, Causal, Chunked, Full, Or, Visibility, Window
+
+
+def period(vis: Visibility) -> int | None:
+    """Smallest ``P`` with ``visible(i + P, j + P) == visible(i, j)`` for all ``i, j`` that this
+    module can vouch for: 1 for ``Causal``/``Window``/``Full``, ``size`` for ``Chunked``, the lcm
+    through ``&``/``|``; ``None`` for position-anchored specs (``Prefix``, ``Segments``)."""
+    if isinstance(vis, (Causal, Window, Full)):
+        return 1
+    if isinstance(vis, Chunked):
+        return vis.size
+    if isinstance(vis, (And, Or)):
+        pa, pb = period(vis.a), period(vis.b)
+        return None if pa is None or pb is None else math.lcm(pa, pb)
+    return None
 
 
 class SoftmaxStream(MixerStream):
@@ -19,6 +35,11 @@ class SoftmaxStream(MixerStream):
     ``first pending query - lookback`` can never be seen again and are evicted: the cache holds
     at most ``lookback + lookahead + push size`` frames whatever the stream length. Otherwise
     (``Causal``, ``Prefix``, ``Chunked``) it grows with the stream, as attention must.
+
+    When the spec repeats with a period ``P`` (:func:`period`: ``Window``, ``Causal``,
+    ``Chunked``, their ``&``/``|``), each call is made at positions shifted down by a multiple of
+    ``P`` (the same visibility pattern, so the same numbers): steady pushes then present the op
+    with the same geometry every time and its block plans are reused instead of rebuilt.
 
     Which outputs are final: see :class:`~causalmix.stream.MixerStream`. ``Prefix(n)`` waits for
     the whole prefix (its first ``n`` outputs leave together once frame ``n - 1`` arrived), then
@@ -44,6 +65,7 @@ class SoftmaxStream(MixerStream):
         if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
             raise ValueError(f"SoftmaxStream: scale must be a float or None, got {scale!r}")
         self.scale, self.impl = scale, impl
+        self._period = period(visibility)
         self._k = FrameBuffer()
         self._v = FrameBuffer()
 
@@ -67,9 +89,10 @@ class SoftmaxStream(MixerStream):
 
     def _compute(self, q, p0, k_end):
         k0 = self._k.start
+        shift = 0 if self._period is None else k0 - k0 % self._period
         return softmax_attention(
             q, self._k.view(k0, k_end), self._v.view(k0, k_end), self.visibility,
-            q_offset=p0, k_offset=self._k.start, scale=self.scale, impl=self.impl,
+            q_offset=p0 - shift, k_offset=k0 - shift, scale=self.scale, impl=self.impl,
         )
 
     def _advance(self):
