@@ -295,3 +295,27 @@ def test_model_errors():
                                               visibility=(Window(4), Causal())))
     with pytest.raises(ValueError, match="Window"):  # the op names the spec and what it supports
         lin(torch.zeros(1, 6, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("mixer, specs", [
+    ("softmax", (Causal() | Window(0, 2), Chunked(4, lookahead=1))),
+    ("linear", (Causal(), Chunked(4, lookahead=1))),
+])
+def test_blocks_stream_through_model_stream(mixer, specs):
+    """The blocks satisfy causalmix.stream's layer protocol: streaming them frame chunk by
+    frame chunk gives the parallel forward's outputs."""
+    from causalmix.stream import ModelStream
+
+    m = _model(mixer, specs)
+    x = torch.randint(0, 11, (2, 37), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        _, hidden = m(x, return_hidden=True)
+        emb = m.embed(x)
+        stream = ModelStream(list(m.blocks))
+        parts = [stream.push(emb[:, a:a + n]) for a, n in ((0, 1), (1, 6), (7, 13), (20, 17))]
+        parts.append(stream.flush())
+        # baseline: the same parallel forward in fp32 (the stream merges softmax partials
+        # through an fp32 log-sum-exp, so fp64 inputs do not give fp64-exact results)
+        _, base = copy.deepcopy(m).float()(x, return_hidden=True)
+    assert_close(torch.cat(parts, dim=1), hidden[-1], base[-1], name=f"{mixer} stream",
+                 dtype=torch.float32)

@@ -15,18 +15,18 @@ def _parser() -> argparse.ArgumentParser:
     labsub = lab.add_subparsers(dest="lab_command", required=True)
     run = labsub.add_parser("run", help="train a suite (resumes: finished runs are skipped)")
     run.add_argument("--suite", default="default", choices=["smoke", "default", "full"])
-    run.add_argument("--out", default="lab-out", help="output folder (default: lab-out)")
+    run.add_argument("--out", default="lab_out", help="output folder (default: lab_out)")
     run.add_argument("--seeds", type=int, default=None,
                      help="seeds per experiment (default: the suite's own, 3 for default)")
     run.add_argument("--threads", type=int, default=None,
                      help="torch threads (default: 1; the models are tiny)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     rep = labsub.add_parser("report", help="write report.html and report.md")
-    rep.add_argument("--out", default="lab-out", help="output folder (default: lab-out)")
+    rep.add_argument("--out", default="lab_out", help="output folder (default: lab_out)")
     rep.add_argument("--suite", default=None, choices=["smoke", "default", "full"],
                      help="suite to report on (default: that of the latest run)")
     lst = labsub.add_parser("list", help="list the suites and the runs recorded")
-    lst.add_argument("--out", default="lab-out", help="output folder (default: lab-out)")
+    lst.add_argument("--out", default="lab_out", help="output folder (default: lab_out)")
     return p
 
 
