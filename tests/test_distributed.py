@@ -261,8 +261,8 @@ def job_dead_rank(rank, world):
     raise AssertionError("a ring with a dead rank returned a result")
 
 
-def _check_linear_case(rank, world, spec_name, seq_len, dtype, with_decay, b=2, h=3, d=8, dv=6,
-                       group=None):
+def _check_linear_case(rank, world, spec_name, seq_len, dtype, with_decay, layout="contiguous",
+                       b=2, h=3, d=8, dv=6, group=None):
     spec = make_specs(seq_len, b)[spec_name]
     g = torch.Generator().manual_seed(2000 * seq_len + world)
     q = torch.randn(b, seq_len, h, d, generator=g).to(dtype) / math.sqrt(d)
@@ -285,19 +285,19 @@ def _check_linear_case(rank, world, spec_name, seq_len, dtype, with_decay, b=2, 
     base_o, g_base = run(leaves((q, k, v), dtype),
                          leaves((decay,), torch.float32)[0] if with_decay else None, "reference")
 
-    local = [shard(t, "contiguous", rank, world).requires_grad_() for t in (q, k, v)]
+    local = [shard(t, layout, rank, world).requires_grad_() for t in (q, k, v)]
     dec = decay.clone().requires_grad_() if with_decay else None
-    o = linear_attention(*local, spec, layout="contiguous", decay=dec, group=group, chunk_size=4)
+    o = linear_attention(*local, spec, layout=layout, decay=dec, group=group, chunk_size=4)
     assert o.dtype == dtype and o.shape == (b, seq_len // world, h, dv)
-    loss = (o.float() * shard(w_out, "contiguous", rank, world)).sum()
+    loss = (o.float() * shard(w_out, layout, rank, world)).sum()
     g_loc = torch.autograd.grad(loss, [*local] + ([dec] if with_decay else []))
 
     # gather everything before asserting, so that a failing rank leaves no rank waiting
-    o, *g_all = (_gather(t, world, "contiguous", group) for t in (o, *g_loc[:3]))
+    o, *g_all = (_gather(t, world, layout, group) for t in (o, *g_loc[:3]))
     if with_decay:  # each rank holds its own loss's d(decay): the total is their sum
         total = g_loc[3].clone()
         dist.all_reduce(total, group=group)
-    what = f"linear {spec_name} T={seq_len} W={world} {dtype} decay={with_decay}"
+    what = f"linear {layout} {spec_name} T={seq_len} W={world} {dtype} decay={with_decay}"
     assert_close(o, ref_o, base_o, name=f"{what} output")
     for name, a, r, bl in zip("qkv", g_all, g_ref[:3], g_base[:3], strict=True):
         assert_close(a, r, bl, name=f"{what} d{name}")
@@ -312,7 +312,7 @@ def _check_subgroups(rank, world):
     grank = rank // 2
     _check_softmax_case(grank, 2, "striped", "docs_causal", 2 * 9, torch.float32, group=mine)
     _check_softmax_case(grank, 2, "zigzag", "prefix", 2 * 10, torch.float32, group=mine)
-    _check_linear_case(grank, 2, "full", 2 * 9, torch.float32, True, group=mine)
+    _check_linear_case(grank, 2, "full", 2 * 10, torch.float32, True, "zigzag", group=mine)
 
 
 SECTIONS = {
@@ -375,8 +375,12 @@ def _sections(world):
                     ("striped", "chunked", 4 * 113, torch.float32)]
     linear = [(spec, world * n, torch.float32, dec) for spec in LINEAR_SPECS
               for n in (1, 7) for dec in (False, True)]
-    linear += [(spec, world * 13, torch.bfloat16, True) for spec in ("causal", "full")]
-    linear += [("prefix", world * 63, torch.float32, True)]
+    linear += [(spec, world * 2 * n, torch.float32, dec, "zigzag") for spec in LINEAR_SPECS
+               for n in (1, 5) for dec in (False, True)]
+    linear += [(spec, world * 14, torch.bfloat16, True, layout) for spec in ("causal", "full")
+               for layout in ("contiguous", "zigzag")]
+    linear += [("prefix", world * 63, torch.float32, True),
+               ("prefix_batch", world * 2 * 25, torch.float32, True, "zigzag")]
     sections = {"softmax": softmax, "linear": linear}
     if world == 2:
         sections["shape_mismatch"] = [()]
@@ -417,7 +421,7 @@ def test_softmax_sharded_equals_single_process_every_layout_and_spec(group_repor
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("world", [2, 4])
-def test_linear_contiguous_equals_single_process(group_report, world):
+def test_linear_contiguous_and_zigzag_equal_single_process(group_report, world):
     expect_section(group_report(world), "linear")
 
 
@@ -439,6 +443,7 @@ def test_world_of_one_equals_single_process(tmp_path):
         for layout in LAYOUTS:
             _check_softmax_case(0, 1, layout, "docs_causal", 14, torch.float32)
         _check_linear_case(0, 1, "prefix", 7, torch.float32, True)
+        _check_linear_case(0, 1, "full", 8, torch.float32, True, "zigzag")
     finally:
         dist.destroy_process_group()
 
@@ -509,7 +514,9 @@ def test_bad_arguments_raise_clear_errors():
         shard(torch.zeros(1, 8), "striped", 2, 2)
     with pytest.raises(RuntimeError, match="not initialised"):
         softmax_attention(x, x, x, Causal(), layout="striped")
-    with pytest.raises(ValueError, match="layout 'zigzag' is not supported by the linear mixer"):
+    with pytest.raises(ValueError, match="layout 'striped' is not supported by the linear mixer"):
+        linear_attention(x, x, x, Causal(), layout="striped")
+    with pytest.raises(ValueError, match="zigzag.*even number of positions per rank"):
         linear_attention(x, x, x, Causal(), layout="zigzag")
     with pytest.raises(ValueError, match=r"Window\(left=3, right=0\).*supported: Causal"):
         linear_attention(x, x, x, Window(3), layout="contiguous")
