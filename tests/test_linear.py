@@ -100,7 +100,7 @@ def _check(impl, t, spec, *, dtype, decay, off, state, c, seed=0):
     got = _run(impl, q, k, v, spec, dec, off, s0, c, do, ds)
     names = NAMES[:5] + (["ddecay"] if decay else []) + (["dstate0"] if state else [])
     assert len(got) == len(names)
-    for name, a, r, bl in zip(names, got, truth, base):
+    for name, a, r, bl in zip(names, got, truth, base, strict=True):
         assert_close(a, r, bl, name=f"{impl} {spec!r} T={t} {dtype} {name}",
                      dtype=a.dtype if a.dtype != torch.float64 else torch.float32)
 
@@ -157,7 +157,7 @@ def test_numerically_safe_decay_long():
 def _split_run(impl, q, k, v, spec, dec, cuts, off=0, s0=None):
     outs, state = [], s0
     bounds = [0, *cuts, q.shape[1]]
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
         res = linear_attention(q[:, a:b], k[:, a:b], v[:, a:b], spec, decay=dec,
                                q_offset=off + a, k_offset=off + a, initial_state=state,
                                return_final_state=True, impl=impl, chunk_size=16)
@@ -198,7 +198,8 @@ def test_split_and_carry_equals_whole(impl, name, cuts):
 
     gt = torch.autograd.grad((truth[0] * do.double()).sum() + (truth[1] * ds.double()).sum(),
                              [*leaves, dec])
-    for nm, a, r, bl in zip(("dq", "dk", "dv", "ddecay"), grads(parts), gt, grads(base)):
+    names = ("dq", "dk", "dv", "ddecay")
+    for nm, a, r, bl in zip(names, grads(parts), gt, grads(base), strict=True):
         assert_close(a, r, bl, name=f"split {nm}", dtype=torch.float32)
 
 

@@ -132,6 +132,18 @@ class _Geometry:
         return (a, cn, *out)
 
 
+def _state_dtype(cd: torch.dtype, decay_grad: bool) -> torch.dtype:
+    """Carried states are fp64 when the decay is differentiated: its gradient sums products of
+    long-carried states (``<dL/dS_{n+1}, S_n>``), whose fp32 rounding would dominate it at
+    long T with lambda near 1. Tiles and matmuls on tokens stay in the compute dtype."""
+    return torch.float64 if decay_grad else cd
+
+
+def _outer(x: torch.Tensor, y: torch.Tensor, sd: torch.dtype) -> torch.Tensor:
+    """``x^T y`` over the chunk's positions (a state update), accumulated in ``sd``."""
+    return x.to(sd).transpose(-1, -2) @ y.to(sd)
+
+
 class ScanFunction(torch.autograd.Function):
     """Forward (+ optional reverse) chunked scan. Returns ``(o [B, T, H, Dv], S_final)`` in the
     compute dtype."""
@@ -142,37 +154,38 @@ class ScanFunction(torch.autograd.Function):
         dv = v.shape[-1]
         d = q.shape[-1]
         cd = g.dtype
+        sd = _state_dtype(cd, ctx.needs_input_grad[3])
         geo = _Geometry(arrays, t, c, g, reverse)
         n_chunks = geo.n
         o = torch.empty(b, t, h, dv, dtype=cd, device=q.device)
         # reverse states R_n (anchored after chunk n), built from the end
         rstates: list = [None] * n_chunks
         if reverse:
-            rs = q.new_zeros(b, h, d, dv, dtype=cd)
+            rs = q.new_zeros(b, h, d, dv, dtype=sd)
             for n in range(n_chunks - 1, -1, -1):
                 rstates[n] = rs
                 if geo.dead(n):
                     continue
                 a, cn, _m, _wf, _uf, _cf, _wr, ur, cr = geo.chunk(n)
                 kt, vt = _tile(k, a, cn, cd), _tile(v, a, cn, cd)
-                rs = cr[..., None, None] * rs + (kt * ur[..., None]).transpose(-1, -2) @ vt
-        s = q.new_zeros(b, h, d, dv, dtype=cd) if s0 is None else s0.to(cd)
+                rs = cr[..., None, None] * rs + _outer(kt * ur[..., None], vt, sd)
+        s = q.new_zeros(b, h, d, dv, dtype=sd) if s0 is None else s0.to(sd)
         states = []
         for n in range(n_chunks):
             states.append(s)
             a, cn, m, wf, uf, cf, wr, _ur, _cr = geo.chunk(n)
             qt, kt, vt = _tile(q, a, cn, cd), _tile(k, a, cn, cd), _tile(v, a, cn, cd)
             att = (qt @ kt.transpose(-1, -2)) * m
-            out = att @ vt + (qt * wf[..., None]) @ s
+            out = att @ vt + (qt * wf[..., None]) @ s.to(cd)
             if reverse and not geo.dead(n):
-                out = out + (qt * wr[..., None]) @ rstates[n]
+                out = out + (qt * wr[..., None]) @ rstates[n].to(cd)
             o[:, a:a + cn] = out.transpose(1, 2)
-            s = cf[..., None, None] * s + (kt * uf[..., None]).transpose(-1, -2) @ vt
+            s = cf[..., None, None] * s + _outer(kt * uf[..., None], vt, sd)
         del rstates
         ctx.save_for_backward(q, k, v, g)
         ctx.states = states
         ctx.arrays, ctx.c, ctx.reverse, ctx.has_s0 = arrays, c, reverse, s0 is not None
-        return o, s
+        return o, s.to(cd)
 
     @staticmethod
     def backward(ctx, do, ds_final):
@@ -181,6 +194,7 @@ class ScanFunction(torch.autograd.Function):
         b, t, h, d = q.shape
         dv = v.shape[-1]
         cd = g.dtype
+        sd = states[0].dtype if states else cd
         reverse = ctx.reverse
         geo = _Geometry(ctx.arrays, t, ctx.c, g, reverse)
         n_chunks = geo.n
@@ -188,23 +202,23 @@ class ScanFunction(torch.autograd.Function):
         dq = torch.empty(b, t, h, d, dtype=cd, device=q.device)
         dk = torch.empty(b, t, h, d, dtype=cd, device=q.device)
         dvv = torch.empty(b, t, h, dv, dtype=cd, device=q.device)
-        dg = torch.zeros(h, dtype=cd, device=q.device)
+        dg = torch.zeros(h, dtype=torch.float64, device=q.device)  # [H] sums of many chunks
         want_g = ctx.needs_input_grad[3]
 
         # dL/dR_n (forward order): H_n = (wr Q_n)^T dO_n + cr_n H_{n-1}
         hstates: list = [None] * n_chunks
         if reverse:
-            hs = q.new_zeros(b, h, d, dv, dtype=cd)
+            hs = q.new_zeros(b, h, d, dv, dtype=sd)
             for n in range(n_chunks):
                 if geo.dead(n):
                     break  # later chunks are dead too; nothing reads their H
                 a, cn, _m, _wf, _uf, _cf, wr, _ur, cr = geo.chunk(n)
                 qt, dot = _tile(q, a, cn, cd), _tile(do, a, cn, cd)
-                hs = (qt * wr[..., None]).transpose(-1, -2) @ dot + cr[..., None, None] * hs
+                hs = _outer(qt * wr[..., None], dot, sd) + cr[..., None, None] * hs
                 hstates[n] = hs
 
-        gs = q.new_zeros(b, h, d, dv, dtype=cd) if ds_final is None else ds_final.to(cd)
-        rs = q.new_zeros(b, h, d, dv, dtype=cd)  # R_{N-1} = 0
+        gs = q.new_zeros(b, h, d, dv, dtype=sd) if ds_final is None else ds_final.to(sd)
+        rs = q.new_zeros(b, h, d, dv, dtype=sd)  # R_{N-1} = 0
         for n in range(n_chunks - 1, -1, -1):
             a, cn, m, wf, uf, cf, wr, ur, cr = geo.chunk(n)
             qt, kt, vt = _tile(q, a, cn, cd), _tile(k, a, cn, cd), _tile(v, a, cn, cd)
@@ -221,40 +235,42 @@ class ScanFunction(torch.autograd.Function):
             if want_g:
                 dg += (datt * att * geo.dist[:cn, :cn]).sum(dim=(0, 2, 3))
             # forward state read: O += diag(wf) Q S_n
-            x = dot @ s.transpose(-1, -2)  # [B, H, cn, D]
+            x = dot @ s.to(cd).transpose(-1, -2)  # [B, H, cn, D]
             dqt = dqt + x * wf[..., None]
             if want_g:
                 dg += ((qt * x).sum(-1) * wf * (pos + 1)).sum(dim=(0, 2))
             # forward state update: S_{n+1} = cf S_n + (uf K)^T V; gs = dL/dS_{n+1}
-            y = vt @ gs.transpose(-1, -2)  # [B, H, cn, D]
+            gsc = gs.to(cd)
+            y = vt @ gsc.transpose(-1, -2)  # [B, H, cn, D]
             dkt = dkt + y * uf[..., None]
-            dvt = dvt + (kt @ gs) * uf[..., None]
+            dvt = dvt + (kt @ gsc) * uf[..., None]
             if want_g:
                 dg += ((kt * y).sum(-1) * uf * (cn - 1 - pos)).sum(dim=(0, 2))
                 dg += cn * (cf * (gs * s).sum(dim=(-1, -2))).sum(0)
-            gs = (qt * wf[..., None]).transpose(-1, -2) @ dot + cf[..., None, None] * gs
+            gs = _outer(qt * wf[..., None], dot, sd) + cf[..., None, None] * gs
             if reverse and not geo.dead(n):
                 # reverse state read: O += diag(wr) Q R_n
-                xr = dot @ rs.transpose(-1, -2)
+                xr = dot @ rs.to(cd).transpose(-1, -2)
                 dqt = dqt + xr * wr[..., None]
                 if want_g:
                     dg += ((qt * xr).sum(-1) * wr * (cn - pos)).sum(dim=(0, 2))
                 if n > 0:
                     # R_{n-1} = cr R_n + (ur K)^T V; dL/dR_{n-1} = H_{n-1}
                     hm = hstates[n - 1]
-                    yr = vt @ hm.transpose(-1, -2)
+                    hmc = hm.to(cd)
+                    yr = vt @ hmc.transpose(-1, -2)
                     dkt = dkt + yr * ur[..., None]
-                    dvt = dvt + (kt @ hm) * ur[..., None]
+                    dvt = dvt + (kt @ hmc) * ur[..., None]
                     if want_g:
                         dg += ((kt * yr).sum(-1) * ur * pos).sum(dim=(0, 2))
                         dg += cn * (cr * (hm * rs).sum(dim=(-1, -2))).sum(0)
-                rs = cr[..., None, None] * rs + (kt * ur[..., None]).transpose(-1, -2) @ vt
+                rs = cr[..., None, None] * rs + _outer(kt * ur[..., None], vt, sd)
             dq[:, a:a + cn] = dqt.transpose(1, 2)
             dk[:, a:a + cn] = dkt.transpose(1, 2)
             dvv[:, a:a + cn] = dvt.transpose(1, 2)
-        ds0 = gs if ctx.has_s0 else None
-        return (dq.to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype), dg if want_g else None, ds0,
-                None, None, None)
+        ds0 = gs.to(cd) if ctx.has_s0 else None
+        return (dq.to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype), dg.to(cd) if want_g else None,
+                ds0, None, None, None)
 
 
 class BandFunction(torch.autograd.Function):
@@ -284,7 +300,7 @@ class BandFunction(torch.autograd.Function):
         dq = torch.zeros(b, t, h, d, dtype=cd, device=q.device)
         dk = torch.zeros_like(dq)
         dvv = torch.zeros(b, t, h, v.shape[-1], dtype=cd, device=q.device)
-        dg = torch.zeros(h, dtype=cd, device=q.device)
+        dg = torch.zeros(h, dtype=torch.float64, device=q.device)  # [H] sums of many chunks
         want_g = ctx.needs_input_grad[3]
         for a, cn, kend, m in _band_tiles(ctx.spec, t, ctx.offset, ctx.width, ctx.c, g):
             qt, dot = _tile(q, a, cn, cd), _tile(do, a, cn, cd)
@@ -300,7 +316,7 @@ class BandFunction(torch.autograd.Function):
                 j = torch.arange(a, kend, device=q.device)
                 dist = (j[None, :] - i[:, None]).clamp_min(0).to(cd)
                 dg += (datt * att * dist).sum(dim=(0, 2, 3))
-        return (dq.to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype), dg if want_g else None,
+        return (dq.to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype), dg.to(cd) if want_g else None,
                 None, None, None, None)
 
 

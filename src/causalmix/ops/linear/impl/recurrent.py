@@ -16,7 +16,9 @@ end), and query t of chunk c adds ``lambda ** (start(c + m) - t) q_t W_{c + m}``
 ``m = 1..L`` when its segment reaches chunk ``c + m``. All exponents are >= 0 distances.
 
 Autograd runs through the loop: memory grows with T (one state per step), which is fine for
-decode and tests; long sequences use the chunk implementation.
+decode and tests; long sequences use the chunk implementation. The loop computes in fp64 (it is
+the second oracle; a step-by-step fp32 recurrence would lose ~1e-6 relative in the decay
+gradient at a few hundred steps); a single decode step (T == 1, no segments) computes in fp32.
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ def linear_attention(q, k, v, f: Factorisation, *, decay, offset: int, initial_s
     lam = torch.ones(h, dtype=cd, device=dev) if decay is None else decay.to(cd)
     lam4 = lam.view(1, h, 1, 1)
     qf, kf, vf = q.to(cd), k.to(cd), v.to(cd)
-    arr = f.arrays(t, offset, dev)
 
     if t == 1 and f.segments is None:
         # decode step: S = lambda S0 + k v^T, o = q S (+ nothing in the future of a 1-token call)
@@ -48,6 +49,11 @@ def linear_attention(q, k, v, f: Factorisation, *, decay, offset: int, initial_s
         o = torch.einsum("bhd,bhde->bhe", qf[:, 0], s)[:, None]
         return o.to(q.dtype), s
 
+    arr = f.arrays(t, offset, dev)
+    sd = cd  # state dtype handed back
+    cd = torch.float64
+    lam, qf, kf, vf = lam.to(cd), qf.to(cd), kf.to(cd), vf.to(cd)
+    lam4 = lam.view(1, h, 1, 1)
     # (1) forward recurrence
     s = torch.zeros(b, h, d, dv, dtype=cd, device=dev) if initial_state is None \
         else initial_state.to(cd)
@@ -91,4 +97,4 @@ def linear_attention(q, k, v, f: Factorisation, *, decay, offset: int, initial_s
                         "bhd,bhde->bhe", qf[:, i], reach * w * chunk_states[c + m]
                     )
     o = torch.stack(outs, dim=1)
-    return o.to(q.dtype), s
+    return o.to(q.dtype), s.to(sd)
