@@ -5,7 +5,19 @@ on every rank of a process group, get exactly the single-process result (forward
 
     q_r = shard(q, "zigzag", rank, world)            # [B, T / world, H, D]
     out_r = softmax_attention(q_r, k_r, v_r, Causal(), layout="zigzag")
-    out_r = linear_attention(q_r, k_r, v_r, Full(), layout="contiguous", decay=decay)
+    out_r = linear_attention(q_r, k_r, v_r, Full(), layout="zigzag", decay=decay)
+    out = unshard(all_gathered_outputs, "zigzag")    # [B, T, H, Dv]
+
+    mixer               layouts               specs                  exchange
+    softmax_attention   all three             any                    K/V around the ring, dK/dV
+    linear_attention    contiguous, zigzag    Causal, Full, Prefix   one all_gather of states
+
+Transport is ``torch.distributed`` only: ``batch_isend_irecv`` on the group for the ring,
+``all_gather`` / ``all_reduce`` for states, so gloo (CPU) and NCCL (GPU) both work. Every rank
+must call with the same spec, layout and shapes (checked with one small ``all_gather`` per call)
+and, in backward, backpropagate through its output. Failures surface as errors, never hangs: a
+rank that dies closes its connections, and a silent one trips the process group's ``timeout``.
+:func:`work_balance` counts the exact visible pairs each rank computes under a layout.
 """
 
 from causalmix.distributed.balance import BalanceReport, work_balance
