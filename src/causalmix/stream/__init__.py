@@ -16,7 +16,7 @@ unbounded (``Full()``) raise ``ValueError`` when a stream is built for them; ``P
 waits for the whole prefix, then runs causally.
 """
 
-from causalmix.stream._common import LatencyStats, MixerStream, horizon
+from causalmix.stream._common import LatencyStats, MixerStream
 from causalmix.stream.linear import LinearStream
 from causalmix.stream.model import ModelStream, StreamableLayer, mixer_stream
 from causalmix.stream.softmax import SoftmaxStream
@@ -28,6 +28,5 @@ __all__ = [
     "ModelStream",
     "SoftmaxStream",
     "StreamableLayer",
-    "horizon",
     "mixer_stream",
 ]

@@ -228,6 +228,8 @@ class FrameBuffer:
                 new = x.new_empty((x.shape[0], cap, *x.shape[2:]))
                 new[:, : self.length] = live
                 self.storage = new
+            elif self.lo >= self.length:  # source and destination do not overlap
+                self.storage[:, : self.length] = live
             else:
                 self.storage[:, : self.length] = live.clone()
             self.lo = 0
@@ -302,6 +304,12 @@ class MixerStream:
         see no key at or after position ``k_end`` (``<= frames_in``)."""
         raise NotImplementedError
 
+    def _compute_direct(self, q, k, v, p0: int) -> torch.Tensor:
+        """Outputs of a push whose outputs are all final at once (nothing pending before it):
+        ``q, k, v`` are the pushed frames at ``[p0, p0 + n)``, not yet given to ``_accept``."""
+        self._accept(k, v)
+        return self._compute(q, p0, p0 + q.shape[1])
+
     def _advance(self) -> None:
         """Called after outputs were emitted: drop what no future output needs."""
 
@@ -329,6 +337,11 @@ class MixerStream:
         n = q.shape[1]
         self._check_cover(self.frames_in + n)
         with torch.no_grad():
+            if self.frames_out == self.frames_in and \
+                    self._tracker.count_ready(self.frames_out, self.frames_in + n) == n:
+                # nothing pending and every output of this push is final: no query buffering
+                self.frames_in += n
+                return self._emit(n, direct=(q, k, v))
             self._pending_q.append(q)
             self._accept(k, v)
             self.frames_in += n
@@ -396,7 +409,7 @@ class MixerStream:
         return self.frames_in - self.frames_out
 
     # ------------------------------------------------------------------ internals
-    def _emit(self, m: int) -> torch.Tensor:
+    def _emit(self, m: int, direct: tuple | None = None) -> torch.Tensor:
         b, hq, _, _, dv, dtype, device = self._shapes
         if m == 0:
             return torch.empty(b, 0, hq, dv, dtype=dtype, device=device)
@@ -405,8 +418,10 @@ class MixerStream:
         ready = self._tracker.take(p0, m)
         if ready[-1] > last:  # flush: the stream ends before the lookahead is satisfied
             ready = [min(r, last) for r in ready]
-        q = self._pending_q.view(p0, p0 + m)
-        out = self._compute(q, p0, ready[-1] + 1)
+        if direct is not None:
+            out = self._compute_direct(*direct, p0)
+        else:
+            out = self._compute(self._pending_q.view(p0, p0 + m), p0, ready[-1] + 1)
         self._ready_log.append(ready)
         self._latency_log.append([r - p for r, p in zip(ready, range(p0, p0 + m), strict=True)])
         self.frames_out += m

@@ -28,13 +28,14 @@ def fold_state(
     n = k.shape[1]
     cd = torch.float64 if k.dtype == torch.float64 else torch.float32
     kf, vf = k.to(cd), v.to(cd)
+    vh = vf.transpose(1, 2)  # [B, H, n, Dv]
     if decay is None:
-        new = torch.einsum("bnhd,bnhe->bhde", kf, vf)
+        new = kf.permute(0, 2, 3, 1) @ vh
         return new if state is None else state + new
     lam = decay.to(device=k.device, dtype=cd)
     expo = torch.arange(n - 1, -1, -1, device=k.device, dtype=cd)
     w = lam[None, :] ** expo[:, None]  # [n, H]: lambda^(n-1-j)
-    new = torch.einsum("bnhd,bnhe->bhde", kf * w[None, :, :, None], vf)
+    new = (kf * w[None, :, :, None]).permute(0, 2, 3, 1) @ vh  # [B, H, D, Dv]
     if state is None:
         return new
     return state * (lam**n)[None, :, None, None] + new
@@ -160,6 +161,11 @@ class LinearStream(MixerStream):
             else:
                 state = fold_state(self.state, ks[:, :m], vs[:, :m], self.decay)
         self.state = state
+        return out
+
+    def _compute_direct(self, q, k, v, p0):
+        # every output of the push is final: the pushed keys go straight into the state
+        out, self.state = self._call(q, k, v, p0, True)
         return out
 
     def _advance(self):
