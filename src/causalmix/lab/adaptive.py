@@ -58,16 +58,23 @@ class AdaptiveStudy:
     frame's own lookahead is its whole latency (``r^L_t = t + a_t``); an adaptive *first* layer
     would pass every frame's wait on to all later frames through the causal layers above.
     ``latency_weights``: the sweep of the regulariser's weight (per frame of mean latency).
+    ``gate_penalty``: weight of :attr:`AdaptiveOutput.gate_penalty` in the loss.
+    ``latency_ramp = (a, b)``: the weight is 0 for the first ``a`` of the steps and rises
+    linearly to its value at ``b`` (so the attention first learns what the lookahead is good
+    for while the gates still explore; with the full weight from step 0 the gates collapse to
+    lookahead 0 before any future frame has become useful, and never recover).
     """
 
     task: Lookahead = Lookahead(num_symbols=8, max_delay=4, seq_len=48)
     max_lookahead: int = 4
-    latency_weights: tuple[float, ...] = (0.02, 0.05, 0.1)
+    latency_weights: tuple[float, ...] = (0.05, 0.2, 1.0)
     choices: str = "all"
+    gate_penalty: float = 0.05
     mixer: str = "softmax"
     preset: str = "tiny-softmax"
     train: TrainConfig = TrainConfig()
     adaptive_lr: float | None = None  # default: train.lr
+    latency_ramp: tuple[float, float] = (0.25, 0.5)
     seeds: int = 3
 
     def __post_init__(self):
@@ -79,6 +86,11 @@ class AdaptiveStudy:
             raise ValueError(f"AdaptiveStudy.latency_weights must be floats >= 0, got "
                              f"{self.latency_weights!r}")
         object.__setattr__(self, "latency_weights", ws)
+        a, b = (float(x) for x in self.latency_ramp)
+        if not 0 <= a <= b <= 1:
+            raise ValueError(f"AdaptiveStudy.latency_ramp must be (a, b) with 0 <= a <= b <= 1, "
+                             f"got {self.latency_ramp!r}")
+        object.__setattr__(self, "latency_ramp", (a, b))
         if not isinstance(self.task, Lookahead):
             raise TypeError(f"AdaptiveStudy.task must be a Lookahead task, got "
                             f"{type(self.task).__name__}")
@@ -134,8 +146,8 @@ def _size(steps: int, num_train: int, num_test: int, num_val: int, evals: int, s
 #: suite: the lookahead task at the lab's default size, about 4 minutes on 2 cores), ``full``.
 STUDIES: dict[str, AdaptiveStudy] = {
     "quick": _size(6, 256, 64, 64, 2, 1, (0.05,)),
-    "default": _size(200, 16384, 512, 256, 8, 2, (0.02, 0.05, 0.1)),
-    "full": _size(600, 50000, 1000, 512, 10, 5, (0.01, 0.02, 0.05, 0.1, 0.2)),
+    "default": _size(200, 16384, 512, 256, 8, 2, (0.05, 0.2, 1.0)),
+    "full": _size(600, 50000, 1000, 512, 10, 5, (0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 1.0)),
 }
 
 
@@ -164,7 +176,9 @@ def train_adaptive(study: AdaptiveStudy, latency_weight: float, seed: int, *,
                    data: TaskData | None = None) -> dict:
     """Train the adaptive model of ``study`` with ``latency_weight`` and ``seed``.
 
-    Loss: cross-entropy + ``latency_weight * expected_latency.mean()`` (frames). AdamW, warmup
+    Loss: cross-entropy + ``latency_weight * ramp(step) * expected_latency.mean()`` (frames;
+    ``ramp``: :attr:`AdaptiveStudy.latency_ramp`) + ``gate_penalty * gate_penalty``. AdamW,
+    warmup
     + cosine and the parameter groups of :func:`~causalmix.lab.train.train_one`; the checkpoint
     kept is the one with the best validation objective ``accuracy - latency_weight * mean
     latency`` (hard gates), which also drives the patience. Returns ``{"metrics", "curve",
@@ -197,6 +211,10 @@ def train_adaptive(study: AdaptiveStudy, latency_weight: float, seed: int, *,
         frac = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
 
+    def ramp(step: int) -> float:
+        a, b = (x * cfg.steps for x in study.latency_ramp)
+        return 1.0 if step >= b else (0.0 if step <= a else (step - a) / (b - a))
+
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     curve, best, best_state, stale, stop = [], -math.inf, None, 0, "steps"
     perm, pos, step = torch.randperm(n_fit, generator=gen), 0, 0
@@ -208,7 +226,8 @@ def train_adaptive(study: AdaptiveStudy, latency_weight: float, seed: int, *,
         out = model(data.train["inputs"][idx], hard=False, generator=noise)
         ce = F.cross_entropy(out.output.flatten(0, 1), data.train["targets"][idx].flatten(),
                              ignore_index=IGNORE)
-        loss = ce + latency_weight * out.expected_latency.mean()
+        loss = ce + latency_weight * ramp(step) * out.expected_latency.mean() \
+            + study.gate_penalty * out.gate_penalty
         if not torch.isfinite(loss):
             raise FloatingPointError(f"adaptive w={latency_weight} seed {seed}: loss is "
                                      f"{float(loss)} at step {step}")

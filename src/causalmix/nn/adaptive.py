@@ -302,6 +302,7 @@ class AdaptiveOutput(NamedTuple):
     lookahead: tuple[torch.Tensor, ...]  # per layer [B, T] int64: the chosen (hard) a_t
     expected_latency: torch.Tensor  # [B, T] float, differentiable (mean-field)
     latency: torch.Tensor  # [B, T] int64: r^L_t - t of the hard choices
+    gate_penalty: torch.Tensor  # scalar: mean squared centred gate logit (0 without gates)
 
 
 def _band(q: torch.Tensor, k: torch.Tensor, d: int) -> torch.Tensor:
@@ -421,7 +422,13 @@ class AdaptiveModel(nn.Module):
     ``inputs``: ``[B, T]`` int64 tokens (``vocab_size`` set) or ``[B, T, input_dim]`` floats.
     ``forward`` returns :class:`AdaptiveOutput`: ``output [B, T, output_dim]``, the chosen
     lookaheads per layer, the mean-field expected latency (differentiable; add
-    ``latency_weight * expected_latency.mean()`` to the loss) and the hard latency.
+    ``latency_weight * expected_latency.mean()`` to the loss), the hard latency, and
+    ``gate_penalty``, the mean squared centred gate logit summed over layers: a small weight
+    on it keeps the gate distribution from saturating in training. (A choice whose
+    probability fell to ~0 early -- "lookahead 0" is worse than any lookahead for most frames
+    before the attention has learned what to read ahead -- gets gradients ~``p_c`` from the
+    task and from the latency regulariser alike and never returns, even for the frames that
+    need no lookahead; the penalty's restoring gradient does not vanish.)
     ``hard`` defaults to ``not self.training`` (Gumbel straight-through while training).
     """
 
@@ -457,11 +464,14 @@ class AdaptiveModel(nn.Module):
         self._check_inputs(inputs, "AdaptiveModel")
         hard = (not self.training) if hard is None else bool(hard)
         x = self.embed(inputs)
-        probs, lookahead = [], []
+        probs, lookahead, pen = [], [], x.new_zeros(())
         for block in self.blocks:
             x, p, a = block(x, hard=hard, generator=generator)
             probs.append(p)
             lookahead.append(a)
+            if p is not None:
+                z = torch.log(p.clamp_min(1e-30))  # centred logits up to the log-normaliser
+                pen = pen + ((z - z.mean(-1, keepdim=True)) ** 2).mean()
         t = x.shape[1]
         exp_lat = expected_latency(probs, [None if blk.gate is None else blk.choices
                                            for blk in self.blocks], t, x.shape[0])
@@ -471,7 +481,7 @@ class AdaptiveModel(nn.Module):
             hard_lat = expected_latency(onehots, [None if blk.gate is None else blk.choices
                                                   for blk in self.blocks], t, x.shape[0])
         return AdaptiveOutput(self.head(self.norm(x)), tuple(lookahead), exp_lat,
-                              hard_lat.round().to(torch.int64))
+                              hard_lat.round().to(torch.int64), pen)
 
     def visibilities(self, lookahead) -> tuple[Visibility, ...]:
         """The per-layer specs of chosen lookaheads (``AdaptiveOutput.lookahead``)."""
