@@ -13,8 +13,10 @@ Numerically safe decay: every weight is ``exp(log(lambda) * d)`` with a distance
 inside one chunk (never ``lambda ** -i``), so no exponent is positive at any length.
 
 Memory: forward saves q, k, v and one ``[B, H, D, Dv]`` state per chunk (``T / C`` states, no
-per-token state, no ``[T, T]`` tensor); backward recomputes the chunk tiles. With
-``C >= Dv`` the saved states weigh at most one more ``[B, T, H, D]`` tensor.
+per-token state, no ``[T, T]`` tensor); backward recomputes the chunk tiles and keeps one more
+state per chunk for the reverse scan. With ``C >= Dv`` the saved states weigh at most one more
+``[B, T, H, D]`` tensor (two when the decay is differentiated: states are then fp64, see
+:func:`_state_dtype`).
 """
 
 from __future__ import annotations
