@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from causalmix.ops.linear import (
     LinearOutput,
@@ -203,6 +204,38 @@ def test_split_and_carry_equals_whole(impl, name, cuts):
     names = ("dq", "dk", "dv", "ddecay")
     for nm, a, r, bl in zip(names, grads(parts), gt, grads(base), strict=True):
         assert_close(a, r, bl, name=f"split {nm}", dtype=torch.float32)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op produces (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for x in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(x, torch.Tensor):
+                self.largest = max(self.largest, x.numel())
+        return out
+
+
+@pytest.mark.parametrize("name", ["causal", "full", "prefix_batch", "seg_chunked_la"])
+def test_no_quadratic_tensor(name):
+    """Forward + backward of chunk never builds a tensor larger than an input ([B, T, H, D]):
+    no [T, T] scores, memory linear in T."""
+    t = 2048
+    spec = _spec(name, t)
+    q, k, v, dec, s0, do, ds = _inputs(t, torch.float32, 8)
+    leaves = [x.requires_grad_() for x in (q, k, v, dec.requires_grad_())]
+    with _LargestTensor() as mode:
+        out, state = chunk_linear_attention(*leaves[:3], spec, decay=leaves[3],
+                                            initial_state=s0, return_final_state=True,
+                                            chunk_size=64)
+        ((out * do).sum() + (state * ds).sum()).backward()
+    assert mode.largest <= B * t * H * max(D, DV), (mode.largest, t * t)
+    assert all(x.grad is not None for x in leaves)
 
 
 def test_decode_steps_equal_chunk():
