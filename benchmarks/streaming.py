@@ -88,14 +88,14 @@ def total_time_table(t: int, rounds: int, sizes=(1, 16, 256)):
         ratios: dict[int, list[float]] = {n: [] for n in sizes}
         pars = []
         parallel(mixer, vis, kw, q, k, v)  # warm-up
-        for r in range(rounds):
-            for n in sizes:
-                if n == 1 and r > 0:
-                    continue  # thousands of pushes: one round says enough
-                par = timed(lambda: parallel(mixer, vis, kw, q, k, v))  # noqa: B023
-                st = timed(lambda: stream_all(mixer, vis, kw, q, k, v, n))  # noqa: B023
-                pars.append(par)
-                ratios[n].append(st / par)
+        # large pushes first, over several rounds; push=1 (thousands of pushes) once, last
+        schedule = [n for _ in range(rounds) for n in sorted(sizes, reverse=True) if n > 1]
+        schedule += [n for n in sizes if n == 1]
+        for n in schedule:
+            par = timed(lambda: parallel(mixer, vis, kw, q, k, v))  # noqa: B023
+            st = timed(lambda: stream_all(mixer, vis, kw, q, k, v, n))  # noqa: B023
+            pars.append(par)
+            ratios[n].append(st / par)
         med = {n: statistics.median(ratios[n]) for n in sizes}
         print(f"{mixer:8} {vis!r:58} {statistics.median(pars) * 1e3:7.1f}ms"
               + "".join(f" {f'x{med[n]:.2f}':>8}" for n in sizes), flush=True)
