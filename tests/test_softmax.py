@@ -94,7 +94,7 @@ def check_impl(impl, spec, *, b=2, tq, tk, hq=4, hkv=2, d=16, dv=24, q_offset=0,
     g_ref = grads(ref_o, ref_l, inputs)
     g_base = grads(base_o, base_l, inputs)
     g_impl = grads(o, lse, inputs)
-    for name, a, r, bl in zip("qkv", g_impl, g_ref, g_base):
+    for name, a, r, bl in zip("qkv", g_impl, g_ref, g_base, strict=True):
         assert not torch.isnan(a).any(), f"NaN in d{name}"
         assert_close(a, r, bl, name=f"{impl} d{name}")
 

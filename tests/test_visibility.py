@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 
 from causalmix.visibility import (
     EMPTY,
-    And,
     FULL,
     PARTIAL,
+    And,
     Causal,
     Chunked,
     Full,
@@ -226,7 +226,8 @@ def test_value_semantics():
     assert hash(Segments(ids)) == hash(Segments(ids.clone()))
     assert Segments(ids) != Segments(torch.tensor([0, 1, 1, 1]))
     assert (Causal() & Window(4)) == (Causal() & Window(4))
-    assert len({Causal(), Causal(), Full(), Segments(ids) & Causal(), Segments(ids) & Causal()}) == 3
+    docs = Segments(ids) & Causal()
+    assert len({Causal(), Causal(), Full(), docs, Segments(ids) & Causal()}) == 3
     with pytest.raises(dataclasses.FrozenInstanceError):
         Window(3).left = 5
 

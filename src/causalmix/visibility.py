@@ -525,7 +525,9 @@ class Segments(Visibility):
     def __post_init__(self):
         ids = self.ids
         if not isinstance(ids, torch.Tensor):
-            raise ValueError(f"ids must be an integer [T] or [B, T] tensor, got {type(ids).__name__}")
+            raise ValueError(
+                f"ids must be an integer [T] or [B, T] tensor, got {type(ids).__name__}"
+            )
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise ValueError(f"ids must be an integer tensor, got dtype {ids.dtype}")
         if ids.dim() not in (1, 2):

@@ -22,6 +22,7 @@ import torch
 from causalmix.visibility import EMPTY, FULL, Visibility
 
 _SCORE_BUDGET = 1 << 22  # floats in one row block of scores (16 MiB fp32)
+_PIECE_BUDGET = 1 << 18  # floats in one backward piece of scores (1 MiB: stays in cache)
 _KEY_BLOCK = 64
 _PLAN_CACHE: OrderedDict = OrderedDict()
 _PLAN_CACHE_SIZE = 32
@@ -38,6 +39,11 @@ class _RowBlock:
     ranges: list[tuple[int, int]]  # local key ranges [c0, c1) gathered, in order
     width: int  # total gathered keys
     partial: list[tuple[int, int, int]]  # (offset in gathered keys, local key start, end)
+    # The same keys cut into cache-sized pieces for the backward pass: (c0, c1, partial tiles
+    # as (offset in the piece, local key start, end)).
+    pieces: list[tuple[int, int, list[tuple[int, int, int]]]] = dataclasses.field(
+        default_factory=list
+    )
 
 
 _ROW_CHOICES = (256, 128, 64, 32)
@@ -73,8 +79,8 @@ def _row_size(visibility, b, hq, d, tq, tk, q_offset, k_offset, cols) -> int:
     return rows
 
 
-def _plan(visibility, tq, tk, q_offset, k_offset, rows, cols) -> list[_RowBlock]:
-    key = (visibility, tq, tk, q_offset, k_offset, rows, cols)
+def _plan(visibility, tq, tk, q_offset, k_offset, rows, cols, piece) -> list[_RowBlock]:
+    key = (visibility, tq, tk, q_offset, k_offset, rows, cols, piece)
     plan = _PLAN_CACHE.get(key)
     if plan is not None:
         _PLAN_CACHE.move_to_end(key)
@@ -85,11 +91,11 @@ def _plan(visibility, tq, tk, q_offset, k_offset, rows, cols) -> list[_RowBlock]
     nonempty = (kinds != EMPTY).any(dim=0)
     full = (kinds == FULL).all(dim=0)
     plan = []
-    for r, (ne_row, full_row) in enumerate(zip(nonempty.tolist(), full.tolist())):
+    for r, (ne_row, full_row) in enumerate(zip(nonempty.tolist(), full.tolist(), strict=True)):
         ranges: list[tuple[int, int]] = []
         partial = []
         width = 0
-        for c, (ne, fu) in enumerate(zip(ne_row, full_row)):
+        for c, (ne, fu) in enumerate(zip(ne_row, full_row, strict=True)):
             if not ne:
                 continue
             c0, c1 = c * cols, min(tk, (c + 1) * cols)
@@ -100,11 +106,25 @@ def _plan(visibility, tq, tk, q_offset, k_offset, rows, cols) -> list[_RowBlock]
             else:
                 ranges.append((c0, c1))
             width += c1 - c0
-        plan.append(_RowBlock(r * rows, min(tq, (r + 1) * rows), ranges, width, partial))
+        blk = _RowBlock(r * rows, min(tq, (r + 1) * rows), ranges, width, partial)
+        blk.pieces = _pieces(ranges, partial, piece)
+        plan.append(blk)
     _PLAN_CACHE[key] = plan
     if len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
         _PLAN_CACHE.popitem(last=False)
     return plan
+
+
+def _pieces(ranges, partial, piece):
+    """Cut the gathered key ranges into pieces of at most ``piece`` keys (tile-aligned)."""
+    starts = {c0: (c0, c1) for _, c0, c1 in partial}
+    out = []
+    for r0, r1 in ranges:
+        for c0 in range(r0, r1, piece):
+            c1 = min(r1, c0 + piece)
+            tiles = [(a - c0, a, b) for a, (_, b) in starts.items() if c0 <= a < c1]
+            out.append((c0, c1, sorted(tiles)))
+    return out
 
 
 def _gather(x: torch.Tensor, ranges) -> torch.Tensor:
@@ -113,13 +133,6 @@ def _gather(x: torch.Tensor, ranges) -> torch.Tensor:
         c0, c1 = ranges[0]
         return x[:, :, c0:c1]
     return torch.cat([x[:, :, c0:c1] for c0, c1 in ranges], dim=2)
-
-
-def _scatter_add(dst: torch.Tensor, src: torch.Tensor, ranges) -> None:
-    off = 0
-    for c0, c1 in ranges:
-        dst[:, :, c0:c1].add_(src[:, :, off : off + c1 - c0])
-        off += c1 - c0
 
 
 class _Masker:
@@ -131,19 +144,18 @@ class _Masker:
         nb = visibility.batch_size or 1
         self.b = torch.arange(nb, device=device).view(nb, 1, 1)
 
-    def apply(self, s: torch.Tensor, blk: _RowBlock, group: int) -> None:
-        """``s: [B, Hkv, rows * group, width]`` scores, masked in place."""
-        if not blk.partial:
+    def apply(self, s: torch.Tensor, r0: int, r1: int, partial, group: int) -> None:
+        """``s: [B, Hkv, (r1 - r0) * group, width]`` scores of query rows [r0, r1), masked in
+        place on the ``partial`` tiles ``(offset in s, local key start, end)``."""
+        if not partial:
             return
         bsz, hkv, _, width = s.shape
-        s5 = s.view(bsz, hkv, blk.r1 - blk.r0, group, width)
-        i = torch.arange(
-            self.q_offset + blk.r0, self.q_offset + blk.r1, device=self.device
-        ).view(1, -1, 1)
-        for off, c0, c1 in blk.partial:
+        s5 = s.view(bsz, hkv, r1 - r0, group, width)
+        i = torch.arange(self.q_offset + r0, self.q_offset + r1, device=self.device).view(1, -1, 1)
+        for off, c0, c1 in partial:
             j = torch.arange(self.k_offset + c0, self.k_offset + c1, device=self.device)
             vis = self.vis._pred(self.b, i, j.view(1, 1, -1))  # [B', rows, w]
-            hidden = ~vis.expand(vis.shape[0], blk.r1 - blk.r0, c1 - c0)
+            hidden = ~vis.expand(vis.shape[0], r1 - r0, c1 - c0)
             s5[..., off : off + c1 - c0].masked_fill_(hidden[:, None, :, None, :], float("-inf"))
 
 
@@ -156,7 +168,8 @@ class _BlockAttention(torch.autograd.Function):
         dev = q.device
         cols = max(1, min(_KEY_BLOCK, tk))
         rows = _row_size(visibility, b, hq, d, tq, tk, q_offset, k_offset, cols)
-        plan = _plan(visibility, tq, tk, q_offset, k_offset, rows, cols)
+        piece = max(4 * cols, _PIECE_BUDGET // max(1, b * hq * rows) // cols * cols)
+        plan = _plan(visibility, tq, tk, q_offset, k_offset, rows, cols, piece)
 
         # Head-major fp32 layouts; query rows carry their head group innermost so that a row
         # block of all group heads is one contiguous [rows * group, D] matrix per kv head.
@@ -168,7 +181,6 @@ class _BlockAttention(torch.autograd.Function):
         masker = _Masker(visibility, q_offset, k_offset, dev)
         size_max = b * hkv * rows * group * max((r.width for r in plan), default=0)
         work_s = torch.empty(size_max, device=dev)
-        work_p = torch.empty(size_max, device=dev)
         for blk in plan:
             if blk.width == 0:
                 continue
@@ -179,10 +191,11 @@ class _BlockAttention(torch.autograd.Function):
             kb, vb = _gather(kh, blk.ranges), _gather(vh, blk.ranges)
             s = work_s[:size].view(shape)
             torch.matmul(qb, kb.transpose(-1, -2), out=s)
-            masker.apply(s, blk, group)
+            masker.apply(s, blk.r0, blk.r1, blk.partial, group)
             m = s.amax(dim=-1, keepdim=True)
-            p = work_p[:size].view(shape)
-            torch.softmax(s, dim=-1, out=p)  # one fused pass: exp(s - m) / sum
+            # One fused pass, in place: exp(s - m) / sum. (torch's last-dim softmax reads each
+            # element before writing it; the blocks-vs-reference tests guard this.)
+            p = torch.softmax(s, dim=-1, out=s)
             empty = None
             if blk.partial:
                 empty = torch.isinf(m)
@@ -230,34 +243,32 @@ class _BlockAttention(torch.autograd.Function):
         dq = torch.zeros_like(qh)
         dk = torch.zeros_like(kh)
         dvv = torch.zeros_like(vh)
-        width_max = max((r.width for r in plan), default=0)
-        work_p = torch.empty(b * hkv * rows * group * width_max, device=dev)
+        piece_max = max((c1 - c0 for r in plan for c0, c1, _ in r.pieces), default=0)
+        work_p = torch.empty(b * hkv * rows * group * piece_max, device=dev)
         work_d = torch.empty_like(work_p)
         for blk in plan:
-            if blk.width == 0:
-                continue
             n = blk.r1 - blk.r0
             sl = slice(blk.r0, blk.r1)
             qa = q_aug[:, :, sl].reshape(b, hkv, n * group, d + 1)
             doa = do_aug[:, :, sl].reshape(b, hkv, n * group, dv + 1)
-            ka, va = _gather(k_aug, blk.ranges), _gather(v_aug, blk.ranges)
-            size = b * hkv * n * group * blk.width
-            p = work_p[:size].view(b, hkv, n * group, blk.width)
-            torch.matmul(qa, ka.transpose(-1, -2), out=p)
-            masker.apply(p, blk, group)
-            p.exp_()
-            ds = work_d[:size].view(b, hkv, n * group, blk.width)
-            torch.matmul(doa, va.transpose(-1, -2), out=ds)
-            ds.mul_(p)
-            kb, qb, dob = ka[..., :d], qa[..., :d], doa[..., :dv]
-            torch.matmul(ds, kb, out=dq[:, :, sl].view(b, hkv, n * group, d))
-            if len(blk.ranges) == 1:
-                c0, c1 = blk.ranges[0]
+            qb, dob = qa[..., :d], doa[..., :dv]
+            dq_blk = dq[:, :, sl].view(b, hkv, n * group, d)
+            for idx, (c0, c1, partial) in enumerate(blk.pieces):
+                ka, va = k_aug[:, :, c0:c1], v_aug[:, :, c0:c1]
+                size = b * hkv * n * group * (c1 - c0)
+                p = work_p[:size].view(b, hkv, n * group, c1 - c0)
+                torch.matmul(qa, ka.transpose(-1, -2), out=p)
+                masker.apply(p, blk.r0, blk.r1, partial, group)
+                p.exp_()
+                ds = work_d[:size].view(b, hkv, n * group, c1 - c0)
+                torch.matmul(doa, va.transpose(-1, -2), out=ds)
+                ds.mul_(p)
+                if idx == 0:
+                    torch.matmul(ds, ka[..., :d], out=dq_blk)
+                else:
+                    dq_blk += torch.matmul(ds, ka[..., :d])
                 dvv[:, :, c0:c1] += torch.matmul(p.transpose(-1, -2), dob)
                 dk[:, :, c0:c1] += torch.matmul(ds.transpose(-1, -2), qb)
-            else:
-                _scatter_add(dvv, torch.matmul(p.transpose(-1, -2), dob), blk.ranges)
-                _scatter_add(dk, torch.matmul(ds.transpose(-1, -2), qb), blk.ranges)
         qd, kd, vd = ctx.dtypes
         dq = (dq * scale).permute(0, 2, 1, 3, 4).reshape(b, tq, hq, d).to(qd)
         dk = dk.transpose(1, 2).to(kd)

@@ -4,7 +4,6 @@ boolean mask (that would compute every tile) and it returns no log-sum-exp."""
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from causalmix.visibility import Causal, Full, Visibility
