@@ -38,11 +38,11 @@ def _tile(x: torch.Tensor, a: int, c: int, cd) -> torch.Tensor:
 class _Geometry:
     """Per-chunk masks and decay weights for one call.
 
-    Chunks are classified once: the forward part is *plain* when no segment starts inside the
-    chunk; the reverse part is *plain* when every query's reverse region runs past the chunk
-    and every key enters, *dead* when no key of the chunk enters the reverse scan (``Prefix``
-    beyond ``n``: then the chunk's reverse state read and update are skipped, the state is 0).
-    Plain/dead chunks share one cached geometry per kind; the others are built on demand.
+    Chunks are grouped once by their position arrays relative to the chunk start (so all chunks
+    without a segment start or region end inside share one geometry, and ``Chunked(s)`` repeats
+    with period ``lcm(s, C) / C``); geometries of groups with several chunks are cached, the
+    others built on demand. A chunk is *dead* when no key of it nor of any later chunk enters
+    the reverse scan (``Prefix`` past ``n``): its reverse read and update are skipped.
     """
 
     def __init__(self, arrays: PositionArrays, length: int, c: int, g: torch.Tensor,
@@ -60,25 +60,32 @@ class _Geometry:
         def chunks(x, fill):
             return torch.nn.functional.pad(x, (0, pad), value=fill).view(x.shape[0], n, c)
 
-        fwd_plain = (chunks(arrays.start, -1).amax(-1) < starts).all(0)  # [N]
-        kinds = torch.zeros(n, dtype=torch.int64, device=dev)  # 0 general, 1 plain, 2 dead
+        kinds = torch.zeros(n, dtype=torch.int64, device=dev)  # 0 general, 2 dead
+        # A chunk's geometry depends only on its positions' arrays taken relative to the chunk
+        # (a start before the chunk is "before", an end past it is "past"): group equal chunks.
+        feats = [chunks(arrays.start, -1) - starts[..., None]]
+        feats[0] = feats[0].clamp_min(-1)
         if reverse:
-            ends = torch.nn.functional.pad(arrays.end, (0, pad), value=length).view(-1, n, c)
-            reach = (ends.amin(-1) >= starts + c).all(0)
+            ends = chunks(arrays.end, length) - starts[..., None]
+            feats.append(ends.clamp_max(c))
             if arrays.key_ok is not None:
                 kok = chunks(arrays.key_ok, False)
-                all_ok = kok.all(-1).all(0)  # padding is "not ok": a short chunk is never plain
-                none_ok = ~(kok.any(-1).any(0))
+                feats.append(kok.to(torch.int64))
                 # dead: no key enters in this chunk nor in any later one
+                none_ok = ~(kok.any(-1).any(0))
                 none_ok = none_ok.flip(0).to(torch.int64).cumprod(0).flip(0).bool()
-            else:
-                all_ok = torch.ones(n, dtype=torch.bool, device=dev)
-                none_ok = torch.zeros(n, dtype=torch.bool, device=dev)
-            kinds = torch.where(reach & all_ok, 1, kinds)
-            kinds = torch.where(none_ok, 2, kinds)
-        self.fwd_plain = fwd_plain.tolist()
+                kinds = torch.where(none_ok, 2, kinds)
+        sizes = torch.full((1, n, 1), c, dtype=torch.int64, device=dev)
+        sizes[0, -1, 0] = length - (n - 1) * c
+        feats += [sizes, kinds.view(1, n, 1)]
+        nb = max(f.shape[0] for f in feats)
+        rows = torch.cat([f.expand(nb, n, -1) for f in feats], dim=-1)  # [B', N, F]
+        rows = rows.transpose(0, 1).reshape(n, -1)
+        _, group, counts = torch.unique(rows, dim=0, return_inverse=True, return_counts=True)
+        shared = counts[group] > 1  # only geometries used by several chunks are kept
+        self.group = torch.where(shared, group, -1).tolist()
         self.rev_kind = kinds.tolist()
-        self._cache: dict[tuple, tuple] = {}
+        self._cache: dict[int, tuple] = {}
 
     def dead(self, n: int) -> bool:
         """No key of chunk n nor of any later chunk enters the reverse scan: the chunk's
@@ -95,8 +102,8 @@ class _Geometry:
         a = n * self.c
         cn = min(self.c, self.t - a)
         rk = self.rev_kind[n] if self.reverse else 0
-        key = (cn, rk) if self.fwd_plain[n] and (rk != 0 or not self.reverse) else None
-        if key is not None and key in self._cache:
+        key = self.group[n]
+        if key >= 0 and key in self._cache:
             return (a, cn, *self._cache[key])
         g = self.g
         cd = g.dtype
@@ -129,7 +136,7 @@ class _Geometry:
             cr = torch.exp(g * cn)[None] * (en[:, 0] >= cn).to(cd)[:, None]
         m = expd[None] * mask[:, None].to(cd)
         out = (m, wf, uf, cf, wr, ur, cr)
-        if key is not None:
+        if key >= 0:
             self._cache[key] = out
         return (a, cn, *out)
 
