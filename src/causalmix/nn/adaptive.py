@@ -33,9 +33,12 @@ peeks: whatever the input at ``t`` depends on is already counted in the latency 
     scores ``s_d = scale * q_t . k_{t+d}`` (``d = 1..W``): ``out_c = (e^{lse0} o0 +
     sum_{d <= c} e^{s_d} v_{t+d}) / (e^{lse0} + sum_{d <= c} e^{s_d})``, exactly the softmax over
     the keys ``j <= t + c``;
-  - linear: the mixer is linear in its visible set, so ``sum_c g_c out_c = causal +
-    sum_d G_d * decay^d (q_t . k_{t+d}) v_{t+d}`` with ``G_d = sum_{choice_c >= d} g_c`` (the
-    numerator and the normaliser column are mixed before the layer divides them).
+  - linear: the mixer is linear in its visible set, so ``sum_c g_c out_c = G_0 causal +
+    sum_{d >= 1} G_d * decay^d (q_t . k_{t+d}) v_{t+d}`` with ``G_d = sum_{choice_c >= d} g_c``
+    (the numerator and the normaliser column are mixed before the layer divides them).
+
+  Both are exact for any weights ``g``, values and gradients (tested against the sum of
+  dense reference calls).
 
 Latency
 -------
@@ -308,12 +311,16 @@ class AdaptiveOutput(NamedTuple):
 def _band(q: torch.Tensor, k: torch.Tensor, d: int) -> torch.Tensor:
     """``[B, T, H]``: ``q_t . k_{t+d}`` (0 past the end, where ``valid`` masks it)."""
     b, t, h, _ = q.shape
+    if d >= t:
+        return q.new_zeros(b, t, h, dtype=torch.float32)
     s = (q[:, : t - d].float() * k[:, d:].float()).sum(-1)
     return F.pad(s, (0, 0, 0, d))
 
 
 def _shift(v: torch.Tensor, d: int) -> torch.Tensor:
     """``[B, T, H, Dv]``: ``v_{t+d}`` (0 past the end)."""
+    if d >= v.shape[1]:
+        return torch.zeros_like(v)
     return F.pad(v[:, d:], (0, 0, 0, 0, 0, d))
 
 
@@ -341,36 +348,48 @@ class AdaptiveBlock(nn.Module):
         return None if self.gate is None else self.gate(self.block.norm1(x))
 
     def forward(self, x: torch.Tensor, *, hard: bool,
-                generator: torch.Generator | None = None):
+                generator: torch.Generator | None = None,
+                lookahead: torch.Tensor | None = None):
         """``x: [B, T, C]`` at positions ``[0, T)``; ``hard``: argmax gates (else straight-through
-        Gumbel samples); ``generator`` draws the Gumbel noise."""
+        Gumbel samples drawn with ``generator``). ``lookahead``: ``[B, T]`` int in
+        ``[0, max_lookahead]`` overriding the gate (an oracle or a fixed schedule; hard)."""
         b, t, _ = x.shape
         positions = torch.arange(t, device=x.device)
         q, k, v = self.block.stream_qkv(x, positions)
         kw = self.block.mixer_kwargs()
         logits = self.gate_logits(x)
         if logits is None:
+            if lookahead is not None and bool((lookahead != 0).any()):
+                raise ValueError("lookahead must be 0 for a causal layer (max_lookahead 0)")
             mixed = mix(self.mixer, q, k, v, Causal(), **kw)
             a = torch.zeros(b, t, dtype=torch.int64, device=x.device)
             return self.block.stream_out(x, mixed, positions), None, a
         probs = logits.float().softmax(-1)
-        if hard:
-            idx = logits.argmax(-1)
-            g = F.one_hot(idx, len(self.choices)).to(probs.dtype)
+        w = int(self.choices.max())
+        if lookahead is not None:
+            _check_lookahead(lookahead, b, t, w)
+            a, g = lookahead.to(device=x.device, dtype=torch.int64), None
+        elif hard:
+            a, g = self.choices[logits.argmax(-1)], None
         else:
             u = torch.rand(logits.shape, generator=generator, device=x.device)
             u = u.clamp(1e-10, 1.0 - 1e-7)
             y = ((logits.float() - torch.log(-torch.log(u))) / self.tau).softmax(-1)
             idx = y.argmax(-1)
             g = F.one_hot(idx, len(self.choices)).to(y.dtype) - y.detach() + y
-        a = self.choices[idx]
-        if hard and self.mixer == "softmax":
+            a = self.choices[idx]
+        if g is None and self.mixer == "softmax":
             # one call under the per-frame spec: the block map skips what no frame waits for
             mixed = softmax_attention(q, k, v, AdaptiveLookahead(a), **kw)
         elif self.mixer == "softmax":
             mixed = self._softmax_mixture(q, k, v, g, kw["scale"])
         else:
-            mixed = self._linear_mixture(q, k, v, g, kw.get("decay"))
+            steps = torch.arange(0, w + 1, device=x.device)
+            if g is None:  # G_d = [a_t >= d]
+                gd = (a[..., None] >= steps).to(torch.float32)
+            else:  # G_d = sum_{choice_c >= d} g_c  (G_0 = sum_c g_c, 1 in value)
+                gd = g @ (self.choices[:, None] >= steps).to(g.dtype)
+            mixed = self._linear_mixture(q, k, v, gd, kw.get("decay"))
         return self.block.stream_out(x, mixed, positions), probs, a
 
     def _softmax_mixture(self, q, k, v, g, scale):
@@ -400,19 +419,29 @@ class AdaptiveBlock(nn.Module):
                     for c, ch in enumerate(self.choices.tolist()))
         return mixed.to(q.dtype)
 
-    def _linear_mixture(self, q, k, v, g, decay):
-        """``causal + sum_d G_d decay^d (q_t . k_{t+d}) v_{t+d}``, ``G_d = sum_{c >= d} g_c``."""
+    def _linear_mixture(self, q, k, v, gd, decay):
+        """``G_0 causal + sum_{d >= 1} G_d decay^d (q_t . k_{t+d}) v_{t+d}``; ``gd: [B, T, W + 1]``
+        holds ``G_d`` (the weight of the frames ``d`` ahead; ``G_0 = sum_c g_c``)."""
         kw = {} if decay is None else {"decay": decay}
-        mixed = mix("linear", q, k, v, Causal(), **kw).float()
-        w = int(self.choices.max())
-        for d in range(1, w + 1):
-            sel = (self.choices >= d).to(g.dtype)
-            gd = (g * sel).sum(-1)  # [B, T]
+        causal = mix("linear", q, k, v, Causal(), **kw).float()
+        mixed = gd[..., 0, None, None] * causal
+        for d in range(1, gd.shape[-1]):
             term = _band(q, k, d)[..., None] * _shift(v, d).float()  # [B, T, H, Dv]
             if decay is not None:
                 term = term * (decay.float() ** d)[None, None, :, None]
-            mixed = mixed + gd[..., None, None] * term
+            mixed = mixed + gd[..., d, None, None] * term
         return mixed.to(q.dtype)
+
+
+def _check_lookahead(a, b: int, t: int, w: int) -> None:
+    if not isinstance(a, torch.Tensor) or a.dtype.is_floating_point or a.dtype == torch.bool \
+            or tuple(a.shape) != (b, t):
+        raise ValueError(f"lookahead must be an int64 [B, T] = [{b}, {t}] tensor, got "
+                         f"{getattr(a, 'dtype', type(a).__name__)} "
+                         f"{list(getattr(a, 'shape', []))}")
+    if a.numel() and (int(a.min()) < 0 or int(a.max()) > w):
+        raise ValueError(f"lookahead values must lie in [0, {w}] (the layer's max_lookahead), "
+                         f"got [{int(a.min())}, {int(a.max())}]")
 
 
 class AdaptiveModel(nn.Module):
@@ -460,13 +489,23 @@ class AdaptiveModel(nn.Module):
             raise ValueError(f"{where}: inputs must hold at least one frame")
 
     def forward(self, inputs: torch.Tensor, *, hard: bool | None = None,
-                generator: torch.Generator | None = None) -> AdaptiveOutput:
+                generator: torch.Generator | None = None,
+                lookahead=None) -> AdaptiveOutput:
+        """``inputs: [B, T]`` tokens or ``[B, T, input_dim]``; ``hard`` (default
+        ``not self.training``); ``generator`` for the Gumbel noise; ``lookahead``: one ``[B, T]``
+        int tensor (or ``None``) per layer overriding the gates."""
         self._check_inputs(inputs, "AdaptiveModel")
         hard = (not self.training) if hard is None else bool(hard)
+        if lookahead is None:
+            lookahead = (None,) * len(self.blocks)
+        elif len(lookahead) != len(self.blocks):
+            raise ValueError(f"lookahead must give one entry per layer ({len(self.blocks)}), "
+                             f"got {len(lookahead)}")
         x = self.embed(inputs)
+        forced = lookahead
         probs, lookahead, pen = [], [], x.new_zeros(())
-        for block in self.blocks:
-            x, p, a = block(x, hard=hard, generator=generator)
+        for block, la in zip(self.blocks, forced, strict=True):
+            x, p, a = block(x, hard=hard, generator=generator, lookahead=la)
             probs.append(p)
             lookahead.append(a)
             if p is not None:
