@@ -11,9 +11,25 @@
     m = ModelStream(layers)                            # layers implement StreamableLayer
     y = m.push(x)                                      # x: [B, n, C] -> [B, m, C']
 
-Concatenated outputs equal the parallel run over the whole sequence. Specs whose lookahead is
-unbounded (``Full()``) raise ``ValueError`` when a stream is built for them; ``Prefix(n)``
-waits for the whole prefix, then runs causally.
+Concatenated outputs equal the parallel run over the whole sequence (positions are absolute,
+counted from the first pushed frame).
+
+* **When an output leaves**: output ``i`` is final once frame ``ready_at[i] = max(i,
+  horizon(i))`` has arrived (``horizon``: the last key position the spec lets ``i`` see; made
+  non-decreasing since outputs leave in order). Its latency is ``ready_at[i] - i`` frames; at
+  ``flush()`` it is clipped to the last frame. Through a stack, ``ready_at`` composes layer by
+  layer (``r_1(r_2(...r_L(i)))``): ``L * right`` for ``Window(left, right)``, the chunk end
+  ``L * lookahead`` chunks ahead for ``Chunked``.
+* **Unbounded lookahead** (``Full()``, ``Segments`` ids not in runs, ``... | Full()``): building
+  the stream raises ``ValueError``. ``Prefix(n)`` is bounded: its first ``n`` outputs wait for
+  frame ``n - 1``, then it runs causally.
+* **Memory**: the softmax KV cache evicts keys older than the spec's ``lookback`` (bounded for
+  ``Window`` and ``... & Window``); the linear stream holds one state plus the in-flight frames.
+* **Decode**: ``step()`` pushes frames whose outputs must all be final at once (generation:
+  ``Causal``, ``Window(left)``, ``Prefix`` with the prefix as the first step, ``Chunked`` a chunk
+  per step) and raises otherwise.
+
+Streams are for inference: they run under ``torch.no_grad()``.
 """
 
 from causalmix.stream._common import LatencyStats, MixerStream
