@@ -44,9 +44,10 @@ def linear_attention(q, k, v, f: Factorisation, *, decay, offset: int, initial_s
 
     if t == 1 and f.segments is None:
         # decode step: S = lambda S0 + k v^T, o = q S (+ nothing in the future of a 1-token call)
-        kv = kf[:, 0, :, :, None] * vf[:, 0, :, None, :]
-        s = kv if initial_state is None else lam4 * initial_state.to(cd) + kv
-        o = torch.einsum("bhd,bhde->bhe", qf[:, 0], s)[:, None]
+        k1, v1 = kf[:, 0, :, :, None], vf[:, 0, :, None, :]  # [B, H, D, 1], [B, H, 1, Dv]
+        s = k1 * v1 if initial_state is None else torch.addcmul(
+            lam4 * initial_state.to(cd), k1, v1)
+        o = torch.matmul(qf[:, 0, :, None, :], s).transpose(1, 2)  # [B, 1, H, Dv]
         return o.to(q.dtype), s
 
     arr = f.arrays(t, offset, dev)
