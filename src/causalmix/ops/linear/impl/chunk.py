@@ -22,6 +22,7 @@ state per chunk for the reverse scan. With ``C >= Dv`` the saved states weigh at
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from causalmix.ops.linear.factor import Factorisation, PositionArrays
 
@@ -197,6 +198,7 @@ class ScanFunction(torch.autograd.Function):
         return o, s.to(cd)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, do, ds_final):
         q, k, v, g = ctx.saved_tensors
         states = ctx.states
@@ -301,6 +303,7 @@ class BandFunction(torch.autograd.Function):
         return o
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, do):
         q, k, v, g = ctx.saved_tensors
         b, t, h, d = q.shape
