@@ -449,3 +449,21 @@ def test_quick_study_runs_and_plots(tmp_path):
     assert (tmp_path / "adaptive.md").exists()
     assert set(rep["summary"]["points"]) == points
     assert isinstance(rep["summary"]["check"]["holds"], bool)
+
+
+@pytest.mark.slow
+def test_adaptive_learns_to_wait_only_when_needed():
+    """Trained on a small lookahead task, the gates wait about as long as each frame needs:
+    near-full accuracy at well under the fixed lookahead-W latency."""
+    from causalmix.lab.adaptive import AdaptiveStudy, train_adaptive
+    from causalmix.lab.experiments import TrainConfig
+    from causalmix.lab.tasks import Lookahead
+
+    task = Lookahead(num_symbols=4, max_delay=3, seq_len=24, num_train=4096, num_test=256)
+    study = AdaptiveStudy(task=task, max_lookahead=3, latency_weights=(0.2,), seeds=1,
+                          train=TrainConfig(steps=200, batch_size=32, lr=3e-3, num_val=128,
+                                            eval_every=25, patience=4))
+    res = train_adaptive(study, 0.2, 0)
+    fixed = compounded_latency([Causal() | Window(0, 3), Causal()], 24).double().mean()
+    assert res["metrics"]["accuracy"] >= 0.95, res["metrics"]
+    assert res["metrics"]["latency_mean"] <= 0.7 * float(fixed), res["metrics"]

@@ -39,6 +39,7 @@ from causalmix.nn.adaptive import AdaptiveConfig, AdaptiveModel, compounded_late
 
 __all__ = [
     "STUDIES",
+    "SUITE_STUDY",
     "AdaptiveStudy",
     "adaptive_summary",
     "oracle_latency",
@@ -144,13 +145,17 @@ def _size(steps: int, num_train: int, num_test: int, num_val: int, evals: int, s
                          seeds=seeds)
 
 
-#: Named sizes: ``quick`` (smoke: every code path in seconds), ``default`` (the lab's default
-#: suite: the lookahead task at the lab's default size, about 4 minutes on 2 cores), ``full``.
+#: Named sizes: ``quick`` (for the smoke suite: every code path in seconds), ``default`` (the
+#: lookahead task at the lab's default size, 2 seeds), ``full``.
 STUDIES: dict[str, AdaptiveStudy] = {
     "quick": _size(6, 256, 64, 64, 2, 1, (0.05,)),
     "default": _size(200, 16384, 512, 256, 8, 2, (0.05, 0.2, 0.6)),
     "full": _size(600, 50000, 1000, 512, 10, 5, (0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 1.0)),
 }
+
+
+#: The study each lab suite runs (``causalmix lab run --suite <name>``).
+SUITE_STUDY = {"smoke": "quick", "default": "default", "full": "full"}
 
 
 # ============================================================================ training
@@ -417,33 +422,40 @@ def plot_pareto(summary: dict, path: str | Path, *, title: str = "") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = plt.subplots(figsize=(7.0, 4.4))
     pts = summary["points"]
     fixed = [p for p in sorted(pts, key=_order) if not p.startswith("adaptive")]
     adapt = [p for p in sorted(pts, key=_order) if p.startswith("adaptive")]
-    for group, style, label in ((fixed, "o-", "fixed lookahead (causal, 1..W, full)"),
-                                (adapt, "s", "adaptive (latency_weight sweep)")):
+    # "full" waits for the whole sequence: drawn at the right edge, its latency written out
+    near = [pts[p]["latency_mean"][0] for p in pts if p != "full"]
+    edge = 1.15 * max(near) if near else 1.0
+    for group, style, label in ((fixed, "o-", "fixed lookahead (causal, L = 1..W, full)"),
+                                (adapt, "s", "adaptive (one point per latency_weight)")):
         if not group:
             continue
-        xs = [pts[p]["latency_mean"][0] for p in group]
+        xs = [min(pts[p]["latency_mean"][0], edge) for p in group]
         ys = [pts[p]["accuracy"][0] for p in group]
         ax.errorbar(xs, ys, xerr=[pts[p]["latency_mean"][1] for p in group],
                     yerr=[pts[p]["accuracy"][1] for p in group], fmt=style, capsize=3,
                     label=label)
-        for p, x, y in zip(group, xs, ys, strict=True):
-            ax.annotate(p.replace("lookahead-", "L=").replace("adaptive-", ""), (x, y),
-                        textcoords="offset points", xytext=(4, -10), fontsize=7)
+        for i, (p, x, y) in enumerate(zip(group, xs, ys, strict=True)):
+            text = p.replace("lookahead-", "L=").replace("adaptive-", "")
+            if p == "full":
+                text = f"full ({pts[p]['latency_mean'][0]:.1f} →)"
+            off = (6, -12) if group is fixed else ((-40, 6) if i % 2 else (6, -14))
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=off, fontsize=7)
     chk = summary.get("check")
     if chk:
-        ax.axvline(0.5 * chk["reference_latency_mean"], color="gray", ls=":", lw=1,
-                   label="50% of lookahead-W latency")
+        ax.axvline(0.5 * chk["reference_latency_mean"], color="tab:red", ls=":", lw=1.2,
+                   label=f"50% of {chk['reference']} latency")
         ax.axhline(chk["reference_accuracy"] - 0.01, color="gray", ls="--", lw=1,
-                   label="lookahead-W accuracy - 1 pt")
+                   label=f"{chk['reference']} accuracy - 1 point")
         if chk.get("oracle_latency") is not None:
             ax.axvline(chk["oracle_latency"], color="tab:green", ls="-.", lw=1,
-                       label="oracle gate a_t = d_t (all frames right)")
-    ax.set_xscale("symlog", linthresh=1.0)
-    ax.set_xlabel("mean latency per output (frames, r^L_t - t; symlog)")
+                       label="oracle gate a_t = d_t (every frame right)")
+    ax.set_xlim(-0.2, edge * 1.25)
+    ax.set_ylim(top=1.06)
+    ax.set_xlabel("mean latency per output (frames, r^L_t - t)")
     ax.set_ylabel("frame accuracy (test)")
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title(title or "Lookahead task: adaptive vs fixed lookahead", fontsize=9)
