@@ -446,9 +446,43 @@ def test_quick_study_runs_and_plots(tmp_path):
     assert len(again) == len(rows)
     rep = write_adaptive_report("quick", tmp_path)
     assert rep["figure"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (tmp_path / "adaptive.md").exists()
+    assert (tmp_path / "adaptive_quick.md").exists()
     assert set(rep["summary"]["points"]) == points
     assert isinstance(rep["summary"]["check"]["holds"], bool)
+
+
+def test_study_skewed_delays_and_bad_configs():
+    from causalmix.lab.adaptive import STUDIES, AdaptiveStudy, oracle_latency
+    from causalmix.lab.tasks import Lookahead
+
+    task = Lookahead(num_symbols=4, max_delay=2, seq_len=30, num_train=400, num_test=50)
+    st = AdaptiveStudy(task=task, max_lookahead=2, delay_probs=(0.8, 0.0, 0.2), seeds=1)
+    data = st.build(3)
+    for part in (data.train, data.test):
+        x, y, d = part["inputs"], part["targets"], part["delay"]
+        sym, dd = x // 3, x % 3
+        assert torch.equal(dd, d)
+        assert torch.equal(y, sym.gather(1, torch.arange(30) + d))
+        assert not bool((d[:, :28] == 1).any())  # (clipping makes 1s at the end only)
+        assert bool((d <= 29 - torch.arange(30)).all())
+    frac0 = float((data.train["delay"][:, :28] == 0).double().mean())
+    assert 0.77 < frac0 < 0.83
+    assert st.best_accuracy(0) == pytest.approx(0.8 + 0.2 / 4)
+    assert st.best_accuracy(1) == pytest.approx(0.8 + 0.2 / 4)
+    assert oracle_latency(st, 1) == pytest.approx(float(st.build(0).test["delay"].double().mean()))
+    assert torch.equal(AdaptiveStudy(task=task, max_lookahead=2).build(3).test["inputs"],
+                       task.build(3).test["inputs"])
+    assert STUDIES["skewed"].delay_probs is not None
+    with pytest.raises(ValueError, match="delay_probs"):
+        AdaptiveStudy(task=task, max_lookahead=2, delay_probs=(0.5, 0.5))
+    with pytest.raises(ValueError, match="max_lookahead"):
+        AdaptiveStudy(task=task, max_lookahead=0)
+    with pytest.raises(ValueError, match="latency_weights"):
+        AdaptiveStudy(task=task, latency_weights=(-1.0,))
+    with pytest.raises(ValueError, match="latency_ramp"):
+        AdaptiveStudy(task=task, latency_ramp=(0.6, 0.5))
+    with pytest.raises(TypeError, match="Lookahead task"):
+        AdaptiveStudy(task="lookahead")
 
 
 @pytest.mark.slow

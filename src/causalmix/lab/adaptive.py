@@ -61,6 +61,10 @@ class AdaptiveStudy:
     frame's own lookahead is its whole latency (``r^L_t = t + a_t``); an adaptive *first* layer
     would pass every frame's wait on to all later frames through the causal layers above.
     ``latency_weights``: the sweep of the regulariser's weight (per frame of mean latency).
+    ``delay_probs``: ``None`` uses the lab task as it is (delays uniform in
+    ``[0, max_delay]``); ``(p_0, ..., p_max_delay)`` draws the delays with these probabilities
+    instead (same tokens and labels; :meth:`build`), e.g. mostly 0: the setting adaptive
+    lookahead is made for, where few frames need the future.
     ``gate_penalty``: weight of :attr:`AdaptiveOutput.gate_penalty` in the loss.
     ``latency_ramp = (a, b)``: the weight is 0 for the first ``a`` of the steps and rises
     linearly to its value at ``b`` (so the attention first learns what the lookahead is good
@@ -78,6 +82,7 @@ class AdaptiveStudy:
     train: TrainConfig = TrainConfig()
     adaptive_lr: float | None = None  # default: train.lr
     latency_ramp: tuple[float, float] = (0.25, 0.5)
+    delay_probs: tuple[float, ...] | None = None
     seeds: int = 3
 
     def __post_init__(self):
@@ -94,6 +99,42 @@ class AdaptiveStudy:
             raise ValueError(f"AdaptiveStudy.latency_ramp must be (a, b) with 0 <= a <= b <= 1, "
                              f"got {self.latency_ramp!r}")
         object.__setattr__(self, "latency_ramp", (a, b))
+        if self.delay_probs is not None:
+            probs = tuple(float(x) for x in self.delay_probs)
+            if len(probs) != self.task.max_delay + 1 or any(not x >= 0 for x in probs) \
+                    or not abs(sum(probs) - 1.0) < 1e-6:
+                raise ValueError(f"AdaptiveStudy.delay_probs must be {self.task.max_delay + 1} "
+                                 f"probabilities (delays 0..max_delay) summing to 1, got "
+                                 f"{self.delay_probs!r}")
+            object.__setattr__(self, "delay_probs", probs)
+
+    def build(self, seed: int) -> TaskData:
+        """The task data of ``seed``: ``task.build(seed)``, or with :attr:`delay_probs` the
+        same construction (token ``s * (max_delay + 1) + d``, label ``s_{t + d}``, delays
+        clipped to the sequence) with delays drawn from ``delay_probs``."""
+        if self.delay_probs is None:
+            return self.task.build(seed)
+        g = torch.Generator().manual_seed(seed)
+        probs = torch.tensor(self.delay_probs, dtype=torch.float64)
+        task = self.task
+
+        def make(n: int) -> dict[str, torch.Tensor]:
+            t = task.seq_len
+            sym = torch.randint(0, task.num_symbols, (n, t), generator=g)
+            d = torch.multinomial(probs, n * t, replacement=True, generator=g).view(n, t)
+            d = torch.minimum(d, t - 1 - torch.arange(t))
+            return {"inputs": sym * (task.max_delay + 1) + d,
+                    "targets": sym.gather(1, torch.arange(t) + d),
+                    "prefix_len": torch.zeros(n, dtype=torch.int64), "delay": d}
+
+        return TaskData(make(task.num_train), make(task.num_test))
+
+    def best_accuracy(self, lookahead: int) -> float:
+        """Accuracy ceiling of a model seeing ``lookahead`` frames ahead (clipping ignored)."""
+        if self.delay_probs is None:
+            return self.task.best_accuracy(lookahead)
+        p = sum(self.delay_probs[: lookahead + 1])
+        return p + (1 - p) / self.task.num_symbols
         if not isinstance(self.task, Lookahead):
             raise TypeError(f"AdaptiveStudy.task must be a Lookahead task, got "
                             f"{type(self.task).__name__}")
@@ -111,7 +152,8 @@ class AdaptiveStudy:
                              ("full", last)]:
             scheme = f"lookahead-{ahead}"
             out.append((point, Experiment(
-                name=f"adaptive-study/{self.mixer}/{point}", task=self.task, mixer=self.mixer,
+                name=f"adaptive-study{'' if self.delay_probs is None else '-skewed'}/"
+                     f"{self.mixer}/{point}", task=self.task, mixer=self.mixer,
                 scheme=scheme, preset=self.preset, train=self.train,
                 labels=(("kind", "fixed"), ("point", point)))))
         return out
@@ -146,11 +188,15 @@ def _size(steps: int, num_train: int, num_test: int, num_val: int, evals: int, s
 
 
 #: Named sizes: ``quick`` (for the smoke suite: every code path in seconds), ``default`` (the
-#: lookahead task at the lab's default size, 2 seeds), ``full``.
+#: lookahead task at the lab's default size, 2 seeds), ``full``; ``skewed``: ``default`` with
+#: delays mostly 0 (lookahead rarely needed: ANCAT's setting).
 STUDIES: dict[str, AdaptiveStudy] = {
     "quick": _size(6, 256, 64, 64, 2, 1, (0.05,)),
     "default": _size(200, 16384, 512, 256, 8, 2, (0.05, 0.2, 0.6)),
     "full": _size(600, 50000, 1000, 512, 10, 5, (0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 1.0)),
+    # the default size with delays mostly 0 (P(d = 0) = 0.75, 1..4 equally likely otherwise)
+    "skewed": dataclasses.replace(_size(200, 16384, 512, 256, 8, 2, (0.05, 0.2, 0.6)),
+                                  delay_probs=(0.75, 0.0625, 0.0625, 0.0625, 0.0625)),
 }
 
 
@@ -193,7 +239,7 @@ def train_adaptive(study: AdaptiveStudy, latency_weight: float, seed: int, *,
     """
     cfg = study.train
     t0 = time.perf_counter()
-    data = study.task.build(seed) if data is None else data
+    data = study.build(seed) if data is None else data
     n_train = data.train["inputs"].shape[0]
     if n_train <= cfg.num_val:
         raise ValueError(f"num_train ({n_train}) must exceed TrainConfig.num_val ({cfg.num_val})")
@@ -289,8 +335,11 @@ def _key(study: AdaptiveStudy, point: str, what, seed: int) -> str:
     """Identity of one run: the lab's own run key for a fixed baseline (the experiment's whole
     config); for an adaptive point, a hash of what it depends on (the study without its sweep
     and seed count, the weight), so that extending the sweep or the seeds reuses done runs."""
-    if isinstance(what, Experiment):
+    if isinstance(what, Experiment) and study.delay_probs is None:
         return what.run_key(seed)
+    if isinstance(what, Experiment):
+        blob = json.dumps({"experiment": what.run_key(seed), "delay_probs": study.delay_probs})
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
     sj = {k: v for k, v in study.to_json().items() if k not in ("latency_weights", "seeds")}
     blob = json.dumps({"study": sj, "point": point, "seed": seed}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -319,7 +368,7 @@ def run_adaptive_study(study: str | AdaptiveStudy, out: str | Path, *, seeds: in
     t_all = time.perf_counter()
     try:
         for seed in range(seeds):
-            data = study.task.build(seed)
+            data = study.build(seed)
             for point, what in points:
                 key = _key(study, point, what, seed)
                 keys.append(key)
@@ -331,6 +380,8 @@ def run_adaptive_study(study: str | AdaptiveStudy, out: str | Path, *, seeds: in
                 t = time.perf_counter()
                 if isinstance(what, Experiment):
                     res = train_one(what, seed, data=data)
+                    ahead = int(what.scheme.split("-")[1])
+                    res["metrics"]["best_possible_accuracy"] = study.best_accuracy(ahead)
                     res["metrics"].update(_fixed_latency(what, n_layers, study.task.seq_len))
                 else:
                     res = train_adaptive(study, what, seed, data=data)
@@ -359,7 +410,7 @@ def oracle_latency(study: AdaptiveStudy, seeds: int) -> float:
     """Mean latency of the oracle gate ``a_t = d_t`` (each frame waits exactly for its label;
     the task clips delays at the sequence end) on the test sets of ``seeds``: the least mean
     latency at which a model with the last layer adaptive can label every frame."""
-    return statistics.fmean(float(study.task.build(s).test["delay"].double().mean())
+    return statistics.fmean(float(study.build(s).test["delay"].double().mean())
                             for s in range(seeds))
 
 
@@ -469,8 +520,8 @@ def plot_pareto(summary: dict, path: str | Path, *, title: str = "") -> Path:
 def write_adaptive_report(study: str | AdaptiveStudy, out: str | Path, *,
                           seeds: int | None = None) -> dict:
     """From the finished runs of ``study`` in ``out/runs.sqlite`` (run them first with
-    :func:`run_adaptive_study`), write ``out/figures/adaptive_pareto.png`` and
-    ``out/adaptive.md``; returns ``{"summary", "markdown": [lines], "figure": path}``."""
+    :func:`run_adaptive_study`), write ``out/figures/adaptive_pareto_<name>.png`` and
+    ``out/adaptive_<name>.md``; returns ``{"summary", "markdown": [lines], "figure": path}``."""
     name = study if isinstance(study, str) else "custom"
     st = STUDIES[study] if isinstance(study, str) else study
     seeds = st.seeds if seeds is None else seeds
@@ -485,9 +536,14 @@ def write_adaptive_report(study: str | AdaptiveStudy, out: str | Path, *,
     if not rows:
         raise ValueError(f"no finished runs of adaptive study {name!r} in {out}")
     summary = adaptive_summary(rows, st.max_lookahead, oracle_latency(st, seeds))
-    fig = plot_pareto(summary, Path(out) / "figures" / "adaptive_pareto.png",
-                      title=f"Lookahead task (W={st.max_lookahead}): adaptive vs fixed")
-    md = ["## Adaptive lookahead (ANCAT-inspired)", "", "![adaptive](figures/adaptive_pareto.png)",
+    fig_name = f"adaptive_pareto_{name}.png"
+    fig = plot_pareto(summary, Path(out) / "figures" / fig_name,
+                      title=f"Lookahead task (W={st.max_lookahead}"
+                      + ("" if st.delay_probs is None else
+                         f", P(delay) = {list(st.delay_probs)}") + "): adaptive vs fixed")
+    md = ["## Adaptive lookahead (ANCAT-inspired)"
+          + ("" if st.delay_probs is None else f", delays drawn with P = {list(st.delay_probs)}"),
+          "", f"![adaptive](figures/{fig_name})",
           "", *summary_table(summary), ""]
     chk = summary["check"]
     if chk:
@@ -498,5 +554,5 @@ def write_adaptive_report(study: str | AdaptiveStudy, out: str | Path, *,
                   + f" The oracle gate (each frame waits exactly for its label) has mean latency "
                   f"{chk['oracle_latency']:.3f} frames, {100 * chk['oracle_ratio']:.1f}% of "
                   f"{chk['reference']}'s: the least latency at which every frame can be right.")
-    (Path(out) / "adaptive.md").write_text("\n".join(md) + "\n")
+    (Path(out) / f"adaptive_{name}.md").write_text("\n".join(md) + "\n")
     return {"summary": summary, "markdown": md, "figure": fig}
