@@ -86,6 +86,9 @@ class AdaptiveStudy:
     seeds: int = 3
 
     def __post_init__(self):
+        if not isinstance(self.task, Lookahead):
+            raise TypeError(f"AdaptiveStudy.task must be a Lookahead task, got "
+                            f"{type(self.task).__name__}")
         w = self.max_lookahead
         if isinstance(w, bool) or not isinstance(w, int) or w < 1:
             raise ValueError(f"AdaptiveStudy.max_lookahead must be an int >= 1, got {w!r}")
@@ -135,9 +138,6 @@ class AdaptiveStudy:
             return self.task.best_accuracy(lookahead)
         p = sum(self.delay_probs[: lookahead + 1])
         return p + (1 - p) / self.task.num_symbols
-        if not isinstance(self.task, Lookahead):
-            raise TypeError(f"AdaptiveStudy.task must be a Lookahead task, got "
-                            f"{type(self.task).__name__}")
 
     def baselines(self) -> list[tuple[str, Experiment]]:
         """The fixed-lookahead lab experiments as ``(point, experiment)``: ``causal``
