@@ -550,7 +550,7 @@ def write_adaptive_report(study: str | AdaptiveStudy, out: str | Path, *,
         md.append(f"Does an adaptive point reach accuracy within 1 point of {chk['reference']} "
                   f"({chk['reference_accuracy']:.4f}) at <= 50% of its mean latency "
                   f"({chk['reference_latency_mean']:.3f} frames)? "
-                  + ("Yes: " + ", ".join(chk["passing_points"]) if chk["holds"] else "No.")
+                  + ("Yes: " + ", ".join(chk["passing_points"]) + "." if chk["holds"] else "No.")
                   + f" The oracle gate (each frame waits exactly for its label) has mean latency "
                   f"{chk['oracle_latency']:.3f} frames, {100 * chk['oracle_ratio']:.1f}% of "
                   f"{chk['reference']}'s: the least latency at which every frame can be right.")
