@@ -2,19 +2,28 @@
 adaptive lookahead (:mod:`causalmix.nn.adaptive`, ANCAT-inspired) over a sweep of
 ``latency_weight``.
 
-Every point is trained with the lab's task data (``Lookahead.build(seed)``) and
-:class:`~causalmix.lab.experiments.TrainConfig`; the fixed baselines are ordinary lab
-experiments trained by :func:`~causalmix.lab.train.train_one` (scheme ``lookahead-L``:
-``Causal() | Window(0, L)`` in the first layer; ``causal`` is ``L = 0``, ``full`` is
-``L = T - 1``), the adaptive
-points by :func:`train_adaptive` (same optimiser, schedule and checkpoint selection; its loss
-adds ``latency_weight * mean expected latency``). The latency of every point is measured the
-same way, per output frame of the test sequences, with :func:`compounded_latency`
-(``r^L_t - t``; a finite sequence clips it at the last frame, so ``Full()`` costs
-``T - 1 - t``).
+Every point is trained on the same task data (``Lookahead.build(seed)``, or
+:meth:`AdaptiveStudy.build` with a skewed delay distribution) with the study's
+:class:`~causalmix.lab.experiments.TrainConfig`:
 
-Runs are recorded in the lab's run database (``out/runs.sqlite``, suite ``adaptive-<size>``)
-and skipped when already done; :func:`write_adaptive_report` draws the Pareto plot.
+* the fixed baselines are ordinary lab experiments trained by
+  :func:`~causalmix.lab.train.train_one` (scheme ``lookahead-L``: ``Causal() | Window(0, L)``
+  in the first layer, causal above; ``causal`` is ``L = 0``, ``full`` is ``L = T - 1``, which
+  is ``Full()`` on ``T`` frames): checkpoint of the best validation accuracy, early stop at
+  the ``target`` accuracy or after ``patience`` evaluations without progress;
+* the adaptive points by :func:`train_adaptive`: the preset with its last layer adaptive, the
+  same optimiser and schedule, loss ``CE + latency_weight * ramp * expected latency + gate
+  penalty``, checkpoint of the best validation ``accuracy - latency_weight * mean latency``
+  (no target stop: reaching the accuracy early is not the end, the latency still falls).
+
+The latency of every point is measured the same way, per output frame of the test sequences:
+:func:`~causalmix.nn.adaptive.compounded_latency` of the layers' specs (``r^L_t - t``; a
+finite sequence clips it at the last frame, so ``Full()`` costs ``T - 1 - t`` and fixed
+lookahead ``L`` averages slightly under ``L``).
+
+Runs are recorded in the lab's run database (``out/runs.sqlite``, suite
+``adaptive-<study>``) and skipped when already done; :func:`write_adaptive_report` writes the
+summary table and the Pareto plot.
 """
 
 from __future__ import annotations
