@@ -34,8 +34,12 @@ lab: $(VENV)/.lab-installed
 	$(VENV)/bin/causalmix lab run --suite default --out $(LAB_OUT)
 	$(VENV)/bin/causalmix lab report --out $(LAB_OUT)
 
+# Each script prints ratios measured side by side in one run (see its --help; --quick is short).
 bench: $(VENV)/.dev-installed
 	$(PY) benchmarks/softmax.py
+	$(PY) benchmarks/linear.py
+	$(PY) benchmarks/streaming.py
+	$(PY) benchmarks/distributed.py
 
 lint: $(VENV)/.dev-installed
 	$(PY) -m ruff check src tests benchmarks
