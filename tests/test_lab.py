@@ -168,10 +168,14 @@ def test_train_one_is_deterministic_and_learns_nothing_stale():
 
 
 def test_run_key_changes_with_config():
-    exps, seeds = suite("default")
-    assert seeds == 3
-    keys = {e.run_key(s) for e in exps for s in range(seeds)}
-    assert len(keys) == len(exps) * seeds
+    assert suite("default")[1] == 3
+    for name in ("smoke", "default", "full"):
+        exps, seeds = suite(name)
+        keys = {e.run_key(s) for e in exps for s in range(seeds)}
+        assert len(keys) == len(exps) * seeds
+        for e in exps:
+            e.model_config()  # every experiment's model config is valid
+    exps, _ = suite("default")
     e = exps[0]
     assert e.run_key(0) != dataclasses.replace(e, train=dataclasses.replace(e.train, lr=1.0)
                                                ).run_key(0)
@@ -249,7 +253,8 @@ def test_resume_after_kill(tmp_path):
     log = open(tmp_path / "killed-run.log", "wb")  # noqa: SIM115 (closed in finally)
     proc = subprocess.Popen(
         [sys.executable, "-m", "causalmix.cli", "lab", "run", "--suite", "smoke", "--out",
-         str(out), "--no-progress"], env=env, stdout=log, stderr=subprocess.STDOUT)
+         str(out), "--no-progress", "--seeds", "3"], env=env, stdout=log,
+        stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
         done = []
@@ -274,9 +279,10 @@ def test_resume_after_kill(tmp_path):
     before = _rows(out)
     done_before = {r[0]: r for r in before if r[1] == "done"}
     assert done_before
-    exps, seeds = suite("smoke")
+    exps, seeds = suite("smoke")[0], 3
     assert len(done_before) < len(exps) * seeds
-    assert main(["lab", "run", "--suite", "smoke", "--out", str(out), "--no-progress"]) == 0
+    assert main(["lab", "run", "--suite", "smoke", "--out", str(out), "--no-progress",
+                 "--seeds", "3"]) == 0
     after = _rows(out)
     assert len(after) == len(exps) * seeds == len({r[0] for r in after})
     assert all(r[1] == "done" for r in after)
