@@ -22,6 +22,8 @@ from typing import NamedTuple
 
 import torch
 
+from causalmix.ops._validate import check_int
+
 __all__ = ["LAYOUTS", "Run", "check_layout", "positions", "runs", "shard", "unshard"]
 
 LAYOUTS = ("contiguous", "zigzag", "striped")
@@ -37,21 +39,13 @@ class Run(NamedTuple):
     local: int
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 def check_layout(layout: str, seq_len: int, world: int) -> int:
     """Check that ``seq_len`` splits over ``world`` ranks as ``layout`` needs; returns the number
     of positions per rank. Raises ``ValueError`` naming the layout and the divisibility needed."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
-    _check_int("seq_len", seq_len, 0)
-    _check_int("world", world, 1)
+    check_int("seq_len", seq_len, 0)
+    check_int("world", world, 1)
     parts = 2 * world if layout == "zigzag" else world
     if seq_len % parts:
         raise ValueError(
@@ -65,7 +59,7 @@ def check_layout(layout: str, seq_len: int, world: int) -> int:
 def runs(layout: str, seq_len: int, rank: int, world: int) -> list[Run]:
     """The positions of ``rank`` as runs (see :class:`Run`); empty runs are dropped."""
     n = check_layout(layout, seq_len, world)
-    _check_int("rank", rank, 0)
+    check_int("rank", rank, 0)
     if rank >= world:
         raise ValueError(f"rank must be < world={world}, got {rank}")
     if n == 0:

@@ -5,14 +5,9 @@ from __future__ import annotations
 import torch
 
 from causalmix.visibility import Visibility
+from causalmix.visibility import _check_int as check_int
 
-
-def check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+__all__ = ["check_int", "check_qkv", "check_visibility"]
 
 
 def check_qkv(fn: str, q, k, v, *, same_head_count: bool = False) -> tuple[int, ...]:
