@@ -95,8 +95,16 @@ def test_lookahead_labels_and_ceiling():
     assert (dl + torch.arange(20) < 20).all()
     assert (dl > 0).any()  # sometimes the label needs the future
     ceil = [t.best_accuracy(a) for a in range(5)]
-    assert ceil[0] == pytest.approx(0.25 + 0.75 / 5) and ceil[3] == ceil[4] == 1.0
+    # lookahead 0: the last frame is always solvable, the other 19 with P(d = 0) = 1/4
+    assert ceil[0] == pytest.approx((19 * (0.25 + 0.75 / 5) + 1) / 20)
+    assert ceil[3] == ceil[4] == 1.0
     assert all(a < b for a, b in zip(ceil[:3], ceil[1:4], strict=True))
+    # the ceiling is exact: an oracle that sees L frames ahead and guesses the rest reaches it
+    big = Lookahead(num_symbols=5, max_delay=3, seq_len=20, num_train=20000, num_test=1)
+    d = big.build(0).train
+    ok = d["delay"] <= 1
+    acc = (ok.float() + (~ok).float() / 5).mean()
+    assert float(acc) == pytest.approx(big.best_accuracy(1), abs=0.01)
 
 
 @pytest.mark.parametrize("task", [

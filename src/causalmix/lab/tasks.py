@@ -213,7 +213,7 @@ class Lookahead:
     ``t + d_t < seq_len``). A model that sees ``L`` frames ahead can label every frame with
     ``d_t <= L``; the rest it can only guess (``1 / num_symbols``), so the best accuracy is
     ``p + (1 - p) / num_symbols`` with ``p = P(d_t <= L)``, rising from ``L = 0`` to
-    ``L = max_delay``.
+    ``L = max_delay`` (:meth:`best_accuracy` also counts the clipped delays at the end).
 
     Worked example (num_symbols 4, max_delay 2: token = 3 s + d)::
 
@@ -254,10 +254,15 @@ class Lookahead:
         return TaskData(self._make(self.num_train, g), self._make(self.num_test, g))
 
     def best_accuracy(self, lookahead: int) -> float:
-        """The accuracy ceiling of a model that sees ``lookahead`` frames ahead (ignoring the
-        clipped delays at the sequence end, which only raise it)."""
-        p = min(lookahead + 1, self.max_delay + 1) / (self.max_delay + 1)
-        return p + (1 - p) / self.num_symbols
+        """The accuracy ceiling of a model that sees ``lookahead`` frames ahead: frame t is
+        solvable when its (clipped) delay ``min(d_t, seq_len - 1 - t) <= lookahead``, else a
+        guess; averaged over the frames of a sequence."""
+        k1, total = self.max_delay + 1, 0.0
+        for t in range(self.seq_len):
+            room = self.seq_len - 1 - t  # delays are clipped to this
+            p = 1.0 if room <= lookahead else min(lookahead + 1, k1) / k1
+            total += p + (1 - p) / self.num_symbols
+        return total / self.seq_len
 
     def io(self) -> dict:
         return {"vocab_size": self.vocab_size, "output_dim": self.num_symbols}
