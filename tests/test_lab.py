@@ -26,6 +26,7 @@ from causalmix.lab import (
     suite,
     train_one,
 )
+from causalmix.lab.adaptive import SUITE_STUDY
 from causalmix.lab.experiments import Experiment, latency_frames
 from causalmix.lab.tasks import IGNORE
 from causalmix.visibility import Causal, Full, Prefix, Window
@@ -192,12 +193,12 @@ def test_run_key_changes_with_config():
 # ------------------------------------------------------------------------------- suite, CLI
 
 
-def _rows(out: Path) -> list[tuple]:
+def _rows(out: Path, suite_name: str = "smoke") -> list[tuple]:
     con = sqlite3.connect(out / "runs.sqlite")
     try:
         return con.execute("SELECT key, status, seed, experiment, attempts, finished_at, "
-                           "metrics, git_rev, config, wall_time_s FROM runs ORDER BY key"
-                           ).fetchall()
+                           "metrics, git_rev, config, wall_time_s FROM runs WHERE suite = ? "
+                           "ORDER BY key", (suite_name,)).fetchall()
     finally:
         con.close()
 
@@ -212,15 +213,20 @@ def test_smoke_suite_end_to_end_and_report(tmp_path, capsys):
     assert {r[3] for r in rows} == {e.name for e in exps}
     assert all(r[7] and r[9] > 0 and '"score"' in r[6] and '"task_config"' in r[8]
                for r in rows)
-    first = rows
+    # the suite carries its adaptive-lookahead study (issue 7) at the quick size
+    study = SUITE_STUDY["smoke"]
+    adaptive = _rows(out, f"adaptive-{study}")
+    assert adaptive and {r[1] for r in adaptive} == {"done"}
+    first = rows, adaptive
     # a second run trains nothing and changes nothing
     assert main(["lab", "run", "--suite", "smoke", "--out", str(out), "--no-progress"]) == 0
     assert "0 runs trained, 6 already done" in capsys.readouterr().out
-    assert _rows(out) == first
+    assert (_rows(out), _rows(out, f"adaptive-{study}")) == first
     assert main(["lab", "report", "--out", str(out)]) == 0
     page = (out / "report.html").read_text()
     md = (out / "report.md").read_text()
-    assert page.count("src='data:image/png;base64,") == 3  # self-contained: plots inlined
+    assert page.count("src='data:image/png;base64,") == 4  # self-contained: plots inlined
+    assert "ANCAT" in page and f"figures/adaptive_pareto_{study}.png" in md
     assert "http" not in page.replace("http-equiv", "")  # nothing fetched from elsewhere
     for claim in ("Zoology", "Ding et al.", "lookahead"):
         assert claim in page and claim in md

@@ -13,8 +13,9 @@ import math
 import statistics
 from pathlib import Path
 
+from causalmix.lab.adaptive import SUITE_STUDY, write_adaptive_report
 from causalmix.lab.db import RunDB
-from causalmix.lab.experiments import Experiment, suite
+from causalmix.lab.experiments import SUITES, Experiment, suite
 
 __all__ = ["write_report"]
 
@@ -241,6 +242,48 @@ def _notes(runs, directions) -> list[str]:
     return notes
 
 
+def _adaptive_section(suite_name: str, out: Path) -> dict:
+    """The adaptive-lookahead study of this suite (see :mod:`causalmix.lab.adaptive`), as
+    Markdown lines and an HTML fragment with its Pareto plot inlined."""
+    study = SUITE_STUDY.get(suite_name)
+    if study is None:
+        return {"markdown": [], "html": ""}
+    try:
+        ad = write_adaptive_report(study, out)
+    except ValueError as err:  # the study has not been run in this folder
+        line = f"Adaptive lookahead: not in this report ({err})."
+        return {"markdown": [line], "html": f"<p>{html.escape(line)}</p>"}
+    lines = ad["markdown"]
+    parts = []
+    table: list[str] = []
+    for line in lines[1:]:
+        if line.startswith("|"):
+            if not set(line) <= set("|-: "):
+                cells = [c.strip() for c in line.strip("|").split("|")]
+                tag = "th" if not table else "td"
+                table.append("<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>"
+                                              for c in cells) + "</tr>")
+            continue
+        if table:
+            parts.append("<table>" + "".join(table) + "</table>")
+            table = []
+        if line.startswith("!["):
+            b64 = base64.b64encode(Path(ad["figure"]).read_bytes()).decode()
+            parts.append(f"<img alt='adaptive lookahead' src='data:image/png;base64,{b64}'>")
+        elif line:
+            parts.append(f"<p>{html.escape(line)}</p>")
+    if table:
+        parts.append("<table>" + "".join(table) + "</table>")
+    claim = ("ANCAT (Strimel et al., ICML 2023): choosing lookahead per frame and per layer, "
+             "regularised on expected latency, gives accuracy close to a full-lookahead model at "
+             "a latency close to a causal one.")
+    title = html.escape(lines[0].lstrip("# "))
+    markdown = [lines[0], "", f"**Seed paper's claim.** {claim}", *lines[1:]]
+    return {"markdown": markdown,
+            "html": f"<h2>{title}</h2><p><b>Seed paper's claim.</b> {html.escape(claim)}</p>"
+                    + "".join(parts)}
+
+
 def write_report(out: str | Path, suite_name: str | None = None) -> dict[str, Path]:
     """Write ``out/report.html`` (self-contained) and ``out/report.md`` (+ ``out/figures``)
     from the finished runs of ``suite_name`` (default: the suite of the latest run)."""
@@ -252,8 +295,8 @@ def write_report(out: str | Path, suite_name: str | None = None) -> dict[str, Pa
     out = Path(out)
     db = RunDB(out)
     try:
-        if suite_name is None:
-            done = db.runs(status="done")
+        if suite_name is None:  # the suite of the latest lab run (adaptive studies ride along)
+            done = [r for r in db.runs(status="done") if r["suite"] in SUITES]
             if not done:
                 raise ValueError(f"no finished runs in {db.path}; run `causalmix lab run` first")
             suite_name = done[-1]["suite"]
@@ -294,6 +337,8 @@ def write_report(out: str | Path, suite_name: str | None = None) -> dict[str, Pa
         md += ["", f"## {task}", "", f"![{task}](figures/{task}.png)", "",
                f"**Seed paper's claim.** {CLAIMS[task]}", "", "**This run measured.**", ""]
         md += [f"- {m}" for m in measured]
+    adaptive = _adaptive_section(suite_name, out)
+    md += ["", *adaptive["markdown"]]
     md += ["", "## Runs", "", "| experiment | seed | score | steps | stop | wall s | git |",
            "|---|---|---|---|---|---|---|"]
     md += [f"| {r['experiment']} | {r['seed']} | {r['metrics']['score']:.4f} | "
@@ -327,6 +372,7 @@ def write_report(out: str | Path, suite_name: str | None = None) -> dict[str, Pa
                  f"src='data:image/png;base64,{b64}'><div><p><b>Seed paper's claim.</b> "
                  f"{e(CLAIMS[task])}</p><p><b>This run measured.</b></p><ul>"
                  + "".join(f"<li>{e(m)}</li>" for m in measured) + "</ul></div></div>")
+    h.append(adaptive["html"])
     h.append("<h2>Runs</h2><table><tr><th>experiment</th><th>seed</th><th>score</th>"
              "<th>steps</th><th>stop</th><th>wall s</th><th>git</th></tr>")
     for r in rows:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from causalmix.lab.adaptive import SUITE_STUDY, run_adaptive_study
 from causalmix.lab.db import RunDB, git_revision
 from causalmix.lab.experiments import suite
 from causalmix.lab.train import train_one
@@ -57,6 +58,9 @@ def run_suite(name: str, out: str | Path, *, seeds: int | None = None,
                 f"({res['steps']} steps, {res['stop_reason']}, {wall:.1f}s)")
     finally:
         db.close()
+    # The adaptive-lookahead study (accuracy vs latency) belongs to every suite, at its size.
+    adaptive_seeds = None if seeds == default_seeds else seeds
+    run_adaptive_study(SUITE_STUDY[name], out, seeds=adaptive_seeds, log=log)
     total = time.perf_counter() - t0
     log(f"suite {name}: {ran} runs trained, {skipped} already done, {total:.1f}s")
     return {"ran": ran, "skipped": skipped, "wall_time_s": total}

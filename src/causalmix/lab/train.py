@@ -146,10 +146,12 @@ def train_one(exp: Experiment, seed: int, *, data: TaskData | None = None,
     if exp.task_name == "icl_regression":
         metrics["least_squares_mse"] = data.extra["least_squares_mse"]
         metrics["bayes_mse"] = data.extra["bayes_mse"]
+    latency = latency_frames(exp.scheme, len(model.blocks))
     if exp.task_name == "lookahead":
-        ahead = int(exp.scheme.split("-")[1])
+        # the frames a model can see ahead: its compounded lookahead, all of them if unbounded
+        ahead = exp.task.seq_len - 1 if latency is None else latency
         metrics["best_possible_accuracy"] = exp.task.best_accuracy(ahead)
-    metrics["latency_frames"] = latency_frames(exp.scheme, len(model.blocks))
+    metrics["latency_frames"] = latency
     return {"metrics": metrics, "curve": curve, "steps": step, "stop_reason": stop_reason,
             "params": sum(p.numel() for p in model.parameters()),
             "train_time_s": time.perf_counter() - t0}

@@ -70,7 +70,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from causalmix.nn.config import ModelConfig
-from causalmix.nn.layers import Block, mix
+from causalmix.nn.layers import Block, check_inputs, mix
 from causalmix.ops.softmax import softmax_attention
 from causalmix.stream import LatencyStats
 from causalmix.visibility import Causal, Visibility
@@ -473,18 +473,7 @@ class AdaptiveModel(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.output_dim)
 
     def _check_inputs(self, inputs, where: str) -> None:
-        cfg = self.cfg
-        if cfg.vocab_size is not None:
-            if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2 \
-                    or inputs.dtype != torch.int64:
-                raise ValueError(f"{where}: inputs must be int64 tokens [B, T], got "
-                                 f"{getattr(inputs, 'dtype', type(inputs))} "
-                                 f"{list(getattr(inputs, 'shape', []))}")
-        elif not isinstance(inputs, torch.Tensor) or inputs.dim() != 3 \
-                or inputs.shape[-1] != cfg.input_dim or not inputs.dtype.is_floating_point:
-            raise ValueError(f"{where}: inputs must be float features [B, T, {cfg.input_dim}], "
-                             f"got {getattr(inputs, 'dtype', type(inputs))} "
-                             f"{list(getattr(inputs, 'shape', []))}")
+        check_inputs(self.cfg, inputs, where)
         if inputs.shape[1] < 1:
             raise ValueError(f"{where}: inputs must hold at least one frame")
 

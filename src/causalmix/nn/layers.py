@@ -173,6 +173,20 @@ class Block(nn.Module):
         return self.stream_out(x, mixed, positions)
 
 
+def check_inputs(cfg, inputs, where: str = "") -> None:
+    """``inputs``: int64 tokens ``[B, T]`` when ``cfg.vocab_size`` is set, else float features
+    ``[B, T, cfg.input_dim]``; raises ``ValueError`` otherwise (``where`` prefixes the message)."""
+    pre = f"{where}: " if where else ""
+    got = f"{getattr(inputs, 'dtype', type(inputs))} {list(getattr(inputs, 'shape', []))}"
+    if cfg.vocab_size is not None:
+        if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2 \
+                or inputs.dtype != torch.int64:
+            raise ValueError(f"{pre}inputs must be int64 tokens [B, T], got {got}")
+    elif not isinstance(inputs, torch.Tensor) or inputs.dim() != 3 \
+            or inputs.shape[-1] != cfg.input_dim or not inputs.dtype.is_floating_point:
+        raise ValueError(f"{pre}inputs must be float features [B, T, {cfg.input_dim}], got {got}")
+
+
 class SequenceModel(nn.Module):
     """Embedding (or feature projection), blocks with per-layer visibility, norm, head.
 
@@ -197,17 +211,7 @@ class SequenceModel(nn.Module):
         """``visibility``: one spec per layer overriding the config's for this call.
         ``return_hidden``: also return each block's output ``[B, T, C]`` (a list)."""
         cfg = self.cfg
-        if cfg.vocab_size is not None:
-            if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2 \
-                    or inputs.dtype != torch.int64:
-                raise ValueError(f"inputs must be int64 tokens [B, T], got "
-                                 f"{getattr(inputs, 'dtype', type(inputs))} "
-                                 f"{list(getattr(inputs, 'shape', []))}")
-        elif not isinstance(inputs, torch.Tensor) or inputs.dim() != 3 \
-                or inputs.shape[-1] != cfg.input_dim or not inputs.dtype.is_floating_point:
-            raise ValueError(f"inputs must be float features [B, T, {cfg.input_dim}], got "
-                             f"{getattr(inputs, 'dtype', type(inputs))} "
-                             f"{list(getattr(inputs, 'shape', []))}")
+        check_inputs(cfg, inputs)
         if visibility is not None and len(visibility) != len(self.blocks):
             raise ValueError(f"visibility must give one spec per layer ({len(self.blocks)}), "
                              f"got {len(visibility)}")
