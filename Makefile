@@ -12,36 +12,34 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_PIN)
 
-$(VENV)/.dev-installed: pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e ".[dev]"
-	touch $@
-
-$(VENV)/.lab-installed: pyproject.toml | $(PY)
+# The suite tests the lab too (its report draws with matplotlib), so both commands install the
+# dev and lab extras.
+$(VENV)/.installed: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e ".[dev,lab]"
 	touch $@
 
-test: $(VENV)/.dev-installed
+test: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow"
 
-test-all: $(VENV)/.dev-installed
+test-all: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 LAB_OUT ?= lab_out
 
 # The default suite (3 seeds, <= 15 min on 2 CPU cores), then report.html / report.md in
 # $(LAB_OUT). Rerunning resumes: finished runs are skipped.
-lab: $(VENV)/.lab-installed
+lab: $(VENV)/.installed
 	$(VENV)/bin/causalmix lab run --suite default --out $(LAB_OUT)
 	$(VENV)/bin/causalmix lab report --out $(LAB_OUT)
 
 # Each script prints ratios measured side by side in one run (see its --help; --quick is short).
-bench: $(VENV)/.dev-installed
+bench: $(VENV)/.installed
 	$(PY) benchmarks/softmax.py
 	$(PY) benchmarks/linear.py
 	$(PY) benchmarks/streaming.py
 	$(PY) benchmarks/distributed.py
 
-lint: $(VENV)/.dev-installed
+lint: $(VENV)/.installed
 	$(PY) -m ruff check src tests benchmarks
 
 clean:
