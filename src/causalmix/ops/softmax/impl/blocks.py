@@ -246,29 +246,29 @@ class _BlockAttention(torch.autograd.Function):
         piece_max = max((c1 - c0 for r in plan for c0, c1, _ in r.pieces), default=0)
         work_p = torch.empty(b * hkv * rows * group * piece_max, device=dev)
         work_d = torch.empty_like(work_p)
+        bh = b * hkv
         for blk in plan:
             n = blk.r1 - blk.r0
             sl = slice(blk.r0, blk.r1)
-            qa = q_aug[:, :, sl].reshape(b, hkv, n * group, d + 1)
-            doa = do_aug[:, :, sl].reshape(b, hkv, n * group, dv + 1)
+            # [B*Hkv, rows*G, .] views: every accumulation below is in place
+            qa = q_aug[:, :, sl].reshape(bh, n * group, d + 1)
+            doa = do_aug[:, :, sl].reshape(bh, n * group, dv + 1)
             qb, dob = qa[..., :d], doa[..., :dv]
-            dq_blk = dq[:, :, sl].view(b, hkv, n * group, d)
-            for idx, (c0, c1, partial) in enumerate(blk.pieces):
-                ka, va = k_aug[:, :, c0:c1], v_aug[:, :, c0:c1]
-                size = b * hkv * n * group * (c1 - c0)
-                p = work_p[:size].view(b, hkv, n * group, c1 - c0)
-                torch.matmul(qa, ka.transpose(-1, -2), out=p)
-                masker.apply(p, blk.r0, blk.r1, partial, group)
+            dq_blk = dq[:, :, sl].view(bh, n * group, d)
+            for c0, c1, partial in blk.pieces:
+                w = c1 - c0
+                ka = k_aug[:, :, c0:c1].reshape(bh, w, d + 1)
+                va = v_aug[:, :, c0:c1].reshape(bh, w, dv + 1)
+                p = work_p[: bh * n * group * w].view(bh, n * group, w)
+                torch.bmm(qa, ka.transpose(1, 2), out=p)  # s - lse
+                masker.apply(p.view(b, hkv, n * group, w), blk.r0, blk.r1, partial, group)
                 p.exp_()
-                ds = work_d[:size].view(b, hkv, n * group, c1 - c0)
-                torch.matmul(doa, va.transpose(-1, -2), out=ds)
+                ds = work_d[: bh * n * group * w].view(bh, n * group, w)
+                torch.bmm(doa, va.transpose(1, 2), out=ds)  # dO v^T - delta
                 ds.mul_(p)
-                if idx == 0:
-                    torch.matmul(ds, ka[..., :d], out=dq_blk)
-                else:
-                    dq_blk += torch.matmul(ds, ka[..., :d])
-                dvv[:, :, c0:c1] += torch.matmul(p.transpose(-1, -2), dob)
-                dk[:, :, c0:c1] += torch.matmul(ds.transpose(-1, -2), qb)
+                dq_blk.baddbmm_(ds, ka[..., :d])
+                dvv[:, :, c0:c1].view(bh, w, dv).baddbmm_(p.transpose(1, 2), dob)
+                dk[:, :, c0:c1].view(bh, w, d).baddbmm_(ds.transpose(1, 2), qb)
         qd, kd, vd = ctx.dtypes
         dq = (dq * scale).permute(0, 2, 1, 3, 4).reshape(b, tq, hq, d).to(qd)
         dk = dk.transpose(1, 2).to(kd)
