@@ -21,6 +21,8 @@ state per chunk for the reverse scan. With ``C >= Dv`` the saved states weigh at
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -142,6 +144,32 @@ class _Geometry:
         return (a, cn, *out)
 
 
+_GEOMETRIES: OrderedDict = OrderedDict()
+_GEOMETRIES_SIZE = 8
+
+
+def _geometry(arrays: PositionArrays, length: int, c: int, g: torch.Tensor,
+              reverse: bool) -> _Geometry:
+    """:class:`_Geometry` of a call, reused across calls with the same position arrays, length,
+    chunk size and decay (a stream pushing equal-sized pieces, every training step of a model
+    with fixed decay): building one costs about as much as the math of a few chunks."""
+
+    def content(x):
+        return None if x is None else (tuple(x.shape), tuple(x.reshape(-1).tolist()))
+
+    key = (length, c, reverse, g.dtype, str(g.device), tuple(g.detach().reshape(-1).tolist()),
+           content(arrays.start), content(arrays.end), content(arrays.key_ok))
+    geo = _GEOMETRIES.get(key)
+    if geo is None:
+        geo = _Geometry(arrays, length, c, g.detach(), reverse)
+        _GEOMETRIES[key] = geo
+        if len(_GEOMETRIES) > _GEOMETRIES_SIZE:
+            _GEOMETRIES.popitem(last=False)
+    else:
+        _GEOMETRIES.move_to_end(key)
+    return geo
+
+
 def _state_dtype(cd: torch.dtype, decay_grad: bool) -> torch.dtype:
     """Carried states are fp64 when the decay is differentiated: its gradient sums products of
     long-carried states (``<dL/dS_{n+1}, S_n>``), whose fp32 rounding would dominate it at
@@ -165,7 +193,7 @@ class ScanFunction(torch.autograd.Function):
         d = q.shape[-1]
         cd = g.dtype
         sd = _state_dtype(cd, ctx.needs_input_grad[3])
-        geo = _Geometry(arrays, t, c, g, reverse)
+        geo = _geometry(arrays, t, c, g, reverse)
         n_chunks = geo.n
         o = torch.empty(b, t, h, dv, dtype=cd, device=q.device)
         # reverse states R_n (anchored after chunk n), built from the end
@@ -207,7 +235,7 @@ class ScanFunction(torch.autograd.Function):
         cd = g.dtype
         sd = states[0].dtype if states else cd
         reverse = ctx.reverse
-        geo = _Geometry(ctx.arrays, t, ctx.c, g, reverse)
+        geo = _geometry(ctx.arrays, t, ctx.c, g, reverse)
         n_chunks = geo.n
         do = do.to(cd) if do is not None else torch.zeros(b, t, h, dv, dtype=cd, device=q.device)
         dq = torch.empty(b, t, h, d, dtype=cd, device=q.device)
