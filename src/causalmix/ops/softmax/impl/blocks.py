@@ -276,8 +276,27 @@ class _BlockAttention(torch.autograd.Function):
         return dq, dk, dvv, None, None, None, None
 
 
-@torch.compiler.disable
+def _apply(q, k, v, visibility, q_offset, k_offset, scale):
+    return _BlockAttention.apply(q, k, v, visibility, q_offset, k_offset, scale)
+
+
+_EAGER_ONLY = None
+
+
 def attention(q, k, v, visibility: Visibility, *, q_offset: int, k_offset: int, scale: float):
     """``q: [B, Tq, Hq, D]``, ``k: [B, Tk, Hkv, D]``, ``v: [B, Tk, Hkv, Dv]`` ->
-    ``(out [B, Tq, Hq, Dv] in q.dtype, lse [B, Tq, Hq] fp32)``."""
-    return _BlockAttention.apply(q, k, v, visibility, q_offset, k_offset, scale)
+    ``(out [B, Tq, Hq, Dv] in q.dtype, lse [B, Tq, Hq] fp32)``.
+
+    Under ``torch.compile`` the block loop runs eagerly (its plan is data, not a graph); the
+    ``torch.compiler.disable`` wrapper is made on first use so that importing causalmix does not
+    import torch's compiler stack (about a second)."""
+    if torch.compiler.is_compiling():
+        return _eager_only()(q, k, v, visibility, q_offset, k_offset, scale)
+    return _apply(q, k, v, visibility, q_offset, k_offset, scale)
+
+
+def _eager_only():
+    global _EAGER_ONLY
+    if _EAGER_ONLY is None:
+        _EAGER_ONLY = torch.compiler.disable(_apply)
+    return _EAGER_ONLY
