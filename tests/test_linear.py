@@ -373,8 +373,8 @@ def test_bad_shapes():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="q must be 4-D"):
         linear_attention(q[0], k, v, Causal())
-    with pytest.raises(ValueError, match="same length T"):
-        linear_attention(q[:, :5], k, v, Causal())
+    with pytest.raises(ValueError, match="at least as long as q"):
+        linear_attention(q, k[:, :5], v[:, :5], Causal())
     with pytest.raises(ValueError, match="head dims differ"):
         linear_attention(q[..., :3], k, v, Causal())
     with pytest.raises(ValueError, match="same heads"):
@@ -423,3 +423,42 @@ def test_long_chunk_matches_reference(name):
     t = 3000
     spec = _spec(name, t + 10)
     _check("chunk", t, spec, dtype=torch.float32, decay=True, off=0, state=True, c=256)
+
+
+@pytest.mark.parametrize("tq,extra,off", [(1, 8, 3), (17, 19, 13), (63, 41, 0), (113, 70, 40)])
+@pytest.mark.parametrize("name", ["causal", "chunked_la", "segments_chunked_la"])
+def test_chunk_with_keys_past_the_last_query(name, tq, extra, off):
+    # A stream's lookahead frames: queries [0, tq), keys [0, tq + extra) at the same offset.
+    ids = torch.arange(400) // 37
+    spec = {"causal": Causal(), "chunked_la": Chunked(8, lookahead=2),
+            "segments_chunked_la": Segments(ids) & Chunked(5, lookahead=1)}[name]
+    g = torch.Generator().manual_seed(tq + extra)
+    tk = tq + extra
+    dec = torch.tensor([0.5, 0.9, 0.999])
+    s0 = torch.randn(2, 3, 8, 6, generator=g)
+    q = torch.randn(2, tq, 3, 8, generator=g, requires_grad=True)
+    k = torch.randn(2, tk, 3, 8, generator=g, requires_grad=True)
+    v = torch.randn(2, tk, 3, 6, generator=g, requires_grad=True)
+    w = torch.randn(2, tq, 3, 6, generator=g)
+
+    def run(impl, dtype):
+        args = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+        o = linear_attention(*args, spec, decay=dec.to(dtype), q_offset=off, k_offset=off,
+                             initial_state=s0.to(dtype), impl=impl, chunk_size=16)
+        return (o, *torch.autograd.grad((o * w.to(dtype)).sum(), args))
+
+    truth = run("reference", torch.float64)
+    base = run("reference", torch.float32)
+    got = run("chunk", torch.float32)
+    for name_, a, r, b in zip(("o", "dq", "dk", "dv"), got, truth, base, strict=True):
+        assert_close(a, r, b, name=name_)
+    # what chunk cannot serve with keys past the last query is refused, naming the reason
+    with pytest.raises(ValueError, match="final state"):
+        linear_attention(q, k, v, spec, q_offset=off, k_offset=off, impl="chunk",
+                         return_final_state=True)
+    with pytest.raises(ValueError, match="reverse scan"):
+        linear_attention(q, k, v, Full(), impl="chunk")
+    with pytest.raises(ValueError, match="as many keys"):
+        linear_attention(q, k, v, spec, q_offset=off, k_offset=off, impl="recurrent")
+    with pytest.raises(ValueError, match="at least as long"):
+        linear_attention(k, q, q, spec, impl="reference")

@@ -108,6 +108,10 @@ class LinearStream(MixerStream):
             )
         self.decay, self.impl, self.chunk_size = decay, impl, chunk_size
         self._segmented = _has_segments(visibility)
+        # Without a reverse scan (Causal, Chunked(size, lookahead > 0), with Segments) the op
+        # takes keys past the last query, so the frames of the lookahead are not recomputed as
+        # queries on every push.
+        self._keys_past_queries = not factorise(visibility).has_reverse and impl != "recurrent"
         self.state: torch.Tensor | None = None  # causal state of the keys before the buffer
         self._k = FrameBuffer()
         self._v = FrameBuffer()
@@ -155,7 +159,11 @@ class LinearStream(MixerStream):
         if k_end == p0 + m:
             out, state = self._call(qs, ks, vs, p0, True)
         else:
-            out = self._call(qs, ks, vs, p0, False)[:, :m]
+            if self._keys_past_queries:
+                # only the final queries: the op reads the later keys through its band
+                out = self._call(q, ks, vs, p0, False)
+            else:
+                out = self._call(qs, ks, vs, p0, False)[:, :m]
             if self._segmented:
                 _, state = self._call(q, ks[:, :m], vs[:, :m], p0, True)
             else:

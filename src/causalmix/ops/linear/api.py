@@ -69,9 +69,9 @@ def _state_dtype(q: torch.Tensor) -> torch.dtype:
 def _check_common(fn, q, k, v, visibility, decay, q_offset, k_offset, initial_state,
                   return_final_state, chunk_size):
     b, tq, tk, hq, _hkv, d, dv = check_qkv(fn, q, k, v, same_head_count=True)
-    if tq != tk:
-        raise ValueError(f"{fn}: q and k must have the same length T ([B, T, H, D]), got q {tq}, "
-                         f"k {tk}")
+    if tk < tq:
+        raise ValueError(f"{fn}: k and v must be at least as long as q (queries are a prefix of "
+                         f"the keys' span), got q {tq}, k {tk}")
     check_visibility(fn, visibility, b, tq, tk, q_offset, k_offset)
     check_int("chunk_size", chunk_size, 1)
     if not isinstance(return_final_state, bool):
@@ -122,22 +122,38 @@ def _empty(q, k, v, initial_state, return_final_state):
     return LinearOutput(out, s + zero.to(s.dtype))
 
 
-def _fast_reason(visibility, q_offset, k_offset) -> str | None:
+def _fast_reason(impl, visibility, q_offset, k_offset, tq, tk,
+                 return_final_state) -> str | None:
     if q_offset != k_offset:
         return (f"q_offset ({q_offset}) != k_offset ({k_offset}); the chunk and recurrent forms "
                 f"need queries and keys at the same positions")
     try:
-        factorise(visibility)
+        f = factorise(visibility)
     except ValueError as e:
         return str(e)
+    if tk != tq:
+        if tq == 0:
+            return "no queries"
+        if impl == "recurrent":
+            return f"recurrent needs as many keys as queries (got q {tq}, k {tk})"
+        if f.has_reverse:
+            return (f"keys past the last query (q {tq}, k {tk}) are served only for specs "
+                    f"without a reverse scan (Causal, Chunked(size, lookahead > 0), with "
+                    f"Segments), not {visibility!r}")
+        if return_final_state:
+            return (f"with keys past the last query (q {tq}, k {tk}) chunk returns no final "
+                    f"state (it is anchored at the last key)")
     return None
 
 
-def available_impls(q, k, v, visibility: Visibility, *, q_offset: int = 0,
-                    k_offset: int = 0) -> dict[str, str | None]:
+def available_impls(q, k, v, visibility: Visibility, *, q_offset: int = 0, k_offset: int = 0,
+                    return_final_state: bool = False) -> dict[str, str | None]:
     """For each implementation: ``None`` if it can serve this call, else the reason it cannot."""
-    fast = _fast_reason(visibility, q_offset, k_offset)
-    return {"reference": None, "chunk": fast, "recurrent": fast}
+    tq, tk = q.shape[1], k.shape[1]
+    return {"reference": None} | {
+        impl: _fast_reason(impl, visibility, q_offset, k_offset, tq, tk, return_final_state)
+        for impl in ("chunk", "recurrent")
+    }
 
 
 def _run(fn, impl, q, k, v, visibility, decay, q_offset, k_offset, initial_state,
@@ -147,10 +163,14 @@ def _run(fn, impl, q, k, v, visibility, decay, q_offset, k_offset, initial_state
             q, k, v, visibility, decay=decay, q_offset=q_offset, k_offset=k_offset,
             initial_state=initial_state, return_final_state=return_final_state)
     else:
-        reason = _fast_reason(visibility, q_offset, k_offset)
+        reason = _fast_reason(impl, visibility, q_offset, k_offset, q.shape[1], k.shape[1],
+                              return_final_state)
         if reason is not None:
+            ok = [name for name, why in available_impls(
+                q, k, v, visibility, q_offset=q_offset, k_offset=k_offset,
+                return_final_state=return_final_state).items() if why is None]
             raise ValueError(f"{fn}: impl={impl!r} cannot serve this call: {reason}; "
-                             f"implementations that can: ['reference']")
+                             f"implementations that can: {ok}")
         f = factorise(visibility)
         if impl == "chunk":
             out, s = chunk.linear_attention(q, k, v, f, decay=decay, offset=q_offset,
@@ -179,8 +199,11 @@ def linear_attention(
 
     Args:
         q: ``[B, T, H, D]`` queries at absolute positions ``q_offset + [0, T)``.
-        k: ``[B, T, H, D]`` keys at ``k_offset + [0, T)``.
-        v: ``[B, T, H, Dv]`` values. q, k, v share dtype and device; math is fp32 inside
+        k: ``[B, Tk, H, D]`` keys at ``k_offset + [0, Tk)``, usually ``Tk == T``. ``Tk > T``
+            (keys past the last query, e.g. a stream's lookahead frames) is served by
+            ``reference`` and, for specs without a reverse scan and without
+            ``return_final_state``, by ``chunk``.
+        v: ``[B, Tk, H, Dv]`` values. q, k, v share dtype and device; math is fp32 inside
             (fp64 for fp64 inputs).
         visibility: ``Causal()``, ``Full()``, ``Prefix(n)`` (int or per-batch ``[B]`` tensor),
             ``Chunked(size, lookahead)``, ``Segments(ids) & any of these``; other specs raise
@@ -206,14 +229,15 @@ def linear_attention(
                   return_final_state, chunk_size)
     if impl != "auto" and impl not in IMPLS:
         raise ValueError(f"{fn}: impl must be one of {['auto', *IMPLS]}, got {impl!r}")
+    if q.shape[1] == 0 and k.shape[1] == 0:
+        return _empty(q, k, v, initial_state, return_final_state)
     if impl == "auto":
-        reason = _fast_reason(visibility, q_offset, k_offset)
+        impl = "recurrent" if q.shape[1] == k.shape[1] == 1 else "chunk"
+        reason = _fast_reason(impl, visibility, q_offset, k_offset, q.shape[1], k.shape[1],
+                              return_final_state)
         if reason is not None:
             raise ValueError(f"{fn}: no fast implementation can serve this call: {reason}; "
                              f"pass impl='reference' for the dense O(T^2) definition")
-        impl = "recurrent" if q.shape[1] == 1 else "chunk"
-    if q.shape[1] == 0:
-        return _empty(q, k, v, initial_state, return_final_state)
     return _run(fn, impl, q, k, v, visibility, decay, q_offset, k_offset, initial_state,
                 return_final_state, chunk_size)
 

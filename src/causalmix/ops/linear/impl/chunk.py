@@ -322,7 +322,7 @@ class BandFunction(torch.autograd.Function):
         b, t, h, _ = q.shape
         cd = g.dtype
         o = torch.empty(b, t, h, v.shape[-1], dtype=cd, device=q.device)
-        for a, cn, kend, m in _band_tiles(spec, t, offset, width, c, g):
+        for a, cn, kend, m in _band_tiles(spec, t, k.shape[1], offset, width, c, g):
             qt = _tile(q, a, cn, cd)
             kt, vt = _tile(k, a, kend - a, cd), _tile(v, a, kend - a, cd)
             o[:, a:a + cn] = (((qt @ kt.transpose(-1, -2)) * m) @ vt).transpose(1, 2)
@@ -335,14 +335,15 @@ class BandFunction(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, g = ctx.saved_tensors
         b, t, h, d = q.shape
+        tk = k.shape[1]
         cd = g.dtype
         do = do.to(cd)
         dq = torch.zeros(b, t, h, d, dtype=cd, device=q.device)
-        dk = torch.zeros_like(dq)
-        dvv = torch.zeros(b, t, h, v.shape[-1], dtype=cd, device=q.device)
+        dk = torch.zeros(b, tk, h, d, dtype=cd, device=q.device)
+        dvv = torch.zeros(b, tk, h, v.shape[-1], dtype=cd, device=q.device)
         dg = torch.zeros(h, dtype=torch.float64, device=q.device)  # [H] sums of many chunks
         want_g = ctx.needs_input_grad[3]
-        for a, cn, kend, m in _band_tiles(ctx.spec, t, ctx.offset, ctx.width, ctx.c, g):
+        for a, cn, kend, m in _band_tiles(ctx.spec, t, tk, ctx.offset, ctx.width, ctx.c, g):
             qt, dot = _tile(q, a, cn, cd), _tile(do, a, cn, cd)
             kt, vt = _tile(k, a, kend - a, cd), _tile(v, a, kend - a, cd)
             att = (qt @ kt.transpose(-1, -2)) * m
@@ -360,13 +361,14 @@ class BandFunction(torch.autograd.Function):
                 None, None, None, None)
 
 
-def _band_tiles(spec, t: int, offset: int, width: int, c: int, g: torch.Tensor):
+def _band_tiles(spec, t: int, tk: int, offset: int, width: int, c: int, g: torch.Tensor):
+    """Tiles of the band: queries ``[a, a + cn)`` of ``t``, keys ``[a, kend)`` of ``tk >= t``."""
     dev, cd = g.device, g.dtype
     nb = spec.batch_size or 1
     bidx = torch.arange(nb, device=dev).view(nb, 1, 1)
     for a in range(0, t, c):
         cn = min(c, t - a)
-        kend = min(t, a + cn + width)
+        kend = min(tk, a + cn + width)
         i = torch.arange(a, a + cn, device=dev)
         j = torch.arange(a, kend, device=dev)
         rel = j[None, :] - i[:, None]  # [cn, kn]
@@ -378,13 +380,17 @@ def _band_tiles(spec, t: int, offset: int, width: int, c: int, g: torch.Tensor):
 
 def linear_attention(q, k, v, f: Factorisation, *, decay, offset: int, initial_state,
                      chunk_size: int):
-    """``q, k: [B, T, H, D]``, ``v: [B, T, H, Dv]`` -> ``(o [B, T, H, Dv] q.dtype, S_final)``."""
+    """``q: [B, T, H, D]``, ``k: [B, Tk, H, D]``, ``v: [B, Tk, H, Dv]`` with ``Tk >= T`` ->
+    ``(o [B, T, H, Dv] q.dtype, S at query T - 1)``. Keys past the last query (``Tk > T``) reach
+    the queries only through the band, so specs with a reverse scan need ``Tk == T`` (the API
+    checks)."""
     t = q.shape[1]
     cd = compute_dtype(q)
     h = q.shape[2]
     g = torch.zeros(h, dtype=cd, device=q.device) if decay is None else torch.log(decay.to(cd))
     arrays = f.arrays(t, offset, q.device)
-    o, s = ScanFunction.apply(q, k, v, g, initial_state, arrays, chunk_size, f.has_reverse)
+    ks, vs = (k, v) if k.shape[1] == t else (k[:, :t], v[:, :t])
+    o, s = ScanFunction.apply(q, ks, vs, g, initial_state, arrays, chunk_size, f.has_reverse)
     if f.band:
         o = o + BandFunction.apply(q, k, v, g, f.spec, offset, f.band, chunk_size)
     return o.to(q.dtype), s
