@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from causalmix.lab.db import RunDB, git_revision
-from causalmix.lab.experiments import Experiment, TrainConfig, layer_visibility
+from causalmix.lab.experiments import Experiment, TrainConfig, _plain, layer_visibility
 from causalmix.lab.tasks import IGNORE, Lookahead, TaskData
 from causalmix.lab.train import train_one
 from causalmix.nn.adaptive import AdaptiveConfig, AdaptiveModel, compounded_latency
@@ -174,16 +174,6 @@ class AdaptiveStudy:
 
     def to_json(self) -> dict:
         return _plain(dataclasses.asdict(self))
-
-
-def _plain(x):
-    if isinstance(x, dict):
-        return {str(k): _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    if isinstance(x, (int, float, str, bool)) or x is None:
-        return x
-    return repr(x)
 
 
 def _size(steps: int, num_train: int, num_test: int, num_val: int, evals: int, seeds: int,

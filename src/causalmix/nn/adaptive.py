@@ -73,7 +73,7 @@ from causalmix.nn.config import ModelConfig
 from causalmix.nn.layers import Block, check_inputs, mix
 from causalmix.ops.softmax import softmax_attention
 from causalmix.stream import LatencyStats
-from causalmix.visibility import Causal, Visibility
+from causalmix.visibility import Causal, Visibility, _tensor_key
 
 __all__ = [
     "AdaptiveBlock",
@@ -148,7 +148,7 @@ class AdaptiveLookahead(Visibility):
     def _key(self):
         cached = self.__dict__.get("_cached_key")
         if cached is None:
-            cached = (tuple(self.a.shape), tuple(self.a.reshape(-1).tolist()))
+            cached = _tensor_key(self.a)
             object.__setattr__(self, "_cached_key", cached)
         return cached
 
