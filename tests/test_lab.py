@@ -28,6 +28,7 @@ from causalmix.lab import (
 )
 from causalmix.lab.adaptive import SUITE_STUDY
 from causalmix.lab.experiments import Experiment, latency_frames
+from causalmix.lab.report import write_report
 from causalmix.lab.tasks import IGNORE
 from causalmix.visibility import Causal, Full, Prefix, Window
 
@@ -240,9 +241,13 @@ def test_smoke_suite_end_to_end_and_report(tmp_path, capsys):
     assert "suite smoke" in listing and "suite default" in listing and "done" in listing
 
 
-def test_report_without_runs_is_an_error(tmp_path):
+def test_report_without_runs_is_an_error(tmp_path, capsys):
+    # the CLI says what is missing in one line and exits 2 (no traceback, no file written)
+    assert main(["lab", "report", "--out", str(tmp_path / "nothing")]) == 2
+    assert "no lab runs" in capsys.readouterr().err
+    assert not (tmp_path / "nothing").exists()
     with pytest.raises(ValueError, match="no finished runs"):
-        main(["lab", "report", "--out", str(tmp_path)])
+        write_report(tmp_path)
     with pytest.raises(SystemExit):
         main(["lab", "run", "--suite", "enormous"])
 

@@ -44,9 +44,19 @@ def main(argv: list[str] | None = None) -> int:
                              progress=not args.no_progress)
             return 0
         if args.lab_command == "report":
+            from pathlib import Path
+
             from causalmix.lab.report import write_report
 
-            paths = write_report(args.out, args.suite)
+            if not (Path(args.out) / "runs.sqlite").exists():
+                print(f"causalmix: no lab runs in {args.out}; run `causalmix lab run --out "
+                      f"{args.out}` first", file=sys.stderr)
+                return 2
+            try:
+                paths = write_report(args.out, args.suite)
+            except ValueError as err:  # e.g. no finished run of that suite yet
+                print(f"causalmix: {err}", file=sys.stderr)
+                return 2
             print(f"wrote {paths['html']} and {paths['markdown']}")
             return 0
         if args.lab_command == "list":
