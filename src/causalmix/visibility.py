@@ -326,6 +326,30 @@ class _Tiling:
 # ==================================================================================== the specs
 
 
+class _HoldsTensor(Visibility):
+    """Value semantics for specs holding a tensor: equal and hashed by the content of
+    :meth:`_content` (shape and values), computed once per instance."""
+
+    __slots__ = ()
+
+    def _content(self):
+        raise NotImplementedError
+
+    def _key(self):
+        cached = self.__dict__.get("_cached_key")
+        if cached is None:
+            cached = self._content()
+            object.__setattr__(self, "_cached_key", cached)
+        return cached
+
+    def __eq__(self, other):
+        return type(other) is type(self) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash((type(self).__name__, self._key()))
+
+
+
 @dataclasses.dataclass(frozen=True)
 class Causal(Visibility):
     """``j <= i``: each query sees itself and the past."""
@@ -371,7 +395,7 @@ class Full(Visibility):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Prefix(Visibility):
+class Prefix(_HoldsTensor):
     """``j <= i or j < n``: the first ``n`` positions see each other, the rest are causal
     (prefix-LM). ``n`` is an int, or an int ``[B]`` tensor of per-example prefix lengths.
 
@@ -424,20 +448,9 @@ class Prefix(Visibility):
     def lookback(self) -> None:
         return None
 
-    def _key(self):
-        if isinstance(self.n, torch.Tensor):
-            cached = self.__dict__.get("_cached_key")
-            if cached is None:
-                cached = ("tensor", _tensor_key(self.n))
-                object.__setattr__(self, "_cached_key", cached)
-            return cached
-        return ("int", self.n)
-
-    def __eq__(self, other):
-        return isinstance(other, Prefix) and self._key() == other._key()
-
-    def __hash__(self):
-        return hash(("Prefix", self._key()))
+    def _content(self):
+        return ("tensor", _tensor_key(self.n)) if isinstance(self.n, torch.Tensor) \
+            else ("int", self.n)
 
     def __repr__(self) -> str:
         if isinstance(self.n, torch.Tensor):
@@ -511,7 +524,7 @@ class Window(Visibility):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Segments(Visibility):
+class Segments(_HoldsTensor):
     """``ids[i] == ids[j]``: documents packed in one sequence, hash buckets, modalities.
 
     ``ids`` is an integer ``[T]`` or ``[B, T]`` tensor indexed by **absolute** position, so it
@@ -587,18 +600,8 @@ class Segments(Visibility):
     def lookback(self) -> None:
         return None
 
-    def _key(self):
-        cached = self.__dict__.get("_cached_key")
-        if cached is None:
-            cached = _tensor_key(self.ids)
-            object.__setattr__(self, "_cached_key", cached)
-        return cached
-
-    def __eq__(self, other):
-        return isinstance(other, Segments) and self._key() == other._key()
-
-    def __hash__(self):
-        return hash(("Segments", self._key()))
+    def _content(self):
+        return _tensor_key(self.ids)
 
     def __repr__(self) -> str:
         n_runs = sum(int((r[1:] != r[:-1]).sum()) + 1 for r in self._ids("cpu") if r.numel())

@@ -73,7 +73,7 @@ from causalmix.nn.config import ModelConfig
 from causalmix.nn.layers import Block, check_inputs, mix
 from causalmix.ops.softmax import softmax_attention
 from causalmix.stream import LatencyStats
-from causalmix.visibility import Causal, Visibility, _tensor_key
+from causalmix.visibility import Causal, Visibility, _HoldsTensor, _tensor_key
 
 __all__ = [
     "AdaptiveBlock",
@@ -96,7 +96,7 @@ _NEG_INF = -(2**60)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class AdaptiveLookahead(Visibility):
+class AdaptiveLookahead(_HoldsTensor):
     """``j <= i + a[b, i]``: causal, plus a per-query lookahead ``a``.
 
     ``a`` is an int ``[B, T]`` (or ``[T]``) tensor >= 0 indexed by **absolute** query position,
@@ -145,18 +145,8 @@ class AdaptiveLookahead(Visibility):
     def lookback(self) -> None:
         return None
 
-    def _key(self):
-        cached = self.__dict__.get("_cached_key")
-        if cached is None:
-            cached = _tensor_key(self.a)
-            object.__setattr__(self, "_cached_key", cached)
-        return cached
-
-    def __eq__(self, other):
-        return isinstance(other, AdaptiveLookahead) and self._key() == other._key()
-
-    def __hash__(self):
-        return hash(("AdaptiveLookahead", self._key()))
+    def _content(self):
+        return _tensor_key(self.a)
 
     def __repr__(self) -> str:
         a = self.a
