@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from causalmix.visibility import Visibility
-from causalmix.visibility import _check_int as check_int
+from causalmix.visibility import Visibility, check_int
 
 __all__ = ["check_int", "check_qkv", "check_visibility"]
 
@@ -68,4 +67,4 @@ def check_visibility(
             f"{fn}: visibility {visibility!r} is for batch size {vb} but the inputs have "
             f"batch size {batch}"
         )
-    visibility._check_positions(q_len, k_len, q_offset, k_offset)
+    visibility.check_positions(q_len, k_len, q_offset, k_offset)
