@@ -81,6 +81,7 @@ __all__ = [
     "PARTIAL",
     "AdaptiveLookahead",
     "And",
+    "ArgumentTypeError",
     "Causal",
     "Chunked",
     "Full",
@@ -113,6 +114,11 @@ class KeyRange(NamedTuple):
 
     lo: torch.Tensor | None
     hi: torch.Tensor | None
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong type (a ``TypeError`` that is also a ``ValueError``: every bad
+    input to causalmix can be caught as ``ValueError``)."""
 
 
 class UnboundedHorizonError(ValueError):
@@ -918,7 +924,7 @@ class Strided(Visibility):
 
 def _check_spec(name: str, spec: Any) -> None:
     if not isinstance(spec, Visibility):
-        raise ValueError(
+        raise ArgumentTypeError(
             f"{name} must be a causalmix.visibility spec (Causal(), Window(...), ...), got "
             f"{type(spec).__name__} {spec!r}"
         )
