@@ -379,8 +379,11 @@ def test_bad_shapes():
         linear_attention(q, k[:, :5], v[:, :5], Causal())
     with pytest.raises(ValueError, match="head dims differ"):
         linear_attention(q[..., :3], k, v, Causal())
-    with pytest.raises(ValueError, match="same heads"):
-        linear_attention(q, k[:, :, :1], v[:, :, :1], Causal())
+    # k/v heads must divide the query heads (GQA, issue 12: 2 query heads over 1 kv head is
+    # served; over 3 it is refused)
+    k3, v3 = torch.cat([k, k[:, :, :1]], 2), torch.cat([v, v[:, :, :1]], 2)
+    with pytest.raises(ValueError, match=r"must be a multiple of k/v heads \(3\)"):
+        linear_attention(q, k3, v3, Causal())
     with pytest.raises(ValueError, match="k and v must have the same length"):
         linear_attention(q, k, v[:, :4], Causal())
 

@@ -1,36 +1,42 @@
-"""Chunked linear attention (Lightning Attention-2 tiling), with a hand-written backward.
+"""Chunked linear attention (Lightning Attention-2 / GLA / SSD tiling), hand-written backward.
 
-The sequence is cut into chunks of ``C`` positions. Inside a chunk the masked, decayed product is
-computed exactly (a ``[C, C]`` tile); across chunks a ``[D, Dv]`` state is carried:
+Per-position log-gates ``g_t`` (forward) and ``r_t`` (reverse), ``[B', T, H]``, ``<= 0``; a
+constant decay is ``g_t = r_t = log(lambda)``. The sequence is cut into chunks of ``C``
+positions. Inside chunk n (local positions ``0..cn-1``), with the *chunk-local* cumulative sums
+``b_r = g_0 + .. + g_r`` and ``e_r = r_0 + .. + r_{r-1}`` (``B = b_{cn-1}``, ``E`` the sum of all
+``r`` of the chunk)::
 
-* forward state ``S_n`` (causal, anchored at the position before chunk n), reset at segment
-  starts: ``S_{n+1} = lambda**C_n S_n + sum_j lambda**(C_n - 1 - j) k_j v_j^T``;
-* reverse state ``R_n`` (anchored at the position after chunk n) for the future part of
-  ``Full`` / ``Prefix`` / ``Chunked(s, 0)``, reset at the ends of the reverse regions;
-* a band of width ``(L + 1) * s - 1`` for ``Chunked(s, L > 0)``.
+    tile    M_rj = exp(b_r - b_j)  (j <= r, same segment)    exp(e_j - e_r)  (j > r, reverse)
+    forward S_{n+1} = exp(B) S_n + sum_j exp(B - b_j) k_j v_j^T,  read by query r: exp(b_r) q_r S_n
+    reverse R_{n-1} = exp(E) R_n + sum_j exp(e_j) k_j v_j^T,      read by query r: exp(E - e_r) q_r R_n
 
-Numerically safe decay: every weight is ``exp(log(lambda) * d)`` with a distance ``d >= 0``
-inside one chunk (never ``lambda ** -i``), so no exponent is positive at any length.
+``S_n`` is anchored at the position before chunk n (reset at segment starts), ``R_n`` after it
+(reset at the ends of the reverse regions); ``Chunked(s, L > 0)`` adds a band of width
+``(L + 1) * s - 1`` (:class:`BandFunction`). Every exponent is a difference of chunk-local
+cumulative log-gates, ``<= 0``: nothing overflows at any length or gate strength.
 
-Memory: forward saves q, k, v and one ``[B, H, D, Dv]`` state per chunk (``T / C`` states, no
-per-token state, no ``[T, T]`` tensor); backward recomputes the chunk tiles and keeps one more
-state per chunk for the reverse scan. With ``C >= Dv`` the saved states weigh at most one more
-``[B, T, H, D]`` tensor (two when the decay is differentiated: states are then fp64, see
-:func:`_state_dtype`).
+Stages: forward ``_reverse_scan`` -> ``_forward_scan``; backward ``_reverse_grad_scan`` (dL/dR)
+-> ``_backward_scan`` (per chunk ``_tile_grads``, ``_forward_state_grads``,
+``_reverse_state_grads``) -> ``_gate_grads`` (chunk-local reverse cumulative sums).
+
+Memory: forward saves q, k, v, the gates and one ``[B, H, D, Dv]`` state per chunk (``T / C``
+states, no per-token state, no ``[T, T]`` tensor); backward recomputes the tiles and keeps one
+more state per chunk for the reverse scan. States are fp64 when a constant decay is
+differentiated (see :func:`linear_attention`).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from typing import NamedTuple
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from causalmix.ops._cache import LRUCache
+from causalmix.ops._validate import compute_dtype
 from causalmix.ops.linear.factor import Factorisation, PositionArrays
 
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+_NEG_INF = float("-inf")
 
 
 def _tile(x: torch.Tensor, a: int, c: int, cd) -> torch.Tensor:
@@ -38,143 +44,177 @@ def _tile(x: torch.Tensor, a: int, c: int, cd) -> torch.Tensor:
     return x[:, a:a + c].transpose(1, 2).to(cd)
 
 
-class _Geometry:
-    """Per-chunk masks and decay weights for one call.
+def _by_chunk(x: torch.Tensor, n: int, c: int, fill) -> torch.Tensor:
+    """``[B', T]`` -> ``[B', N, C]``, the tail padded with ``fill`` (``"edge"``: the last value)."""
+    pad = n * c - x.shape[1]
+    if fill == "edge":
+        x = torch.cat([x, x[:, -1:].expand(-1, pad)], dim=1)
+    else:
+        x = torch.nn.functional.pad(x, (0, pad), value=fill)
+    return x.view(x.shape[0], n, c)
 
-    Chunks are grouped once by their position arrays relative to the chunk start (so all chunks
-    without a segment start or region end inside share one geometry, and ``Chunked(s)`` repeats
-    with period ``lcm(s, C) / C``); geometries of groups with several chunks are cached, the
-    others built on demand. A chunk is *dead* when no key of it nor of any later chunk enters
-    the reverse scan (``Prefix`` past ``n``): its reverse read and update are skipped.
+
+class ChunkMasks(NamedTuple):
+    """Boolean geometry of one chunk (gate independent): ``fmask [B', cn, cn]`` (key j <= query
+    r of the same segment), ``bmask [B', cn, cn]`` or None (reverse pairs j > r)."""
+
+    a: int
+    cn: int
+    fmask: torch.Tensor
+    bmask: torch.Tensor | None
+
+
+class Flags(NamedTuple):
+    """Per-position flags of every chunk, ``[B', 1, N, C]`` (chunk-level ones ``[B', 1, N]``):
+    which queries read the carried state, which keys enter the next one, whether it carries."""
+
+    read_f: torch.Tensor
+    key_f: torch.Tensor
+    carry_f: torch.Tensor
+    read_r: torch.Tensor | None
+    key_r: torch.Tensor | None
+    carry_r: torch.Tensor | None
+
+
+class _Geometry:
+    """Masks and flags of one call (positions, length, chunk size), independent of the gates.
+
+    Chunks are grouped by their position arrays relative to the chunk start (all chunks without
+    a segment start or region end inside share one mask, ``Chunked(s)`` repeats with period
+    ``lcm(s, C) / C``); masks of groups with several chunks are cached, the others built on
+    demand. A chunk is *dead* when no key of it nor of any later chunk enters the reverse scan
+    (``Prefix`` past ``n``): its reverse read and update are skipped.
     """
 
-    def __init__(self, arrays: PositionArrays, length: int, c: int, g: torch.Tensor,
-                 reverse: bool):
-        self.t, self.c, self.g, self.reverse = length, c, g, reverse
-        self.arr = arrays
+    def __init__(self, arrays: PositionArrays, length: int, c: int, reverse: bool, device):
+        self.t, self.c, self.reverse, self.arr = length, c, reverse, arrays
         self.n = n = -(-length // c)
-        dev, cd = g.device, g.dtype
-        r = torch.arange(c, device=dev)
-        self.dist = (r[:, None] - r[None, :]).abs().to(cd)  # [C, C]
-        self._expd = torch.exp(g[:, None, None] * self.dist)  # [H, C, C], exponent <= 0
-        pad = n * c - length
-        starts = (torch.arange(n, device=dev) * c)[None, :]  # [1, N]
-
-        def chunks(x, fill):
-            return torch.nn.functional.pad(x, (0, pad), value=fill).view(x.shape[0], n, c)
-
-        kinds = torch.zeros(n, dtype=torch.int64, device=dev)  # 0 general, 2 dead
-        # A chunk's geometry depends only on its positions' arrays taken relative to the chunk
-        # (a start before the chunk is "before", an end past it is "past"): group equal chunks.
-        feats = [chunks(arrays.start, -1) - starts[..., None]]
-        feats[0] = feats[0].clamp_min(-1)
+        starts = (torch.arange(n, device=device) * c)[None, :, None]  # [1, N, 1]
+        st = (_by_chunk(arrays.start, n, c, "edge") - starts).clamp_min(-1)  # [B', N, C]
+        kinds = torch.zeros(n, dtype=torch.int64, device=device)  # 0 general, 2 dead
+        feats = [st]
+        r = torch.arange(c, device=device)
+        st_last = st[:, :, -1:]
+        read_r = key_r = carry_r = None
         if reverse:
-            ends = chunks(arrays.end, length) - starts[..., None]
-            feats.append(ends.clamp_max(c))
+            en = (_by_chunk(arrays.end, n, c, length) - starts).clamp_max(c)
+            feats.append(en)
+            key_r = r <= en[:, :, :1]
             if arrays.key_ok is not None:
-                kok = chunks(arrays.key_ok, False)
+                kok = _by_chunk(arrays.key_ok, n, c, False)
                 feats.append(kok.to(torch.int64))
-                # dead: no key enters in this chunk nor in any later one
-                none_ok = ~(kok.any(-1).any(0))
+                key_r = key_r & kok
+                none_ok = ~(kok.any(-1).any(0))  # no key enters here nor in a later chunk
                 none_ok = none_ok.flip(0).to(torch.int64).cumprod(0).flip(0).bool()
                 kinds = torch.where(none_ok, 2, kinds)
-        sizes = torch.full((1, n, 1), c, dtype=torch.int64, device=dev)
+            read_r, carry_r = en >= c, en[:, :, 0] >= c
+        self.flags = Flags(st < 0, r >= st_last, st_last[:, :, 0] < 0, read_r, key_r, carry_r)
+        self.flags = Flags(*(None if x is None else x[:, None] for x in self.flags))
+        sizes = torch.full((1, n, 1), c, dtype=torch.int64, device=device)
         sizes[0, -1, 0] = length - (n - 1) * c
         feats += [sizes, kinds.view(1, n, 1)]
         nb = max(f.shape[0] for f in feats)
-        rows = torch.cat([f.expand(nb, n, -1) for f in feats], dim=-1)  # [B', N, F]
-        rows = rows.transpose(0, 1).reshape(n, -1)
-        _, group, counts = torch.unique(rows, dim=0, return_inverse=True, return_counts=True)
-        shared = counts[group] > 1  # only geometries used by several chunks are kept
-        self.group = torch.where(shared, group, -1).tolist()
+        rows = torch.cat([f.expand(nb, n, -1) for f in feats], dim=-1).transpose(0, 1)
+        _, group, counts = torch.unique(rows.reshape(n, -1), dim=0, return_inverse=True,
+                                        return_counts=True)
+        self.group = torch.where(counts[group] > 1, group, -1).tolist()
         self.rev_kind = kinds.tolist()
-        self._cache: dict[int, tuple] = {}
+        self._cache: dict[int, ChunkMasks] = {}
 
     def dead(self, n: int) -> bool:
-        """No key of chunk n nor of any later chunk enters the reverse scan: the chunk's
-        reverse state is 0 and its reverse work is skipped (``Prefix`` past ``n``)."""
+        """No key of chunk n nor of any later chunk enters the reverse scan."""
         return self.reverse and self.rev_kind[n] == 2
 
-    def chunk(self, n: int):
-        """Returns ``(a, cn, M, wf, uf, cf, wr, ur, cr)`` for chunk n:
-
-        M ``[B', H, cn, cn]`` masked decay of the tile; wf ``[B', H, cn]`` weight of the forward
-        state read by query r; uf ``[B', H, cn]`` weight of key j in the next forward state;
-        cf ``[B', H]`` carry of the forward state; wr, ur, cr the same for the reverse state.
-        """
-        a = n * self.c
-        cn = min(self.c, self.t - a)
-        rk = self.rev_kind[n] if self.reverse else 0
+    def chunk(self, n: int) -> ChunkMasks:
         key = self.group[n]
         if key >= 0 and key in self._cache:
-            return (a, cn, *self._cache[key])
-        g = self.g
-        cd = g.dtype
-        r = torch.arange(cn, device=g.device)
-        st = self.arr.start[:, a:a + cn] - a  # [B', cn] local to the chunk, < 0: before it
+            return self._cache[key]._replace(a=n * self.c)
+        a = n * self.c
+        cn = min(self.c, self.t - a)
+        r = torch.arange(cn, device=self.arr.start.device)
+        st = self.arr.start[:, a:a + cn] - a  # [B', cn], < 0: before the chunk
         low = r[None, None, :] <= r[None, :, None]  # [1, r, j]: j <= r
         fmask = low & (r[None, None, :] >= st[:, :, None])
-        expd = self._expd[:, :cn, :cn]
-        read_f = (st < 0).to(cd)  # [B', cn]
-        wf = torch.exp(g[:, None] * (r + 1).to(cd))[None] * read_f[:, None]
-        st_last = st[:, -1]  # [B']
-        key_f = (r[None, :] >= st_last[:, None]).to(cd)
-        uf = torch.exp(g[:, None] * (cn - 1 - r).to(cd))[None] * key_f[:, None]
-        cf = torch.exp(g * cn)[None] * (st_last < 0).to(cd)[:, None]
-        wr = ur = cr = None
-        mask = fmask
-        if self.reverse and rk != 2:
-            en = self.arr.end[:, a:a + cn] - a  # [B', cn]
+        bmask = None
+        if self.reverse and not self.dead(n):
+            en = self.arr.end[:, a:a + cn] - a
             bmask = (~low) & (r[None, None, :] <= en[:, :, None])
-            kok = None
             if self.arr.key_ok is not None:
-                kok = self.arr.key_ok[:, a:a + cn]
-                bmask = bmask & kok[:, None, :]
-            mask = fmask | bmask
-            wr = torch.exp(g[:, None] * (cn - r).to(cd))[None] * (en >= cn).to(cd)[:, None]
-            key_r = (r[None, :] <= en[:, :1])
-            if kok is not None:
-                key_r = key_r & kok
-            ur = torch.exp(g[:, None] * r.to(cd))[None] * key_r.to(cd)[:, None]
-            cr = torch.exp(g * cn)[None] * (en[:, 0] >= cn).to(cd)[:, None]
-        m = expd[None] * mask[:, None].to(cd)
-        out = (m, wf, uf, cf, wr, ur, cr)
+                bmask = bmask & self.arr.key_ok[:, None, a:a + cn]
+        out = ChunkMasks(a, cn, fmask, bmask)
         if key >= 0:
             self._cache[key] = out
-        return (a, cn, *out)
+        return out
 
 
-_GEOMETRIES: OrderedDict = OrderedDict()
-_GEOMETRIES_SIZE = 8
+_GEOMETRIES: LRUCache[_Geometry] = LRUCache(8)
 
 
-def _geometry(arrays: PositionArrays, length: int, c: int, g: torch.Tensor,
-              reverse: bool) -> _Geometry:
-    """:class:`_Geometry` of a call, reused across calls with the same position arrays, length,
-    chunk size and decay (a stream pushing equal-sized pieces, every training step of a model
-    with fixed decay): building one costs about as much as the math of a few chunks."""
-
-    def content(x):
-        return None if x is None else (tuple(x.shape), tuple(x.reshape(-1).tolist()))
-
-    key = (length, c, reverse, g.dtype, str(g.device), tuple(g.detach().reshape(-1).tolist()),
-           content(arrays.start), content(arrays.end), content(arrays.key_ok))
-    geo = _GEOMETRIES.get(key)
-    if geo is None:
-        geo = _Geometry(arrays, length, c, g.detach(), reverse)
-        _GEOMETRIES[key] = geo
-        if len(_GEOMETRIES) > _GEOMETRIES_SIZE:
-            _GEOMETRIES.popitem(last=False)
-    else:
-        _GEOMETRIES.move_to_end(key)
-    return geo
+def _content(x):
+    return None if x is None else (tuple(x.shape), tuple(x.reshape(-1).tolist()))
 
 
-def _state_dtype(cd: torch.dtype, decay_grad: bool) -> torch.dtype:
-    """Carried states are fp64 when the decay is differentiated: its gradient sums products of
-    long-carried states (``<dL/dS_{n+1}, S_n>``), whose fp32 rounding would dominate it at
-    long T with lambda near 1. Tiles and matmuls on tokens stay in the compute dtype."""
-    return torch.float64 if decay_grad else cd
+def _geometry(arrays: PositionArrays, length: int, c: int, reverse: bool) -> _Geometry:
+    """:class:`_Geometry` of a call, reused across calls with the same position arrays, length
+    and chunk size (a stream pushing equal-sized pieces, every training step of a model)."""
+    key = (length, c, reverse, str(arrays.start.device), _content(arrays.start),
+           _content(arrays.end), _content(arrays.key_ok))
+    return _GEOMETRIES.get_or_make(
+        key, lambda: _Geometry(arrays, length, c, reverse, arrays.start.device))
+
+
+class Weights(NamedTuple):
+    """Gate-derived weights of every chunk, ``[B'', H, N, C]`` (carries ``[B'', H, N]``):
+    ``b``/``e`` the chunk-local cumulative log-gates, the others as in the module docstring,
+    times the geometry's flags. Reverse fields are None without a reverse scan."""
+
+    b: torch.Tensor
+    wf: torch.Tensor
+    uf: torch.Tensor
+    cf: torch.Tensor
+    e: torch.Tensor | None
+    wr: torch.Tensor | None
+    ur: torch.Tensor | None
+    cr: torch.Tensor | None
+
+
+def _exp(x: torch.Tensor, cd) -> torch.Tensor:
+    """``exp`` of an fp64 difference, rounded to the compute dtype first."""
+    return torch.exp(x.to(cd))
+
+
+def _weights(gf, gr, geo: _Geometry, cd) -> Weights:
+    """``gf, gr: [B', T, H]`` -> :class:`Weights`. The chunk-local cumulative sums are kept in
+    fp64 so that their differences are exact to the compute dtype at any chunk size and gate
+    strength; only those differences (all ``<= 0``) are exponentiated."""
+    n, c, fl = geo.n, geo.c, geo.flags
+
+    def local(x):  # [B', T, H] -> [B', H, N, C] fp64, zero gates past the end
+        x = torch.nn.functional.pad(x.to(torch.float64), (0, 0, 0, n * c - x.shape[1]))
+        return x.view(x.shape[0], n, c, -1).permute(0, 3, 1, 2)
+
+    b = local(gf).cumsum(-1)
+    tot = b[..., -1:]
+    wf, uf = _exp(b, cd) * fl.read_f, _exp(tot - b, cd) * fl.key_f
+    cf = _exp(tot[..., 0], cd) * fl.carry_f
+    if not geo.reverse:
+        return Weights(b, wf, uf, cf, None, None, None, None)
+    r = local(gr)
+    e = torch.nn.functional.pad(r[..., :-1], (1, 0)).cumsum(-1)  # exclusive
+    etot = e[..., -1:] + r[..., -1:]
+    wr, ur = _exp(etot - e, cd) * fl.read_r, _exp(e, cd) * fl.key_r
+    return Weights(b, wf, uf, cf, e, wr, ur, _exp(etot[..., 0], cd) * fl.carry_r)
+
+
+def _tile_weights(w: Weights, m: ChunkMasks, n: int) -> torch.Tensor:
+    """``M [B'', H, cn, cn]`` of chunk n: exp of masked differences (masked entries are 0)."""
+    cn, cd = m.cn, w.wf.dtype
+    b = w.b[:, :, n, :cn]
+    logits = torch.where(m.fmask[:, None], (b[..., :, None] - b[..., None, :]).to(cd), _NEG_INF)
+    if m.bmask is not None:
+        e = w.e[:, :, n, :cn]
+        logits = torch.where(m.bmask[:, None], (e[..., None, :] - e[..., :, None]).to(cd), logits)
+    return torch.exp(logits)
 
 
 def _outer(x: torch.Tensor, y: torch.Tensor, sd: torch.dtype) -> torch.Tensor:
@@ -182,168 +222,287 @@ def _outer(x: torch.Tensor, y: torch.Tensor, sd: torch.dtype) -> torch.Tensor:
     return x.to(sd).transpose(-1, -2) @ y.to(sd)
 
 
+def _col(x: torch.Tensor, n: int, cn: int) -> torch.Tensor:
+    """Weights of chunk n as a column ``[B'', H, cn, 1]``."""
+    return x[:, :, n, :cn, None]
+
+
+def _carry(x: torch.Tensor, n: int) -> torch.Tensor:
+    return x[:, :, n, None, None]
+
+
+class Ctx(NamedTuple):
+    """What every stage needs: inputs, geometry, weights and dtypes."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    geo: _Geometry
+    w: Weights
+    cd: torch.dtype
+    sd: torch.dtype
+
+
+def _reverse_scan(x: Ctx) -> list:
+    """Reverse states ``R_n`` (anchored after chunk n), built from the end."""
+    b, _t, h, d = x.q.shape
+    rstates: list = [None] * x.geo.n
+    rs = x.q.new_zeros(b, h, d, x.v.shape[-1], dtype=x.sd)
+    for n in range(x.geo.n - 1, -1, -1):
+        rstates[n] = rs
+        if x.geo.dead(n):
+            continue
+        a, cn = n * x.geo.c, min(x.geo.c, x.geo.t - n * x.geo.c)
+        kt, vt = _tile(x.k, a, cn, x.cd), _tile(x.v, a, cn, x.cd)
+        rs = _carry(x.w.cr, n) * rs + _outer(kt * _col(x.w.ur, n, cn), vt, x.sd)
+    return rstates
+
+
+def _forward_scan(x: Ctx, s0, rstates):
+    """Outputs ``[B, T, H, Dv]``, the forward states ``S_n`` and the final state."""
+    b, t, h, d = x.q.shape
+    o = torch.empty(b, t, h, x.v.shape[-1], dtype=x.cd, device=x.q.device)
+    s = x.q.new_zeros(b, h, d, x.v.shape[-1], dtype=x.sd) if s0 is None else s0.to(x.sd)
+    states = []
+    for n in range(x.geo.n):
+        states.append(s)
+        m = x.geo.chunk(n)
+        a, cn = m.a, m.cn
+        qt, kt, vt = _tile(x.q, a, cn, x.cd), _tile(x.k, a, cn, x.cd), _tile(x.v, a, cn, x.cd)
+        att = (qt @ kt.transpose(-1, -2)) * _tile_weights(x.w, m, n)
+        out = att @ vt + (qt * _col(x.w.wf, n, cn)) @ s.to(x.cd)
+        if rstates[n] is not None and not x.geo.dead(n):
+            out = out + (qt * _col(x.w.wr, n, cn)) @ rstates[n].to(x.cd)
+        o[:, a:a + cn] = out.transpose(1, 2)
+        s = _carry(x.w.cf, n) * s + _outer(kt * _col(x.w.uf, n, cn), vt, x.sd)
+    return o, states, s
+
+
+def _prepare(q, k, v, gf, gr, arrays, c, reverse, sd) -> Ctx:
+    cd = compute_dtype(q)
+    geo = _geometry(arrays, q.shape[1], c, reverse)
+    return Ctx(q, k, v, geo, _weights(gf, gr, geo, cd), cd, sd)
+
+
 class ScanFunction(torch.autograd.Function):
-    """Forward (+ optional reverse) chunked scan. Returns ``(o [B, T, H, Dv], S_final)`` in the
-    compute dtype."""
+    """Forward (+ optional reverse) chunked scan. ``q, k: [B, T, H, D]``, ``v: [B, T, H, Dv]``,
+    ``gf, gr: [B', T, H]`` (``gr`` ignored without a reverse scan), ``s0: [B, H, D, Dv]`` or
+    None -> ``(o [B, T, H, Dv], S_final)`` in the compute dtype."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, s0, arrays: PositionArrays, c: int, reverse: bool):
-        b, t, h, _ = q.shape
-        dv = v.shape[-1]
-        d = q.shape[-1]
-        cd = g.dtype
-        sd = _state_dtype(cd, ctx.needs_input_grad[3])
-        geo = _geometry(arrays, t, c, g, reverse)
-        n_chunks = geo.n
-        o = torch.empty(b, t, h, dv, dtype=cd, device=q.device)
-        # reverse states R_n (anchored after chunk n), built from the end
-        rstates: list = [None] * n_chunks
-        if reverse:
-            rs = q.new_zeros(b, h, d, dv, dtype=sd)
-            for n in range(n_chunks - 1, -1, -1):
-                rstates[n] = rs
-                if geo.dead(n):
-                    continue
-                a, cn, _m, _wf, _uf, _cf, _wr, ur, cr = geo.chunk(n)
-                kt, vt = _tile(k, a, cn, cd), _tile(v, a, cn, cd)
-                rs = cr[..., None, None] * rs + _outer(kt * ur[..., None], vt, sd)
-        s = q.new_zeros(b, h, d, dv, dtype=sd) if s0 is None else s0.to(sd)
-        states = []
-        for n in range(n_chunks):
-            states.append(s)
-            a, cn, m, wf, uf, cf, wr, _ur, _cr = geo.chunk(n)
-            qt, kt, vt = _tile(q, a, cn, cd), _tile(k, a, cn, cd), _tile(v, a, cn, cd)
-            att = (qt @ kt.transpose(-1, -2)) * m
-            out = att @ vt + (qt * wf[..., None]) @ s.to(cd)
-            if reverse and not geo.dead(n):
-                out = out + (qt * wr[..., None]) @ rstates[n].to(cd)
-            o[:, a:a + cn] = out.transpose(1, 2)
-            s = cf[..., None, None] * s + _outer(kt * uf[..., None], vt, sd)
-        del rstates
-        ctx.save_for_backward(q, k, v, g)
-        ctx.states = states
-        ctx.arrays, ctx.c, ctx.reverse, ctx.has_s0 = arrays, c, reverse, s0 is not None
-        return o, s.to(cd)
+    def forward(ctx, q, k, v, gf, gr, s0, arrays: PositionArrays, c: int, reverse: bool,
+                sd: torch.dtype):
+        x = _prepare(q, k, v, gf, gr, arrays, c, reverse, sd)
+        rstates = _reverse_scan(x) if reverse else [None] * x.geo.n
+        o, states, s = _forward_scan(x, s0, rstates)
+        ctx.save_for_backward(q, k, v, gf, gr)
+        ctx.states, ctx.s_final = states, s
+        ctx.arrays, ctx.c, ctx.reverse, ctx.sd, ctx.has_s0 = arrays, c, reverse, sd, s0 is not None
+        return o, s.to(x.cd)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do, ds_final):
-        q, k, v, g = ctx.saved_tensors
-        states = ctx.states
-        b, t, h, d = q.shape
-        dv = v.shape[-1]
-        cd = g.dtype
-        sd = states[0].dtype if states else cd
-        reverse = ctx.reverse
-        geo = _geometry(ctx.arrays, t, ctx.c, g, reverse)
-        n_chunks = geo.n
-        do = do.to(cd) if do is not None else torch.zeros(b, t, h, dv, dtype=cd, device=q.device)
-        dq = torch.empty(b, t, h, d, dtype=cd, device=q.device)
-        dk = torch.empty(b, t, h, d, dtype=cd, device=q.device)
-        dvv = torch.empty(b, t, h, dv, dtype=cd, device=q.device)
-        dg = torch.zeros(h, dtype=torch.float64, device=q.device)  # [H] sums of many chunks
-        want_g = ctx.needs_input_grad[3]
+        q, k, v, gf, gr = ctx.saved_tensors
+        x = _prepare(q, k, v, gf, gr, ctx.arrays, ctx.c, ctx.reverse, ctx.sd)
+        b, t, h, _d = q.shape
+        if do is None:
+            do = torch.zeros(b, t, h, v.shape[-1], dtype=x.cd, device=q.device)
+        want_g = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        hstates = _reverse_grad_scan(x, do) if ctx.reverse else None
+        grads = _backward_scan(x, do.to(x.cd), ds_final, ctx.states, hstates, want_g)
+        dgf = dgr = None
+        if want_g:
+            dgf, dgr = _gate_grads(x, grads.acc, ctx.s_final, ds_final, gf, gr)
+        ds0 = grads.gs.to(x.cd) if ctx.has_s0 else None
+        return (grads.dq.to(q.dtype), grads.dk.to(k.dtype), grads.dv.to(v.dtype), dgf,
+                dgr if ctx.reverse else None, ds0, None, None, None, None)
 
-        # dL/dR_n (forward order): H_n = (wr Q_n)^T dO_n + cr_n H_{n-1}
-        hstates: list = [None] * n_chunks
-        if reverse:
-            hs = q.new_zeros(b, h, d, dv, dtype=sd)
-            for n in range(n_chunks):
-                if geo.dead(n):
-                    break  # later chunks are dead too; nothing reads their H
-                a, cn, _m, _wf, _uf, _cf, wr, _ur, cr = geo.chunk(n)
-                qt, dot = _tile(q, a, cn, cd), _tile(do, a, cn, cd)
-                hs = _outer(qt * wr[..., None], dot, sd) + cr[..., None, None] * hs
-                hstates[n] = hs
 
-        gs = q.new_zeros(b, h, d, dv, dtype=sd) if ds_final is None else ds_final.to(sd)
-        rs = q.new_zeros(b, h, d, dv, dtype=sd)  # R_{N-1} = 0
-        for n in range(n_chunks - 1, -1, -1):
-            a, cn, m, wf, uf, cf, wr, ur, cr = geo.chunk(n)
-            qt, kt, vt = _tile(q, a, cn, cd), _tile(k, a, cn, cd), _tile(v, a, cn, cd)
-            dot = _tile(do, a, cn, cd)
-            s = states[n]
-            pos = torch.arange(cn, device=q.device).to(cd)
-            # intra-chunk tile
-            att = (qt @ kt.transpose(-1, -2)) * m
-            datt = dot @ vt.transpose(-1, -2)
-            dp = datt * m
-            dqt = dp @ kt
-            dkt = dp.transpose(-1, -2) @ qt
-            dvt = att.transpose(-1, -2) @ dot
-            if want_g:
-                dg += (datt * att * geo.dist[:cn, :cn]).sum(dim=(0, 2, 3))
-            # forward state read: O += diag(wf) Q S_n
-            x = dot @ s.to(cd).transpose(-1, -2)  # [B, H, cn, D]
-            dqt = dqt + x * wf[..., None]
-            if want_g:
-                dg += ((qt * x).sum(-1) * wf * (pos + 1)).sum(dim=(0, 2))
-            # forward state update: S_{n+1} = cf S_n + (uf K)^T V; gs = dL/dS_{n+1}
-            gsc = gs.to(cd)
-            y = vt @ gsc.transpose(-1, -2)  # [B, H, cn, D]
-            dkt = dkt + y * uf[..., None]
-            dvt = dvt + (kt @ gsc) * uf[..., None]
-            if want_g:
-                dg += ((kt * y).sum(-1) * uf * (cn - 1 - pos)).sum(dim=(0, 2))
-                dg += cn * (cf * (gs * s).sum(dim=(-1, -2))).sum(0)
-            gs = _outer(qt * wf[..., None], dot, sd) + cf[..., None, None] * gs
-            if reverse and not geo.dead(n):
-                # reverse state read: O += diag(wr) Q R_n
-                xr = dot @ rs.to(cd).transpose(-1, -2)
-                dqt = dqt + xr * wr[..., None]
-                if want_g:
-                    dg += ((qt * xr).sum(-1) * wr * (cn - pos)).sum(dim=(0, 2))
-                if n > 0:
-                    # R_{n-1} = cr R_n + (ur K)^T V; dL/dR_{n-1} = H_{n-1}
-                    hm = hstates[n - 1]
-                    hmc = hm.to(cd)
-                    yr = vt @ hmc.transpose(-1, -2)
-                    dkt = dkt + yr * ur[..., None]
-                    dvt = dvt + (kt @ hmc) * ur[..., None]
-                    if want_g:
-                        dg += ((kt * yr).sum(-1) * ur * pos).sum(dim=(0, 2))
-                        dg += cn * (cr * (hm * rs).sum(dim=(-1, -2))).sum(0)
-                rs = cr[..., None, None] * rs + _outer(kt * ur[..., None], vt, sd)
-            dq[:, a:a + cn] = dqt.transpose(1, 2)
-            dk[:, a:a + cn] = dkt.transpose(1, 2)
-            dvv[:, a:a + cn] = dvt.transpose(1, 2)
-        ds0 = gs.to(cd) if ctx.has_s0 else None
-        return (dq.to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype), dg.to(cd) if want_g else None,
-                ds0, None, None, None)
+def _reverse_grad_scan(x: Ctx, do) -> list:
+    """``H_n = dL/dR_n`` in forward order: ``H_n = (wr Q_n)^T dO_n + exp(E_n) H_{n-1}``."""
+    b, _t, h, d = x.q.shape
+    hstates: list = [None] * x.geo.n
+    hs = x.q.new_zeros(b, h, d, x.v.shape[-1], dtype=x.sd)
+    for n in range(x.geo.n):
+        if x.geo.dead(n):
+            break  # later chunks are dead too; nothing reads their H
+        a, cn = n * x.geo.c, min(x.geo.c, x.geo.t - n * x.geo.c)
+        qt, dot = _tile(x.q, a, cn, x.cd), _tile(do, a, cn, x.cd)
+        hs = _outer(qt * _col(x.w.wr, n, cn), dot, x.sd) + _carry(x.w.cr, n) * hs
+        hstates[n] = hs
+    return hstates
+
+
+class GateAcc(NamedTuple):
+    """Accumulated gate gradients, ``[B, H, N, C]`` (``dB, dE: [B, H, N]``): ``db`` w.r.t. the
+    chunk-local forward sums ``b``, ``de`` w.r.t. ``e``, ``dbt``/``det`` w.r.t. the chunk
+    totals."""
+
+    db: torch.Tensor
+    de: torch.Tensor | None
+    dbt: torch.Tensor
+    det: torch.Tensor | None
+
+
+class Grads(NamedTuple):
+    dq: torch.Tensor
+    dk: torch.Tensor
+    dv: torch.Tensor
+    gs: torch.Tensor  # dL/dS_0, the initial state's gradient
+    acc: GateAcc | None
+
+
+class TileGrad(NamedTuple):
+    """Gradients of one chunk, ``[B, H, cn, D|Dv]``."""
+
+    dq: torch.Tensor
+    dk: torch.Tensor
+    dv: torch.Tensor
+
+
+def _tile_grads(x: Ctx, m: ChunkMasks, n, qt, kt, vt, dot, acc) -> TileGrad:
+    """Intra-chunk tile ``O = (Q K^T * M) V``; pair terms of the gate gradient into ``acc``."""
+    tw = _tile_weights(x.w, m, n)
+    att = (qt @ kt.transpose(-1, -2)) * tw
+    datt = dot @ vt.transpose(-1, -2)
+    dp = datt * tw
+    if acc is not None:
+        p = (datt * att).to(x.sd)  # dL/d(log M_rj) for every pair
+        pf = p if m.bmask is None else p * m.fmask[:, None]
+        acc.db[:, :, n, :m.cn] += pf.sum(-1) - pf.sum(-2)  # M = exp(b_r - b_j)
+        if m.bmask is not None:
+            pr = p - pf  # M = exp(e_j - e_r)
+            acc.de[:, :, n, :m.cn] += pr.sum(-2) - pr.sum(-1)
+    return TileGrad(dp @ kt, dp.transpose(-1, -2) @ qt, att.transpose(-1, -2) @ dot)
+
+
+def _forward_state_grads(x: Ctx, n, cn, qt, kt, vt, dot, s, gs, g: TileGrad, acc):
+    """State read ``O += diag(wf) Q S_n`` and update ``S_{n+1} = cf S_n + (uf K)^T V`` (``gs``:
+    dL/dS_{n+1}). Returns the tile gradients and dL/dS_n."""
+    wf, uf, cf = _col(x.w.wf, n, cn), _col(x.w.uf, n, cn), _carry(x.w.cf, n)
+    xs = dot @ s.to(x.cd).transpose(-1, -2)  # [B, H, cn, D]
+    gsc = gs.to(x.cd)
+    y = vt @ gsc.transpose(-1, -2)  # [B, H, cn, D]
+    if acc is not None:
+        read = ((qt * xs).sum(-1, keepdim=True) * wf)[..., 0].to(x.sd)  # d/db_r of exp(b_r)
+        upd = ((kt * y).sum(-1, keepdim=True) * uf)[..., 0].to(x.sd)  # d/d(B - b_j)
+        acc.db[:, :, n, :cn] += read - upd
+        acc.dbt[:, :, n] += upd.sum(-1) + (_carry(x.w.cf, n) * gs * s).sum((-1, -2)).to(x.sd)
+    g = TileGrad(g.dq + xs * wf, g.dk + y * uf, g.dv + (kt @ gsc) * uf)
+    return g, _outer(qt * wf, dot, x.sd) + cf * gs
+
+
+def _reverse_state_grads(x: Ctx, n, cn, qt, kt, vt, dot, rs, hm, g: TileGrad, acc) -> TileGrad:
+    """Reverse read ``O += diag(wr) Q R_n`` and update ``R_{n-1} = cr R_n + (ur K)^T V`` (``hm``:
+    dL/dR_{n-1}, None for the first chunk)."""
+    wr, ur = _col(x.w.wr, n, cn), _col(x.w.ur, n, cn)
+    xr = dot @ rs.to(x.cd).transpose(-1, -2)
+    dq, dk, dv = g.dq + xr * wr, g.dk, g.dv
+    if acc is not None:
+        read = ((qt * xr).sum(-1, keepdim=True) * wr)[..., 0].to(x.sd)  # exp(E - e_r)
+        acc.de[:, :, n, :cn] -= read
+        acc.det[:, :, n] += read.sum(-1)
+    if hm is not None:
+        hmc = hm.to(x.cd)
+        yr = vt @ hmc.transpose(-1, -2)
+        dk, dv = dk + yr * ur, dv + (kt @ hmc) * ur
+        if acc is not None:
+            acc.de[:, :, n, :cn] += ((kt * yr).sum(-1, keepdim=True) * ur)[..., 0].to(x.sd)
+            acc.det[:, :, n] += (_carry(x.w.cr, n) * hm * rs).sum((-1, -2)).to(x.sd)
+    return TileGrad(dq, dk, dv)
+
+
+def _backward_scan(x: Ctx, do, ds_final, states, hstates, want_g) -> Grads:
+    """Chunks from the last to the first: dq, dk, dv, dL/dS_0 and the gate accumulators."""
+    b, t, h, d = x.q.shape
+    dev = x.q.device
+    dq = torch.empty(b, t, h, d, dtype=x.cd, device=dev)
+    dk = torch.empty(b, t, h, d, dtype=x.cd, device=dev)
+    dv = torch.empty(b, t, h, x.v.shape[-1], dtype=x.cd, device=dev)
+    acc = None
+    if want_g:
+        shape, n = (b, h, x.geo.n, x.geo.c), x.geo.n
+        rev = x.geo.reverse
+        acc = GateAcc(torch.zeros(shape, dtype=x.sd, device=dev),
+                      torch.zeros(shape, dtype=x.sd, device=dev) if rev else None,
+                      torch.zeros(b, h, n, dtype=x.sd, device=dev),
+                      torch.zeros(b, h, n, dtype=x.sd, device=dev) if rev else None)
+    gs = x.q.new_zeros(b, h, d, x.v.shape[-1], dtype=x.sd) if ds_final is None \
+        else ds_final.to(x.sd)
+    rs = x.q.new_zeros(b, h, d, x.v.shape[-1], dtype=x.sd)  # R_{N-1} = 0
+    for n in range(x.geo.n - 1, -1, -1):
+        m = x.geo.chunk(n)
+        a, cn = m.a, m.cn
+        qt, kt, vt = _tile(x.q, a, cn, x.cd), _tile(x.k, a, cn, x.cd), _tile(x.v, a, cn, x.cd)
+        dot = _tile(do, a, cn, x.cd)
+        g = _tile_grads(x, m, n, qt, kt, vt, dot, acc)
+        g, gs = _forward_state_grads(x, n, cn, qt, kt, vt, dot, states[n], gs, g, acc)
+        if x.geo.reverse and not x.geo.dead(n):
+            hm = hstates[n - 1] if n > 0 else None
+            g = _reverse_state_grads(x, n, cn, qt, kt, vt, dot, rs, hm, g, acc)
+            rs = _carry(x.w.cr, n) * rs + _outer(kt * _col(x.w.ur, n, cn), vt, x.sd)
+        dq[:, a:a + cn] = g.dq.transpose(1, 2)
+        dk[:, a:a + cn] = g.dk.transpose(1, 2)
+        dv[:, a:a + cn] = g.dv.transpose(1, 2)
+    return Grads(dq, dk, dv, gs, acc)
+
+
+def _gate_grads(x: Ctx, acc: GateAcc, s_final, ds_final, gf, gr):
+    """Chain rule from the chunk-local sums to the gates: ``b_r = sum_{s <= r} g_s`` and
+    ``B = b_{cn-1}`` give ``dg_s = sum_{r >= s} db_r + dB``; ``e_r = sum_{s < r} r_s`` and
+    ``E = sum r`` give ``dr_s = sum_{r > s} de_r + dE``. Returns ``[B', T, H]`` each."""
+    t = x.geo.t
+    if ds_final is not None:  # S_final = exp(B_last) S_{N-1} + ...: its own d/dB_last
+        pass  # already counted: the last chunk's update used gs = dL/dS_final
+
+    def to_gate(dl, like):  # [B, H, N, C] -> [B', T, H] summed over a broadcast batch
+        y = dl.permute(0, 2, 3, 1).reshape(dl.shape[0], -1, dl.shape[1])[:, :t]
+        if like.shape[0] == 1 and y.shape[0] != 1:
+            y = y.sum(0, keepdim=True)
+        return y.to(like.dtype)
+
+    dgf = to_gate(acc.db.flip(-1).cumsum(-1).flip(-1) + acc.dbt[..., None], gf)
+    dgr = None
+    if acc.de is not None:
+        de = acc.de.flip(-1).cumsum(-1).flip(-1) - acc.de  # sum_{r > s} de_r
+        dgr = to_gate(de + acc.det[..., None], gr)
+    return dgf, dgr
 
 
 class BandFunction(torch.autograd.Function):
     """Future band of ``Chunked(s, L > 0)``: for query i, keys ``j`` in ``(i, i + width]`` that the
-    spec shows it, weight ``lambda ** (j - i)``. Exact dense tiles of ``[C, C + width]``, recomputed
-    in backward (nothing but the inputs is saved). Returns ``o [B, T, H, Dv]`` (compute dtype)."""
+    spec shows it, weight ``exp(E_j - E_i)`` (``E``: cumulative reverse log-gates, local to the
+    tile). Exact dense tiles of ``[C, C + width]``, recomputed in backward. ``gr: [B', Tk, H]``.
+    Returns ``o [B, T, H, Dv]`` (compute dtype)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, spec, offset: int, width: int, c: int):
+    def forward(ctx, q, k, v, gr, spec, offset: int, width: int, c: int):
         b, t, h, _ = q.shape
-        cd = g.dtype
+        cd = compute_dtype(q)
         o = torch.empty(b, t, h, v.shape[-1], dtype=cd, device=q.device)
-        for a, cn, kend, m in _band_tiles(spec, t, k.shape[1], offset, width, c, g):
+        for a, cn, kend, m in _band_tiles(spec, t, k.shape[1], offset, width, c, gr, cd):
             qt = _tile(q, a, cn, cd)
             kt, vt = _tile(k, a, kend - a, cd), _tile(v, a, kend - a, cd)
             o[:, a:a + cn] = (((qt @ kt.transpose(-1, -2)) * m) @ vt).transpose(1, 2)
-        ctx.save_for_backward(q, k, v, g)
+        ctx.save_for_backward(q, k, v, gr)
         ctx.spec, ctx.offset, ctx.width, ctx.c = spec, offset, width, c
         return o
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do):
-        q, k, v, g = ctx.saved_tensors
+        q, k, v, gr = ctx.saved_tensors
         b, t, h, d = q.shape
         tk = k.shape[1]
-        cd = g.dtype
+        cd = compute_dtype(q)
         do = do.to(cd)
         dq = torch.zeros(b, t, h, d, dtype=cd, device=q.device)
         dk = torch.zeros(b, tk, h, d, dtype=cd, device=q.device)
         dvv = torch.zeros(b, tk, h, v.shape[-1], dtype=cd, device=q.device)
-        dg = torch.zeros(h, dtype=torch.float64, device=q.device)  # [H] sums of many chunks
         want_g = ctx.needs_input_grad[3]
-        for a, cn, kend, m in _band_tiles(ctx.spec, t, tk, ctx.offset, ctx.width, ctx.c, g):
+        dg = torch.zeros(b, tk, h, dtype=cd, device=q.device) if want_g else None
+        for a, cn, kend, m in _band_tiles(ctx.spec, t, tk, ctx.offset, ctx.width, ctx.c, gr, cd):
             qt, dot = _tile(q, a, cn, cd), _tile(do, a, cn, cd)
             kt, vt = _tile(k, a, kend - a, cd), _tile(v, a, kend - a, cd)
             att = (qt @ kt.transpose(-1, -2)) * m
@@ -353,17 +512,21 @@ class BandFunction(torch.autograd.Function):
             dk[:, a:kend] += (dp.transpose(-1, -2) @ qt).transpose(1, 2)
             dvv[:, a:kend] += (att.transpose(-1, -2) @ dot).transpose(1, 2)
             if want_g:
-                i = torch.arange(a, a + cn, device=q.device)
-                j = torch.arange(a, kend, device=q.device)
-                dist = (j[None, :] - i[:, None]).clamp_min(0).to(cd)
-                dg += (datt * att * dist).sum(dim=(0, 2, 3))
-        return (dq.to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype), dg.to(cd) if want_g else None,
-                None, None, None, None)
+                p = datt * att  # d/d(E_j - E_i)
+                de = p.sum(-2)  # [B, H, kn]
+                de[..., :cn] -= p.sum(-1)
+                de = de.flip(-1).cumsum(-1).flip(-1) - de  # dE_s: sum over p > s
+                dg[:, a:kend] += de.transpose(1, 2)
+        if want_g:
+            dg = dg.sum(0, keepdim=True) if gr.shape[0] == 1 else dg
+            dg = dg.to(gr.dtype)
+        return (dq.to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype), dg, None, None, None, None)
 
 
-def _band_tiles(spec, t: int, tk: int, offset: int, width: int, c: int, g: torch.Tensor):
-    """Tiles of the band: queries ``[a, a + cn)`` of ``t``, keys ``[a, kend)`` of ``tk >= t``."""
-    dev, cd = g.device, g.dtype
+def _band_tiles(spec, t: int, tk: int, offset: int, width: int, c: int, gr, cd):
+    """Tiles of the band: queries ``[a, a + cn)`` of ``t``, keys ``[a, kend)`` of ``tk >= t``,
+    and their weights ``[B'', H, cn, kn]``."""
+    dev = gr.device
     nb = spec.batch_size or 1
     bidx = torch.arange(nb, device=dev).view(nb, 1, 1)
     for a in range(0, t, c):
@@ -371,26 +534,32 @@ def _band_tiles(spec, t: int, tk: int, offset: int, width: int, c: int, g: torch
         kend = min(tk, a + cn + width)
         i = torch.arange(a, a + cn, device=dev)
         j = torch.arange(a, kend, device=dev)
-        rel = j[None, :] - i[:, None]  # [cn, kn]
         vis = spec.visible(bidx, (i + offset).view(1, -1, 1), (j + offset).view(1, 1, -1))
-        vis = vis & (rel > 0)[None]
-        m = torch.exp(g[:, None, None] * rel.clamp_min(0).to(cd))[None] * vis[:, None].to(cd)
-        yield a, cn, kend, m
+        vis = vis & (j[None, :] > i[:, None])[None]
+        r = gr[:, a:kend].to(torch.float64).transpose(1, 2)  # [B', H, kn]
+        e = torch.nn.functional.pad(r[..., :-1], (1, 0)).cumsum(-1)  # fp64: exact differences
+        logits = torch.where(vis[:, None], (e[..., None, :] - e[..., :cn, None]).to(cd),
+                             _NEG_INF)
+        yield a, cn, kend, torch.exp(logits)
 
 
-def linear_attention(q, k, v, f: Factorisation, *, decay, offset: int, initial_state,
-                     chunk_size: int):
-    """``q: [B, T, H, D]``, ``k: [B, Tk, H, D]``, ``v: [B, Tk, H, Dv]`` with ``Tk >= T`` ->
-    ``(o [B, T, H, Dv] q.dtype, S at query T - 1)``. Keys past the last query (``Tk > T``) reach
-    the queries only through the band, so specs with a reverse scan need ``Tk == T`` (the API
-    checks)."""
+def linear_attention(q, k, v, f: Factorisation, *, log_gate, reverse_log_gate, offset: int,
+                     initial_state, chunk_size: int, wide_states: bool = False):
+    """``q: [B, T, H, D]``, ``k: [B, Tk, H, D]``, ``v: [B, Tk, H, Dv]`` with ``Tk >= T``,
+    ``log_gate, reverse_log_gate: [B', Tk, H]`` (``B'`` 1 or B) -> ``(o [B, T, H, Dv] q.dtype,
+    S at query T - 1)``. Keys past the last query (``Tk > T``) reach the queries only through
+    the band, so specs with a reverse scan need ``Tk == T`` (the API checks). The chunk size is
+    clamped to T (same numbers, no allocation by ``chunk_size``). ``wide_states``: carry the
+    states in fp64 (a differentiated constant decay: its gradient sums products of
+    long-carried states, whose fp32 rounding would dominate it at long T with lambda near 1)."""
     t = q.shape[1]
+    c = max(1, min(chunk_size, t))
     cd = compute_dtype(q)
-    h = q.shape[2]
-    g = torch.zeros(h, dtype=cd, device=q.device) if decay is None else torch.log(decay.to(cd))
     arrays = f.arrays(t, offset, q.device)
     ks, vs = (k, v) if k.shape[1] == t else (k[:, :t], v[:, :t])
-    o, s = ScanFunction.apply(q, ks, vs, g, initial_state, arrays, chunk_size, f.has_reverse)
+    gf, gr = log_gate[:, :t], reverse_log_gate[:, :t]
+    sd = torch.float64 if wide_states else cd
+    o, s = ScanFunction.apply(q, ks, vs, gf, gr, initial_state, arrays, c, f.has_reverse, sd)
     if f.band:
-        o = o + BandFunction.apply(q, k, v, g, f.spec, offset, f.band, chunk_size)
+        o = o + BandFunction.apply(q, k, v, reverse_log_gate, f.spec, offset, f.band, c)
     return o.to(q.dtype), s

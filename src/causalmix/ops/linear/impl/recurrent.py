@@ -1,19 +1,21 @@
 """Recurrent linear attention: one position at a time (decode, and a second oracle).
 
-Forward recurrence (the causal part), reset at segment starts::
+Per-position log-gates ``g_t`` (forward) and ``r_t`` (reverse), ``[B', T, H]``; a constant decay
+is ``g_t = r_t = log(lambda)``. Forward recurrence (the causal part), reset at segment starts::
 
-    S_t = [t continues its segment] * lambda * S_{t-1} + k_t v_t^T,      o_t = q_t S_t
+    S_t = [t continues its segment] * exp(g_t) * S_{t-1} + k_t v_t^T,      o_t = q_t S_t
 
 Reverse recurrence (future part of ``Full`` / ``Prefix`` / ``Chunked``), strict, reset at the
 end of each reverse region (segment end; chunk end for ``Chunked``)::
 
-    o_t += [t + 1 in t's region] * lambda * q_t R_{t+1},
-    R_t  = [t + 1 in t's region] * lambda * R_{t+1} + [key t enters] k_t v_t^T
+    o_t += [t + 1 in t's region] * exp(r_t) * q_t R_{t+1},
+    R_t  = [t + 1 in t's region] * exp(r_t) * R_{t+1} + [key t enters] k_t v_t^T
 
 ``Chunked(s, L > 0)``: the reverse recurrence runs with resets at chunk (and segment)
 boundaries; its state at the start of each chunk, ``W_c``, summarises chunk c (up to the segment
-end), and query t of chunk c adds ``lambda ** (start(c + m) - t) q_t W_{c + m}`` for
-``m = 1..L`` when its segment reaches chunk ``c + m``. All exponents are >= 0 distances.
+end), and query t of chunk c adds ``exp(E_start - E_t) q_t W_{c + m}`` (``E``: exclusive
+cumulative sum of ``r``; ``start`` the first position of chunk ``c + m``) for ``m = 1..L`` when
+its segment reaches chunk ``c + m``. All exponents are <= 0.
 
 Autograd runs through the loop: memory grows with T (one state per step), which is fine for
 decode and tests; long sequences use the chunk implementation. The loop computes in fp64 (it is
@@ -25,48 +27,64 @@ from __future__ import annotations
 
 import torch
 
+from causalmix.ops._validate import compute_dtype
 from causalmix.ops.linear.factor import Factorisation
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+def _decode_step(q, k, v, g, initial_state, cd):
+    """T == 1: ``S = exp(g_0) S0 + k v^T``, ``o = q S`` (nothing in the future of one token)."""
+    k1, v1 = k.to(cd)[:, 0, :, :, None], v.to(cd)[:, 0, :, None, :]  # [B, H, D, 1], [B, H, 1, Dv]
+    if initial_state is None:
+        s = k1 * v1
+    else:
+        lam = torch.exp(g.to(cd)[:, 0]).view(g.shape[0], -1, 1, 1)
+        s = torch.addcmul(lam * initial_state.to(cd), k1, v1)
+    o = torch.matmul(q.to(cd)[:, 0, :, None, :], s).transpose(1, 2)  # [B, 1, H, Dv]
+    return o.to(q.dtype), s
 
 
-def linear_attention(q, k, v, f: Factorisation, *, decay, offset: int, initial_state):
-    """``q, k: [B, T, H, D]``, ``v: [B, T, H, Dv]`` -> ``(o [B, T, H, Dv] q.dtype, S_final)``."""
+def _band(outs, qf, gr, arr, f: Factorisation, offset: int, chunk_states):
+    """Chunked(s, L > 0): query t reads the chunk states ``W`` of the next L chunks."""
+    t = qf.shape[1]
+    e = torch.nn.functional.pad(gr[:, :-1], (0, 0, 1, 0)).cumsum(1)  # E_t = r_0 + .. + r_{t-1}
+    for i in range(t):
+        c = (i + offset) // f.chunk
+        for m in range(1, f.lookahead_chunks + 1):
+            start = (c + m) * f.chunk - offset
+            if start >= t:
+                break
+            reach = (arr.seg_end[:, i] >= start).to(qf.dtype).view(-1, 1, 1, 1)
+            w = torch.exp(e[:, start] - e[:, i])[..., None, None]  # [B', H, 1, 1], exponent <= 0
+            outs[i] = outs[i] + torch.einsum("bhd,bhde->bhe", qf[:, i],
+                                             reach * w * chunk_states[c + m])
+
+
+def linear_attention(q, k, v, f: Factorisation, *, log_gate, reverse_log_gate, offset: int,
+                     initial_state):
+    """``q, k: [B, T, H, D]``, ``v: [B, T, H, Dv]``, ``log_gate, reverse_log_gate: [B', T, H]``
+    -> ``(o [B, T, H, Dv] q.dtype, S_final)``."""
     b, t, h, d = q.shape
     dv = v.shape[-1]
-    cd = compute_dtype(q)
-    dev = q.device
-    lam = torch.ones(h, dtype=cd, device=dev) if decay is None else decay.to(cd)
-    lam4 = lam.view(1, h, 1, 1)
-    qf, kf, vf = q.to(cd), k.to(cd), v.to(cd)
-
+    sd = compute_dtype(q)  # state dtype handed back
     if t == 1 and f.segments is None:
-        # decode step: S = lambda S0 + k v^T, o = q S (+ nothing in the future of a 1-token call)
-        k1, v1 = kf[:, 0, :, :, None], vf[:, 0, :, None, :]  # [B, H, D, 1], [B, H, 1, Dv]
-        s = k1 * v1 if initial_state is None else torch.addcmul(
-            lam4 * initial_state.to(cd), k1, v1)
-        o = torch.matmul(qf[:, 0, :, None, :], s).transpose(1, 2)  # [B, 1, H, Dv]
-        return o.to(q.dtype), s
-
+        return _decode_step(q, k, v, log_gate, initial_state, sd)
+    dev = q.device
     arr = f.arrays(t, offset, dev)
-    sd = cd  # state dtype handed back
     cd = torch.float64
-    lam, qf, kf, vf = lam.to(cd), qf.to(cd), kf.to(cd), vf.to(cd)
-    lam4 = lam.view(1, h, 1, 1)
+    qf, kf, vf = q.to(cd), k.to(cd), v.to(cd)
+    lam = torch.exp(log_gate.to(cd))[..., None, None]  # [B', T, H, 1, 1]
+    rlam = torch.exp(reverse_log_gate.to(cd))[..., None, None]
     # (1) forward recurrence
     s = torch.zeros(b, h, d, dv, dtype=cd, device=dev) if initial_state is None \
         else initial_state.to(cd)
     outs = []
     for i in range(t):
         keep = (arr.start[:, i] < i).to(cd).view(-1, 1, 1, 1)  # 0 at a segment start
-        s = keep * lam4 * s + kf[:, i, :, :, None] * vf[:, i, :, None, :]
+        s = keep * lam[:, i] * s + kf[:, i, :, :, None] * vf[:, i, :, None, :]
         outs.append(torch.einsum("bhd,bhde->bhe", qf[:, i], s))
 
     # (2) reverse recurrence
-    end = arr.end
-    key_ok = arr.key_ok
+    end, key_ok = arr.end, arr.key_ok
     band = f.base == "chunked" and f.lookahead_chunks > 0
     if band:
         # own chunk through the reverse recurrence (reset at chunk and segment ends)
@@ -78,24 +96,14 @@ def linear_attention(q, k, v, f: Factorisation, *, decay, offset: int, initial_s
         chunk_states = {}
         for i in range(t - 1, -1, -1):
             cont = (end[:, i] >= i + 1).to(cd).view(-1, 1, 1, 1)
-            outs[i] = outs[i] + torch.einsum("bhd,bhde->bhe", qf[:, i], cont * lam4 * r)
+            outs[i] = outs[i] + torch.einsum("bhd,bhde->bhe", qf[:, i], cont * rlam[:, i] * r)
             kv = kf[:, i, :, :, None] * vf[:, i, :, None, :]
             if key_ok is not None:
                 kv = kv * key_ok[:, i].to(cd).view(-1, 1, 1, 1)
-            r = cont * lam4 * r + kv
+            r = cont * rlam[:, i] * r + kv
             if band and (i + offset) % f.chunk == 0:
                 chunk_states[(i + offset) // f.chunk] = r  # W_c
         if band:
-            for i in range(t):
-                c = (i + offset) // f.chunk
-                for m in range(1, f.lookahead_chunks + 1):
-                    start = (c + m) * f.chunk - offset
-                    if start >= t:
-                        break
-                    reach = (arr.seg_end[:, i] >= start).to(cd).view(-1, 1, 1, 1)
-                    w = (lam ** float(start - i)).view(1, h, 1, 1)  # distance > 0
-                    outs[i] = outs[i] + torch.einsum(
-                        "bhd,bhde->bhe", qf[:, i], reach * w * chunk_states[c + m]
-                    )
+            _band(outs, qf, reverse_log_gate.to(cd), arr, f, offset, chunk_states)
     o = torch.stack(outs, dim=1)
     return o.to(q.dtype), s.to(sd)
