@@ -206,15 +206,57 @@ def _weights(gf, gr, geo: _Geometry, cd) -> Weights:
     return Weights(b, wf, uf, cf, e, wr, ur, _exp(etot[..., 0], cd) * fl.carry_r)
 
 
-def _tile_weights(w: Weights, m: ChunkMasks, n: int) -> torch.Tensor:
-    """``M [B'', H, cn, cn]`` of chunk n: exp of masked differences (masked entries are 0)."""
-    cn, cd = m.cn, w.wf.dtype
-    b = w.b[:, :, n, :cn]
-    logits = torch.where(m.fmask[:, None], (b[..., :, None] - b[..., None, :]).to(cd), _NEG_INF)
-    if m.bmask is not None:
-        e = w.e[:, :, n, :cn]
-        logits = torch.where(m.bmask[:, None], (e[..., None, :] - e[..., :, None]).to(cd), logits)
-    return torch.exp(logits)
+def _block_masks(geo: _Geometry, n0: int, n1: int, attr: str):
+    """Masks of chunks ``[n0, n1)`` as ``[B', G, C, C]`` (one broadcast mask when they share
+    one geometry), or None when no chunk has one."""
+    keys = geo.group[n0:n1]
+    if keys[0] >= 0 and all(kk == keys[0] for kk in keys) and geo.t - n0 * geo.c >= \
+            (n1 - n0) * geo.c:
+        mk = getattr(geo.chunk(n0), attr)
+        return None if mk is None else mk[:, None]
+    ms = [getattr(geo.chunk(n), attr) for n in range(n0, n1)]
+    if all(mk is None for mk in ms):
+        return None
+    c, out = geo.c, []
+    for n, mk in zip(range(n0, n1), ms, strict=True):
+        cn = geo.chunk(n).cn
+        if mk is None:
+            mk = torch.zeros(1, cn, cn, dtype=torch.bool, device=geo.arr.start.device)
+        out.append(torch.nn.functional.pad(mk, (0, c - cn, 0, c - cn), value=False))
+    nb = max(x.shape[0] for x in out)
+    return torch.stack([x.expand(nb, c, c) for x in out], dim=1)
+
+
+class TileWeights:
+    """``M [B'', H, cn, cn]`` of every chunk (exp of masked differences of the fp64 local sums;
+    masked entries are 0), computed for blocks of ``G`` chunks at once (few large ops instead of
+    many small ones; a block weighs at most one ``[B, T, H, D]`` input)."""
+
+    def __init__(self, w: Weights, geo: _Geometry, cd, width: int):
+        self.w, self.geo, self.cd = w, geo, cd
+        self.g = max(1, min(16, geo.t * width // (geo.c * geo.c)))
+        self._block, self._data = -1, None
+
+    def __call__(self, n: int) -> torch.Tensor:
+        blk = n // self.g
+        if blk != self._block:
+            self._block, self._data = blk, self._make(blk * self.g,
+                                                      min(self.geo.n, (blk + 1) * self.g))
+        cn = min(self.geo.c, self.geo.t - n * self.geo.c)
+        return self._data[:, :, n - self._block * self.g, :cn, :cn]
+
+    def _make(self, n0: int, n1: int) -> torch.Tensor:
+        geo, w = self.geo, self.w
+        b = w.b[:, :, n0:n1]  # [B'', H, G, C] fp64
+        fm = _block_masks(geo, n0, n1, "fmask")
+        logits = torch.where(fm[:, None], (b[..., :, None] - b[..., None, :]).to(self.cd),
+                             _NEG_INF)
+        bm = _block_masks(geo, n0, n1, "bmask") if geo.reverse else None
+        if bm is not None:
+            e = w.e[:, :, n0:n1]
+            logits = torch.where(bm[:, None], (e[..., None, :] - e[..., :, None]).to(self.cd),
+                                 logits)
+        return torch.exp(logits)
 
 
 def _outer(x: torch.Tensor, y: torch.Tensor, sd: torch.dtype) -> torch.Tensor:
@@ -232,13 +274,14 @@ def _carry(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class Ctx(NamedTuple):
-    """What every stage needs: inputs, geometry, weights and dtypes."""
+    """What every stage needs: inputs, geometry, weights, tile weights and dtypes."""
 
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
     geo: _Geometry
     w: Weights
+    tiles: TileWeights
     cd: torch.dtype
     sd: torch.dtype
 
@@ -269,7 +312,7 @@ def _forward_scan(x: Ctx, s0, rstates):
         m = x.geo.chunk(n)
         a, cn = m.a, m.cn
         qt, kt, vt = _tile(x.q, a, cn, x.cd), _tile(x.k, a, cn, x.cd), _tile(x.v, a, cn, x.cd)
-        att = (qt @ kt.transpose(-1, -2)) * _tile_weights(x.w, m, n)
+        att = (qt @ kt.transpose(-1, -2)) * x.tiles(n)
         out = att @ vt + (qt * _col(x.w.wf, n, cn)) @ s.to(x.cd)
         if rstates[n] is not None and not x.geo.dead(n):
             out = out + (qt * _col(x.w.wr, n, cn)) @ rstates[n].to(x.cd)
@@ -281,7 +324,9 @@ def _forward_scan(x: Ctx, s0, rstates):
 def _prepare(q, k, v, gf, gr, arrays, c, reverse, sd) -> Ctx:
     cd = compute_dtype(q)
     geo = _geometry(arrays, q.shape[1], c, reverse)
-    return Ctx(q, k, v, geo, _weights(gf, gr, geo, cd), cd, sd)
+    w = _weights(gf, gr, geo, cd)
+    width = max(q.shape[-1], v.shape[-1])
+    return Ctx(q, k, v, geo, w, TileWeights(w, geo, cd, width), cd, sd)
 
 
 class ScanFunction(torch.autograd.Function):
@@ -296,7 +341,7 @@ class ScanFunction(torch.autograd.Function):
         rstates = _reverse_scan(x) if reverse else [None] * x.geo.n
         o, states, s = _forward_scan(x, s0, rstates)
         ctx.save_for_backward(q, k, v, gf, gr)
-        ctx.states, ctx.s_final = states, s
+        ctx.states = [*states, s]
         ctx.arrays, ctx.c, ctx.reverse, ctx.sd, ctx.has_s0 = arrays, c, reverse, sd, s0 is not None
         return o, s.to(x.cd)
 
@@ -313,7 +358,7 @@ class ScanFunction(torch.autograd.Function):
         grads = _backward_scan(x, do.to(x.cd), ds_final, ctx.states, hstates, want_g)
         dgf = dgr = None
         if want_g:
-            dgf, dgr = _gate_grads(x, grads.acc, ctx.s_final, ds_final, gf, gr)
+            dgf, dgr = _gate_grads(x, grads, gf, gr)
         ds0 = grads.gs.to(x.cd) if ctx.has_s0 else None
         return (grads.dq.to(q.dtype), grads.dk.to(k.dtype), grads.dv.to(v.dtype), dgf,
                 dgr if ctx.reverse else None, ds0, None, None, None, None)
@@ -335,13 +380,12 @@ def _reverse_grad_scan(x: Ctx, do) -> list:
 
 
 class GateAcc(NamedTuple):
-    """Accumulated gate gradients, ``[B, H, N, C]`` (``dB, dE: [B, H, N]``): ``db`` w.r.t. the
-    chunk-local forward sums ``b``, ``de`` w.r.t. ``e``, ``dbt``/``det`` w.r.t. the chunk
-    totals."""
+    """Gate-gradient terms the backward scan accumulates (the rest comes from dq, dk after it):
+    ``dbt, det: [B, H, N]`` w.r.t. the chunk totals ``B``, ``E``; ``de: [B, H, N, C]`` w.r.t.
+    the reverse local sums ``e`` (None without a reverse scan)."""
 
-    db: torch.Tensor
-    de: torch.Tensor | None
     dbt: torch.Tensor
+    de: torch.Tensor | None
     det: torch.Tensor | None
 
 
@@ -362,85 +406,78 @@ class TileGrad(NamedTuple):
 
 
 def _tile_grads(x: Ctx, m: ChunkMasks, n, qt, kt, vt, dot, acc) -> TileGrad:
-    """Intra-chunk tile ``O = (Q K^T * M) V``; pair terms of the gate gradient into ``acc``."""
-    tw = _tile_weights(x.w, m, n)
+    """Intra-chunk tile ``O = (Q K^T * M) V``; reverse pairs' gate terms into ``acc``."""
+    tw = x.tiles(n)
     att = (qt @ kt.transpose(-1, -2)) * tw
     datt = dot @ vt.transpose(-1, -2)
     dp = datt * tw
-    if acc is not None:
-        p = (datt * att).to(x.sd)  # dL/d(log M_rj) for every pair
-        pf = p if m.bmask is None else p * m.fmask[:, None]
-        acc.db[:, :, n, :m.cn] += pf.sum(-1) - pf.sum(-2)  # M = exp(b_r - b_j)
-        if m.bmask is not None:
-            pr = p - pf  # M = exp(e_j - e_r)
-            acc.de[:, :, n, :m.cn] += pr.sum(-2) - pr.sum(-1)
+    if acc is not None and m.bmask is not None:
+        pr = (datt * att * m.bmask[:, None]).to(x.sd)  # dL/d(e_j - e_r) of reverse pairs
+        acc.de[:, :, n, :m.cn] += pr.sum(-2) - pr.sum(-1)
     return TileGrad(dp @ kt, dp.transpose(-1, -2) @ qt, att.transpose(-1, -2) @ dot)
 
 
-def _forward_state_grads(x: Ctx, n, cn, qt, kt, vt, dot, s, gs, g: TileGrad, acc):
+def _forward_state_grads(x: Ctx, n, cn, qt, kt, vt, dot, s, s_next, gs, g: TileGrad, acc):
     """State read ``O += diag(wf) Q S_n`` and update ``S_{n+1} = cf S_n + (uf K)^T V`` (``gs``:
-    dL/dS_{n+1}). Returns the tile gradients and dL/dS_n."""
+    dL/dS_{n+1}). ``S_{n+1}`` is ``exp(B)`` times what the chunk-local sums give, so
+    ``dL/dB = <dL/dS_{n+1}, S_{n+1}>``. Returns the tile gradients and dL/dS_n."""
     wf, uf, cf = _col(x.w.wf, n, cn), _col(x.w.uf, n, cn), _carry(x.w.cf, n)
     xs = dot @ s.to(x.cd).transpose(-1, -2)  # [B, H, cn, D]
     gsc = gs.to(x.cd)
     y = vt @ gsc.transpose(-1, -2)  # [B, H, cn, D]
     if acc is not None:
-        read = ((qt * xs).sum(-1, keepdim=True) * wf)[..., 0].to(x.sd)  # d/db_r of exp(b_r)
-        upd = ((kt * y).sum(-1, keepdim=True) * uf)[..., 0].to(x.sd)  # d/d(B - b_j)
-        acc.db[:, :, n, :cn] += read - upd
-        acc.dbt[:, :, n] += upd.sum(-1) + (_carry(x.w.cf, n) * gs * s).sum((-1, -2)).to(x.sd)
+        acc.dbt[:, :, n] += (gs * s_next).sum((-1, -2))
     g = TileGrad(g.dq + xs * wf, g.dk + y * uf, g.dv + (kt @ gsc) * uf)
     return g, _outer(qt * wf, dot, x.sd) + cf * gs
 
 
-def _reverse_state_grads(x: Ctx, n, cn, qt, kt, vt, dot, rs, hm, g: TileGrad, acc) -> TileGrad:
-    """Reverse read ``O += diag(wr) Q R_n`` and update ``R_{n-1} = cr R_n + (ur K)^T V`` (``hm``:
-    dL/dR_{n-1}, None for the first chunk)."""
+def _reverse_state_grads(x: Ctx, n, cn, qt, kt, vt, dot, rs, hn, hm, g: TileGrad,
+                         acc) -> TileGrad:
+    """Reverse read ``O += diag(wr) Q R_n`` and update ``R_{n-1} = cr R_n + (ur K)^T V`` (``hn,
+    hm``: dL/dR_n, dL/dR_{n-1}, the latter None for the first chunk). ``dL/dE = <H_n, R_n>``."""
     wr, ur = _col(x.w.wr, n, cn), _col(x.w.ur, n, cn)
     xr = dot @ rs.to(x.cd).transpose(-1, -2)
     dq, dk, dv = g.dq + xr * wr, g.dk, g.dv
     if acc is not None:
-        read = ((qt * xr).sum(-1, keepdim=True) * wr)[..., 0].to(x.sd)  # exp(E - e_r)
-        acc.de[:, :, n, :cn] -= read
-        acc.det[:, :, n] += read.sum(-1)
+        acc.de[:, :, n, :cn] -= ((qt * xr).sum(-1, keepdim=True) * wr)[..., 0].to(x.sd)
+        acc.det[:, :, n] += (hn * rs).sum((-1, -2))
     if hm is not None:
         hmc = hm.to(x.cd)
         yr = vt @ hmc.transpose(-1, -2)
         dk, dv = dk + yr * ur, dv + (kt @ hmc) * ur
         if acc is not None:
             acc.de[:, :, n, :cn] += ((kt * yr).sum(-1, keepdim=True) * ur)[..., 0].to(x.sd)
-            acc.det[:, :, n] += (_carry(x.w.cr, n) * hm * rs).sum((-1, -2)).to(x.sd)
     return TileGrad(dq, dk, dv)
 
 
 def _backward_scan(x: Ctx, do, ds_final, states, hstates, want_g) -> Grads:
-    """Chunks from the last to the first: dq, dk, dv, dL/dS_0 and the gate accumulators."""
+    """Chunks from the last to the first: dq, dk, dv, dL/dS_0 and the gate accumulators.
+    ``states``: ``S_0 .. S_N`` (the last one the final state)."""
     b, t, h, d = x.q.shape
-    dev = x.q.device
+    dev, n_chunks, rev = x.q.device, x.geo.n, x.geo.reverse
     dq = torch.empty(b, t, h, d, dtype=x.cd, device=dev)
     dk = torch.empty(b, t, h, d, dtype=x.cd, device=dev)
     dv = torch.empty(b, t, h, x.v.shape[-1], dtype=x.cd, device=dev)
     acc = None
     if want_g:
-        shape, n = (b, h, x.geo.n, x.geo.c), x.geo.n
-        rev = x.geo.reverse
-        acc = GateAcc(torch.zeros(shape, dtype=x.sd, device=dev),
-                      torch.zeros(shape, dtype=x.sd, device=dev) if rev else None,
-                      torch.zeros(b, h, n, dtype=x.sd, device=dev),
-                      torch.zeros(b, h, n, dtype=x.sd, device=dev) if rev else None)
+        acc = GateAcc(torch.zeros(b, h, n_chunks, dtype=x.sd, device=dev),
+                      torch.zeros(b, h, n_chunks, x.geo.c, dtype=x.sd, device=dev)
+                      if rev else None,
+                      torch.zeros(b, h, n_chunks, dtype=x.sd, device=dev) if rev else None)
     gs = x.q.new_zeros(b, h, d, x.v.shape[-1], dtype=x.sd) if ds_final is None \
         else ds_final.to(x.sd)
     rs = x.q.new_zeros(b, h, d, x.v.shape[-1], dtype=x.sd)  # R_{N-1} = 0
-    for n in range(x.geo.n - 1, -1, -1):
+    for n in range(n_chunks - 1, -1, -1):
         m = x.geo.chunk(n)
         a, cn = m.a, m.cn
         qt, kt, vt = _tile(x.q, a, cn, x.cd), _tile(x.k, a, cn, x.cd), _tile(x.v, a, cn, x.cd)
         dot = _tile(do, a, cn, x.cd)
         g = _tile_grads(x, m, n, qt, kt, vt, dot, acc)
-        g, gs = _forward_state_grads(x, n, cn, qt, kt, vt, dot, states[n], gs, g, acc)
-        if x.geo.reverse and not x.geo.dead(n):
+        g, gs = _forward_state_grads(x, n, cn, qt, kt, vt, dot, states[n], states[n + 1], gs,
+                                     g, acc)
+        if rev and not x.geo.dead(n):
             hm = hstates[n - 1] if n > 0 else None
-            g = _reverse_state_grads(x, n, cn, qt, kt, vt, dot, rs, hm, g, acc)
+            g = _reverse_state_grads(x, n, cn, qt, kt, vt, dot, rs, hstates[n], hm, g, acc)
             rs = _carry(x.w.cr, n) * rs + _outer(kt * _col(x.w.ur, n, cn), vt, x.sd)
         dq[:, a:a + cn] = g.dq.transpose(1, 2)
         dk[:, a:a + cn] = g.dk.transpose(1, 2)
@@ -448,13 +485,19 @@ def _backward_scan(x: Ctx, do, ds_final, states, hstates, want_g) -> Grads:
     return Grads(dq, dk, dv, gs, acc)
 
 
-def _gate_grads(x: Ctx, acc: GateAcc, s_final, ds_final, gf, gr):
-    """Chain rule from the chunk-local sums to the gates: ``b_r = sum_{s <= r} g_s`` and
-    ``B = b_{cn-1}`` give ``dg_s = sum_{r >= s} db_r + dB``; ``e_r = sum_{s < r} r_s`` and
-    ``E = sum r`` give ``dr_s = sum_{r > s} de_r + dE``. Returns ``[B', T, H]`` each."""
-    t = x.geo.t
-    if ds_final is not None:  # S_final = exp(B_last) S_{N-1} + ...: its own d/dB_last
-        pass  # already counted: the last chunk's update used gs = dL/dS_final
+def _gate_grads(x: Ctx, grads: Grads, gf, gr):
+    """Chain rule to the gates. Every pair (query r, key j) of the forward part adds its
+    ``dL/dlog w`` to ``b_r`` and subtracts it from ``b_j``, so ``dL/db = q . dq - k . dk``
+    (forward parts; the reverse parts enter with the opposite sign: ``dL/de = k . dk_rev -
+    q . dq_rev``, accumulated in the scan). With ``b_r = sum_{s <= r} g_s`` and ``B = b_{cn-1}``:
+    ``dg_s = sum_{r >= s} db_r + dB``; with ``e_r = sum_{s < r} r_s``, ``E = sum r``:
+    ``dr_s = sum_{r > s} de_r + dE``. All sums are chunk-local. Returns ``[B', T, H]`` each."""
+    geo, acc, sd = x.geo, grads.acc, x.sd
+    n, c, t = geo.n, geo.c, geo.t
+
+    def local(y):  # [B, T, H] -> [B, H, N, C]
+        y = torch.nn.functional.pad(y, (0, 0, 0, n * c - t))
+        return y.view(y.shape[0], n, c, -1).permute(0, 3, 1, 2)
 
     def to_gate(dl, like):  # [B, H, N, C] -> [B', T, H] summed over a broadcast batch
         y = dl.permute(0, 2, 3, 1).reshape(dl.shape[0], -1, dl.shape[1])[:, :t]
@@ -462,12 +505,15 @@ def _gate_grads(x: Ctx, acc: GateAcc, s_final, ds_final, gf, gr):
             y = y.sum(0, keepdim=True)
         return y.to(like.dtype)
 
-    dgf = to_gate(acc.db.flip(-1).cumsum(-1).flip(-1) + acc.dbt[..., None], gf)
-    dgr = None
+    both = (x.q.to(sd) * grads.dq.to(sd)).sum(-1) - (x.k.to(sd) * grads.dk.to(sd)).sum(-1)
+    db = local(both)  # [B, H, N, C]: dL/db - dL/de
     if acc.de is not None:
-        de = acc.de.flip(-1).cumsum(-1).flip(-1) - acc.de  # sum_{r > s} de_r
-        dgr = to_gate(de + acc.det[..., None], gr)
-    return dgf, dgr
+        db = db + acc.de
+    dgf = to_gate(db.flip(-1).cumsum(-1).flip(-1) + acc.dbt[..., None], gf)
+    if acc.de is None:
+        return dgf, None
+    de = acc.de.flip(-1).cumsum(-1).flip(-1) - acc.de  # sum_{r > s} de_r
+    return dgf, to_gate(de + acc.det[..., None], gr)
 
 
 class BandFunction(torch.autograd.Function):
