@@ -282,8 +282,8 @@ def test_linear_stream_rejects_what_it_cannot_carry():
         LinearStream(Causal(), decay=[0.5])
     with pytest.raises(ValueError, match="chunk_size"):
         LinearStream(Causal(), chunk_size=0)
-    with pytest.raises(ValueError, match="same heads"):
-        kv = (torch.randn(1, 2, 2, 8) for _ in "kv")
+    with pytest.raises(ValueError, match=r"multiple of k/v heads \(3\)"):  # GQA: must divide
+        kv = (torch.randn(1, 2, 3, 8) for _ in "kv")
         LinearStream(Causal()).push(torch.randn(1, 2, 4, 8), *kv)
     with pytest.raises(ValueError, match="decay has 3 heads"):
         LinearStream(Causal(), decay=torch.full((3,), 0.9)).push(

@@ -330,8 +330,11 @@ class MixerStream:
         self.closed = True
         return out
 
-    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             **frame_inputs) -> torch.Tensor:
         """Decode step: push ``n`` frames and return exactly their ``n`` outputs.
+        ``frame_inputs``: per-frame keyword tensors of the subclass's ``push`` (the linear
+        stream's gates).
 
         For generation, where the next input depends on these outputs: ``Causal()``,
         ``Window(left, 0)``, ``Prefix(n)`` once the prefix was pushed in one piece, and
@@ -345,7 +348,7 @@ class MixerStream:
                 f"pending; step() needs a stream whose outputs are all final (use push())"
             )
         p0 = self.frames_in
-        out = self.push(q, k, v)
+        out = self.push(q, k, v, **frame_inputs)
         if out.shape[1] != q.shape[1]:
             raise ValueError(
                 f"{name}.step: outputs of positions [{p0 + out.shape[1]}, {p0 + q.shape[1]}) are "
