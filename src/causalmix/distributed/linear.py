@@ -2,39 +2,50 @@
 
 Written here for the contiguous layout, ``W`` ranks of ``n`` positions, rank ``r`` holding
 ``[r n, (r+1) n)``; under zigzag each rank holds two such blocks and the same formulas run over
-all ``2W`` blocks (a block starting at ``a`` takes ``S_in = sum over blocks c ending by a of
-lambda^(a - end_c) L_c``). With decay ``lambda`` (per head) and
-``o_i = sum over visible j of lambda^|i-j| (q_i . k_j) v_j``:
+all ``2W`` blocks. With per-token log-gates ``g`` (forward) and ``r`` (reverse) -- a constant
+decay is ``g = r = log(lambda)`` -- and ``o_i = sum over visible j of w_ij (q_i . k_j) v_j``
+(``w_ij = prod_{s=j+1..i} exp(g_s)`` for ``j <= i``, ``prod_{s=i..j-1} exp(r_s)`` for
+``j > i``, see :mod:`causalmix.ops.linear`):
 
-* **Causal part** (keys of earlier ranks). Each rank computes its local causal state from zero,
-  ``L_r = sum_t lambda^(n-1-t) k_t v_t^T``, in one matmul. One ``all_gather`` shares them all,
-  and every rank evaluates the scan over ranks in closed form (no serial chain)::
+* **Causal part** (keys of earlier blocks). Each block c computes its local causal state from
+  zero, ``L_c = sum_t exp(G_end - G_t) k_t v_t^T`` (``G``: cumulative ``g`` in the block), and
+  its total log-gate ``A_c``. One ``all_gather`` shares them all, and every rank evaluates the
+  scan over blocks in closed form (no serial chain)::
 
-      S_in(r) = sum_{s < r} lambda^(n (r-1-s)) L_s        (the state just before position r n)
+      S_in(a) = sum over blocks c ending by a of  exp(sum of A_m over the blocks m between) L_c
 
-  which the single-process op takes as ``initial_state`` (exact for ``Causal``, ``Full`` and
+  (the state just before position a: it carries the product of the gates in between), which
+  the single-process op takes as ``initial_state`` (exact for ``Causal``, ``Full`` and
   ``Prefix``: every query sees every earlier key).
-* **Reverse part** (keys of later ranks; ``Full`` and ``Prefix(m)`` only, where they are visible
-  iff ``j < m``, whatever the query). Each rank also computes ``G_r = sum_t [visible]
-  lambda^t k_t v_t^T`` (anchored at its first position), gathered in the same ``all_gather``::
+* **Reverse part** (keys of later blocks; ``Full`` and ``Prefix(m)`` only, where they are
+  visible iff ``j < m``, whatever the query). Each block also computes ``F_c = sum_t [visible]
+  exp(E_t) k_t v_t^T`` (``E``: exclusive cumulative ``r`` from its first position) and its total
+  reverse log-gate ``Ar_c``::
 
-      F(r) = sum_{s > r} lambda^(n (s-r-1)) G_s,      o_i += lambda^((r+1) n - i) q_i F(r)
+      R(e) = sum over blocks c starting at or after e of  exp(sum of Ar_m between) F_c,
+      o_i += exp(r_i + .. + r_{e-1}) q_i R(e)
 
-Backward is autograd through these few products and the local op, with the ``all_gather`` of the
-states made differentiable (its backward sums each state's gradient over the ranks with one
-``all_reduce``). Every rank's result depends on the gathered states, so every rank joins that
-``all_reduce`` when it backpropagates.
+Only sums of log-gates (<= 0) are exponentiated. Backward is autograd through these few products
+and the local op, with the ``all_gather`` of the states and totals made differentiable (its
+backward sums each gradient over the ranks with one ``all_reduce``). Every rank's result depends
+on the gathered states, so every rank joins that ``all_reduce`` when it backpropagates.
+
+Stages: :func:`_validate` -> :func:`_local_states` -> :func:`_incoming_state` (and
+:func:`_reverse_part`) -> :func:`_output`.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from causalmix.distributed._ring import Ring, check_same_everywhere
 from causalmix.distributed.layout import LAYOUTS, Run, runs
-from causalmix.ops._validate import check_qkv, check_visibility
+from causalmix.ops._validate import check_decay, check_qkv, check_visibility, compute_dtype
 from causalmix.ops.linear import linear_attention as _local_linear
+from causalmix.ops.linear.api import check_gate
 from causalmix.visibility import Causal, Full, Prefix, Visibility
 
 SUPPORTED = ("Causal()", "Full()", "Prefix(n)")
@@ -57,56 +68,28 @@ class _AllGatherStates(torch.autograd.Function):
         return grad[ctx.ring.rank], None
 
 
-def _powers(log_decay: torch.Tensor | None, exponents: torch.Tensor, h: int, dtype, device):
-    """``lambda_h ** e`` as ``[len(e), H]`` (ones without decay)."""
-    e = exponents.to(dtype=dtype, device=device)[:, None]
-    if log_decay is None:
-        return torch.ones(e.shape[0], h, dtype=dtype, device=device)
-    return torch.exp(e * log_decay[None, :])
+class Shard(NamedTuple):
+    """What the stages need of one call: inputs, gates, geometry and dtypes."""
+
+    q: torch.Tensor
+    k: torch.Tensor  # [B, n, H, D]: kv heads repeated for the state computation
+    v: torch.Tensor
+    visibility: Visibility
+    gf: torch.Tensor  # [B', n, H] forward log-gates of the shard
+    gr: torch.Tensor
+    reverse: bool
+    mine: list
+    every: list  # every run of every rank, in all_gather order
+    sd: torch.dtype
 
 
 def _sl(r: Run) -> slice:
     return slice(r.local, r.local + r.length)
 
 
-def linear_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    visibility: Visibility,
-    *,
-    layout: str = "contiguous",
-    decay: torch.Tensor | None = None,
-    group=None,
-    impl: str = "auto",
-    chunk_size: int = 64,
-) -> torch.Tensor:
-    """Sequence-parallel linear attention with per-head decay, on this rank's shard.
-
-    Every rank of ``group`` calls it with its own shard of one sequence of ``T = W * n``
-    positions, laid out by ``layout`` (:mod:`causalmix.distributed.layout`).
-
-    Args:
-        q: ``[B, n, H, D]`` this rank's queries.
-        k: ``[B, n, H, D]`` this rank's keys.
-        v: ``[B, n, H, Dv]`` this rank's values. q, k, v share dtype and device.
-        visibility: ``Causal()``, ``Full()`` or ``Prefix(n)`` (int or ``[B]`` tensor) over
-            absolute positions ``[0, T)``; other specs raise ``ValueError``.
-        layout: ``"contiguous"`` or ``"zigzag"`` (state passing needs contiguous blocks:
-            ``"striped"`` raises ``ValueError``). Linear attention costs the same on every rank
-            under these specs, so the layout does not change the balance; zigzag is there so
-            that a model mixing softmax and linear layers keeps one layout.
-        decay: ``[H]`` float tensor in (0, 1], or None; identical on every rank. Differentiable.
-        group: the ``torch.distributed`` process group (default: the world).
-        impl, chunk_size: passed to the local ``causalmix.ops.linear.linear_attention``.
-
-    Returns:
-        ``[B, n, H, Dv]`` in q's dtype: the single-process result on the full sequence, sharded.
-        States are fp32 (fp64 for fp64 inputs). Differentiable; in backward every rank must
-        backpropagate through its result (one ``all_reduce`` of the states' gradients).
-    """
-    fn = "causalmix.distributed.linear_attention"
-    bsz, n, _nk, h, _hkv, d, dv = check_qkv(fn, q, k, v, same_head_count=True)
+def _validate(fn, q, k, v, visibility, layout, decay, log_gate, reverse_log_gate, group):
+    """Argument checks at the boundary (every rank checks its own); returns the ring."""
+    bsz, n, _nk, h, _hkv, _d, _dv = check_qkv(fn, q, k, v)
     if layout not in LAYOUTS:
         raise ValueError(f"{fn}: layout must be one of {list(LAYOUTS)}, got {layout!r}")
     if layout == "striped":
@@ -119,75 +102,174 @@ def linear_attention(
     if not isinstance(visibility, (Causal, Full, Prefix)):
         raise ValueError(f"{fn}: spec {visibility!r} is not supported by the sequence-parallel "
                          f"linear mixer; supported: {', '.join(SUPPORTED)}")
-    if decay is not None:
-        if not isinstance(decay, torch.Tensor) or not decay.dtype.is_floating_point:
-            raise TypeError(f"{fn}: decay must be a [H] float tensor or None, got {decay!r}")
-        if tuple(decay.shape) != (h,):
-            raise ValueError(f"{fn}: decay must have shape [H] = [{h}], got {list(decay.shape)}")
-        dd = decay.detach()
-        if not bool(((dd > 0) & (dd <= 1)).all()):
-            raise ValueError(f"{fn}: decay values must lie in (0, 1], got min "
-                             f"{float(dd.min()):.6g}, max {float(dd.max()):.6g}")
-    ring = Ring.of(fn, group)
+    check_decay(fn, decay, h, q.device)
+    if log_gate is None and reverse_log_gate is not None:
+        raise ValueError(f"{fn}: reverse_log_gate needs log_gate (it defaults to log_gate)")
+    if log_gate is not None and decay is not None:
+        raise ValueError(f"{fn}: decay and log_gate are mutually exclusive; pass one of them")
+    for name, gate in (("log_gate", log_gate), ("reverse_log_gate", reverse_log_gate)):
+        if gate is not None:
+            check_gate(fn, name, gate, (bsz, n, h), q)
+    return Ring.of(fn, group)
+
+
+def _gates(q, decay, log_gate, reverse_log_gate, sd):
+    """Forward / reverse log-gates ``[B', n, H]`` in ``sd`` (a decay broadcast over time)."""
+    if log_gate is not None:
+        gr = log_gate if reverse_log_gate is None else reverse_log_gate
+        return log_gate.to(sd), gr.to(sd)
+    h, n = q.shape[2], q.shape[1]
+    if decay is None:
+        g = torch.zeros(1, n, h, dtype=sd, device=q.device)
+    else:
+        g = torch.log(decay.to(sd)).view(1, 1, h).expand(1, n, h)
+    return g, g
+
+
+def _local_states(x: Shard) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per run: the causal state anchored at its last position and, for Full/Prefix, the keys a
+    query before the run sees, anchored at its first position; and the runs' total log-gates.
+    Returns ``states [R, 1 or 2, B, H, D, Dv]`` and ``totals [R, 2, B', H]``."""
+    local, totals = [], []
+    for r in x.mine:
+        kf, vf = x.k[:, _sl(r)].to(x.sd), x.v[:, _sl(r)].to(x.sd)
+        g, gr = x.gf[:, _sl(r)], x.gr[:, _sl(r)]  # [B', m, H]
+        cum = g.to(torch.float64).cumsum(1)
+        w_end = torch.exp((cum[:, -1:] - cum).to(x.sd))  # prod_{s=t+1..end} exp(g_s)
+        run_states = [torch.einsum("bthd,bthe->bhde", kf * w_end[..., None], vf)]
+        if x.reverse:
+            e = torch.nn.functional.pad(gr[:, :-1], (0, 0, 1, 0)).to(torch.float64).cumsum(1)
+            w_start = torch.exp(e.to(x.sd))  # prod_{s=start..t-1} exp(r_s)
+            if isinstance(x.visibility, Prefix):
+                lim = x.visibility.n
+                lim = lim.to(x.q.device)[:, None] if isinstance(lim, torch.Tensor) \
+                    else torch.tensor([[lim]], device=x.q.device)
+                t = torch.arange(r.length, device=x.q.device)
+                w_start = w_start * ((r.start + t)[None, :] < lim).to(x.sd)[:, :, None]
+            run_states.append(torch.einsum("bthd,bthe->bhde", kf * w_start[..., None], vf))
+        local.append(torch.stack(run_states))
+        totals.append(torch.stack([g.sum(1), gr.sum(1)]))
+    return torch.stack(local), torch.stack(totals)
+
+
+def _between(x: Shard, totals, lo: int, hi: int, which: int, before: bool):
+    """``exp(sum of the totals of the runs strictly inside the gap)`` for every gathered run c,
+    zero for runs on the wrong side: ``before`` -- runs ending by ``lo`` (the gap from their end
+    to ``lo``); else runs starting at or after ``hi`` (the gap from ``hi`` to their start)."""
+    dev = x.q.device
+    starts = torch.tensor([r.start for r in x.every], device=dev)
+    ends = torch.tensor([r.start + r.length for r in x.every], device=dev)  # exclusive
+    tot = totals[:, which]  # [R_all, B', H]
+    if before:
+        side = ends <= lo
+        inside = (starts[None, :] >= ends[:, None]) & (starts[None, :] < lo)  # [c, m]
+    else:
+        side = starts >= hi
+        inside = (starts[None, :] >= hi) & (starts[None, :] < starts[:, None])
+    gap = torch.einsum("cm,mbh->cbh", inside.to(tot.dtype), tot)
+    gap = torch.where(side[:, None, None], gap, torch.full_like(gap, -torch.inf))
+    return torch.exp(gap)  # [R_all, B', H]
+
+
+def _incoming_state(x: Shard, states, totals, r: Run) -> torch.Tensor:
+    """The causal state just before position ``r.start``: ``[B, H, D, Dv]``."""
+    coef = _between(x, totals, r.start, 0, 0, before=True)
+    return torch.einsum("cbh,cbhde->bhde", coef, states[:, 0])
+
+
+def _reverse_part(x: Shard, states, totals, r: Run) -> torch.Tensor:
+    """Keys of later runs seen by the queries of run ``r``: ``[B, m, H, Dv]`` in ``sd``."""
+    e = r.start + r.length
+    coef = _between(x, totals, 0, e, 1, before=False)
+    f = torch.einsum("cbh,cbhde->bhde", coef, states[:, 1])
+    gr = x.gr[:, _sl(r)].to(torch.float64)
+    suffix = gr.flip(1).cumsum(1).flip(1)  # r_i + .. + r_{e-1}
+    w_q = torch.exp(suffix.to(x.sd))  # [B', m, H]
+    return torch.einsum("bthd,bhde->bthe", x.q[:, _sl(r)].to(x.sd) * w_q[..., None], f)
+
+
+def _output(x: Shard, states, totals, local_op) -> torch.Tensor:
+    """The local op on each run from its incoming state, plus the reverse part."""
+    outs = []
+    for r in x.mine:
+        out = local_op(r, _incoming_state(x, states, totals, r))
+        if x.reverse:
+            out = (out.to(x.sd) + _reverse_part(x, states, totals, r)).to(x.q.dtype)
+        outs.append(out)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+def linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    visibility: Visibility,
+    *,
+    layout: str = "contiguous",
+    decay: torch.Tensor | None = None,
+    log_gate: torch.Tensor | None = None,
+    reverse_log_gate: torch.Tensor | None = None,
+    group=None,
+    impl: str = "auto",
+    chunk_size: int = 64,
+) -> torch.Tensor:
+    """Sequence-parallel linear attention with per-head decay, on this rank's shard.
+
+    Every rank of ``group`` calls it with its own shard of one sequence of ``T = W * n``
+    positions, laid out by ``layout`` (:mod:`causalmix.distributed.layout`).
+
+    Args:
+        q: ``[B, n, H, D]`` this rank's queries.
+        k: ``[B, n, Hkv, D]`` this rank's keys (``H % Hkv == 0``, GQA).
+        v: ``[B, n, Hkv, Dv]`` this rank's values. q, k, v share dtype and device.
+        visibility: ``Causal()``, ``Full()`` or ``Prefix(n)`` (int or ``[B]`` tensor) over
+            absolute positions ``[0, T)``; other specs raise ``ValueError``.
+        layout: ``"contiguous"`` or ``"zigzag"`` (state passing needs contiguous blocks:
+            ``"striped"`` raises ``ValueError``). Linear attention costs the same on every rank
+            under these specs, so the layout does not change the balance; zigzag is there so
+            that a model mixing softmax and linear layers keeps one layout.
+        decay: ``[H]`` float tensor in (0, 1], or None; identical on every rank. Differentiable.
+        log_gate, reverse_log_gate: ``[B, n, H]`` this rank's per-token log-gates (``<= 0``, in
+            the shard's local order), as for the single-process op; exclusive with ``decay``.
+            Differentiable (each rank's gradient is that of its own shard).
+        group: the ``torch.distributed`` process group (default: the world).
+        impl, chunk_size: passed to the local ``causalmix.ops.linear.linear_attention``.
+
+    Returns:
+        ``[B, n, H, Dv]`` in q's dtype: the single-process result on the full sequence, sharded.
+        States are fp32 (fp64 for fp64 inputs). Differentiable; in backward every rank must
+        backpropagate through its result (one ``all_reduce`` of the states' gradients).
+    """
+    fn = "causalmix.distributed.linear_attention"
+    ring = _validate(fn, q, k, v, visibility, layout, decay, log_gate, reverse_log_gate, group)
+    bsz, n, h = q.shape[0], q.shape[1], q.shape[2]
     world, rank = ring.world, ring.rank
     seq_len = n * world
     check_visibility(fn, visibility, bsz, seq_len, seq_len, 0, 0)
     check_same_everywhere(fn, ring, ("batch", "positions", "heads", "dim", "v dim"),
-                          (bsz, n, h, d, dv), q.device)
+                          (bsz, n, h, q.shape[3], v.shape[3]), q.device)
+    kw = dict(decay=decay, impl=impl, chunk_size=chunk_size)
     if n == 0:
-        return _local_linear(q, k, v, visibility, decay=decay, impl=impl, chunk_size=chunk_size)
-    sd = torch.float64 if q.dtype == torch.float64 else torch.float32
-    dev = q.device
-    log_decay = None if decay is None else torch.log(decay.to(sd))
-    reverse = not isinstance(visibility, Causal)
-    mine = runs(layout, seq_len, rank, world)
-    # every run of every rank, in the order the all_gather stacks them: [W * R]
-    every = [r for rk in range(world) for r in runs(layout, seq_len, rk, world)]
-    starts = torch.tensor([r.start for r in every], device=dev)
-    ends = torch.tensor([r.start + r.length for r in every], device=dev)  # exclusive
+        return _local_linear(q, k, v, visibility, log_gate=log_gate,
+                             reverse_log_gate=reverse_log_gate, **kw)
+    sd = compute_dtype(q)
+    gf, gr = _gates(q, decay, log_gate, reverse_log_gate, sd)
+    group_size = h // k.shape[2]
+    kx, vx = (k, v) if group_size == 1 else (k.repeat_interleave(group_size, 2),
+                                             v.repeat_interleave(group_size, 2))
+    x = Shard(q, kx, vx, visibility, gf, gr, not isinstance(visibility, Causal),
+              runs(layout, seq_len, rank, world),
+              [r for rk in range(world) for r in runs(layout, seq_len, rk, world)], sd)
+    states, totals = _local_states(x)
+    states = _AllGatherStates.apply(states, ring).flatten(0, 1)  # [W * R, 1 or 2, B, H, D, Dv]
+    totals = _AllGatherStates.apply(totals, ring).flatten(0, 1)  # [W * R, 2, B', H]
 
-    # local states of each run: causal (anchored at its last position) and, for Full/Prefix,
-    # the keys that a query before the run sees (anchored at its first position)
-    local = []
-    for r in mine:
-        kf, vf = k[:, _sl(r)].to(sd), v[:, _sl(r)].to(sd)
-        t = torch.arange(r.length, device=dev)
-        w_end = _powers(log_decay, r.length - 1 - t, h, sd, dev)  # [m, H]
-        run_states = [torch.einsum("bthd,bthe->bhde", kf * w_end[None, :, :, None], vf)]
-        if reverse:
-            w_start = _powers(log_decay, t, h, sd, dev)[None]  # [1, m, H]
-            if isinstance(visibility, Prefix):
-                lim = visibility.n
-                if isinstance(lim, torch.Tensor):
-                    lim = lim.to(dev)[:, None]
-                else:
-                    lim = torch.tensor([[lim]], device=dev)
-                w_start = w_start * ((r.start + t)[None, :] < lim).to(sd)[:, :, None]
-            run_states.append(torch.einsum("bthd,bthe->bhde", kf * w_start[..., None], vf))
-        local.append(torch.stack(run_states))
-    # [W * R, 1 or 2, B, H, D, Dv]
-    states = _AllGatherStates.apply(torch.stack(local), ring).flatten(0, 1)
+    def local_op(r: Run, s_in):
+        sl = _sl(r)
+        gates = {} if log_gate is None else {
+            "log_gate": log_gate[:, sl],
+            "reverse_log_gate": None if reverse_log_gate is None else reverse_log_gate[:, sl]}
+        return _local_linear(q[:, sl], k[:, sl], v[:, sl], visibility, q_offset=r.start,
+                             k_offset=r.start, initial_state=s_in, **gates, **kw)
 
-    outs = []
-    for r in mine:
-        a, e = r.start, r.start + r.length
-        # (scan, closed form) the causal state just before position a: runs ending by a,
-        # decayed over the gap; zero coefficients keep every state in the graph
-        coef = _powers(log_decay, (a - ends).clamp_min(0), h, sd, dev)
-        coef = coef * (ends <= a).to(sd)[:, None]  # [W * R, H]
-        s_in = torch.einsum("sh,sbhde->bhde", coef, states[:, 0])
-        out = _local_linear(q[:, _sl(r)], k[:, _sl(r)], v[:, _sl(r)], visibility, decay=decay,
-                            q_offset=a, k_offset=a, initial_state=s_in, impl=impl,
-                            chunk_size=chunk_size)
-        if reverse:
-            # (reverse) keys of runs after the run, summarised at position e
-            coef = _powers(log_decay, (starts - e).clamp_min(0), h, sd, dev)
-            coef = coef * (starts >= e).to(sd)[:, None]
-            f = torch.einsum("sh,sbhde->bhde", coef, states[:, 1])
-            t = torch.arange(r.length, device=dev)
-            w_q = _powers(log_decay, r.length - t, h, sd, dev)  # lambda^(e - i), [m, H]
-            extra = torch.einsum("bthd,bhde->bthe", q[:, _sl(r)].to(sd) * w_q[None, :, :, None],
-                                 f)
-            out = (out.to(sd) + extra).to(q.dtype)
-        outs.append(out)
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    return _output(x, states, totals, local_op)
