@@ -6,7 +6,7 @@ import dataclasses
 
 from causalmix.visibility import Causal, Visibility
 
-MIXERS = ("softmax", "linear")
+MIXERS = ("softmax", "linear", "gated")
 FEATURE_MAPS = ("taylor", "elu")
 
 
@@ -22,6 +22,8 @@ class AttentionConfig:
     (``"taylor"``: ``[1, x, x (x) x / sqrt 2]`` so ``phi(q).phi(k) = 1 + q.k + (q.k)^2 / 2``, the
     2nd-order Taylor expansion of ``exp(q.k)``; ``"elu"``: ``elu(x) + 1``), and normalised by the
     same visibility-and-decay-weighted sum of ``phi(q).phi(k)`` (a ones column appended to v).
+    gated: per-token gates from the input (Mamba-2 style, :mod:`causalmix.nn.gated`), run by the
+    linear mixer; bidirectional (Hydra style) under ``Full()`` / ``Prefix`` / ``Chunked``.
     ``decay``: per-head decay in (0, 1] (``None``: no decay); its length must equal ``n_heads``.
     ``impl``: the mixer implementation :meth:`Block.forward` asks for (``"auto"``, or e.g.
     ``"reference"`` to run the dense definition; passed on as ``impl=``).

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from causalmix.nn.config import AttentionConfig, BlockConfig, ModelConfig
+from causalmix.nn.gated import GatedMixer
 from causalmix.ops.linear import linear_attention
 from causalmix.ops.softmax import softmax_attention
 from causalmix.visibility import Visibility
@@ -138,11 +139,12 @@ class Block(nn.Module):
     def __init__(self, cfg: BlockConfig):
         super().__init__()
         self.cfg = cfg
-        self.mixer: str = cfg.attention.mixer
+        gated = cfg.attention.mixer == "gated"
+        self.mixer: str = "linear" if gated else cfg.attention.mixer  # gates: the linear mixer
         self.visibility: Visibility = cfg.visibility
         c = cfg.attention.d_model
         self.norm1 = nn.LayerNorm(c)
-        self.attn = Attention(cfg.attention)
+        self.attn = GatedMixer(cfg.attention) if gated else Attention(cfg.attention)
         self.norm2 = nn.LayerNorm(c)
         self.mlp = nn.Sequential(
             nn.Linear(c, cfg.mlp_ratio * c), nn.GELU(), nn.Linear(cfg.mlp_ratio * c, c)
@@ -153,12 +155,16 @@ class Block(nn.Module):
         return self.attn.mixer_kwargs()
 
     def stream_qkv(self, x: torch.Tensor, positions: torch.Tensor):
-        """``x: [B, n, C]`` at absolute ``positions: [n]`` -> ``(q, k, v)`` for the mixer."""
+        """``x: [B, n, C]`` at absolute ``positions: [n]`` -> ``(q, k, v)`` for the mixer (gated:
+        ``(q, k, v, {"log_gate": .., "reverse_log_gate": ..})``, per-frame mixer inputs)."""
         return self.attn.qkv(self.norm1(x), positions)
 
     def stream_out(self, x: torch.Tensor, mixed: torch.Tensor, positions: torch.Tensor):
         """``x: [B, n, C]``, ``mixed: [B, n, H, Dv]`` (the mixer's output) -> ``[B, n, C]``."""
-        h = x + self.attn.out(mixed)
+        if isinstance(self.attn, GatedMixer):
+            h = x + self.attn.out(mixed, self.norm1(x))
+        else:
+            h = x + self.attn.out(mixed)
         return h + self.mlp(self.norm2(h))
 
     def forward(self, x: torch.Tensor, *, offset: int = 0,
@@ -167,9 +173,10 @@ class Block(nn.Module):
         block's spec for this call (e.g. ``Prefix(n)`` with per-example lengths)."""
         vis = self.visibility if visibility is None else visibility
         positions = torch.arange(offset, offset + x.shape[1], device=x.device)
-        q, k, v = self.stream_qkv(x, positions)
+        q, k, v, *frame_inputs = self.stream_qkv(x, positions)
         mixed = mix(self.mixer, q, k, v, vis, q_offset=offset, k_offset=offset,
-                    impl=self.cfg.attention.impl, **self.mixer_kwargs())
+                    impl=self.cfg.attention.impl, **self.mixer_kwargs(),
+                    **(frame_inputs[0] if frame_inputs else {}))
         return self.stream_out(x, mixed, positions)
 
 

@@ -35,7 +35,8 @@ class StreamableLayer(Protocol):
         self, x: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x: [B, n, C]``, ``positions: [n]`` int64 absolute -> ``q, k: [B, n, H(kv), D]``,
-        ``v: [B, n, Hkv, Dv]``. Pointwise in time."""
+        ``v: [B, n, Hkv, Dv]``, optionally followed by a dict of per-frame keyword inputs of the
+        mixer stream's ``push`` (the gates of a gated linear layer). Pointwise in time."""
         ...
 
     def stream_out(
@@ -90,9 +91,9 @@ class _LayerState:
     def push(self, x: torch.Tensor) -> torch.Tensor | None:
         p0 = self.mixer.frames_in
         positions = torch.arange(p0, p0 + x.shape[1], device=x.device)
-        q, k, v = self.layer.stream_qkv(x, positions)
+        q, k, v, *frame_inputs = self.layer.stream_qkv(x, positions)  # (+ per-frame inputs)
         self.x.append(x)
-        return self._finish(self.mixer.push(q, k, v))
+        return self._finish(self.mixer.push(q, k, v, **(frame_inputs[0] if frame_inputs else {})))
 
     def flush(self) -> torch.Tensor | None:
         return self._finish(self.mixer.flush())
