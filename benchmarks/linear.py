@@ -26,12 +26,22 @@ summed; a 4-head [4, T, T] fp32 graph would need several GB on a machine shared 
     python benchmarks/linear.py                 # the full table (several minutes)
     python benchmarks/linear.py --quick         # T in 2048, 8192; memory at 8192 only
     python benchmarks/linear.py --threads 1     # torch threads (default: torch's own)
+    python benchmarks/linear.py --gated-only --threads 1   # only the gated section
+
+Gated section (issue 12): per-token log-gates ``log_gate`` (differentiated) against the
+constant decay, ``Full()`` with a reverse gate, and a straightforward PyTorch chunked form with
+autograd (the peer: the pure-PyTorch chunked simple-GLA / SSD form that gated-linear-attention
+libraries ship, e.g. flash-linear-attention's ``torch_simple_gla``: chunk-local cumsum, masked
+``exp(g_i - g_j)`` tiles, per-chunk states written into a preallocated tensor; and, for
+context, the same with the states appended to a list and stacked). Contenders are interleaved
+round by round; ratios are per round, reported as median [min, max].
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -173,16 +183,142 @@ def time_scaling(ts, reps: int, c: int) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------- gated rows
+
+
+def gated_inputs(t: int):
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(B, t, H, D, generator=g).requires_grad_() for _ in range(3))
+    do = torch.randn(B, t, H, D, generator=g)
+    lg = (-0.1 * torch.rand(B, t, H, generator=g)).requires_grad_()  # log-gates in [-0.1, 0]
+    lgr = (-0.1 * torch.rand(B, t, H, generator=g)).requires_grad_()
+    return q, k, v, do, lg, lgr
+
+
+def peer_chunk_gla(q, k, v, g, c: int, stack: bool = False):
+    """The peer: a straightforward chunked gated linear attention in plain PyTorch (autograd),
+    ``q, k, v: [B, T, H, D]``, ``g: [B, T, H]`` (T a multiple of c) -> ``[B, T, H, D]``."""
+    b, t, h, d = q.shape
+    n = t // c
+    q, k, v = (x.transpose(1, 2).reshape(b, h, n, c, d) for x in (q, k, v))
+    g = g.transpose(1, 2).reshape(b, h, n, c).cumsum(-1)
+    kv = k.transpose(-1, -2) @ (v * (g[..., -1:] - g).exp()[..., None])  # [B, H, N, D, D]
+    if stack:
+        s = [torch.zeros_like(kv[:, :, 0])]
+        for i in range(1, n):
+            s.append(s[-1] * g[:, :, i - 1, -1, None, None].exp() + kv[:, :, i - 1])
+        states = torch.stack(s, dim=2)
+    else:
+        states = torch.zeros_like(kv)
+        for i in range(1, n):
+            states[:, :, i] = states[:, :, i - 1].clone() * g[:, :, i - 1, -1, None, None].exp() \
+                + kv[:, :, i - 1]
+    inter = (q * g[..., None].exp()) @ states
+    mask = torch.triu(torch.ones(c, c, dtype=torch.bool), diagonal=1)
+    att = (q @ k.transpose(-1, -2)) * (g[..., :, None] - g[..., None, :]).masked_fill(
+        mask, float("-inf")).exp()
+    o = inter + att @ v
+    return o.reshape(b, h, t, d).transpose(1, 2)
+
+
+GATED_KINDS = ("decay causal", "gated causal", "gated full", "peer", "peer (stack)")
+
+
+def gated_step(kind: str, data, c: int) -> None:
+    q, k, v, do, lg, lgr = data
+    dec = torch.tensor(DECAY)
+    if kind == "decay causal":
+        o = linear_attention(q, k, v, Causal(), decay=dec, chunk_size=c)
+    elif kind == "gated causal":
+        o = linear_attention(q, k, v, Causal(), log_gate=lg, chunk_size=c)
+    elif kind == "gated full":
+        o = linear_attention(q, k, v, Full(), log_gate=lg, reverse_log_gate=lgr, chunk_size=c)
+    else:
+        o = peer_chunk_gla(q, k, v, lg, c, stack=kind == "peer (stack)")
+    o.backward(do)
+    for x in (q, k, v, lg, lgr):
+        x.grad = None
+
+
+def time_gated(t: int, reps: int, c: int, kinds=GATED_KINDS) -> dict:
+    """fwd+bwd seconds of every kind at length t, round by round: {kind: [per-round]}."""
+    data = gated_inputs(t)
+    for kind in kinds:
+        gated_step(kind, data, c)  # warm-up
+    out: dict = {kind: [] for kind in kinds}
+    for _ in range(reps):
+        for kind in kinds:
+            out[kind].append(_time(lambda kind=kind: gated_step(kind, data, c)))
+    return out
+
+
+def time_gated_scaling(ts, reps: int, c: int) -> dict:
+    """Gated causal fwd+bwd us/token at every T, round by round; a short T is repeated
+    (max(T) / T runs, min taken in the round) so that each round spans the same wall time per
+    T. Returns {T: [us/token per round]}."""
+    data = {t: gated_inputs(t) for t in ts}
+    for t in ts:
+        gated_step("gated causal", data[t], c)
+    out: dict = {t: [] for t in ts}
+    for _ in range(reps):
+        for t in ts:
+            best = min(_time(lambda t=t: gated_step("gated causal", data[t], c))
+                       for _ in range(max(1, max(ts) // t)))
+            out[t].append(best / t * 1e6)
+    return out
+
+
+def _ratio(a: list, b: list) -> str:
+    r = sorted(x / y for x, y in zip(a, b, strict=True))
+    return f"{statistics.median(r):.2f} [{r[0]:.2f}, {r[-1]:.2f}]"
+
+
+def gated_section(reps: int, c: int, quick: bool) -> None:
+    print("\ngated rows (issue 12): fwd+bwd, gates differentiated, median [min, max] of "
+          f"per-round ratios over {reps} interleaved rounds; uptime: {_uptime()}")
+    t = 8192
+    res = time_gated(t, reps, c)
+    print(f"{'T':>6} {'contender':>14} {'us/token (median)':>18}")
+    for kind, secs in res.items():
+        print(f"{t:>6} {kind:>14} {statistics.median(secs) / t * 1e6:18.2f}")
+    g = res["gated causal"]
+    print(f"  gated causal / decay causal, T={t}: {_ratio(g, res['decay causal'])}  "
+          f"(goal <= 1.3)")
+    print(f"  gated full / gated causal, T={t}: {_ratio(res['gated full'], g)}  (goal <= 2.2)")
+    print(f"  peer / gated causal, T={t}: {_ratio(res['peer'], g)}  (goal >= 3)")
+    print(f"  peer (stack) / gated causal, T={t}: {_ratio(res['peer (stack)'], g)}  "
+          f"(context: the peer without in-place state writes)")
+    ts = [2048, 8192] if quick else [2048, 65536]
+    sc = time_gated_scaling(ts, reps, c)
+    print("  gated causal us/token, interleaved: " + "  ".join(
+        f"T={tt}: {statistics.median(v):.2f}" for tt, v in sc.items()))
+    print(f"  gated causal per-token T={ts[-1]} / T={ts[0]}: {_ratio(sc[ts[-1]], sc[ts[0]])}  "
+          f"(goal <= 1.25); uptime: {_uptime()}")
+
+
+def _uptime() -> str:
+    try:
+        return open("/proc/loadavg").read().split()[:3].__repr__()
+    except OSError:
+        return "?"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="T in 2048, 8192 only")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per case")
     ap.add_argument("--chunk-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--gated-only", action="store_true", help="only the gated section")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
+    if args.gated_only:
+        print(f"gated linear attention benchmark: B={B} H={H} D=Dv={D} fp32, chunk_size="
+              f"{args.chunk_size}, torch threads={threads}")
+        gated_section(args.reps or 5, args.chunk_size, args.quick)
+        return
     ts = [2048, 8192] if args.quick else [2048, 8192, 32768, 65536]
     reps = args.reps or (2 if args.quick else 3)
     c = args.chunk_size
@@ -243,6 +379,7 @@ def main() -> None:
     t_mem = max(t for t, _ in mem)
     print(f"  peak memory causal fwd+bwd T={t_mem} / memory of q,k,v,o and grads: "
           f"{mem[(t_mem, 'causal')]['ratio']:.2f}  (goal <= 2)")
+    gated_section(max(reps, 5), c, args.quick)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,9 @@ positions. Inside chunk n (local positions ``0..cn-1``), with the *chunk-local* 
 ``b_r = g_0 + .. + g_r`` and ``e_r = r_0 + .. + r_{r-1}`` (``B = b_{cn-1}``, ``E`` the sum of all
 ``r`` of the chunk)::
 
-    tile    M_rj = exp(b_r - b_j)  (j <= r, same segment)    exp(e_j - e_r)  (j > r, reverse)
-    forward S_{n+1} = exp(B) S_n + sum_j exp(B - b_j) k_j v_j^T,  read by query r: exp(b_r) q_r S_n
-    reverse R_{n-1} = exp(E) R_n + sum_j exp(e_j) k_j v_j^T,      read by query r: exp(E - e_r) q_r R_n
+    tile     M_rj = exp(b_r - b_j) (j <= r, same segment),  exp(e_j - e_r) (j > r, reverse)
+    forward  S_{n+1} = exp(B) S_n + sum_j exp(B - b_j) k_j v_j^T,   read: exp(b_r) q_r S_n
+    reverse  R_{n-1} = exp(E) R_n + sum_j exp(e_j) k_j v_j^T,       read: exp(E - e_r) q_r R_n
 
 ``S_n`` is anchored at the position before chunk n (reset at segment starts), ``R_n`` after it
 (reset at the ends of the reverse regions); ``Chunked(s, L > 0)`` adds a band of width
