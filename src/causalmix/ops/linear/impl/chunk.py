@@ -505,7 +505,9 @@ def _gate_grads(x: Ctx, grads: Grads, gf, gr):
             y = y.sum(0, keepdim=True)
         return y.to(like.dtype)
 
-    both = (x.q.to(sd) * grads.dq.to(sd)).sum(-1) - (x.k.to(sd) * grads.dk.to(sd)).sum(-1)
+    # row-wise dot products without a [B, T, H, D] temporary (einsum -> batched matmul)
+    both = torch.einsum("bthd,bthd->bth", x.q.to(x.cd), grads.dq).to(sd) \
+        - torch.einsum("bthd,bthd->bth", x.k.to(x.cd), grads.dk).to(sd)
     db = local(both)  # [B, H, N, C]: dL/db - dL/de
     if acc.de is not None:
         db = db + acc.de
