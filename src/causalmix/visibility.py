@@ -930,17 +930,46 @@ def _check_spec(name: str, spec: Any) -> None:
         )
 
 
-@dataclasses.dataclass(frozen=True)
-class And(Visibility):
-    """Visible under both ``a`` and ``b``. Written ``a & b``."""
+def _unknown(c: torch.Tensor | None, t: _Tiling) -> torch.Tensor:
+    return torch.full((1, t.nq, t.nk), -1, dtype=torch.int64) if c is None else c
 
-    a: Visibility
-    b: Visibility
+
+class _Combined(Visibility):
+    """Shared by ``&`` and ``|``: argument checks, batch size, covered length."""
+
+    __slots__ = ()
+    _symbol = "?"
 
     def __post_init__(self):
         _check_spec("a", self.a)
         _check_spec("b", self.b)
         _merge_batch(self.a.batch_size, self.b.batch_size, repr(self))
+
+    @property
+    def batch_size(self) -> int | None:
+        return _merge_batch(self.a.batch_size, self.b.batch_size, self._symbol)
+
+    @property
+    def covered_length(self) -> int | None:
+        return _min_opt(self.a.covered_length, self.b.covered_length)
+
+    def _side_counts(self, t: _Tiling) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each side's tile counts (-1 where unknown), broadcast, and the tile sizes."""
+        ca, cb = torch.broadcast_tensors(_unknown(self.a._counts(t), t),
+                                         _unknown(self.b._counts(t), t))
+        return ca, cb, t.sizes()
+
+    def __repr__(self) -> str:
+        return f"({self.a!r} {self._symbol} {self.b!r})"
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class And(_Combined):
+    """Visible under both ``a`` and ``b``. Written ``a & b``."""
+
+    a: Visibility
+    b: Visibility
+    _symbol = "&"
 
     def visible(self, b, i, j):
         return self.a.visible(b, i, j) & self.b.visible(b, i, j)
@@ -971,20 +1000,11 @@ class And(Visibility):
         exact = super()._counts(t)
         if exact is not None:
             return exact
-        ca, cb = self.a._counts(t), self.b._counts(t)
-        size = t.sizes()
-        ca = torch.full((1, t.nq, t.nk), -1, dtype=torch.int64) if ca is None else ca
-        cb = torch.full((1, t.nq, t.nk), -1, dtype=torch.int64) if cb is None else cb
-        ca, cb = torch.broadcast_tensors(ca, cb)
+        ca, cb, size = self._side_counts(t)
         out = torch.full_like(ca, -1)
         out = torch.where(ca == size, cb, out)
         out = torch.where(cb == size, ca, out)
-        out = torch.where((ca == 0) | (cb == 0), torch.zeros_like(out), out)
-        return out
-
-    @property
-    def batch_size(self) -> int | None:
-        return _merge_batch(self.a.batch_size, self.b.batch_size, "&")
+        return torch.where((ca == 0) | (cb == 0), torch.zeros_like(out), out)
 
     @property
     def lookahead_frames(self) -> int | None:
@@ -994,26 +1014,15 @@ class And(Visibility):
     def lookback_frames(self) -> int | None:
         return _min_opt(self.a.lookback_frames, self.b.lookback_frames)
 
-    @property
-    def covered_length(self) -> int | None:
-        return _min_opt(self.a.covered_length, self.b.covered_length)
 
-    def __repr__(self) -> str:
-        return f"({self.a!r} & {self.b!r})"
-
-
-@dataclasses.dataclass(frozen=True)
-class Or(Visibility):
+@dataclasses.dataclass(frozen=True, repr=False)
+class Or(_Combined):
     """Visible under ``a`` or ``b``. Written ``a | b``, e.g. ``Chunked(64) | Window(16)``: chunked
     attention whose first frames still see the end of the previous chunk."""
 
     a: Visibility
     b: Visibility
-
-    def __post_init__(self):
-        _check_spec("a", self.a)
-        _check_spec("b", self.b)
-        _merge_batch(self.a.batch_size, self.b.batch_size, repr(self))
+    _symbol = "|"
 
     def visible(self, b, i, j):
         return self.a.visible(b, i, j) | self.b.visible(b, i, j)
@@ -1022,24 +1031,15 @@ class Or(Visibility):
         return torch.maximum(self.a._horizon(positions), self.b._horizon(positions))
 
     def _counts(self, t):
-        size = t.sizes()
         ia, ib = _bounds(self.a, t.q_positions()), _bounds(self.b, t.q_positions())
         if ia is not None and ib is not None:
             both = t.count_intervals(torch.maximum(ia[0], ib[0]), torch.minimum(ia[1], ib[1]))
             return t.count_intervals(*ia) + t.count_intervals(*ib) - both
-        ca, cb = self.a._counts(t), self.b._counts(t)
-        ca = torch.full((1, t.nq, t.nk), -1, dtype=torch.int64) if ca is None else ca
-        cb = torch.full((1, t.nq, t.nk), -1, dtype=torch.int64) if cb is None else cb
-        ca, cb = torch.broadcast_tensors(ca, cb)
+        ca, cb, size = self._side_counts(t)
         out = torch.full_like(ca, -1)
         out = torch.where(ca == 0, cb, out)
         out = torch.where(cb == 0, ca, out)
-        out = torch.where((ca == size) | (cb == size), size.expand_as(out), out)
-        return out
-
-    @property
-    def batch_size(self) -> int | None:
-        return _merge_batch(self.a.batch_size, self.b.batch_size, "|")
+        return torch.where((ca == size) | (cb == size), size.expand_as(out), out)
 
     @property
     def lookahead_frames(self) -> int | None:
@@ -1048,10 +1048,3 @@ class Or(Visibility):
     @property
     def lookback_frames(self) -> int | None:
         return _max_opt(self.a.lookback_frames, self.b.lookback_frames)
-
-    @property
-    def covered_length(self) -> int | None:
-        return _min_opt(self.a.covered_length, self.b.covered_length)
-
-    def __repr__(self) -> str:
-        return f"({self.a!r} | {self.b!r})"
