@@ -16,6 +16,7 @@ where ``stream_qkv`` and ``stream_out`` are pointwise in time and ``mix`` is
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +31,8 @@ from causalmix.visibility import ArgumentTypeError, Visibility, check_int
 __all__ = ["Attention", "Block", "SequenceModel", "feature_map", "mix", "rotary"]
 
 
-def mix(mixer: str, q, k, v, visibility: Visibility, *, q_offset: int = 0, k_offset: int = 0,
-        **kwargs) -> torch.Tensor:
+def mix(mixer: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibility: Visibility,
+        *, q_offset: int = 0, k_offset: int = 0, **kwargs: Any) -> torch.Tensor:
     """Run the named mixer: ``q, k: [B, Tq|Tk, H, D]``, ``v: [B, Tk, Hkv, Dv]`` ->
     ``[B, Tq, H, Dv]``. ``kwargs`` are the layer's :meth:`Block.mixer_kwargs`."""
     if mixer == "softmax":
@@ -103,7 +104,8 @@ class Attention(nn.Module):
             return {"scale": 1.0 / math.sqrt(self.cfg.head_dim)}
         return {} if self.decay is None else {"decay": self.decay}
 
-    def qkv(self, x: torch.Tensor, positions: torch.Tensor):
+    def qkv(self, x: torch.Tensor, positions: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = self.cfg
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, cfg.n_heads, -1)
@@ -153,11 +155,13 @@ class Block(nn.Module):
         """Keyword arguments for the mixer: ``{"scale": s}`` or ``{"decay": [H] tensor}``."""
         return self.attn.mixer_kwargs()
 
-    def stream_qkv(self, x: torch.Tensor, positions: torch.Tensor):
+    def stream_qkv(self, x: torch.Tensor, positions: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x: [B, n, C]`` at absolute ``positions: [n]`` -> ``(q, k, v)`` for the mixer."""
         return self.attn.qkv(self.norm1(x), positions)
 
-    def stream_out(self, x: torch.Tensor, mixed: torch.Tensor, positions: torch.Tensor):
+    def stream_out(self, x: torch.Tensor, mixed: torch.Tensor,
+                   positions: torch.Tensor) -> torch.Tensor:
         """``x: [B, n, C]``, ``mixed: [B, n, H, Dv]`` (the mixer's output) -> ``[B, n, C]``."""
         h = x + self.attn.out(mixed)
         return h + self.mlp(self.norm2(h))
@@ -177,7 +181,7 @@ class Block(nn.Module):
         return self.stream_out(x, mixed, positions)
 
 
-def check_inputs(cfg, inputs, where: str = "") -> None:
+def check_inputs(cfg: ModelConfig, inputs: Any, where: str = "") -> None:
     """``inputs``: int64 tokens ``[B, T]`` in ``[0, cfg.vocab_size)`` when ``cfg.vocab_size`` is
     set, else float features ``[B, T, cfg.input_dim]``, with ``T >= 1``; raises ``ValueError``
     otherwise (``where`` prefixes the message)."""
@@ -199,7 +203,7 @@ def check_inputs(cfg, inputs, where: str = "") -> None:
                          f"{list(inputs.shape)}")
 
 
-def check_hidden(x, d_model: int, where: str) -> None:
+def check_hidden(x: Any, d_model: int, where: str) -> None:
     """``x``: float activations ``[B, T, d_model]`` with ``B, T >= 1``."""
     if not isinstance(x, torch.Tensor):
         raise ArgumentTypeError(f"{where}: x must be a float [B, T, {d_model}] tensor, got "
@@ -238,7 +242,8 @@ class SequenceModel(nn.Module):
 
     def forward(self, inputs: torch.Tensor, *, offset: int = 0,
                 visibility: tuple[Visibility, ...] | None = None,
-                return_hidden: bool = False):
+                return_hidden: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """``visibility``: one spec per layer overriding the config's for this call.
         ``return_hidden``: also return each block's output ``[B, T, C]`` (a list)."""
         cfg = self.cfg
