@@ -112,11 +112,10 @@ def _check_max_lookahead(w) -> tuple[int, ...]:
     if isinstance(w, int) or not isinstance(w, (tuple, list)) or not w:
         raise TypeError("max_lookahead must be a non-empty tuple with one int per layer, "
                         f"e.g. (0, 4); got {w!r}")
-    w = tuple(w)
-    for x in w:
-        if isinstance(x, bool) or not isinstance(x, int) or x < 0:
-            raise ValueError(f"max_lookahead entries must be ints >= 0, got {w!r}")
-    return w
+    try:
+        return tuple(check_int("max_lookahead entry", x, 0) for x in w)
+    except ValueError:
+        raise ValueError(f"max_lookahead entries must be ints >= 0, got {tuple(w)!r}") from None
 
 
 @dataclasses.dataclass(frozen=True)
