@@ -738,6 +738,8 @@ def test_model_stream_of_a_whole_sequence_model(preset, vis, t):
         m.push(torch.randn(2, 3))
     with pytest.raises(ValueError):
         m.push(tokens[:1, :2])  # batch differs
+    with pytest.raises(ValueError, match="token ids in"):
+        m.push(torch.full((2, 2), 11))  # outside the vocabulary
     assert (m.frames_in, m.frames_out, repr(m)) == before
     rest = [m.push(tokens[:, t // 2 + 1:])] if t // 2 + 1 < t else []
     out2 = torch.cat([first, *rest, m.flush()], 1)
