@@ -17,8 +17,9 @@ Transport is ``torch.distributed`` only: ``batch_isend_irecv`` on the group for 
 must call with the same spec (compared by content), layout, shapes, dtype, scale / decay and
 need for gradients -- checked before any exchange with one small ``all_gather`` of digests per
 call; a mismatch raises the same ``ValueError`` on every rank, naming the arguments and what
-each rank passed -- and, in backward, backpropagate through its output. Failures surface as errors, never hangs: a
-rank that dies closes its connections, and a silent one trips the process group's ``timeout``.
+each rank passed -- and, in backward, backpropagate through its output. Failures surface as
+errors, never hangs: a rank that dies closes its connections, and a silent one trips the process
+group's ``timeout``.
 :func:`work_balance` counts the exact visible pairs each rank computes under a layout.
 """
 

@@ -41,7 +41,7 @@ def _spec_canonical(spec: Visibility) -> str:
     is not a dataclass."""
     name = f"{type(spec).__module__}.{type(spec).__qualname__}"
     if not dataclasses.is_dataclass(spec):
-        return f"{name}({spec!r})"
+        return f"{name}({_repr(spec)})"
     parts = [f"{f.name}={_canonical(getattr(spec, f.name))}" for f in dataclasses.fields(spec)
              if f.init]
     return f"{name}({', '.join(parts)})"
@@ -63,11 +63,13 @@ def _canonical(value) -> str:
     if isinstance(value, torch.Tensor):
         return f"tensor({value.dtype}, {list(value.shape)}, {value.device.type}, " \
                f"{_tensor_content(value)})"
-    if isinstance(value, (torch.dtype, torch.device, str, bool, int, float, type(None))):
-        return f"{type(value).__name__}:{value!r}"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"number:{float(value)!r}"  # scale=1 and scale=1.0 agree
+    if isinstance(value, (torch.dtype, torch.device, str, bool, type(None))):
+        return f"{type(value).__name__}:{_repr(value)}"
     if isinstance(value, (tuple, list)):
         return f"{type(value).__name__}[{', '.join(_canonical(v) for v in value)}]"
-    return f"{type(value).__qualname__}:{value!r}"
+    return f"{type(value).__qualname__}:{_repr(value)}"
 
 
 def signature(x) -> str:
@@ -86,8 +88,19 @@ def _describe(value) -> str:
     if isinstance(value, torch.Tensor):
         shown = f", values {value.detach().cpu().tolist()}" if value.numel() <= 16 else ""
         return f"tensor({value.dtype}, {list(value.shape)}{shown})"
-    text = repr(value)
-    return text if len(text) <= _MAX_DESCRIPTION else text[: _MAX_DESCRIPTION - 3] + "..."
+    text = _repr(value)
+    if len(text) > _MAX_DESCRIPTION:
+        text = text[: _MAX_DESCRIPTION - 3] + "..."
+    if isinstance(value, Visibility):  # the repr may hide a tensor's content
+        text += f" (content digest {_digest(_canonical(value)) & 0xFFFFFFFF:08x})"
+    return text
+
+
+def _repr(value) -> str:
+    try:
+        return repr(value)
+    except Exception:  # a user's spec with a broken repr must not stop the check on one rank
+        return f"<{type(value).__qualname__} whose repr raises>"
 
 
 def _digest(text: str) -> int:
