@@ -18,6 +18,7 @@ the push of frame ``r^L_t``. Memory grows with the stream (every key is kept).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
@@ -185,7 +186,7 @@ class AdaptiveStream:
     the stream as it was. Inference only (``torch.no_grad()``).
     """
 
-    def __init__(self, layers):
+    def __init__(self, layers: Iterable[AdaptiveStreamableLayer] | StreamableModel):
         self.model: StreamableModel | None = None
         if isinstance(layers, StreamableModel):
             self.model, layers = layers, layers.blocks
@@ -200,6 +201,7 @@ class AdaptiveStream:
         self.closed = False
 
     def push(self, inputs: torch.Tensor) -> list[Emitted]:
+        """The next ``n >= 1`` frames of every sequence (see the class docstring)."""
         name = f"{type(self).__name__}.push"
         if self.closed:
             raise ValueError(f"{name}: the stream was flushed (closed)")
@@ -214,6 +216,7 @@ class AdaptiveStream:
                     for b, row in enumerate(self.rows)]
 
     def flush(self) -> list[Emitted]:
+        """End the stream: every remaining output, computed with the keys that exist."""
         name = f"{type(self).__name__}.flush"
         if self.closed:
             raise ValueError(f"{name}: the stream was already flushed")

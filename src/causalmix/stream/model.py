@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -148,7 +148,7 @@ class ModelStream:
     inference (``torch.no_grad()``).
     """
 
-    def __init__(self, layers):
+    def __init__(self, layers: Iterable[StreamableLayer] | StreamableModel):
         self.model: StreamableModel | None = None
         if isinstance(layers, StreamableModel):
             self.model, layers = layers, layers.blocks
