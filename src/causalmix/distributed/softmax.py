@@ -30,7 +30,7 @@ from causalmix.distributed._ring import Exchange, Ring
 from causalmix.distributed._spec import pair_count, pair_spec
 from causalmix.distributed.layout import LAYOUTS, Run, runs
 from causalmix.ops._cache import LRUCache
-from causalmix.ops._validate import check_qkv, check_scale, check_visibility
+from causalmix.ops._validate import check_qkv, check_scale, check_visibility, compute_dtype
 from causalmix.ops.softmax import AttentionOutput, merge_softmax
 from causalmix.ops.softmax import softmax_attention as _local_attention
 from causalmix.visibility import Visibility
@@ -81,13 +81,14 @@ class _RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, spec, plan, ring: Ring, scale):
         b, n, hq, _ = q.shape
         dv = v.shape[3]
-        out = torch.zeros(b, n, hq, dv, device=q.device, dtype=torch.float32)
-        lse = torch.full((b, n, hq), float("-inf"), device=q.device, dtype=torch.float32)
-        qf = q.float()
+        cd = compute_dtype(q)  # fp32, fp64 for fp64 inputs
+        out = torch.zeros(b, n, hq, dv, device=q.device, dtype=cd)
+        lse = torch.full((b, n, hq), float("-inf"), device=q.device, dtype=cd)
+        qf = q.to(cd)
         kv = (k, v)
         for s in range(ring.world):
             ex = Exchange(ring, kv, _TAG_KV) if s < ring.world - 1 else None
-            kf, vf = kv[0].float(), kv[1].float()
+            kf, vf = kv[0].to(cd), kv[1].to(cd)
             for qr, kr in plan[s]:
                 o_p, l_p = _partial(qf, kf, vf, spec, qr, kr, scale)
                 _merge(out[:, _sl(qr)], lse[:, _sl(qr)], o_p, l_p)
@@ -101,17 +102,18 @@ class _RingAttention(torch.autograd.Function):
     def backward(ctx, d_out, d_lse):
         q, k, v, out, lse = ctx.saved_tensors
         spec, plan, ring, scale = ctx.spec, ctx.plan, ctx.ring, ctx.scale
-        d_o = torch.zeros_like(out) if d_out is None else d_out.float()
-        d_l = torch.zeros_like(lse) if d_lse is None else d_lse.float()
+        cd = out.dtype
+        d_o = torch.zeros_like(out) if d_out is None else d_out.to(cd)
+        d_l = torch.zeros_like(lse) if d_lse is None else d_lse.to(cd)
         o_dot = (d_o * out).sum(-1)  # [B, n, H]: dO . O
         lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-        qf = q.float()
+        qf = q.to(cd)
         dq = torch.zeros_like(qf)
         kv = (k, v)
         acc_ex = None
         for s in range(ring.world):
             kv_ex = Exchange(ring, kv, _TAG_KV) if s < ring.world - 1 else None
-            kf, vf = kv[0].float(), kv[1].float()
+            kf, vf = kv[0].to(cd), kv[1].to(cd)
             dk_c = dv_c = None
             for qr, kr in plan[s]:
                 qs, ks = _sl(qr), _sl(kr)
@@ -177,7 +179,8 @@ def softmax_attention(
         ``[B, n, Hq, Dv]`` in q's dtype, or ``AttentionOutput(output, lse)`` with ``lse: [B, n,
         Hq]`` fp32 (``-inf`` where a query sees no key, whose output is 0). Equal to the
         single-process ``causalmix.softmax_attention`` on the full sequence, sharded the same way;
-        differentiable (dK/dV travel back around the ring). Partial results are merged in fp32.
+        differentiable (dK/dV travel back around the ring). Partial results are merged in fp32
+        (fp64, and an fp64 lse, for fp64 inputs).
 
     Every rank must call it with the same spec (compared by content), layout, shapes, dtype,
     scale and need for gradients, checked before any exchange: a mismatch raises ``ValueError``
