@@ -41,6 +41,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from causalmix.distributed._agree import check_agreement, signature
 from causalmix.distributed._ring import Ring, check_same_everywhere
 from causalmix.distributed.layout import LAYOUTS, Run, runs
 from causalmix.ops._validate import check_decay, check_qkv, check_visibility, compute_dtype
@@ -241,6 +242,14 @@ def linear_attention(
         backpropagate through its result (one ``all_reduce`` of the states' gradients).
     """
     fn = "causalmix.distributed.linear_attention"
+    check_agreement(fn, group, {  # every rank, before any check or exchange can diverge
+        "visibility": visibility, "layout": layout, "q": signature(q), "k": signature(k),
+        "v": signature(v), "decay": decay,
+        "log_gate": None if log_gate is None else signature(log_gate),
+        "reverse_log_gate": None if reverse_log_gate is None else signature(reverse_log_gate),
+        "requires_grad": torch.is_grad_enabled() and any(
+            getattr(t, "requires_grad", False)
+            for t in (q, k, v, decay, log_gate, reverse_log_gate))})
     ring = _validate(fn, q, k, v, visibility, layout, decay, log_gate, reverse_log_gate, group)
     bsz, n, h = q.shape[0], q.shape[1], q.shape[2]
     world, rank = ring.world, ring.rank
