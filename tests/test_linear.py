@@ -467,3 +467,23 @@ def test_chunk_with_keys_past_the_last_query(name, tq, extra, off):
         linear_attention(q, k, v, spec, q_offset=off, k_offset=off, impl="recurrent")
     with pytest.raises(ValueError, match="at least as long"):
         linear_attention(k, q, q, spec, impl="reference")
+
+
+@pytest.mark.parametrize("name", ["causal", "full", "chunked_la"])
+def test_chunk_size_larger_than_the_sequence_is_clamped(name):
+    """chunk_size > T never allocates by chunk_size (issue 10): it is clamped to T, which gives
+    exactly the numbers of chunk_size = T, forward and backward."""
+    t = 5
+    spec = _spec(name, t)
+    q, k, v, dec, s0, do, ds = _inputs(t, torch.float32, 11)
+    outs = []
+    for c in (t, 10**12):
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        with _LargestTensor() as mode:
+            out, state = chunk_linear_attention(*leaves, spec, decay=dec, initial_state=s0,
+                                                return_final_state=True, chunk_size=c)
+            grads = torch.autograd.grad((out * do).sum() + (state * ds).sum(), leaves)
+        assert mode.largest <= 4096
+        outs.append([out, state, *grads])
+    for a, b in zip(*outs, strict=True):
+        assert torch.equal(a, b)

@@ -14,6 +14,7 @@ FEATURE_MAPS = ("taylor", "elu")
 IMPLS = {
     "softmax": ("auto", "reference", "sdpa", "blocks", "flex"),
     "linear": ("auto", "reference", "chunk", "recurrent"),
+    "gated": ("auto", "reference", "chunk", "recurrent"),  # the linear mixer, with gates
 }
 
 

@@ -249,14 +249,14 @@ class TileWeights:
         geo, w = self.geo, self.w
         b = w.b[:, :, n0:n1]  # [B'', H, G, C] fp64
         fm = _block_masks(geo, n0, n1, "fmask")
-        logits = torch.where(fm[:, None], (b[..., :, None] - b[..., None, :]).to(self.cd),
-                             _NEG_INF)
+        logits = (b[..., :, None] - b[..., None, :]).to(self.cd)
         bm = _block_masks(geo, n0, n1, "bmask") if geo.reverse else None
         if bm is not None:
             e = w.e[:, :, n0:n1]
-            logits = torch.where(bm[:, None], (e[..., None, :] - e[..., :, None]).to(self.cd),
-                                 logits)
-        return torch.exp(logits)
+            rev = (e[..., None, :] - e[..., :, None]).to(self.cd)
+            logits = torch.where(bm[:, None], rev, logits)
+            fm = fm | bm
+        return logits.masked_fill_(~fm[:, None], _NEG_INF).exp_()
 
 
 def _outer(x: torch.Tensor, y: torch.Tensor, sd: torch.dtype) -> torch.Tensor:
@@ -321,10 +321,10 @@ def _forward_scan(x: Ctx, s0, rstates):
     return o, states, s
 
 
-def _prepare(q, k, v, gf, gr, arrays, c, reverse, sd) -> Ctx:
+def _prepare(q, k, v, gf, gr, arrays, c, reverse, sd, w: Weights | None = None) -> Ctx:
     cd = compute_dtype(q)
     geo = _geometry(arrays, q.shape[1], c, reverse)
-    w = _weights(gf, gr, geo, cd)
+    w = _weights(gf, gr, geo, cd) if w is None else w
     width = max(q.shape[-1], v.shape[-1])
     return Ctx(q, k, v, geo, w, TileWeights(w, geo, cd, width), cd, sd)
 
@@ -341,7 +341,7 @@ class ScanFunction(torch.autograd.Function):
         rstates = _reverse_scan(x) if reverse else [None] * x.geo.n
         o, states, s = _forward_scan(x, s0, rstates)
         ctx.save_for_backward(q, k, v, gf, gr)
-        ctx.states = [*states, s]
+        ctx.states, ctx.weights = [*states, s], x.w  # weights: [B'', H, T] each, no recompute
         ctx.arrays, ctx.c, ctx.reverse, ctx.sd, ctx.has_s0 = arrays, c, reverse, sd, s0 is not None
         return o, s.to(x.cd)
 
@@ -349,7 +349,7 @@ class ScanFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, do, ds_final):
         q, k, v, gf, gr = ctx.saved_tensors
-        x = _prepare(q, k, v, gf, gr, ctx.arrays, ctx.c, ctx.reverse, ctx.sd)
+        x = _prepare(q, k, v, gf, gr, ctx.arrays, ctx.c, ctx.reverse, ctx.sd, ctx.weights)
         b, t, h, _d = q.shape
         if do is None:
             do = torch.zeros(b, t, h, v.shape[-1], dtype=x.cd, device=q.device)
