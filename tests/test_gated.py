@@ -430,3 +430,9 @@ def test_gated_model_bidirectional_trains():
     tok2[:, -1] = (tok2[:, -1] + 1) % 11
     with torch.no_grad():
         assert not torch.allclose(m(tok2)[:, 0], m(tok)[:, 0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["causal", "full", "prefix_batch", "seg_chunked_la"])
+def test_gated_long_chunk_matches_reference(name):
+    _check("chunk", 3000, _specs(3010)[name], dtype=torch.float32, off=0, c=256, strength=0.5)

@@ -380,13 +380,17 @@ def _reverse_grad_scan(x: Ctx, do) -> list:
 
 
 class GateAcc(NamedTuple):
-    """Gate-gradient terms the backward scan accumulates (the rest comes from dq, dk after it):
-    ``dbt, det: [B, H, N]`` w.r.t. the chunk totals ``B``, ``E``; ``de: [B, H, N, C]`` w.r.t.
-    the reverse local sums ``e`` (None without a reverse scan)."""
+    """Gate-gradient terms the backward scan accumulates: ``dbt, det: [B, H, N]`` w.r.t. the
+    chunk totals ``B``, ``E``; ``de: [B, H, N, C]`` w.r.t. the reverse local sums ``e`` (None
+    without a reverse scan); ``db: [B, H, N, C]`` w.r.t. the forward local sums ``b``, only with
+    wide (fp64) states -- a differentiated constant decay, whose gradient sums these terms over
+    all T: there the pair and state terms are accumulated one by one in fp64 (``q . dq - k . dk``
+    in fp32 would cancel ~C/2-fold); otherwise ``db`` comes from dq, dk after the scan."""
 
     dbt: torch.Tensor
     de: torch.Tensor | None
     det: torch.Tensor | None
+    db: torch.Tensor | None
 
 
 class Grads(NamedTuple):
@@ -411,7 +415,14 @@ def _tile_grads(x: Ctx, m: ChunkMasks, n, qt, kt, vt, dot, acc) -> TileGrad:
     att = (qt @ kt.transpose(-1, -2)) * tw
     datt = dot @ vt.transpose(-1, -2)
     dp = datt * tw
-    if acc is not None and m.bmask is not None:
+    if acc is not None and acc.db is not None:  # wide: pair terms one by one, in fp64
+        p = (datt * att).to(x.sd)
+        pf = p if m.bmask is None else p * m.fmask[:, None]
+        acc.db[:, :, n, :m.cn] += pf.sum(-1) - pf.sum(-2)  # M = exp(b_r - b_j)
+        if m.bmask is not None:
+            pr = p - pf
+            acc.de[:, :, n, :m.cn] += pr.sum(-2) - pr.sum(-1)
+    elif acc is not None and m.bmask is not None:
         pr = (datt * att * m.bmask[:, None]).to(x.sd)  # dL/d(e_j - e_r) of reverse pairs
         acc.de[:, :, n, :m.cn] += pr.sum(-2) - pr.sum(-1)
     return TileGrad(dp @ kt, dp.transpose(-1, -2) @ qt, att.transpose(-1, -2) @ dot)
@@ -427,6 +438,10 @@ def _forward_state_grads(x: Ctx, n, cn, qt, kt, vt, dot, s, s_next, gs, g: TileG
     y = vt @ gsc.transpose(-1, -2)  # [B, H, cn, D]
     if acc is not None:
         acc.dbt[:, :, n] += (gs * s_next).sum((-1, -2))
+        if acc.db is not None:  # exp(b_r) read, exp(B - b_j) update
+            read = ((qt * xs).sum(-1, keepdim=True) * wf)[..., 0].to(x.sd)
+            upd = ((kt * y).sum(-1, keepdim=True) * uf)[..., 0].to(x.sd)
+            acc.db[:, :, n, :cn] += read - upd
     g = TileGrad(g.dq + xs * wf, g.dk + y * uf, g.dv + (kt @ gsc) * uf)
     return g, _outer(qt * wf, dot, x.sd) + cf * gs
 
@@ -460,10 +475,13 @@ def _backward_scan(x: Ctx, do, ds_final, states, hstates, want_g) -> Grads:
     dv = torch.empty(b, t, h, x.v.shape[-1], dtype=x.cd, device=dev)
     acc = None
     if want_g:
+        wide = x.sd == torch.float64 and x.cd != torch.float64
         acc = GateAcc(torch.zeros(b, h, n_chunks, dtype=x.sd, device=dev),
                       torch.zeros(b, h, n_chunks, x.geo.c, dtype=x.sd, device=dev)
                       if rev else None,
-                      torch.zeros(b, h, n_chunks, dtype=x.sd, device=dev) if rev else None)
+                      torch.zeros(b, h, n_chunks, dtype=x.sd, device=dev) if rev else None,
+                      torch.zeros(b, h, n_chunks, x.geo.c, dtype=x.sd, device=dev)
+                      if wide else None)
     gs = x.q.new_zeros(b, h, d, x.v.shape[-1], dtype=x.sd) if ds_final is None \
         else ds_final.to(x.sd)
     rs = x.q.new_zeros(b, h, d, x.v.shape[-1], dtype=x.sd)  # R_{N-1} = 0
@@ -505,12 +523,15 @@ def _gate_grads(x: Ctx, grads: Grads, gf, gr):
             y = y.sum(0, keepdim=True)
         return y.to(like.dtype)
 
-    # row-wise dot products without a [B, T, H, D] temporary (einsum -> batched matmul)
-    both = torch.einsum("bthd,bthd->bth", x.q.to(x.cd), grads.dq).to(sd) \
-        - torch.einsum("bthd,bthd->bth", x.k.to(x.cd), grads.dk).to(sd)
-    db = local(both)  # [B, H, N, C]: dL/db - dL/de
-    if acc.de is not None:
-        db = db + acc.de
+    if acc.db is not None:
+        db = acc.db
+    else:
+        # row-wise dot products without a [B, T, H, D] temporary (einsum -> batched matmul)
+        both = torch.einsum("bthd,bthd->bth", x.q.to(x.cd), grads.dq).to(sd) \
+            - torch.einsum("bthd,bthd->bth", x.k.to(x.cd), grads.dk).to(sd)
+        db = local(both)  # [B, H, N, C]: dL/db - dL/de
+        if acc.de is not None:
+            db = db + acc.de
     dgf = to_gate(db.flip(-1).cumsum(-1).flip(-1) + acc.dbt[..., None], gf)
     if acc.de is None:
         return dgf, None
