@@ -279,7 +279,8 @@ def _run(fn, impl, q, k, v, visibility, decay, log_gate, reverse_log_gate, q_off
     if impl == "chunk":
         out, s = chunk.linear_attention(q, k, v, f, log_gate=gf, reverse_log_gate=gr,
                                         offset=q_offset, initial_state=initial_state,
-                                        chunk_size=chunk_size, wide_states=wide)
+                                        chunk_size=chunk_size, wide_states=wide,
+                                        constant=log_gate is None)
     else:
         out, s = recurrent.linear_attention(q, k, v, f, log_gate=gf, reverse_log_gate=gr,
                                             offset=q_offset, initial_state=initial_state)

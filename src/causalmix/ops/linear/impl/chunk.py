@@ -120,6 +120,8 @@ class _Geometry:
         self.group = torch.where(counts[group] > 1, group, -1).tolist()
         self.rev_kind = kinds.tolist()
         self._cache: dict[int, ChunkMasks] = {}
+        # constant gates (a decay): their weights and shared tile weights, by gate values
+        self.memo: LRUCache[tuple] = LRUCache(4)
 
     def dead(self, n: int) -> bool:
         """No key of chunk n nor of any later chunk enters the reverse scan."""
@@ -232,12 +234,22 @@ class TileWeights:
     masked entries are 0), computed for blocks of ``G`` chunks at once (few large ops instead of
     many small ones; a block weighs at most one ``[B, T, H, D]`` input)."""
 
-    def __init__(self, w: Weights, geo: _Geometry, cd, width: int):
-        self.w, self.geo, self.cd = w, geo, cd
+    def __init__(self, w: Weights, geo: _Geometry, cd, width: int, memo: dict | None = None):
+        self.w, self.geo, self.cd, self.memo = w, geo, cd, memo
         self.g = max(1, min(16, geo.t * width // (geo.c * geo.c)))
         self._block, self._data = -1, None
 
     def __call__(self, n: int) -> torch.Tensor:
+        """``memo`` (constant gates): tiles of chunks sharing a geometry are computed once."""
+        key = self.geo.group[n]
+        if self.memo is not None and key >= 0:
+            hit = self.memo.get(key)
+            if hit is None:
+                hit = self.memo[key] = self._compute(n)
+            return hit
+        return self._compute(n)
+
+    def _compute(self, n: int) -> torch.Tensor:
         blk = n // self.g
         if blk != self._block:
             self._block, self._data = blk, self._make(blk * self.g,
@@ -321,12 +333,19 @@ def _forward_scan(x: Ctx, s0, rstates):
     return o, states, s
 
 
-def _prepare(q, k, v, gf, gr, arrays, c, reverse, sd, w: Weights | None = None) -> Ctx:
+def _prepare(q, k, v, gf, gr, arrays, c, reverse, sd, constant: bool) -> Ctx:
+    """Geometry and weights of a call. ``constant``: the gates are constant in time (a decay,
+    ``[1, T, H]`` broadcast): weights and shared tiles are reused across calls, as they depend
+    only on the geometry and the H decay values."""
     cd = compute_dtype(q)
     geo = _geometry(arrays, q.shape[1], c, reverse)
-    w = _weights(gf, gr, geo, cd) if w is None else w
     width = max(q.shape[-1], v.shape[-1])
-    return Ctx(q, k, v, geo, w, TileWeights(w, geo, cd, width), cd, sd)
+    if not constant:
+        w = _weights(gf, gr, geo, cd)
+        return Ctx(q, k, v, geo, w, TileWeights(w, geo, cd, width), cd, sd)
+    key = (cd, tuple(gf[0, 0].tolist()), tuple(gr[0, 0].tolist()))
+    w, tiles = geo.memo.get_or_make(key, lambda: (_weights(gf, gr, geo, cd), {}))
+    return Ctx(q, k, v, geo, w, TileWeights(w, geo, cd, width, tiles), cd, sd)
 
 
 class ScanFunction(torch.autograd.Function):
@@ -336,20 +355,20 @@ class ScanFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, gf, gr, s0, arrays: PositionArrays, c: int, reverse: bool,
-                sd: torch.dtype):
-        x = _prepare(q, k, v, gf, gr, arrays, c, reverse, sd)
+                sd: torch.dtype, constant: bool):
+        x = _prepare(q, k, v, gf, gr, arrays, c, reverse, sd, constant)
         rstates = _reverse_scan(x) if reverse else [None] * x.geo.n
         o, states, s = _forward_scan(x, s0, rstates)
         ctx.save_for_backward(q, k, v, gf, gr)
-        ctx.states, ctx.weights = [*states, s], x.w  # weights: [B'', H, T] each, no recompute
-        ctx.arrays, ctx.c, ctx.reverse, ctx.sd, ctx.has_s0 = arrays, c, reverse, sd, s0 is not None
+        ctx.states, ctx.ctx = [*states, s], x._replace(q=None, k=None, v=None)  # no recompute
+        ctx.reverse, ctx.has_s0 = reverse, s0 is not None
         return o, s.to(x.cd)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do, ds_final):
         q, k, v, gf, gr = ctx.saved_tensors
-        x = _prepare(q, k, v, gf, gr, ctx.arrays, ctx.c, ctx.reverse, ctx.sd, ctx.weights)
+        x = ctx.ctx._replace(q=q, k=k, v=v)
         b, t, h, _d = q.shape
         if do is None:
             do = torch.zeros(b, t, h, v.shape[-1], dtype=x.cd, device=q.device)
@@ -361,7 +380,7 @@ class ScanFunction(torch.autograd.Function):
             dgf, dgr = _gate_grads(x, grads, gf, gr)
         ds0 = grads.gs.to(x.cd) if ctx.has_s0 else None
         return (grads.dq.to(q.dtype), grads.dk.to(k.dtype), grads.dv.to(v.dtype), dgf,
-                dgr if ctx.reverse else None, ds0, None, None, None, None)
+                dgr if ctx.reverse else None, ds0, None, None, None, None, None)
 
 
 def _reverse_grad_scan(x: Ctx, do) -> list:
@@ -613,14 +632,16 @@ def _band_tiles(spec, t: int, tk: int, offset: int, width: int, c: int, gr, cd):
 
 
 def linear_attention(q, k, v, f: Factorisation, *, log_gate, reverse_log_gate, offset: int,
-                     initial_state, chunk_size: int, wide_states: bool = False):
+                     initial_state, chunk_size: int, wide_states: bool = False,
+                     constant: bool = False):
     """``q: [B, T, H, D]``, ``k: [B, Tk, H, D]``, ``v: [B, Tk, H, Dv]`` with ``Tk >= T``,
     ``log_gate, reverse_log_gate: [B', Tk, H]`` (``B'`` 1 or B) -> ``(o [B, T, H, Dv] q.dtype,
     S at query T - 1)``. Keys past the last query (``Tk > T``) reach the queries only through
     the band, so specs with a reverse scan need ``Tk == T`` (the API checks). The chunk size is
     clamped to T (same numbers, no allocation by ``chunk_size``). ``wide_states``: carry the
     states in fp64 (a differentiated constant decay: its gradient sums products of
-    long-carried states, whose fp32 rounding would dominate it at long T with lambda near 1)."""
+    long-carried states, whose fp32 rounding would dominate it at long T with lambda near 1).
+    ``constant``: the gates are ``[1, Tk, H]`` constant in time (a decay; weights reused)."""
     t = q.shape[1]
     c = max(1, min(chunk_size, t))
     cd = compute_dtype(q)
@@ -628,7 +649,8 @@ def linear_attention(q, k, v, f: Factorisation, *, log_gate, reverse_log_gate, o
     ks, vs = (k, v) if k.shape[1] == t else (k[:, :t], v[:, :t])
     gf, gr = log_gate[:, :t], reverse_log_gate[:, :t]
     sd = torch.float64 if wide_states else cd
-    o, s = ScanFunction.apply(q, ks, vs, gf, gr, initial_state, arrays, c, f.has_reverse, sd)
+    o, s = ScanFunction.apply(q, ks, vs, gf, gr, initial_state, arrays, c, f.has_reverse, sd,
+                              constant)
     if f.band:
         o = o + BandFunction.apply(q, k, v, reverse_log_gate, f.spec, offset, f.band, c)
     return o.to(q.dtype), s
