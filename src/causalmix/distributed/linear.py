@@ -89,7 +89,17 @@ def _sl(r: Run) -> slice:
 
 
 def _validate(fn, q, k, v, visibility, layout, decay, log_gate, reverse_log_gate, group):
-    """Argument checks at the boundary (every rank checks its own); returns the ring."""
+    """Argument checks at the boundary; returns the ring. First every rank checks that all
+    agree (spec, layout, shapes, options), before any check or exchange can diverge; then
+    each rank checks its own arguments."""
+    check_agreement(fn, group, {
+        "visibility": visibility, "layout": layout, "q": signature(q), "k": signature(k),
+        "v": signature(v), "decay": decay,
+        "log_gate": None if log_gate is None else signature(log_gate),
+        "reverse_log_gate": None if reverse_log_gate is None else signature(reverse_log_gate),
+        "requires_grad": torch.is_grad_enabled() and any(
+            getattr(t, "requires_grad", False)
+            for t in (q, k, v, decay, log_gate, reverse_log_gate))})
     bsz, n, _nk, h, _hkv, _d, _dv = check_qkv(fn, q, k, v)
     if layout not in LAYOUTS:
         raise ValueError(f"{fn}: layout must be one of {list(LAYOUTS)}, got {layout!r}")
@@ -242,14 +252,6 @@ def linear_attention(
         backpropagate through its result (one ``all_reduce`` of the states' gradients).
     """
     fn = "causalmix.distributed.linear_attention"
-    check_agreement(fn, group, {  # every rank, before any check or exchange can diverge
-        "visibility": visibility, "layout": layout, "q": signature(q), "k": signature(k),
-        "v": signature(v), "decay": decay,
-        "log_gate": None if log_gate is None else signature(log_gate),
-        "reverse_log_gate": None if reverse_log_gate is None else signature(reverse_log_gate),
-        "requires_grad": torch.is_grad_enabled() and any(
-            getattr(t, "requires_grad", False)
-            for t in (q, k, v, decay, log_gate, reverse_log_gate))})
     ring = _validate(fn, q, k, v, visibility, layout, decay, log_gate, reverse_log_gate, group)
     bsz, n, h = q.shape[0], q.shape[1], q.shape[2]
     world, rank = ring.world, ring.rank
