@@ -15,7 +15,7 @@ $(PY):
 # The suite tests the lab too (its report draws with matplotlib), so both commands install the
 # dev and lab extras.
 $(VENV)/.installed: pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e ".[dev,lab]"
+	$(PY) -m pip install --quiet -e ".[dev,lab,hf]"
 	touch $@
 
 test: $(VENV)/.installed
