@@ -471,3 +471,19 @@ def test_segments_from_position_ids_follow_transformers():
     ours = Segments.from_position_ids(pos)
     theirs = find_packed_sequence_indices(pos)
     assert torch.equal(ours.mask(9, 9), (theirs[:, :, None] == theirs[:, None, :]))
+
+
+# ================================================================== the examples
+
+
+@pytest.mark.parametrize("name", ["hf_prefix_lm_finetune", "hf_bidirectional_embeddings",
+                                  "hf_packed_training"])
+def test_examples_run_on_a_tiny_random_model(name, monkeypatch, capsys):
+    import importlib
+    import pathlib
+    import sys
+
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parent.parent / "examples"))
+    monkeypatch.setattr(sys, "argv", [name])
+    importlib.import_module(name).main()  # each asserts what it demonstrates
+    assert capsys.readouterr().out.strip()
