@@ -59,6 +59,7 @@ def _model(family: str, impl: str, dtype=torch.float32):
     if key not in _MODELS:
         torch.manual_seed(0)
         m = transformers.AutoModelForCausalLM.from_config(_config(family), attn_implementation=impl)
+        assert m.config._attn_implementation == impl  # each model has its own config
         _MODELS[key] = m.to(dtype).eval()
     return _MODELS[key]
 
@@ -335,6 +336,25 @@ def test_generation_under_causal_and_chunked(family):
     assert out.sequences.shape == (1, 17)
 
 
+def test_bidirectional_config_and_is_causal_keyword_are_the_models_own_rule():
+    """``config.is_causal=False`` (transformers builds a bidirectional mask) and the per-call
+    ``is_causal=False`` keyword both mean ``Full()``."""
+    ids = _ids(2, 13)
+    res = {}
+    for impl, dtype in (("causalmix", torch.float32), ("eager", torch.float64),
+                        ("eager", torch.float32)):
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(**COMMON, is_causal=False)
+        m = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl)
+        res[(impl, dtype)] = m.to(dtype).eval()(ids).logits
+    out = res[("causalmix", torch.float32)]
+    assert_close(out, res[("eager", torch.float64)], res[("eager", torch.float32)],
+                 name="config.is_causal=False")
+    m = _model("llama", "causalmix")
+    assert torch.equal(m(ids, is_causal=False).logits, m(ids, visibility=Full()).logits)
+    assert torch.equal(m(ids, visibility=Full()).logits, out)
+
+
 def test_model_default_visibility_equals_per_call():
     model = _model("qwen3", "causalmix")
     ids = _ids(2, 15)
@@ -398,6 +418,13 @@ def test_refuses_a_prepared_4d_mask_and_a_non_spec():
         m(_ids(1, 8), visibility="prefix")
     with pytest.raises(ValueError, match="is_causal"):
         m(_ids(1, 8), visibility=Full(), is_causal=False)
+
+
+def test_refuses_static_caches():
+    m = _model("llama", "causalmix")
+    with pytest.raises(ValueError, match="static"):
+        m.generate(_ids(1, 8), max_new_tokens=2, do_sample=False, pad_token_id=0,
+                   cache_implementation="static")
 
 
 def test_refuses_mask_overlays():

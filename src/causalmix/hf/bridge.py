@@ -55,6 +55,15 @@ class LayerMask:
     q_offset: int
     kv_offset: int
 
+    @property
+    def ndim(self):
+        # transformers asks a mask it is handed back for its ndim (generate() with a static,
+        # compileable cache prepares the masks ahead and passes them to forward): refuse clearly.
+        raise ValueError(
+            "attn_implementation='causalmix' does not support masks prepared ahead by generate() "
+            "for static (compileable) caches; use the default dynamic cache"
+        )
+
 
 # ============================================================================ the mask function
 
