@@ -293,6 +293,28 @@ def test_prefix_with_left_padding_matches_eager_on_tokens(family):
         assert_close(g_out[name], g_ref[name], g_base[name], name=f"{family} d{name}")
 
 
+def test_packing_from_the_flattening_collator_with_flash_attention_keywords():
+    """``DataCollatorWithFlattening(return_flash_attn_kwargs=True)`` gives position_ids and
+    cu_seq_lens_q / _k: both describe the documents and must agree."""
+    docs = [_ids(1, n, seed=n)[0].tolist() for n in (9, 14, 6)]
+    collate = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)
+    batch = collate([{"input_ids": d} for d in docs])
+    assert {"position_ids", "cu_seq_lens_q", "cu_seq_lens_k"} <= batch.keys()
+    m = _model("mistral", "causalmix")
+    ids = batch["input_ids"]
+    both = m(ids, position_ids=batch["position_ids"], cu_seq_lens_q=batch["cu_seq_lens_q"],
+             cu_seq_lens_k=batch["cu_seq_lens_k"]).logits
+    assert torch.equal(both, m(ids, position_ids=batch["position_ids"]).logits)
+    for d, s in zip(docs, (0, 9, 23), strict=True):  # each document as if alone
+        alone = m(torch.tensor([d])).logits
+        assert_close(both[:, s:s + len(d)], alone.double(), alone, name="packed document")
+    with pytest.raises(ValueError, match="different documents"):
+        m(ids, position_ids=batch["position_ids"], cu_seq_lens_q=torch.tensor([0, 10, 29]),
+          cu_seq_lens_k=torch.tensor([0, 10, 29]))
+    with pytest.raises(ValueError, match="cu_seq_lens_q and cu_seq_lens_k"):
+        m(ids, cu_seq_lens_q=batch["cu_seq_lens_q"])
+
+
 # ================================================================== generation under a spec
 
 

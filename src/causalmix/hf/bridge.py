@@ -28,7 +28,10 @@ from causalmix.hf.keys import ValidKeys
 from causalmix.ops.softmax import softmax_attention
 from causalmix.visibility import Causal, Full, Segments, Visibility, Window
 
-__all__ = ["NAME", "LayerMask", "causalmix_attention", "causalmix_mask", "layer_visibility"]
+__all__ = [
+    "NAME", "LayerMask", "causalmix_attention", "causalmix_mask", "layer_visibility",
+    "packed_segments",
+]
 
 NAME = "causalmix"
 
@@ -158,12 +161,16 @@ def _padding(attention_mask: torch.Tensor | None, total: int) -> torch.Tensor | 
 # ============================================================================ the spec of a call
 
 
+def _whole_sequence(mask: LayerMask) -> bool:
+    return mask.q_offset == 0 and mask.kv_offset == 0 and mask.q_length == mask.kv_length
+
+
 def _segments(position_ids: torch.Tensor | None, mask: LayerMask) -> Segments | None:
     """Packed sequences: ``Segments`` where ``position_ids`` restart (a new document starts where
     ``position_ids[t] != position_ids[t - 1] + 1``), for a whole sequence without a cache."""
-    if position_ids is None or mask.q_offset != 0 or mask.kv_offset != 0:
+    if position_ids is None or not _whole_sequence(mask):
         return None
-    if mask.q_length != mask.kv_length or position_ids.shape[-1] != mask.q_length:
+    if position_ids.shape[-1] != mask.q_length:
         return None
     pos = position_ids.reshape(-1, position_ids.shape[-1])
     if bool((pos[:, 1:] == pos[:, :-1] + 1).all()):
@@ -178,18 +185,49 @@ def _segments(position_ids: torch.Tensor | None, mask: LayerMask) -> Segments | 
     return Segments.from_position_ids(pos)
 
 
+def packed_segments(mask: LayerMask, position_ids=None, cu_seq_lens_q=None,
+                    cu_seq_lens_k=None) -> Segments | None:
+    """The documents of a packed batch, from ``position_ids`` (restarts) and / or the
+    flash-attention keywords ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (``[N + 1]`` cumulative
+    lengths over a batch of one, as ``DataCollatorWithFlattening`` makes them); when both are
+    given they must agree. ``None``: one document per row."""
+    from_pos = _segments(position_ids, mask)
+    if cu_seq_lens_q is None and cu_seq_lens_k is None:
+        return from_pos
+    if cu_seq_lens_q is None or cu_seq_lens_k is None or not torch.equal(
+            cu_seq_lens_q, cu_seq_lens_k):
+        raise ValueError(
+            "cu_seq_lens_q and cu_seq_lens_k must both be given and equal (self-attention over "
+            "packed documents)"
+        )
+    if mask.batch_size != 1 or not _whole_sequence(mask):
+        raise ValueError(
+            f"cu_seq_lens_q describes a packed batch of one without a cache, got batch size "
+            f"{mask.batch_size}, queries at {mask.q_offset}, keys at {mask.kv_offset}"
+        )
+    seg = Segments.from_cu_seqlens(cu_seq_lens_q.cpu())
+    if seg.covered_length != mask.q_length:
+        raise ValueError(
+            f"cu_seq_lens_q covers {seg.covered_length} tokens but the input has {mask.q_length}"
+        )
+    if from_pos is not None and from_pos != seg:
+        raise ValueError("cu_seq_lens_q and position_ids describe different documents")
+    return seg
+
+
 def layer_visibility(
     mask: LayerMask,
     *,
     visibility: Visibility | None = None,
     sliding_window: int | None = None,
     causal: bool = True,
-    position_ids: torch.Tensor | None = None,
+    segments: Segments | None = None,
 ) -> Visibility:
     """The spec one layer runs: ``visibility`` (else the model's rule) & the layer's sliding
-    window & packed segments & padding. ``causal`` is the model's rule when ``visibility`` is
-    ``None`` (``Causal()``, else ``Full()``). ``sliding_window`` is the layer's own (the keyword
-    transformers passes to attention functions); it must agree with the mask's."""
+    window & ``segments`` (packed documents) & padding. ``causal`` is the model's rule when
+    ``visibility`` is ``None`` (``Causal()``, else ``Full()``). ``sliding_window`` is the
+    layer's own (the keyword transformers passes to attention functions); it must agree with the
+    mask's."""
     window = _window(mask.window, sliding_window)
     if visibility is None:
         rule = Causal() if causal else Full()
@@ -203,9 +241,8 @@ def layer_visibility(
         parts.append(Window(window - 1) if rule == Causal() else rule & win)
     else:
         parts.append(rule)
-    seg = _segments(position_ids, mask)
-    if seg is not None:
-        parts.append(seg)
+    if segments is not None:
+        parts.append(segments)
     if mask.padding is not None:
         parts.append(ValidKeys(mask.padding))
     spec = parts[0]
@@ -236,8 +273,6 @@ _REFUSED = (
     ("s_aux", "attention sinks"),
     ("sinks", "attention sinks"),
     ("position_bias", "an additive position bias"),
-    ("cu_seq_lens_q", "flash-attention packing keywords (pass position_ids instead)"),
-    ("cu_seq_lens_k", "flash-attention packing keywords (pass position_ids instead)"),
     ("seq_idx", "flattened sequence indices (pass position_ids instead)"),
 )
 
@@ -326,8 +361,9 @@ def causalmix_attention(
     ``query: [B, Hq, Tq, D]``, ``key: [B, Hkv, Tk, D]``, ``value: [B, Hkv, Tk, Dv]`` (transformers'
     layout), ``attention_mask``: the :class:`LayerMask` of the layer type. Keywords read:
     ``visibility`` (a spec replacing the model's rule for this call), ``is_causal``,
-    ``position_ids`` (packed sequences); the ones in ``_REFUSED``, ``output_attentions=True`` and
-    dropout > 0 raise ``ValueError``. Returns ``([B, Tq, Hq, Dv], None)``.
+    ``position_ids`` and ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (packed sequences); the ones in
+    ``_REFUSED``, ``output_attentions=True`` and dropout > 0 raise ``ValueError``.
+    Returns ``([B, Tq, Hq, Dv], None)``.
     """
     mask = _check_call(module, query, attention_mask, dropout, kwargs)
     visibility = _call_visibility(module, kwargs)
@@ -345,7 +381,8 @@ def causalmix_attention(
     causal = visibility is not None or _model_rule(module, mask, kwargs.get("is_causal"))
     spec = layer_visibility(
         mask, visibility=visibility, sliding_window=sliding_window, causal=causal,
-        position_ids=kwargs.get("position_ids"),
+        segments=packed_segments(mask, kwargs.get("position_ids"), kwargs.get("cu_seq_lens_q"),
+                                 kwargs.get("cu_seq_lens_k")),
     )
     out = softmax_attention(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), spec,
