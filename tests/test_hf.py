@@ -15,8 +15,9 @@ transformers = pytest.importorskip("transformers")
 
 import causalmix.hf as cmhf  # noqa: E402
 from causalmix import Causal, Chunked, Full, Prefix, Segments, Window  # noqa: E402
-from causalmix.hf import LayerMask, ValidKeys  # noqa: E402
+from causalmix.hf import LayerMask  # noqa: E402
 from causalmix.testing import assert_close  # noqa: E402
+from causalmix.visibility import ValidKeys  # noqa: E402
 
 VOCAB = 97
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -40,8 +40,7 @@ from causalmix.hf.bridge import (
     causalmix_mask,
     layer_visibility,
 )
-from causalmix.hf.keys import ValidKeys
-from causalmix.visibility import Visibility
+from causalmix.visibility import ValidKeys, Visibility
 
 __all__ = [
     "NAME",

@@ -24,9 +24,8 @@ from collections.abc import Callable
 import torch
 from transformers.masking_utils import bidirectional_mask_function
 
-from causalmix.hf.keys import ValidKeys
 from causalmix.ops.softmax import softmax_attention
-from causalmix.visibility import Causal, Full, Segments, Visibility, Window
+from causalmix.visibility import Causal, Full, Segments, ValidKeys, Visibility, Window
 
 __all__ = [
     "NAME", "LayerMask", "causalmix_attention", "causalmix_mask", "layer_visibility",
