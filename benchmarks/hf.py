@@ -14,6 +14,11 @@ table prints the median and the spread (min - max) of those ratios::
 
     python benchmarks/hf.py              # T=4096, 5 rounds
     python benchmarks/hf.py --quick      # T=1024, 3 rounds
+    python benchmarks/hf.py --threads 1  # one thread: far less disturbed by other processes
+
+On a shared, loaded machine two threads suffer from the other processes much more in the
+block-sparse kernel (many medium-sized ops, each a parallel region) than in SDPA (one fused
+kernel); compare the spread of both settings.
 """
 
 from __future__ import annotations
@@ -72,7 +77,10 @@ def main() -> None:
     p.add_argument("--t", type=int, default=None, help="sequence length (default 4096)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5)")
     p.add_argument("--quick", action="store_true", help="T=1024, 3 rounds")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = p.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     t = args.t or (1024 if args.quick else 4096)
     rounds = args.rounds or (3 if args.quick else 5)
     ours = build("causalmix")

@@ -450,6 +450,13 @@ def test_refuses_static_caches():
                    cache_implementation="static")
 
 
+def test_refuses_a_static_cache_in_a_forward():
+    m = _model("llama", "causalmix")
+    cache = transformers.StaticCache(config=m.config, max_cache_len=16)
+    with pytest.raises(ValueError, match="static cache"):
+        m(_ids(1, 8), cache=cache, use_cache=True)
+
+
 def test_refuses_mask_overlays():
     """Gemma 3 with bidirectional attention overlays a custom mask function on the causal one."""
     model = _tiny(transformers.Gemma3TextConfig, sliding_window=SW,

@@ -372,6 +372,13 @@ def causalmix_attention(
             f"visibility {visibility!r} is for batch size {visibility.batch_size} but the input "
             f"has batch size {b}"
         )
+    if mask.kv_offset + mask.kv_length != mask.q_offset + mask.q_length:
+        # A static cache hands over all its slots, written or not: keys past the last query.
+        raise ValueError(
+            f"attn_implementation='causalmix': keys end at position "
+            f"{mask.kv_offset + mask.kv_length} but queries at {mask.q_offset + mask.q_length} "
+            f"(a static cache?); use the default dynamic cache"
+        )
     if key.shape[2] != mask.kv_length:
         raise ValueError(
             f"attn_implementation='causalmix': {key.shape[2]} keys but the mask describes "
