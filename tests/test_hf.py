@@ -487,6 +487,15 @@ def test_validkeys_mask_block_map_and_attention_match_the_formula():
         ValidKeys(valid.long()))
     with pytest.raises(ValueError, match="valid must be"):
         ValidKeys(torch.ones(3))
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        ValidKeys(torch.full((1, 3), 2))
+    buf = valid.clone()
+    vk = ValidKeys(buf)
+    buf.fill_(False)  # the spec holds its own copy
+    assert torch.equal(vk.valid, valid)
+    vk.valid.fill_(True)  # and refuses to be used after its copy changed in place
+    with pytest.raises(ValueError, match="modified in place"):
+        vk.mask(4, 4)
 
 
 @pytest.mark.parametrize("t,q_offset", [(1, 0), (7, 0), (63, 0), (113, 0), (7, 50)])
