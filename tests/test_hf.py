@@ -378,6 +378,23 @@ def test_bidirectional_config_and_is_causal_keyword_are_the_models_own_rule():
     assert torch.equal(m(ids, visibility=Full()).logits, out)
 
 
+def test_visibility_reaches_every_layer_under_activation_checkpointing():
+    torch.manual_seed(0)
+    m = transformers.AutoModelForCausalLM.from_config(_config("gemma3"),
+                                                      attn_implementation="causalmix")
+    ids = _ids(2, 17)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            m.activation_checkpointing_enable({"use_reentrant": False})
+            assert m.is_activation_checkpointing
+        m.train().zero_grad()
+        m(ids, labels=ids, use_cache=False, visibility=Prefix(8)).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    for n in grads[0]:
+        assert torch.equal(grads[0][n], grads[1][n]), n
+
+
 def test_model_default_visibility_equals_per_call():
     model = _model("qwen3", "causalmix")
     ids = _ids(2, 15)
