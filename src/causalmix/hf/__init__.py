@@ -16,11 +16,13 @@ queries at their absolute positions::
 
 Per call, ``visibility=`` replaces the model's causal rule and is composed with what the model
 and the inputs impose: each layer's own sliding window (``j > i - sliding_window``, as in
-transformers), packed sequences (``position_ids`` that restart -> ``Segments``) and the padding
-mask (:class:`ValidKeys`). Without it, the model's own rule (or the default given to
-:func:`attach`) applies. What the bridge cannot honour -- logit soft-capping, attention sinks,
-attention dropout in training, ``output_attentions=True``, a spec for another batch size, a
-prepared 4-D mask, mask overlays -- raises ``ValueError`` naming it.
+transformers), packed sequences (``position_ids`` that restart, or ``cu_seq_lens_q`` / ``_k``
+-> ``Segments``) and the padding mask (:class:`ValidKeys`). Without it, the model's own rule (or
+the default given to :func:`attach` / :func:`set_visibility`) applies. What the bridge cannot
+honour -- logit soft-capping, attention sinks, attention dropout in training,
+``output_attentions=True``, a spec for another batch size, a prepared 4-D mask, mask overlays
+(image tokens, ``block_sequence_ids``), chunked attention layers, static caches -- raises
+``ValueError`` naming it.
 
 This is the only module of causalmix that imports transformers (the ``hf`` extra).
 """
