@@ -120,8 +120,10 @@ def _list(args) -> int:
 def _export(args) -> int:
     import tempfile
 
+    from causalmix.lab.db import RunDB
     from causalmix.lab.export import export_runs
 
+    RunDB(args.out, create=False).close()  # says what is missing, creates nothing
     if args.to == "-":
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"runs.{args.format}"
