@@ -7,10 +7,11 @@ Every point is trained on the same task data (``Lookahead.build(seed)``, or
 :class:`~causalmix.lab.experiments.TrainConfig`:
 
 * the fixed baselines are ordinary lab experiments trained by
-  :meth:`~causalmix.lab.experiments.Experiment.run` (scheme ``lookahead-L``: ``Causal() | Window(0, L)``
-  in the first layer, causal above; ``causal`` is ``L = 0``, ``full`` is ``L = T - 1``, which
-  is ``Full()`` on ``T`` frames): checkpoint of the best validation accuracy, early stop at
-  the ``target`` accuracy or after ``patience`` evaluations without progress;
+  :meth:`~causalmix.lab.experiments.Experiment.run` (scheme ``lookahead-L``:
+  ``Causal() | Window(0, L)`` in the first layer, causal above; ``causal`` is ``L = 0``,
+  ``full`` is ``L = T - 1``, which is ``Full()`` on ``T`` frames): checkpoint of the best
+  validation accuracy, early stop at the ``target`` accuracy or after ``patience``
+  evaluations without progress;
 * the adaptive points as :class:`AdaptivePoint` objectives of the same trainer
   (:func:`~causalmix.lab.trainer.fit`): the preset with its last layer adaptive, the
   same optimiser and schedule, loss ``CE + latency_weight * ramp * expected latency + gate

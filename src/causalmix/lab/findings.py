@@ -312,8 +312,9 @@ def _f2_judge(results) -> Judgement:
         mean_se(_order_gap(results[F2_ARMS[1]]))
     causal_differs = abs(dc) >= 0.05 and abs(dc) > 2 * sc
     prefix_same = abs(dp) < 0.05
-    numbers = (f"small-first minus large-first: causal linear {_fmt(_order_gap(results[F2_ARMS[0]]))}"
-               f", prefix linear {_fmt(_order_gap(results[F2_ARMS[1]]))}")
+    numbers = (f"small-first minus large-first: causal linear "
+               f"{_fmt(_order_gap(results[F2_ARMS[0]]))}, prefix linear "
+               f"{_fmt(_order_gap(results[F2_ARMS[1]]))}")
     return Judgement(causal_differs and prefix_same, numbers, (header, rows), [])
 
 

@@ -55,7 +55,7 @@ def run_suite(name: str, out: str | Path, *, seeds: int | None = None,
     ran = skipped = 0
     t0 = time.perf_counter()
     try:
-        for i, (fk, arm, job, seed) in enumerate(todo, 1):
+        for i, (_, arm, job, seed) in enumerate(todo, 1):
             key = job.run_key(seed)
             if db.status(key) == "done":
                 skipped += 1
