@@ -115,7 +115,7 @@ def flat_table(t_long: int, push: int, window: int, group: int = 16):
     for mixer, vis, kw, bounded, counts in cases():
         if not bounded:
             continue
-        warm = (vis.lookback or 0) + vis.lookahead
+        warm = (vis.lookback_frames or 0) + vis.lookahead_frames
         skip = max(8, 2 * -(-warm // push) + 8)  # start measured once the window is full
         long = new_stream(mixer, vis, kw)
         n_long = t_long // push - window

@@ -62,7 +62,8 @@ def test_spec_mask_intervals_and_block_map(t):
         dense = torch.nn.functional.pad(brute.long(), (0, pad_k, 0, pad_q))
         dense = dense.view(2, -(-t // bq), bq, -(-t // bk), bk).sum((2, 4))
         assert torch.equal(counts, dense)
-    assert spec.lookahead == int(a.max()) and spec.lookback is None and spec.batch_size == 2
+    assert spec.lookahead_frames == int(a.max()) and spec.lookback_frames is None
+    assert spec.batch_size == 2
     assert spec == AdaptiveLookahead(a.clone()) and hash(spec) == hash(AdaptiveLookahead(a.clone()))
     assert spec != AdaptiveLookahead(a + 1)
 

@@ -33,6 +33,7 @@ from causalmix.distributed import (
 from causalmix.distributed._spec import Strided
 from causalmix.ops.linear import linear_attention as single_linear
 from causalmix.testing import assert_close
+from causalmix.visibility import KeyRange
 
 HARD_TIMEOUT_S = 240.0  # whole process group, spawn included; the harness kills it after this
 PG_TIMEOUT_S = 60.0  # torch.distributed op timeout inside a healthy group
@@ -41,19 +42,15 @@ PG_TIMEOUT_S = 60.0  # torch.distributed op timeout inside a healthy group
 class StrictPast(Visibility):
     """``j < i``: query 0 sees nothing (exercises empty rows: output 0, lse -inf, no NaN)."""
 
-    def _pred(self, b, i, j):
+    def visible(self, b, i, j):
         return j < i
 
-    def _intervals(self, i):
-        return torch.full_like(i, -(2**60)), i - 1
+    def key_range(self, i):
+        return KeyRange(None, i - 1)
 
     @property
-    def lookahead(self):
+    def lookahead_frames(self):
         return -1
-
-    @property
-    def lookback(self):
-        return None
 
     def __eq__(self, other):
         return isinstance(other, StrictPast)

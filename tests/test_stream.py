@@ -86,7 +86,7 @@ def analytic_ready(vis, t, layers=1):
         if isinstance(vis, Window):
             r = r + vis.right
         elif isinstance(vis, Chunked):
-            r = (r // vis.size + vis.lookahead_chunks + 1) * vis.size - 1
+            r = (r // vis.size + vis.lookahead + 1) * vis.size - 1
         elif isinstance(vis, Prefix):
             # a batch-dependent prefix: the whole batch waits for the longest
             n = int(vis.n.max()) if isinstance(vis.n, torch.Tensor) else vis.n
@@ -360,8 +360,8 @@ def test_softmax_window_cache_is_bounded():
     for i in range(600):
         n = sizes[i % 3]
         s.push(*(torch.randn(1, n, 2, 8) for _ in range(3)))
-        assert s.cache_len <= vis.lookback + (s.frames_in - s.frames_out)
-        assert s.frames_in - s.frames_out <= vis.lookahead + n
+        assert s.cache_len <= vis.lookback_frames + (s.frames_in - s.frames_out)
+        assert s.frames_in - s.frames_out <= vis.lookahead_frames + n
         nbytes.append(s.cache_nbytes())
     assert s.frames_in == 4200
     assert max(nbytes[300:]) == max(nbytes[:300])  # allocation stopped growing early
@@ -381,7 +381,7 @@ def test_linear_memory_is_constant(vis):
         n = (1, 9, 4)[i % 3]
         s.push(*(torch.randn(1, n, 2, 8) for _ in range(3)))
         held = s.frames_in - s.frames_out
-        assert s.buffer_len == held <= vis.lookahead + n
+        assert s.buffer_len == held <= vis.lookahead_frames + n
         nbytes.append(s.cache_nbytes())
     assert max(nbytes[250:]) == max(nbytes[:250])
 
@@ -494,7 +494,7 @@ def test_model_stream_long_three_layers(vis, mixers):
     x = torch.randn(1, t, 16)
     m, _ = check_model(make_layers(mixers, vis), x, rand_sizes(9))
     st = m.latency_stats()
-    assert st.count == t and st.max <= 3 * vis.lookahead
+    assert st.count == t and st.max <= 3 * vis.lookahead_frames
     if isinstance(vis, Chunked):
         assert torch.equal(m.latency, analytic_ready(vis, t, 3) - torch.arange(t))
 

@@ -44,7 +44,7 @@ def _visible(spec, b, i, j):
         n = int(spec.n[b]) if isinstance(spec.n, torch.Tensor) else spec.n
         return j <= i or j < n
     if name == "Chunked":
-        return j // spec.size <= i // spec.size + spec.lookahead_chunks
+        return j // spec.size <= i // spec.size + spec.lookahead
     if name == "Window":
         return i - spec.left <= j <= i + spec.right
     if name == "Segments":
@@ -167,8 +167,8 @@ def _max_offsets(spec, n=L):
     ],
 )
 def test_lookahead_and_lookback(spec, lookahead, lookback):
-    assert spec.lookahead == lookahead
-    assert spec.lookback == lookback
+    assert spec.lookahead_frames == lookahead
+    assert spec.lookback_frames == lookback
     ahead, back = _max_offsets(spec)
     if lookahead is not None:
         assert ahead <= lookahead

@@ -10,51 +10,8 @@ the block map stays analytic and exact.
 
 from __future__ import annotations
 
-import dataclasses
-
 from causalmix.distributed.layout import Run
-from causalmix.visibility import Visibility
-
-
-@dataclasses.dataclass(frozen=True)
-class Strided(Visibility):
-    """``inner`` seen through local indices: ``visible(i, j) = inner.visible(q_start + q_stride*i,
-    k_start + k_stride*j)``."""
-
-    inner: Visibility
-    q_start: int
-    q_stride: int
-    k_start: int
-    k_stride: int
-
-    def _pred(self, b, i, j):
-        return self.inner._pred(b, self.q_start + self.q_stride * i,
-                                self.k_start + self.k_stride * j)
-
-    def _intervals(self, i):
-        iv = self.inner._intervals(self.q_start + self.q_stride * i)
-        if iv is None:
-            return None
-        lo, hi = iv
-        s, k0 = self.k_stride, self.k_start
-        # smallest j with k0 + s*j >= lo, largest j with k0 + s*j <= hi
-        return -((k0 - lo) // s), (hi - k0) // s
-
-    @property
-    def batch_size(self) -> int | None:
-        return self.inner.batch_size
-
-    @property
-    def lookahead(self) -> None:
-        return None  # unknown in local indices: report unbounded (a safe upper bound)
-
-    @property
-    def lookback(self) -> None:
-        return None
-
-    def __repr__(self) -> str:
-        return (f"Strided({self.inner!r}, q={self.q_start}+{self.q_stride}*i, "
-                f"k={self.k_start}+{self.k_stride}*j)")
+from causalmix.visibility import Strided, Visibility
 
 
 def pair_spec(spec: Visibility, qr: Run, kr: Run) -> tuple[Visibility, int, int]:

@@ -46,7 +46,7 @@ def work_balance(visibility: Visibility, layout: str, world: int, seq_len: int) 
         raise TypeError(f"work_balance: visibility must be a causalmix.visibility spec, got "
                         f"{type(visibility).__name__}")
     check_layout(layout, seq_len, world)
-    visibility._check_positions(seq_len, seq_len, 0, 0)
+    visibility.check_positions(seq_len, seq_len, 0, 0)
     everything = [Run(0, 1, seq_len, 0)] if seq_len else []
     pairs = tuple(runs_count(visibility, runs(layout, seq_len, r, world), everything)
                   for r in range(world))

@@ -72,9 +72,9 @@ def latency_frames(scheme: str, n_layers: int) -> int | None:
         return None
     total = 0
     for spec in layer_visibility(scheme, n_layers):
-        if spec.lookahead is None:
+        if spec.lookahead_frames is None:
             return None
-        total += spec.lookahead
+        total += spec.lookahead_frames
     return total
 
 

@@ -73,7 +73,7 @@ from causalmix.nn.config import ModelConfig
 from causalmix.nn.layers import Block, check_inputs, mix
 from causalmix.ops.softmax import softmax_attention
 from causalmix.stream import LatencyStats
-from causalmix.visibility import Causal, Visibility, _HoldsTensor, _tensor_key
+from causalmix.visibility import AdaptiveLookahead, Causal, Visibility
 
 __all__ = [
     "AdaptiveBlock",
@@ -88,69 +88,6 @@ __all__ = [
     "expected_latency",
     "latency_stats",
 ]
-
-_NEG_INF = -(2**60)
-
-
-# ==================================================================================== the spec
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class AdaptiveLookahead(_HoldsTensor):
-    """``j <= i + a[b, i]``: causal, plus a per-query lookahead ``a``.
-
-    ``a`` is an int ``[B, T]`` (or ``[T]``) tensor >= 0 indexed by **absolute** query position,
-    so it must cover every query position an operation asks about (``_covered_length = T``).
-    Interval-shaped (each query sees ``[0, i + a_i]``), so block maps are exact and
-    ``impl="blocks"`` skips empty tiles; combine with ``&`` for more (``& Window(left, W)``).
-    ``lookahead`` is ``max(a)``. Compares and hashes by the content of ``a``.
-    """
-
-    a: torch.Tensor
-
-    def __post_init__(self):
-        a = self.a
-        if not isinstance(a, torch.Tensor):
-            raise ValueError(f"a must be an integer [B, T] tensor, got {type(a).__name__}")
-        if a.dtype.is_floating_point or a.dtype.is_complex or a.dtype == torch.bool:
-            raise ValueError(f"a must be an integer tensor, got dtype {a.dtype}")
-        if a.dim() not in (1, 2):
-            raise ValueError(f"a must be [T] or [B, T], got shape {list(a.shape)}")
-        if a.numel() and int(a.min()) < 0:
-            raise ValueError(f"a must be >= 0 (lookaheads), got min {int(a.min())}")
-        object.__setattr__(self, "a", a.detach().to(torch.int64))
-
-    def _pred(self, b, i, j):
-        a = self.a.to(i.device)
-        ai = a[i] if a.dim() == 1 else a[b, i]
-        return j <= i + ai
-
-    def _intervals(self, i):
-        a = self.a.to(i.device)
-        hi = i + (a[i] if a.dim() == 1 else a[:, i])
-        return torch.full_like(hi, _NEG_INF), hi
-
-    def _covered_length(self) -> int:
-        return self.a.shape[-1]
-
-    @property
-    def batch_size(self) -> int | None:
-        return self.a.shape[0] if self.a.dim() == 2 else None
-
-    @property
-    def lookahead(self) -> int:
-        return int(self.a.max()) if self.a.numel() else 0
-
-    @property
-    def lookback(self) -> None:
-        return None
-
-    def _content(self):
-        return _tensor_key(self.a)
-
-    def __repr__(self) -> str:
-        a = self.a
-        return f"AdaptiveLookahead(a=<{list(a.shape)}, max {self.lookahead}>)"
 
 
 # ==================================================================================== latency

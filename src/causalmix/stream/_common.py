@@ -16,50 +16,19 @@ import math
 import torch
 
 from causalmix.ops._validate import check_qkv
-from causalmix.visibility import And, Or, Visibility
-
-_UNBOUNDED = 2**59  # interval ends at or above this are "unbounded" (visibility uses 2**60)
-
+from causalmix.visibility import UnboundedHorizonError, Visibility
 
 # ============================================================================ when is output final
 
 
 def horizon(visibility: Visibility, positions: torch.Tensor) -> torch.Tensor | None:
-    """Last key position each query may see, for deciding when an output is final.
-
-    ``positions: [N]`` int64 -> ``[N]`` or ``[B, N]`` int64, or ``None`` when some query may see
-    keys arbitrarily far ahead (``Full()``, a non-interval spec without bounded lookahead).
-
-    Exact (equal to :meth:`Visibility.horizon`) for interval-shaped specs. Beyond them: ``a | b``
-    takes the larger of the two horizons (exact), ``a & b`` the smaller (an upper bound, exact
-    when one side is an interval spec containing the other's range), and any other spec with a
-    bounded :attr:`~Visibility.lookahead` ``a`` uses ``i + a`` (an upper bound). An upper bound
-    only makes the stream wait longer than needed; outputs stay exact.
-    """
-    iv = visibility._intervals(positions)
-    if iv is not None:
-        hi = iv[1]
-        if bool((hi >= _UNBOUNDED).any()):
-            return None
-        if hi.shape[-1] != positions.shape[0]:
-            hi = hi.expand(*hi.shape[:-1], positions.shape[0])
-        return hi
-    if isinstance(visibility, Or):
-        ha, hb = horizon(visibility.a, positions), horizon(visibility.b, positions)
-        if ha is None or hb is None:
-            return None
-        return torch.maximum(ha, hb)
-    if isinstance(visibility, And):
-        ha, hb = horizon(visibility.a, positions), horizon(visibility.b, positions)
-        if ha is None:
-            return hb
-        if hb is None:
-            return ha
-        return torch.minimum(ha, hb)
-    la = visibility.lookahead
-    if la is None:
+    """Last key position each query may see (:meth:`Visibility.horizon`: exact for specs with a
+    key range, an upper bound otherwise, which only makes the stream wait longer than needed), or
+    ``None`` when some query may see keys arbitrarily far ahead."""
+    try:
+        return visibility.horizon(positions)
+    except UnboundedHorizonError:
         return None
-    return positions + la
 
 
 def unbounded_error(owner: str, visibility: Visibility) -> ValueError:
@@ -88,7 +57,7 @@ class ReadyTracker:
         self.running = -1
         self.base = 0  # position of ready[0]
         self.ready: list[int] = []
-        self._cover = visibility._covered_length()
+        self._cover = visibility.covered_length
         if self._cover == 0:
             raise ValueError(f"{owner}: {visibility!r} defines no position to stream")
         self._extend(1)
@@ -461,7 +430,7 @@ class MixerStream:
             )
 
     def _check_cover(self, total: int) -> None:
-        cover = self.visibility._covered_length()
+        cover = self.visibility.covered_length
         if cover is not None and total > cover:
             raise ValueError(
                 f"{type(self).__name__}.push: {self.visibility!r} defines positions [0, {cover}) "

@@ -30,8 +30,8 @@ class SoftmaxStream(MixerStream):
     Keys and values go to a cache holding absolute positions ``[cache_start, frames_in)``. Each
     push computes the outputs that became final with one ``softmax_attention`` call of those
     queries against the cache (``q_offset``/``k_offset`` absolute), so every query sees exactly
-    the keys the parallel call gives it. When the spec's :attr:`~Visibility.lookback` is bounded
-    (``Window(left, right)``, ``Chunked(...) & Window(...)``), keys older than
+    the keys the parallel call gives it. When the spec's :attr:`~Visibility.lookback_frames` is
+    bounded (``Window(left, right)``, ``Chunked(...) & Window(...)``), keys older than
     ``first pending query - lookback`` can never be seen again and are evicted: the cache holds
     at most ``lookback + lookahead + push size`` frames whatever the stream length. Otherwise
     (``Causal``, ``Prefix``, ``Chunked``) it grows with the stream, as attention must.
@@ -96,7 +96,7 @@ class SoftmaxStream(MixerStream):
         )
 
     def _advance(self):
-        lookback = self.visibility.lookback
+        lookback = self.visibility.lookback_frames
         if lookback is None:
             return
         # every future query sits at >= frames_out and sees keys >= its position - lookback

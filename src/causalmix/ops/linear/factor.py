@@ -134,7 +134,7 @@ def factorise(spec: Visibility) -> Factorisation:
     if isinstance(base, Prefix):
         return Factorisation(spec, "prefix", prefix=base.n, segments=seg)
     assert isinstance(base, Chunked)
-    return Factorisation(spec, "chunked", chunk=base.size, lookahead_chunks=base.lookahead_chunks,
+    return Factorisation(spec, "chunked", chunk=base.size, lookahead_chunks=base.lookahead,
                          segments=seg)
 
 

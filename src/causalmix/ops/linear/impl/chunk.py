@@ -372,7 +372,7 @@ def _band_tiles(spec, t: int, tk: int, offset: int, width: int, c: int, g: torch
         i = torch.arange(a, a + cn, device=dev)
         j = torch.arange(a, kend, device=dev)
         rel = j[None, :] - i[:, None]  # [cn, kn]
-        vis = spec._pred(bidx, (i + offset).view(1, -1, 1), (j + offset).view(1, 1, -1))
+        vis = spec.visible(bidx, (i + offset).view(1, -1, 1), (j + offset).view(1, 1, -1))
         vis = vis & (rel > 0)[None]
         m = torch.exp(g[:, None, None] * rel.clamp_min(0).to(cd))[None] * vis[:, None].to(cd)
         yield a, cn, kend, m

@@ -55,7 +55,7 @@ def linear_attention(q, k, v, visibility: Visibility, *, decay, q_offset: int, k
     if initial_state is not None:
         # (3) the carried causal state, seen where the spec lets query i see position a'
         s0 = initial_state.to(cd)
-        seen = visibility._pred(bidx, i[None, :], torch.tensor(max(anchor, 0), device=dev))
+        seen = visibility.visible(bidx, i[None, :], torch.tensor(max(anchor, 0), device=dev))
         seen = seen.expand(nb, tq).to(cd)  # [B', Tq]
         w0 = torch.exp(g[None, :] * (i - anchor).to(cd)[:, None])  # [Tq, H]
         o = o + torch.einsum("bihd,bhde->bihe", qf, s0) * (w0[None] * seen[..., None])[..., None]
@@ -64,12 +64,12 @@ def linear_attention(q, k, v, visibility: Visibility, *, decay, q_offset: int, k
     if return_final_state:
         # (4) the causal state at the last key position
         last = k_offset + tk - 1
-        row = visibility._pred(bidx, torch.tensor(last, device=dev), j[None, :])
+        row = visibility.visible(bidx, torch.tensor(last, device=dev), j[None, :])
         row = row.expand(nb, tk).to(cd)  # [B', Tk]
         wl = torch.exp(g[None, :] * (last - j).to(cd)[:, None]) * row[..., None]  # [B', Tk, H]
         final = torch.einsum("bjhd,bjhe->bhde", kf * wl[..., None], vf)
         if initial_state is not None:
-            seen = visibility._pred(bidx, torch.tensor(last, device=dev),
+            seen = visibility.visible(bidx, torch.tensor(last, device=dev),
                                     torch.tensor(max(anchor, 0), device=dev))
             seen = seen.reshape(nb, 1, 1, 1).to(cd)
             final = final + initial_state.to(cd) * torch.exp(g * (last - anchor)).view(

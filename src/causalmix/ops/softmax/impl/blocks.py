@@ -154,7 +154,7 @@ class _Masker:
         i = torch.arange(self.q_offset + r0, self.q_offset + r1, device=self.device).view(1, -1, 1)
         for off, c0, c1 in partial:
             j = torch.arange(self.k_offset + c0, self.k_offset + c1, device=self.device)
-            vis = self.vis._pred(self.b, i, j.view(1, 1, -1))  # [B', rows, w]
+            vis = self.vis.visible(self.b, i, j.view(1, 1, -1))  # [B', rows, w]
             hidden = ~vis.expand(vis.shape[0], r1 - r0, c1 - c0)
             s5[..., off : off + c1 - c0].masked_fill_(hidden[:, None, :, None, :], float("-inf"))
 

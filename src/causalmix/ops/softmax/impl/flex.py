@@ -44,7 +44,7 @@ def _block_mask(fa, visibility, q_len, k_len, q_offset, k_offset, device):
     if bm is None:
 
         def mask_mod(b, h, q_idx, kv_idx):
-            return visibility._pred(b, q_idx + q_offset, kv_idx + k_offset)
+            return visibility.visible(b, q_idx + q_offset, kv_idx + k_offset)
 
         bm = fa.create_block_mask(
             mask_mod, visibility.batch_size, None, q_len, k_len, device=device
