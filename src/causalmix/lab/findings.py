@@ -21,6 +21,7 @@ from causalmix.lab.experiments import Experiment, mixer_available
 from causalmix.lab.tasks import MQAR, FirstToken, ICLRegression, Lookahead, SetDisjointness
 from causalmix.lab.trainer import TrainConfig
 from causalmix.nn import ModelConfig
+from causalmix.nn.config import PRESETS
 
 __all__ = ["FINDINGS", "GATED_MIXER", "SUITES", "Arm", "Finding", "Judgement", "SuiteSize",
            "mean_se"]
@@ -145,6 +146,10 @@ def _softmax(task) -> ModelConfig:
 
 
 def _gated_model(task) -> ModelConfig:
+    """The gated mixer's own tiny preset when :mod:`causalmix.nn` names one, else the tiny
+    linear preset with the mixer swapped (and no fixed decay: the gates decay)."""
+    if f"tiny-{GATED_MIXER}" in PRESETS:
+        return ModelConfig.from_name(f"tiny-{GATED_MIXER}", **task.io())
     return ModelConfig.from_name("tiny-linear", **task.io(), mixer=GATED_MIXER, decay=None)
 
 

@@ -109,11 +109,17 @@ def build_report(out: str | Path, suite: str | None = None) -> Report:
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     closing = []
     if meta:
-        closing.append(f"`causalmix lab run --suite {suite}` took {meta['wall_time_s']:.0f} s "
-                       f"wall ({meta['ran']} runs trained, {meta['skipped']} already done) on "
-                       f"{meta['cpus']} CPUs with torch threads {meta['threads']}; load average "
-                       f"(1 min) {meta['load_start']:.2f} at the start, {meta['load_end']:.2f} "
-                       f"at the end (other work on the machine slows the runs down).")
+        hist = meta.get("history", [])
+        trained = [h for h in hist if h["ran"]]
+        total = sum(h["wall_time_s"] for h in trained)
+        closing.append(
+            f"`causalmix lab run --suite {suite}` took {total:.0f} s wall "
+            f"({total / 60:.1f} min; {sum(h['ran'] for h in hist)} runs trained"
+            + (f" over {len(trained)} invocations" if len(trained) > 1 else "")
+            + f") on {meta['cpus']} CPUs with torch threads {meta['threads']}; load average "
+            f"(1 min) {meta['load_start']:.2f} at the start of the last invocation, "
+            f"{meta['load_end']:.2f} at its end (other work on the machine slows the runs "
+            f"down).")
     train_s = sum(r["wall_time_s"] for r in rows)
     revs = sorted({r["git_rev"] for r in rows})
     closing.append(f"{len(rows)} runs, {train_s:.0f} s of training in total; git "

@@ -34,7 +34,8 @@ def run_suite(name: str, out: str | Path, *, seeds: int | None = None,
               threads: int | None = None, progress: bool = True, log=print) -> dict:
     """Train every arm of suite ``name`` for seeds ``0 .. seeds-1`` (default: the suite's
     own count), skipping the runs already done in ``out/runs.sqlite``; writes
-    ``out/suite_<name>.json`` (wall time, load) for the report's closing note.
+    ``out/suite_<name>.json`` (this invocation's wall time and load, and the wall time of
+    every invocation so far) for the report's closing note.
 
     ``threads``: torch intra-op threads (default 1: the models are so small that a step is
     dominated by per-op overhead; on a loaded 2-core machine two threads made the smoke suite
@@ -79,6 +80,9 @@ def run_suite(name: str, out: str | Path, *, seeds: int | None = None,
     meta = {"suite": name, "wall_time_s": total, "ran": ran, "skipped": skipped,
             "seeds": seeds, "threads": threads, "cpus": os.cpu_count(),
             "load_start": load_start, "load_end": os.getloadavg()[0]}
-    Path(out, f"suite_{name}.json").write_text(json.dumps(meta, indent=1))
+    path = Path(out, f"suite_{name}.json")
+    history = json.loads(path.read_text()).get("history", []) if path.exists() else []
+    meta["history"] = [*history, {k: meta[k] for k in ("wall_time_s", "ran", "skipped")}]
+    path.write_text(json.dumps(meta, indent=1))
     log(f"suite {name}: {ran} runs trained, {skipped} already done, {total:.1f}s")
     return {"ran": ran, "skipped": skipped, "wall_time_s": total}
