@@ -51,7 +51,7 @@ each query may see, which decides when a streamed output is final) and
     class Dilated(Visibility):            # causal, every `step`-th key only
         step: int
 
-        def visible(self, b: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        def visible(self, b, i, j):
             return (j <= i) & ((i - j) % self.step == 0)
 
         @property

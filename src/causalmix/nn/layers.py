@@ -240,6 +240,18 @@ class SequenceModel(nn.Module):
         self.norm = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.output_dim)
 
+    def stream_in(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The input map, pointwise in time: ``inputs [B, n]`` or ``[B, n, input_dim]`` ->
+        ``[B, n, d_model]`` (with :meth:`stream_head` and ``blocks``, what
+        :class:`causalmix.stream.ModelStream` streams)."""
+        check_inputs(self.cfg, inputs, "SequenceModel")
+        return self.embed(inputs)
+
+    def stream_head(self, h: torch.Tensor) -> torch.Tensor:
+        """The output map, pointwise in time: ``h [B, n, d_model]`` (the last block's output)
+        -> ``[B, n, output_dim]``."""
+        return self.head(self.norm(h))
+
     def forward(self, inputs: torch.Tensor, *, offset: int = 0,
                 visibility: tuple[Visibility, ...] | None = None,
                 return_hidden: bool = False
