@@ -86,7 +86,7 @@ def test_smoke_export_csv_and_jsonl(smoke, tmp_path, capsys):
     ran = {fk for fk, _, _ in suite_jobs("smoke")}
     assert {json.loads(r["config"])["finding"] for r in table} == ran
     mq = [r for r in table if r["experiment"] == "F1/softmax"]
-    assert mq and "metric.accuracy_by_pairs.32" in mq[0]
+    assert mq and "metric.accuracy_by_pairs.16" in mq[0]
     capsys.readouterr()
     assert main(["lab", "export", "--out", str(smoke), "--to", "-"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == n
