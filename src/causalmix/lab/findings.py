@@ -340,7 +340,9 @@ def _f2_judge(results) -> Judgement:
     numbers = (f"small-first minus large-first: causal linear "
                f"{_fmt(_order_gap(results[F2_ARMS[0]]))}, prefix linear "
                f"{_fmt(_order_gap(results[F2_ARMS[1]]))}")
-    return Judgement(causal_differs and prefix_same, numbers, (header, rows), [])
+    notes = [f"Margins: causal linear's mean difference {dc:.3f} against the thresholds 0.05 "
+             f"and 2 standard errors ({2 * sc:.3f}); prefix linear's {dp:.3f} against 0.05."]
+    return Judgement(causal_differs and prefix_same, numbers, (header, rows), notes)
 
 
 def _f2_plot(results, ax):
@@ -538,10 +540,18 @@ def _f5_judge(results) -> Judgement:
     rises = mean_se(hi)[0] - mean_se(lo)[0] >= 0.1 and _disjoint(hi, lo)
     chk = summary["check"]
     holds = rises and chk["holds"]
+    near = [(v["latency_mean"][0], p) for p, v in summary["points"].items()
+            if p.startswith("adaptive") and v["accuracy"][0] >= chk["reference_accuracy"] - 0.01]
+    notes = [f"Accuracy rises with lookahead: {'yes' if rises else 'no'}. "
+             + (f"The adaptive point closest to the latency bound, {min(near)[1]}, waits "
+                f"{min(near)[0]:.3f} frames on average: "
+                f"{100 * min(near)[0] / chk['reference_latency_mean']:.1f}% of lookahead-4's "
+                f"{chk['reference_latency_mean']:.3f} (the bound is 50%)." if near else
+                "No adaptive point is within 1 point of lookahead-4's accuracy.")]
     numbers = (f"causal {_fmt(lo)}, lookahead-4 {_fmt(hi)}; adaptive within 1 point of "
                f"lookahead-4 at <= 50% of its latency: "
                + (", ".join(chk["passing_points"]) if chk["holds"] else "none"))
-    return Judgement(holds, numbers, (header, rows), [])
+    return Judgement(holds, numbers, (header, rows), notes)
 
 
 def _f5_plot(results, ax):
