@@ -12,10 +12,10 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_PIN)
 
-# The suite tests the lab too (its report draws with matplotlib), so both commands install the
-# dev and lab extras.
+# The suite tests the lab too (its report draws with matplotlib) and the Hugging Face bridge, so
+# both commands install the dev, lab and hf extras.
 $(VENV)/.installed: pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e ".[dev,lab]"
+	$(PY) -m pip install --quiet -e ".[dev,lab,hf]"
 	touch $@
 
 test: $(VENV)/.installed
@@ -42,7 +42,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/distributed.py
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) .pytest_cache build src/*.egg-info
