@@ -26,11 +26,13 @@ test-all: $(VENV)/.installed
 
 LAB_OUT ?= lab_out
 
-# The default suite (3 seeds, <= 15 min on 2 CPU cores), then report.html / report.md in
-# $(LAB_OUT). Rerunning resumes: finished runs are skipped.
+# The default suite (every finding, 3 seeds, <= 15 min on 2 CPU cores), then report.html /
+# report.md and runs.jsonl (every run, for your own analysis) in $(LAB_OUT). Rerunning resumes:
+# finished runs are skipped.
 lab: $(VENV)/.installed
 	$(VENV)/bin/causalmix lab run --suite default --out $(LAB_OUT)
 	$(VENV)/bin/causalmix lab report --out $(LAB_OUT)
+	$(VENV)/bin/causalmix lab export --out $(LAB_OUT) --format jsonl
 
 # Each script prints ratios measured side by side in one run (see its --help; --quick is short).
 bench: $(VENV)/.installed
