@@ -200,6 +200,7 @@ PRESETS: dict[str, dict] = {
     "tiny-linear": dict(d_model=64, n_heads=4, mixer="linear", feature_dim=16,
                         feature_map="taylor", decay=head_decays(4)),
     "tiny-gqa": dict(d_model=64, n_heads=4, n_kv_heads=2, mixer="softmax"),
+    "tiny-gated": dict(d_model=64, n_heads=4, mixer="gated", feature_dim=16),
     "small-softmax": dict(d_model=128, n_heads=4, mixer="softmax",
                           visibility=(Causal(),) * 4),
     "small-linear": dict(d_model=128, n_heads=4, mixer="linear", feature_dim=16,
