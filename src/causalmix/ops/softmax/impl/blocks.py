@@ -9,26 +9,27 @@ Backward recomputes the scores per row block (FlashAttention-2 style): with ``P 
 ``dV += P^T dO``, ``dS = P * (dO V^T - delta + dlse)`` where ``delta = rowsum(dO * O)``,
 ``dQ = scale * dS K``, ``dK += scale * dS^T Q``. Memory is O(T * D) plus one row block of scores.
 
-Math is fp32 inside whatever the input dtype; results are cast back to it.
+Math is fp32 inside (fp64 for fp64 inputs); results are cast back to the input dtype.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict
 
 import torch
 
+from causalmix.ops._cache import LRUCache
+from causalmix.ops._validate import compute_dtype
+from causalmix.ops.softmax._call import Call
 from causalmix.visibility import EMPTY, FULL, Visibility
 
 _SCORE_BUDGET = 1 << 22  # floats in one row block of scores (16 MiB fp32)
 _PIECE_BUDGET = 1 << 18  # floats in one backward piece of scores (1 MiB: stays in cache)
 _KEY_BLOCK = 64
-_PLAN_CACHE: OrderedDict = OrderedDict()
-_PLAN_CACHE_SIZE = 32
+_PLANS: LRUCache = LRUCache(32)
 
 
-def can_serve(q, k, v, visibility: Visibility, q_offset: int, k_offset: int, needs_lse: bool):
+def can_serve(call: Call) -> str | None:
     return None
 
 
@@ -49,16 +50,18 @@ class _RowBlock:
 _ROW_CHOICES = (256, 128, 64, 32)
 _ROW_EFFICIENCY = {256: 1.0, 128: 1.08, 64: 1.2, 32: 1.45}  # matmul slowdown of thinner blocks
 _BLOCK_OVERHEAD_FLOPS = 12e6  # Python + launch cost of one row block, in flop-equivalents
-_ROWS_CACHE: OrderedDict = OrderedDict()
+_ROWS: LRUCache = LRUCache(32)
 
 
 def _row_size(visibility, b, hq, d, tq, tk, q_offset, k_offset, cols) -> int:
     """Rows per block: the largest block whose scores fit the budget, unless a thinner one skips
     enough masked work (a window, a block diagonal) to pay for its slower matmuls."""
     key = (visibility, b, hq, d, tq, tk, q_offset, k_offset, cols)
-    rows = _ROWS_CACHE.get(key)
-    if rows is not None:
-        return rows
+    return _ROWS.get_or_make(key, lambda: _best_rows(visibility, b, hq, d, tq, tk, q_offset,
+                                                    k_offset, cols))
+
+
+def _best_rows(visibility, b, hq, d, tq, tk, q_offset, k_offset, cols) -> int:
     fit = _SCORE_BUDGET // max(1, b * hq * max(tk, 1))
     options = [r for r in _ROW_CHOICES if r <= fit] or [_ROW_CHOICES[-1]]
     options = [min(r, tq) for r in options]
@@ -72,19 +75,16 @@ def _row_size(visibility, b, hq, d, tq, tk, q_offset, k_offset, cols) -> int:
             + blocks * _BLOCK_OVERHEAD_FLOPS
         if best is None or cost < best[0]:
             best = (cost, r)
-    rows = best[1]
-    _ROWS_CACHE[key] = rows
-    if len(_ROWS_CACHE) > _PLAN_CACHE_SIZE:
-        _ROWS_CACHE.popitem(last=False)
-    return rows
+    return best[1]
 
 
 def _plan(visibility, tq, tk, q_offset, k_offset, rows, cols, piece) -> list[_RowBlock]:
     key = (visibility, tq, tk, q_offset, k_offset, rows, cols, piece)
-    plan = _PLAN_CACHE.get(key)
-    if plan is not None:
-        _PLAN_CACHE.move_to_end(key)
-        return plan
+    return _PLANS.get_or_make(key, lambda: _make_plan(visibility, tq, tk, q_offset, k_offset,
+                                                      rows, cols, piece))
+
+
+def _make_plan(visibility, tq, tk, q_offset, k_offset, rows, cols, piece) -> list[_RowBlock]:
     kinds = visibility.block_map(tq, tk, rows, cols, q_offset=q_offset, k_offset=k_offset)
     # One plan for the whole batch: a tile is skipped only if empty for every example, and
     # mask-free only if full for every example.
@@ -109,9 +109,6 @@ def _plan(visibility, tq, tk, q_offset, k_offset, rows, cols, piece) -> list[_Ro
         blk = _RowBlock(r * rows, min(tq, (r + 1) * rows), ranges, width, partial)
         blk.pieces = _pieces(ranges, partial, piece)
         plan.append(blk)
-    _PLAN_CACHE[key] = plan
-    if len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
-        _PLAN_CACHE.popitem(last=False)
     return plan
 
 
@@ -173,14 +170,15 @@ class _BlockAttention(torch.autograd.Function):
 
         # Head-major fp32 layouts; query rows carry their head group innermost so that a row
         # block of all group heads is one contiguous [rows * group, D] matrix per kv head.
-        qh = (q.float() * scale).view(b, tq, hkv, group, d).permute(0, 2, 1, 3, 4).contiguous()
-        kh = k.float().transpose(1, 2).contiguous()  # [B, Hkv, Tk, D]
-        vh = v.float().transpose(1, 2).contiguous()  # [B, Hkv, Tk, Dv]
-        out = torch.zeros(b, hkv, tq, group, dv, device=dev)
-        lse = torch.full((b, hkv, tq, group), float("-inf"), device=dev)
+        cd = compute_dtype(q)
+        qh = (q.to(cd) * scale).view(b, tq, hkv, group, d).permute(0, 2, 1, 3, 4).contiguous()
+        kh = k.to(cd).transpose(1, 2).contiguous()  # [B, Hkv, Tk, D]
+        vh = v.to(cd).transpose(1, 2).contiguous()  # [B, Hkv, Tk, Dv]
+        out = torch.zeros(b, hkv, tq, group, dv, device=dev, dtype=cd)
+        lse = torch.full((b, hkv, tq, group), float("-inf"), device=dev, dtype=cd)
         masker = _Masker(visibility, q_offset, k_offset, dev)
         size_max = b * hkv * rows * group * max((r.width for r in plan), default=0)
-        work_s = torch.empty(size_max, device=dev)
+        work_s = torch.empty(size_max, device=dev, dtype=cd)
         for blk in plan:
             if blk.width == 0:
                 continue
@@ -198,7 +196,7 @@ class _BlockAttention(torch.autograd.Function):
             p = torch.softmax(s, dim=-1, out=s)
             empty = None
             if blk.partial:
-                empty = torch.isinf(m)
+                empty = torch.isneginf(m)  # (+inf: NaN, as in the reference)
                 if bool(empty.any()):
                     p.masked_fill_(empty, 0.0)  # rows that see nothing: 0, not NaN
                 else:
@@ -225,26 +223,26 @@ class _BlockAttention(torch.autograd.Function):
         plan, masker, scale = ctx.plan, ctx.masker, ctx.scale
         dev = qh.device
         if d_out is None:
-            d_out = torch.zeros(b, tq, hq, dv, device=dev)
-        do = d_out.float().view(b, tq, hkv, group, dv).permute(0, 2, 1, 3, 4)
+            d_out = torch.zeros(b, tq, hq, dv, device=dev, dtype=qh.dtype)
+        do = d_out.to(qh.dtype).view(b, tq, hkv, group, dv).permute(0, 2, 1, 3, 4)
         delta = (do * out).sum(-1)  # [B, Hkv, Tq, G]
         if d_lse is not None:
-            delta = delta - d_lse.float().view(b, tq, hkv, group).permute(0, 2, 1, 3)
+            delta = delta - d_lse.to(qh.dtype).view(b, tq, hkv, group).permute(0, 2, 1, 3)
         # Fold the row shifts into the matmuls with one extra column:
         #   [q, -lse] . [k, 1] = s - lse          (then exp gives P directly)
         #   [dO, -delta] . [v, 1] = dO v - delta  (then times P gives dS)
         # Rows that see nothing have lse = -inf: use +inf there so that exp(s - lse) = 0.
-        lse_safe = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse)
+        lse_safe = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
         q_aug = torch.cat([qh, -lse_safe[..., None]], dim=-1)  # [B, Hkv, Tq, G, D+1]
         do_aug = torch.cat([do, -delta[..., None]], dim=-1)  # [B, Hkv, Tq, G, Dv+1]
-        ones = torch.ones(b, hkv, tk, 1, device=dev)
+        ones = torch.ones(b, hkv, tk, 1, device=dev, dtype=qh.dtype)
         k_aug = torch.cat([kh, ones], dim=-1)  # [B, Hkv, Tk, D+1]
         v_aug = torch.cat([vh, ones], dim=-1)  # [B, Hkv, Tk, Dv+1]
         dq = torch.zeros_like(qh)
         dk = torch.zeros_like(kh)
         dvv = torch.zeros_like(vh)
         piece_max = max((c1 - c0 for r in plan for c0, c1, _ in r.pieces), default=0)
-        work_p = torch.empty(b * hkv * rows * group * piece_max, device=dev)
+        work_p = torch.empty(b * hkv * rows * group * piece_max, device=dev, dtype=qh.dtype)
         work_d = torch.empty_like(work_p)
         bh = b * hkv
         for blk in plan:
