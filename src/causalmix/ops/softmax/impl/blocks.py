@@ -1,20 +1,27 @@
 """Block-sparse softmax attention in plain PyTorch, forward and backward, CPU and GPU.
 
-The spec's block map splits the (query, key) plane into tiles. For each block of query rows the
-non-empty key tiles are gathered (one narrow view when they are contiguous) and the row block is
-computed in one go: scores, exact softmax over the gathered keys, output. Masks are built and
-applied only on *partial* tiles; full tiles see no mask work and empty tiles no work at all.
+The spec's block map splits the (query, key) plane into tiles (``rows`` queries x 64 keys). Each
+block of query rows walks its non-empty key tiles in cache-sized *pieces* (at most
+``_PIECE_FLOATS`` scores over all heads): full tiles see no mask work, *partial* tiles get an
+additive 0 / -inf mask (built once per plan and cached with it), empty tiles no work at all.
 
-Backward recomputes the scores per row block (FlashAttention-2 style): with ``P = exp(S - lse)``,
+Forward (stages ``_scores`` -> ``_row_block_one`` or ``_row_block_online``): a row block whose
+keys fit one piece takes an exact softmax; longer rows merge their pieces online
+(FlashAttention's running max ``m``, sum ``l`` and rescaled accumulator). Backward
+(``_backward_block``) recomputes each piece (FlashAttention-2): with ``P = exp(S - lse)``,
 ``dV += P^T dO``, ``dS = P * (dO V^T - delta + dlse)`` where ``delta = rowsum(dO * O)``,
-``dQ = scale * dS K``, ``dK += scale * dS^T Q``. Memory is O(T * D) plus one row block of scores.
+``dQ = scale * dS K``, ``dK += scale * dS^T Q``. Memory is O(T * D) plus one piece of scores.
 
-Math is fp32 inside (fp64 for fp64 inputs); results are cast back to the input dtype.
+Scores are kept in base 2 (``q`` is scaled by ``scale * log2(e)`` once, so exponentials are
+``exp2``, several times cheaper than ``exp`` on CPU); the lse is returned in natural log. Math is
+fp32 inside (fp64 for fp64 inputs); results are cast back to the input dtype. A ``+inf`` or NaN
+score makes its row NaN, as in the reference; a row that sees no key gets 0 and lse ``-inf``.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import math
+from typing import NamedTuple
 
 import torch
 
@@ -23,137 +30,237 @@ from causalmix.ops._validate import compute_dtype
 from causalmix.ops.softmax._call import Call
 from causalmix.visibility import EMPTY, FULL, Visibility
 
-_SCORE_BUDGET = 1 << 22  # floats in one row block of scores (16 MiB fp32)
-_PIECE_BUDGET = 1 << 18  # floats in one backward piece of scores (1 MiB: stays in cache)
-_KEY_BLOCK = 64
+_KEY_BLOCK = 64  # keys per tile of the block map
+_PIECE_FLOATS = 1 << 18  # scores of one piece over all heads (1 MiB fp32: stays in cache)
+_BIAS_FLOATS = 1 << 23  # cached mask floats per plan (32 MiB fp32); past it, masks are rebuilt
+_ROW_CHOICES = (256, 128, 64, 32)
+_ROW_EFFICIENCY = {256: 1.0, 128: 1.0, 64: 1.12, 32: 1.4}  # matmul slowdown of thinner blocks
+_PIECE_OVERHEAD_FLOPS = 4e6  # Python + launch cost of one piece, in flop-equivalents
+_LOG2E = 1.0 / math.log(2.0)
 _PLANS: LRUCache = LRUCache(32)
+_ROWS: LRUCache = LRUCache(32)
 
 
 def can_serve(call: Call) -> str | None:
     return None
 
 
-@dataclasses.dataclass
-class _RowBlock:
+class _Piece(NamedTuple):
+    c0: int  # local keys [c0, c1) computed together
+    c1: int
+    m0: int  # local keys [m0, m1) inside the piece that need the mask (m0 == m1: none)
+    m1: int
+    bias: torch.Tensor | None  # [B', 1, rows, 1, m1 - m0] of 0 / -inf, or None (rebuilt)
+
+
+class _Block(NamedTuple):
     r0: int  # local query rows [r0, r1)
     r1: int
-    ranges: list[tuple[int, int]]  # local key ranges [c0, c1) gathered, in order
-    width: int  # total gathered keys
-    partial: list[tuple[int, int, int]]  # (offset in gathered keys, local key start, end)
-    # The same keys cut into cache-sized pieces for the backward pass: (c0, c1, partial tiles
-    # as (offset in the piece, local key start, end)).
-    pieces: list[tuple[int, int, list[tuple[int, int, int]]]] = dataclasses.field(
-        default_factory=list
-    )
+    pieces: tuple[_Piece, ...]
 
 
-_ROW_CHOICES = (256, 128, 64, 32)
-_ROW_EFFICIENCY = {256: 1.0, 128: 1.08, 64: 1.2, 32: 1.45}  # matmul slowdown of thinner blocks
-_BLOCK_OVERHEAD_FLOPS = 12e6  # Python + launch cost of one row block, in flop-equivalents
-_ROWS: LRUCache = LRUCache(32)
+class _Plan(NamedTuple):
+    rows: int
+    blocks: tuple[_Block, ...]
+    piece_max: int  # widest piece
+    visibility: Visibility
+    q_offset: int
+    k_offset: int
+
+
+def _piece_keys(b, hq, rows, cols) -> int:
+    return max(cols, _PIECE_FLOATS // max(1, b * hq * rows) // cols * cols)
 
 
 def _row_size(visibility, b, hq, d, tq, tk, q_offset, k_offset, cols) -> int:
-    """Rows per block: the largest block whose scores fit the budget, unless a thinner one skips
-    enough masked work (a window, a block diagonal) to pay for its slower matmuls."""
+    """Rows per block: the one whose computed tiles (plus a per-piece overhead) cost least; thin
+    blocks skip more masked work (a window, a block diagonal) but run slower matmuls."""
     key = (visibility, b, hq, d, tq, tk, q_offset, k_offset, cols)
     return _ROWS.get_or_make(key, lambda: _best_rows(visibility, b, hq, d, tq, tk, q_offset,
                                                     k_offset, cols))
 
 
 def _best_rows(visibility, b, hq, d, tq, tk, q_offset, k_offset, cols) -> int:
-    fit = _SCORE_BUDGET // max(1, b * hq * max(tk, 1))
-    options = [r for r in _ROW_CHOICES if r <= fit] or [_ROW_CHOICES[-1]]
-    options = [min(r, tq) for r in options]
     best = None
-    for r in dict.fromkeys(options):
+    for r in dict.fromkeys(min(r, tq) for r in _ROW_CHOICES):
         kinds = visibility.block_map(tq, tk, r, cols, q_offset=q_offset, k_offset=k_offset)
-        widths = ((kinds != EMPTY).any(dim=0).sum(dim=1) * cols).clamp(max=tk)
-        blocks = int((widths > 0).sum())
-        computed = float(widths.sum()) * r
+        tiles = (kinds != EMPTY).any(dim=0).sum(dim=1)  # per row block
+        computed = float(tiles.sum()) * cols * r
+        pieces = float((tiles * cols + _piece_keys(b, hq, r, cols) - 1).div(
+            _piece_keys(b, hq, r, cols), rounding_mode="floor").sum())
         cost = computed * 14 * d * hq * b * _ROW_EFFICIENCY.get(r, 1.6) \
-            + blocks * _BLOCK_OVERHEAD_FLOPS
+            + pieces * _PIECE_OVERHEAD_FLOPS
         if best is None or cost < best[0]:
             best = (cost, r)
     return best[1]
 
 
-def _plan(visibility, tq, tk, q_offset, k_offset, rows, cols, piece) -> list[_RowBlock]:
-    key = (visibility, tq, tk, q_offset, k_offset, rows, cols, piece)
-    return _PLANS.get_or_make(key, lambda: _make_plan(visibility, tq, tk, q_offset, k_offset,
-                                                      rows, cols, piece))
+def _plan(visibility, tq, tk, q_offset, k_offset, rows, cols, piece, dtype, device) -> _Plan:
+    key = (visibility, tq, tk, q_offset, k_offset, rows, cols, piece, dtype, str(device))
+    return _PLANS.get_or_make(key, lambda: _make_plan(
+        visibility, tq, tk, q_offset, k_offset, rows, cols, piece, dtype, device))
 
 
-def _make_plan(visibility, tq, tk, q_offset, k_offset, rows, cols, piece) -> list[_RowBlock]:
-    kinds = visibility.block_map(tq, tk, rows, cols, q_offset=q_offset, k_offset=k_offset)
-    # One plan for the whole batch: a tile is skipped only if empty for every example, and
-    # mask-free only if full for every example.
-    nonempty = (kinds != EMPTY).any(dim=0)
-    full = (kinds == FULL).all(dim=0)
-    plan = []
-    for r, (ne_row, full_row) in enumerate(zip(nonempty.tolist(), full.tolist(), strict=True)):
-        ranges: list[tuple[int, int]] = []
-        partial = []
-        width = 0
-        for c, (ne, fu) in enumerate(zip(ne_row, full_row, strict=True)):
-            if not ne:
-                continue
-            c0, c1 = c * cols, min(tk, (c + 1) * cols)
-            if not fu:
-                partial.append((width, c0, c1))
-            if ranges and ranges[-1][1] == c0:
-                ranges[-1] = (ranges[-1][0], c1)
-            else:
-                ranges.append((c0, c1))
-            width += c1 - c0
-        blk = _RowBlock(r * rows, min(tq, (r + 1) * rows), ranges, width, partial)
-        blk.pieces = _pieces(ranges, partial, piece)
-        plan.append(blk)
-    return plan
-
-
-def _pieces(ranges, partial, piece):
-    """Cut the gathered key ranges into pieces of at most ``piece`` keys (tile-aligned)."""
-    starts = {c0: (c0, c1) for _, c0, c1 in partial}
-    out = []
-    for r0, r1 in ranges:
-        for c0 in range(r0, r1, piece):
-            c1 = min(r1, c0 + piece)
-            tiles = [(a - c0, a, b) for a, (_, b) in starts.items() if c0 <= a < c1]
-            out.append((c0, c1, sorted(tiles)))
+def _runs(flags) -> list[tuple[int, int]]:
+    """Maximal runs ``[a, b)`` of true entries."""
+    out, start = [], None
+    for i, f in enumerate([*flags, False]):
+        if f and start is None:
+            start = i
+        elif not f and start is not None:
+            out.append((start, i))
+            start = None
     return out
 
 
-def _gather(x: torch.Tensor, ranges) -> torch.Tensor:
-    """``x: [B, H, T, D]`` -> the key ranges along T (a view when there is one range)."""
-    if len(ranges) == 1:
-        c0, c1 = ranges[0]
-        return x[:, :, c0:c1]
-    return torch.cat([x[:, :, c0:c1] for c0, c1 in ranges], dim=2)
+def _make_plan(visibility, tq, tk, q_offset, k_offset, rows, cols, piece, dtype, device):
+    kinds = visibility.block_map(tq, tk, rows, cols, q_offset=q_offset, k_offset=k_offset)
+    # One plan for the whole batch: a tile is skipped only if empty for every example, and
+    # mask-free only if full for every example.
+    nonempty = (kinds != EMPTY).any(dim=0).tolist()
+    full = (kinds == FULL).all(dim=0).tolist()
+    per = max(1, piece // cols)
+    budget = _BIAS_FLOATS
+    blocks = []
+    for r, (ne_row, full_row) in enumerate(zip(nonempty, full, strict=True)):
+        r0, r1 = r * rows, min(tq, (r + 1) * rows)
+        pieces = []
+        for a, b in _runs(ne_row):
+            for t0 in range(a, b, per):
+                t1 = min(b, t0 + per)
+                part = [t for t in range(t0, t1) if not full_row[t]]
+                c0, c1 = t0 * cols, min(tk, t1 * cols)
+                m0, m1 = (part[0] * cols, min(tk, (part[-1] + 1) * cols)) if part else (c0, c0)
+                bias = None
+                if m1 > m0 and (r1 - r0) * (m1 - m0) * (visibility.batch_size or 1) <= budget:
+                    bias = _bias(visibility, r0, r1, m0, m1, q_offset, k_offset, dtype, device)
+                    budget -= bias.numel()
+                pieces.append(_Piece(c0, c1, m0, m1, bias))
+        blocks.append(_Block(r0, r1, tuple(pieces)))
+    widest = max((p.c1 - p.c0 for blk in blocks for p in blk.pieces), default=0)
+    return _Plan(rows, tuple(blocks), widest, visibility, q_offset, k_offset)
 
 
-class _Masker:
-    """Builds the boolean masks of a row block's partial tiles (``[B', rows, 1, width]`` so they
-    broadcast over kv heads and the query-head group)."""
+def _bias(visibility, r0, r1, m0, m1, q_offset, k_offset, dtype, device) -> torch.Tensor:
+    """``[B', 1, r1 - r0, 1, m1 - m0]``: 0 where visible, -inf where not."""
+    nb = visibility.batch_size or 1
+    bi = torch.arange(nb, device=device).view(nb, 1, 1)
+    i = torch.arange(q_offset + r0, q_offset + r1, device=device).view(1, -1, 1)
+    j = torch.arange(k_offset + m0, k_offset + m1, device=device).view(1, 1, -1)
+    vis = visibility.visible(bi, i, j).expand(nb, r1 - r0, m1 - m0)
+    bias = torch.zeros(nb, r1 - r0, m1 - m0, dtype=dtype, device=device)
+    return bias.masked_fill_(~vis, float("-inf"))[:, None, :, None, :]
 
-    def __init__(self, visibility, q_offset, k_offset, device):
-        self.vis, self.q_offset, self.k_offset, self.device = visibility, q_offset, k_offset, device
-        nb = visibility.batch_size or 1
-        self.b = torch.arange(nb, device=device).view(nb, 1, 1)
 
-    def apply(self, s: torch.Tensor, r0: int, r1: int, partial, group: int) -> None:
-        """``s: [B, Hkv, (r1 - r0) * group, width]`` scores of query rows [r0, r1), masked in
-        place on the ``partial`` tiles ``(offset in s, local key start, end)``."""
-        if not partial:
-            return
-        bsz, hkv, _, width = s.shape
-        s5 = s.view(bsz, hkv, r1 - r0, group, width)
-        i = torch.arange(self.q_offset + r0, self.q_offset + r1, device=self.device).view(1, -1, 1)
-        for off, c0, c1 in partial:
-            j = torch.arange(self.k_offset + c0, self.k_offset + c1, device=self.device)
-            vis = self.vis.visible(self.b, i, j.view(1, 1, -1))  # [B', rows, w]
-            hidden = ~vis.expand(vis.shape[0], r1 - r0, c1 - c0)
-            s5[..., off : off + c1 - c0].masked_fill_(hidden[:, None, :, None, :], float("-inf"))
+def _mask(s: torch.Tensor, plan: _Plan, blk: _Block, pc: _Piece, shape) -> None:
+    """Add the piece's mask to its scores ``s: [B * Hkv, rows * G, c1 - c0]`` in place."""
+    if pc.m1 == pc.m0:
+        return
+    bias = pc.bias
+    if bias is None:
+        bias = _bias(plan.visibility, blk.r0, blk.r1, pc.m0, pc.m1, plan.q_offset,
+                     plan.k_offset, s.dtype, s.device)
+    b, hkv, g = shape
+    s5 = s.view(b, hkv, blk.r1 - blk.r0, g, pc.c1 - pc.c0)
+    s5[..., pc.m0 - pc.c0 : pc.m1 - pc.c0].add_(bias)
+
+
+def _scores(qb, kf, plan, blk, pc, work, shape) -> torch.Tensor:
+    """Base-2 scores of one piece, masked: ``[B * Hkv, rows * G, c1 - c0]`` in ``work``."""
+    bh, n, _ = qb.shape
+    w = pc.c1 - pc.c0
+    s = work[: bh * n * w].view(bh, n, w)
+    torch.bmm(qb, kf[:, pc.c0 : pc.c1].transpose(1, 2), out=s)
+    _mask(s, plan, blk, pc, shape)
+    return s
+
+
+def _row_block_one(qb, kf, vf, ob, plan, blk, work, shape) -> torch.Tensor:
+    """Keys in one piece: exact softmax. Writes ``ob: [B*Hkv, n, Dv]``; returns lse2 ``[., n, 1]``.
+    """
+    pc = blk.pieces[0]
+    s = _scores(qb, kf, plan, blk, pc, work, shape)
+    # Rows that see nothing have max -inf: clamp it to the lowest finite value, so that
+    # exp2(-inf - m) = 0 (not NaN) while a +inf or NaN score still makes the row NaN.
+    m = s.amax(dim=-1, keepdim=True).clamp_min_(-torch.finfo(s.dtype).max)
+    s.sub_(m).exp2_()
+    l = s.sum(dim=-1, keepdim=True)
+    torch.bmm(s, vf[:, pc.c0 : pc.c1], out=ob)
+    ob.div_(l.clamp_min(torch.finfo(s.dtype).tiny))  # empty rows: 0 / tiny = 0
+    return m + l.log2()  # -inf where l = 0
+
+
+def _row_block_online(qb, kf, vf, ob, plan, blk, work, shape) -> torch.Tensor:
+    """Keys in several pieces: running max ``m``, running sum ``l``, rescaled accumulator."""
+    m = l = None
+    for pc in blk.pieces:
+        s = _scores(qb, kf, plan, blk, pc, work, shape)
+        mp = s.amax(dim=-1, keepdim=True)
+        if m is None:
+            m = mp.clamp_min_(-torch.finfo(s.dtype).max)
+            s.sub_(m).exp2_()
+            l = s.sum(dim=-1, keepdim=True)
+            torch.bmm(s, vf[:, pc.c0 : pc.c1], out=ob)
+            continue
+        m_new = torch.maximum(m, mp)
+        alpha = (m - m_new).exp2_()
+        s.sub_(m_new).exp2_()
+        l.mul_(alpha).add_(s.sum(dim=-1, keepdim=True))
+        ob.mul_(alpha).baddbmm_(s, vf[:, pc.c0 : pc.c1])
+        m = m_new
+    ob.div_(l.clamp_min(torch.finfo(ob.dtype).tiny))
+    return m + l.log2()
+
+
+def _forward(qh, kf, vf, plan, shape):
+    """``qh: [B, Hkv, Tq, G, D]`` (base-2 scaled), ``kf: [B*Hkv, Tk, D]``, ``vf: [B*Hkv, Tk, Dv]``
+    -> ``out [B, Hkv, Tq, G, Dv]``, ``lse2 [B, Hkv, Tq, G]``."""
+    b, hkv, tq, g, d = qh.shape
+    dv = vf.shape[-1]
+    bh = b * hkv
+    out = torch.zeros(b, hkv, tq, g, dv, dtype=qh.dtype, device=qh.device)
+    lse2 = torch.full((b, hkv, tq, g), float("-inf"), dtype=qh.dtype, device=qh.device)
+    work = torch.empty(bh * plan.rows * g * plan.piece_max, dtype=qh.dtype, device=qh.device)
+    for blk in plan.blocks:
+        if not blk.pieces:
+            continue
+        n = (blk.r1 - blk.r0) * g
+        qb = qh[:, :, blk.r0 : blk.r1].reshape(bh, n, d)
+        ob = out[:, :, blk.r0 : blk.r1].view(bh, n, dv)
+        run = _row_block_one if len(blk.pieces) == 1 else _row_block_online
+        ls = run(qb, kf, vf, ob, plan, blk, work, shape)
+        lse2[:, :, blk.r0 : blk.r1] = ls.view(b, hkv, blk.r1 - blk.r0, g)
+    return out, lse2
+
+
+class _Grads(NamedTuple):
+    dq: torch.Tensor  # [B, Hkv, Tq, G, D]
+    dk: torch.Tensor  # [B*Hkv, Tk, D]
+    dv: torch.Tensor  # [B*Hkv, Tk, Dv]
+
+
+def _backward_block(blk, plan, q_aug, do_aug, k_aug, v_aug, grads, work, shape) -> None:
+    """Accumulate one row block's contributions to dq, dk, dv (every update in place)."""
+    b, hkv, g = shape
+    bh = b * hkv
+    d, dv = q_aug.shape[-1] - 1, do_aug.shape[-1] - 1
+    n = (blk.r1 - blk.r0) * g
+    sl = slice(blk.r0, blk.r1)
+    qa = q_aug[:, :, sl].reshape(bh, n, d + 1)
+    doa = do_aug[:, :, sl].reshape(bh, n, dv + 1)
+    qb, dob = qa[..., :d], doa[..., :dv]
+    dq_blk = grads.dq[:, :, sl].view(bh, n, d)
+    work_p, work_d = work
+    for pc in blk.pieces:
+        p = _scores(qa, k_aug, plan, blk, pc, work_p, shape)  # s - lse, base 2
+        p.exp2_()
+        w = pc.c1 - pc.c0
+        ds = work_d[: bh * n * w].view(bh, n, w)
+        torch.bmm(doa, v_aug[:, pc.c0 : pc.c1].transpose(1, 2), out=ds)  # dO v^T - delta
+        ds.mul_(p)
+        dq_blk.baddbmm_(ds, k_aug[:, pc.c0 : pc.c1, :d])
+        grads.dv[:, pc.c0 : pc.c1].baddbmm_(p.transpose(1, 2), dob)
+        grads.dk[:, pc.c0 : pc.c1].baddbmm_(ds.transpose(1, 2), qb)
 
 
 class _BlockAttention(torch.autograd.Function):
@@ -162,115 +269,59 @@ class _BlockAttention(torch.autograd.Function):
         b, tq, hq, d = q.shape
         tk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
         group = hq // hkv
-        dev = q.device
+        cd = compute_dtype(q)
         cols = max(1, min(_KEY_BLOCK, tk))
         rows = _row_size(visibility, b, hq, d, tq, tk, q_offset, k_offset, cols)
-        piece = max(4 * cols, _PIECE_BUDGET // max(1, b * hq * rows) // cols * cols)
-        plan = _plan(visibility, tq, tk, q_offset, k_offset, rows, cols, piece)
-
-        # Head-major fp32 layouts; query rows carry their head group innermost so that a row
-        # block of all group heads is one contiguous [rows * group, D] matrix per kv head.
-        cd = compute_dtype(q)
-        qh = (q.to(cd) * scale).view(b, tq, hkv, group, d).permute(0, 2, 1, 3, 4).contiguous()
-        kh = k.to(cd).transpose(1, 2).contiguous()  # [B, Hkv, Tk, D]
-        vh = v.to(cd).transpose(1, 2).contiguous()  # [B, Hkv, Tk, Dv]
-        out = torch.zeros(b, hkv, tq, group, dv, device=dev, dtype=cd)
-        lse = torch.full((b, hkv, tq, group), float("-inf"), device=dev, dtype=cd)
-        masker = _Masker(visibility, q_offset, k_offset, dev)
-        size_max = b * hkv * rows * group * max((r.width for r in plan), default=0)
-        work_s = torch.empty(size_max, device=dev, dtype=cd)
-        for blk in plan:
-            if blk.width == 0:
-                continue
-            n = blk.r1 - blk.r0
-            shape = (b, hkv, n * group, blk.width)
-            size = b * hkv * n * group * blk.width
-            qb = qh[:, :, blk.r0 : blk.r1].view(b, hkv, n * group, d)
-            kb, vb = _gather(kh, blk.ranges), _gather(vh, blk.ranges)
-            s = work_s[:size].view(shape)
-            torch.matmul(qb, kb.transpose(-1, -2), out=s)
-            masker.apply(s, blk.r0, blk.r1, blk.partial, group)
-            m = s.amax(dim=-1, keepdim=True)
-            # One fused pass, in place: exp(s - m) / sum. (torch's last-dim softmax reads each
-            # element before writing it; the blocks-vs-reference tests guard this.)
-            p = torch.softmax(s, dim=-1, out=s)
-            empty = None
-            if blk.partial:
-                empty = torch.isneginf(m)  # (+inf: NaN, as in the reference)
-                if bool(empty.any()):
-                    p.masked_fill_(empty, 0.0)  # rows that see nothing: 0, not NaN
-                else:
-                    empty = None
-            # max_j p_j = exp(0) / l, so lse = m + log(l) = m - log(max_j p_j)
-            blk_lse = m - p.amax(dim=-1, keepdim=True).log()
-            if empty is not None:
-                blk_lse.masked_fill_(empty, float("-inf"))
-            torch.matmul(p, vb, out=out[:, :, blk.r0 : blk.r1].view(b, hkv, n * group, dv))
-            lse[:, :, blk.r0 : blk.r1] = blk_lse.view(b, hkv, n, group)
-
-        ctx.save_for_backward(qh, kh, vh, out, lse)
-        ctx.plan, ctx.masker, ctx.scale = plan, masker, scale
-        ctx.shapes = (b, tq, tk, hq, hkv, group, d, dv, rows)
-        ctx.dtypes = (q.dtype, k.dtype, v.dtype)
+        piece = _piece_keys(b, hq, rows, cols)
+        plan = _plan(visibility, tq, tk, q_offset, k_offset, rows, cols, piece, cd, q.device)
+        # Head-major layouts; query rows carry their head group innermost so that a row block of
+        # all group heads is one contiguous [rows * G, D] matrix per kv head.
+        qh = (q.to(cd) * (scale * _LOG2E)).view(b, tq, hkv, group, d).permute(0, 2, 1, 3, 4)
+        qh = qh.contiguous()
+        kf = k.to(cd).transpose(1, 2).reshape(b * hkv, tk, d)
+        vf = v.to(cd).transpose(1, 2).reshape(b * hkv, tk, dv)
+        shape = (b, hkv, group)
+        out, lse2 = _forward(qh, kf, vf, plan, shape)
+        ctx.save_for_backward(qh, kf, vf, out, lse2)
+        ctx.plan, ctx.scale, ctx.shape, ctx.dtypes = plan, scale, shape, (q.dtype, k.dtype,
+                                                                            v.dtype)
         o = out.permute(0, 2, 1, 3, 4).reshape(b, tq, hq, dv).to(q.dtype)
-        ls = lse.permute(0, 2, 1, 3).reshape(b, tq, hq)
+        ls = (lse2 * math.log(2.0)).permute(0, 2, 1, 3).reshape(b, tq, hq)
         return o, ls
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
-        qh, kh, vh, out, lse = ctx.saved_tensors
-        b, tq, tk, hq, hkv, group, d, dv, rows = ctx.shapes
-        plan, masker, scale = ctx.plan, ctx.masker, ctx.scale
-        dev = qh.device
+        qh, kf, vf, out, lse2 = ctx.saved_tensors
+        plan, scale, shape = ctx.plan, ctx.scale, ctx.shape
+        b, hkv, g = shape
+        tq, d, dv, tk = qh.shape[2], qh.shape[-1], vf.shape[-1], kf.shape[1]
+        cd, dev = qh.dtype, qh.device
         if d_out is None:
-            d_out = torch.zeros(b, tq, hq, dv, device=dev, dtype=qh.dtype)
-        do = d_out.to(qh.dtype).view(b, tq, hkv, group, dv).permute(0, 2, 1, 3, 4)
+            d_out = torch.zeros(b, tq, hkv * g, dv, device=dev, dtype=cd)
+        do = d_out.to(cd).view(b, tq, hkv, g, dv).permute(0, 2, 1, 3, 4)
         delta = (do * out).sum(-1)  # [B, Hkv, Tq, G]
         if d_lse is not None:
-            delta = delta - d_lse.to(qh.dtype).view(b, tq, hkv, group).permute(0, 2, 1, 3)
+            delta = delta - d_lse.to(cd).view(b, tq, hkv, g).permute(0, 2, 1, 3)
         # Fold the row shifts into the matmuls with one extra column:
-        #   [q, -lse] . [k, 1] = s - lse          (then exp gives P directly)
+        #   [q, -lse2] . [k, 1] = s - lse2        (then exp2 gives P directly)
         #   [dO, -delta] . [v, 1] = dO v - delta  (then times P gives dS)
-        # Rows that see nothing have lse = -inf: use +inf there so that exp(s - lse) = 0.
-        lse_safe = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
+        # Rows that see nothing have lse -inf: use +inf there so that exp2(s - lse2) = 0.
+        lse_safe = torch.where(torch.isneginf(lse2), torch.full_like(lse2, float("inf")), lse2)
         q_aug = torch.cat([qh, -lse_safe[..., None]], dim=-1)  # [B, Hkv, Tq, G, D+1]
         do_aug = torch.cat([do, -delta[..., None]], dim=-1)  # [B, Hkv, Tq, G, Dv+1]
-        ones = torch.ones(b, hkv, tk, 1, device=dev, dtype=qh.dtype)
-        k_aug = torch.cat([kh, ones], dim=-1)  # [B, Hkv, Tk, D+1]
-        v_aug = torch.cat([vh, ones], dim=-1)  # [B, Hkv, Tk, Dv+1]
-        dq = torch.zeros_like(qh)
-        dk = torch.zeros_like(kh)
-        dvv = torch.zeros_like(vh)
-        piece_max = max((c1 - c0 for r in plan for c0, c1, _ in r.pieces), default=0)
-        work_p = torch.empty(b * hkv * rows * group * piece_max, device=dev, dtype=qh.dtype)
-        work_d = torch.empty_like(work_p)
-        bh = b * hkv
-        for blk in plan:
-            n = blk.r1 - blk.r0
-            sl = slice(blk.r0, blk.r1)
-            # [B*Hkv, rows*G, .] views: every accumulation below is in place
-            qa = q_aug[:, :, sl].reshape(bh, n * group, d + 1)
-            doa = do_aug[:, :, sl].reshape(bh, n * group, dv + 1)
-            qb, dob = qa[..., :d], doa[..., :dv]
-            dq_blk = dq[:, :, sl].view(bh, n * group, d)
-            for c0, c1, partial in blk.pieces:
-                w = c1 - c0
-                ka = k_aug[:, :, c0:c1].reshape(bh, w, d + 1)
-                va = v_aug[:, :, c0:c1].reshape(bh, w, dv + 1)
-                p = work_p[: bh * n * group * w].view(bh, n * group, w)
-                torch.bmm(qa, ka.transpose(1, 2), out=p)  # s - lse
-                masker.apply(p.view(b, hkv, n * group, w), blk.r0, blk.r1, partial, group)
-                p.exp_()
-                ds = work_d[: bh * n * group * w].view(bh, n * group, w)
-                torch.bmm(doa, va.transpose(1, 2), out=ds)  # dO v^T - delta
-                ds.mul_(p)
-                dq_blk.baddbmm_(ds, ka[..., :d])
-                dvv[:, :, c0:c1].view(bh, w, dv).baddbmm_(p.transpose(1, 2), dob)
-                dk[:, :, c0:c1].view(bh, w, d).baddbmm_(ds.transpose(1, 2), qb)
+        ones = torch.ones(b * hkv, tk, 1, device=dev, dtype=cd)
+        k_aug = torch.cat([kf, ones], dim=-1)  # [B*Hkv, Tk, D+1]
+        v_aug = torch.cat([vf, ones], dim=-1)  # [B*Hkv, Tk, Dv+1]
+        grads = _Grads(torch.zeros_like(qh), torch.zeros_like(kf), torch.zeros_like(vf))
+        size = b * hkv * plan.rows * g * plan.piece_max
+        work = (torch.empty(size, device=dev, dtype=cd), torch.empty(size, device=dev, dtype=cd))
+        for blk in plan.blocks:
+            _backward_block(blk, plan, q_aug, do_aug, k_aug, v_aug, grads, work, shape)
         qd, kd, vd = ctx.dtypes
-        dq = (dq * scale).permute(0, 2, 1, 3, 4).reshape(b, tq, hq, d).to(qd)
-        dk = dk.transpose(1, 2).to(kd)
-        dvv = dvv.transpose(1, 2).to(vd)
+        # scores were scale * log2(e) * q.k: dq = scale * dS k, dk = dS^T (q scaled) * ln 2
+        dq = (grads.dq * scale).permute(0, 2, 1, 3, 4).reshape(b, tq, hkv * g, d).to(qd)
+        dk = (grads.dk * math.log(2.0)).view(b, hkv, tk, d).transpose(1, 2).to(kd)
+        dvv = grads.dv.view(b, hkv, tk, dv).transpose(1, 2).to(vd)
         return dq, dk, dvv, None, None, None, None
 
 
@@ -283,7 +334,7 @@ _EAGER_ONLY = None
 
 def attention(q, k, v, visibility: Visibility, *, q_offset: int, k_offset: int, scale: float):
     """``q: [B, Tq, Hq, D]``, ``k: [B, Tk, Hkv, D]``, ``v: [B, Tk, Hkv, Dv]`` ->
-    ``(out [B, Tq, Hq, Dv] in q.dtype, lse [B, Tq, Hq] fp32)``.
+    ``(out [B, Tq, Hq, Dv] in q.dtype, lse [B, Tq, Hq] in the compute dtype)``.
 
     Under ``torch.compile`` the block loop runs eagerly (its plan is data, not a graph); the
     ``torch.compiler.disable`` wrapper is made on first use so that importing causalmix does not
