@@ -218,11 +218,13 @@ def _forward(qh, kf, vf, plan, shape):
     b, hkv, tq, g, d = qh.shape
     dv = vf.shape[-1]
     bh = b * hkv
-    out = torch.zeros(b, hkv, tq, g, dv, dtype=qh.dtype, device=qh.device)
-    lse2 = torch.full((b, hkv, tq, g), float("-inf"), dtype=qh.dtype, device=qh.device)
+    out = torch.empty(b, hkv, tq, g, dv, dtype=qh.dtype, device=qh.device)
+    lse2 = torch.empty(b, hkv, tq, g, dtype=qh.dtype, device=qh.device)
     work = torch.empty(bh * plan.rows * g * plan.piece_max, dtype=qh.dtype, device=qh.device)
     for blk in plan.blocks:
-        if not blk.pieces:
+        if not blk.pieces:  # rows that see no key
+            out[:, :, blk.r0 : blk.r1] = 0.0
+            lse2[:, :, blk.r0 : blk.r1] = float("-inf")
             continue
         n = (blk.r1 - blk.r0) * g
         qb = qh[:, :, blk.r0 : blk.r1].reshape(bh, n, d)
@@ -263,6 +265,32 @@ def _backward_block(blk, plan, q_aug, do_aug, k_aug, v_aug, grads, work, shape) 
         grads.dk[:, pc.c0 : pc.c1].baddbmm_(ds.transpose(1, 2), qb)
 
 
+def _augmented(x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """``[..., D]`` -> a new ``[..., D + 1]`` buffer holding ``x`` (times ``scale``) and a last
+    column of ones (the backward's row-shift trick); the caller reads ``[..., :D]``."""
+    out = torch.empty(*x.shape[:-1], x.shape[-1] + 1, dtype=x.dtype, device=x.device)
+    if scale is None:
+        out[..., :-1].copy_(x)
+    else:
+        torch.mul(x, scale, out=out[..., :-1])
+    out[..., -1] = 1.0
+    return out
+
+
+def _head_major(q, k, v, scale, cd):
+    """fp32/fp64 head-major augmented copies: ``q_aug [B, Hkv, Tq, G, D+1]`` (q scaled to base-2
+    scores; query rows carry their head group innermost so that a row block of all group heads
+    is one contiguous-row ``[rows * G, D]`` matrix per kv head), ``k_aug [B*Hkv, Tk, D+1]``,
+    ``v_aug [B*Hkv, Tk, Dv+1]``."""
+    b, tq, hq, d = q.shape
+    tk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
+    qv = q.view(b, tq, hkv, hq // hkv, d).permute(0, 2, 1, 3, 4)
+    q_aug = _augmented(qv.to(cd), scale * _LOG2E)
+    k_aug = _augmented(k.transpose(1, 2).to(cd)).view(b * hkv, tk, d + 1)
+    v_aug = _augmented(v.transpose(1, 2).to(cd)).view(b * hkv, tk, dv + 1)
+    return q_aug, k_aug, v_aug
+
+
 class _BlockAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, visibility, q_offset, k_offset, scale):
@@ -274,55 +302,61 @@ class _BlockAttention(torch.autograd.Function):
         rows = _row_size(visibility, b, hq, d, tq, tk, q_offset, k_offset, cols)
         piece = _piece_keys(b, hq, rows, cols)
         plan = _plan(visibility, tq, tk, q_offset, k_offset, rows, cols, piece, cd, q.device)
-        # Head-major layouts; query rows carry their head group innermost so that a row block of
-        # all group heads is one contiguous [rows * G, D] matrix per kv head.
-        qh = (q.to(cd) * (scale * _LOG2E)).view(b, tq, hkv, group, d).permute(0, 2, 1, 3, 4)
-        qh = qh.contiguous()
-        kf = k.to(cd).transpose(1, 2).reshape(b * hkv, tk, d)
-        vf = v.to(cd).transpose(1, 2).reshape(b * hkv, tk, dv)
+        q_aug, k_aug, v_aug = _head_major(q, k, v, scale, cd)
         shape = (b, hkv, group)
-        out, lse2 = _forward(qh, kf, vf, plan, shape)
-        ctx.save_for_backward(qh, kf, vf, out, lse2)
-        ctx.plan, ctx.scale, ctx.shape, ctx.dtypes = plan, scale, shape, (q.dtype, k.dtype,
-                                                                            v.dtype)
+        out, lse2 = _forward(q_aug[..., :d], k_aug[..., :d], v_aug[..., :dv], plan, shape)
+        # The backward's row shift (see there); rows that see nothing are shifted by -inf so
+        # that exp2(s - lse2) = 0 for them.
+        q_aug[..., -1] = torch.where(torch.isneginf(lse2), float("-inf"), -lse2)
+        ctx.save_for_backward(q_aug, k_aug, v_aug, out, lse2)
+        ctx.plan, ctx.scale, ctx.shape = plan, scale, shape
+        ctx.dtypes = (q.dtype, k.dtype, v.dtype)
         o = out.permute(0, 2, 1, 3, 4).reshape(b, tq, hq, dv).to(q.dtype)
-        ls = (lse2 * math.log(2.0)).permute(0, 2, 1, 3).reshape(b, tq, hq)
-        return o, ls
+        ls = torch.empty(b, tq, hkv, group, dtype=cd, device=q.device)
+        torch.mul(lse2.permute(0, 2, 1, 3), math.log(2.0), out=ls)
+        return o, ls.view(b, tq, hq)
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
-        qh, kf, vf, out, lse2 = ctx.saved_tensors
+        q_aug, k_aug, v_aug, out, lse2 = ctx.saved_tensors
         plan, scale, shape = ctx.plan, ctx.scale, ctx.shape
         b, hkv, g = shape
-        tq, d, dv, tk = qh.shape[2], qh.shape[-1], vf.shape[-1], kf.shape[1]
-        cd, dev = qh.dtype, qh.device
+        tq, d, dv, tk = q_aug.shape[2], q_aug.shape[-1] - 1, v_aug.shape[-1] - 1, k_aug.shape[1]
+        cd, dev = q_aug.dtype, q_aug.device
         if d_out is None:
             d_out = torch.zeros(b, tq, hkv * g, dv, device=dev, dtype=cd)
-        do = d_out.to(cd).view(b, tq, hkv, g, dv).permute(0, 2, 1, 3, 4)
-        delta = (do * out).sum(-1)  # [B, Hkv, Tq, G]
-        if d_lse is not None:
-            delta = delta - d_lse.to(cd).view(b, tq, hkv, g).permute(0, 2, 1, 3)
-        # Fold the row shifts into the matmuls with one extra column:
+        # Fold the row shifts into the matmuls with the extra column (q's is set by forward):
         #   [q, -lse2] . [k, 1] = s - lse2        (then exp2 gives P directly)
         #   [dO, -delta] . [v, 1] = dO v - delta  (then times P gives dS)
-        # Rows that see nothing have lse -inf: use +inf there so that exp2(s - lse2) = 0.
-        lse_safe = torch.where(torch.isneginf(lse2), torch.full_like(lse2, float("inf")), lse2)
-        q_aug = torch.cat([qh, -lse_safe[..., None]], dim=-1)  # [B, Hkv, Tq, G, D+1]
-        do_aug = torch.cat([do, -delta[..., None]], dim=-1)  # [B, Hkv, Tq, G, Dv+1]
-        ones = torch.ones(b * hkv, tk, 1, device=dev, dtype=cd)
-        k_aug = torch.cat([kf, ones], dim=-1)  # [B*Hkv, Tk, D+1]
-        v_aug = torch.cat([vf, ones], dim=-1)  # [B*Hkv, Tk, Dv+1]
-        grads = _Grads(torch.zeros_like(qh), torch.zeros_like(kf), torch.zeros_like(vf))
+        do_aug = _augmented(d_out.to(cd).view(b, tq, hkv, g, dv).permute(0, 2, 1, 3, 4))
+        do = do_aug[..., :dv]
+        delta = torch.linalg.vecdot(do, out)  # [B, Hkv, Tq, G]
+        if d_lse is not None:
+            delta = delta - d_lse.to(cd).view(b, tq, hkv, g).permute(0, 2, 1, 3)
+        do_aug[..., -1] = -delta
+        grads = _Grads(torch.zeros(b, hkv, tq, g, d, dtype=cd, device=dev),
+                       torch.zeros(b * hkv, tk, d, dtype=cd, device=dev),
+                       torch.zeros(b * hkv, tk, dv, dtype=cd, device=dev))
         size = b * hkv * plan.rows * g * plan.piece_max
         work = (torch.empty(size, device=dev, dtype=cd), torch.empty(size, device=dev, dtype=cd))
         for blk in plan.blocks:
             _backward_block(blk, plan, q_aug, do_aug, k_aug, v_aug, grads, work, shape)
-        qd, kd, vd = ctx.dtypes
-        # scores were scale * log2(e) * q.k: dq = scale * dS k, dk = dS^T (q scaled) * ln 2
-        dq = (grads.dq * scale).permute(0, 2, 1, 3, 4).reshape(b, tq, hkv * g, d).to(qd)
-        dk = (grads.dk * math.log(2.0)).view(b, hkv, tk, d).transpose(1, 2).to(kd)
-        dvv = grads.dv.view(b, hkv, tk, dv).transpose(1, 2).to(vd)
-        return dq, dk, dvv, None, None, None, None
+        return (*_input_grads(grads, scale, shape, ctx.dtypes), None, None, None, None)
+
+
+def _input_grads(grads: _Grads, scale: float, shape, dtypes):
+    """Back to ``[B, T, H, D]`` layouts and dtypes. The scores were ``scale * log2(e) * q.k``:
+    dq = scale * dS k, dk = ln 2 * dS^T (q scaled)."""
+    b, hkv, g = shape
+    _, _, tq, _, d = grads.dq.shape
+    tk, dv = grads.dv.shape[1], grads.dv.shape[2]
+    cd = grads.dq.dtype
+    dq = torch.empty(b, tq, hkv, g, d, dtype=cd, device=grads.dq.device)
+    torch.mul(grads.dq.permute(0, 2, 1, 3, 4), scale, out=dq)
+    dk = torch.empty(b, tk, hkv, d, dtype=cd, device=dq.device)
+    torch.mul(grads.dk.view(b, hkv, tk, d).transpose(1, 2), math.log(2.0), out=dk)
+    dvv = grads.dv.view(b, hkv, tk, dv).transpose(1, 2)
+    return (dq.view(b, tq, hkv * g, d).to(dtypes[0]), dk.to(dtypes[1]), dvv.to(dtypes[2]))
 
 
 def _apply(q, k, v, visibility, q_offset, k_offset, scale):
