@@ -223,3 +223,36 @@ def test_fp64_offsets_keep_positions_exact():
     far = softmax_attention(q, k, v, Window(5), impl="blocks", q_offset=off, k_offset=off)
     assert max_error(far, base) == 0.0
     assert math.isfinite(float(far.abs().max()))
+
+
+# ------------------------------------------------- blocks' worker threads (torch threads > 1)
+
+
+@pytest.mark.parametrize(
+    "spec,b,hq,hkv",
+    [
+        (Window(40, 5), 2, 4, 2),
+        (Segments(torch.stack([torch.arange(113) // 40, torch.arange(113) % 3])) & Causal(), 2,
+         4, 2),  # per-example masks: each worker stays within one example
+        (Chunked(16, lookahead=1), 1, 3, 1),  # one kv head: nothing to split
+        (Prefix(torch.tensor([0, 50, 7])), 3, 2, 2),
+    ],
+    ids=str,
+)
+def test_blocks_in_worker_threads_matches_reference(spec, b, hq, hkv):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        q, k, v = (x.requires_grad_() for x in _inputs(b, 113, 113, hq, hkv, 16, 24))
+        o, lse = softmax_attention(q, k, v, spec, impl="blocks", return_lse=True)
+        assert torch.get_num_threads() == 2
+        ref_o, ref_lse = softmax_attention(q, k, v, spec, impl="reference", return_lse=True)
+        assert max_error(o, ref_o) <= 2e-6 and max_error(lse, ref_lse) <= 2e-6
+        w = torch.randn(o.shape, generator=torch.Generator().manual_seed(1))
+        g = torch.autograd.grad((o * w).sum(), (q, k, v))
+        g_ref = torch.autograd.grad((ref_o * w).sum(), (q, k, v))
+        for a, r in zip(g, g_ref, strict=True):
+            assert max_error(a, r) <= 1e-5
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -142,44 +142,52 @@ def _make_plan(visibility, tq, tk, q_offset, k_offset, rows, cols, piece, dtype,
 
 
 def _bias(visibility, r0, r1, m0, m1, q_offset, k_offset, dtype, device) -> torch.Tensor:
-    """``[B', 1, r1 - r0, 1, m1 - m0]``: 0 where visible, -inf where not."""
+    """``[B', r1 - r0, 1, m1 - m0]``: 0 where visible, -inf where not."""
     nb = visibility.batch_size or 1
     bi = torch.arange(nb, device=device).view(nb, 1, 1)
     i = torch.arange(q_offset + r0, q_offset + r1, device=device).view(1, -1, 1)
     j = torch.arange(k_offset + m0, k_offset + m1, device=device).view(1, 1, -1)
     vis = visibility.visible(bi, i, j).expand(nb, r1 - r0, m1 - m0)
     bias = torch.zeros(nb, r1 - r0, m1 - m0, dtype=dtype, device=device)
-    return bias.masked_fill_(~vis, float("-inf"))[:, None, :, None, :]
+    return bias.masked_fill_(~vis, float("-inf"))[:, :, None, :]
 
 
-def _mask(s: torch.Tensor, plan: _Plan, blk: _Block, pc: _Piece, shape) -> None:
-    """Add the piece's mask to its scores ``s: [B * Hkv, rows * G, c1 - c0]`` in place."""
+class _Unit(NamedTuple):
+    """A slice ``[u0, u1)`` of the flattened (batch, kv head) axis that one worker computes;
+    ``b`` is its example's index in the spec's masks (0 when the spec has no batch)."""
+
+    u0: int
+    u1: int
+    b: int
+
+
+def _mask(s: torch.Tensor, plan: _Plan, blk: _Block, pc: _Piece, unit: _Unit) -> None:
+    """Add the piece's mask to its scores ``s: [units, rows * G, c1 - c0]`` in place."""
     if pc.m1 == pc.m0:
         return
     bias = pc.bias
     if bias is None:
         bias = _bias(plan.visibility, blk.r0, blk.r1, pc.m0, pc.m1, plan.q_offset,
                      plan.k_offset, s.dtype, s.device)
-    b, hkv, g = shape
-    s5 = s.view(b, hkv, blk.r1 - blk.r0, g, pc.c1 - pc.c0)
-    s5[..., pc.m0 - pc.c0 : pc.m1 - pc.c0].add_(bias)
+    s4 = s.view(s.shape[0], blk.r1 - blk.r0, -1, pc.c1 - pc.c0)
+    s4[..., pc.m0 - pc.c0 : pc.m1 - pc.c0].add_(bias[unit.b])
 
 
-def _scores(qb, kf, plan, blk, pc, work, shape) -> torch.Tensor:
-    """Base-2 scores of one piece, masked: ``[B * Hkv, rows * G, c1 - c0]`` in ``work``."""
+def _scores(qb, kf, plan, blk, pc, work, unit) -> torch.Tensor:
+    """Base-2 scores of one piece, masked: ``[units, rows * G, c1 - c0]`` in ``work``."""
     bh, n, _ = qb.shape
     w = pc.c1 - pc.c0
     s = work[: bh * n * w].view(bh, n, w)
     torch.bmm(qb, kf[:, pc.c0 : pc.c1].transpose(1, 2), out=s)
-    _mask(s, plan, blk, pc, shape)
+    _mask(s, plan, blk, pc, unit)
     return s
 
 
-def _row_block_one(qb, kf, vf, ob, plan, blk, work, shape) -> torch.Tensor:
-    """Keys in one piece: exact softmax. Writes ``ob: [B*Hkv, n, Dv]``; returns lse2 ``[., n, 1]``.
+def _row_block_one(qb, kf, vf, ob, plan, blk, work, unit) -> torch.Tensor:
+    """Keys in one piece: exact softmax. Writes ``ob: [units, n, Dv]``; returns lse2 ``[., n, 1]``.
     """
     pc = blk.pieces[0]
-    s = _scores(qb, kf, plan, blk, pc, work, shape)
+    s = _scores(qb, kf, plan, blk, pc, work, unit)
     # Rows that see nothing have max -inf: clamp it to the lowest finite value, so that
     # exp2(-inf - m) = 0 (not NaN) while a +inf or NaN score still makes the row NaN.
     m = s.amax(dim=-1, keepdim=True).clamp_min_(-torch.finfo(s.dtype).max)
@@ -190,11 +198,11 @@ def _row_block_one(qb, kf, vf, ob, plan, blk, work, shape) -> torch.Tensor:
     return m + l.log2()  # -inf where l = 0
 
 
-def _row_block_online(qb, kf, vf, ob, plan, blk, work, shape) -> torch.Tensor:
+def _row_block_online(qb, kf, vf, ob, plan, blk, work, unit) -> torch.Tensor:
     """Keys in several pieces: running max ``m``, running sum ``l``, rescaled accumulator."""
     m = l = None
     for pc in blk.pieces:
-        s = _scores(qb, kf, plan, blk, pc, work, shape)
+        s = _scores(qb, kf, plan, blk, pc, work, unit)
         mp = s.amax(dim=-1, keepdim=True)
         if m is None:
             m = mp.clamp_min_(-torch.finfo(s.dtype).max)
@@ -212,57 +220,116 @@ def _row_block_online(qb, kf, vf, ob, plan, blk, work, shape) -> torch.Tensor:
     return m + l.log2()
 
 
-def _forward(qh, kf, vf, plan, shape):
-    """``qh: [B, Hkv, Tq, G, D]`` (base-2 scaled), ``kf: [B*Hkv, Tk, D]``, ``vf: [B*Hkv, Tk, Dv]``
-    -> ``out [B, Hkv, Tq, G, Dv]``, ``lse2 [B, Hkv, Tq, G]``."""
-    b, hkv, tq, g, d = qh.shape
+class _Fwd(NamedTuple):
+    q: torch.Tensor  # [BH, Tq, G, D]: base-2 scaled queries
+    k: torch.Tensor  # [BH, Tk, D]
+    v: torch.Tensor  # [BH, Tk, Dv]
+    out: torch.Tensor  # [BH, Tq, G, Dv], written
+    lse2: torch.Tensor  # [BH, Tq, G], written
+
+
+def _forward_unit(t: _Fwd, plan: _Plan, unit: _Unit) -> None:
+    """Every row block of one unit (a slice of the flattened batch x kv-head axis)."""
+    sl = slice(unit.u0, unit.u1)
+    q, kf, vf, out, lse2 = t.q[sl], t.k[sl], t.v[sl], t.out[sl], t.lse2[sl]
+    nu, _, g, d = q.shape
     dv = vf.shape[-1]
-    bh = b * hkv
-    out = torch.empty(b, hkv, tq, g, dv, dtype=qh.dtype, device=qh.device)
-    lse2 = torch.empty(b, hkv, tq, g, dtype=qh.dtype, device=qh.device)
-    work = torch.empty(bh * plan.rows * g * plan.piece_max, dtype=qh.dtype, device=qh.device)
+    work = torch.empty(nu * plan.rows * g * plan.piece_max, dtype=q.dtype, device=q.device)
     for blk in plan.blocks:
         if not blk.pieces:  # rows that see no key
-            out[:, :, blk.r0 : blk.r1] = 0.0
-            lse2[:, :, blk.r0 : blk.r1] = float("-inf")
+            out[:, blk.r0 : blk.r1] = 0.0
+            lse2[:, blk.r0 : blk.r1] = float("-inf")
             continue
         n = (blk.r1 - blk.r0) * g
-        qb = qh[:, :, blk.r0 : blk.r1].reshape(bh, n, d)
-        ob = out[:, :, blk.r0 : blk.r1].view(bh, n, dv)
+        qb = q[:, blk.r0 : blk.r1].reshape(nu, n, d)
+        ob = out[:, blk.r0 : blk.r1].view(nu, n, dv)
         run = _row_block_one if len(blk.pieces) == 1 else _row_block_online
-        ls = run(qb, kf, vf, ob, plan, blk, work, shape)
-        lse2[:, :, blk.r0 : blk.r1] = ls.view(b, hkv, blk.r1 - blk.r0, g)
-    return out, lse2
+        ls = run(qb, kf, vf, ob, plan, blk, work, unit)
+        lse2[:, blk.r0 : blk.r1] = ls.view(nu, blk.r1 - blk.r0, g)
 
 
-class _Grads(NamedTuple):
-    dq: torch.Tensor  # [B, Hkv, Tq, G, D]
-    dk: torch.Tensor  # [B*Hkv, Tk, D]
-    dv: torch.Tensor  # [B*Hkv, Tk, Dv]
+class _Bwd(NamedTuple):
+    q_aug: torch.Tensor  # [BH, Tq, G, D+1]: [q scaled, -lse2]
+    do_aug: torch.Tensor  # [BH, Tq, G, Dv+1]: [dO, -delta]
+    k_aug: torch.Tensor  # [BH, Tk, D+1]: [k, 1]
+    v_aug: torch.Tensor  # [BH, Tk, Dv+1]: [v, 1]
+    dq: torch.Tensor  # [BH, Tq, G, D], accumulated
+    dk: torch.Tensor  # [BH, Tk, D], accumulated
+    dv: torch.Tensor  # [BH, Tk, Dv], accumulated
 
 
-def _backward_block(blk, plan, q_aug, do_aug, k_aug, v_aug, grads, work, shape) -> None:
+def _backward_unit(t: _Bwd, plan: _Plan, unit: _Unit) -> None:
+    sl = slice(unit.u0, unit.u1)
+    nu, _, g, d1 = t.q_aug[sl].shape
+    size = nu * plan.rows * g * plan.piece_max
+    work = (torch.empty(size, device=t.dq.device, dtype=t.dq.dtype),
+            torch.empty(size, device=t.dq.device, dtype=t.dq.dtype))
+    for blk in plan.blocks:
+        _backward_block(blk, plan, t, sl, work, unit)
+
+
+def _backward_block(blk, plan, t: _Bwd, sl, work, unit) -> None:
     """Accumulate one row block's contributions to dq, dk, dv (every update in place)."""
-    b, hkv, g = shape
-    bh = b * hkv
-    d, dv = q_aug.shape[-1] - 1, do_aug.shape[-1] - 1
+    q_aug, do_aug, k_aug, v_aug = t.q_aug[sl], t.do_aug[sl], t.k_aug[sl], t.v_aug[sl]
+    nu, _, g, d1 = q_aug.shape
+    d, dv = d1 - 1, do_aug.shape[-1] - 1
     n = (blk.r1 - blk.r0) * g
-    sl = slice(blk.r0, blk.r1)
-    qa = q_aug[:, :, sl].reshape(bh, n, d + 1)
-    doa = do_aug[:, :, sl].reshape(bh, n, dv + 1)
+    rows = slice(blk.r0, blk.r1)
+    qa = q_aug[:, rows].reshape(nu, n, d + 1)
+    doa = do_aug[:, rows].reshape(nu, n, dv + 1)
     qb, dob = qa[..., :d], doa[..., :dv]
-    dq_blk = grads.dq[:, :, sl].view(bh, n, d)
+    dq_blk = t.dq[sl][:, rows].view(nu, n, d)
+    dk, dvv = t.dk[sl], t.dv[sl]
     work_p, work_d = work
     for pc in blk.pieces:
-        p = _scores(qa, k_aug, plan, blk, pc, work_p, shape)  # s - lse, base 2
+        p = _scores(qa, k_aug, plan, blk, pc, work_p, unit)  # s - lse, base 2
         p.exp2_()
         w = pc.c1 - pc.c0
-        ds = work_d[: bh * n * w].view(bh, n, w)
+        ds = work_d[: nu * n * w].view(nu, n, w)
         torch.bmm(doa, v_aug[:, pc.c0 : pc.c1].transpose(1, 2), out=ds)  # dO v^T - delta
         ds.mul_(p)
         dq_blk.baddbmm_(ds, k_aug[:, pc.c0 : pc.c1, :d])
-        grads.dv[:, pc.c0 : pc.c1].baddbmm_(p.transpose(1, 2), dob)
-        grads.dk[:, pc.c0 : pc.c1].baddbmm_(ds.transpose(1, 2), qb)
+        dvv[:, pc.c0 : pc.c1].baddbmm_(p.transpose(1, 2), dob)
+        dk[:, pc.c0 : pc.c1].baddbmm_(ds.transpose(1, 2), qb)
+
+
+_POOL: list = []  # [threads, ThreadPoolExecutor] once made
+
+
+def _units(bh: int, hkv: int, per_example: bool, workers: int) -> list[_Unit]:
+    """Split the flattened (batch, kv head) axis into about ``workers`` slices; a spec with a
+    batch (per-example masks) gets slices within one example each."""
+    if not per_example:
+        step = -(-bh // max(1, workers))
+        return [_Unit(u, min(bh, u + step), 0) for u in range(0, bh, step)]
+    nb = bh // hkv
+    step = -(-hkv // max(1, -(-workers // nb)))
+    return [_Unit(b * hkv + h, b * hkv + min(hkv, h + step), b)
+            for b in range(nb) for h in range(0, hkv, step)]
+
+
+def _run_units(fn, t, plan: _Plan, bh: int, hkv: int, device) -> None:
+    """Run ``fn(t, plan, unit)`` over the units. On a multi-threaded CPU, the units run in
+    parallel Python threads with torch's intra-op threads set to 1 for the duration: one fork and
+    join per call instead of one per small op, which on a loaded machine (a thread descheduled at
+    every barrier) is the difference between 1x and 10x slower than a fused kernel."""
+    per_example = plan.visibility.batch_size is not None
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads <= 1 or bh < 2:
+        for unit in _units(bh, hkv, per_example, 1):
+            fn(t, plan, unit)
+        return
+    units = _units(bh, hkv, per_example, threads)
+    if not _POOL or _POOL[0] != threads:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL[:] = [threads, ThreadPoolExecutor(threads, thread_name_prefix="causalmix-blocks")]
+    torch.set_num_threads(1)
+    try:
+        for f in [_POOL[1].submit(fn, t, plan, unit) for unit in units]:
+            f.result()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _augmented(x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
@@ -303,45 +370,56 @@ class _BlockAttention(torch.autograd.Function):
         piece = _piece_keys(b, hq, rows, cols)
         plan = _plan(visibility, tq, tk, q_offset, k_offset, rows, cols, piece, cd, q.device)
         q_aug, k_aug, v_aug = _head_major(q, k, v, scale, cd)
-        shape = (b, hkv, group)
-        out, lse2 = _forward(q_aug[..., :d], k_aug[..., :d], v_aug[..., :dv], plan, shape)
+        bh = b * hkv
+        qa = q_aug.view(bh, tq, group, d + 1)
+        out = torch.empty(bh, tq, group, dv, dtype=cd, device=q.device)
+        lse2 = torch.empty(bh, tq, group, dtype=cd, device=q.device)
+        fwd = _Fwd(qa[..., :d], k_aug[..., :d], v_aug[..., :dv], out, lse2)
+        _run_units(_forward_unit, fwd, plan, bh, hkv, q.device)
         # The backward's row shift (see there); rows that see nothing are shifted by -inf so
         # that exp2(s - lse2) = 0 for them.
-        q_aug[..., -1] = torch.where(torch.isneginf(lse2), float("-inf"), -lse2)
-        ctx.save_for_backward(q_aug, k_aug, v_aug, out, lse2)
-        ctx.plan, ctx.scale, ctx.shape = plan, scale, shape
+        qa[..., -1] = torch.where(torch.isneginf(lse2), float("-inf"), -lse2)
+        ctx.save_for_backward(qa, k_aug, v_aug, out, lse2)
+        ctx.plan, ctx.scale, ctx.shape = plan, scale, (b, hkv, group)
         ctx.dtypes = (q.dtype, k.dtype, v.dtype)
-        o = out.permute(0, 2, 1, 3, 4).reshape(b, tq, hq, dv).to(q.dtype)
+        o = out.view(b, hkv, tq, group, dv).permute(0, 2, 1, 3, 4).reshape(b, tq, hq, dv)
         ls = torch.empty(b, tq, hkv, group, dtype=cd, device=q.device)
-        torch.mul(lse2.permute(0, 2, 1, 3), math.log(2.0), out=ls)
-        return o, ls.view(b, tq, hq)
+        torch.mul(lse2.view(b, hkv, tq, group).permute(0, 2, 1, 3), math.log(2.0), out=ls)
+        return o.to(q.dtype), ls.view(b, tq, hq)
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
         q_aug, k_aug, v_aug, out, lse2 = ctx.saved_tensors
         plan, scale, shape = ctx.plan, ctx.scale, ctx.shape
         b, hkv, g = shape
-        tq, d, dv, tk = q_aug.shape[2], q_aug.shape[-1] - 1, v_aug.shape[-1] - 1, k_aug.shape[1]
+        bh, tq, _, d1 = q_aug.shape
+        tk, dv = k_aug.shape[1], v_aug.shape[-1] - 1
         cd, dev = q_aug.dtype, q_aug.device
         if d_out is None:
             d_out = torch.zeros(b, tq, hkv * g, dv, device=dev, dtype=cd)
         # Fold the row shifts into the matmuls with the extra column (q's is set by forward):
         #   [q, -lse2] . [k, 1] = s - lse2        (then exp2 gives P directly)
         #   [dO, -delta] . [v, 1] = dO v - delta  (then times P gives dS)
-        do_aug = _augmented(d_out.to(cd).view(b, tq, hkv, g, dv).permute(0, 2, 1, 3, 4))
-        do = do_aug[..., :dv]
-        delta = torch.linalg.vecdot(do, out)  # [B, Hkv, Tq, G]
+        do = d_out.to(cd).view(b, tq, hkv, g, dv).permute(0, 2, 1, 3, 4)
+        do_aug = _augmented(do).view(bh, tq, g, dv + 1)
+        delta = torch.linalg.vecdot(do_aug[..., :dv], out)  # [BH, Tq, G]
         if d_lse is not None:
-            delta = delta - d_lse.to(cd).view(b, tq, hkv, g).permute(0, 2, 1, 3)
+            delta = delta - d_lse.to(cd).view(b, tq, hkv, g).permute(0, 2, 1, 3).reshape(
+                bh, tq, g)
         do_aug[..., -1] = -delta
-        grads = _Grads(torch.zeros(b, hkv, tq, g, d, dtype=cd, device=dev),
-                       torch.zeros(b * hkv, tk, d, dtype=cd, device=dev),
-                       torch.zeros(b * hkv, tk, dv, dtype=cd, device=dev))
-        size = b * hkv * plan.rows * g * plan.piece_max
-        work = (torch.empty(size, device=dev, dtype=cd), torch.empty(size, device=dev, dtype=cd))
-        for blk in plan.blocks:
-            _backward_block(blk, plan, q_aug, do_aug, k_aug, v_aug, grads, work, shape)
+        t = _Bwd(q_aug, do_aug, k_aug, v_aug,
+                 torch.zeros(bh, tq, g, d1 - 1, dtype=cd, device=dev),
+                 torch.zeros(bh, tk, d1 - 1, dtype=cd, device=dev),
+                 torch.zeros(bh, tk, dv, dtype=cd, device=dev))
+        _run_units(_backward_unit, t, plan, bh, hkv, dev)
+        grads = _Grads(t.dq.view(b, hkv, tq, g, d1 - 1), t.dk, t.dv)
         return (*_input_grads(grads, scale, shape, ctx.dtypes), None, None, None, None)
+
+
+class _Grads(NamedTuple):
+    dq: torch.Tensor  # [B, Hkv, Tq, G, D]
+    dk: torch.Tensor  # [B*Hkv, Tk, D]
+    dv: torch.Tensor  # [B*Hkv, Tk, Dv]
 
 
 def _input_grads(grads: _Grads, scale: float, shape, dtypes):
