@@ -34,6 +34,7 @@ _KEY_BLOCK = 64  # keys per tile of the block map
 _PIECE_FLOATS = 1 << 18  # scores of one piece over all heads (1 MiB fp32: stays in cache)
 _BIAS_FLOATS = 1 << 23  # cached mask floats per plan (32 MiB fp32); past it, masks are rebuilt
 _ROW_CHOICES = (256, 128, 64, 32)
+_BAND_ROWS = 32  # rows per block on the band path (keys computed: rows + left + right)
 _ROW_EFFICIENCY = {256: 1.0, 128: 1.0, 64: 1.12, 32: 1.4}  # matmul slowdown of thinner blocks
 _PIECE_OVERHEAD_FLOPS = 4e6  # Python + launch cost of one piece, in flop-equivalents
 _LOG2E = 1.0 / math.log(2.0)
@@ -59,13 +60,27 @@ class _Block(NamedTuple):
     pieces: tuple[_Piece, ...]
 
 
+class _Band(NamedTuple):
+    """Row blocks ``[n0, n1)`` of a shift-invariant band spec (each query sees keys
+    ``[i - left, i + right]``, e.g. ``Window``), all computed by batched matmuls over a strided
+    view of the keys (Longformer's sliding chunks): block ``n`` reads local keys
+    ``[k0 + (n - n0) * rows, ... + width)``, and one mask serves every block."""
+
+    n0: int
+    n1: int
+    k0: int
+    width: int  # a multiple of rows
+    bias: torch.Tensor  # [1, rows, 1, width] of 0 / -inf
+
+
 class _Plan(NamedTuple):
     rows: int
-    blocks: tuple[_Block, ...]
+    blocks: tuple[_Block, ...]  # row blocks outside the band
     piece_max: int  # widest piece
     visibility: Visibility
     q_offset: int
     k_offset: int
+    band: _Band | None
 
 
 def _piece_keys(b, hq, rows, cols) -> int:
@@ -80,7 +95,28 @@ def _row_size(visibility, b, hq, d, tq, tk, q_offset, k_offset, cols) -> int:
                                                     k_offset, cols))
 
 
+def _band_reach(visibility, tq, tk, q_offset, k_offset) -> tuple[int, int] | None:
+    """``(left, right)`` if every query ``i`` sees exactly keys ``[i - left, i + right]`` (from
+    the public ``key_range``) and enough rows are interior for the batched band path."""
+    if visibility.batch_size is not None or tq < 8 * _BAND_ROWS:
+        return None
+    i = torch.arange(q_offset, q_offset + tq)
+    kr = visibility.key_range(i)
+    if kr is None or kr.lo is None or kr.hi is None:
+        return None
+    lo = torch.broadcast_to(kr.lo, (1, tq)) - i
+    hi = torch.broadcast_to(kr.hi, (1, tq)) - i
+    left, right = -int(lo[0, 0]), int(hi[0, 0])
+    if not (bool((lo == -left).all()) and bool((hi == right).all())) or left + right < 0:
+        return None
+    if left + right + _BAND_ROWS > tk // 2:
+        return None  # hardly sparse: the general path does as well
+    return left, right
+
+
 def _best_rows(visibility, b, hq, d, tq, tk, q_offset, k_offset, cols) -> int:
+    if _band_reach(visibility, tq, tk, q_offset, k_offset) is not None:
+        return _BAND_ROWS
     best = None
     for r in dict.fromkeys(min(r, tq) for r in _ROW_CHOICES):
         kinds = visibility.block_map(tq, tk, r, cols, q_offset=q_offset, k_offset=k_offset)
@@ -122,7 +158,10 @@ def _make_plan(visibility, tq, tk, q_offset, k_offset, rows, cols, piece, dtype,
     per = max(1, piece // cols)
     budget = _BIAS_FLOATS
     blocks = []
+    band = _make_band(visibility, tq, tk, q_offset, k_offset, rows, dtype, device)
     for r, (ne_row, full_row) in enumerate(zip(nonempty, full, strict=True)):
+        if band is not None and band.n0 <= r < band.n1:
+            continue
         r0, r1 = r * rows, min(tq, (r + 1) * rows)
         pieces = []
         for a, b in _runs(ne_row):
@@ -138,7 +177,24 @@ def _make_plan(visibility, tq, tk, q_offset, k_offset, rows, cols, piece, dtype,
                 pieces.append(_Piece(c0, c1, m0, m1, bias))
         blocks.append(_Block(r0, r1, tuple(pieces)))
     widest = max((p.c1 - p.c0 for blk in blocks for p in blk.pieces), default=0)
-    return _Plan(rows, tuple(blocks), widest, visibility, q_offset, k_offset)
+    return _Plan(rows, tuple(blocks), widest, visibility, q_offset, k_offset, band)
+
+
+def _make_band(visibility, tq, tk, q_offset, k_offset, rows, dtype, device) -> _Band | None:
+    reach = _band_reach(visibility, tq, tk, q_offset, k_offset)
+    if reach is None or rows != _BAND_ROWS:
+        return None
+    left, right = reach
+    width = -(-(rows + left + right) // rows) * rows
+    shift = q_offset - k_offset - left  # block at local row a reads local keys from a + shift
+    n0 = max(0, -(shift // rows))  # first block with a + shift >= 0: ceil(-shift / rows)
+    n1 = min(tq // rows, (tk - width - shift) // rows + 1)  # last full block in the keys
+    if n1 - n0 < 2:
+        return None
+    k0 = n0 * rows + shift
+    bias = _bias(visibility, n0 * rows, (n0 + 1) * rows, k0, k0 + width, q_offset, k_offset,
+                 dtype, device)
+    return _Band(n0, n1, k0, width, bias)
 
 
 def _bias(visibility, r0, r1, m0, m1, q_offset, k_offset, dtype, device) -> torch.Tensor:
@@ -246,6 +302,79 @@ def _forward_unit(t: _Fwd, plan: _Plan, unit: _Unit) -> None:
         run = _row_block_one if len(blk.pieces) == 1 else _row_block_online
         ls = run(qb, kf, vf, ob, plan, blk, work, unit)
         lse2[:, blk.r0 : blk.r1] = ls.view(nu, blk.r1 - blk.r0, g)
+    if plan.band is not None:
+        _band_forward(q, kf, vf, out, lse2, plan)
+
+
+def _band_keys(x: torch.Tensor, k0: int, nblk: int, rows: int, width: int, cols: int):
+    """``x: [Tk, C]`` (a row-contiguous view) -> overlapping ``[nblk, width, cols]`` view: block
+    ``n`` holds rows ``[k0 + n * rows, k0 + n * rows + width)``."""
+    st = x.stride(0)
+    return x.as_strided((nblk, width, cols), (rows * st, st, 1), x.storage_offset() + k0 * st)
+
+
+def _band_chunks(band: _Band, rows: int, g: int):
+    """Groups of band blocks ``(n, count)`` whose scores fit one piece."""
+    per = max(1, _PIECE_FLOATS // (rows * g * band.width))
+    for n in range(band.n0, band.n1, per):
+        yield n, min(per, band.n1 - n)
+
+
+def _band_forward(q, kf, vf, out, lse2, plan: _Plan) -> None:
+    """Band blocks of one unit: ``q: [nu, Tq, G, D]``, ``kf``/``vf``: ``[nu, Tk, .]``."""
+    band, rows = plan.band, plan.rows
+    nu, _, g, d = q.shape
+    dv, w = vf.shape[-1], band.width
+    work = torch.empty(max(1, _PIECE_FLOATS // (rows * g * w)) * rows * g * w, dtype=q.dtype,
+                       device=q.device)
+    for u in range(nu):
+        for n, c in _band_chunks(band, rows, g):
+            r0, k0 = n * rows, band.k0 + (n - band.n0) * rows
+            qb = q[u, r0 : r0 + c * rows].reshape(c, rows * g, d)
+            s = work[: c * rows * g * w].view(c, rows * g, w)
+            torch.bmm(qb, _band_keys(kf[u], k0, c, rows, w, d).transpose(1, 2), out=s)
+            s.view(c, rows, g, w).add_(band.bias[0])
+            m = s.amax(dim=-1, keepdim=True).clamp_min_(-torch.finfo(s.dtype).max)
+            s.sub_(m).exp2_()
+            l = s.sum(dim=-1, keepdim=True)
+            ob = out[u, r0 : r0 + c * rows].view(c, rows * g, dv)
+            torch.bmm(s, _band_keys(vf[u], k0, c, rows, w, dv), out=ob)
+            ob.div_(l.clamp_min(torch.finfo(s.dtype).tiny))
+            lse2[u, r0 : r0 + c * rows] = (m + l.log2()).view(c * rows, g)
+
+
+def _band_backward(t, sl, plan: _Plan) -> None:
+    """Band blocks of one unit: dq rows are written once; dk/dv fold each block's ``width``
+    keys back onto the key axis, ``rows`` at a time."""
+    band, rows = plan.band, plan.rows
+    q_aug, do_aug, k_aug, v_aug = t.q_aug[sl], t.do_aug[sl], t.k_aug[sl], t.v_aug[sl]
+    nu, _, g, d1 = q_aug.shape
+    dv1, w = do_aug.shape[-1], band.width
+    size = max(1, _PIECE_FLOATS // (rows * g * w)) * rows * g * w
+    work_p = torch.empty(size, dtype=q_aug.dtype, device=q_aug.device)
+    work_d = torch.empty_like(work_p)
+    for u in range(nu):
+        dq, dk, dv = t.dq[sl][u], t.dk[sl][u], t.dv[sl][u]
+        for n, c in _band_chunks(band, rows, g):
+            r0, k0 = n * rows, band.k0 + (n - band.n0) * rows
+            qa = q_aug[u, r0 : r0 + c * rows].reshape(c, rows * g, d1)
+            doa = do_aug[u, r0 : r0 + c * rows].reshape(c, rows * g, dv1)
+            ka = _band_keys(k_aug[u], k0, c, rows, w, d1)
+            va = _band_keys(v_aug[u], k0, c, rows, w, dv1)
+            p = work_p[: c * rows * g * w].view(c, rows * g, w)
+            torch.bmm(qa, ka.transpose(1, 2), out=p)  # s - lse, base 2
+            p.view(c, rows, g, w).add_(band.bias[0])
+            p.exp2_()
+            ds = work_d[: c * rows * g * w].view(c, rows * g, w)
+            torch.bmm(doa, va.transpose(1, 2), out=ds)  # dO v^T - delta
+            ds.mul_(p)
+            torch.bmm(ds, ka[..., : d1 - 1], out=dq[r0 : r0 + c * rows].view(c, rows * g, -1))
+            dk_band = torch.bmm(ds.transpose(1, 2), qa[..., : d1 - 1])  # [c, w, D]
+            dv_band = torch.bmm(p.transpose(1, 2), doa[..., : dv1 - 1])  # [c, w, Dv]
+            for j in range(0, w, rows):
+                dst = slice(k0 + j, k0 + j + c * rows)
+                dk[dst].view(c, rows, -1).add_(dk_band[:, j : j + rows])
+                dv[dst].view(c, rows, -1).add_(dv_band[:, j : j + rows])
 
 
 class _Bwd(NamedTuple):
@@ -266,6 +395,8 @@ def _backward_unit(t: _Bwd, plan: _Plan, unit: _Unit) -> None:
             torch.empty(size, device=t.dq.device, dtype=t.dq.dtype))
     for blk in plan.blocks:
         _backward_block(blk, plan, t, sl, work, unit)
+    if plan.band is not None:
+        _band_backward(t, sl, plan)
 
 
 def _backward_block(blk, plan, t: _Bwd, sl, work, unit) -> None:
