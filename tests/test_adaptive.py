@@ -35,8 +35,8 @@ def _model(kind: str, max_lookahead=(2, 3), seed: int = 0, choices: str = "all",
     extra = dict(MIXERS[kind])
     mixer = extra.pop("mixer", "softmax")
     io = {"vocab_size": vocab} if vocab else {"input_dim": 5, "output_dim": 3}
-    cfg = AdaptiveConfig(d_model=16, n_heads=4, mixer=mixer, max_lookahead=max_lookahead,
-                         choices=choices, **io, **extra)
+    cfg = AdaptiveConfig.of(d_model=16, n_heads=4, mixer=mixer, max_lookahead=max_lookahead,
+                            choices=choices, **io, **extra)
     m = AdaptiveModel(cfg)
     for blk in m.blocks:  # spread the gates so that every choice occurs
         if blk.gate is not None:
@@ -394,18 +394,18 @@ def test_stream_bad_inputs():
 
 def test_config_and_model_bad_inputs():
     with pytest.raises(TypeError, match="one int per layer"):
-        AdaptiveConfig(vocab_size=4, max_lookahead=4)
+        AdaptiveConfig.of(vocab_size=4, max_lookahead=4)
     with pytest.raises(ValueError, match="ints >= 0"):
-        AdaptiveConfig(vocab_size=4, max_lookahead=(1, -1))
+        AdaptiveConfig.of(vocab_size=4, max_lookahead=(1, -1))
     with pytest.raises(ValueError, match="choices must be one of"):
-        AdaptiveConfig(vocab_size=4, choices="some")
+        AdaptiveConfig.of(vocab_size=4, choices="some")
     with pytest.raises(ValueError, match="tau"):
-        AdaptiveConfig(vocab_size=4, tau=0.0)
+        AdaptiveConfig.of(vocab_size=4, tau=0.0)
     with pytest.raises(ValueError, match="exactly one of vocab_size"):
-        AdaptiveConfig()
-    cfg = AdaptiveConfig(vocab_size=4, max_lookahead=(0, 4), choices="binary")
+        AdaptiveConfig.of()
+    cfg = AdaptiveConfig.of(vocab_size=4, max_lookahead=(0, 4), choices="binary")
     assert cfg.layer_choices(0) == (0,) and cfg.layer_choices(1) == (0, 4)
-    assert AdaptiveConfig(vocab_size=4, max_lookahead=(3,)).layer_choices(0) == (0, 1, 2, 3)
+    assert AdaptiveConfig.of(vocab_size=4, max_lookahead=(3,)).layer_choices(0) == (0, 1, 2, 3)
     m = AdaptiveModel(cfg).eval()
     with pytest.raises(ValueError, match="int64 tokens"):
         m(torch.randn(2, 3))
@@ -502,3 +502,53 @@ def test_adaptive_learns_to_wait_only_when_needed():
     fixed = compounded_latency([Causal() | Window(0, 3), Causal()], 24).double().mean()
     assert res["metrics"]["accuracy"] >= 0.95, res["metrics"]
     assert res["metrics"]["latency_mean"] <= 0.7 * float(fixed), res["metrics"]
+
+
+# ============================================================================ layering
+
+
+def test_config_holds_a_model_config():
+    from causalmix.nn import ModelConfig
+
+    cfg = AdaptiveConfig.from_name("tiny-linear", vocab_size=7, max_lookahead=(0, 2, 3),
+                                   choices="binary")
+    assert isinstance(cfg.model, ModelConfig) and cfg.model.vocab_size == 7
+    assert cfg.model.mixer == "linear" and cfg.model.visibility == (Causal(),) * 3
+    assert cfg == AdaptiveConfig(cfg.model, (0, 2, 3), "binary")
+    with pytest.raises(ValueError, match=r"one Causal\(\) per layer"):
+        AdaptiveConfig(ModelConfig(vocab_size=4), max_lookahead=(0, 1, 2))
+    with pytest.raises(ValueError, match=r"one Causal\(\) per layer"):
+        AdaptiveConfig(ModelConfig(vocab_size=4, visibility=(Causal(), Window(2))))
+    with pytest.raises(TypeError, match="ModelConfig"):
+        AdaptiveConfig({"vocab_size": 4})
+    with pytest.raises(ValueError, match="set by max_lookahead"):
+        AdaptiveConfig.of(vocab_size=4, visibility=(Causal(),))
+
+
+def test_stream_push_that_raises_changes_nothing_and_positions_are_checked(monkeypatch):
+    import causalmix.visibility as visibility
+
+    m = _model("softmax", max_lookahead=(2, 3), vocab=11)
+    x = torch.randint(0, 11, (2, 20))
+    par = m(x)
+    s = AdaptiveModelStream(m)
+    first = s.push(x[:, :9])
+    before = (s.frames_in, [r.tolist() for r in s.latency], repr(s))
+    with pytest.raises(ValueError, match="int64 tokens"):
+        s.push(torch.randn(2, 3))
+    with pytest.raises(ValueError, match="batch size 1 differs"):
+        s.push(x[:1, 9:12])
+    monkeypatch.setattr(visibility, "MAX_POSITION", 12)
+    with pytest.raises(ValueError, match="would reach position 12"):
+        s.push(x[:, 9:13])
+    monkeypatch.undo()
+    assert (s.frames_in, [r.tolist() for r in s.latency], repr(s)) == before
+    rest = [s.push(x[:, 9:]), s.flush()]
+    for b in range(2):
+        got = {}
+        for e in (first[b], rest[0][b], rest[1][b]):
+            got.update(zip(e.positions.tolist(), e.output, strict=True))
+        out = torch.stack([got[i] for i in range(20)])
+        assert_close(out, m.double()(x).output[b], par.output[b], name="stream output")
+        m.float()
+    assert repr(s) == "AdaptiveModelStream(AdaptiveModel: 2 layers; frames_in=20, closed)"

@@ -244,6 +244,52 @@ def _check_shape_mismatch(rank, world):
     raise AssertionError("mismatched shard lengths were accepted")
 
 
+def _expect_disagreement(call, *names):
+    try:
+        call()
+    except ValueError as e:
+        msg = str(e)
+        assert "ranks disagree" in msg, msg
+        for name in names:
+            assert f"{name} (rank 0: " in msg, (name, msg)
+        return msg
+    raise AssertionError(f"ranks passing different {names} were accepted")
+
+
+def _check_argument_mismatch(rank, world):
+    """Every argument that must agree, differing on one rank: every rank raises the same
+    ValueError before any exchange, and the group stays usable afterwards."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 8, 2, 4, generator=g)
+    ids = torch.arange(8 * world) // 3
+    other = ids.clone()
+    other[3] = 0 if rank == 1 else other[3]  # one boundary moved: as many runs
+    sm, lin = softmax_attention, linear_attention
+    cases = [
+        (lambda: sm(x, x, x, Causal(), layout=("zigzag", "contiguous")[rank]), ["layout"]),
+        (lambda: sm(x, x, x, Prefix(3 + rank), layout="striped"), ["visibility"]),
+        # same repr, different content: compared by value, not by repr
+        (lambda: sm(x, x, x, Segments(other) & Causal(), layout="contiguous"), ["visibility"]),
+        (lambda: sm(x, x, x.to((torch.float32, torch.float64)[rank]), Causal(),
+                    layout="contiguous"), ["v"]),
+        (lambda: sm(x, x, x, Causal(), layout="contiguous", scale=(None, 0.5)[rank]), ["scale"]),
+        (lambda: sm(x.clone().requires_grad_(rank == 0), x, x, Causal(), layout="contiguous"),
+         ["requires_grad"]),
+        # a bad argument on one rank only: all raise together (none waits for the other)
+        (lambda: sm(x, x, x, Causal(), layout=("contiguous", "ring")[rank]), ["layout"]),
+        (lambda: sm(x, x[:, : 8 - 2 * rank], x[:, : 8 - 2 * rank], Window(2 + rank),
+                    layout="contiguous"), ["visibility", "k", "v"]),
+        (lambda: lin(x, x, x, Causal(), decay=torch.tensor([0.5, 0.9 + 0.1 * rank])),
+         ["decay"]),
+        (lambda: lin(x, x, x, (Causal(), Full())[rank], layout="zigzag"), ["visibility"]),
+    ]
+    for call, names in cases:
+        _expect_disagreement(call, *names)
+    # the group is still in step: an agreeing call runs
+    out = sm(x, x, x, Segments(ids) & Causal(), layout="contiguous")
+    assert out.shape == x.shape
+
+
 def job_dead_rank(rank, world):
     if rank == world - 1:
         os._exit(3)  # dies without a word, mid-job
@@ -317,6 +363,7 @@ SECTIONS = {
     "softmax": _check_softmax_case,
     "linear": _check_linear_case,
     "shape_mismatch": _check_shape_mismatch,
+    "argument_mismatch": _check_argument_mismatch,
 }
 
 
@@ -381,6 +428,7 @@ def _sections(world):
     sections = {"softmax": softmax, "linear": linear}
     if world == 2:
         sections["shape_mismatch"] = [()]
+        sections["argument_mismatch"] = [()]
     else:
         sections["subgroups"] = [()]
     return sections
@@ -425,6 +473,11 @@ def test_linear_contiguous_and_zigzag_equal_single_process(group_report, world):
 @pytest.mark.distributed
 def test_mismatched_shards_raise_on_every_rank(group_report):
     expect_section(group_report(2), "shape_mismatch")
+
+
+@pytest.mark.distributed
+def test_mismatched_arguments_raise_on_every_rank_before_any_exchange(group_report):
+    expect_section(group_report(2), "argument_mismatch")
 
 
 @pytest.mark.distributed

@@ -577,8 +577,170 @@ def test_decode_mixer_step_and_errors():
     c = SoftmaxStream(Chunked(4))
     with pytest.raises(ValueError, match="not final after this step"):
         c.step(q[:, :3], k[:, :3], v[:, :3])
+    assert c.frames_in == 0  # a step that raises pushes nothing
+    c.push(q[:, :3], k[:, :3], v[:, :3])
     with pytest.raises(ValueError, match="still pending"):
         c.step(q[:, 3:4], k[:, 3:4], v[:, 3:4])
     m = ModelStream([TinyLayer("softmax", Window(4, 1))])
     with pytest.raises(ValueError, match="not final after this step"):
         m.step(torch.randn(1, 1, 16))
+    assert m.frames_in == 0
+
+
+# ============================================================================ the stream contract
+
+
+def _state(s):
+    """Everything observable about a stream (and its cache size and latencies)."""
+    return (s.frames_in, s.frames_out, s.pending, s.closed, s.cache_nbytes(), repr(s),
+            s.latency.tolist())
+
+
+@pytest.mark.parametrize("make", [
+    lambda: SoftmaxStream(Segments(IDS[:60]) & Chunked(8, lookahead=1)),
+    lambda: SoftmaxStream(Window(6, 3)),
+    lambda: LinearStream(Chunked(8, lookahead=1), decay=torch.tensor([0.9, 0.97])),
+], ids=["softmax-segments", "softmax-window", "linear-chunked"])
+def test_a_call_that_raises_leaves_the_stream_as_it_was(make):
+    torch.manual_seed(0)
+    t = 60
+    q, k, v = (torch.randn(1, t, 2, 8) for _ in range(3))
+    s = make()
+    outs = [s.push(q[:, :5], k[:, :5], v[:, :5]), s.push(q[:, 5:17], k[:, 5:17], v[:, 5:17])]
+    before = _state(s)
+    bad = [
+        (q[:, 17:20].double(), k[:, 17:20].double(), v[:, 17:20].double()),  # dtype
+        (q[:, 17:20, :1], k[:, 17:20, :1], v[:, 17:20, :1]),  # heads
+        (q[:, 17:17], k[:, 17:17], v[:, 17:17]),  # no frame
+        (q[:, 17:20], k[:, 17:21], v[:, 17:21]),  # q and k/v differ
+        (q[:, 17:20], k[:, 17:20], "v"),  # not a tensor
+    ]
+    for args in bad:
+        with pytest.raises(ValueError):
+            s.push(*args)
+        assert _state(s) == before
+    with pytest.raises(ValueError, match="still pending|not final"):
+        s.step(q[:, 17:18], k[:, 17:18], v[:, 17:18])
+    assert _state(s) == before
+    if s.visibility.covered_length is not None:  # past the positions the spec defines
+        long = torch.randn(1, t + 1 - 17, 2, 8)
+        with pytest.raises(ValueError, match="would reach position 60.*defines positions"):
+            s.push(long, long, long)
+        assert _state(s) == before
+    # the stream carries on exactly as if the bad calls never happened
+    for a, b in ((17, 18), (18, 41), (41, t)):
+        outs.append(s.push(q[:, a:b], k[:, a:b], v[:, a:b]))
+    outs.append(s.flush())
+    got = torch.cat(outs, 1)
+    vis = s.visibility
+    if isinstance(s, SoftmaxStream):
+        ref, base = dense_softmax(q.double(), k.double(), v.double(), vis), dense_softmax(
+            q, k, v, vis)
+    else:
+        ref = dense_linear(q.double(), k.double(), v.double(), vis, s.decay)
+        base = dense_linear(q, k, v, vis, s.decay)
+    assert_close(got, ref, base)
+
+
+def test_streams_go_through_check_positions(monkeypatch):
+    """Positions are ints below MAX_POSITION (2**53): a stream that would reach it raises (here
+    with the limit lowered to 40 to reach it), leaving the stream as it was."""
+    import causalmix.visibility as visibility
+
+    monkeypatch.setattr(visibility, "MAX_POSITION", 40)
+    x = torch.randn(1, 30, 2, 8)
+    for s in (SoftmaxStream(Causal()), LinearStream(Causal())):
+        s.push(x, x, x)
+        before = _state(s)
+        with pytest.raises(ValueError, match="would reach position 59.*<= 40"):
+            s.push(x, x, x)
+        assert _state(s) == before
+        s.push(x[:, :10], x[:, :10], x[:, :10])
+    m = ModelStream([TinyLayer("softmax", Causal())])
+    m.push(torch.randn(1, 30, 16))
+    with pytest.raises(ValueError, match="would reach position 59"):
+        m.push(torch.randn(1, 30, 16))
+    assert m.frames_in == 30 and m.layers[0].mixer.frames_in == 30
+
+
+def test_explicit_impl_that_cannot_serve_fails_at_construction():
+    for spec in (Causal(), Window(4), Chunked(4, lookahead=1)):
+        with pytest.raises(ValueError, match=r"impl='sdpa' cannot serve the calls of a stream"):
+            SoftmaxStream(spec, impl="sdpa")
+    q, k, v = (torch.randn(1, 23, 2, 8) for _ in range(3))
+    for impl in ("reference", "blocks"):  # these serve every stream: outputs as the parallel op
+        s = SoftmaxStream(Window(5, 2), impl=impl)
+        out, _ = push_all(s, (1, 7, 3), q, k, v)
+        assert_close(out, dense_softmax(q.double(), k.double(), v.double(), Window(5, 2)),
+                     dense_softmax(q, k, v, Window(5, 2)))
+    # every linear impl serves every spec LinearStream accepts (the rest raise at construction)
+    for spec in LINEAR_SPECS:
+        if spec.batch_size not in (None, 1):
+            continue
+        for impl in ("chunk", "recurrent", "reference"):
+            s = LinearStream(spec, impl=impl)
+            out, _ = push_all(s, (1, 7, 3), q, k, v)
+            assert_close(out, dense_linear(q.double(), k.double(), v.double(), spec),
+                         dense_linear(q, k, v, spec))
+
+
+def test_repr_and_pending():
+    s = SoftmaxStream(Chunked(4, lookahead=1), scale=0.5, impl="blocks")
+    x = torch.randn(1, 6, 2, 8)
+    s.push(x, x, x)
+    assert s.pending == 6 and s.frames_in == 6 and s.frames_out == 0
+    assert repr(s) == ("SoftmaxStream(Chunked(size=4, lookahead=1), scale=0.5, impl='blocks'; "
+                       "frames_in=6, frames_out=0, pending=6, open)")
+    s.push(x[:, :2], x[:, :2], x[:, :2])
+    assert s.pending == 4 and "frames_in=8, frames_out=4, pending=4" in repr(s)
+    lin = LinearStream(Causal(), decay=torch.tensor([0.5, 1.0]))
+    assert repr(lin).startswith("LinearStream(Causal(), decay=[0.5, 1.0], impl='auto', "
+                                "chunk_size=64; frames_in=0")
+    m = ModelStream([TinyLayer("softmax", Window(4, 1)), TinyLayer("linear", Causal())])
+    m.push(torch.randn(1, 3, 16))
+    assert m.pending == 1
+    assert repr(m) == ("ModelStream(2 layers [softmax Window(left=4, right=1), linear Causal()]; "
+                       "frames_in=3, frames_out=2, pending=1, open)")
+    m.flush()
+    assert repr(m).endswith("pending=0, closed)")
+
+
+LINEAR_SPECS_FOR_MODELS = [Causal(), Chunked(4, lookahead=1)]
+
+
+@pytest.mark.parametrize("preset,vis", [
+    ("tiny-softmax", (Window(6, 2), Chunked(4, lookahead=1))),
+    ("tiny-gqa", (Prefix(9), Causal())),
+    ("tiny-linear", (Causal(), Chunked(4, lookahead=1))),
+])
+@pytest.mark.parametrize("t", [1, 7, 63])
+def test_model_stream_of_a_whole_sequence_model(preset, vis, t):
+    """Token ids in, logits out: equal to the parallel model, at the compounded latency."""
+    from causalmix.nn import ModelConfig, SequenceModel
+
+    torch.manual_seed(t)
+    model = SequenceModel(ModelConfig.from_name(preset, vocab_size=11, visibility=vis)).eval()
+    tokens = torch.randint(0, 11, (2, t))
+    with torch.no_grad():
+        base = model(tokens)
+        ref = copy.deepcopy(model).double()(tokens)
+    m = ModelStream(model)
+    out, _ = push_all(m, rand_sizes(t), tokens)
+    assert out.shape == (2, t, 11)
+    assert_close(out, ref, base, name="model stream logits")
+    # no output final yet (every case looks ahead): an empty result has the logits' width
+    assert ModelStream(model).push(tokens[:, :1]).shape == (2, 0, 11)
+    # bad input after good pushes changes nothing; the stream then carries on
+    m = ModelStream(model)
+    first = m.push(tokens[:, : t // 2 + 1])
+    before = (m.frames_in, m.frames_out, repr(m))
+    with pytest.raises(ValueError, match="int64 tokens"):
+        m.push(torch.randn(2, 3))
+    with pytest.raises(ValueError):
+        m.push(tokens[:1, :2])  # batch differs
+    with pytest.raises(ValueError, match="token ids in"):
+        m.push(torch.full((2, 2), 11))  # outside the vocabulary
+    assert (m.frames_in, m.frames_out, repr(m)) == before
+    rest = [m.push(tokens[:, t // 2 + 1:])] if t // 2 + 1 < t else []
+    out2 = torch.cat([first, *rest, m.flush()], 1)
+    assert_close(out2, ref, base, name="model stream logits after refused pushes")

@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -324,7 +325,7 @@ class Visibility:
         j = torch.arange(k_offset, k_offset + k_len, device=device).view(1, 1, k_len)
         return self.visible(b, i, j).expand(nb, q_len, k_len)
 
-    def mask_mod(self, q_offset: int = 0, k_offset: int = 0):
+    def mask_mod(self, q_offset: int = 0, k_offset: int = 0) -> Callable[..., torch.Tensor]:
         """A FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` for queries at ``q_offset + q_idx``
         and keys at ``k_offset + kv_idx``."""
         check_int("q_offset", q_offset, 0)
@@ -555,10 +556,10 @@ class _HoldsTensor(Visibility):
 class Causal(Visibility):
     """``j <= i``: each query sees itself and the past."""
 
-    def visible(self, b, i, j):
+    def visible(self, b: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         return j <= i
 
-    def key_range(self, i):
+    def key_range(self, i: torch.Tensor) -> KeyRange | None:
         return KeyRange(None, i)
 
     @property
@@ -573,10 +574,10 @@ class Causal(Visibility):
 class Full(Visibility):
     """Every query sees every key (bidirectional)."""
 
-    def visible(self, b, i, j):
+    def visible(self, b: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         return (i >= 0) & (j >= 0)  # positions are never negative
 
-    def key_range(self, i):
+    def key_range(self, i: torch.Tensor) -> KeyRange | None:
         return KeyRange(None, None)
 
     def __repr__(self) -> str:
@@ -615,11 +616,11 @@ class Prefix(_HoldsTensor):
         if isinstance(self.n, torch.Tensor):
             super()._check_unmodified()
 
-    def visible(self, b, i, j):
+    def visible(self, b: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         n = self.n.to(i.device)[b] if isinstance(self.n, torch.Tensor) else self.n
         return (j <= i) | (j < n)
 
-    def key_range(self, i):
+    def key_range(self, i: torch.Tensor) -> KeyRange | None:
         if isinstance(self.n, torch.Tensor):
             self._check_unmodified()
             hi = torch.maximum(i[None, :], self.n.to(i.device)[:, None] - 1)
@@ -666,10 +667,10 @@ class Chunked(Visibility):
         object.__setattr__(self, "size", check_int("size", self.size, 1))
         object.__setattr__(self, "lookahead", check_int("lookahead", self.lookahead, 0))
 
-    def visible(self, b, i, j):
+    def visible(self, b: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         return (j // self.size) <= (i // self.size) + self.lookahead
 
-    def key_range(self, i):
+    def key_range(self, i: torch.Tensor) -> KeyRange | None:
         return KeyRange(None, (i // self.size + self.lookahead + 1) * self.size - 1)
 
     @property
@@ -692,10 +693,10 @@ class Window(Visibility):
         object.__setattr__(self, "left", check_int("left", self.left, 0))
         object.__setattr__(self, "right", check_int("right", self.right, 0))
 
-    def visible(self, b, i, j):
+    def visible(self, b: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         return (j >= i - self.left) & (j <= i + self.right)
 
-    def key_range(self, i):
+    def key_range(self, i: torch.Tensor) -> KeyRange | None:
         return KeyRange(i - self.left, i + self.right)
 
     @property
@@ -781,7 +782,7 @@ class Segments(_HoldsTensor):
         ids = self.ids if self.ids.dim() == 2 else self.ids[None]
         return ids.to(device)
 
-    def visible(self, b, i, j):
+    def visible(self, b: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         ids = self.ids.to(i.device)
         if ids.dim() == 1:
             return ids[i] == ids[j]
@@ -803,7 +804,7 @@ class Segments(_HoldsTensor):
         )
         return start, end, contiguous
 
-    def key_range(self, i):
+    def key_range(self, i: torch.Tensor) -> KeyRange | None:
         start, end, contiguous = self._cached("_cached_runs", self._make_runs)
         if not contiguous:
             return None
@@ -852,12 +853,12 @@ class AdaptiveLookahead(_HoldsTensor):
     def _tensor(self):
         return self.a
 
-    def visible(self, b, i, j):
+    def visible(self, b: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         a = self.a.to(i.device)
         ai = a[i] if a.dim() == 1 else a[b, i]
         return j <= i + ai
 
-    def key_range(self, i):
+    def key_range(self, i: torch.Tensor) -> KeyRange | None:
         self._check_unmodified()
         a = self.a.to(i.device)
         return KeyRange(None, i + (a[i] if a.dim() == 1 else a[:, i]))
@@ -899,11 +900,11 @@ class Strided(Visibility):
         for name, minimum in (("q_start", 0), ("q_stride", 1), ("k_start", 0), ("k_stride", 1)):
             object.__setattr__(self, name, check_int(name, getattr(self, name), minimum))
 
-    def visible(self, b, i, j):
+    def visible(self, b: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         return self.inner.visible(b, self.q_start + self.q_stride * i,
                                   self.k_start + self.k_stride * j)
 
-    def key_range(self, i):
+    def key_range(self, i: torch.Tensor) -> KeyRange | None:
         kr = self.inner.key_range(self.q_start + self.q_stride * i)
         if kr is None:
             return None
@@ -930,22 +931,51 @@ def _check_spec(name: str, spec: Any) -> None:
         )
 
 
-@dataclasses.dataclass(frozen=True)
-class And(Visibility):
-    """Visible under both ``a`` and ``b``. Written ``a & b``."""
+def _unknown(c: torch.Tensor | None, t: _Tiling) -> torch.Tensor:
+    return torch.full((1, t.nq, t.nk), -1, dtype=torch.int64) if c is None else c
 
-    a: Visibility
-    b: Visibility
+
+class _Combined(Visibility):
+    """Shared by ``&`` and ``|``: argument checks, batch size, covered length."""
+
+    __slots__ = ()
+    _symbol = "?"
 
     def __post_init__(self):
         _check_spec("a", self.a)
         _check_spec("b", self.b)
         _merge_batch(self.a.batch_size, self.b.batch_size, repr(self))
 
-    def visible(self, b, i, j):
+    @property
+    def batch_size(self) -> int | None:
+        return _merge_batch(self.a.batch_size, self.b.batch_size, self._symbol)
+
+    @property
+    def covered_length(self) -> int | None:
+        return _min_opt(self.a.covered_length, self.b.covered_length)
+
+    def _side_counts(self, t: _Tiling) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each side's tile counts (-1 where unknown), broadcast, and the tile sizes."""
+        ca, cb = torch.broadcast_tensors(_unknown(self.a._counts(t), t),
+                                         _unknown(self.b._counts(t), t))
+        return ca, cb, t.sizes()
+
+    def __repr__(self) -> str:
+        return f"({self.a!r} {self._symbol} {self.b!r})"
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class And(_Combined):
+    """Visible under both ``a`` and ``b``. Written ``a & b``."""
+
+    a: Visibility
+    b: Visibility
+    _symbol = "&"
+
+    def visible(self, b: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         return self.a.visible(b, i, j) & self.b.visible(b, i, j)
 
-    def key_range(self, i):
+    def key_range(self, i: torch.Tensor) -> KeyRange | None:
         ka, kb = self.a.key_range(i), self.b.key_range(i)
         if ka is None or kb is None:
             return None
@@ -971,20 +1001,11 @@ class And(Visibility):
         exact = super()._counts(t)
         if exact is not None:
             return exact
-        ca, cb = self.a._counts(t), self.b._counts(t)
-        size = t.sizes()
-        ca = torch.full((1, t.nq, t.nk), -1, dtype=torch.int64) if ca is None else ca
-        cb = torch.full((1, t.nq, t.nk), -1, dtype=torch.int64) if cb is None else cb
-        ca, cb = torch.broadcast_tensors(ca, cb)
+        ca, cb, size = self._side_counts(t)
         out = torch.full_like(ca, -1)
         out = torch.where(ca == size, cb, out)
         out = torch.where(cb == size, ca, out)
-        out = torch.where((ca == 0) | (cb == 0), torch.zeros_like(out), out)
-        return out
-
-    @property
-    def batch_size(self) -> int | None:
-        return _merge_batch(self.a.batch_size, self.b.batch_size, "&")
+        return torch.where((ca == 0) | (cb == 0), torch.zeros_like(out), out)
 
     @property
     def lookahead_frames(self) -> int | None:
@@ -994,52 +1015,32 @@ class And(Visibility):
     def lookback_frames(self) -> int | None:
         return _min_opt(self.a.lookback_frames, self.b.lookback_frames)
 
-    @property
-    def covered_length(self) -> int | None:
-        return _min_opt(self.a.covered_length, self.b.covered_length)
 
-    def __repr__(self) -> str:
-        return f"({self.a!r} & {self.b!r})"
-
-
-@dataclasses.dataclass(frozen=True)
-class Or(Visibility):
+@dataclasses.dataclass(frozen=True, repr=False)
+class Or(_Combined):
     """Visible under ``a`` or ``b``. Written ``a | b``, e.g. ``Chunked(64) | Window(16)``: chunked
     attention whose first frames still see the end of the previous chunk."""
 
     a: Visibility
     b: Visibility
+    _symbol = "|"
 
-    def __post_init__(self):
-        _check_spec("a", self.a)
-        _check_spec("b", self.b)
-        _merge_batch(self.a.batch_size, self.b.batch_size, repr(self))
-
-    def visible(self, b, i, j):
+    def visible(self, b: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         return self.a.visible(b, i, j) | self.b.visible(b, i, j)
 
     def _horizon(self, positions):
         return torch.maximum(self.a._horizon(positions), self.b._horizon(positions))
 
     def _counts(self, t):
-        size = t.sizes()
         ia, ib = _bounds(self.a, t.q_positions()), _bounds(self.b, t.q_positions())
         if ia is not None and ib is not None:
             both = t.count_intervals(torch.maximum(ia[0], ib[0]), torch.minimum(ia[1], ib[1]))
             return t.count_intervals(*ia) + t.count_intervals(*ib) - both
-        ca, cb = self.a._counts(t), self.b._counts(t)
-        ca = torch.full((1, t.nq, t.nk), -1, dtype=torch.int64) if ca is None else ca
-        cb = torch.full((1, t.nq, t.nk), -1, dtype=torch.int64) if cb is None else cb
-        ca, cb = torch.broadcast_tensors(ca, cb)
+        ca, cb, size = self._side_counts(t)
         out = torch.full_like(ca, -1)
         out = torch.where(ca == 0, cb, out)
         out = torch.where(cb == 0, ca, out)
-        out = torch.where((ca == size) | (cb == size), size.expand_as(out), out)
-        return out
-
-    @property
-    def batch_size(self) -> int | None:
-        return _merge_batch(self.a.batch_size, self.b.batch_size, "|")
+        return torch.where((ca == size) | (cb == size), size.expand_as(out), out)
 
     @property
     def lookahead_frames(self) -> int | None:
@@ -1048,10 +1049,3 @@ class Or(Visibility):
     @property
     def lookback_frames(self) -> int | None:
         return _max_opt(self.a.lookback_frames, self.b.lookback_frames)
-
-    @property
-    def covered_length(self) -> int | None:
-        return _min_opt(self.a.covered_length, self.b.covered_length)
-
-    def __repr__(self) -> str:
-        return f"({self.a!r} | {self.b!r})"

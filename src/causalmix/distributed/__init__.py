@@ -14,9 +14,12 @@ on every rank of a process group, get exactly the single-process result (forward
 
 Transport is ``torch.distributed`` only: ``batch_isend_irecv`` on the group for the ring,
 ``all_gather`` / ``all_reduce`` for states, so gloo (CPU) and NCCL (GPU) both work. Every rank
-must call with the same spec, layout and shapes (checked with one small ``all_gather`` per call)
-and, in backward, backpropagate through its output. Failures surface as errors, never hangs: a
-rank that dies closes its connections, and a silent one trips the process group's ``timeout``.
+must call with the same spec (compared by content), layout, shapes, dtype, scale / decay and
+need for gradients -- checked before any exchange with one small ``all_gather`` of digests per
+call; a mismatch raises the same ``ValueError`` on every rank, naming the arguments and what
+each rank passed -- and, in backward, backpropagate through its output. Failures surface as
+errors, never hangs: a rank that dies closes its connections, and a silent one trips the process
+group's ``timeout``.
 :func:`work_balance` counts the exact visible pairs each rank computes under a layout.
 """
 

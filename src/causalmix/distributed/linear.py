@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from causalmix.distributed._agree import check_agreement, signature
 from causalmix.distributed._ring import Ring, check_same_everywhere
 from causalmix.distributed.layout import LAYOUTS, Run, runs
 from causalmix.ops._validate import check_qkv, check_visibility
@@ -106,6 +107,10 @@ def linear_attention(
         backpropagate through its result (one ``all_reduce`` of the states' gradients).
     """
     fn = "causalmix.distributed.linear_attention"
+    check_agreement(fn, group, {  # every rank, before any check or exchange can diverge
+        "visibility": visibility, "layout": layout, "q": signature(q), "k": signature(k),
+        "v": signature(v), "decay": decay, "requires_grad": torch.is_grad_enabled() and any(
+            getattr(t, "requires_grad", False) for t in (q, k, v, decay))})
     bsz, n, _nk, h, _hkv, d, dv = check_qkv(fn, q, k, v, same_head_count=True)
     if layout not in LAYOUTS:
         raise ValueError(f"{fn}: layout must be one of {list(LAYOUTS)}, got {layout!r}")

@@ -22,20 +22,20 @@ block's gradient is back home. The send of one step's accumulator overlaps the n
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 
 import torch
 
-from causalmix.distributed._ring import Exchange, Ring, check_same_everywhere
+from causalmix.distributed._agree import check_agreement, signature
+from causalmix.distributed._ring import Exchange, Ring
 from causalmix.distributed._spec import pair_count, pair_spec
 from causalmix.distributed.layout import LAYOUTS, Run, runs
-from causalmix.ops._validate import check_qkv, check_visibility
-from causalmix.ops.softmax import AttentionOutput
+from causalmix.ops._cache import LRUCache
+from causalmix.ops._validate import check_qkv, check_scale, check_visibility, compute_dtype
+from causalmix.ops.softmax import AttentionOutput, merge_softmax
 from causalmix.ops.softmax import softmax_attention as _local_attention
 from causalmix.visibility import Visibility
 
-_PLAN_CACHE: OrderedDict = OrderedDict()
-_PLAN_CACHE_SIZE = 16
+_PLANS: LRUCache[list] = LRUCache(16)
 
 # p2p tags: forward/backward K and V, and the travelling dK / dV accumulators
 _TAG_KV, _TAG_DKV = 0, 2
@@ -44,20 +44,16 @@ _TAG_KV, _TAG_DKV = 0, 2
 def _schedule(spec: Visibility, layout: str, seq_len: int, rank: int, world: int):
     """For each ring step ``s``: the (query run, key run) pairs with a visible pair between this
     rank's queries and rank ``(rank - s) % world``'s keys."""
-    key = (spec, layout, seq_len, rank, world)
-    plan = _PLAN_CACHE.get(key)
-    if plan is not None:
-        _PLAN_CACHE.move_to_end(key)
+
+    def make():
+        q_runs = runs(layout, seq_len, rank, world)
+        plan = []
+        for s in range(world):
+            k_runs = runs(layout, seq_len, (rank - s) % world, world)
+            plan.append([(a, b) for a in q_runs for b in k_runs if pair_count(spec, a, b) > 0])
         return plan
-    q_runs = runs(layout, seq_len, rank, world)
-    plan = []
-    for s in range(world):
-        k_runs = runs(layout, seq_len, (rank - s) % world, world)
-        plan.append([(a, b) for a in q_runs for b in k_runs if pair_count(spec, a, b) > 0])
-    _PLAN_CACHE[key] = plan
-    if len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
-        _PLAN_CACHE.popitem(last=False)
-    return plan
+
+    return _PLANS.get_or_make((spec, layout, seq_len, rank, world), make)
 
 
 def _sl(r: Run) -> slice:
@@ -73,13 +69,11 @@ def _partial(q, k, v, spec, qr: Run, kr: Run, scale: float):
 
 
 def _merge(out: torch.Tensor, lse: torch.Tensor, o_p: torch.Tensor, l_p: torch.Tensor) -> None:
-    """In place, fp32: ``(out, lse) <- merge((out, lse), (o_p, l_p))`` by log-sum-exp."""
-    new = torch.logaddexp(lse, l_p)
-    safe = torch.where(torch.isinf(new), torch.zeros_like(new), new)
-    a = torch.exp(lse - safe).unsqueeze(-1)
-    b = torch.exp(l_p - safe).unsqueeze(-1)
-    out.mul_(a).add_(o_p * b)
-    lse.copy_(new)
+    """In place, fp32: ``(out, lse) <- merge((out, lse), (o_p, l_p))`` by log-sum-exp
+    (:func:`causalmix.ops.softmax.merge_softmax`)."""
+    merged = merge_softmax(out, lse, o_p, l_p)
+    out.copy_(merged.output)
+    lse.copy_(merged.lse)
 
 
 class _RingAttention(torch.autograd.Function):
@@ -87,13 +81,14 @@ class _RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, spec, plan, ring: Ring, scale):
         b, n, hq, _ = q.shape
         dv = v.shape[3]
-        out = torch.zeros(b, n, hq, dv, device=q.device, dtype=torch.float32)
-        lse = torch.full((b, n, hq), float("-inf"), device=q.device, dtype=torch.float32)
-        qf = q.float()
+        cd = compute_dtype(q)  # fp32, fp64 for fp64 inputs
+        out = torch.zeros(b, n, hq, dv, device=q.device, dtype=cd)
+        lse = torch.full((b, n, hq), float("-inf"), device=q.device, dtype=cd)
+        qf = q.to(cd)
         kv = (k, v)
         for s in range(ring.world):
             ex = Exchange(ring, kv, _TAG_KV) if s < ring.world - 1 else None
-            kf, vf = kv[0].float(), kv[1].float()
+            kf, vf = kv[0].to(cd), kv[1].to(cd)
             for qr, kr in plan[s]:
                 o_p, l_p = _partial(qf, kf, vf, spec, qr, kr, scale)
                 _merge(out[:, _sl(qr)], lse[:, _sl(qr)], o_p, l_p)
@@ -107,17 +102,18 @@ class _RingAttention(torch.autograd.Function):
     def backward(ctx, d_out, d_lse):
         q, k, v, out, lse = ctx.saved_tensors
         spec, plan, ring, scale = ctx.spec, ctx.plan, ctx.ring, ctx.scale
-        d_o = torch.zeros_like(out) if d_out is None else d_out.float()
-        d_l = torch.zeros_like(lse) if d_lse is None else d_lse.float()
+        cd = out.dtype
+        d_o = torch.zeros_like(out) if d_out is None else d_out.to(cd)
+        d_l = torch.zeros_like(lse) if d_lse is None else d_lse.to(cd)
         o_dot = (d_o * out).sum(-1)  # [B, n, H]: dO . O
         lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-        qf = q.float()
+        qf = q.to(cd)
         dq = torch.zeros_like(qf)
         kv = (k, v)
         acc_ex = None
         for s in range(ring.world):
             kv_ex = Exchange(ring, kv, _TAG_KV) if s < ring.world - 1 else None
-            kf, vf = kv[0].float(), kv[1].float()
+            kf, vf = kv[0].to(cd), kv[1].to(cd)
             dk_c = dv_c = None
             for qr, kr in plan[s]:
                 qs, ks = _sl(qr), _sl(kr)
@@ -183,14 +179,34 @@ def softmax_attention(
         ``[B, n, Hq, Dv]`` in q's dtype, or ``AttentionOutput(output, lse)`` with ``lse: [B, n,
         Hq]`` fp32 (``-inf`` where a query sees no key, whose output is 0). Equal to the
         single-process ``causalmix.softmax_attention`` on the full sequence, sharded the same way;
-        differentiable (dK/dV travel back around the ring). Partial results are merged in fp32.
+        differentiable (dK/dV travel back around the ring). Partial results are merged in fp32
+        (fp64, and an fp64 lse, for fp64 inputs).
 
-    Every rank must call it with the same spec, layout and shapes (checked: a mismatch raises
-    ``ValueError`` on every rank). A rank that dies makes the others fail when the process
-    group's timeout expires.
+    Every rank must call it with the same spec (compared by content), layout, shapes, dtype,
+    scale and need for gradients, checked before any exchange: a mismatch raises ``ValueError``
+    on every rank, naming the arguments and each rank's value. A rank that dies makes the others
+    fail when the process group's timeout expires.
     """
     fn = "causalmix.distributed.softmax_attention"
-    bsz, n, nk, hq, hkv, d, dv = check_qkv(fn, q, k, v)
+    # before anything can raise on one rank only, and before any exchange: every rank agrees
+    grad = torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (q, k, v))
+    check_agreement(fn, group, {
+        "visibility": visibility, "layout": layout, "q": signature(q), "k": signature(k),
+        "v": signature(v), "scale": scale, "requires_grad": grad,
+    })
+    scale = _check_arguments(fn, q, k, v, layout, scale)
+    ring = Ring.of(fn, group)
+    seq_len = q.shape[1] * ring.world
+    check_visibility(fn, visibility, q.shape[0], seq_len, seq_len, 0, 0)
+    plan = _schedule(visibility, layout, seq_len, ring.rank, ring.world)
+    out, lse = _RingAttention.apply(q, k, v, visibility, plan, ring, scale)
+    return AttentionOutput(out, lse) if return_lse else out
+
+
+def _check_arguments(fn, q, k, v, layout, scale) -> float:
+    """The local checks (the same outcome on every rank once the ranks agree); returns the
+    scale."""
+    _bsz, n, nk, _hq, _hkv, d, _dv = check_qkv(fn, q, k, v)
     if n != nk:
         raise ValueError(f"{fn}: q and k must hold the same positions (one layout), got q "
                          f"{n} and k {nk} local positions")
@@ -199,15 +215,5 @@ def softmax_attention(
     if layout == "zigzag" and n % 2:
         raise ValueError(f"{fn}: layout 'zigzag' needs an even number of positions per rank "
                          f"(two chunks of seq_len / (2 * world)), got {n}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise ValueError(f"{fn}: scale must be a float or None, got {scale!r}")
-    ring = Ring.of(fn, group)
-    seq_len = n * ring.world
-    check_visibility(fn, visibility, bsz, seq_len, seq_len, 0, 0)
-    check_same_everywhere(fn, ring, ("batch", "positions", "q heads", "kv heads", "dim", "v dim"),
-                          (bsz, n, hq, hkv, d, dv), q.device)
-    plan = _schedule(visibility, layout, seq_len, ring.rank, ring.world)
-    out, lse = _RingAttention.apply(q, k, v, visibility, plan, ring, float(scale))
-    return AttentionOutput(out, lse) if return_lse else out
+    scale = check_scale(fn, scale)
+    return (1.0 / math.sqrt(d) if d > 0 else 1.0) if scale is None else scale

@@ -32,7 +32,8 @@ peeks: whatever the input at ``t`` depends on is already counted in the latency 
   - softmax: the causal output ``o0`` and its log-sum-exp ``lse0`` are merged with the band
     scores ``s_d = scale * q_t . k_{t+d}`` (``d = 1..W``): ``out_c = (e^{lse0} o0 +
     sum_{d <= c} e^{s_d} v_{t+d}) / (e^{lse0} + sum_{d <= c} e^{s_d})``, exactly the softmax over
-    the keys ``j <= t + c``;
+    the keys ``j <= t + c``, one key at a time with :func:`causalmix.ops.softmax.merge_softmax`
+    (the merge of ring attention's shards);
   - linear: the mixer is linear in its visible set, so ``sum_c g_c out_c = G_0 causal +
     sum_{d >= 1} G_d * decay^d (q_t . k_{t+d}) v_{t+d}`` with ``G_d = sum_{choice_c >= d} g_c``
     (the numerator and the normaliser column are mixed before the layer divides them).
@@ -44,7 +45,8 @@ Latency
 -------
 ``r^0_t = t``, ``r^l_t = max over the frames j that t sees at layer l of r^{l-1}_j``,
 ``latency_t = r^L_t - t`` (:func:`compounded_latency`, for any stack of specs, from their
-dense masks). The differentiable regulariser is the *mean-field* expected latency
+dense masks; the latency maths lives in :mod:`causalmix.stream.latency`). The differentiable
+regulariser is the *mean-field* expected latency
 (:func:`expected_latency`): with gate probabilities ``p^l_{t,c}``,
 ``R^l_t = sum_c p^l_{t,c} max_{j <= t + choice_c} R^{l-1}_j`` -- the expectation over layer
 ``l``'s own choice, with the layers below replaced by their expectations. It is exact when the
@@ -52,7 +54,9 @@ gates are hard (one-hot ``p``) and its gradient reaches every layer's gate.
 
 Streaming
 ---------
-:class:`AdaptiveModelStream` runs a trained model frame by frame with hard gates. Each layer's
+:class:`AdaptiveModelStream` (the engine: :class:`causalmix.stream.adaptive.AdaptiveStream`,
+on the stream's frame buffers and the public ops) runs a trained model frame by frame with
+hard gates. Each layer's
 output at ``t`` is computed as soon as its inputs up to ``t + a_t`` exist, possibly out of
 order (a frame that chose no lookahead does not wait behind one that did); an output leaves
 the model once frame ``r^L_t`` has arrived. Its outputs equal the parallel run and the latency
@@ -62,19 +66,27 @@ it reports per output is ``r^L_t - t``.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from causalmix.nn.config import ModelConfig
+from causalmix.nn.config import PRESETS, ModelConfig
 from causalmix.nn.layers import Block, check_inputs, mix
-from causalmix.ops.softmax import softmax_attention
-from causalmix.stream import LatencyStats
+from causalmix.ops._validate import check_int
+from causalmix.ops.softmax import merge_softmax, softmax_attention
+from causalmix.stream.adaptive import AdaptiveStream, Emitted
+from causalmix.stream.latency import (
+    LatencyStats,
+    compounded_latency,
+    expected_latency,
+    latency_stats,
+)
 from causalmix.visibility import AdaptiveLookahead, Causal, Visibility
 
+# the latency maths lives in causalmix.stream.latency, the stream engine in
+# causalmix.stream.adaptive, the spec in causalmix.visibility: re-exported here for callers
 __all__ = [
     "AdaptiveBlock",
     "AdaptiveConfig",
@@ -90,138 +102,82 @@ __all__ = [
 ]
 
 
-# ==================================================================================== latency
-
-
-def compounded_latency(visibilities, seq_len: int) -> torch.Tensor:
-    """Latency of each output of a stack of layers over a sequence of ``seq_len`` frames.
-
-    ``r^0_t = t``; ``r^l_t = max_{j visible from t at layer l} r^{l-1}_j``; returns
-    ``r^L_t - t`` as int64 ``[B', seq_len]`` (frames beyond the end do not exist, so ``Full()``
-    gives ``seq_len - 1 - t``). Uses each spec's dense mask: O(L * seq_len^2), the oracle.
-    """
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(f"seq_len must be an int >= 1, got {seq_len!r}")
-    visibilities = tuple(visibilities)
-    if not visibilities or not all(isinstance(v, Visibility) for v in visibilities):
-        raise ValueError("visibilities must be a non-empty sequence of visibility specs")
-    t = torch.arange(seq_len)
-    r = t[None, :]
-    for vis in visibilities:
-        m = vis.mask(seq_len, seq_len)  # [B', T, T]
-        r = torch.where(m, r[:, None, :], torch.full_like(r[:, None, :], -1)).amax(-1)
-    return r - t
-
-
-def _cummax_at(r: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """``r: [B, T]`` float -> ``[B, T, C]``: ``max_{j <= min(t + offsets[c], T - 1)} r_j``."""
-    t = r.shape[1]
-    pm = torch.cummax(r, dim=1).values  # differentiable (gradient to the argmax)
-    idx = (torch.arange(t, device=r.device)[:, None] + offsets[None, :]).clamp(max=t - 1)
-    return pm[:, idx]  # [B, T, C]
-
-
-def expected_latency(probs, choices, seq_len: int, batch: int = 1) -> torch.Tensor:
-    """Mean-field expected latency per output, differentiable in the gate probabilities.
-
-    ``probs``: one entry per layer, ``[B, T, C_l]`` gate probabilities or ``None`` for a causal
-    layer; ``choices``: per layer, the ``[C_l]`` int64 lookaheads (``None`` for causal layers).
-    ``R^0_t = t``, ``R^l_t = sum_c p^l_{t,c} max_{j <= t + choice_c} R^{l-1}_j`` (clipped to
-    the sequence). Returns ``R^L_t - t``: ``[B, T]`` float. Equals :func:`compounded_latency` of
-    the ``AdaptiveLookahead`` specs when every ``p`` is one-hot.
-    """
-    probs, choices = list(probs), list(choices)
-    dev = next((p.device for p in probs if p is not None), torch.device("cpu"))
-    b = next((p.shape[0] for p in probs if p is not None), batch)
-    t = torch.arange(seq_len, device=dev, dtype=torch.float32)
-    r = t[None, :].expand(b, seq_len)
-    zero = torch.zeros(1, dtype=torch.int64, device=dev)
-    for p, ch in zip(probs, choices, strict=True):
-        if p is None:
-            r = _cummax_at(r, zero)[..., 0]
-        else:
-            r = (p * _cummax_at(r, ch.to(dev))).sum(-1)
-    return r - t
-
-
-def latency_stats(latency: torch.Tensor) -> dict:
-    """``{"mean", "p90", "max"}`` of per-output latencies (any shape, frames)."""
-    s = LatencyStats.of(latency.reshape(-1).to(torch.int64))
-    return {"mean": s.mean, "p90": s.p90, "max": s.max}
-
-
 # ==================================================================================== config
 
 
 CHOICE_SETS = ("all", "binary")
 
 
+def _check_max_lookahead(w) -> tuple[int, ...]:
+    if isinstance(w, int) or not isinstance(w, (tuple, list)) or not w:
+        raise TypeError("max_lookahead must be a non-empty tuple with one int per layer, "
+                        f"e.g. (0, 4); got {w!r}")
+    try:
+        return tuple(check_int("max_lookahead entry", x, 0) for x in w)
+    except ValueError:
+        raise ValueError(f"max_lookahead entries must be ints >= 0, got {tuple(w)!r}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class AdaptiveConfig:
     """A sequence model whose layers choose their lookahead per frame.
 
-    The fields shared with :class:`~causalmix.nn.ModelConfig` mean the same (``base`` is that
-    config, with every layer ``Causal()``). ``max_lookahead[l]`` is layer ``l``'s ``W`` (0: a
-    plain causal layer); ``choices``: ``"all"`` -> ``{0, 1, ..., W}``, ``"binary"`` ->
-    ``{0, W}``; ``tau``: Gumbel-softmax temperature in training.
+    ``model``: the :class:`~causalmix.nn.ModelConfig` of the model (width, heads, mixer,
+    inputs and outputs, ...), with one ``Causal()`` layer per entry of ``max_lookahead`` (each
+    adaptive layer sees the past and chooses its lookahead on top). ``max_lookahead[l]`` is
+    layer ``l``'s ``W`` (0: a plain causal layer); ``choices``: ``"all"`` -> ``{0, 1, ..., W}``,
+    ``"binary"`` -> ``{0, W}``; ``tau``: Gumbel-softmax temperature in training. Build one from a
+    preset with :meth:`from_name`.
     """
 
-    d_model: int = 64
-    n_heads: int = 4
-    n_kv_heads: int | None = None
-    mixer: str = "softmax"
+    model: ModelConfig
     max_lookahead: tuple[int, ...] = (0, 4)
     choices: str = "all"
     tau: float = 1.0
-    vocab_size: int | None = None
-    input_dim: int | None = None
-    output_dim: int | None = None
-    mlp_ratio: int = 2
-    feature_dim: int = 16
-    feature_map: str = "taylor"
-    decay: tuple[float, ...] | None = None
-    base: ModelConfig = dataclasses.field(init=False)
 
     def __post_init__(self):
-        w = self.max_lookahead
-        if isinstance(w, int) or not isinstance(w, (tuple, list)) or not w:
-            raise TypeError("max_lookahead must be a non-empty tuple with one int per layer, "
-                            f"e.g. (0, 4); got {w!r}")
-        w = tuple(w)
-        for x in w:
-            if isinstance(x, bool) or not isinstance(x, int) or x < 0:
-                raise ValueError(f"max_lookahead entries must be ints >= 0, got {w!r}")
+        if not isinstance(self.model, ModelConfig):
+            raise TypeError(f"model must be a causalmix.nn.ModelConfig, got "
+                            f"{type(self.model).__name__}")
+        w = _check_max_lookahead(self.max_lookahead)
         object.__setattr__(self, "max_lookahead", w)
+        if self.model.visibility != (Causal(),) * len(w):
+            raise ValueError(
+                f"model.visibility must be one Causal() per layer of max_lookahead "
+                f"({len(w)} layers: ModelConfig(..., visibility=(Causal(),) * {len(w)})), got "
+                f"{self.model.visibility!r}")
         if self.choices not in CHOICE_SETS:
             raise ValueError(f"choices must be one of {list(CHOICE_SETS)}, got {self.choices!r}")
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) \
                 or not self.tau > 0:
             raise ValueError(f"tau must be a float > 0, got {self.tau!r}")
-        base = ModelConfig(
-            d_model=self.d_model, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
-            mixer=self.mixer, visibility=(Causal(),) * len(w), vocab_size=self.vocab_size,
-            input_dim=self.input_dim, output_dim=self.output_dim, mlp_ratio=self.mlp_ratio,
-            feature_dim=self.feature_dim, feature_map=self.feature_map, decay=self.decay,
-        )
-        object.__setattr__(self, "base", base)
-        object.__setattr__(self, "output_dim", base.output_dim)
 
     def layer_choices(self, layer: int) -> tuple[int, ...]:
-        w = self.max_lookahead[layer]
+        w = self.max_lookahead[check_int("layer", layer, 0, len(self.max_lookahead) - 1)]
         if w == 0:
             return (0,)
         return tuple(range(w + 1)) if self.choices == "all" else (0, w)
 
     @classmethod
+    def of(cls, *, max_lookahead=(0, 4), choices: str = "all", tau: float = 1.0,
+           **model_fields) -> AdaptiveConfig:
+        """``AdaptiveConfig(ModelConfig(**model_fields, visibility=(Causal(),) * L),
+        max_lookahead, choices, tau)`` with ``L = len(max_lookahead)``."""
+        w = _check_max_lookahead(max_lookahead)
+        if "visibility" in model_fields:
+            raise ValueError("visibility is set by max_lookahead (one Causal() layer each)")
+        return cls(ModelConfig(**model_fields, visibility=(Causal(),) * len(w)), w, choices, tau)
+
+    @classmethod
     def from_name(cls, name: str, **overrides) -> AdaptiveConfig:
         """Start from a :data:`~causalmix.nn.PRESETS` model preset (its ``visibility`` is
-        dropped: ``max_lookahead`` sets the layers)."""
-        from causalmix.nn.config import PRESETS
-
+        dropped: ``max_lookahead`` sets the layers); ``overrides``: ``max_lookahead``,
+        ``choices``, ``tau`` and :class:`~causalmix.nn.ModelConfig` fields (``vocab_size``,
+        ``mixer``, ...), as for :meth:`of`."""
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}; presets: {sorted(PRESETS)}")
         kw = {k: v for k, v in PRESETS[name].items() if k != "visibility"}
-        return cls(**{**kw, **overrides})
+        return cls.of(**{**kw, **overrides})
 
 
 # ==================================================================================== layers
@@ -255,16 +211,18 @@ class AdaptiveBlock(nn.Module):
     """A pre-norm :class:`~causalmix.nn.Block` whose frames choose their lookahead.
 
     ``x: [B, T, C]`` -> ``(y [B, T, C], probs [B, T, K] or None, a [B, T] int64)``; ``K`` =
-    ``len(choices)``. ``choices == (0,)`` is a plain causal block (no gate).
+    ``len(choices)``. ``choices == (0,)`` is a plain causal block (no gate). Implements
+    :class:`causalmix.stream.adaptive.AdaptiveStreamableLayer` (hard gates).
     """
 
     def __init__(self, cfg: AdaptiveConfig, layer: int):
         super().__init__()
-        self.block = Block(cfg.base.blocks[layer])
-        self.mixer = cfg.mixer
+        self.block = Block(cfg.model.blocks[layer])
+        self.mixer = cfg.model.mixer
         self.tau = float(cfg.tau)
         self.register_buffer("choices", torch.tensor(cfg.layer_choices(layer)), persistent=False)
-        self.gate = nn.Linear(cfg.d_model, len(self.choices)) if len(self.choices) > 1 else None
+        self.gate = nn.Linear(cfg.model.d_model, len(self.choices)) \
+            if len(self.choices) > 1 else None
 
     @property
     def max_lookahead(self) -> int:
@@ -274,6 +232,24 @@ class AdaptiveBlock(nn.Module):
         """``x: [B, n, C]`` (layer input) -> ``[B, n, K]``, pointwise in time."""
         return None if self.gate is None else self.gate(self.block.norm1(x))
 
+    # ------------------------------------------------ the stream protocol (hard gates)
+    def mixer_kwargs(self) -> dict:
+        return self.block.mixer_kwargs()
+
+    def stream_qkv(self, x: torch.Tensor, positions: torch.Tensor):
+        return self.block.stream_qkv(x, positions)
+
+    def stream_out(self, x: torch.Tensor, mixed: torch.Tensor, positions: torch.Tensor):
+        return self.block.stream_out(x, mixed, positions)
+
+    def stream_lookahead(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``x: [B, n, C]`` -> ``[B, n]`` int64: the hard choice ``a_t`` of each frame."""
+        logits = self.gate_logits(x)
+        if logits is None:
+            return torch.zeros(x.shape[:2], dtype=torch.int64, device=x.device)
+        return self.choices[logits.argmax(-1)]
+
+    # ------------------------------------------------ parallel
     def forward(self, x: torch.Tensor, *, hard: bool,
                 generator: torch.Generator | None = None,
                 lookahead: torch.Tensor | None = None):
@@ -291,57 +267,54 @@ class AdaptiveBlock(nn.Module):
             mixed = mix(self.mixer, q, k, v, Causal(), **kw)
             a = torch.zeros(b, t, dtype=torch.int64, device=x.device)
             return self.block.stream_out(x, mixed, positions), None, a
-        probs = logits.float().softmax(-1)
-        w = int(self.choices.max())
-        if lookahead is not None:
-            _check_lookahead(lookahead, b, t, w)
-            a, g = lookahead.to(device=x.device, dtype=torch.int64), None
-        elif hard:
-            a, g = self.choices[logits.argmax(-1)], None
-        else:
-            u = torch.rand(logits.shape, generator=generator, device=x.device)
-            u = u.clamp(1e-10, 1.0 - 1e-7)
-            y = ((logits.float() - torch.log(-torch.log(u))) / self.tau).softmax(-1)
-            idx = y.argmax(-1)
-            g = F.one_hot(idx, len(self.choices)).to(y.dtype) - y.detach() + y
-            a = self.choices[idx]
+        a, g = self._choose(logits, hard, generator, lookahead)
         if g is None and self.mixer == "softmax":
             # one call under the per-frame spec: the block map skips what no frame waits for
             mixed = softmax_attention(q, k, v, AdaptiveLookahead(a), **kw)
         elif self.mixer == "softmax":
             mixed = self._softmax_mixture(q, k, v, g, kw["scale"])
         else:
-            steps = torch.arange(0, w + 1, device=x.device)
+            steps = torch.arange(0, self.max_lookahead + 1, device=x.device)
             if g is None:  # G_d = [a_t >= d]
                 gd = (a[..., None] >= steps).to(torch.float32)
             else:  # G_d = sum_{choice_c >= d} g_c  (G_0 = sum_c g_c, 1 in value)
                 gd = g @ (self.choices[:, None] >= steps).to(g.dtype)
             mixed = self._linear_mixture(q, k, v, gd, kw.get("decay"))
-        return self.block.stream_out(x, mixed, positions), probs, a
+        return self.block.stream_out(x, mixed, positions), logits.float().softmax(-1), a
+
+    def _choose(self, logits, hard: bool, generator, lookahead):
+        """``(a [B, T] int64, g [B, T, K] straight-through weights or None when hard)``."""
+        b, t, _ = logits.shape
+        if lookahead is not None:
+            _check_lookahead(lookahead, b, t, self.max_lookahead)
+            return lookahead.to(device=logits.device, dtype=torch.int64), None
+        if hard:
+            return self.choices[logits.argmax(-1)], None
+        u = torch.rand(logits.shape, generator=generator, device=logits.device)
+        u = u.clamp(1e-10, 1.0 - 1e-7)
+        y = ((logits.float() - torch.log(-torch.log(u))) / self.tau).softmax(-1)
+        idx = y.argmax(-1)
+        g = F.one_hot(idx, len(self.choices)).to(y.dtype) - y.detach() + y
+        return self.choices[idx], g
 
     def _softmax_mixture(self, q, k, v, g, scale):
-        """``sum_c g_c * softmax_attention(q, k, v, AdaptiveLookahead(choice_c))``."""
-        b, t, h, _ = q.shape
+        """``sum_c g_c * softmax_attention(q, k, v, AdaptiveLookahead(choice_c))``: the causal
+        output and its log-sum-exp merged (:func:`~causalmix.ops.softmax.merge_softmax`) with
+        one band key ``t + d`` at a time, ``d = 1..W``, each a partial result of one key
+        (output ``v_{t+d}``, lse ``s_d = scale * q_t . k_{t+d}``, ``-inf`` past the end)."""
+        t, h = q.shape[1], q.shape[2]
         group = h // k.shape[2]
         kr = k.repeat_interleave(group, dim=2) if group > 1 else k
         vr = v.repeat_interleave(group, dim=2) if group > 1 else v
         o0, lse0 = softmax_attention(q, k, v, Causal(), scale=scale, return_lse=True)
-        w = int(self.choices.max())
         pos = torch.arange(t, device=q.device)
-        scores = [lse0]
-        for d in range(1, w + 1):
+        out, lse = o0.float(), lse0
+        outs = {0: out}
+        for d in range(1, self.max_lookahead + 1):
             s = _band(q, kr, d) * scale
-            valid = (pos + d < t)[None, :, None]
-            scores.append(torch.where(valid, s, torch.full_like(s, -math.inf)))
-        m = torch.stack(scores, 0).amax(0)  # [B, T, H], finite (lse0 is)
-        den = torch.exp(lse0 - m)
-        num = den[..., None] * o0.float()
-        outs = {0: num / den[..., None]}
-        for d in range(1, w + 1):
-            e = torch.exp(scores[d] - m)
-            den = den + e
-            num = num + e[..., None] * _shift(vr, d).float()
-            outs[d] = num / den[..., None]
+            s = torch.where((pos + d < t)[None, :, None], s, torch.full_like(s, -float("inf")))
+            out, lse = merge_softmax(out, lse, _shift(vr, d).float(), s)
+            outs[d] = out
         mixed = sum(g[..., c, None, None] * outs[int(ch)]
                     for c, ch in enumerate(self.choices.tolist()))
         return mixed.to(q.dtype)
@@ -390,19 +363,32 @@ class AdaptiveModel(nn.Module):
 
     def __init__(self, cfg: AdaptiveConfig):
         super().__init__()
+        if not isinstance(cfg, AdaptiveConfig):
+            raise TypeError(f"cfg must be an AdaptiveConfig, got {type(cfg).__name__}")
         self.cfg = cfg
-        if cfg.vocab_size is not None:
-            self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        mc = cfg.model
+        if mc.vocab_size is not None:
+            self.embed = nn.Embedding(mc.vocab_size, mc.d_model)
         else:
-            self.embed = nn.Linear(cfg.input_dim, cfg.d_model)
+            self.embed = nn.Linear(mc.input_dim, mc.d_model)
         self.blocks = nn.ModuleList(AdaptiveBlock(cfg, i) for i in range(len(cfg.max_lookahead)))
-        self.norm = nn.LayerNorm(cfg.d_model)
-        self.head = nn.Linear(cfg.d_model, cfg.output_dim)
+        self.norm = nn.LayerNorm(mc.d_model)
+        self.head = nn.Linear(mc.d_model, mc.output_dim)
 
     def _check_inputs(self, inputs, where: str) -> None:
-        check_inputs(self.cfg, inputs, where)
+        check_inputs(self.cfg.model, inputs, where)
         if inputs.shape[1] < 1:
             raise ValueError(f"{where}: inputs must hold at least one frame")
+
+    def stream_in(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The input map, pointwise in time: ``[B, n]`` tokens or ``[B, n, input_dim]`` ->
+        ``[B, n, d_model]`` (the :class:`causalmix.stream.StreamableModel` protocol)."""
+        self._check_inputs(inputs, f"{type(self).__name__}.stream_in")
+        return self.embed(inputs)
+
+    def stream_head(self, h: torch.Tensor) -> torch.Tensor:
+        """The output map, pointwise in time: ``[B, n, d_model]`` -> ``[B, n, output_dim]``."""
+        return self.head(self.norm(h))
 
     def forward(self, inputs: torch.Tensor, *, hard: bool | None = None,
                 generator: torch.Generator | None = None,
@@ -435,7 +421,7 @@ class AdaptiveModel(nn.Module):
                        for p, a, blk in zip(probs, lookahead, self.blocks, strict=True)]
             hard_lat = expected_latency(onehots, [None if blk.gate is None else blk.choices
                                                   for blk in self.blocks], t, x.shape[0])
-        return AdaptiveOutput(self.head(self.norm(x)), tuple(lookahead), exp_lat,
+        return AdaptiveOutput(self.stream_head(x), tuple(lookahead), exp_lat,
                               hard_lat.round().to(torch.int64), pen)
 
     def visibilities(self, lookahead) -> tuple[Visibility, ...]:
@@ -447,176 +433,25 @@ class AdaptiveModel(nn.Module):
 # ==================================================================================== streaming
 
 
-class Emitted(NamedTuple):
-    positions: torch.Tensor  # [m] int64 absolute positions of the outputs (any order)
-    output: torch.Tensor  # [m, output_dim]
-    latency: torch.Tensor  # [m] int64: frames waited beyond the output's own (r^L_t - t)
-
-
-class _Layer:
-    """One layer of one sequence's stream: inputs, q/k/v, gates and which outputs are done."""
-
-    def __init__(self, block: AdaptiveBlock):
-        self.block = block
-        self.x: dict[int, torch.Tensor] = {}  # position -> layer input [C]
-        self.ready: dict[int, int] = {}  # position -> input frame its layer input waited for
-        self.a: dict[int, int] = {}
-        self.k: list[torch.Tensor] = []  # contiguous prefix [0, contig): [Hkv, D]
-        self.v: list[torch.Tensor] = []
-        self.q: dict[int, torch.Tensor] = {}
-        self.kv_new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.prefix_ready: list[int] = []  # running max of `ready` over [0, contig)
-        self.contig = 0
-        self.pending: set[int] = set()  # present, output not computed yet
-
-    def add(self, positions: list[int], x: torch.Tensor, ready: list[int]) -> None:
-        """Layer inputs ``x: [m, C]`` arrived at ``positions`` (any order)."""
-        blk = self.block
-        pos = torch.tensor(positions, dtype=torch.int64, device=x.device)
-        q, k, v = blk.block.stream_qkv(x[None], pos)
-        logits = blk.gate_logits(x[None])
-        a = [0] * len(positions) if logits is None else \
-            blk.choices[logits[0].argmax(-1)].tolist()
-        for i, p in enumerate(positions):
-            self.x[p], self.ready[p], self.a[p] = x[i], ready[i], a[i]
-            self.q[p] = q[0, i]
-            self.kv_new[p] = (k[0, i], v[0, i])
-            self.pending.add(p)
-        while self.contig in self.kv_new:
-            kk, vv = self.kv_new.pop(self.contig)
-            self.k.append(kk)
-            self.v.append(vv)
-            prev = self.prefix_ready[-1] if self.prefix_ready else -1
-            self.prefix_ready.append(max(prev, self.ready[self.contig]))
-            self.contig += 1
-
-    def take_ready(self, end: int | None) -> tuple[list[int], torch.Tensor, list[int]] | None:
-        """Compute the outputs whose keys ``[0, t + a_t]`` are all present (clipped to the
-        sequence ``end`` at flush). Returns ``(positions, y [m, C], ready)``."""
-        def hi(p):
-            h = p + self.a[p]
-            return min(h, end - 1) if end is not None else h
-
-        done = sorted(p for p in self.pending if hi(p) < self.contig)
-        if not done:
-            return None
-        his = [hi(p) for p in done]
-        blk = self.block.block
-        kend = max(his) + 1
-        k = torch.stack(self.k[:kend])  # [Tk, Hkv, D]
-        v = torch.stack(self.v[:kend])
-        q = torch.stack([self.q[p] for p in done])  # [m, H, D]
-        j = torch.arange(kend)
-        vis = j[None, :] <= torch.tensor(his)[:, None]  # [m, Tk]
-        mixed = _direct_mix(self.block.mixer, q, k, v, vis, torch.tensor(done),
-                            blk.mixer_kwargs())
-        pos = torch.tensor(done, dtype=torch.int64)
-        x = torch.stack([self.x[p] for p in done])
-        y = blk.stream_out(x[None], mixed[None], pos)[0]
-        ready = [self.prefix_ready[h] for h in his]
-        for p in done:
-            self.pending.discard(p)
-            del self.q[p]
-        return done, y, ready
-
-
-def _direct_mix(mixer: str, q, k, v, vis, qpos, kwargs) -> torch.Tensor:
-    """Dense mixer for a set of queries: ``q: [m, H, D]`` at ``qpos: [m]``, keys ``k: [Tk, Hkv,
-    D]`` at ``[0, Tk)``, ``vis: [m, Tk]`` bool -> ``[m, H, Dv]`` (fp32 math)."""
-    h, hkv = q.shape[1], k.shape[1]
-    if h != hkv:
-        k = k.repeat_interleave(h // hkv, dim=1)
-        v = v.repeat_interleave(h // hkv, dim=1)
-    s = torch.einsum("mhd,jhd->hmj", q.float(), k.float())
-    if mixer == "softmax":
-        s = (s * kwargs["scale"]).masked_fill(~vis[None], -math.inf)
-        w = s.softmax(-1)
-    else:
-        w = s * vis[None]
-        decay = kwargs.get("decay")
-        if decay is not None:
-            dist = (qpos[:, None] - torch.arange(k.shape[0])[None, :]).abs().float()
-            w = w * decay.float()[:, None, None] ** dist[None]
-    return torch.einsum("hmj,jhe->mhe", w, v.float()).to(q.dtype)
-
-
-class _Row:
-    def __init__(self, model: AdaptiveModel):
-        self.model = model
-        self.layers = [_Layer(b) for b in model.blocks]
-        self.frames_in = 0
-        self.latency: list[int] = []
-
-    def step(self, x: torch.Tensor, end: int | None) -> Emitted:
-        """``x: [n, C]`` embedded frames (n may be 0 at flush)."""
-        n = x.shape[0]
-        new = list(range(self.frames_in, self.frames_in + n))
-        self.frames_in += n
-        batch = (new, x, new) if n else None
-        for layer in self.layers:
-            if batch is not None:
-                layer.add(*batch)
-            batch = layer.take_ready(end)
-        if batch is None:
-            c = self.model.cfg.output_dim
-            return Emitted(torch.empty(0, dtype=torch.int64), x.new_empty(0, c),
-                           torch.empty(0, dtype=torch.int64))
-        pos, y, ready = batch
-        lat = [r - p for r, p in zip(ready, pos, strict=True)]
-        self.latency.extend(lat)
-        out = self.model.head(self.model.norm(y))
-        return Emitted(torch.tensor(pos, dtype=torch.int64), out, torch.tensor(lat))
-
-
-class AdaptiveModelStream:
+class AdaptiveModelStream(AdaptiveStream):
     """Stream an :class:`AdaptiveModel` with hard gates: ``push(frames)`` returns, per sequence
     of the batch, the outputs that became final (in any order, with their positions).
 
     ``push(inputs)``: ``[B, n]`` int64 tokens or ``[B, n, input_dim]`` floats (``n >= 1``) ->
-    list of ``B`` :class:`Emitted`; ``flush()`` ends the stream and returns the rest.
+    list of ``B`` :class:`Emitted` (``output: [m, output_dim]``); ``flush()`` ends the stream
+    and returns the rest.
 
-    Each sequence is scheduled on its own (its gates differ). At layer ``l`` the output at
-    ``t`` is computed once that layer's inputs ``[0, t + a_t]`` exist; it then exists as layer
+    The engine is :class:`causalmix.stream.adaptive.AdaptiveStream`: each sequence is scheduled
+    on its own (its gates differ); at layer ``l`` the output at ``t`` is computed once that
+    layer's inputs ``[0, t + a_t]`` exist, with the public ops; it then exists as layer
     ``l + 1``'s input. An output is final once frame ``r^L_t`` arrived, and
-    :attr:`Emitted.latency` reports ``r^L_t - t`` (tracked through the layers as the max over
-    the frames it waited for). Pushed one frame at a time, every output leaves in the push of
-    frame ``r^L_t`` exactly. Memory grows with the stream (keys are kept; inference only,
-    under ``torch.no_grad()``).
+    :attr:`Emitted.latency` reports ``r^L_t - t``. Pushed one frame at a time, every output
+    leaves in the push of frame ``r^L_t`` exactly. Memory grows with the stream (keys are
+    kept; inference only, under ``torch.no_grad()``).
     """
 
     def __init__(self, model: AdaptiveModel):
         if not isinstance(model, AdaptiveModel):
             raise TypeError(f"AdaptiveModelStream: model must be an AdaptiveModel, got "
                             f"{type(model).__name__}")
-        self.model = model
-        self.rows: list[_Row] | None = None
-        self.closed = False
-
-    def push(self, inputs: torch.Tensor) -> list[Emitted]:
-        if self.closed:
-            raise ValueError("AdaptiveModelStream.push: the stream was flushed (closed)")
-        self.model._check_inputs(inputs, "AdaptiveModelStream.push")
-        if self.rows is None:
-            self.rows = [_Row(self.model) for _ in range(inputs.shape[0])]
-        elif inputs.shape[0] != len(self.rows):
-            raise ValueError(f"AdaptiveModelStream.push: batch size {inputs.shape[0]} differs "
-                             f"from the first push's {len(self.rows)}")
-        with torch.no_grad():
-            x = self.model.embed(inputs)
-            return [row.step(x[i], None) for i, row in enumerate(self.rows)]
-
-    def flush(self) -> list[Emitted]:
-        if self.closed:
-            raise ValueError("AdaptiveModelStream.flush: the stream was already flushed")
-        if self.rows is None:
-            raise ValueError("AdaptiveModelStream.flush: nothing was pushed")
-        self.closed = True
-        with torch.no_grad():
-            c = self.model.cfg.d_model
-            p = next(self.model.parameters())
-            return [row.step(p.new_empty(0, c), row.frames_in) for row in self.rows]
-
-    @property
-    def latency(self) -> list[torch.Tensor]:
-        """Per sequence, ``[outputs emitted]`` int64 latencies in emission order."""
-        return [torch.tensor(r.latency, dtype=torch.int64) for r in (self.rows or [])]
+        super().__init__(model)

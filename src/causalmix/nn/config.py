@@ -3,11 +3,33 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
-from causalmix.visibility import Causal, Visibility
+from causalmix.visibility import ArgumentTypeError, Causal, Visibility, check_int
 
 MIXERS = ("softmax", "linear")
 FEATURE_MAPS = ("taylor", "elu")
+#: The ``impl=`` names each mixer's op accepts (``"auto"`` picks).
+IMPLS = {
+    "softmax": ("auto", "reference", "sdpa", "blocks", "flex"),
+    "linear": ("auto", "reference", "chunk", "recurrent"),
+}
+
+
+def _check_decays(decay, n_heads: int) -> tuple[float, ...]:
+    """``decay``: a sequence of ``n_heads`` real numbers in (0, 1]."""
+    if isinstance(decay, (str, bytes)) or not isinstance(decay, (tuple, list)):
+        raise ArgumentTypeError(
+            f"decay must be a tuple of {n_heads} floats in (0, 1] (one per head) or None, got "
+            f"{type(decay).__name__} {decay!r}")
+    if not all(isinstance(d, numbers.Real) and not isinstance(d, bool) for d in decay):
+        raise ValueError(f"decay must hold real numbers, got {decay!r}")
+    out = tuple(float(d) for d in decay)
+    if len(out) != n_heads or not all(0.0 < d <= 1.0 for d in out):
+        raise ValueError(
+            f"decay must be {n_heads} floats in (0, 1] (one per head), got {decay!r}")
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,14 +63,18 @@ class AttentionConfig:
     def __post_init__(self):
         if self.mixer not in MIXERS:
             raise ValueError(f"mixer must be one of {list(MIXERS)}, got {self.mixer!r}")
+        if self.impl not in IMPLS[self.mixer]:
+            raise ValueError(f"impl must be one of {list(IMPLS[self.mixer])} for the "
+                             f"{self.mixer} mixer, got {self.impl!r}")
+        if isinstance(self.rope_base, bool) or not isinstance(self.rope_base, numbers.Real) \
+                or not math.isfinite(self.rope_base) or self.rope_base <= 0:
+            raise ValueError(f"rope_base must be a finite number > 0, got {self.rope_base!r}")
         if self.feature_map not in FEATURE_MAPS:
             raise ValueError(
                 f"feature_map must be one of {list(FEATURE_MAPS)}, got {self.feature_map!r}"
             )
         for name in ("d_model", "n_heads", "feature_dim"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+            check_int(name, getattr(self, name), 1)
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})"
@@ -63,12 +89,7 @@ class AttentionConfig:
         if self.mixer == "softmax" and self.head_dim % 2:
             raise ValueError(f"rotary positions need an even head_dim, got {self.head_dim}")
         if self.decay is not None:
-            decay = tuple(float(d) for d in self.decay)
-            if len(decay) != self.n_heads or not all(0.0 < d <= 1.0 for d in decay):
-                raise ValueError(
-                    f"decay must be {self.n_heads} floats in (0, 1] (one per head), "
-                    f"got {self.decay!r}"
-                )
+            decay = _check_decays(self.decay, self.n_heads)
             if self.mixer != "linear":
                 raise ValueError("decay is a linear-mixer option; the softmax mixer takes none")
             object.__setattr__(self, "decay", decay)
@@ -76,7 +97,12 @@ class AttentionConfig:
 
 def head_decays(n_heads: int, fastest: float = 0.5) -> tuple[float, ...]:
     """Per-head decays from ``fastest`` (a local, previous-token-like head) up to 1.0 (no decay,
-    long-range recall), spaced geometrically in ``1 - decay``."""
+    long-range recall), spaced geometrically in ``1 - decay``. ``n_heads >= 1``,
+    ``0 < fastest < 1``."""
+    check_int("n_heads", n_heads, 1)
+    if isinstance(fastest, bool) or not isinstance(fastest, numbers.Real) \
+            or not 0.0 < fastest < 1.0:
+        raise ValueError(f"fastest must be a float in (0, 1), got {fastest!r}")
     if n_heads == 1:
         return (1.0,)
     # 1 - decay runs geometrically from (1 - fastest) down to 1/64 over the first n - 1 heads.
@@ -95,13 +121,11 @@ class BlockConfig:
 
     def __post_init__(self):
         if not isinstance(self.visibility, Visibility):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"visibility must be a causalmix.visibility spec, got "
                 f"{type(self.visibility).__name__}"
             )
-        if isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, int) \
-                or self.mlp_ratio < 1:
-            raise ValueError(f"mlp_ratio must be an int >= 1, got {self.mlp_ratio!r}")
+        check_int("mlp_ratio", self.mlp_ratio, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,10 +152,14 @@ class ModelConfig:
 
     def __post_init__(self):
         vis = self.visibility
-        if isinstance(vis, Visibility):
-            raise TypeError("visibility must be a tuple with one spec per layer, e.g. "
-                            "(Prefix(8), Causal()); got a single spec")
+        if isinstance(vis, Visibility) or not isinstance(vis, (tuple, list)):
+            raise ArgumentTypeError("visibility must be a tuple with one spec per layer, e.g. "
+                                    f"(Prefix(8), Causal()); got {type(vis).__name__}")
         vis = tuple(vis)
+        for n, v in enumerate(vis):
+            if not isinstance(v, Visibility):
+                raise ArgumentTypeError(f"visibility[{n}] must be a causalmix.visibility spec, "
+                                        f"got {type(v).__name__}")
         if not vis:
             raise ValueError("visibility must name at least one layer")
         object.__setattr__(self, "visibility", vis)
@@ -139,9 +167,8 @@ class ModelConfig:
             raise ValueError("set exactly one of vocab_size (token inputs) and input_dim "
                              f"(feature inputs), got {self.vocab_size!r} and {self.input_dim!r}")
         for name in ("vocab_size", "input_dim", "output_dim"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be an int >= 1 or None, got {v!r}")
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), 1)
         if self.output_dim is None:
             if self.vocab_size is None:
                 raise ValueError("output_dim is required when the inputs are features")

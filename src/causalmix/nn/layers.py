@@ -16,21 +16,23 @@ where ``stream_qkv`` and ``stream_out`` are pointwise in time and ``mix`` is
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from causalmix.nn.config import AttentionConfig, BlockConfig, ModelConfig
+from causalmix.ops._validate import compute_dtype
 from causalmix.ops.linear import linear_attention
 from causalmix.ops.softmax import softmax_attention
-from causalmix.visibility import Visibility
+from causalmix.visibility import ArgumentTypeError, Visibility, check_int
 
 __all__ = ["Attention", "Block", "SequenceModel", "feature_map", "mix", "rotary"]
 
 
-def mix(mixer: str, q, k, v, visibility: Visibility, *, q_offset: int = 0, k_offset: int = 0,
-        **kwargs) -> torch.Tensor:
+def mix(mixer: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibility: Visibility,
+        *, q_offset: int = 0, k_offset: int = 0, **kwargs: Any) -> torch.Tensor:
     """Run the named mixer: ``q, k: [B, Tq|Tk, H, D]``, ``v: [B, Tk, Hkv, Dv]`` ->
     ``[B, Tq, H, Dv]``. ``kwargs`` are the layer's :meth:`Block.mixer_kwargs`."""
     if mixer == "softmax":
@@ -47,7 +49,7 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> t
     ``positions: [n]`` int64 absolute indices. Computed in fp32 (fp64 for fp64 inputs),
     returned in x's dtype."""
     d = x.shape[-1]
-    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    wide = compute_dtype(x)
     inv = base ** (-torch.arange(0, d, 2, device=x.device, dtype=wide) / d)
     ang = positions.to(device=x.device, dtype=wide)[:, None] * inv  # [n, D/2]
     cos, sin = ang.cos()[None, :, None, :], ang.sin()[None, :, None, :]
@@ -102,7 +104,8 @@ class Attention(nn.Module):
             return {"scale": 1.0 / math.sqrt(self.cfg.head_dim)}
         return {} if self.decay is None else {"decay": self.decay}
 
-    def qkv(self, x: torch.Tensor, positions: torch.Tensor):
+    def qkv(self, x: torch.Tensor, positions: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = self.cfg
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, cfg.n_heads, -1)
@@ -152,11 +155,13 @@ class Block(nn.Module):
         """Keyword arguments for the mixer: ``{"scale": s}`` or ``{"decay": [H] tensor}``."""
         return self.attn.mixer_kwargs()
 
-    def stream_qkv(self, x: torch.Tensor, positions: torch.Tensor):
+    def stream_qkv(self, x: torch.Tensor, positions: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x: [B, n, C]`` at absolute ``positions: [n]`` -> ``(q, k, v)`` for the mixer."""
         return self.attn.qkv(self.norm1(x), positions)
 
-    def stream_out(self, x: torch.Tensor, mixed: torch.Tensor, positions: torch.Tensor):
+    def stream_out(self, x: torch.Tensor, mixed: torch.Tensor,
+                   positions: torch.Tensor) -> torch.Tensor:
         """``x: [B, n, C]``, ``mixed: [B, n, H, Dv]`` (the mixer's output) -> ``[B, n, C]``."""
         h = x + self.attn.out(mixed)
         return h + self.mlp(self.norm2(h))
@@ -165,6 +170,9 @@ class Block(nn.Module):
                 visibility: Visibility | None = None) -> torch.Tensor:
         """``x: [B, T, C]`` at positions ``offset + [0, T)``; ``visibility`` overrides the
         block's spec for this call (e.g. ``Prefix(n)`` with per-example lengths)."""
+        check_hidden(x, self.cfg.attention.d_model, "Block")
+        check_int("offset", offset, 0)
+        _check_override(visibility, "Block")
         vis = self.visibility if visibility is None else visibility
         positions = torch.arange(offset, offset + x.shape[1], device=x.device)
         q, k, v = self.stream_qkv(x, positions)
@@ -173,18 +181,45 @@ class Block(nn.Module):
         return self.stream_out(x, mixed, positions)
 
 
-def check_inputs(cfg, inputs, where: str = "") -> None:
-    """``inputs``: int64 tokens ``[B, T]`` when ``cfg.vocab_size`` is set, else float features
-    ``[B, T, cfg.input_dim]``; raises ``ValueError`` otherwise (``where`` prefixes the message)."""
+def check_inputs(cfg: ModelConfig, inputs: Any, where: str = "") -> None:
+    """``inputs``: int64 tokens ``[B, T]`` in ``[0, cfg.vocab_size)`` when ``cfg.vocab_size`` is
+    set, else float features ``[B, T, cfg.input_dim]``, with ``T >= 1``; raises ``ValueError``
+    otherwise (``where`` prefixes the message)."""
     pre = f"{where}: " if where else ""
     got = f"{getattr(inputs, 'dtype', type(inputs))} {list(getattr(inputs, 'shape', []))}"
     if cfg.vocab_size is not None:
         if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2 \
                 or inputs.dtype != torch.int64:
             raise ValueError(f"{pre}inputs must be int64 tokens [B, T], got {got}")
+        if inputs.numel() and (int(inputs.min()) < 0 or int(inputs.max()) >= cfg.vocab_size):
+            raise ValueError(
+                f"{pre}inputs must be token ids in [0, vocab_size={cfg.vocab_size}), got min "
+                f"{int(inputs.min())}, max {int(inputs.max())}")
     elif not isinstance(inputs, torch.Tensor) or inputs.dim() != 3 \
             or inputs.shape[-1] != cfg.input_dim or not inputs.dtype.is_floating_point:
         raise ValueError(f"{pre}inputs must be float features [B, T, {cfg.input_dim}], got {got}")
+    if inputs.shape[0] < 1 or inputs.shape[1] < 1:
+        raise ValueError(f"{pre}inputs must have batch >= 1 and length T >= 1, got shape "
+                         f"{list(inputs.shape)}")
+
+
+def check_hidden(x: Any, d_model: int, where: str) -> None:
+    """``x``: float activations ``[B, T, d_model]`` with ``B, T >= 1``."""
+    if not isinstance(x, torch.Tensor):
+        raise ArgumentTypeError(f"{where}: x must be a float [B, T, {d_model}] tensor, got "
+                                f"{type(x).__name__}")
+    if x.dim() != 3 or x.shape[-1] != d_model or not x.dtype.is_floating_point:
+        raise ValueError(f"{where}: x must be a float [B, T, {d_model}] tensor, got "
+                         f"{x.dtype} {list(x.shape)}")
+    if x.shape[0] < 1 or x.shape[1] < 1:
+        raise ValueError(f"{where}: x must have batch >= 1 and length T >= 1, got shape "
+                         f"{list(x.shape)}")
+
+
+def _check_override(visibility, where: str) -> None:
+    if visibility is not None and not isinstance(visibility, Visibility):
+        raise ArgumentTypeError(f"{where}: visibility must be a causalmix.visibility spec or "
+                                f"None, got {type(visibility).__name__}")
 
 
 class SequenceModel(nn.Module):
@@ -205,13 +240,30 @@ class SequenceModel(nn.Module):
         self.norm = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.output_dim)
 
+    def stream_in(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The input map, pointwise in time: ``inputs [B, n]`` or ``[B, n, input_dim]`` ->
+        ``[B, n, d_model]`` (with :meth:`stream_head` and ``blocks``, what
+        :class:`causalmix.stream.ModelStream` streams)."""
+        check_inputs(self.cfg, inputs, "SequenceModel")
+        return self.embed(inputs)
+
+    def stream_head(self, h: torch.Tensor) -> torch.Tensor:
+        """The output map, pointwise in time: ``h [B, n, d_model]`` (the last block's output)
+        -> ``[B, n, output_dim]``."""
+        return self.head(self.norm(h))
+
     def forward(self, inputs: torch.Tensor, *, offset: int = 0,
                 visibility: tuple[Visibility, ...] | None = None,
-                return_hidden: bool = False):
+                return_hidden: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """``visibility``: one spec per layer overriding the config's for this call.
         ``return_hidden``: also return each block's output ``[B, T, C]`` (a list)."""
         cfg = self.cfg
-        check_inputs(cfg, inputs)
+        check_inputs(cfg, inputs, "SequenceModel")
+        check_int("offset", offset, 0)
+        if isinstance(visibility, Visibility):
+            raise ArgumentTypeError("SequenceModel: visibility must give one spec per layer (a "
+                                    "tuple), got a single spec")
         if visibility is not None and len(visibility) != len(self.blocks):
             raise ValueError(f"visibility must give one spec per layer ({len(self.blocks)}), "
                              f"got {len(visibility)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -25,7 +26,7 @@ def compute_dtype(x: torch.Tensor | torch.dtype) -> torch.dtype:
     return torch.float64 if dt == torch.float64 else torch.float32
 
 
-def check_scale(fn: str, scale) -> float | None:
+def check_scale(fn: str, scale: Any) -> float | None:
     """``scale``: ``None`` (the default ``1 / sqrt(D)``) or a finite real number."""
     if scale is None:
         return None
@@ -36,7 +37,7 @@ def check_scale(fn: str, scale) -> float | None:
     return float(scale)
 
 
-def check_decay(fn: str, decay, heads: int, device: torch.device) -> torch.Tensor | None:
+def check_decay(fn: str, decay: Any, heads: int, device: torch.device) -> torch.Tensor | None:
     """``decay``: ``None`` or a floating ``[H]`` tensor on ``device`` with values in (0, 1]."""
     if decay is None:
         return None
@@ -56,7 +57,8 @@ def check_decay(fn: str, decay, heads: int, device: torch.device) -> torch.Tenso
     return decay
 
 
-def check_qkv(fn: str, q, k, v, *, same_head_count: bool = False) -> tuple[int, ...]:
+def check_qkv(fn: str, q: Any, k: Any, v: Any, *, same_head_count: bool = False
+              ) -> tuple[int, ...]:
     """Check ``q: [B, Tq, Hq, D]``, ``k: [B, Tk, Hkv, D]``, ``v: [B, Tk, Hkv, Dv]``.
 
     Returns ``(B, Tq, Tk, Hq, Hkv, D, Dv)``.
@@ -100,7 +102,7 @@ def check_qkv(fn: str, q, k, v, *, same_head_count: bool = False) -> tuple[int, 
 
 
 def check_visibility(
-    fn: str, visibility, batch: int, q_len: int, k_len: int, q_offset, k_offset
+    fn: str, visibility: Any, batch: int, q_len: int, k_len: int, q_offset: int, k_offset: int
 ) -> None:
     if not isinstance(visibility, Visibility):
         raise ArgumentTypeError(

@@ -10,6 +10,8 @@
 
     m = ModelStream(layers)                            # layers implement StreamableLayer
     y = m.push(x)                                      # x: [B, n, C] -> [B, m, C']
+    m = ModelStream(model)                             # a whole causalmix.nn.SequenceModel
+    logits = m.push(tokens)                            # tokens: [B, n] -> [B, m, vocab]
 
 Concatenated outputs equal the parallel run over the whole sequence (positions are absolute,
 counted from the first pushed frame).
@@ -29,12 +31,26 @@ counted from the first pushed frame).
   ``Causal``, ``Window(left)``, ``Prefix`` with the prefix as the first step, ``Chunked`` a chunk
   per step) and raises otherwise.
 
+A call that raises (bad frames, positions the spec does not define, a decode step whose
+outputs are not final) leaves the stream exactly as it was. An explicit ``impl`` that cannot
+serve the stream's calls raises at construction. ``repr`` shows the spec, the options and the
+frames in / out / pending.
+
+Latency maths: :class:`LatencyStats`, :func:`compounded_latency` (a stack of specs, from their
+masks), :func:`expected_latency` (the differentiable mean-field latency of per-frame gates).
+
 Streams are for inference: they run under ``torch.no_grad()``.
 """
 
-from causalmix.stream._common import LatencyStats, MixerStream
+from causalmix.stream._common import MixerStream
+from causalmix.stream.latency import (
+    LatencyStats,
+    compounded_latency,
+    expected_latency,
+    latency_stats,
+)
 from causalmix.stream.linear import LinearStream
-from causalmix.stream.model import ModelStream, StreamableLayer, mixer_stream
+from causalmix.stream.model import ModelStream, StreamableLayer, StreamableModel, mixer_stream
 from causalmix.stream.softmax import SoftmaxStream
 
 __all__ = [
@@ -44,5 +60,9 @@ __all__ = [
     "ModelStream",
     "SoftmaxStream",
     "StreamableLayer",
+    "StreamableModel",
+    "compounded_latency",
+    "expected_latency",
+    "latency_stats",
     "mixer_stream",
 ]

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import array
 import bisect
-import dataclasses
-import math
 
 import torch
 
+from causalmix import visibility as _visibility
 from causalmix.ops._validate import check_qkv
+from causalmix.stream.latency import LatencyStats
 from causalmix.visibility import UnboundedHorizonError, Visibility
+
+__all__ = ["FrameBuffer", "IntLog", "LatencyStats", "MixerStream", "ReadyTracker", "horizon",
+           "unbounded_error"]
 
 # ============================================================================ when is output final
 
@@ -66,7 +69,7 @@ class ReadyTracker:
         """Make ``ready_at`` known for every position below ``upto``."""
         while self.base + len(self.ready) < upto:
             a = self.base + len(self.ready)
-            n = max(upto - a, self.BLOCK)
+            n = min(max(upto - a, self.BLOCK), _visibility.MAX_POSITION - a)
             if self._cover is not None:
                 n = min(n, self._cover - a)
             positions = torch.arange(a, a + n)
@@ -101,32 +104,7 @@ class ReadyTracker:
         return out
 
 
-# ============================================================================ latency reports
-
-
-@dataclasses.dataclass(frozen=True)
-class LatencyStats:
-    """Summary of per-output algorithmic latencies (frames waited beyond the output's own)."""
-
-    count: int
-    mean: float
-    p50: float
-    p90: float
-    max: int
-
-    @staticmethod
-    def of(latency: torch.Tensor) -> LatencyStats:
-        """``latency: [N]`` int -> summary (all zeros / NaN mean for N = 0)."""
-        if latency.numel() == 0:
-            return LatencyStats(0, math.nan, math.nan, math.nan, 0)
-        f = latency.double()
-        return LatencyStats(
-            count=int(latency.numel()),
-            mean=float(f.mean()),
-            p50=float(torch.quantile(f, 0.5)),
-            p90=float(torch.quantile(f, 0.9)),
-            max=int(latency.max()),
-        )
+# ============================================================================ latency log
 
 
 class IntLog:
@@ -246,6 +224,8 @@ class MixerStream:
     """
 
     mixer = "?"
+    #: constructor options shown by ``repr`` (those the stream has)
+    _REPR_OPTIONS = ("scale", "decay", "impl", "chunk_size")
 
     def __init__(self, visibility: Visibility):
         name = type(self).__name__
@@ -302,12 +282,14 @@ class MixerStream:
         name = type(self).__name__
         if self.closed:
             raise ValueError(f"{name}.push: the stream was flushed (closed); start a new stream")
-        self._check(q, k, v)
+        # every check before the first change: a push that raises leaves the stream as it was
+        shapes = self._check(q, k, v)
         n = q.shape[1]
-        self._check_cover(self.frames_in + n)
+        self._check_positions(n)
+        direct = self.frames_out == self.frames_in and self.final_after(n) == n
+        self._shapes = shapes
         with torch.no_grad():
-            if self.frames_out == self.frames_in and \
-                    self._tracker.count_ready(self.frames_out, self.frames_in + n) == n:
+            if direct:
                 # nothing pending and every output of this push is final: no query buffering
                 self.frames_in += n
                 return self._emit(n, direct=(q, k, v))
@@ -339,22 +321,30 @@ class MixerStream:
         frames is not final yet (the spec looks ahead of them) or earlier outputs are pending.
         """
         name = type(self).__name__
+        if self.closed:
+            raise ValueError(f"{name}.step: the stream was flushed (closed); start a new stream")
         if self.frames_out != self.frames_in:
             raise ValueError(
-                f"{name}.step: {self.frames_in - self.frames_out} earlier outputs are still "
+                f"{name}.step: {self.pending} earlier outputs are still "
                 f"pending; step() needs a stream whose outputs are all final (use push())"
             )
-        p0 = self.frames_in
-        out = self.push(q, k, v)
-        if out.shape[1] != q.shape[1]:
+        self._check(q, k, v)
+        p0, n = self.frames_in, q.shape[1]
+        self._check_positions(n)
+        final = self.final_after(n)
+        if final != n:
             raise ValueError(
-                f"{name}.step: outputs of positions [{p0 + out.shape[1]}, {p0 + q.shape[1]}) are "
+                f"{name}.step: outputs of positions [{p0 + final}, {p0 + n}) are "
                 f"not final after this step under {self.visibility!r} (they wait for frames up "
-                f"to {self._tracker.ready_of(self.frames_in - 1)}); decode a whole chunk / the "
-                f"whole prefix "
-                f"per step, or use push()"
+                f"to {self._tracker.ready_of(p0 + n - 1)}); decode a whole chunk / the whole "
+                f"prefix per step, or use push()"
             )
-        return out
+        return self.push(q, k, v)
+
+    def final_after(self, n: int) -> int:
+        """How many of the pending outputs and those of ``n`` more frames would be final once
+        these frames arrived (changes nothing)."""
+        return self._tracker.count_ready(self.frames_out, self.frames_in + n)
 
     @property
     def ready_at(self) -> torch.Tensor:
@@ -373,9 +363,17 @@ class MixerStream:
         return LatencyStats.of(self.latency)
 
     @property
-    def lookahead_frames(self) -> int:
-        """Outputs not yet emitted (waiting for their lookahead)."""
+    def pending(self) -> int:
+        """Number of outputs not yet emitted: frames pushed whose outputs still wait for their
+        lookahead (``frames_in - frames_out``)."""
         return self.frames_in - self.frames_out
+
+    def __repr__(self) -> str:
+        options = "".join(f", {f}={_short(getattr(self, f))}" for f in self._REPR_OPTIONS
+                          if hasattr(self, f))
+        state = "closed" if self.closed else "open"
+        return (f"{type(self).__name__}({self.visibility!r}{options}; frames_in={self.frames_in}, "
+                f"frames_out={self.frames_out}, pending={self.pending}, {state})")
 
     # ------------------------------------------------------------------ internals
     def _emit(self, m: int, direct: tuple | None = None) -> torch.Tensor:
@@ -398,7 +396,8 @@ class MixerStream:
         self._advance()
         return out
 
-    def _check(self, q, k, v) -> None:
+    def _check(self, q, k, v) -> tuple:
+        """Check a push's frames (changing nothing); returns their shapes to keep."""
         name = f"{type(self).__name__}.push"
         _, tq, tk, hq, hkv, d, dv = check_qkv(name, q, k, v)
         if tq != tk:
@@ -410,7 +409,6 @@ class MixerStream:
         shapes = (q.shape[0], hq, hkv, d, dv, q.dtype, q.device)
         if self._shapes is None:
             self._check_first(q, k, v)
-            self._shapes = shapes
         elif shapes != self._shapes:
             names = ("batch", "q heads", "kv heads", "head dim", "value dim", "dtype", "device")
             diff = [
@@ -419,6 +417,7 @@ class MixerStream:
                 if new != old
             ]
             raise ValueError(f"{name}: frames differ from the first push: {', '.join(diff)}")
+        return shapes
 
     def _check_first(self, q, k, v) -> None:
         name = f"{type(self).__name__}.push"
@@ -429,10 +428,17 @@ class MixerStream:
                 f"have batch size {q.shape[0]}"
             )
 
-    def _check_cover(self, total: int) -> None:
-        cover = self.visibility.covered_length
-        if cover is not None and total > cover:
-            raise ValueError(
-                f"{type(self).__name__}.push: {self.visibility!r} defines positions [0, {cover}) "
-                f"but this push would reach position {total - 1}"
-            )
+    def _check_positions(self, n: int) -> None:
+        """The push's queries ``[frames_in, frames_in + n)`` and keys ``[0, frames_in + n)``
+        must be positions the spec defines (and below ``MAX_POSITION``)."""
+        try:
+            self.visibility.check_positions(n, self.frames_in + n, self.frames_in, 0)
+        except ValueError as e:
+            raise ValueError(f"{type(self).__name__}.push: this push would reach position "
+                             f"{self.frames_in + n - 1}: {e}") from None
+
+
+def _short(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return repr(value.tolist()) if value.numel() <= 8 else f"<tensor {list(value.shape)}>"
+    return repr(value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -109,12 +110,32 @@ class _LayerState:
         return y
 
 
+@runtime_checkable
+class StreamableModel(Protocol):
+    """A whole model :class:`ModelStream` can stream (``causalmix.nn.SequenceModel`` implements
+    it): an input map, a stack of :class:`StreamableLayer` s, an output map, the two maps
+    pointwise in time."""
+
+    blocks: Sequence[StreamableLayer]
+
+    def stream_in(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``inputs: [B, n]`` token ids or ``[B, n, F]`` features -> ``[B, n, C]``; raises
+        ``ValueError`` for inputs the model does not take."""
+        ...
+
+    def stream_head(self, h: torch.Tensor) -> torch.Tensor:
+        """The last layer's output ``[B, n, C]`` -> ``[B, n, C_out]`` (e.g. logits)."""
+        ...
+
+
 class ModelStream:
-    """Stream a stack of :class:`StreamableLayer` s: ``push(x [B, n, C]) -> [B, m, C']``.
+    """Stream a stack of :class:`StreamableLayer` s, or a whole :class:`StreamableModel`:
+    ``push(x [B, n, C]) -> [B, m, C']`` (a model: ``push(inputs [B, n])`` token ids, or its
+    ``[B, n, F]`` features, ``-> [B, m, C_out]`` logits).
 
     Frames go through the layers in order; each layer's mixer stream releases the outputs that
     are final, which then feed the next layer. Concatenated outputs (``push`` ... ``flush``)
-    equal running the layers in parallel over the whole sequence.
+    equal running the layers (the model) in parallel over the whole sequence.
 
     Latency compounds exactly: final output ``i`` needs layer ``L``'s input up to
     ``r_L(i)``, which needs layer ``L-1``'s input up to ``r_{L-1}(r_L(i))``, and so on, where
@@ -122,11 +143,15 @@ class ModelStream:
     ``Window(left, a)`` in every layer that is ``L * a``; with ``Chunked(size, a)`` it is
     ``(i // size + L * a + 1) * size - 1 - i`` (clipped to the last frame at flush).
 
-    An empty result before any output was produced has the input's feature size ``C``.
-    Streams are for inference (``torch.no_grad()``).
+    An empty result before any output was produced has the input's feature size ``C`` (a
+    model: its output size). A call that raises leaves the stream as it was. Streams are for
+    inference (``torch.no_grad()``).
     """
 
-    def __init__(self, layers):
+    def __init__(self, layers: Iterable[StreamableLayer] | StreamableModel):
+        self.model: StreamableModel | None = None
+        if isinstance(layers, StreamableModel):
+            self.model, layers = layers, layers.blocks
         layers = list(layers)
         if not layers:
             raise ValueError("ModelStream: layers must hold at least one StreamableLayer")
@@ -140,12 +165,14 @@ class ModelStream:
 
     # ------------------------------------------------------------------ public
     def push(self, x: torch.Tensor) -> torch.Tensor:
-        """``x: [B, n, C]``, the next ``n >= 1`` frames -> ``[B, m, C']`` final outputs of
-        positions ``[frames_out, frames_out + m)``."""
+        """``x: [B, n, C]``, the next ``n >= 1`` frames (a model: its inputs ``[B, n]`` or
+        ``[B, n, F]``) -> ``[B, m, C']`` final outputs of positions
+        ``[frames_out, frames_out + m)``."""
         if self.closed:
             raise ValueError("ModelStream.push: the stream was flushed (closed); start a new one")
-        self._check(x)
         with torch.no_grad():
+            x = self._prepare(x, "push")
+            self._shape = (x.shape[0], x.shape[2], x.dtype, x.device)
             self.frames_in += x.shape[1]
             h: torch.Tensor | None = x
             for st in self.layers:
@@ -177,24 +204,34 @@ class ModelStream:
             return self._collect(h, torch.empty(b, 0, c, dtype=dtype, device=device))
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
-        """Decode step: push ``x: [B, n, C]`` and return exactly its ``n`` outputs; raises
-        ``ValueError`` if an output is not final yet (some layer looks ahead of these frames)
-        or earlier outputs are pending. See :meth:`MixerStream.step` for the specs it serves."""
+        """Decode step: push ``x: [B, n, C]`` (a model: its inputs) and return exactly its ``n``
+        outputs; raises ``ValueError`` (pushing nothing) if an output would not be final yet
+        (some layer looks ahead of these frames) or earlier outputs are pending. See
+        :meth:`MixerStream.step` for the specs it serves."""
+        if self.closed:
+            raise ValueError("ModelStream.step: the stream was flushed (closed); start a new one")
         if self.frames_out != self.frames_in:
             raise ValueError(
-                f"ModelStream.step: {self.frames_in - self.frames_out} earlier outputs are still "
+                f"ModelStream.step: {self.pending} earlier outputs are still "
                 f"pending; step() needs a stream whose outputs are all final (use push())"
             )
-        p0 = self.frames_in
-        out = self.push(x)
-        if out.shape[1] != x.shape[1]:
+        with torch.no_grad():
+            n = self._prepare(x, "step").shape[1]
+        not_final = [i for i, st in enumerate(self.layers) if st.mixer.final_after(n) != n]
+        if not_final:
+            p0 = self.frames_in
             specs = [repr(st.layer.visibility) for st in self.layers]
             raise ValueError(
-                f"ModelStream.step: outputs of positions [{p0 + out.shape[1]}, "
-                f"{p0 + x.shape[1]}) are not final after this step (layer specs {specs}); decode "
-                f"a whole chunk / the whole prefix per step, or use push()"
+                f"ModelStream.step: outputs of positions [{p0}, {p0 + n}) would not be final "
+                f"after this step: not final after this step in layers {not_final} (layer "
+                f"specs {specs}); decode a whole chunk / the whole prefix per step, or use push()"
             )
-        return out
+        return self.push(x)
+
+    @property
+    def pending(self) -> int:
+        """Number of outputs not yet emitted (``frames_in - frames_out``)."""
+        return self.frames_in - self.frames_out
 
     @property
     def latency(self) -> torch.Tensor:
@@ -209,9 +246,30 @@ class ModelStream:
         """Bytes held by every layer's mixer state / cache and pending-frame buffers."""
         return sum(st.mixer.cache_nbytes() + st.x.nbytes() for st in self.layers)
 
+    def __repr__(self) -> str:
+        what = "" if self.model is None else f"{type(self.model).__name__}: "
+        layers = ", ".join(f"{st.mixer.mixer} {st.layer.visibility!r}" for st in self.layers)
+        state = "closed" if self.closed else "open"
+        return (f"ModelStream({what}{len(self.layers)} layers [{layers}]; frames_in="
+                f"{self.frames_in}, frames_out={self.frames_out}, pending={self.pending}, "
+                f"{state})")
+
     # ------------------------------------------------------------------ internals
+    def _prepare(self, x, where: str) -> torch.Tensor:
+        """Every check of a push, changing nothing: the model's input map, the frames' shape,
+        and the positions every layer's spec must define. Returns the first layer's input."""
+        if self.model is not None:
+            x = self.model.stream_in(x)
+        self._check(x, where)
+        n = x.shape[1]
+        for st in self.layers:
+            st.mixer._check_positions(n)
+        return x
+
     def _collect(self, h: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
         if h is None:
+            if self.model is not None:
+                return self.model.stream_head(x[:, :0])
             c = self._out_features if self._out_features is not None else x.shape[2]
             return x.new_empty(x.shape[0], 0, c)
         self._out_features = h.shape[2]
@@ -224,21 +282,20 @@ class ModelStream:
         self.frames_out += m
         for st in self.layers:
             st.mixer._ready_log.drop_before(self.frames_out)
-        return h
+        return h if self.model is None else self.model.stream_head(h)
 
-    def _check(self, x) -> None:
+    def _check(self, x, where: str = "push") -> None:
+        name = f"ModelStream.{where}"
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"ModelStream.push: x must be a torch.Tensor, got {type(x).__name__}")
+            raise TypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 3 or x.shape[1] < 1:
             raise ValueError(
-                f"ModelStream.push: x must be [batch, n >= 1 frames, features], got shape "
+                f"{name}: x must be [batch, n >= 1 frames, features], got shape "
                 f"{list(x.shape)}"
             )
         shape = (x.shape[0], x.shape[2], x.dtype, x.device)
-        if self._shape is None:
-            self._shape = shape
-        elif shape != self._shape:
+        if self._shape is not None and shape != self._shape:
             raise ValueError(
-                f"ModelStream.push: frames (batch, features, dtype, device) = {shape} differ from "
+                f"{name}: frames (batch, features, dtype, device) = {shape} differ from "
                 f"the first push's {self._shape}"
             )

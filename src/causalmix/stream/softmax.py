@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 
-from causalmix.ops.softmax import softmax_attention
+import torch
+
+from causalmix.ops._validate import check_scale
+from causalmix.ops.softmax import available_impls, softmax_attention
 from causalmix.ops.softmax.api import IMPLS
 from causalmix.stream._common import FrameBuffer, MixerStream
 from causalmix.visibility import And, Causal, Chunked, Full, Or, Visibility, Window
@@ -22,6 +25,28 @@ def period(vis: Visibility) -> int | None:
         pa, pb = period(vis.a), period(vis.b)
         return None if pa is None or pb is None else math.lcm(pa, pb)
     return None
+
+
+def _check_impl(impl: str, visibility: Visibility) -> str:
+    """``impl`` if it can serve every call the stream makes, else ``ValueError`` (at
+    construction, not mid-stream). The calls put queries ``[p0, p0 + m)`` after cached keys
+    ``[k0, p0 + m + lookahead)``; the probe asks each implementation about such a call (on CPU,
+    without gradients: streams run under ``no_grad``)."""
+    if impl != "auto" and impl not in IMPLS:
+        raise ValueError(f"SoftmaxStream: impl must be one of {['auto', *IMPLS]}, got {impl!r}")
+    if impl == "auto":
+        return impl
+    x = torch.zeros(1, 2, 1, 1)
+    k = torch.zeros(1, 8, 1, 1)
+    reasons = available_impls(x, k, k, visibility, q_offset=5, k_offset=0)
+    if reasons[impl] is not None:
+        ok = ["auto", *(name for name, why in reasons.items() if why is None)]
+        raise ValueError(
+            f"SoftmaxStream: impl={impl!r} cannot serve the calls of a stream under "
+            f"{visibility!r} (queries after cached keys, e.g. queries [5, 7) against keys "
+            f"[0, 8)): {reasons[impl]}; implementations that can: {ok}"
+        )
+    return impl
 
 
 class SoftmaxStream(MixerStream):
@@ -49,7 +74,8 @@ class SoftmaxStream(MixerStream):
     Args:
         visibility: the spec, as for the parallel call.
         scale: score scale, default ``1 / sqrt(D)``.
-        impl: passed to ``softmax_attention`` (``"auto"``, ``"blocks"``, ``"reference"``, ...).
+        impl: passed to ``softmax_attention`` (``"auto"``, ``"blocks"``, ``"reference"``, ...);
+            an explicit impl that cannot serve the stream's calls raises ``ValueError`` here.
 
     Shapes: ``push(q [B, n, H, D], k [B, n, Hkv, D], v [B, n, Hkv, Dv]) -> [B, m, H, Dv]``.
     """
@@ -58,13 +84,8 @@ class SoftmaxStream(MixerStream):
 
     def __init__(self, visibility: Visibility, *, scale: float | None = None, impl: str = "auto"):
         super().__init__(visibility)
-        if impl != "auto" and impl not in IMPLS:
-            raise ValueError(
-                f"SoftmaxStream: impl must be one of {['auto', *IMPLS]}, got {impl!r}"
-            )
-        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-            raise ValueError(f"SoftmaxStream: scale must be a float or None, got {scale!r}")
-        self.scale, self.impl = scale, impl
+        self.scale = check_scale("SoftmaxStream", scale)
+        self.impl = _check_impl(impl, visibility)
         self._period = period(visibility)
         self._k = FrameBuffer()
         self._v = FrameBuffer()

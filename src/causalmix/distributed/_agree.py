@@ -1,0 +1,163 @@
+"""Every rank must call a sharded mixer with the same spec, layout, shapes, dtype, scale...:
+checked before any exchange, failing on every rank with the same error.
+
+Each rank reduces each argument to a short description and a 64-bit digest of its canonical
+form (specs by type and fields, tensor fields by content; tensors by dtype, shape and device
+type). One ``all_gather`` of the digests tells every rank whether all agree; if not, one more
+gather of the descriptions lets every rank raise the same ``ValueError`` naming each argument
+that differs and what each rank passed. The canonical form never raises, whatever the argument,
+so a rank with a bad argument still joins the check (and the others do not hang on it); the
+ordinary argument checks run after it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import torch
+import torch.distributed as dist
+
+from causalmix.distributed._ring import Ring
+from causalmix.ops._cache import LRUCache
+from causalmix.visibility import Visibility
+
+__all__ = ["check_agreement", "signature"]
+
+_SPEC_DIGESTS: LRUCache[str] = LRUCache(64)
+_MAX_DESCRIPTION = 200
+
+
+def _tensor_content(t: torch.Tensor) -> str:
+    data = t.detach().cpu().contiguous()
+    h = hashlib.sha256(str(data.dtype).encode())
+    h.update(repr(tuple(data.shape)).encode())
+    h.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return h.hexdigest()
+
+
+def _spec_canonical(spec: Visibility) -> str:
+    """Type and fields (recursively; tensors by content), or type and ``repr`` for a spec that
+    is not a dataclass."""
+    name = f"{type(spec).__module__}.{type(spec).__qualname__}"
+    if not dataclasses.is_dataclass(spec):
+        return f"{name}({_repr(spec)})"
+    parts = [f"{f.name}={_canonical(getattr(spec, f.name))}" for f in dataclasses.fields(spec)
+             if f.init]
+    return f"{name}({', '.join(parts)})"
+
+
+def _canonical(value) -> str:
+    if isinstance(value, Visibility):
+        try:
+            cached = _SPEC_DIGESTS.get(value)
+        except (TypeError, ValueError):  # unhashable or refusing (modified in place)
+            cached = None
+        if cached is None:
+            cached = _spec_canonical(value)
+            try:
+                _SPEC_DIGESTS.put(value, cached)
+            except (TypeError, ValueError):
+                pass
+        return cached
+    if isinstance(value, torch.Tensor):
+        return f"tensor({value.dtype}, {list(value.shape)}, {value.device.type}, " \
+               f"{_tensor_content(value)})"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"number:{float(value)!r}"  # scale=1 and scale=1.0 agree
+    if isinstance(value, (torch.dtype, torch.device, str, bool, type(None))):
+        return f"{type(value).__name__}:{_repr(value)}"
+    if isinstance(value, (tuple, list)):
+        return f"{type(value).__name__}[{', '.join(_canonical(v) for v in value)}]"
+    return f"{type(value).__qualname__}:{_repr(value)}"
+
+
+def signature(x) -> str:
+    """What of a tensor argument ``[B, n, H, D]`` must agree across ranks: dtype, shape and
+    device type (not the device index: each rank has its own GPU); the type for anything
+    else."""
+    if not isinstance(x, torch.Tensor):
+        return f"not a tensor: {type(x).__name__}"
+    dims = ("batch", "positions", "heads", "dim")
+    shape = ", ".join(f"{n} {s}" for n, s in zip(dims, x.shape, strict=True)) \
+        if x.dim() == 4 else f"shape {list(x.shape)}"
+    return f"{x.dtype} [{shape}] on {x.device.type}"
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        shown = f", values {value.detach().cpu().tolist()}" if value.numel() <= 16 else ""
+        return f"tensor({value.dtype}, {list(value.shape)}{shown})"
+    text = _repr(value)
+    if len(text) > _MAX_DESCRIPTION:
+        text = text[: _MAX_DESCRIPTION - 3] + "..."
+    if isinstance(value, Visibility):  # the repr may hide a tensor's content
+        text += f" (content digest {_digest(_canonical(value)) & 0xFFFFFFFF:08x})"
+    return text
+
+
+def _repr(value) -> str:
+    try:
+        return repr(value)
+    except Exception:  # a user's spec with a broken repr must not stop the check on one rank
+        return f"<{type(value).__qualname__} whose repr raises>"
+
+
+def _digest(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little", signed=True)
+
+
+def _device(ring: Ring) -> torch.device:
+    if dist.get_backend(ring.group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _gather_strings(ring: Ring, text: str, device) -> list[str]:
+    data = torch.tensor(list(text.encode()), dtype=torch.uint8, device=device)
+    n = torch.tensor([data.numel()], dtype=torch.int64, device=device)
+    sizes = [torch.empty_like(n) for _ in range(ring.world)]
+    dist.all_gather(sizes, n, group=ring.group)
+    width = max(int(s) for s in sizes)
+    padded = torch.zeros(width, dtype=torch.uint8, device=device)
+    padded[: data.numel()] = data
+    parts = [torch.empty_like(padded) for _ in range(ring.world)]
+    dist.all_gather(parts, padded, group=ring.group)
+    return [bytes(p[: int(s)].cpu().tolist()).decode() for p, s in zip(parts, sizes, strict=True)]
+
+
+def check_agreement(fn: str, group, arguments: dict[str, object]) -> None:
+    """Check that every rank of ``group`` passed equal ``arguments`` (name -> value: specs,
+    layouts, ``q.shape``-like tuples, dtypes, scales, tensors compared by content...).
+
+    Collective: every rank must call it with the same argument names (the same code path).
+    Raises ``ValueError`` on every rank if some argument differs between ranks, naming each such
+    argument and each rank's value. Does nothing where ``torch.distributed`` is not initialised
+    (the caller's ``Ring.of`` says so after its local checks) or the group has one rank.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return  # not collective yet: the caller's own checks and Ring.of report it
+    ring = Ring.of(fn, group)
+    if ring.world == 1:
+        return
+    device = _device(ring)
+    names = list(arguments)
+    mine = torch.tensor([_digest(_canonical(arguments[n])) for n in names], dtype=torch.int64,
+                        device=device)
+    everyone = [torch.empty_like(mine) for _ in range(ring.world)]
+    dist.all_gather(everyone, mine, group=ring.group)
+    differ = [i for i, _ in enumerate(names)
+              if any(int(e[i]) != int(everyone[0][i]) for e in everyone)]
+    if not differ:
+        return
+    # every rank saw the same digests, so every rank takes this branch: the gather is collective
+    text = "\x00".join(_describe(arguments[names[i]]) for i in differ)
+    values = [t.split("\x00") for t in _gather_strings(ring, text, device)]
+    lines = []
+    for n, i in enumerate(differ):
+        per_rank = ", ".join(f"rank {r}: {values[r][n]}" for r in range(ring.world))
+        lines.append(f"{names[i]} ({per_rank})")
+    raise ValueError(
+        f"{fn}: ranks disagree on arguments that must be equal on every rank (this is rank "
+        f"{ring.rank}): {'; '.join(lines)}"
+    )
