@@ -7,7 +7,13 @@ from typing import NamedTuple
 
 import torch
 
-from causalmix.ops._validate import check_qkv, check_scale, check_visibility, compute_dtype
+from causalmix.ops._validate import (
+    ArgumentTypeError,
+    check_qkv,
+    check_scale,
+    check_visibility,
+    compute_dtype,
+)
 from causalmix.ops.softmax import _nonfinite
 from causalmix.ops.softmax._call import Call
 from causalmix.ops.softmax.impl import blocks, flex, reference, sdpa
@@ -45,10 +51,15 @@ def available_impls(
     q, k, v, visibility: Visibility, *, q_offset: int = 0, k_offset: int = 0,
     scale: float | None = None, return_lse: bool = False,
 ) -> dict[str, str | None]:
-    """For each implementation: ``None`` if it can serve this call, else the reason it cannot."""
+    """For each implementation: ``None`` if it can serve this call, else the reason it cannot.
+
+    A probe: the tensors' shapes, dtype, device and values matter, the spec's batch size and
+    covered positions are not checked against them (``softmax_attention`` checks those)."""
     fn = "available_impls"
-    b, tq, tk, _, _, d, _ = check_qkv(fn, q, k, v)
-    check_visibility(fn, visibility, b, tq, tk, q_offset, k_offset)
+    _, _, _, _, _, d, _ = check_qkv(fn, q, k, v)
+    if not isinstance(visibility, Visibility):
+        raise ArgumentTypeError(f"{fn}: visibility must be a causalmix.visibility spec, got "
+                                f"{type(visibility).__name__}")
     scale = _default_scale(check_scale(fn, scale), d)
     call, _ = _prepare(q, k, v, visibility, q_offset, k_offset, scale, return_lse)
     return {name: mod.can_serve(call) for name, mod in IMPLS.items()}
