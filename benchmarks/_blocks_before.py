@@ -1,3 +1,5 @@
+# A copy of src/causalmix/ops/softmax/impl/blocks.py at df0ed6f (the base of issue 15), kept only
+# for the "before" column of benchmarks/softmax.py. Not part of the package; do not import it.
 """Block-sparse softmax attention in plain PyTorch, forward and backward, CPU and GPU.
 
 The spec's block map splits the (query, key) plane into tiles. For each block of query rows the

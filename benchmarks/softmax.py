@@ -28,7 +28,6 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _blocks_before  # noqa: E402
-
 from causalmix import Causal, Chunked, Prefix, Segments, Window, softmax_attention  # noqa: E402
 
 TARGETS = {"causal": 0.85, "prefix T/4": 0.8, "chunked 64 la1": 0.8, "4 segs & causal": 0.8,

@@ -1,4 +1,4 @@
-"""Block-sparse softmax attention in plain PyTorch, forward and backward, CPU and GPU.
+"""Block-sparse softmax attention in plain PyTorch, forward and backward, CPU (and GPU: untested).
 
 The spec's block map splits the (query, key) plane into tiles (``rows`` queries x 64 keys). Each
 block of query rows walks its non-empty key tiles in cache-sized *pieces* (at most
@@ -11,6 +11,14 @@ keys fit one piece takes an exact softmax; longer rows merge their pieces online
 (``_backward_block``) recomputes each piece (FlashAttention-2): with ``P = exp(S - lse)``,
 ``dV += P^T dO``, ``dS = P * (dO V^T - delta + dlse)`` where ``delta = rowsum(dO * O)``,
 ``dQ = scale * dS K``, ``dK += scale * dS^T Q``. Memory is O(T * D) plus one piece of scores.
+
+Specs whose key range is one shift-invariant band (``Window``: query ``i`` sees keys
+``[i - left, i + right]``) compute their interior row blocks as a few batched matmuls over a
+strided view of the key band (``_band_forward`` / ``_band_backward``), one mask for all.
+
+On a multi-threaded CPU the (batch, kv head) axis is split into slices computed by worker
+threads, each with single-threaded ops (``_run_units``): one fork/join per call rather than one
+per small op, which matters most on a loaded machine.
 
 Scores are kept in base 2 (``q`` is scaled by ``scale * log2(e)`` once, so exponentials are
 ``exp2``, several times cheaper than ``exp`` on CPU); the lse is returned in natural log. Math is
@@ -443,7 +451,9 @@ def _run_units(fn, t, plan: _Plan, bh: int, hkv: int, device) -> None:
     """Run ``fn(t, plan, unit)`` over the units. On a multi-threaded CPU, the units run in
     parallel Python threads with torch's intra-op threads set to 1 for the duration: one fork and
     join per call instead of one per small op, which on a loaded machine (a thread descheduled at
-    every barrier) is the difference between 1x and 10x slower than a fused kernel."""
+    every barrier) is the difference between 1x and 10x slower than a fused kernel.
+    ``torch.set_num_threads`` is process-wide: torch ops that other threads of the process run
+    during the call run single-threaded until it returns."""
     per_example = plan.visibility.batch_size is not None
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads <= 1 or bh < 2:
