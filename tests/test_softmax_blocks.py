@@ -61,3 +61,29 @@ def test_band_path_fp64_gradcheck():
     assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-8, fast_mode=True)
     ref = softmax_attention(q, k, v, spec, impl="reference")
     assert_close(f(q, k, v)[0], ref, ref, name="fp64 band", dtype=torch.float64)  # 8 ulps
+
+
+def test_worker_threads_survive_fork():
+    import multiprocessing as mp
+    import warnings
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        q, k, v = (torch.randn(1, 300, 2, 8) for _ in range(3))
+        ref = softmax_attention(q, k, v, Window(20), impl="blocks")  # makes the worker pool
+        ctx = mp.get_context("fork")
+        with warnings.catch_warnings():
+            # Python >= 3.12 warns that forking a multi-threaded process may deadlock: the point
+            # of this test is that blocks' worker pool does not.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            with ctx.Pool(1) as pool:
+                out = pool.apply_async(_in_child, (q, k, v)).get(timeout=60)
+        assert torch.equal(out, ref)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _in_child(q, k, v):
+    torch.set_num_threads(2)
+    return softmax_attention(q, k, v, Window(20), impl="blocks")

@@ -29,6 +29,7 @@ score makes its row NaN, as in the reference; a row that sees no key gets 0 and 
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple
 
 import torch
@@ -432,7 +433,7 @@ def _backward_block(blk, plan, t: _Bwd, sl, work, unit) -> None:
         dk[:, pc.c0 : pc.c1].baddbmm_(ds.transpose(1, 2), qb)
 
 
-_POOL: list = []  # [threads, ThreadPoolExecutor] once made
+_POOL: list = []  # [threads, pid, ThreadPoolExecutor] once made
 
 
 def _units(bh: int, hkv: int, per_example: bool, workers: int) -> list[_Unit]:
@@ -461,13 +462,14 @@ def _run_units(fn, t, plan: _Plan, bh: int, hkv: int, device) -> None:
             fn(t, plan, unit)
         return
     units = _units(bh, hkv, per_example, threads)
-    if not _POOL or _POOL[0] != threads:
+    if not _POOL or _POOL[:2] != [threads, os.getpid()]:  # a forked child has no workers
         from concurrent.futures import ThreadPoolExecutor
 
-        _POOL[:] = [threads, ThreadPoolExecutor(threads, thread_name_prefix="causalmix-blocks")]
+        _POOL[:] = [threads, os.getpid(),
+                    ThreadPoolExecutor(threads, thread_name_prefix="causalmix-blocks")]
     torch.set_num_threads(1)
     try:
-        for f in [_POOL[1].submit(fn, t, plan, unit) for unit in units]:
+        for f in [_POOL[2].submit(fn, t, plan, unit) for unit in units]:
             f.result()
     finally:
         torch.set_num_threads(threads)
