@@ -106,7 +106,8 @@ def softmax_attention(
         visibility: who may see whom, e.g. ``Causal()``, ``Chunked(64, lookahead=1)``,
             ``Segments(doc_ids) & Causal()``.
         scale: score scale (any finite float), default ``1 / sqrt(D)``.
-        impl: ``"auto"`` (``sdpa`` where it is exact and no lse is asked, else ``blocks``),
+        impl: ``"auto"`` (``sdpa`` where it is exact -- scale > 0, scores that cannot overflow
+            -- and no lse is asked, else ``blocks``),
             ``"reference"`` (dense: the definition), ``"sdpa"`` (``Causal()``/``Full()``
             only, scale > 0), ``"blocks"`` (block-sparse over the spec's block map, any spec,
             differentiable, CPU and GPU) or ``"flex"`` (FlexAttention; on CPU inference only).
