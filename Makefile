@@ -12,10 +12,10 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_PIN)
 
-# The suite tests the lab too (its report draws with matplotlib), so both commands install the
-# dev and lab extras.
+# The suite tests the lab too (its report draws with matplotlib) and the Hugging Face bridge, so
+# both commands install the dev, lab and hf extras.
 $(VENV)/.installed: pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e ".[dev,lab]"
+	$(PY) -m pip install --quiet -e ".[dev,lab,hf]"
 	touch $@
 
 test: $(VENV)/.installed
@@ -26,11 +26,13 @@ test-all: $(VENV)/.installed
 
 LAB_OUT ?= lab_out
 
-# The default suite (3 seeds, <= 15 min on 2 CPU cores), then report.html / report.md in
-# $(LAB_OUT). Rerunning resumes: finished runs are skipped.
+# The default suite (every finding, 3 seeds, <= 15 min on 2 CPU cores), then report.html /
+# report.md and runs.jsonl (every run, for your own analysis) in $(LAB_OUT). Rerunning resumes:
+# finished runs are skipped.
 lab: $(VENV)/.installed
 	$(VENV)/bin/causalmix lab run --suite default --out $(LAB_OUT)
 	$(VENV)/bin/causalmix lab report --out $(LAB_OUT)
+	$(VENV)/bin/causalmix lab export --out $(LAB_OUT) --format jsonl
 
 # Each script prints ratios measured side by side in one run (see its --help; --quick is short).
 bench: $(VENV)/.installed
@@ -40,7 +42,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/distributed.py
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) .pytest_cache build src/*.egg-info

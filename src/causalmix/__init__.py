@@ -20,6 +20,7 @@ from causalmix.visibility import (
     Or,
     Prefix,
     Segments,
+    ValidKeys,
     Visibility,
     Window,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "Or",
     "Prefix",
     "Segments",
+    "ValidKeys",
     "Visibility",
     "Window",
     "chunk_linear_attention",

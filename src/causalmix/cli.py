@@ -1,84 +1,160 @@
-"""Command line: ``causalmix lab run | report | list``."""
+"""Command line: ``causalmix --version``, ``causalmix lab run | report | list | export``.
+
+Every user error (a bad option value, ``--out`` that is a file, a corrupt database, a folder
+without runs) exits with status 2 and one line on stderr, never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 __all__ = ["main"]
 
+SUITE_NAMES = ("smoke", "default", "full")
+
+
+class _UserError(Exception):
+    """An error the user can fix; printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line (argparse prints the usage too), status 2
+        raise _UserError(f"{self.prog}: {message}")
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {v}")
+    return v
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("causalmix")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown (not installed)"
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="causalmix", description="causalmix command line")
-    sub = p.add_subparsers(dest="command", required=True)
-    lab = sub.add_parser("lab", help="train the lab's experiments and report on them")
-    labsub = lab.add_subparsers(dest="lab_command", required=True)
+    p = _Parser(prog="causalmix", description="causalmix command line")
+    p.add_argument("--version", action="version", version=f"causalmix {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    lab = sub.add_parser("lab", help="train the lab's findings and report on them")
+    labsub = lab.add_subparsers(dest="lab_command", required=True, parser_class=_Parser)
+    out_help = "output folder (default: lab_out)"
     run = labsub.add_parser("run", help="train a suite (resumes: finished runs are skipped)")
-    run.add_argument("--suite", default="default", choices=["smoke", "default", "full"])
-    run.add_argument("--out", default="lab_out", help="output folder (default: lab_out)")
-    run.add_argument("--seeds", type=int, default=None,
-                     help="seeds per experiment (default: the suite's own, 3 for default)")
-    run.add_argument("--threads", type=int, default=None,
+    run.add_argument("--suite", default="default", choices=SUITE_NAMES)
+    run.add_argument("--out", default="lab_out", help=out_help)
+    run.add_argument("--seeds", type=_positive, default=None,
+                     help="seeds per arm (default: the suite's own, 3 for default)")
+    run.add_argument("--threads", type=_positive, default=None,
                      help="torch threads (default: 1; the models are tiny)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     rep = labsub.add_parser("report", help="write report.html and report.md")
-    rep.add_argument("--out", default="lab_out", help="output folder (default: lab_out)")
-    rep.add_argument("--suite", default=None, choices=["smoke", "default", "full"],
+    rep.add_argument("--out", default="lab_out", help=out_help)
+    rep.add_argument("--suite", default=None, choices=SUITE_NAMES,
                      help="suite to report on (default: that of the latest run)")
     lst = labsub.add_parser("list", help="list the suites and the runs recorded")
-    lst.add_argument("--out", default="lab_out", help="output folder (default: lab_out)")
+    lst.add_argument("--out", default="lab_out", help=out_help)
+    exp = labsub.add_parser("export", help="write every run (config, seed, metrics, curves) "
+                                           "as CSV or JSON lines")
+    exp.add_argument("--out", default="lab_out", help=out_help)
+    exp.add_argument("--format", default="jsonl", choices=["csv", "jsonl"])
+    exp.add_argument("--to", default=None,
+                     help="file to write (default: <out>/runs.<format>; '-' for stdout)")
+    exp.add_argument("--suite", default=None, choices=SUITE_NAMES,
+                     help="only the runs of this suite")
     return p
 
 
+def _run(args) -> int:
+    from causalmix.lab.runner import run_suite
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise _UserError(f"--out {out} is a file, not a folder")
+    run_suite(args.suite, out, seeds=args.seeds, threads=args.threads,
+              progress=not args.no_progress)
+    return 0
+
+
+def _report(args) -> int:
+    from causalmix.lab.db import RunDB
+    from causalmix.lab.report import write_report
+
+    RunDB(args.out, create=False).close()  # says what is missing, creates nothing
+    paths = write_report(args.out, args.suite)
+    print(f"wrote {paths['html']} and {paths['markdown']}")
+    return 0
+
+
+def _list(args) -> int:
+    from causalmix.lab.db import RunDB
+    from causalmix.lab.findings import SUITES
+    from causalmix.lab.runner import suite_jobs
+
+    done: dict[str, dict] = {}
+    if (Path(args.out) / "runs.sqlite").exists() or Path(args.out).is_file():
+        db = RunDB(args.out, create=False)
+        try:
+            done = {r["key"]: r for r in db.runs(status=None)}
+        finally:
+            db.close()
+    for name, size in SUITES.items():
+        jobs = suite_jobs(name)
+        print(f"suite {name} ({len(jobs)} arms x {size.seeds} seeds)")
+        for _, _, job in jobs:
+            st = [done.get(job.run_key(s), {}).get("status", "-") for s in range(size.seeds)]
+            print(f"  {job.name:48s} seeds: {' '.join(st)}")
+    return 0
+
+
+def _export(args) -> int:
+    import tempfile
+
+    from causalmix.lab.db import RunDB
+    from causalmix.lab.export import export_runs
+
+    RunDB(args.out, create=False).close()  # says what is missing, creates nothing
+    if args.to == "-":
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"runs.{args.format}"
+            n = export_runs(args.out, path, args.format, suite=args.suite)
+            sys.stdout.write(path.read_text())
+        return 0
+    dest = Path(args.to) if args.to else Path(args.out) / f"runs.{args.format}"
+    if dest.is_dir():
+        raise _UserError(f"--to {dest} is a folder; give a file name")
+    if not dest.parent.is_dir():
+        raise _UserError(f"--to {dest}: folder {dest.parent} does not exist")
+    n = export_runs(args.out, dest, args.format, suite=args.suite)
+    print(f"wrote {n} runs to {dest}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command == "lab":
-        from causalmix.lab import runner
-        from causalmix.lab.experiments import SUITES, suite
-
-        if args.lab_command == "run":
-            if args.seeds is not None and args.seeds < 1:
-                print("causalmix: --seeds must be >= 1", file=sys.stderr)
-                return 2
-            runner.run_suite(args.suite, args.out, seeds=args.seeds, threads=args.threads,
-                             progress=not args.no_progress)
-            return 0
-        if args.lab_command == "report":
-            from pathlib import Path
-
-            from causalmix.lab.report import write_report
-
-            if not (Path(args.out) / "runs.sqlite").exists():
-                print(f"causalmix: no lab runs in {args.out}; run `causalmix lab run --out "
-                      f"{args.out}` first", file=sys.stderr)
-                return 2
-            try:
-                paths = write_report(args.out, args.suite)
-            except ValueError as err:  # e.g. no finished run of that suite yet
-                print(f"causalmix: {err}", file=sys.stderr)
-                return 2
-            print(f"wrote {paths['html']} and {paths['markdown']}")
-            return 0
-        if args.lab_command == "list":
-            from pathlib import Path
-
-            from causalmix.lab.db import RunDB
-
-            done: dict[str, dict] = {}
-            if (Path(args.out) / "runs.sqlite").exists():
-                db = RunDB(args.out)
-                try:
-                    done = {r["key"]: r for r in db.runs(status=None)}
-                finally:
-                    db.close()
-            for name in SUITES:
-                exps, seeds = suite(name)
-                print(f"suite {name} ({len(exps)} experiments x {seeds} seeds)")
-                for e in exps:
-                    st = [done.get(e.run_key(s), {}).get("status", "-") for s in range(seeds)]
-                    print(f"  {e.name:44s} seeds: {' '.join(st)}")
-            return 0
-    return 2
+    """Run the command line; returns the exit status (2: a user error, one line on
+    stderr)."""
+    try:
+        args = _parser().parse_args(argv)
+        command = {"run": _run, "report": _report, "list": _list, "export": _export}
+        return command[args.lab_command](args)
+    except (_UserError, ValueError, OSError) as err:
+        msg = str(err)
+        print(msg if msg.startswith("causalmix") else f"causalmix: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("causalmix: interrupted (finished runs are kept; rerun to resume)",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -7,11 +7,13 @@ Every point is trained on the same task data (``Lookahead.build(seed)``, or
 :class:`~causalmix.lab.experiments.TrainConfig`:
 
 * the fixed baselines are ordinary lab experiments trained by
-  :func:`~causalmix.lab.train.train_one` (scheme ``lookahead-L``: ``Causal() | Window(0, L)``
-  in the first layer, causal above; ``causal`` is ``L = 0``, ``full`` is ``L = T - 1``, which
-  is ``Full()`` on ``T`` frames): checkpoint of the best validation accuracy, early stop at
-  the ``target`` accuracy or after ``patience`` evaluations without progress;
-* the adaptive points by :func:`train_adaptive`: the preset with its last layer adaptive, the
+  :meth:`~causalmix.lab.experiments.Experiment.run` (scheme ``lookahead-L``:
+  ``Causal() | Window(0, L)`` in the first layer, causal above; ``causal`` is ``L = 0``,
+  ``full`` is ``L = T - 1``, which is ``Full()`` on ``T`` frames): checkpoint of the best
+  validation accuracy, early stop at the ``target`` accuracy or after ``patience``
+  evaluations without progress;
+* the adaptive points as :class:`AdaptivePoint` objectives of the same trainer
+  (:func:`~causalmix.lab.trainer.fit`): the preset with its last layer adaptive, the
   same optimiser and schedule, loss ``CE + latency_weight * ramp * expected latency + gate
   penalty``, checkpoint of the best validation ``accuracy - latency_weight * mean latency``
   (no target stop: reaching the accuracy early is not the end, the latency still falls).
@@ -28,7 +30,6 @@ summary table and the Pareto plot.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -41,15 +42,21 @@ import torch
 import torch.nn.functional as F
 
 from causalmix.lab.db import RunDB, git_revision
-from causalmix.lab.experiments import Experiment, TrainConfig, _plain, layer_visibility
+from causalmix.lab.experiments import Experiment, layer_visibility, plain
 from causalmix.lab.tasks import IGNORE, Lookahead, TaskData
-from causalmix.lab.train import train_one
+from causalmix.lab.trainer import FitResult, TrainConfig, fit
+from causalmix.nn import ModelConfig
 from causalmix.nn.adaptive import AdaptiveConfig, AdaptiveModel, compounded_latency
 
 __all__ = [
     "STUDIES",
     "SUITE_STUDY",
+    "AdaptiveObjective",
+    "AdaptivePoint",
     "AdaptiveStudy",
+    "StudyPoint",
+    "draw_pareto",
+    "run_point",
     "adaptive_summary",
     "oracle_latency",
     "plot_pareto",
@@ -159,13 +166,21 @@ class AdaptiveStudy:
         for point, ahead in [("causal", 0),
                              *((f"lookahead-{a}", a) for a in range(1, self.max_lookahead + 1)),
                              ("full", last)]:
-            scheme = f"lookahead-{ahead}"
             out.append((point, Experiment(
-                name=f"adaptive-study{'' if self.delay_probs is None else '-skewed'}/"
-                     f"{self.mixer}/{point}", task=self.task, mixer=self.mixer,
-                scheme=scheme, preset=self.preset, train=self.train,
-                labels=(("kind", "fixed"), ("point", point)))))
+                finding="adaptive-study" + ("" if self.delay_probs is None else "-skewed"),
+                arm=f"{self.mixer}/{point}", task=self.task, model=self.base_config(),
+                scheme=f"lookahead-{ahead}", train=self.train)))
         return out
+
+    def base_config(self) -> ModelConfig:
+        """The :class:`~causalmix.nn.ModelConfig` of the fixed baselines."""
+        return ModelConfig.from_name(self.preset, mixer=self.mixer, **self.task.io())
+
+    def points(self) -> list[tuple[str, Experiment | AdaptivePoint]]:
+        """Every point of the study: the fixed baselines, then one adaptive point per
+        latency weight."""
+        return list(self.baselines()) + [(f"adaptive-w={w:g}", AdaptivePoint(self, w))
+                                         for w in self.latency_weights]
 
     def model_config(self, n_layers: int) -> AdaptiveConfig:
         w = (0,) * (n_layers - 1) + (self.max_lookahead,)
@@ -173,7 +188,7 @@ class AdaptiveStudy:
                                         choices=self.choices, **self.task.io())
 
     def to_json(self) -> dict:
-        return _plain(dataclasses.asdict(self))
+        return plain(self)
 
 
 def _size(steps: int, num_train: int, num_test: int, num_val: int, evals: int, seeds: int,
@@ -206,11 +221,29 @@ SUITE_STUDY = {"smoke": "quick", "default": "default", "full": "full"}
 # ============================================================================ training
 
 
-def _adaptive_eval(model: AdaptiveModel, data: dict[str, torch.Tensor],
-                   batch_size: int = 256) -> dict:
-    model.eval()
-    hits, labelled, lats = 0, 0, []
-    with torch.no_grad():
+class AdaptiveObjective:
+    """The :class:`~causalmix.lab.trainer.Objective` of one adaptive point.
+
+    Loss: cross-entropy + ``latency_weight * ramp(step) * expected_latency.mean()`` (frames;
+    ``ramp``: :attr:`AdaptiveStudy.latency_ramp`) + ``gate_penalty * gate_penalty``, the
+    gates sampled with ``noise`` (a generator); score (checkpoint, patience): the validation
+    ``accuracy - latency_weight * mean latency`` with hard gates."""
+
+    def __init__(self, study: AdaptiveStudy, latency_weight: float, noise: torch.Generator):
+        self.study, self.latency_weight, self.noise = study, latency_weight, noise
+
+    def loss(self, model: AdaptiveModel, batch, step: int, steps: int) -> torch.Tensor:
+        a, b = (x * steps for x in self.study.latency_ramp)
+        ramp = 1.0 if step >= b else (0.0 if step <= a else (step - a) / (b - a))
+        out = model(batch["inputs"], hard=False, generator=self.noise)
+        ce = F.cross_entropy(out.output.flatten(0, 1), batch["targets"].flatten(),
+                             ignore_index=IGNORE)
+        return ce + self.latency_weight * ramp * out.expected_latency.mean() \
+            + self.study.gate_penalty * out.gate_penalty
+
+    def evaluate(self, model: AdaptiveModel, data: dict[str, torch.Tensor],
+                 batch_size: int = 256) -> dict:
+        hits, labelled, lats = 0, 0, []
         for s in range(0, data["inputs"].shape[0], batch_size):
             x, y = data["inputs"][s:s + batch_size], data["targets"][s:s + batch_size]
             out = model(x, hard=True)
@@ -218,103 +251,92 @@ def _adaptive_eval(model: AdaptiveModel, data: dict[str, torch.Tensor],
             hits += int(((out.output.argmax(-1) == y) & lab).sum())
             labelled += int(lab.sum())
             lats.append(out.latency.reshape(-1))
-    model.train()
-    lat = torch.cat(lats).double()
-    return {"accuracy": hits / max(labelled, 1), "latency_mean": float(lat.mean()),
-            "latency_p90": float(torch.quantile(lat, 0.9)), "latency_max": int(lat.max())}
+        lat = torch.cat(lats).double()
+        acc = hits / max(labelled, 1)
+        return {"accuracy": acc, "latency_mean": float(lat.mean()),
+                "latency_p90": float(torch.quantile(lat, 0.9)), "latency_max": int(lat.max()),
+                "score": acc - self.latency_weight * float(lat.mean())}
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptivePoint:
+    """One adaptive point of a study (its ``latency_weight``), trained by the lab's trainer
+    (:func:`~causalmix.lab.trainer.fit`) with an :class:`AdaptiveObjective`."""
+
+    study: AdaptiveStudy
+    latency_weight: float
+
+    def model_config(self) -> AdaptiveConfig:
+        return self.study.model_config(len(self.study.base_config().blocks))
+
+    def run(self, seed: int, *, data: TaskData | None = None, progress: bool = False,
+            desc: str = "") -> FitResult:
+        data = self.study.build(seed) if data is None else data
+        torch.manual_seed(seed)
+        model = AdaptiveModel(self.model_config())
+        objective = AdaptiveObjective(self.study, self.latency_weight,
+                                      torch.Generator().manual_seed(seed + 2))
+        train = self.study.train
+        if self.study.adaptive_lr is not None:
+            train = dataclasses.replace(train, lr=self.study.adaptive_lr)
+        # no target stop: reaching the accuracy early is not the end, the latency still falls
+        train = dataclasses.replace(train, target=None)
+        res = fit(model, objective, data.train, data.test, train, seed=seed,
+                  name=desc or f"adaptive w={self.latency_weight:g}", progress=progress)
+        res.metrics["accuracy_score"] = res.metrics["score"]
+        res.metrics["score"] = res.metrics["accuracy"]
+        res.metrics["latency_weight"] = self.latency_weight
+        return res
 
 
 def train_adaptive(study: AdaptiveStudy, latency_weight: float, seed: int, *,
                    data: TaskData | None = None) -> dict:
-    """Train the adaptive model of ``study`` with ``latency_weight`` and ``seed``.
-
-    Loss: cross-entropy + ``latency_weight * ramp(step) * expected_latency.mean()`` (frames;
-    ``ramp``: :attr:`AdaptiveStudy.latency_ramp`) + ``gate_penalty * gate_penalty``. AdamW,
-    warmup
-    + cosine and the parameter groups of :func:`~causalmix.lab.train.train_one`; the checkpoint
-    kept is the one with the best validation objective ``accuracy - latency_weight * mean
-    latency`` (hard gates), which also drives the patience. Returns ``{"metrics", "curve",
-    "steps", "stop_reason", "params", "train_time_s"}``; metrics are on the test set.
-    """
-    cfg = study.train
-    t0 = time.perf_counter()
-    data = study.build(seed) if data is None else data
-    n_train = data.train["inputs"].shape[0]
-    if n_train <= cfg.num_val:
-        raise ValueError(f"num_train ({n_train}) must exceed TrainConfig.num_val ({cfg.num_val})")
-    val = {k: v[n_train - cfg.num_val:] for k, v in data.train.items()}
-    n_fit = n_train - cfg.num_val
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    noise = torch.Generator().manual_seed(seed + 2)
-    n_layers = len(study_base_config(study).blocks)
-    model = AdaptiveModel(study.model_config(n_layers))
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    lr = study.adaptive_lr or cfg.lr
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.98))
-
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
-        frac = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
-
-    def ramp(step: int) -> float:
-        a, b = (x * cfg.steps for x in study.latency_ramp)
-        return 1.0 if step >= b else (0.0 if step <= a else (step - a) / (b - a))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    curve, best, best_state, stale, stop = [], -math.inf, None, 0, "steps"
-    perm, pos, step = torch.randperm(n_fit, generator=gen), 0, 0
-    for step in range(1, cfg.steps + 1):
-        if pos + cfg.batch_size > n_fit:
-            perm, pos = torch.randperm(n_fit, generator=gen), 0
-        idx = perm[pos:pos + cfg.batch_size]
-        pos += cfg.batch_size
-        out = model(data.train["inputs"][idx], hard=False, generator=noise)
-        ce = F.cross_entropy(out.output.flatten(0, 1), data.train["targets"][idx].flatten(),
-                             ignore_index=IGNORE)
-        loss = ce + latency_weight * ramp(step) * out.expected_latency.mean() \
-            + study.gate_penalty * out.gate_penalty
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"adaptive w={latency_weight} seed {seed}: loss is "
-                                     f"{float(loss)} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            ev = _adaptive_eval(model, val)
-            score = ev["accuracy"] - latency_weight * ev["latency_mean"]
-            curve.append({"step": step, "loss": loss.item(), "val_score": score,
-                          "val_accuracy": ev["accuracy"], "val_latency": ev["latency_mean"]})
-            if score > best:
-                best, stale, best_state = score, 0, copy.deepcopy(model.state_dict())
-            else:
-                stale += 1
-            if stale >= cfg.patience:
-                stop = "patience"
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    metrics = _adaptive_eval(model, data.test)
-    metrics["val_score"] = best
-    metrics["score"] = metrics["accuracy"]
-    metrics["latency_weight"] = latency_weight
-    return {"metrics": metrics, "curve": curve, "steps": step, "stop_reason": stop,
-            "params": sum(p.numel() for p in model.parameters()),
-            "train_time_s": time.perf_counter() - t0}
+    """Train the adaptive point ``latency_weight`` of ``study`` with ``seed`` (see
+    :class:`AdaptivePoint`); ``{"metrics", "curve", "steps", "stop_reason", "params",
+    "train_time_s"}`` with test metrics of the best validation checkpoint."""
+    return AdaptivePoint(study, float(latency_weight)).run(seed, data=data)._asdict()
 
 
-def study_base_config(study: AdaptiveStudy):
-    """The lab's :class:`~causalmix.nn.ModelConfig` of the study's fixed baselines."""
-    return Experiment(name="_", task=study.task, mixer=study.mixer,
-                      preset=study.preset).model_config()
+def run_point(study: AdaptiveStudy, what: Experiment | AdaptivePoint, seed: int,
+              data: TaskData | None = None, n_layers: int | None = None, *,
+              progress: bool = False, desc: str = "") -> FitResult:
+    """Train one point of ``study``: a fixed baseline gets the study's accuracy ceiling and
+    its measured latency added to its metrics."""
+    res = what.run(seed, data=study.build(seed) if data is None else data, progress=progress,
+                   desc=desc)
+    if isinstance(what, Experiment):
+        n_layers = len(study.base_config().blocks) if n_layers is None else n_layers
+        ahead = int(what.scheme.split("-")[1])
+        res.metrics["best_possible_accuracy"] = study.best_accuracy(ahead)
+        res.metrics.update(_fixed_latency(what, n_layers, study.task.seq_len))
+    return res
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyPoint:
+    """One point of a study as a lab job (what :func:`~causalmix.lab.runner.run_suite`
+    runs): its run key is the study's own, so the study and the suite share runs."""
+
+    study: AdaptiveStudy
+    point: str
+    what: Experiment | AdaptivePoint
+    finding: str = "F5"
+
+    @property
+    def name(self) -> str:
+        return f"{self.finding}/{self.point}"
+
+    task_name = "lookahead"
+
+    def run_key(self, seed: int) -> str:
+        return _key(self.study, self.point, self.what, seed)
+
+    def to_json(self) -> dict:
+        return {"finding": self.finding, "arm": self.point, "study": self.study.to_json(),
+                "point": self.point}
+
+    def run(self, seed: int, *, progress: bool = False, desc: str = "") -> FitResult:
+        return run_point(self.study, self.what, seed, progress=progress, desc=desc)
 
 
 def _fixed_latency(exp: Experiment, n_layers: int, seq_len: int) -> dict:
@@ -326,10 +348,6 @@ def _fixed_latency(exp: Experiment, n_layers: int, seq_len: int) -> dict:
 # ============================================================================ running
 
 
-def _points(study: AdaptiveStudy) -> list[tuple[str, Experiment | float]]:
-    return list(study.baselines()) + [(f"adaptive-w={w:g}", w) for w in study.latency_weights]
-
-
 def _key(study: AdaptiveStudy, point: str, what, seed: int) -> str:
     """Identity of one run: the lab's own run key for a fixed baseline (the experiment's whole
     config); for an adaptive point, a hash of what it depends on (the study without its sweep
@@ -339,6 +357,12 @@ def _key(study: AdaptiveStudy, point: str, what, seed: int) -> str:
     if isinstance(what, Experiment):
         blob = json.dumps({"experiment": what.run_key(seed), "delay_probs": study.delay_probs})
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return point_key(study, point, seed)
+
+
+def point_key(study: AdaptiveStudy, point: str, seed: int) -> str:
+    """Run key of an adaptive point: the study without its sweep and seed count, the point
+    name (its weight) and the seed."""
     sj = {k: v for k, v in study.to_json().items() if k not in ("latency_weights", "seeds")}
     blob = json.dumps({"study": sj, "point": point, "seed": seed}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -359,8 +383,8 @@ def run_adaptive_study(study: str | AdaptiveStudy, out: str | Path, *, seeds: in
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"seeds must be an int >= 1, got {seeds!r}")
     sj = study.to_json()
-    n_layers = len(study_base_config(study).blocks)
-    points = _points(study)
+    n_layers = len(study.base_config().blocks)
+    points = study.points()
     db = RunDB(out)
     rev = git_revision()
     keys = []
@@ -377,13 +401,7 @@ def run_adaptive_study(study: str | AdaptiveStudy, out: str | Path, *, seeds: in
                          suite=f"adaptive-{name}", config={"study": sj, "point": point},
                          git_rev=rev)
                 t = time.perf_counter()
-                if isinstance(what, Experiment):
-                    res = train_one(what, seed, data=data)
-                    ahead = int(what.scheme.split("-")[1])
-                    res["metrics"]["best_possible_accuracy"] = study.best_accuracy(ahead)
-                    res["metrics"].update(_fixed_latency(what, n_layers, study.task.seq_len))
-                else:
-                    res = train_adaptive(study, what, seed, data=data)
+                res = run_point(study, what, seed, data, n_layers)._asdict()
                 wall = time.perf_counter() - t
                 db.finish(key, metrics=res["metrics"], curve=res["curve"],
                           info={"steps": res["steps"], "stop_reason": res["stop_reason"],
@@ -473,6 +491,17 @@ def plot_pareto(summary: dict, path: str | Path, *, title: str = "") -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.0, 4.4))
+    draw_pareto(summary, ax)
+    ax.set_title(title or "Lookahead task: adaptive vs fixed lookahead", fontsize=9)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def draw_pareto(summary: dict, ax) -> None:
+    """Accuracy vs mean latency of every point of :func:`adaptive_summary` on ``ax``."""
     pts = summary["points"]
     fixed = [p for p in sorted(pts, key=_order) if not p.startswith("adaptive")]
     adapt = [p for p in sorted(pts, key=_order) if p.startswith("adaptive")]
@@ -508,12 +537,6 @@ def plot_pareto(summary: dict, path: str | Path, *, title: str = "") -> Path:
     ax.set_xlabel("mean latency per output (frames, r^L_t - t)")
     ax.set_ylabel("frame accuracy (test)")
     ax.legend(fontsize=7, loc="lower right")
-    ax.set_title(title or "Lookahead task: adaptive vs fixed lookahead", fontsize=9)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
 
 
 def write_adaptive_report(study: str | AdaptiveStudy, out: str | Path, *,
@@ -524,7 +547,7 @@ def write_adaptive_report(study: str | AdaptiveStudy, out: str | Path, *,
     name = study if isinstance(study, str) else "custom"
     st = STUDIES[study] if isinstance(study, str) else study
     seeds = st.seeds if seeds is None else seeds
-    keys = {_key(st, p, what, s): p for p, what in _points(st) for s in range(seeds)}
+    keys = {_key(st, p, what, s): p for p, what in st.points() for s in range(seeds)}
     db = RunDB(out)
     try:
         rows = db.runs(status="done", keys=list(keys))

@@ -59,15 +59,34 @@ def _now() -> str:
 
 
 class RunDB:
-    """The run database of one output folder."""
+    """The run database of one output folder.
 
-    def __init__(self, out_dir: str | Path):
-        self.path = Path(out_dir) / "runs.sqlite"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    ``create=False``: the database must exist already. Raises ``ValueError`` when ``out_dir``
+    is not a folder, or its ``runs.sqlite`` is missing (``create=False``) or is not a lab run
+    database (corrupt, or another file)."""
+
+    def __init__(self, out_dir: str | Path, *, create: bool = True):
+        out_dir = Path(out_dir)
+        self.path = out_dir / "runs.sqlite"
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ValueError(f"{out_dir} is a file, not a folder: give --out a folder")
+        if not create and not self.path.is_file():
+            raise ValueError(f"no lab runs in {out_dir}; run `causalmix lab run --out "
+                             f"{out_dir}` first")
+        out_dir.mkdir(parents=True, exist_ok=True)
         self.conn = sqlite3.connect(self.path, timeout=30)
         self.conn.row_factory = sqlite3.Row
-        with self.conn:
-            self.conn.execute(_SCHEMA)
+        try:
+            with self.conn:
+                self.conn.execute(_SCHEMA)
+                cols = {r["name"] for r in self.conn.execute("PRAGMA table_info(runs)")}
+        except sqlite3.DatabaseError as err:
+            self.conn.close()
+            raise ValueError(f"{self.path} is not a lab run database ({err})") from None
+        if not {"key", "status", "config", "metrics"} <= cols:
+            self.conn.close()
+            raise ValueError(f"{self.path} is not a lab run database (its runs table has "
+                             f"columns {sorted(cols)})")
 
     def close(self) -> None:
         self.conn.close()

@@ -1,20 +1,29 @@
-"""Lab tasks as typed configs; ``build(seed)`` returns train and test tensors.
+"""Lab tasks as typed configs; ``build(seed)`` returns train and test tensors, ``metrics``
+scores a model's outputs.
 
 Every task produces a :class:`TaskData` whose tensors are indexed by example along dim 0:
 ``inputs`` (int64 tokens ``[N, T]`` or float features ``[N, T, F]``), ``targets`` (``[N, T]``
 class ids with -100 where there is no label, or ``[N, T]`` floats with ``mask`` marking the
 scored positions), and per-example ``prefix_len: [N]`` (the length of the part a prefix model
-may read bidirectionally).
+may read bidirectionally). A task whose test set is split into groups (numbers of key-value
+pairs, set orders, numbers of examples) stores the group of each example under
+``group_key`` and reports its metric per group.
+
+Classification tasks also have a brute-force ``solve(inputs)`` (plain Python over one
+example's token list) that the tests check every label against.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["IGNORE", "ICLRegression", "Lookahead", "MQAR", "TaskData", "TASKS"]
+__all__ = ["IGNORE", "FirstToken", "ICLRegression", "Lookahead", "MQAR", "SetDisjointness",
+           "TaskData", "TASKS", "classification_metrics"]
 
 IGNORE = -100  # target of an unscored position (torch cross_entropy's ignore_index)
 
@@ -36,83 +45,337 @@ def _check_pos(obj, *names):
             raise ValueError(f"{type(obj).__name__}.{n} must be an int >= 1, got {v!r}")
 
 
+def classification_metrics(out: torch.Tensor, data: dict[str, torch.Tensor],
+                           group_key: str | None = None) -> dict:
+    """``out: [N, T, C]`` logits -> ``accuracy`` (and ``score``) over the labelled positions,
+    and ``accuracy_by_<group_key>`` per value of ``data[group_key]: [N]`` (or ``[N, T]``)."""
+    tgt = data["targets"]
+    lab = tgt != IGNORE
+    hit = (out.argmax(-1) == tgt) & lab
+    acc = float(hit.sum() / lab.sum())
+    res = {"accuracy": acc, "score": acc}
+    if group_key is not None:
+        grp = data[group_key]
+        if grp.dim() == 1:
+            grp = grp[:, None].expand_as(tgt)
+        res[f"accuracy_by_{group_key}"] = {
+            int(g): float(hit[(grp == g) & lab].sum() / ((grp == g) & lab).sum())
+            for g in grp[lab].unique().tolist()}
+    return res
+
+
+def _sizes(obj, name: str) -> tuple[int, ...]:
+    v = getattr(obj, name)
+    v = (v,) if isinstance(v, int) and not isinstance(v, bool) else tuple(v)
+    if not v or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in v):
+        raise ValueError(f"{type(obj).__name__}.{name} must be ints >= 1, got {v!r}")
+    object.__setattr__(obj, name, tuple(sorted(set(v))))
+    return v
+
+
 @dataclasses.dataclass(frozen=True)
 class MQAR:
-    """Multi-query associative recall (zoology's MQAR) with a repeated prompt (JRT-Prompt).
+    """Multi-query associative recall (zoology's MQAR) over several numbers of key-value pairs,
+    with an optional repeated prompt (JRT-Prompt); one input vector per key-value pair.
 
-    One pass of the prompt is ``2 * num_kv_pairs`` context tokens (key, value alternating; keys
-    drawn without replacement from ``[1, vocab_size // 2)``, values from
-    ``[vocab_size // 2, vocab_size)``) followed by ``query_len`` question slots, in which
-    ``num_queries`` context keys are asked at slots placed with a power-law gap
-    (``P(gap = g) ~ g ** -(power_a)``, zoology's placement, gaps between consecutive queries),
-    the other slots holding the filler token 0. The prompt is repeated ``num_passes`` times
+    An example with ``p`` pairs (``p`` drawn uniformly from ``num_kv_pairs`` for training; one
+    test set of ``num_test`` examples per ``p``) is ``P - p`` empty slots (``P =
+    max(num_kv_pairs)``, so that every example has the same length and the questions sit at
+    the same place), ``p`` context slots, then ``query_len`` question slots in which
+    ``num_queries`` of the context keys are asked (slots drawn uniformly, the others empty).
+    Keys are distinct within an example, drawn from ``num_keys`` symbols; values from
+    ``num_values``. A context slot is the feature vector ``[one_hot(key), one_hot(value), 0]``
+    and a question ``[0, 0, one_hot(key)]`` (questions name keys in their own block of
+    ``num_keys`` features, so that a context slot reading the questions does not match
+    itself); an empty slot is all zeros. One input vector per pair lets one attention layer
+    recall (zoology writes key and value as two tokens, which makes a model first learn to pair
+    them: more steps than a CPU budget allows; the question asked here, how many pairs a
+    fixed-size state holds, is the same). The prompt is repeated ``num_passes`` times
     (JRT-Prompt: read the documents *and the questions* twice, so that a fixed-state mixer knows
     on its second read which pairs it must store); labels (the asked key's value) sit only on
-    the question slots of the last pass; accuracy is measured there only.
+    the question slots of the last pass. ``prefix_len`` is the whole sequence (answers are
+    never inputs, so a bidirectional reader cannot peek at one).
+    The test examples carry their ``pairs``; the metric is accuracy per number of pairs.
 
-    Worked example (vocab 16: keys 1..7, values 8..15; 3 pairs, 2 queries, query_len 4,
-    num_passes 2)::
+    Worked example (num_kv_pairs (2, 3), this example has 2 pairs (key 5 -> value 2, key 1
+    -> value 0); 1 query, query_len 2, one pass)::
 
-        inputs   3 9  5 12  1 8 | 0 5 0 3 | 3 9  5 12  1 8 | 0  5 0 3
-        targets  . .  . .   . . | . . . . | . .  . .   . . | . 12 . 9
-        prefix_len = 20: the whole sequence is prompt (the answers are never inputs, so a
-        bidirectional reader cannot peek at one)
+        slot          0    1    2    3    4
+        key           -    5    1    -    -
+        value         -    2    0    -    -
+        question key  -    -    -    1    -
+        targets       .    .    .    0    .
     """
 
-    vocab_size: int = 64
-    num_kv_pairs: int = 16
+    num_keys: int = 32
+    num_values: int = 32
+    num_kv_pairs: tuple[int, ...] = (4, 8, 16, 32)
     num_queries: int = 4
-    query_len: int = 16
+    query_len: int = 4
     num_passes: int = 1
-    power_a: float = 0.01
     num_train: int = 20000
-    num_test: int = 1000
+    num_test: int = 512
+
+    group_key = "pairs"
+    kind = "classification"
 
     def __post_init__(self):
-        _check_pos(self, "vocab_size", "num_kv_pairs", "num_queries", "query_len",
-                   "num_passes", "num_train", "num_test")
-        if self.num_kv_pairs > self.vocab_size // 2 - 1:
-            raise ValueError(f"num_kv_pairs ({self.num_kv_pairs}) must be < vocab_size // 2 "
-                             f"({self.vocab_size // 2}): keys are distinct within a sequence")
-        if self.num_queries > min(self.num_kv_pairs, self.query_len):
-            raise ValueError(f"num_queries ({self.num_queries}) must be <= num_kv_pairs "
-                             f"({self.num_kv_pairs}) and <= query_len ({self.query_len})")
+        _check_pos(self, "num_keys", "num_values", "num_queries", "query_len", "num_passes",
+                   "num_train", "num_test")
+        sizes = _sizes(self, "num_kv_pairs")
+        if max(sizes) > self.num_keys:
+            raise ValueError(f"num_kv_pairs ({max(sizes)}) must be <= num_keys "
+                             f"({self.num_keys}): keys are distinct within an example")
+        if self.num_queries > min(min(sizes), self.query_len):
+            raise ValueError(f"num_queries ({self.num_queries}) must be <= every num_kv_pairs "
+                             f"({min(sizes)}) and <= query_len ({self.query_len})")
 
     @property
     def seq_len(self) -> int:
-        return self.num_passes * (2 * self.num_kv_pairs + self.query_len)
+        return self.num_passes * (max(self.num_kv_pairs) + self.query_len)
 
-    def _make(self, n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
-        p, q, ql, half = self.num_kv_pairs, self.num_queries, self.query_len, self.vocab_size // 2
-        keys = torch.argsort(torch.rand(n, half - 1, generator=g), dim=1)[:, :p] + 1
-        vals = torch.randint(half, self.vocab_size, (n, p), generator=g)
-        ctx = torch.stack([keys, vals], dim=2).reshape(n, 2 * p)
-        asked = torch.argsort(torch.rand(n, p, generator=g), dim=1)[:, :q]  # which pairs
-        # Power-law gaps between consecutive query slots: sample q slots among ql, weighting
-        # slot s by (s + 1) ** -a so that queries crowd the start of the question block.
-        w = (torch.arange(ql, dtype=torch.float64) + 1) ** -self.power_a
-        slots = torch.multinomial(w.expand(n, ql), q, replacement=False, generator=g)
-        slots, _ = slots.sort(dim=1)
-        question = torch.zeros(n, ql, dtype=torch.int64)
+    @property
+    def num_features(self) -> int:
+        return 2 * self.num_keys + self.num_values
+
+    def _make(self, pairs: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
+        n, big, q, ql = pairs.shape[0], max(self.num_kv_pairs), self.num_queries, self.query_len
+        nk, nv = self.num_keys, self.num_values
+        keys = torch.argsort(torch.rand(n, nk, generator=g), dim=1)[:, :big]
+        vals = torch.randint(0, nv, (n, big), generator=g)
+        used = torch.arange(big)[None, :] >= (big - pairs)[:, None]  # left-aligned empties
+        score = torch.rand(n, big, generator=g).masked_fill(~used, 2.0)
+        asked = torch.argsort(score, dim=1)[:, :q]  # q distinct used pairs
+        slots = torch.argsort(torch.rand(n, ql, generator=g), dim=1)[:, :q]
+        ctx = torch.cat([F.one_hot(keys, nk), F.one_hot(vals, nv),
+                         torch.zeros(n, big, nk, dtype=torch.int64)], dim=2) * used[..., None]
+        question = torch.zeros(n, ql, self.num_features, dtype=torch.int64)
+        rows = torch.arange(n)[:, None]
+        question[rows, slots, nk + nv + keys.gather(1, asked)] = 1
         answer = torch.full((n, ql), IGNORE, dtype=torch.int64)
-        question.scatter_(1, slots, keys.gather(1, asked))
         answer.scatter_(1, slots, vals.gather(1, asked))
-        one = torch.cat([ctx, question], dim=1)
-        inputs = one.repeat(1, self.num_passes)
-        targets = torch.full_like(inputs, IGNORE)
+        inputs = torch.cat([ctx, question], dim=1).repeat(1, self.num_passes, 1).float()
+        targets = torch.full(inputs.shape[:2], IGNORE, dtype=torch.int64)
         targets[:, -ql:] = answer
         prefix = torch.full((n,), inputs.shape[1], dtype=torch.int64)
-        return {"inputs": inputs, "targets": targets, "prefix_len": prefix}
+        return {"inputs": inputs, "targets": targets, "prefix_len": prefix,
+                "pairs": pairs.clone()}
 
     def build(self, seed: int) -> TaskData:
         g = torch.Generator().manual_seed(seed)
-        return TaskData(self._make(self.num_train, g), self._make(self.num_test, g))
+        sizes = torch.tensor(self.num_kv_pairs)
+        train = sizes[torch.randint(0, len(sizes), (self.num_train,), generator=g)]
+        test = sizes.repeat_interleave(self.num_test)
+        return TaskData(self._make(train, g), self._make(test, g))
 
-    # model I/O
+    def solve(self, inputs: list[list[float]]) -> list[int]:
+        """Brute force: the labels of one example (``inputs``: its ``[T][features]`` lists):
+        ``IGNORE`` except on the asked question slots of the last pass, where the value that
+        the context paired with the asked key."""
+        nk, nv = self.num_keys, self.num_values
+        table, labels = {}, []
+        one = len(inputs) // self.num_passes
+        for t, slot in enumerate(inputs):
+            hot = [i for i, x in enumerate(slot) if x == 1]
+            if not hot:
+                labels.append(IGNORE)
+            elif hot[0] >= nk + nv:  # a question: its key in the last block
+                labels.append(table[hot[0] - nk - nv] if t >= len(inputs) - one else IGNORE)
+            else:
+                table[hot[0]] = hot[1] - nk
+                labels.append(IGNORE)
+        return labels
+
+    def metrics(self, out: torch.Tensor, data: dict[str, torch.Tensor]) -> dict:
+        return classification_metrics(out, data, self.group_key)
+
     def io(self) -> dict:
-        return {"vocab_size": self.vocab_size}
+        return {"input_dim": self.num_features, "output_dim": self.num_values}
+
+
+@dataclasses.dataclass(frozen=True)
+class SetDisjointness:
+    """Set disjointness by order (JRT, Arora et al. 2024): two sets; for every element of the
+    second, is it also in the first? (The sets are disjoint when every answer is no.)
+
+    Elements are ``[0, num_elements)``; an example draws ``small + large - shared`` distinct
+    elements and makes a set of ``small`` and one of ``large`` that have ``shared`` of them in
+    common, written ``set_1 SEP set_2`` in a random order within each set. Order ``0`` (small
+    first) puts the small set first, order ``1`` (large first) the large one; training mixes
+    both orders half and half, the test set has ``num_test`` examples of each. Every element
+    of the second set is labelled 1 (also in the first set) or 0. The metric is the balanced
+    accuracy (the mean of the accuracies on 1-labels and on 0-labels, chance 0.5 whatever the
+    order) overall and per order (``balanced_accuracy_by_order``). Elements of the large set
+    are written as tokens ``2 + e``, those of the small set ``2 + num_elements + e`` (which set
+    a token belongs to is in the token; *where* the set sits is the order): a causal recurrent
+    reader must hold the whole first set in its state to answer, a bidirectional one can hold
+    the small set whichever comes first (JRT's argument). ``prefix_len`` is the whole
+    sequence. Token 0 is ``SEP`` (1 is unused).
+
+    Worked example (num_elements 8: large-set tokens 2..9, small-set tokens 10..17; small 2,
+    large 3, shared 1, order 0, sets {1, 4} and {4, 6, 0})::
+
+        inputs   11 14  0  6 8 2
+        targets   .  .  .  1 0 0
+    """
+
+    num_elements: int = 32
+    small: int = 4
+    large: int = 16
+    shared: int = 2
+    num_train: int = 20000
+    num_test: int = 512
+
+    group_key = "order"
+    kind = "classification"
+    SEP = 0
+
+    def __post_init__(self):
+        _check_pos(self, "num_elements", "small", "large", "shared", "num_train", "num_test")
+        if not self.shared < self.small < self.large:
+            raise ValueError(f"need shared ({self.shared}) < small ({self.small}) < large "
+                             f"({self.large})")
+        if self.small + self.large - self.shared > self.num_elements:
+            raise ValueError(f"small + large - shared ({self.small + self.large - self.shared})"
+                             f" distinct elements must fit in num_elements "
+                             f"({self.num_elements})")
+
+    @property
+    def seq_len(self) -> int:
+        return self.small + self.large + 1
+
+    @property
+    def vocab_size(self) -> int:
+        return 2 + 2 * self.num_elements
+
+    def _make(self, order: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
+        n, s, big, c, e = order.shape[0], self.small, self.large, self.shared, self.num_elements
+        pick = torch.argsort(torch.rand(n, e, generator=g), dim=1)[:, :s + big - c]
+        small, large = pick[:, :s], torch.cat([pick[:, :c], pick[:, s:]], dim=1)
+        # shuffle within each set so that the shared elements sit anywhere
+        small = small.gather(1, torch.argsort(torch.rand(n, s, generator=g), dim=1))
+        large = large.gather(1, torch.argsort(torch.rand(n, big, generator=g), dim=1))
+        in_small = (large[:, :, None] == small[:, None, :]).any(-1).long()
+        in_large = (small[:, :, None] == large[:, None, :]).any(-1).long()
+        sep = torch.full((n, 1), self.SEP, dtype=torch.int64)
+        no = torch.full((n, 1), IGNORE, dtype=torch.int64)
+        sf = torch.cat([small + 2 + e, sep, large + 2], dim=1)
+        lf = torch.cat([large + 2, sep, small + 2 + e], dim=1)
+        sf_y = torch.cat([torch.full((n, s), IGNORE), no, in_small], dim=1)
+        lf_y = torch.cat([torch.full((n, big), IGNORE), no, in_large], dim=1)
+        first = order[:, None] == 0
+        return {"inputs": torch.where(first, sf, lf), "targets": torch.where(first, sf_y, lf_y),
+                "prefix_len": torch.full((n,), self.seq_len, dtype=torch.int64),
+                "order": order.clone()}
+
+    def build(self, seed: int) -> TaskData:
+        g = torch.Generator().manual_seed(seed)
+        train = torch.randint(0, 2, (self.num_train,), generator=g)
+        test = torch.arange(2).repeat_interleave(self.num_test)
+        return TaskData(self._make(train, g), self._make(test, g))
+
+    def solve(self, inputs: list[int]) -> list[int]:
+        """Brute force: decode both sets of one example, label each element of the second
+        with its membership in the first."""
+        sep = inputs.index(self.SEP)
+        e = self.num_elements
+
+        def decode(tok: int) -> int:
+            return tok - 2 - e if tok >= 2 + e else tok - 2
+
+        first = {decode(t) for t in inputs[:sep]}
+        return [IGNORE] * (sep + 1) + [int(decode(t) in first) for t in inputs[sep + 1:]]
+
+    def metrics(self, out: torch.Tensor, data: dict[str, torch.Tensor]) -> dict:
+        """Balanced accuracy (mean over the labels 0 and 1 of the accuracy on that label),
+        overall (also ``score``) and per order."""
+        tgt = data["targets"]
+        hit = out.argmax(-1) == tgt
+        grp = data["order"][:, None].expand_as(tgt)
+
+        def balanced(sel: torch.Tensor) -> float:
+            return statistics.fmean(float(hit[sel & (tgt == c)].float().mean()) for c in (0, 1))
+
+        every = torch.ones_like(hit)
+        res = {"balanced_accuracy": balanced(every), "accuracy":
+               float(hit[tgt != IGNORE].float().mean())}
+        res["score"] = res["balanced_accuracy"]
+        res["balanced_accuracy_by_order"] = {
+            int(o): balanced(grp == o) for o in data["order"].unique().tolist()}
+        return res
+
+    def io(self) -> dict:
+        return {"vocab_size": self.vocab_size, "output_dim": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstToken:
+    """Positional information: name the first content token (Haviv et al. 2022, "Transformer
+    language models without positional encodings still learn positional information").
+
+    ``BOS x_1 .. x_n ASK`` with ``x_t`` uniform in ``[2, vocab_size)`` (0 is ``BOS``, 1
+    ``ASK``); every position from ``x_1`` on is labelled ``x_1`` for training (a dense signal);
+    the metric is the accuracy at ``ASK`` (``targets`` of the test set are labelled there
+    only). Nothing but order tells ``x_1`` apart: a model without positional encodings and
+    with bidirectional attention is permutation-equivariant, so its answer at ``ASK`` can only
+    depend on the multiset of tokens; the best such answer is the most frequent token, whose
+    accuracy (``extra["chance"]``: the mean of ``max count / n`` on the test set) is the
+    chance level. A causal model can count its visible keys (the mask gives position).
+
+    Worked example (vocab 6, n 4)::
+
+        inputs   0  3 5 3 2  1
+        train    .  3 3 3 3  3
+        test     .  . . . .  3      chance for this example: 2 / 4 (token 3 occurs twice)
+    """
+
+    vocab_size: int = 34
+    length: int = 16
+    num_train: int = 20000
+    num_test: int = 512
 
     kind = "classification"
+    group_key = None
+    BOS, ASK = 0, 1
+
+    def __post_init__(self):
+        _check_pos(self, "vocab_size", "length", "num_train", "num_test")
+        if self.vocab_size < 4:
+            raise ValueError(f"vocab_size must be >= 4 (BOS, ASK and 2 symbols), got "
+                             f"{self.vocab_size}")
+
+    @property
+    def seq_len(self) -> int:
+        return self.length + 2
+
+    def _make(self, n: int, g: torch.Generator, dense: bool) -> dict[str, torch.Tensor]:
+        x = torch.randint(2, self.vocab_size, (n, self.length), generator=g)
+        inputs = torch.cat([torch.full((n, 1), self.BOS), x, torch.full((n, 1), self.ASK)], 1)
+        targets = torch.full_like(inputs, IGNORE)
+        if dense:
+            targets[:, 1:] = x[:, :1]
+        else:
+            targets[:, -1] = x[:, 0]
+        return {"inputs": inputs, "targets": targets,
+                "prefix_len": torch.full((n,), self.seq_len, dtype=torch.int64)}
+
+    def build(self, seed: int) -> TaskData:
+        g = torch.Generator().manual_seed(seed)
+        train, test = self._make(self.num_train, g, True), self._make(self.num_test, g, False)
+        counts = torch.zeros(self.num_test, self.vocab_size).scatter_add_(
+            1, test["inputs"][:, 1:-1], torch.ones(self.num_test, self.length))
+        chance = float((counts.max(1).values / self.length).mean())
+        return TaskData(train, test, {"chance": chance})
+
+    def solve(self, inputs: list[int]) -> list[int]:
+        """Brute force: the test labels of one example (only ``ASK``, labelled ``x_1``)."""
+        return [IGNORE] * (len(inputs) - 1) + [inputs[1]]
+
+    def metrics(self, out: torch.Tensor, data: dict[str, torch.Tensor]) -> dict:
+        return classification_metrics(out, data)
+
+    def io(self) -> dict:
+        return {"vocab_size": self.vocab_size}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,10 +460,22 @@ class ICLRegression:
             out[k] = float(((pred - tgt[:, k:]) ** 2).mean())
         return out
 
+    def metrics(self, out: torch.Tensor, data: dict[str, torch.Tensor]) -> dict:
+        """``out: [N, T, 1]`` -> query ``mse`` (``score = -mse``) and ``mse_by_examples``."""
+        err = (out[..., 0] - data["targets"]) ** 2
+        mask = data["mask"]
+        by = {}
+        for k in data["prefix_len"].unique().tolist():
+            sel = data["prefix_len"] == k
+            by[int(k)] = float(err[sel][mask[sel]].mean())
+        mse = float(err[mask].mean())
+        return {"mse": mse, "mse_by_examples": by, "score": -mse}
+
     def io(self) -> dict:
         return {"input_dim": self.dim + 2, "output_dim": 1}
 
     kind = "regression"
+    group_key = "prefix_len"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,10 +539,15 @@ class Lookahead:
             total += p + (1 - p) / self.num_symbols
         return total / self.seq_len
 
+    def metrics(self, out: torch.Tensor, data: dict[str, torch.Tensor]) -> dict:
+        return classification_metrics(out, data, self.group_key)
+
     def io(self) -> dict:
         return {"vocab_size": self.vocab_size, "output_dim": self.num_symbols}
 
     kind = "classification"
+    group_key = "delay"
 
 
-TASKS = {"mqar": MQAR, "icl_regression": ICLRegression, "lookahead": Lookahead}
+TASKS = {"mqar": MQAR, "set_disjointness": SetDisjointness, "icl_regression": ICLRegression,
+         "first_token": FirstToken, "lookahead": Lookahead}

@@ -1,0 +1,188 @@
+"""The lab through its command line: the smoke suite end to end (run, rerun, report, export,
+list), resume after SIGKILL, and user errors (exit 2, one line, no traceback)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from causalmix.cli import main
+from causalmix.lab.findings import FINDINGS, SUITES
+from causalmix.lab.runner import suite_jobs
+
+
+def _rows(out: Path, suite_name: str = "smoke") -> list[tuple]:
+    con = sqlite3.connect(out / "runs.sqlite")
+    try:
+        return con.execute("SELECT key, status, seed, experiment, attempts, finished_at, "
+                           "metrics, git_rev, config, wall_time_s FROM runs WHERE suite = ? "
+                           "ORDER BY key", (suite_name,)).fetchall()
+    finally:
+        con.close()
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("lab") / "out"
+    assert main(["lab", "run", "--suite", "smoke", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_smoke_suite_runs_every_arm_once(smoke, capsys):
+    jobs = suite_jobs("smoke")
+    rows = _rows(smoke)
+    assert len(rows) == len(jobs) * SUITES["smoke"].seeds
+    assert {r[1] for r in rows} == {"done"}
+    assert {r[3] for r in rows} == {job.name for _, _, job in jobs}
+    assert all(r[7] and r[9] > 0 and '"score"' in r[6] and '"finding"' in r[8] for r in rows)
+    meta = json.loads((smoke / "suite_smoke.json").read_text())
+    assert meta["ran"] == len(rows) and meta["wall_time_s"] > 0
+    # a second run trains nothing and changes nothing
+    assert main(["lab", "run", "--suite", "smoke", "--out", str(smoke), "--no-progress"]) == 0
+    assert f"0 runs trained, {len(rows)} already done" in capsys.readouterr().out
+    assert _rows(smoke) == rows
+
+
+def test_smoke_report(smoke, capsys):
+    assert main(["lab", "report", "--out", str(smoke)]) == 0
+    page = (smoke / "report.html").read_text()
+    md = (smoke / "report.md").read_text()
+    assert page.count("src='data:image/png;base64,") == len(FINDINGS)  # plots inlined
+    assert "http" not in page.replace("http-equiv", "")  # nothing fetched from elsewhere
+    # the findings table opens the report, one section and plot per finding
+    assert md.index("## Findings") < md.index("## F1")
+    assert "| finding | paper | arms | measured | verdict |" in md
+    for key, f in FINDINGS.items():
+        assert f"## {key} {f.title}" in md and f.rule in md and f.title in page
+        png = (smoke / "figures" / f"{key}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and f"figures/{key}.png" in md
+    assert "not run: gated mixer not available" in md or "gated" not in md
+    assert "took" in md and "load average" in md  # the closing note's wall time
+
+
+def test_smoke_export_csv_and_jsonl(smoke, tmp_path, capsys):
+    n = len(_rows(smoke))
+    assert main(["lab", "export", "--out", str(smoke), "--to", str(tmp_path / "r.jsonl")]) == 0
+    lines = (tmp_path / "r.jsonl").read_text().splitlines()
+    assert len(lines) == n
+    runs = [json.loads(x) for x in lines]
+    assert {r["key"] for r in runs} == {r[0] for r in _rows(smoke)}
+    assert all({"config", "seed", "metrics", "curve"} <= set(r) for r in runs)
+    assert all(isinstance(r["curve"], list) and "score" in r["metrics"] for r in runs)
+    assert main(["lab", "export", "--out", str(smoke), "--format", "csv", "--to",
+                 str(tmp_path / "r.csv")]) == 0
+    with open(tmp_path / "r.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == n and "metric.score" in table[0]
+    ran = {fk for fk, _, _ in suite_jobs("smoke")}
+    assert {json.loads(r["config"])["finding"] for r in table} == ran
+    mq = [r for r in table if r["experiment"] == "F1/softmax"]
+    assert mq and "metric.accuracy_by_pairs.16" in mq[0]
+    capsys.readouterr()
+    assert main(["lab", "export", "--out", str(smoke), "--to", "-"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == n
+
+
+def test_smoke_list(smoke, capsys):
+    assert main(["lab", "list", "--out", str(smoke)]) == 0
+    listing = capsys.readouterr().out
+    assert "suite smoke" in listing and "suite default" in listing and "done" in listing
+
+
+def _err(argv, capsys) -> str:
+    assert main(argv) == 2
+    cap = capsys.readouterr()
+    lines = cap.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in cap.err, cap.err
+    return lines[0]
+
+
+def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert "threads" in _err(["lab", "run", "--threads", "0", "--out", str(tmp_path)], capsys)
+    assert "threads" in _err(["lab", "run", "--threads", "two"], capsys)
+    assert "seeds" in _err(["lab", "run", "--seeds", "-1"], capsys)
+    assert "suite" in _err(["lab", "run", "--suite", "enormous"], capsys)
+    assert "is a file" in _err(["lab", "run", "--suite", "smoke", "--out", str(a_file)], capsys)
+    assert "is a file" in _err(["lab", "report", "--out", str(a_file)], capsys)
+    assert "no lab runs" in _err(["lab", "report", "--out", str(tmp_path / "none")], capsys)
+    assert not (tmp_path / "none").exists()  # nothing created
+    assert "no lab runs" in _err(["lab", "export", "--out", str(tmp_path / "none")], capsys)
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "runs.sqlite").write_bytes(b"garbage" * 1000)
+    for cmd in ("run", "report", "list", "export"):
+        argv = ["lab", cmd, "--out", str(corrupt)] + (["--suite", "smoke"] if cmd == "run"
+                                                      else [])
+        assert "not a lab run database" in _err(argv, capsys)
+    _err([], capsys)
+    _err(["lab"], capsys)
+    _err(["bogus"], capsys)
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith("causalmix ")
+
+
+def test_export_errors(smoke, tmp_path, capsys):
+    assert "folder" in _err(["lab", "export", "--out", str(smoke), "--to", str(tmp_path)],
+                            capsys)
+    assert "does not exist" in _err(["lab", "export", "--out", str(smoke), "--to",
+                                     str(tmp_path / "no" / "x.csv")], capsys)
+    assert "format" in _err(["lab", "export", "--format", "xml"], capsys)
+
+
+def test_resume_after_sigkill(tmp_path):
+    """Kill the lab (SIGKILL) after its first run is recorded, rerun: the finished runs are not
+    repeated (same rows, same finish time), the interrupted one is rerun, none is lost or
+    duplicated."""
+    out = tmp_path / "lab"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    log = open(tmp_path / "killed-run.log", "wb")  # noqa: SIM115 (closed in finally)
+    argv = ["lab", "run", "--suite", "smoke", "--out", str(out), "--no-progress", "--seeds", "2"]
+    proc = subprocess.Popen([sys.executable, "-m", "causalmix.cli", *argv], env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / "runs.sqlite").exists():
+                try:
+                    if any(r[1] == "done" for r in _rows(out)):
+                        break
+                except sqlite3.OperationalError:  # table not created yet / locked
+                    pass
+            time.sleep(0.05)
+        assert proc.poll() is None, "the smoke suite finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+        log.close()
+    before = _rows(out)
+    done_before = {r[0]: r for r in before if r[1] == "done"}
+    total = len(suite_jobs("smoke")) * 2
+    assert done_before and len(done_before) < total
+    assert main(argv) == 0
+    after = _rows(out)
+    assert len(after) == total == len({r[0] for r in after})
+    assert all(r[1] == "done" for r in after)
+    for key, row in done_before.items():  # not repeated: identical rows
+        assert next(r for r in after if r[0] == key) == row
+    interrupted = {r[0] for r in before if r[1] == "running"}
+    for r in after:
+        if r[0] in interrupted:
+            assert r[4] == 2  # a second attempt of the killed run
