@@ -7,7 +7,15 @@ from typing import NamedTuple
 
 import torch
 
-from causalmix.ops._validate import check_qkv, check_visibility
+from causalmix.ops._validate import (
+    ArgumentTypeError,
+    check_qkv,
+    check_scale,
+    check_visibility,
+    compute_dtype,
+)
+from causalmix.ops.softmax import _nonfinite
+from causalmix.ops.softmax._call import Call
 from causalmix.ops.softmax.impl import blocks, flex, reference, sdpa
 from causalmix.visibility import Visibility
 
@@ -16,18 +24,64 @@ IMPLS = {"reference": reference, "sdpa": sdpa, "blocks": blocks, "flex": flex}
 
 class AttentionOutput(NamedTuple):
     output: torch.Tensor  # [B, Tq, Hq, Dv], q's dtype
-    lse: torch.Tensor  # [B, Tq, Hq], fp32, natural log; -inf where a query sees no key
+    lse: torch.Tensor  # [B, Tq, Hq], fp32 (fp64 for fp64 inputs), natural log; -inf: no key
+
+
+def _absmax(x: torch.Tensor) -> torch.Tensor:
+    """``max |x|`` (NaN if x holds one); two vectorised reductions, far cheaper than a norm."""
+    x = x.detach()
+    if x.numel() == 0:
+        return torch.zeros((), device=x.device)
+    return torch.maximum(x.amax(), -x.amin()).float()
+
+
+def _prepare(q, k, v, visibility, q_offset, k_offset, scale, needs_lse):
+    """The checked :class:`Call` (non-finite entries replaced) and its :class:`Poison` or None."""
+    m = torch.stack([_absmax(q), _absmax(k), _absmax(v)]).tolist()
+    poisoned = None
+    if not all(math.isfinite(x) for x in m):
+        poisoned = _nonfinite.poison(q, k, v, visibility, q_offset, k_offset)
+        q, k, v = _nonfinite.clean(q), _nonfinite.clean(k), _nonfinite.clean(v)
+        m = torch.stack([_absmax(q), _absmax(k)]).tolist()
+    bound = abs(scale) * m[0] * m[1] * q.shape[-1]
+    return Call(q, k, v, visibility, q_offset, k_offset, scale, needs_lse, bound), poisoned
 
 
 def available_impls(
     q, k, v, visibility: Visibility, *, q_offset: int = 0, k_offset: int = 0,
-    return_lse: bool = False,
+    scale: float | None = None, return_lse: bool = False,
 ) -> dict[str, str | None]:
-    """For each implementation: ``None`` if it can serve this call, else the reason it cannot."""
-    return {
-        name: mod.can_serve(q, k, v, visibility, q_offset, k_offset, return_lse)
-        for name, mod in IMPLS.items()
-    }
+    """For each implementation: ``None`` if it can serve this call, else the reason it cannot.
+
+    A probe: the tensors' shapes, dtype, device and values matter, the spec's batch size and
+    covered positions are not checked against them (``softmax_attention`` checks those)."""
+    fn = "available_impls"
+    _, _, _, _, _, d, _ = check_qkv(fn, q, k, v)
+    if not isinstance(visibility, Visibility):
+        raise ArgumentTypeError(f"{fn}: visibility must be a causalmix.visibility spec, got "
+                                f"{type(visibility).__name__}")
+    scale = _default_scale(check_scale(fn, scale), d)
+    call, _ = _prepare(q, k, v, visibility, q_offset, k_offset, scale, return_lse)
+    return {name: mod.can_serve(call) for name, mod in IMPLS.items()}
+
+
+def _default_scale(scale: float | None, d: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(d) if d > 0 else 1.0
+    return scale
+
+
+def _choose(fn: str, impl: str, call: Call) -> str:
+    """``auto``: sdpa where it serves the call exactly, else blocks; an explicit impl that cannot
+    serve it raises, listing those that can."""
+    if impl == "auto":
+        return "sdpa" if sdpa.can_serve(call) is None else "blocks"
+    reason = IMPLS[impl].can_serve(call)
+    if reason is not None:
+        ok = [name for name, mod in IMPLS.items() if mod.can_serve(call) is None]
+        raise ValueError(f"{fn}: impl={impl!r} cannot serve this call: {reason}; "
+                         f"implementations that can: {ok}")
+    return impl
 
 
 def softmax_attention(
@@ -51,18 +105,24 @@ def softmax_attention(
             ``h // (Hq // Hkv)`` (GQA; ``Hkv == 1`` is MQA). q, k, v share dtype and device.
         visibility: who may see whom, e.g. ``Causal()``, ``Chunked(64, lookahead=1)``,
             ``Segments(doc_ids) & Causal()``.
-        scale: score scale, default ``1 / sqrt(D)``.
-        impl: ``"auto"`` (``sdpa`` where it is exact and no lse is asked, else ``blocks``),
-            ``"reference"`` (dense, fp32: the definition), ``"sdpa"`` (``Causal()``/``Full()``
-            only), ``"blocks"`` (block-sparse over the spec's block map, any spec, differentiable,
-            CPU and GPU) or ``"flex"`` (FlexAttention; on CPU inference only). An explicit impl
-            that cannot serve the call raises ``ValueError`` listing those that can.
+        scale: score scale (any finite float), default ``1 / sqrt(D)``.
+        impl: ``"auto"`` (``sdpa`` where it is exact -- scale > 0, scores that cannot overflow
+            -- and no lse is asked, else ``blocks``),
+            ``"reference"`` (dense: the definition), ``"sdpa"`` (``Causal()``/``Full()``
+            only, scale > 0), ``"blocks"`` (block-sparse over the spec's block map, any spec,
+            differentiable, CPU and GPU) or ``"flex"`` (FlexAttention; on CPU inference only).
+            An explicit impl that cannot serve the call raises ``ValueError`` listing those that
+            can.
         return_lse: also return the log-sum-exp of the scores.
 
     Returns:
         ``[B, Tq, Hq, Dv]`` in q's dtype, or ``AttentionOutput(output, lse)`` with
-        ``lse: [B, Tq, Hq]`` fp32 when ``return_lse``. A query that sees no key gets output 0 and
-        lse ``-inf`` (never NaN, forward or backward).
+        ``lse: [B, Tq, Hq]`` fp32 (fp64 for fp64 inputs) when ``return_lse``. Computed in fp32
+        (fp64 for fp64 inputs) by every implementation. A query that sees no key gets output 0
+        and lse ``-inf`` (never NaN, forward or backward). NaN in, NaN out, identically for every
+        impl: a NaN or infinity in ``q[b, i, h]`` or in the k/v of a key visible to it makes that
+        output row NaN (and its lse, unless only v was bad); a score that overflows to ``+inf``
+        gives NaN too.
 
     Decode with a cache (one query after 99 cached keys, ``Causal()``)::
 
@@ -72,10 +132,7 @@ def softmax_attention(
     fn = "softmax_attention"
     b, tq, tk, hq, hkv, d, dv = check_qkv(fn, q, k, v)
     check_visibility(fn, visibility, b, tq, tk, q_offset, k_offset)
-    if scale is None:
-        scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise ValueError(f"{fn}: scale must be a float or None, got {scale!r}")
+    scale = _default_scale(check_scale(fn, scale), d)
     if impl != "auto" and impl not in IMPLS:
         raise ValueError(f"{fn}: impl must be one of {['auto', *IMPLS]}, got {impl!r}")
 
@@ -83,24 +140,14 @@ def softmax_attention(
         # No query or no key: every output is 0 (and every lse -inf); keep the graph connected.
         zero = (q.sum() + k.sum() + v.sum()) * 0
         out = q.new_zeros(b, tq, hq, dv) + zero
-        lse = torch.full((b, tq, hq), float("-inf"), device=q.device)
+        lse = torch.full((b, tq, hq), float("-inf"), device=q.device, dtype=compute_dtype(q))
         return AttentionOutput(out, lse) if return_lse else out
 
-    if impl == "auto":
-        impl = "sdpa" if sdpa.can_serve(q, k, v, visibility, q_offset, k_offset, return_lse) \
-            is None else "blocks"
-    else:
-        reason = IMPLS[impl].can_serve(q, k, v, visibility, q_offset, k_offset, return_lse)
-        if reason is not None:
-            ok = [
-                name for name, why in available_impls(
-                    q, k, v, visibility, q_offset=q_offset, k_offset=k_offset,
-                    return_lse=return_lse,
-                ).items() if why is None
-            ]
-            raise ValueError(f"{fn}: impl={impl!r} cannot serve this call: {reason}; "
-                             f"implementations that can: {ok}")
-    out, lse = IMPLS[impl].attention(
-        q, k, v, visibility, q_offset=q_offset, k_offset=k_offset, scale=float(scale)
+    call, poisoned = _prepare(q, k, v, visibility, q_offset, k_offset, scale, return_lse)
+    name = _choose(fn, impl, call)
+    out, lse = IMPLS[name].attention(
+        call.q, call.k, call.v, visibility, q_offset=q_offset, k_offset=k_offset, scale=scale
     )
+    if poisoned is not None:
+        out, lse = _nonfinite.apply(poisoned, out, lse)
     return AttentionOutput(out, lse) if return_lse else out

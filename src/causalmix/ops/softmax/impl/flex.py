@@ -7,14 +7,14 @@ without log-sum-exp (torch's CPU lowering supports nothing more). Each new shape
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 
+from causalmix.ops._cache import LRUCache
+from causalmix.ops.softmax._call import Call, overflow_reason
 from causalmix.visibility import Visibility
 
 _COMPILED = None
-_MASKS: OrderedDict = OrderedDict()
+_MASKS: LRUCache = LRUCache(16)
 
 
 def _flex_module():
@@ -25,7 +25,8 @@ def _flex_module():
     return fa
 
 
-def can_serve(q, k, v, visibility: Visibility, q_offset: int, k_offset: int, needs_lse: bool):
+def can_serve(call: Call) -> str | None:
+    q, k, v, needs_lse = call.q, call.k, call.v, call.needs_lse
     if _flex_module() is None:
         return "FlexAttention is not available in this torch build"
     if q.device.type == "cpu":
@@ -35,24 +36,17 @@ def can_serve(q, k, v, visibility: Visibility, q_offset: int, k_offset: int, nee
             return "FlexAttention on CPU cannot return the log-sum-exp"
     elif q.device.type != "cuda":
         return f"FlexAttention does not run on {q.device.type}"
-    return None
+    return overflow_reason(call, "flex")
 
 
 def _block_mask(fa, visibility, q_len, k_len, q_offset, k_offset, device):
     key = (visibility, q_len, k_len, q_offset, k_offset, str(device))
-    bm = _MASKS.get(key)
-    if bm is None:
 
-        def mask_mod(b, h, q_idx, kv_idx):
-            return visibility.visible(b, q_idx + q_offset, kv_idx + k_offset)
+    def mask_mod(b, h, q_idx, kv_idx):
+        return visibility.visible(b, q_idx + q_offset, kv_idx + k_offset)
 
-        bm = fa.create_block_mask(
-            mask_mod, visibility.batch_size, None, q_len, k_len, device=device
-        )
-        _MASKS[key] = bm
-        if len(_MASKS) > 16:
-            _MASKS.popitem(last=False)
-    return bm
+    return _MASKS.get_or_make(key, lambda: fa.create_block_mask(
+        mask_mod, visibility.batch_size, None, q_len, k_len, device=device))
 
 
 def attention(q, k, v, visibility: Visibility, *, q_offset: int, k_offset: int, scale: float):

@@ -1,4 +1,5 @@
-"""Reference softmax attention: dense, eager, fp32 inside. This module *defines* correctness.
+"""Reference softmax attention: dense, eager, fp32 inside (fp64 for fp64 inputs). This module
+*defines* correctness. (NaN/inf inputs are handled before any impl runs: ``_nonfinite``.)
 
 For query i (absolute position ``q_offset + i``), key j (``k_offset + j``), head h, and the
 key/value head g(h) = h // (Hq / Hkv) it reads:
@@ -12,20 +13,23 @@ from __future__ import annotations
 
 import torch
 
+from causalmix.ops._validate import compute_dtype
+from causalmix.ops.softmax._call import Call
 from causalmix.visibility import Visibility
 
 
-def can_serve(q, k, v, visibility: Visibility, q_offset: int, k_offset: int, needs_lse: bool):
+def can_serve(call: Call) -> str | None:
     return None
 
 
 def attention(q, k, v, visibility: Visibility, *, q_offset: int, k_offset: int, scale: float):
     """``q: [B, Tq, Hq, D]``, ``k: [B, Tk, Hkv, D]``, ``v: [B, Tk, Hkv, Dv]`` ->
-    ``(out [B, Tq, Hq, Dv] in q.dtype, lse [B, Tq, Hq] fp32)``."""
+    ``(out [B, Tq, Hq, Dv] in q.dtype, lse [B, Tq, Hq] in the compute dtype)``."""
     b, tq, hq, _ = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     group = hq // hkv
-    qf, kf, vf = q.float(), k.float(), v.float()
+    cd = compute_dtype(q)
+    qf, kf, vf = q.to(cd), k.to(cd), v.to(cd)
     kf = kf.repeat_interleave(group, dim=2)  # [B, Tk, Hq, D]: query head h reads kv head h//group
     vf = vf.repeat_interleave(group, dim=2)
 
@@ -35,14 +39,15 @@ def attention(q, k, v, visibility: Visibility, *, q_offset: int, k_offset: int, 
     visible = visible[:, None]  # [B', 1, Tq, Tk]
     s = s.masked_fill(~visible, float("-inf"))
 
-    # (2) log-sum-exp, stable: subtract the (detached) row max; empty rows keep max 0
+    # (2) log-sum-exp, stable: subtract the (detached) row max; rows that see no key (max -inf)
+    # keep max 0. A +inf or NaN score makes the row NaN (inf - inf), as in every impl.
     m = s.amax(dim=-1, keepdim=True).detach()
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
     p = torch.exp(s - m)  # exp(-inf) = 0 on invisible pairs
     denom = p.sum(dim=-1, keepdim=True)
-    nonempty = denom > 0
-    safe = torch.where(nonempty, denom, torch.ones_like(denom))
-    lse = torch.where(nonempty, m + torch.log(safe), torch.full_like(m, float("-inf")))
+    empty = denom == 0
+    safe = torch.where(empty, torch.ones_like(denom), denom)
+    lse = torch.where(empty, torch.full_like(m, float("-inf")), m + torch.log(safe))
 
     # (3) normalised weights times values
     o = torch.einsum("bhqk,bkhd->bqhd", p / safe, vf)

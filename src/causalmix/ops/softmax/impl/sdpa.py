@@ -1,11 +1,13 @@
 """torch's ``scaled_dot_product_attention`` where it is exact: ``Causal()`` with aligned offsets
 (``is_causal``), ``Causal()`` whose queries all follow every key, and ``Full()``. It never sees a
-boolean mask (that would compute every tile) and it returns no log-sum-exp."""
+boolean mask (that would compute every tile) and it returns no log-sum-exp. It computes in the
+inputs' dtype (fp64 in fp64)."""
 
 from __future__ import annotations
 
 import torch.nn.functional as F
 
+from causalmix.ops.softmax._call import Call, overflow_reason
 from causalmix.visibility import Causal, Full, Visibility
 
 
@@ -20,8 +22,10 @@ def _mode(visibility, q_len, k_len, q_offset, k_offset):
     return None
 
 
-def can_serve(q, k, v, visibility: Visibility, q_offset: int, k_offset: int, needs_lse: bool):
-    if needs_lse:
+def can_serve(call: Call) -> str | None:
+    q, k, visibility, q_offset, k_offset = call.q, call.k, call.visibility, call.q_offset, \
+        call.k_offset
+    if call.needs_lse:
         return "sdpa returns no log-sum-exp (return_lse=True)"
     if type(visibility) not in (Causal, Full):
         return f"sdpa is exact only for Causal() and Full(), not {visibility!r}"
@@ -30,7 +34,8 @@ def can_serve(q, k, v, visibility: Visibility, q_offset: int, k_offset: int, nee
             f"sdpa serves Causal() only with q_offset == k_offset or with every query after "
             f"every key (got q_offset={q_offset}, k_offset={k_offset}, k_len={k.shape[1]})"
         )
-    return None
+    # SDPA on CPU gives NaN for scale <= 0 and its own answer for scores that overflow
+    return overflow_reason(call, "sdpa")
 
 
 def attention(q, k, v, visibility: Visibility, *, q_offset: int, k_offset: int, scale: float):

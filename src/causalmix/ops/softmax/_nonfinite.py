@@ -1,0 +1,73 @@
+"""NaN in, NaN out -- the same way for every implementation.
+
+The rule (the api applies it before and after whichever implementation runs):
+
+* ``out[b, i, h]`` is NaN (every component) if ``q[b, i, h]`` holds a NaN or an infinity, or if a
+  key ``j`` visible to query ``i`` has a non-finite ``k[b, j, g]`` or ``v[b, j, g]``
+  (``g = h // (Hq / Hkv)``);
+* ``lse[b, i, h]`` is NaN if ``q[b, i, h]`` or a visible ``k[b, j, g]`` is non-finite;
+* non-finite values that no query sees change nothing.
+
+The implementation then runs on inputs with the non-finite entries replaced by 0, so that NaN
+never reaches a kernel whose handling of it differs (SDPA on CPU turns a NaN row into zeros).
+Gradients flow through the finite outputs only.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+_COLS = 512  # keys tested at a time against the spec
+
+
+class Poison(NamedTuple):
+    out_rows: torch.Tensor  # [B, Tq, Hq] bool: output rows that are NaN
+    lse_rows: torch.Tensor  # [B, Tq, Hq] bool: lse entries that are NaN
+
+
+def clean(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with NaN/inf entries replaced by 0 (differentiable in the finite entries)."""
+    return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _bad_rows(x: torch.Tensor) -> torch.Tensor:
+    """``[B, T, H, D]`` -> ``[B, T, H]`` bool: the row holds a NaN or an infinity."""
+    return ~torch.isfinite(x.detach()).all(dim=-1)
+
+
+def _seen_by(visibility, bad: torch.Tensor, tq: int, q_offset: int, k_offset: int):
+    """``bad: [B, Tk, Hkv]`` bool -> ``[B, Tq, Hkv]`` bool: some visible key is bad."""
+    b, _, hkv = bad.shape
+    dev = bad.device
+    cols = bad.any(dim=2).any(dim=0).nonzero().flatten()
+    hit = torch.zeros(b, tq, hkv, device=dev)
+    nb = visibility.batch_size or 1
+    bi = torch.arange(nb, device=dev).view(nb, 1, 1)
+    i = torch.arange(q_offset, q_offset + tq, device=dev).view(1, tq, 1)
+    for c in cols.split(_COLS):
+        vis = visibility.visible(bi, i, (c + k_offset).view(1, 1, -1))
+        vis = vis.expand(vis.shape[0], tq, c.numel()).float()  # [B', Tq, n]
+        hit += vis @ bad[:, c].float()  # [B, Tq, Hkv]
+    return hit > 0
+
+
+def poison(q, k, v, visibility, q_offset: int, k_offset: int) -> Poison:
+    """The rows the rule above makes NaN (call only when some input is non-finite)."""
+    group = q.shape[2] // k.shape[2]
+    bad_q = _bad_rows(q)
+    bad_k = _bad_rows(k)
+    bad_kv = bad_k | _bad_rows(v)
+    tq = q.shape[1]
+    seen_k = _seen_by(visibility, bad_k, tq, q_offset, k_offset).repeat_interleave(group, 2)
+    seen_kv = _seen_by(visibility, bad_kv, tq, q_offset, k_offset).repeat_interleave(group, 2)
+    return Poison(bad_q | seen_kv, bad_q | seen_k)
+
+
+def apply(p: Poison, out: torch.Tensor, lse: torch.Tensor | None):
+    """``out: [B, Tq, Hq, Dv]``, ``lse: [B, Tq, Hq]`` or None, with the poisoned rows NaN."""
+    out = out.masked_fill(p.out_rows[..., None], float("nan"))
+    if lse is not None:
+        lse = lse.masked_fill(p.lse_rows, float("nan"))
+    return out, lse

@@ -1,0 +1,89 @@
+"""blocks' band path (shift-invariant specs such as Window: batched matmuls over a strided view
+of the keys) against the reference: outputs, lse and every gradient, with offsets, GQA, keys
+before/after the queries and bf16; and the plan actually takes it."""
+
+import pytest
+import torch
+
+from causalmix import Causal, Chunked, Window, softmax_attention
+from causalmix.ops.softmax.impl import blocks
+from causalmix.testing import assert_close
+from test_softmax import check_impl
+
+
+def _band(spec, tq, tk, q_offset=0, k_offset=0):
+    rows = blocks._row_size(spec, 1, 4, 16, tq, tk, q_offset, k_offset, 64)
+    plan = blocks._plan(spec, tq, tk, q_offset, k_offset, rows, 64, 512, torch.float32,
+                        torch.device("cpu"))
+    return plan.band
+
+
+@pytest.mark.parametrize(
+    "spec,tq,tk,q_offset,k_offset",
+    [
+        (Window(40, 5), 500, 500, 0, 0),
+        (Window(0), 300, 300, 0, 0),  # the diagonal only
+        (Window(17, 30), 333, 400, 10, 0),  # lookahead, more keys than queries
+        (Window(64), 260, 700, 500, 300),  # a cache before the queries
+        (Window(25, 3) & Causal(), 400, 400, 0, 0),  # key_range still one band
+        (Window(9), 300, 300, 100, 113),  # keys start after the first queries
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_band_path_matches_reference(spec, tq, tk, q_offset, k_offset, dtype):
+    assert _band(spec, tq, tk, q_offset, k_offset) is not None
+    check_impl("blocks", spec, tq=tq, tk=tk, q_offset=q_offset, k_offset=k_offset, dtype=dtype)
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 1), (6, 2)])
+def test_band_path_gqa(hq, hkv):
+    check_impl("blocks", Window(30, 2), tq=300, tk=300, hq=hq, hkv=hkv)
+
+
+def test_band_path_not_taken_where_it_does_not_apply():
+    assert _band(Causal(), 500, 500) is None  # unbounded left
+    assert _band(Chunked(16, 1), 500, 500) is None  # not shift-invariant
+    assert _band(Window(200), 300, 300) is None  # hardly sparse
+    assert _band(Window(10), 100, 100) is None  # too few rows
+
+
+def test_band_path_fp64_gradcheck():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 290, 2, 3, generator=g, dtype=torch.float64).requires_grad_()
+               for _ in range(3))
+    spec = Window(5, 1)
+    assert _band(spec, 290, 290) is not None
+
+    def f(q, k, v):
+        return softmax_attention(q, k, v, spec, impl="blocks", return_lse=True)
+
+    assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-8, fast_mode=True)
+    ref = softmax_attention(q, k, v, spec, impl="reference")
+    assert_close(f(q, k, v)[0], ref, ref, name="fp64 band", dtype=torch.float64)  # 8 ulps
+
+
+def test_worker_threads_survive_fork():
+    import multiprocessing as mp
+    import warnings
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        q, k, v = (torch.randn(1, 300, 2, 8) for _ in range(3))
+        ref = softmax_attention(q, k, v, Window(20), impl="blocks")  # makes the worker pool
+        ctx = mp.get_context("fork")
+        with warnings.catch_warnings():
+            # Python >= 3.12 warns that forking a multi-threaded process may deadlock: the point
+            # of this test is that blocks' worker pool does not.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            with ctx.Pool(1) as pool:
+                out = pool.apply_async(_in_child, (q, k, v)).get(timeout=60)
+        assert torch.equal(out, ref)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _in_child(q, k, v):
+    torch.set_num_threads(2)
+    return softmax_attention(q, k, v, Window(20), impl="blocks")
