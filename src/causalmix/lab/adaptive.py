@@ -47,6 +47,7 @@ from causalmix.lab.tasks import IGNORE, Lookahead, TaskData
 from causalmix.lab.trainer import FitResult, TrainConfig, fit
 from causalmix.nn import ModelConfig
 from causalmix.nn.adaptive import AdaptiveConfig, AdaptiveModel, compounded_latency
+from causalmix.visibility import check_int
 
 __all__ = [
     "STUDIES",
@@ -106,8 +107,7 @@ class AdaptiveStudy:
             raise TypeError(f"AdaptiveStudy.task must be a Lookahead task, got "
                             f"{type(self.task).__name__}")
         w = self.max_lookahead
-        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
-            raise ValueError(f"AdaptiveStudy.max_lookahead must be an int >= 1, got {w!r}")
+        check_int("AdaptiveStudy.max_lookahead", w, 1)
         ws = tuple(float(x) for x in self.latency_weights)
         if not ws or any(not x >= 0 for x in ws):
             raise ValueError(f"AdaptiveStudy.latency_weights must be floats >= 0, got "
@@ -380,8 +380,7 @@ def run_adaptive_study(study: str | AdaptiveStudy, out: str | Path, *, seeds: in
             raise ValueError(f"unknown adaptive study {study!r}; studies: {sorted(STUDIES)}")
         study = STUDIES[study]
     seeds = study.seeds if seeds is None else seeds
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ValueError(f"seeds must be an int >= 1, got {seeds!r}")
+    check_int("seeds", seeds, 1)
     sj = study.to_json()
     n_layers = len(study.base_config().blocks)
     points = study.points()

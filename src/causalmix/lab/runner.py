@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from causalmix.lab.db import RunDB, git_revision
+from causalmix.visibility import check_int
 
 __all__ = ["run_suite", "suite_jobs"]
 
@@ -25,9 +26,8 @@ def suite_jobs(suite: str) -> list[tuple[str, str, object]]:
             if arm.job is not None]
 
 
-def _check_int(name: str, v) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+def _check_int(name: str, v: object) -> None:
+    check_int(name, v, 1)
 
 
 def run_suite(name: str, out: str | Path, *, seeds: int | None = None,

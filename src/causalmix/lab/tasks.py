@@ -22,6 +22,8 @@ import statistics
 import torch
 import torch.nn.functional as F
 
+from causalmix.visibility import check_int
+
 __all__ = ["IGNORE", "FirstToken", "ICLRegression", "Lookahead", "MQAR", "SetDisjointness",
            "TaskData", "TASKS", "classification_metrics"]
 
@@ -40,9 +42,7 @@ class TaskData:
 
 def _check_pos(obj, *names):
     for n in names:
-        v = getattr(obj, n)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{type(obj).__name__}.{n} must be an int >= 1, got {v!r}")
+        check_int(f"{type(obj).__name__}.{n}", getattr(obj, n), 1)
 
 
 def classification_metrics(out: torch.Tensor, data: dict[str, torch.Tensor],
@@ -506,9 +506,7 @@ class Lookahead:
 
     def __post_init__(self):
         _check_pos(self, "num_symbols", "seq_len", "num_train", "num_test")
-        if isinstance(self.max_delay, bool) or not isinstance(self.max_delay, int) \
-                or self.max_delay < 0:
-            raise ValueError(f"Lookahead.max_delay must be an int >= 0, got {self.max_delay!r}")
+        check_int("Lookahead.max_delay", self.max_delay, 0)
 
     @property
     def vocab_size(self) -> int:

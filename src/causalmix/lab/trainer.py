@@ -18,6 +18,8 @@ from typing import NamedTuple, Protocol
 
 import torch
 
+from causalmix.visibility import check_int
+
 __all__ = ["FitResult", "Objective", "TrainConfig", "fit", "take"]
 
 
@@ -42,11 +44,8 @@ class TrainConfig:
 
     def __post_init__(self):
         for n in ("steps", "batch_size", "eval_every", "num_val", "patience"):
-            v = getattr(self, n)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"TrainConfig.{n} must be an int >= 1, got {v!r}")
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"TrainConfig.warmup must be an int >= 0, got {self.warmup!r}")
+            check_int(f"TrainConfig.{n}", getattr(self, n), 1)
+        check_int("TrainConfig.warmup", self.warmup, 0)
         if not self.lr > 0:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
 

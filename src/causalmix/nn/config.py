@@ -83,7 +83,8 @@ class AttentionConfig:
                 f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})"
             )
         kv = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
-        if isinstance(kv, bool) or not isinstance(kv, int) or kv < 1 or self.n_heads % kv:
+        check_int("n_kv_heads", kv, 1)
+        if self.n_heads % kv:
             raise ValueError(
                 f"n_kv_heads must be an int dividing n_heads ({self.n_heads}), got {kv!r}"
             )
