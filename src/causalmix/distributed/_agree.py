@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -72,7 +73,7 @@ def _canonical(value) -> str:
     return f"{type(value).__qualname__}:{_repr(value)}"
 
 
-def signature(x) -> str:
+def signature(x: Any) -> str:
     """What of a tensor argument ``[B, n, H, D]`` must agree across ranks: dtype, shape and
     device type (not the device index: each rank has its own GPU); the type for anything
     else."""
@@ -126,7 +127,7 @@ def _gather_strings(ring: Ring, text: str, device) -> list[str]:
     return [bytes(p[: int(s)].cpu().tolist()).decode() for p, s in zip(parts, sizes, strict=True)]
 
 
-def check_agreement(fn: str, group, arguments: dict[str, object]) -> None:
+def check_agreement(fn: str, group: dist.ProcessGroup | None, arguments: dict[str, object]) -> None:
     """Check that every rank of ``group`` passed equal ``arguments`` (name -> value: specs,
     layouts, ``q.shape``-like tuples, dtypes, scales, tensors compared by content...).
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -21,7 +22,7 @@ class Ring:
     recv_from: int
 
     @staticmethod
-    def of(fn: str, group) -> Ring:
+    def of(fn: str, group: dist.ProcessGroup | None) -> Ring:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 f"{fn}: torch.distributed is not initialised; call "
@@ -49,7 +50,7 @@ class Exchange:
     """Send ``tensors`` to the next rank and receive same-shaped ones from the previous rank,
     asynchronously (posted at construction; :meth:`wait` returns the received tensors)."""
 
-    def __init__(self, ring: Ring, tensors, tag: int):
+    def __init__(self, ring: Ring, tensors: Sequence[torch.Tensor], tag: int) -> None:
         # keep the sent buffers alive until the exchange is waited on
         self.sent = [t.contiguous() for t in tensors]
         self.recv = [torch.empty_like(t) for t in self.sent]
@@ -67,7 +68,7 @@ class Exchange:
 
 
 def check_same_everywhere(fn: str, ring: Ring, names: tuple[str, ...], values: tuple[int, ...],
-                          device) -> None:
+                          device: torch.device) -> None:
     """Raise ``ValueError`` on every rank if some rank passed different ``values`` (shapes...)."""
     if ring.world == 1:
         return

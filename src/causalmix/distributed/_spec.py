@@ -10,6 +10,8 @@ the block map stays analytic and exact.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from causalmix.distributed.layout import Run
 from causalmix.visibility import Strided, Visibility
 
@@ -28,7 +30,7 @@ def pair_count(spec: Visibility, qr: Run, kr: Run) -> int:
     return int(ps.count_visible(qr.length, kr.length, q_offset=qo, k_offset=ko).sum())
 
 
-def runs_count(spec: Visibility, q_runs, k_runs) -> int:
+def runs_count(spec: Visibility, q_runs: Iterable[Run], k_runs: Iterable[Run]) -> int:
     return sum(pair_count(spec, a, b) for a in q_runs for b in k_runs)
 
 

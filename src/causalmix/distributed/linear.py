@@ -220,7 +220,7 @@ def linear_attention(
     decay: torch.Tensor | None = None,
     log_gate: torch.Tensor | None = None,
     reverse_log_gate: torch.Tensor | None = None,
-    group=None,
+    group: dist.ProcessGroup | None = None,
     impl: str = "auto",
     chunk_size: int = 64,
 ) -> torch.Tensor:

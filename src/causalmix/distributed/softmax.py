@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 
 from causalmix.distributed._agree import check_agreement, signature
 from causalmix.distributed._ring import Exchange, Ring
@@ -155,10 +156,10 @@ def softmax_attention(
     visibility: Visibility,
     *,
     layout: str,
-    group=None,
+    group: dist.ProcessGroup | None = None,
     scale: float | None = None,
     return_lse: bool = False,
-):
+) -> torch.Tensor | AttentionOutput:
     """Sequence-parallel softmax attention under any visibility spec, on this rank's shards.
 
     Every rank of ``group`` calls it with its own shards of one sequence of ``T = W * n``

@@ -30,6 +30,7 @@ This is the only module of causalmix that imports transformers (the ``hf`` extra
 from __future__ import annotations
 
 import inspect
+from typing import TYPE_CHECKING
 
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
@@ -43,6 +44,10 @@ from causalmix.hf.bridge import (
     layer_visibility,
 )
 from causalmix.visibility import ValidKeys, Visibility
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
 
 __all__ = [
     "NAME",
@@ -65,7 +70,7 @@ def register() -> str:
     return NAME
 
 
-def set_visibility(model, visibility: Visibility | None) -> None:
+def set_visibility(model: torch.nn.Module, visibility: Visibility | None) -> None:
     """Make ``visibility`` the model's default spec (used when a call passes no
     ``visibility=``); ``None`` restores the model's own rule."""
     if visibility is not None and not isinstance(visibility, Visibility):
@@ -79,7 +84,7 @@ def set_visibility(model, visibility: Visibility | None) -> None:
             m.__dict__[DEFAULT_ATTR] = visibility
 
 
-def attach(model, visibility: Visibility | None = None):
+def attach(model: PreTrainedModel, visibility: Visibility | None = None) -> PreTrainedModel:
     """Switch ``model`` to ``attn_implementation="causalmix"``, set its default spec (see
     :func:`set_visibility`) and let ``model.generate(..., visibility=spec)`` accept the keyword
     (transformers' ``generate`` refuses keywords its ``prepare_inputs_for_generation`` does not

@@ -20,12 +20,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 from transformers.masking_utils import bidirectional_mask_function
 
 from causalmix.ops.softmax import softmax_attention
 from causalmix.visibility import Causal, Full, Segments, ValidKeys, Visibility, Window
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 __all__ = [
     "NAME", "LayerMask", "causalmix_attention", "causalmix_mask", "layer_visibility",
@@ -58,7 +62,7 @@ class LayerMask:
     kv_offset: int
 
     @property
-    def ndim(self):
+    def ndim(self) -> NoReturn:
         # transformers asks a mask it is handed back for its ndim (generate() with a static,
         # compileable cache prepares the masks ahead and passes them to forward): refuse clearly.
         raise ValueError(
@@ -104,7 +108,7 @@ def causalmix_mask(
     attention_mask: torch.Tensor | None = None,
     local_size: int | None = None,
     use_vmap: bool = False,
-    config=None,
+    config: PretrainedConfig | None = None,
     device: torch.device | str = "cpu",
     **kwargs,
 ) -> LayerMask:
@@ -184,8 +188,9 @@ def _segments(position_ids: torch.Tensor | None, mask: LayerMask) -> Segments | 
     return Segments.from_position_ids(pos)
 
 
-def packed_segments(mask: LayerMask, position_ids=None, cu_seq_lens_q=None,
-                    cu_seq_lens_k=None) -> Segments | None:
+def packed_segments(mask: LayerMask, position_ids: torch.Tensor | None = None,
+                    cu_seq_lens_q: torch.Tensor | None = None,
+                    cu_seq_lens_k: torch.Tensor | None = None) -> Segments | None:
     """The documents of a packed batch, from ``position_ids`` (restarts) and / or the
     flash-attention keywords ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (``[N + 1]`` cumulative
     lengths over a batch of one, as ``DataCollatorWithFlattening`` makes them); when both are
@@ -349,7 +354,7 @@ def causalmix_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    attention_mask,
+    attention_mask: Any,
     dropout: float = 0.0,
     scaling: float | None = None,
     sliding_window: int | None = None,

@@ -36,7 +36,9 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +50,9 @@ from causalmix.lab.trainer import FitResult, TrainConfig, fit
 from causalmix.nn import ModelConfig
 from causalmix.nn.adaptive import AdaptiveConfig, AdaptiveModel, compounded_latency
 from causalmix.visibility import check_int
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 __all__ = [
     "STUDIES",
@@ -232,7 +237,8 @@ class AdaptiveObjective:
     def __init__(self, study: AdaptiveStudy, latency_weight: float, noise: torch.Generator):
         self.study, self.latency_weight, self.noise = study, latency_weight, noise
 
-    def loss(self, model: AdaptiveModel, batch, step: int, steps: int) -> torch.Tensor:
+    def loss(self, model: AdaptiveModel, batch: dict[str, torch.Tensor], step: int,
+             steps: int) -> torch.Tensor:
         a, b = (x * steps for x in self.study.latency_ramp)
         ramp = 1.0 if step >= b else (0.0 if step <= a else (step - a) / (b - a))
         out = model(batch["inputs"], hard=False, generator=self.noise)
@@ -369,7 +375,7 @@ def point_key(study: AdaptiveStudy, point: str, seed: int) -> str:
 
 
 def run_adaptive_study(study: str | AdaptiveStudy, out: str | Path, *, seeds: int | None = None,
-                       log=print) -> list[dict]:
+                       log: Callable[[str], None] = print) -> list[dict]:
     """Train every point of ``study`` (a name in :data:`STUDIES` or an :class:`AdaptiveStudy`)
     for seeds ``0 .. seeds-1``, record each run in ``out/runs.sqlite`` (suite
     ``adaptive-<name>``, skipped when already done) and return the finished rows (see
@@ -499,7 +505,7 @@ def plot_pareto(summary: dict, path: str | Path, *, title: str = "") -> Path:
     return path
 
 
-def draw_pareto(summary: dict, ax) -> None:
+def draw_pareto(summary: dict, ax: Axes) -> None:
     """Accuracy vs mean latency of every point of :func:`adaptive_summary` on ``ax``."""
     pts = summary["points"]
     fixed = [p for p in sorted(pts, key=_order) if not p.startswith("adaptive")]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -78,7 +79,7 @@ def latency_frames(scheme: str, n_layers: int) -> int | None:
     return total
 
 
-def plain(x):
+def plain(x: Any) -> Any:
     """``x`` as JSON-ready values (dicts, lists, numbers, strings; anything else its repr)."""
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
         return {f.name: plain(getattr(x, f.name)) for f in dataclasses.fields(x) if f.init}
@@ -157,14 +158,16 @@ class Experiment:
             x = block.stream_out(x, mixed, zero)
         return model.head(model.norm(x))
 
-    def loss(self, model, batch, step: int, steps: int) -> torch.Tensor:
+    def loss(self, model: SequenceModel, batch: dict[str, torch.Tensor], step: int,
+             steps: int) -> torch.Tensor:
         out = self.forward(model, batch)
         if self.task.kind == "classification":
             return F.cross_entropy(out.flatten(0, 1), batch["targets"].flatten(),
                                    ignore_index=IGNORE)
         return ((out[..., 0] - batch["targets"]) ** 2)[batch["mask"]].mean()
 
-    def evaluate(self, model, data: dict[str, torch.Tensor], batch_size: int = 256) -> dict:
+    def evaluate(self, model: SequenceModel, data: dict[str, torch.Tensor],
+                 batch_size: int = 256) -> dict:
         n = data["inputs"].shape[0]
         out = torch.cat([self.forward(model, take(data, slice(s, s + batch_size)))
                          for s in range(0, n, batch_size)])

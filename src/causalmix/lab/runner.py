@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,7 +32,8 @@ def _check_int(name: str, v: object) -> None:
 
 
 def run_suite(name: str, out: str | Path, *, seeds: int | None = None,
-              threads: int | None = None, progress: bool = True, log=print) -> dict:
+              threads: int | None = None, progress: bool = True,
+              log: Callable[[str], None] = print) -> dict:
     """Train every arm of suite ``name`` for seeds ``0 .. seeds-1`` (default: the suite's
     own count), skipping the runs already done in ``out/runs.sqlite``; writes
     ``out/suite_<name>.json`` (this invocation's wall time and load, and the wall time of

@@ -77,7 +77,7 @@ class FitResult(NamedTuple):
     train_time_s: float
 
 
-def take(data: dict[str, torch.Tensor], idx) -> dict[str, torch.Tensor]:
+def take(data: dict[str, torch.Tensor], idx: torch.Tensor | slice) -> dict[str, torch.Tensor]:
     """The examples ``idx`` (an index tensor or a slice) of every tensor of a split."""
     return {k: v[idx] for k, v in data.items()}
 

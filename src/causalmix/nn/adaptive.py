@@ -66,6 +66,7 @@ it reports per output is ``r^L_t - t``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -159,7 +160,7 @@ class AdaptiveConfig:
         return tuple(range(w + 1)) if self.choices == "all" else (0, w)
 
     @classmethod
-    def of(cls, *, max_lookahead=(0, 4), choices: str = "all", tau: float = 1.0,
+    def of(cls, *, max_lookahead: tuple[int, ...] = (0, 4), choices: str = "all", tau: float = 1.0,
            **model_fields) -> AdaptiveConfig:
         """``AdaptiveConfig(ModelConfig(**model_fields, visibility=(Causal(),) * L),
         max_lookahead, choices, tau)`` with ``L = len(max_lookahead)``."""
@@ -236,10 +237,11 @@ class AdaptiveBlock(nn.Module):
     def mixer_kwargs(self) -> dict:
         return self.block.mixer_kwargs()
 
-    def stream_qkv(self, x: torch.Tensor, positions: torch.Tensor):
+    def stream_qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple:
         return self.block.stream_qkv(x, positions)
 
-    def stream_out(self, x: torch.Tensor, mixed: torch.Tensor, positions: torch.Tensor):
+    def stream_out(self, x: torch.Tensor, mixed: torch.Tensor,
+                   positions: torch.Tensor) -> torch.Tensor:
         return self.block.stream_out(x, mixed, positions)
 
     def stream_lookahead(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -252,7 +254,8 @@ class AdaptiveBlock(nn.Module):
     # ------------------------------------------------ parallel
     def forward(self, x: torch.Tensor, *, hard: bool,
                 generator: torch.Generator | None = None,
-                lookahead: torch.Tensor | None = None):
+                lookahead: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """``x: [B, T, C]`` at positions ``[0, T)``; ``hard``: argmax gates (else straight-through
         Gumbel samples drawn with ``generator``). ``lookahead``: ``[B, T]`` int in
         ``[0, max_lookahead]`` overriding the gate (an oracle or a fixed schedule; hard)."""
@@ -392,7 +395,7 @@ class AdaptiveModel(nn.Module):
 
     def forward(self, inputs: torch.Tensor, *, hard: bool | None = None,
                 generator: torch.Generator | None = None,
-                lookahead=None) -> AdaptiveOutput:
+                lookahead: Sequence[torch.Tensor | None] | None = None) -> AdaptiveOutput:
         """``inputs: [B, T]`` tokens or ``[B, T, input_dim]``; ``hard`` (default
         ``not self.training``); ``generator`` for the Gumbel noise; ``lookahead``: one ``[B, T]``
         int tensor (or ``None``) per layer overriding the gates."""
@@ -424,7 +427,7 @@ class AdaptiveModel(nn.Module):
         return AdaptiveOutput(self.stream_head(x), tuple(lookahead), exp_lat,
                               hard_lat.round().to(torch.int64), pen)
 
-    def visibilities(self, lookahead) -> tuple[Visibility, ...]:
+    def visibilities(self, lookahead: Sequence[torch.Tensor]) -> tuple[Visibility, ...]:
         """The per-layer specs of chosen lookaheads (``AdaptiveOutput.lookahead``)."""
         return tuple(Causal() if blk.gate is None else AdaptiveLookahead(a)
                      for blk, a in zip(self.blocks, lookahead, strict=True))

@@ -66,7 +66,8 @@ class GatedMixer(nn.Module):
         g = -(dt * torch.cat([rate, rate]))
         return g[..., :h], g[..., h:]
 
-    def qkv(self, x: torch.Tensor, positions: torch.Tensor):
+    def qkv(self, x: torch.Tensor, positions: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.cfg
         b, n, _ = x.shape
         q = F.normalize(self.q_proj(x).view(b, n, cfg.n_heads, -1), dim=-1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 
 import torch
 
@@ -50,7 +51,7 @@ def latency_stats(latency: torch.Tensor) -> dict:
     return {"mean": s.mean, "p90": s.p90, "max": s.max}
 
 
-def compounded_latency(visibilities, seq_len: int) -> torch.Tensor:
+def compounded_latency(visibilities: Iterable[Visibility], seq_len: int) -> torch.Tensor:
     """Latency of each output of a stack of layers over a sequence of ``seq_len`` frames.
 
     ``visibilities``: one spec per layer, first layer first. ``r^0_t = t``;
@@ -78,7 +79,9 @@ def _cummax_at(r: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return pm[:, idx]  # [B, T, C]
 
 
-def expected_latency(probs, choices, seq_len: int, batch: int = 1) -> torch.Tensor:
+def expected_latency(probs: Iterable[torch.Tensor | None],
+                     choices: Iterable[torch.Tensor | None], seq_len: int,
+                     batch: int = 1) -> torch.Tensor:
     """Mean-field expected latency per output, differentiable in the gate probabilities.
 
     ``probs``: one entry per layer, ``[B, T, C_l]`` gate probabilities or ``None`` for a causal

@@ -73,7 +73,7 @@ Example, ``Chunked(2, lookahead=0)`` with decay on 4 positions (weights of key j
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -107,7 +107,7 @@ class Shapes(NamedTuple):
     dv: int
 
 
-def check_gate(fn: str, name: str, gate, shape: tuple, q: torch.Tensor) -> None:
+def check_gate(fn: str, name: str, gate: Any, shape: tuple, q: torch.Tensor) -> None:
     """``gate``: a floating ``[B, Tk, H]`` tensor on q's device, dtype q's or the compute dtype,
     values ``<= 0`` and not ``-inf`` (NaN passes: NaN in, NaN out)."""
     if not isinstance(gate, torch.Tensor):
@@ -223,7 +223,8 @@ def _fast_reason(impl, visibility, q_offset, k_offset, tq, tk,
     return None
 
 
-def available_impls(q, k, v, visibility: Visibility, *, q_offset: int = 0, k_offset: int = 0,
+def available_impls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibility: Visibility,
+                    *, q_offset: int = 0, k_offset: int = 0,
                     return_final_state: bool = False) -> dict[str, str | None]:
     """For each implementation: ``None`` if it can serve this call, else the reason it cannot."""
     tq, tk = q.shape[1], k.shape[1]
@@ -302,7 +303,7 @@ def linear_attention(
     return_final_state: bool = False,
     impl: str = "auto",
     chunk_size: int = 64,
-):
+) -> torch.Tensor | LinearOutput:
     """Linear attention with per-head decay or per-token gates under a visibility spec.
 
     Args:
@@ -355,10 +356,13 @@ def linear_attention(
                 k_offset, initial_state, return_final_state, chunk_size)
 
 
-def chunk_linear_attention(q, k, v, visibility: Visibility, *, decay=None, log_gate=None,
-                           reverse_log_gate=None, q_offset: int = 0, k_offset: int = 0,
-                           initial_state=None, return_final_state: bool = False,
-                           chunk_size: int = 64):
+def chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           visibility: Visibility, *, decay: torch.Tensor | None = None,
+                           log_gate: torch.Tensor | None = None,
+                           reverse_log_gate: torch.Tensor | None = None, q_offset: int = 0,
+                           k_offset: int = 0, initial_state: torch.Tensor | None = None,
+                           return_final_state: bool = False,
+                           chunk_size: int = 64) -> torch.Tensor | LinearOutput:
     """:func:`linear_attention` with ``impl="chunk"``: Lightning Attention-2 / GLA tiling,
     O(T * C) time, memory linear in T forward and backward. Shapes and dtypes as there."""
     return linear_attention(q, k, v, visibility, decay=decay, log_gate=log_gate,
@@ -368,9 +372,14 @@ def chunk_linear_attention(q, k, v, visibility: Visibility, *, decay=None, log_g
                             chunk_size=chunk_size)
 
 
-def recurrent_linear_attention(q, k, v, visibility: Visibility, *, decay=None, log_gate=None,
-                               reverse_log_gate=None, q_offset: int = 0, k_offset: int = 0,
-                               initial_state=None, return_final_state: bool = False):
+def recurrent_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               visibility: Visibility, *, decay: torch.Tensor | None = None,
+                               log_gate: torch.Tensor | None = None,
+                               reverse_log_gate: torch.Tensor | None = None,
+                               q_offset: int = 0, k_offset: int = 0,
+                               initial_state: torch.Tensor | None = None,
+                               return_final_state: bool = False
+                               ) -> torch.Tensor | LinearOutput:
     """:func:`linear_attention` with ``impl="recurrent"``: one position at a time. With T == 1,
     ``Causal()`` and a carried state it is one decode step,
     ``S = exp(g) S0 + k v^T, o = q S`` (``g = log(lambda)`` for a constant decay)::

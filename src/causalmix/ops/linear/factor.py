@@ -66,7 +66,7 @@ class Factorisation:
             return (self.lookahead_chunks + 1) * self.chunk - 1
         return 0
 
-    def arrays(self, length: int, offset: int, device) -> PositionArrays:
+    def arrays(self, length: int, offset: int, device: torch.device) -> PositionArrays:
         return _arrays(self, length, offset, device)
 
 

@@ -15,9 +15,12 @@ Gradients flow through the finite outputs only.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+
+if TYPE_CHECKING:
+    from causalmix.visibility import Visibility
 
 _COLS = 512  # keys tested at a time against the spec
 
@@ -53,7 +56,8 @@ def _seen_by(visibility, bad: torch.Tensor, tq: int, q_offset: int, k_offset: in
     return hit > 0
 
 
-def poison(q, k, v, visibility, q_offset: int, k_offset: int) -> Poison:
+def poison(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibility: Visibility,
+           q_offset: int, k_offset: int) -> Poison:
     """The rows the rule above makes NaN (call only when some input is non-finite)."""
     group = q.shape[2] // k.shape[2]
     bad_q = _bad_rows(q)
@@ -65,7 +69,8 @@ def poison(q, k, v, visibility, q_offset: int, k_offset: int) -> Poison:
     return Poison(bad_q | seen_kv, bad_q | seen_k)
 
 
-def apply(p: Poison, out: torch.Tensor, lse: torch.Tensor | None):
+def apply(p: Poison, out: torch.Tensor, lse: torch.Tensor | None
+          ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``out: [B, Tq, Hq, Dv]``, ``lse: [B, Tq, Hq]`` or None, with the poisoned rows NaN."""
     out = out.masked_fill(p.out_rows[..., None], float("nan"))
     if lse is not None:

@@ -48,7 +48,8 @@ def _prepare(q, k, v, visibility, q_offset, k_offset, scale, needs_lse):
 
 
 def available_impls(
-    q, k, v, visibility: Visibility, *, q_offset: int = 0, k_offset: int = 0,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibility: Visibility, *,
+    q_offset: int = 0, k_offset: int = 0,
     scale: float | None = None, return_lse: bool = False,
 ) -> dict[str, str | None]:
     """For each implementation: ``None`` if it can serve this call, else the reason it cannot.
@@ -95,7 +96,7 @@ def softmax_attention(
     scale: float | None = None,
     impl: str = "auto",
     return_lse: bool = False,
-):
+) -> torch.Tensor | AttentionOutput:
     """Softmax attention under any visibility spec.
 
     Args:

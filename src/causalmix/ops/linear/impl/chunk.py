@@ -27,7 +27,7 @@ differentiated (see :func:`linear_attention`).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -35,6 +35,9 @@ from torch.autograd.function import once_differentiable
 from causalmix.ops._cache import LRUCache
 from causalmix.ops._validate import compute_dtype
 from causalmix.ops.linear.factor import Factorisation, PositionArrays
+
+if TYPE_CHECKING:
+    from causalmix.visibility import Visibility
 
 _NEG_INF = float("-inf")
 
@@ -234,7 +237,8 @@ class TileWeights:
     masked entries are 0), computed for blocks of ``G`` chunks at once (few large ops instead of
     many small ones; a block weighs at most one ``[B, T, H, D]`` input)."""
 
-    def __init__(self, w: Weights, geo: _Geometry, cd, width: int, memo: dict | None = None):
+    def __init__(self, w: Weights, geo: _Geometry, cd: torch.dtype, width: int,
+                 memo: dict | None = None) -> None:
         self.w, self.geo, self.cd, self.memo = w, geo, cd, memo
         self.g = max(1, min(16, geo.t * width // (geo.c * geo.c)))
         self._block, self._data = -1, None
@@ -354,8 +358,10 @@ class ScanFunction(torch.autograd.Function):
     None -> ``(o [B, T, H, Dv], S_final)`` in the compute dtype."""
 
     @staticmethod
-    def forward(ctx, q, k, v, gf, gr, s0, arrays: PositionArrays, c: int, reverse: bool,
-                sd: torch.dtype, constant: bool):
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gf: torch.Tensor,
+                gr: torch.Tensor, s0: torch.Tensor | None, arrays: PositionArrays, c: int,
+                reverse: bool, sd: torch.dtype, constant: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         x = _prepare(q, k, v, gf, gr, arrays, c, reverse, sd, constant)
         rstates = _reverse_scan(x) if reverse else [None] * x.geo.n
         o, states, s = _forward_scan(x, s0, rstates)
@@ -366,7 +372,8 @@ class ScanFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, do, ds_final):
+    def backward(ctx: Any, do: torch.Tensor | None, ds_final: torch.Tensor | None
+                 ) -> tuple[torch.Tensor | None, ...]:
         q, k, v, gf, gr = ctx.saved_tensors
         x = ctx.ctx._replace(q=q, k=k, v=v)
         b, t, h, _d = q.shape
@@ -565,7 +572,8 @@ class BandFunction(torch.autograd.Function):
     Returns ``o [B, T, H, Dv]`` (compute dtype)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, gr, spec, offset: int, width: int, c: int):
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gr: torch.Tensor,
+                spec: Visibility, offset: int, width: int, c: int) -> torch.Tensor:
         b, t, h, _ = q.shape
         cd = compute_dtype(q)
         o = torch.empty(b, t, h, v.shape[-1], dtype=cd, device=q.device)
@@ -579,7 +587,7 @@ class BandFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, do):
+    def backward(ctx: Any, do: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, gr = ctx.saved_tensors
         b, t, h, d = q.shape
         tk = k.shape[1]
@@ -631,9 +639,11 @@ def _band_tiles(spec, t: int, tk: int, offset: int, width: int, c: int, gr, cd):
         yield a, cn, kend, torch.exp(logits)
 
 
-def linear_attention(q, k, v, f: Factorisation, *, log_gate, reverse_log_gate, offset: int,
-                     initial_state, chunk_size: int, wide_states: bool = False,
-                     constant: bool = False):
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: Factorisation, *,
+                     log_gate: torch.Tensor, reverse_log_gate: torch.Tensor, offset: int,
+                     initial_state: torch.Tensor | None, chunk_size: int,
+                     wide_states: bool = False,
+                     constant: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``q: [B, T, H, D]``, ``k: [B, Tk, H, D]``, ``v: [B, Tk, H, Dv]`` with ``Tk >= T``,
     ``log_gate, reverse_log_gate: [B', Tk, H]`` (``B'`` 1 or B) -> ``(o [B, T, H, Dv] q.dtype,
     S at query T - 1)``. Keys past the last query (``Tk > T``) reach the queries only through

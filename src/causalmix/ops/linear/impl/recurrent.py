@@ -59,8 +59,10 @@ def _band(outs, qf, gr, arr, f: Factorisation, offset: int, chunk_states):
                                              reach * w * chunk_states[c + m])
 
 
-def linear_attention(q, k, v, f: Factorisation, *, log_gate, reverse_log_gate, offset: int,
-                     initial_state):
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: Factorisation, *,
+                     log_gate: torch.Tensor, reverse_log_gate: torch.Tensor, offset: int,
+                     initial_state: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """``q, k: [B, T, H, D]``, ``v: [B, T, H, Dv]``, ``log_gate, reverse_log_gate: [B', T, H]``
     -> ``(o [B, T, H, Dv] q.dtype, S_final)``."""
     b, t, h, d = q.shape

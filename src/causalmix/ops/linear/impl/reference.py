@@ -48,9 +48,12 @@ def _log_weights(g, gr, visible, tq: int, cd) -> torch.Tensor:
                                                              device=g.device))
 
 
-def linear_attention(q, k, v, visibility: Visibility, *, decay, q_offset: int, k_offset: int,
-                     initial_state, return_final_state: bool, log_gate=None,
-                     reverse_log_gate=None):
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibility: Visibility,
+                     *, decay: torch.Tensor | None, q_offset: int, k_offset: int,
+                     initial_state: torch.Tensor | None, return_final_state: bool,
+                     log_gate: torch.Tensor | None = None,
+                     reverse_log_gate: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``q: [B, Tq, H, D]``, ``k: [B, Tk, H, D]``, ``v: [B, Tk, H, Dv]``, ``decay: [H]`` or None,
     or ``log_gate / reverse_log_gate: [B, Tk, H]`` (then ``q_offset == k_offset``) ->
     ``(out [B, Tq, H, Dv] in q.dtype, final_state [B, H, D, Dv] or None)``."""

@@ -587,7 +587,8 @@ def _apply(q, k, v, visibility, q_offset, k_offset, scale):
 _EAGER_ONLY = None
 
 
-def attention(q, k, v, visibility: Visibility, *, q_offset: int, k_offset: int, scale: float):
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibility: Visibility, *,
+              q_offset: int, k_offset: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``q: [B, Tq, Hq, D]``, ``k: [B, Tk, Hkv, D]``, ``v: [B, Tk, Hkv, Dv]`` ->
     ``(out [B, Tq, Hq, Dv] in q.dtype, lse [B, Tq, Hq] in the compute dtype)``.
 

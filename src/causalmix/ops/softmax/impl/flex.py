@@ -49,7 +49,9 @@ def _block_mask(fa, visibility, q_len, k_len, q_offset, k_offset, device):
         mask_mod, visibility.batch_size, None, q_len, k_len, device=device))
 
 
-def attention(q, k, v, visibility: Visibility, *, q_offset: int, k_offset: int, scale: float):
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibility: Visibility, *,
+              q_offset: int, k_offset: int, scale: float
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
     global _COMPILED
     fa = _flex_module()
     if _COMPILED is None:

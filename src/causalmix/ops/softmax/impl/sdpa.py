@@ -5,6 +5,7 @@ inputs' dtype (fp64 in fp64)."""
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from causalmix.ops.softmax._call import Call, overflow_reason
@@ -38,7 +39,8 @@ def can_serve(call: Call) -> str | None:
     return overflow_reason(call, "sdpa")
 
 
-def attention(q, k, v, visibility: Visibility, *, q_offset: int, k_offset: int, scale: float):
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibility: Visibility, *,
+              q_offset: int, k_offset: int, scale: float) -> tuple[torch.Tensor, None]:
     mode = _mode(visibility, q.shape[1], k.shape[1], q_offset, k_offset)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
