@@ -251,6 +251,7 @@ def test_layer_configs_refuse_values_that_would_fail_later(kw, arg):
 
 
 @pytest.mark.parametrize("kw, arg", [(dict(impl="bogus"), "impl"),
+                                     (dict(rope_base=0.0), "rope_base"),
                                      (dict(mixer="linear", decay="0.5"), "decay"),
                                      (dict(visibility=(Causal(), "x")), "visibility")])
 def test_model_configs_refuse_bad_values(kw, arg):

@@ -152,6 +152,7 @@ class ModelConfig:
     feature_map: str = "taylor"
     decay: tuple[float, ...] | None = None
     impl: str = "auto"
+    rope_base: float = 10000.0
     blocks: tuple[BlockConfig, ...] = dataclasses.field(init=False)
 
     def __post_init__(self):
@@ -180,7 +181,7 @@ class ModelConfig:
         attn = AttentionConfig(
             d_model=self.d_model, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
             mixer=self.mixer, feature_dim=self.feature_dim, feature_map=self.feature_map,
-            decay=self.decay, impl=self.impl,
+            decay=self.decay, impl=self.impl, rope_base=self.rope_base,
         )
         object.__setattr__(self, "blocks", tuple(
             BlockConfig(attn, v, self.mlp_ratio) for v in vis
