@@ -322,16 +322,18 @@ def test_packing_from_the_flattening_collator_with_flash_attention_keywords():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prefix_lm_generation_with_cache_equals_recompute(family):
     """generate() with Prefix(prompt): the prompt is read bidirectionally once, then decoding is
-    causal at absolute positions; every step's logits equal a full no-cache recomputation."""
+    causal at absolute positions; every step's logits equal a full no-cache recomputation.
+    ``generate(..., visibility=)`` works on a model built with ``attn_implementation="causalmix"``
+    as it is (no :func:`attach`)."""
     p, steps = 13, 6  # prompt longer than the sliding window
     ids = _ids(2, p, seed=11)
-    model = cmhf.attach(_model(family, "causalmix"))
+    model = _model(family, "causalmix")
     vis = Prefix(p)
     out = model.generate(ids, max_new_tokens=steps, do_sample=False, pad_token_id=0,
                          visibility=vis, return_dict_in_generate=True, output_logits=True)
     seq = out.sequences
     assert seq.shape == (2, p + steps)
-    ref_model = cmhf.attach(_model(family, "causalmix", torch.float64))
+    ref_model = _model(family, "causalmix", torch.float64)
     for s in range(steps):
         prefix = seq[:, : p + s]
         ref = ref_model(prefix, use_cache=False, visibility=vis).logits[:, -1]

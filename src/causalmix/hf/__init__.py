@@ -11,8 +11,8 @@ queries at their absolute positions::
     from causalmix import Prefix
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="causalmix")
     out = model(input_ids, attention_mask=am, visibility=Prefix(16))   # prefix-LM forward
-    causalmix.hf.attach(model)                       # lets generate() take visibility= too
     model.generate(input_ids, visibility=Prefix(input_ids.shape[1]), max_new_tokens=20)
+    causalmix.hf.attach(model, Prefix(16))           # or: switch a loaded model, set a default
 
 Per call, ``visibility=`` replaces the model's causal rule and is composed with what the model
 and the inputs impose: each layer's own sliding window (``j > i - sliding_window``, as in
@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
+from transformers.utils.generic import TransformersKwargs
 
 from causalmix.hf.bridge import (
     DEFAULT_ATTR,
@@ -63,10 +64,16 @@ __all__ = [
 
 
 def register() -> str:
-    """Register ``"causalmix"`` as both an attention and a mask implementation (idempotent).
-    Returns the name to pass as ``attn_implementation``."""
+    """Register ``"causalmix"`` as both an attention and a mask implementation (idempotent),
+    and declare ``visibility`` one of the model-agnostic keyword arguments transformers passes
+    through ``generate()`` and ``forward()`` to the attention function (``TransformersKwargs``), so
+    that ``model.generate(..., visibility=spec)`` works on a causalmix model without
+    :func:`attach`. Returns the name to pass as ``attn_implementation``."""
     AttentionInterface.register(NAME, causalmix_attention)
     AttentionMaskInterface.register(NAME, causalmix_mask)
+    keys = TransformersKwargs.__optional_keys__
+    if "visibility" not in keys:
+        TransformersKwargs.__optional_keys__ = frozenset(keys | {"visibility"})
     return NAME
 
 
