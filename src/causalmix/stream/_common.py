@@ -285,7 +285,7 @@ class MixerStream:
         # every check before the first change: a push that raises leaves the stream as it was
         shapes = self._check(q, k, v)
         n = q.shape[1]
-        self._check_positions(n)
+        self._check_frame_positions(n)
         direct = self.frames_out == self.frames_in and self.final_after(n) == n
         self._shapes = shapes
         with torch.no_grad():
@@ -333,7 +333,7 @@ class MixerStream:
             )
         self._check(q, k, v)
         p0, n = self.frames_in, q.shape[1]
-        self._check_positions(n)
+        self._check_frame_positions(n)
         final = self.final_after(n)
         if final != n:
             raise ValueError(
@@ -431,7 +431,7 @@ class MixerStream:
                 f"have batch size {q.shape[0]}"
             )
 
-    def _check_positions(self, n: int) -> None:
+    def _check_frame_positions(self, n: int) -> None:
         """The push's queries ``[frames_in, frames_in + n)`` and keys ``[0, frames_in + n)``
         must be positions the spec defines (and below ``MAX_POSITION``)."""
         try:

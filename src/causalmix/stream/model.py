@@ -264,7 +264,7 @@ class ModelStream:
         self._check(x, where)
         n = x.shape[1]
         for st in self.layers:
-            st.mixer._check_positions(n)
+            st.mixer._check_frame_positions(n)
         return x
 
     def _collect(self, h: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:

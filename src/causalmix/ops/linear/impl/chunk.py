@@ -39,7 +39,7 @@ from causalmix.ops.linear.factor import Factorisation, PositionArrays
 if TYPE_CHECKING:
     from causalmix.visibility import Visibility
 
-_NEG_INF = float("-inf")
+_MINUS_INF = float("-inf")
 
 
 def _tile(x: torch.Tensor, a: int, c: int, cd) -> torch.Tensor:
@@ -272,7 +272,7 @@ class TileWeights:
             rev = (e[..., None, :] - e[..., :, None]).to(self.cd)
             logits = torch.where(bm[:, None], rev, logits)
             fm = fm | bm
-        return logits.masked_fill_(~fm[:, None], _NEG_INF).exp_()
+        return logits.masked_fill_(~fm[:, None], _MINUS_INF).exp_()
 
 
 def _outer(x: torch.Tensor, y: torch.Tensor, sd: torch.dtype) -> torch.Tensor:
@@ -635,7 +635,7 @@ def _band_tiles(spec, t: int, tk: int, offset: int, width: int, c: int, gr, cd):
         r = gr[:, a:kend].to(torch.float64).transpose(1, 2)  # [B', H, kn]
         e = torch.nn.functional.pad(r[..., :-1], (1, 0)).cumsum(-1)  # fp64: exact differences
         logits = torch.where(vis[:, None], (e[..., None, :] - e[..., :cn, None]).to(cd),
-                             _NEG_INF)
+                             _MINUS_INF)
         yield a, cn, kend, torch.exp(logits)
 
 
