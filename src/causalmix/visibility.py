@@ -507,6 +507,17 @@ def _snapshot(name: str, t: Any, dims: tuple[int, ...], shape_doc: str) -> torch
     return t.detach().to(torch.int64, copy=True)
 
 
+def _int_vector(name: str, x: Any, shape_doc: str) -> torch.Tensor:
+    """A 1-D integer tensor, or a list / tuple of ints >= 0, as a private int64 copy."""
+    if not isinstance(x, torch.Tensor):
+        if not isinstance(x, (list, tuple)):
+            raise ValueError(f"{name} must be a {shape_doc} integer tensor or a list of ints, "
+                             f"got {type(x).__name__}")
+        x = torch.tensor([check_int(f"{name}[{k}]", v, 0) for k, v in enumerate(x)],
+                         dtype=torch.int64)
+    return _snapshot(name, x, (1,), shape_doc)
+
+
 class _HoldsTensor(Visibility):
     """Value semantics for specs holding a tensor (their own copy, taken at construction): equal
     and hashed by the content of :meth:`_content` (shape and values), computed once per instance.
@@ -735,14 +746,7 @@ class Segments(_HoldsTensor):
     def from_lengths(cls, lengths: Any) -> Segments:
         """Documents of the given lengths packed back to back: ``lengths: [N]`` ints >= 0 (a
         tensor or a sequence) -> ids ``[sum(lengths)]`` (document ``d`` has id ``d``)."""
-        if not isinstance(lengths, torch.Tensor):
-            if not isinstance(lengths, (list, tuple)):
-                raise ValueError(
-                    f"lengths must be a [N] integer tensor or a list of ints, got "
-                    f"{type(lengths).__name__}")
-            lengths = torch.tensor([check_int(f"lengths[{k}]", v, 0)
-                                    for k, v in enumerate(lengths)], dtype=torch.int64)
-        lengths = _snapshot("lengths", lengths, (1,), "[N]")
+        lengths = _int_vector("lengths", lengths, "[N]")
         if lengths.numel() and int(lengths.min()) < 0:
             raise ValueError(f"lengths must be >= 0, got min {int(lengths.min())}")
         return cls(torch.repeat_interleave(torch.arange(lengths.numel()), lengths))
@@ -751,14 +755,7 @@ class Segments(_HoldsTensor):
     def from_cu_seqlens(cls, cu_seqlens: Any) -> Segments:
         """The varlen-kernel convention: ``cu_seqlens: [N + 1]`` cumulative lengths starting at 0,
         non-decreasing (``[0, 3, 7]``: documents ``[0, 3)`` and ``[3, 7)``)."""
-        if not isinstance(cu_seqlens, torch.Tensor):
-            if not isinstance(cu_seqlens, (list, tuple)):
-                raise ValueError(
-                    f"cu_seqlens must be a [N + 1] integer tensor or a list of ints, got "
-                    f"{type(cu_seqlens).__name__}")
-            cu_seqlens = torch.tensor([check_int(f"cu_seqlens[{k}]", v, 0)
-                                       for k, v in enumerate(cu_seqlens)], dtype=torch.int64)
-        cu = _snapshot("cu_seqlens", cu_seqlens, (1,), "[N + 1]")
+        cu = _int_vector("cu_seqlens", cu_seqlens, "[N + 1]")
         if cu.numel() == 0 or int(cu[0]) != 0:
             raise ValueError(f"cu_seqlens must start with 0, got {cu.tolist()[:8]}")
         lengths = cu[1:] - cu[:-1]
