@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from causalmix.nn import ModelConfig, SequenceModel
 from causalmix.ops.linear import chunk_linear_attention, linear_attention
 from causalmix.stream import LinearStream, ModelStream
-from causalmix.testing import assert_close
+from causalmix.testing import assert_all_close, assert_close
 from causalmix.visibility import Causal, Chunked, Full, Prefix, Segments
 
 B, H, D, DV = 2, 4, 8, 6
@@ -93,10 +93,7 @@ def _check(impl, t, spec, *, dtype, off, c, seed=0, reverse=True, state=True, hk
     got = _run(impl, inputs, spec, off, c, dtype)
     names = ["out", "state", "dq", "dk", "dv", "dlog_gate"] + (["dreverse"] if reverse else []) \
         + (["dstate0"] if state else [])
-    assert len(got) == len(names)
-    for name, a, r, bl in zip(names, got, truth, base, strict=True):
-        assert_close(a, r, bl, name=f"{impl} {spec!r} T={t} {dtype} {name}",
-                     dtype=a.dtype if a.dtype != torch.float64 else torch.float32)
+    assert_all_close(names, got, truth, base, label=f"{impl} {spec!r} T={t} {dtype}")
 
 
 IMPL_LENGTHS = [(i, t) for i in ("chunk", "recurrent") for t in LENGTHS

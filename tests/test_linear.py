@@ -20,7 +20,7 @@ from causalmix.ops.linear import (
     linear_attention,
     recurrent_linear_attention,
 )
-from causalmix.testing import assert_close
+from causalmix.testing import assert_all_close, assert_close
 from causalmix.visibility import Causal, Chunked, Full, Prefix, Segments, Window
 
 B, H, D, DV = 2, 4, 8, 6
@@ -102,10 +102,7 @@ def _check(impl, t, spec, *, dtype, decay, off, state, c, seed=0):
     base = _run("reference", q, k, v, spec, dec, off, s0, c, do, ds)
     got = _run(impl, q, k, v, spec, dec, off, s0, c, do, ds)
     names = NAMES[:5] + (["ddecay"] if decay else []) + (["dstate0"] if state else [])
-    assert len(got) == len(names)
-    for name, a, r, bl in zip(names, got, truth, base, strict=True):
-        assert_close(a, r, bl, name=f"{impl} {spec!r} T={t} {dtype} {name}",
-                     dtype=a.dtype if a.dtype != torch.float64 else torch.float32)
+    assert_all_close(names, got, truth, base, label=f"{impl} {spec!r} T={t} {dtype}")
 
 
 # recurrent at T=500 runs in test_recurrent_long (slow): one Python step per position

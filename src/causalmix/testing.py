@@ -9,9 +9,11 @@ baseline that happens to be exact does not demand bit-exactness)::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-__all__ = ["assert_close", "max_error"]
+__all__ = ["assert_all_close", "assert_close", "max_error"]
 
 
 def _floor(ref: torch.Tensor, dtype: torch.dtype, ulps: float) -> float:
@@ -62,3 +64,22 @@ def assert_close(
             f"{name}: max error {err:.3g} exceeds {factor} x baseline error {base:.3g} + floor "
             f"({tol:.3g} in all)"
         )
+
+
+def assert_all_close(
+    names: list[str],
+    actual: Sequence[torch.Tensor],
+    ref: Sequence[torch.Tensor],
+    baseline: Sequence[torch.Tensor],
+    *,
+    label: str = "",
+) -> None:
+    """:func:`assert_close` for each named output (outputs, states, gradients) of a fast path,
+    against the reference and a same-precision baseline; fp64 results get fp32's floor (the
+    reference computes them in fp64 too)."""
+    if not (len(names) == len(actual) == len(ref) == len(baseline)):
+        raise AssertionError(f"{label}: {len(names)} names for {len(actual)} results, "
+                             f"{len(ref)} references, {len(baseline)} baselines")
+    for name, a, r, bl in zip(names, actual, ref, baseline, strict=True):
+        assert_close(a, r, bl, name=f"{label} {name}",
+                     dtype=a.dtype if a.dtype != torch.float64 else torch.float32)
