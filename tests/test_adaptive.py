@@ -538,7 +538,7 @@ def test_stream_push_that_raises_changes_nothing_and_positions_are_checked(monke
         s.push(torch.randn(2, 3))
     with pytest.raises(ValueError, match="batch size 1 differs"):
         s.push(x[:1, 9:12])
-    monkeypatch.setattr(visibility, "MAX_POSITION", 12)
+    monkeypatch.setattr(visibility.base, "MAX_POSITION", 12)
     with pytest.raises(ValueError, match="would reach position 12"):
         s.push(x[:, 9:13])
     monkeypatch.undo()

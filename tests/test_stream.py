@@ -645,9 +645,11 @@ def test_a_call_that_raises_leaves_the_stream_as_it_was(make):
 def test_streams_go_through_check_positions(monkeypatch):
     """Positions are ints below MAX_POSITION (2**53): a stream that would reach it raises (here
     with the limit lowered to 40 to reach it), leaving the stream as it was."""
-    import causalmix.visibility as visibility
+    import causalmix.stream._common as stream_common
+    import causalmix.visibility.base as visibility_base
 
-    monkeypatch.setattr(visibility, "MAX_POSITION", 40)
+    for module in (visibility_base, stream_common):  # every module that reads the limit
+        monkeypatch.setattr(module, "MAX_POSITION", 40)
     x = torch.randn(1, 30, 2, 8)
     for s in (SoftmaxStream(Causal()), LinearStream(Causal())):
         s.push(x, x, x)

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from causalmix.caching import LRUCache
 from causalmix.distributed._ring import Ring
-from causalmix.ops._cache import LRUCache
 from causalmix.visibility import Visibility
 
 __all__ = ["check_agreement", "signature"]

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from causalmix.ops._validate import check_int
+from causalmix.checks import check_int
 
 __all__ = ["LAYOUTS", "Run", "check_layout", "positions", "runs", "shard", "unshard"]
 

@@ -41,13 +41,13 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from causalmix.checks import check_decay, check_qkv, compute_dtype
 from causalmix.distributed._agree import check_agreement, signature
 from causalmix.distributed._ring import Ring, check_same_everywhere
 from causalmix.distributed.layout import LAYOUTS, Run, runs
-from causalmix.ops._validate import check_decay, check_qkv, check_visibility, compute_dtype
 from causalmix.ops.linear import linear_attention as _local_linear
 from causalmix.ops.linear.api import check_gate
-from causalmix.visibility import Causal, Full, Prefix, Visibility
+from causalmix.visibility import Causal, Full, Prefix, Visibility, check_visibility
 
 SUPPORTED = ("Causal()", "Full()", "Prefix(n)")
 
@@ -256,7 +256,7 @@ def linear_attention(
     bsz, n, h = q.shape[0], q.shape[1], q.shape[2]
     world, rank = ring.world, ring.rank
     seq_len = n * world
-    check_visibility(fn, visibility, bsz, seq_len, seq_len, 0, 0)
+    check_visibility(fn, visibility, bsz, seq_len, seq_len)
     check_same_everywhere(fn, ring, ("batch", "positions", "heads", "dim", "v dim"),
                           (bsz, n, h, q.shape[3], v.shape[3]), q.device)
     kw = dict(decay=decay, impl=impl, chunk_size=chunk_size)

@@ -26,15 +26,15 @@ import math
 import torch
 import torch.distributed as dist
 
+from causalmix.caching import LRUCache
+from causalmix.checks import check_qkv, check_scale, compute_dtype
 from causalmix.distributed._agree import check_agreement, signature
 from causalmix.distributed._ring import Exchange, Ring
 from causalmix.distributed._spec import pair_count, pair_spec
 from causalmix.distributed.layout import LAYOUTS, Run, runs
-from causalmix.ops._cache import LRUCache
-from causalmix.ops._validate import check_qkv, check_scale, check_visibility, compute_dtype
 from causalmix.ops.softmax import AttentionOutput, merge_softmax
 from causalmix.ops.softmax import softmax_attention as _local_attention
-from causalmix.visibility import Visibility
+from causalmix.visibility import Visibility, check_visibility
 
 _PLANS: LRUCache[list] = LRUCache(16)
 
@@ -198,7 +198,7 @@ def softmax_attention(
     scale = _check_arguments(fn, q, k, v, layout, scale)
     ring = Ring.of(fn, group)
     seq_len = q.shape[1] * ring.world
-    check_visibility(fn, visibility, q.shape[0], seq_len, seq_len, 0, 0)
+    check_visibility(fn, visibility, q.shape[0], seq_len, seq_len)
     plan = _schedule(visibility, layout, seq_len, ring.rank, ring.world)
     out, lse = _RingAttention.apply(q, k, v, visibility, plan, ring, scale)
     return AttentionOutput(out, lse) if return_lse else out

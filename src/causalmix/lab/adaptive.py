@@ -43,13 +43,13 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from causalmix.checks import check_int
 from causalmix.lab.db import RunDB, git_revision
 from causalmix.lab.experiments import Experiment, layer_visibility, plain
 from causalmix.lab.tasks import IGNORE, Lookahead, TaskData
 from causalmix.lab.trainer import FitResult, TrainConfig, fit
 from causalmix.nn import ModelConfig
 from causalmix.nn.adaptive import AdaptiveConfig, AdaptiveModel, compounded_latency
-from causalmix.visibility import check_int
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
+from causalmix.checks import check_int
 from causalmix.lab.db import RunDB, git_revision
-from causalmix.visibility import check_int
 
 __all__ = ["run_suite", "suite_jobs"]
 

@@ -22,7 +22,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from causalmix.visibility import check_int
+from causalmix.checks import check_int
 
 __all__ = ["IGNORE", "FirstToken", "ICLRegression", "Lookahead", "MQAR", "SetDisjointness",
            "TaskData", "TASKS", "classification_metrics"]

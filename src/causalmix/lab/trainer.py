@@ -18,7 +18,7 @@ from typing import NamedTuple, Protocol
 
 import torch
 
-from causalmix.visibility import check_int
+from causalmix.checks import check_int
 
 __all__ = ["FitResult", "Objective", "TrainConfig", "fit", "take"]
 

@@ -73,9 +73,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from causalmix.checks import check_int
 from causalmix.nn.config import PRESETS, ModelConfig
 from causalmix.nn.layers import Block, check_inputs, mix
-from causalmix.ops._validate import check_int
 from causalmix.ops.softmax import merge_softmax, softmax_attention
 from causalmix.stream.adaptive import AdaptiveStream, Emitted
 from causalmix.stream.latency import (

@@ -6,7 +6,8 @@ import dataclasses
 import math
 import numbers
 
-from causalmix.visibility import ArgumentTypeError, Causal, Visibility, check_int
+from causalmix.checks import ArgumentTypeError, check_int
+from causalmix.visibility import Causal, Visibility
 
 MIXERS = ("softmax", "linear", "gated")
 FEATURE_MAPS = ("taylor", "elu")

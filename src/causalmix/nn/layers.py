@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from causalmix.checks import ArgumentTypeError, check_int, compute_dtype
 from causalmix.nn.config import AttentionConfig, BlockConfig, ModelConfig
 from causalmix.nn.gated import GatedMixer
-from causalmix.ops._validate import compute_dtype
 from causalmix.ops.linear import linear_attention
 from causalmix.ops.softmax import softmax_attention
-from causalmix.visibility import ArgumentTypeError, Visibility, check_int
+from causalmix.visibility import Visibility
 
 __all__ = ["Attention", "Block", "SequenceModel", "feature_map", "mix", "rotary"]
 

@@ -13,10 +13,9 @@ import bisect
 
 import torch
 
-from causalmix import visibility as _visibility
-from causalmix.ops._validate import check_qkv
+from causalmix.checks import MAX_POSITION, UnboundedHorizonError, check_qkv
 from causalmix.stream.latency import LatencyStats
-from causalmix.visibility import UnboundedHorizonError, Visibility
+from causalmix.visibility import Visibility
 
 __all__ = ["FrameBuffer", "IntLog", "LatencyStats", "MixerStream", "ReadyTracker", "horizon",
            "unbounded_error"]
@@ -69,7 +68,7 @@ class ReadyTracker:
         """Make ``ready_at`` known for every position below ``upto``."""
         while self.base + len(self.ready) < upto:
             a = self.base + len(self.ready)
-            n = min(max(upto - a, self.BLOCK), _visibility.MAX_POSITION - a)
+            n = min(max(upto - a, self.BLOCK), MAX_POSITION - a)
             if self._cover is not None:
                 n = min(n, self._cover - a)
             positions = torch.arange(a, a + n)

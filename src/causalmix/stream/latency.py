@@ -15,7 +15,8 @@ from collections.abc import Iterable
 
 import torch
 
-from causalmix.visibility import Visibility, check_int
+from causalmix.checks import check_int
+from causalmix.visibility import Visibility
 
 __all__ = ["LatencyStats", "compounded_latency", "expected_latency", "latency_stats"]
 

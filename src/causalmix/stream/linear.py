@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from causalmix.ops._validate import ArgumentTypeError, check_decay, check_int, compute_dtype
+from causalmix.checks import ArgumentTypeError, check_decay, check_int, compute_dtype
 from causalmix.ops.linear import factorise, linear_attention
 from causalmix.ops.linear.api import check_gate
 from causalmix.stream._common import FrameBuffer, MixerStream

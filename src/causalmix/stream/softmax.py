@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from causalmix.ops._validate import check_scale
+from causalmix.checks import check_scale
 from causalmix.ops.softmax import available_impls, softmax_attention
 from causalmix.ops.softmax.api import IMPLS
 from causalmix.stream._common import FrameBuffer, MixerStream

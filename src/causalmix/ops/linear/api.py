@@ -77,17 +77,10 @@ from typing import Any, NamedTuple
 
 import torch
 
-from causalmix.ops._validate import (
-    ArgumentTypeError,
-    check_decay,
-    check_int,
-    check_qkv,
-    check_visibility,
-    compute_dtype,
-)
+from causalmix.checks import ArgumentTypeError, check_decay, check_int, check_qkv, compute_dtype
 from causalmix.ops.linear.factor import factorise
 from causalmix.ops.linear.impl import chunk, recurrent, reference
-from causalmix.visibility import Visibility
+from causalmix.visibility import Visibility, check_visibility
 
 IMPLS = ("reference", "chunk", "recurrent")
 
@@ -177,7 +170,8 @@ def _check_common(fn, q, k, v, visibility, decay, log_gate, reverse_log_gate, q_
     if sh.tk < sh.tq:
         raise ValueError(f"{fn}: k and v must be at least as long as q (queries are a prefix of "
                          f"the keys' span), got q {sh.tq}, k {sh.tk}")
-    check_visibility(fn, visibility, sh.b, sh.tq, sh.tk, q_offset, k_offset)
+    check_visibility(fn, visibility, sh.b, sh.tq, sh.tk, q_offset=q_offset,
+                     k_offset=k_offset)
     check_int("chunk_size", chunk_size, 1)
     check_decay(fn, decay, sh.h, q.device)
     _check_gates(fn, sh, q, decay, log_gate, reverse_log_gate, q_offset, k_offset)

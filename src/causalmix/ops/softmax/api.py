@@ -7,17 +7,11 @@ from typing import NamedTuple
 
 import torch
 
-from causalmix.ops._validate import (
-    ArgumentTypeError,
-    check_qkv,
-    check_scale,
-    check_visibility,
-    compute_dtype,
-)
+from causalmix.checks import ArgumentTypeError, check_qkv, check_scale, compute_dtype
 from causalmix.ops.softmax import _nonfinite
 from causalmix.ops.softmax._call import Call
 from causalmix.ops.softmax.impl import blocks, flex, reference, sdpa
-from causalmix.visibility import Visibility
+from causalmix.visibility import Visibility, check_visibility
 
 IMPLS = {"reference": reference, "sdpa": sdpa, "blocks": blocks, "flex": flex}
 
@@ -132,7 +126,7 @@ def softmax_attention(
     """
     fn = "softmax_attention"
     b, tq, tk, hq, hkv, d, dv = check_qkv(fn, q, k, v)
-    check_visibility(fn, visibility, b, tq, tk, q_offset, k_offset)
+    check_visibility(fn, visibility, b, tq, tk, q_offset=q_offset, k_offset=k_offset)
     scale = _default_scale(check_scale(fn, scale), d)
     if impl != "auto" and impl not in IMPLS:
         raise ValueError(f"{fn}: impl must be one of {['auto', *IMPLS]}, got {impl!r}")

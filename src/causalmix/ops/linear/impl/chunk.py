@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from causalmix.ops._cache import LRUCache
-from causalmix.ops._validate import compute_dtype
+from causalmix.caching import LRUCache
+from causalmix.checks import compute_dtype
 from causalmix.ops.linear.factor import Factorisation, PositionArrays
 
 if TYPE_CHECKING:

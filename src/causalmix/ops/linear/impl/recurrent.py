@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from causalmix.ops._validate import compute_dtype
+from causalmix.checks import compute_dtype
 from causalmix.ops.linear.factor import Factorisation
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from causalmix.ops._validate import compute_dtype
+from causalmix.checks import compute_dtype
 from causalmix.visibility import Visibility
 
 

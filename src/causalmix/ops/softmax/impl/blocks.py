@@ -34,8 +34,8 @@ from typing import NamedTuple
 
 import torch
 
-from causalmix.ops._cache import LRUCache
-from causalmix.ops._validate import compute_dtype
+from causalmix.caching import LRUCache
+from causalmix.checks import compute_dtype
 from causalmix.ops.softmax._call import Call
 from causalmix.visibility import EMPTY, FULL, Visibility
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from causalmix.ops._cache import LRUCache
+from causalmix.caching import LRUCache
 from causalmix.ops.softmax._call import Call, overflow_reason
 from causalmix.visibility import Visibility
 

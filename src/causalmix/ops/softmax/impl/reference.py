@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from causalmix.ops._validate import compute_dtype
+from causalmix.checks import compute_dtype
 from causalmix.ops.softmax._call import Call
 from causalmix.visibility import Visibility
 

@@ -1,23 +1,72 @@
-"""Input checks shared by the public mixer functions: raise clear errors at the boundary."""
+"""Argument checks and error types shared by every layer of causalmix: the one address of each.
+
+Every public function of the package checks its arguments at its boundary with these and raises
+``ValueError`` naming the argument and what was expected (wrong types raise
+:class:`ArgumentTypeError`, both a ``TypeError`` and a ``ValueError``).
+"""
 
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import torch
 
-from causalmix.visibility import ArgumentTypeError, Visibility, check_int
-
 __all__ = [
+    "MAX_POSITION",
     "ArgumentTypeError",
+    "UnboundedHorizonError",
+    "check_bool",
     "check_decay",
     "check_int",
     "check_qkv",
     "check_scale",
-    "check_visibility",
     "compute_dtype",
 ]
+
+#: Every position (offset + length) an operation asks about must be below this: exact in fp64,
+#: and far enough from int64's range that arithmetic on positions never overflows.
+MAX_POSITION = 2**53
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong type (a ``TypeError`` that is also a ``ValueError``: every bad
+    input to causalmix can be caught as ``ValueError``)."""
+
+
+class UnboundedHorizonError(ValueError):
+    """A query may see keys arbitrarily far ahead: ``Visibility.horizon`` has no bound."""
+
+
+def check_int(name: str, value: Any, minimum: int | None = None,
+              maximum: int | None = None) -> int:
+    """``value`` as an ``int`` (Python, numpy or 0-d integer tensor; never ``bool`` or float) in
+    ``[minimum, maximum]``; else ``ValueError`` naming ``name``. The one integer check of the
+    package."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and (
+            value.dim() != 0 or value.dtype.is_floating_point or value.dtype == torch.bool)):
+        value_ok = None
+    else:
+        try:
+            value_ok = operator.index(value)
+        except TypeError:
+            value_ok = None
+    lo = "" if minimum is None else f" >= {minimum}"
+    if value_ok is None:
+        raise ValueError(f"{name} must be an int{lo}, got {value!r}")
+    if minimum is not None and value_ok < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value_ok}")
+    if maximum is not None and value_ok > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value_ok}")
+    return int(value_ok)
+
+
+def check_bool(fn: str, name: str, value: Any) -> bool:
+    """``value`` must be a Python ``bool``; else :class:`ArgumentTypeError`."""
+    if not isinstance(value, bool):
+        raise ArgumentTypeError(f"{fn}: {name} must be a bool, got {value!r}")
+    return value
 
 
 def compute_dtype(x: torch.Tensor | torch.dtype) -> torch.dtype:
@@ -57,6 +106,16 @@ def check_decay(fn: str, decay: Any, heads: int, device: torch.device) -> torch.
     return decay
 
 
+def _check_tensor(fn: str, name: str, t: Any) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ArgumentTypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(
+            f"{fn}: {name} must be 4-D [batch, seq, heads, dim], got shape {list(t.shape)}")
+    if not t.dtype.is_floating_point:
+        raise ValueError(f"{fn}: {name} must be a floating tensor, got dtype {t.dtype}")
+
+
 def check_qkv(fn: str, q: Any, k: Any, v: Any, *, same_head_count: bool = False
               ) -> tuple[int, ...]:
     """Check ``q: [B, Tq, Hq, D]``, ``k: [B, Tk, Hkv, D]``, ``v: [B, Tk, Hkv, Dv]``.
@@ -64,23 +123,13 @@ def check_qkv(fn: str, q: Any, k: Any, v: Any, *, same_head_count: bool = False
     Returns ``(B, Tq, Tk, Hq, Hkv, D, Dv)``.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise ArgumentTypeError(
-                f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(
-                f"{fn}: {name} must be 4-D [batch, seq, heads, dim], got shape {list(t.shape)}"
-            )
-        if not t.dtype.is_floating_point:
-            raise ValueError(f"{fn}: {name} must be a floating tensor, got dtype {t.dtype}")
+        _check_tensor(fn, name, t)
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(
-            f"{fn}: q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}"
-        )
+            f"{fn}: q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(
-            f"{fn}: q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}"
-        )
+            f"{fn}: q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
     b, tq, hq, d = q.shape
     bk, tk, hkv, dk = k.shape
     bv, tv, hv, dv = v.shape
@@ -96,25 +145,5 @@ def check_qkv(fn: str, q: Any, k: Any, v: Any, *, same_head_count: bool = False
         raise ValueError(f"{fn}: q, k, v must have the same heads, got q {hq}, k {hkv}")
     if hkv == 0 or hq % hkv != 0:
         raise ValueError(
-            f"{fn}: q heads ({hq}) must be a multiple of k/v heads ({hkv}) (GQA/MQA)"
-        )
+            f"{fn}: q heads ({hq}) must be a multiple of k/v heads ({hkv}) (GQA/MQA)")
     return b, tq, tk, hq, hkv, d, dv
-
-
-def check_visibility(
-    fn: str, visibility: Any, batch: int, q_len: int, k_len: int, q_offset: int, k_offset: int
-) -> None:
-    if not isinstance(visibility, Visibility):
-        raise ArgumentTypeError(
-            f"{fn}: visibility must be a causalmix.visibility spec (Causal(), Window(...), ...), "
-            f"got {type(visibility).__name__}"
-        )
-    check_int("q_offset", q_offset, 0)
-    check_int("k_offset", k_offset, 0)
-    vb = visibility.batch_size
-    if vb is not None and vb != batch:
-        raise ValueError(
-            f"{fn}: visibility {visibility!r} is for batch size {vb} but the inputs have "
-            f"batch size {batch}"
-        )
-    visibility.check_positions(q_len, k_len, q_offset, k_offset)
