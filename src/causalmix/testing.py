@@ -13,7 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["assert_all_close", "assert_close", "max_error"]
+__all__ = ["assert_all_close", "assert_close", "check_softmax_impl", "grads_of", "make_qkv",
+           "max_error", "softmax_eager"]
 
 
 def _floor(ref: torch.Tensor, dtype: torch.dtype, ulps: float) -> float:
@@ -83,3 +84,75 @@ def assert_all_close(
     for name, a, r, bl in zip(names, actual, ref, baseline, strict=True):
         assert_close(a, r, bl, name=f"{label} {name}",
                      dtype=a.dtype if a.dtype != torch.float64 else torch.float32)
+
+
+# ---------------------------------------------------------------------------- softmax helpers
+def make_qkv(b: int, tq: int, tk: int, *, hq: int, hkv: int, d: int, dv: int,
+             dtype: torch.dtype = torch.float32, seed: int = 0
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random ``q: [b, tq, hq, d]``, ``k: [b, tk, hkv, d]``, ``v: [b, tk, hkv, dv]`` (leaves that
+    require grad), drawn in fp32 from a fixed seed and cast to ``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, tq, hq, d, generator=g).to(dtype).requires_grad_()
+    k = torch.randn(b, tk, hkv, d, generator=g).to(dtype).requires_grad_()
+    v = torch.randn(b, tk, hkv, dv, generator=g).to(dtype).requires_grad_()
+    return q, k, v
+
+
+def softmax_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec, *, q_offset: int = 0,
+                  k_offset: int = 0, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain masked softmax attention in the inputs' own dtype, ``(out, lse)``: the error budget
+    of a same-precision kernel."""
+    group = q.shape[2] // k.shape[2]
+    kk = k.repeat_interleave(group, 2).transpose(1, 2)
+    vv = v.repeat_interleave(group, 2).transpose(1, 2)
+    s = (q.transpose(1, 2) @ kk.transpose(-1, -2)) * scale
+    m = spec.mask(q.shape[1], k.shape[1], q_offset=q_offset, k_offset=k_offset)[:, None]
+    lowest = torch.finfo(q.dtype).min
+    p = torch.softmax(s.masked_fill(~m, lowest), dim=-1) * m
+    seen = m.any(-1)
+    lse = torch.logsumexp(s.masked_fill(~m, lowest), dim=-1)
+    lse = torch.where(seen, lse, torch.full_like(lse, float("-inf")))
+    return (p @ vv).transpose(1, 2), lse.transpose(1, 2)
+
+
+def grads_of(out: torch.Tensor, lse: torch.Tensor | None, inputs: Sequence[torch.Tensor],
+             seed: int = 1) -> tuple[torch.Tensor, ...]:
+    """Gradients w.r.t. ``inputs`` of a random loss touching every output and every finite lse."""
+    g = torch.Generator().manual_seed(seed)
+    loss = (out.float() * torch.randn(out.shape, generator=g)).sum()
+    if lse is not None:
+        wl = torch.randn(lse.shape, generator=g)
+        loss = loss + (torch.where(torch.isfinite(lse), lse.float(), 0) * wl).sum()
+    return torch.autograd.grad(loss, inputs)
+
+
+def check_softmax_impl(impl: str, spec, *, b: int = 2, tq: int, tk: int, hq: int = 4,
+                       hkv: int = 2, d: int = 16, dv: int = 24, q_offset: int = 0,
+                       k_offset: int = 0, dtype: torch.dtype = torch.float32,
+                       with_lse: bool = True, backward: bool = True) -> None:
+    """``softmax_attention(..., impl=impl)`` against ``impl="reference"``: output, lse and the
+    gradients of q, k, v, each within :func:`assert_close` of the eager baseline's error."""
+    from causalmix.ops.softmax import softmax_attention
+
+    q, k, v = make_qkv(b, tq, tk, hq=hq, hkv=hkv, d=d, dv=dv, dtype=dtype)
+    kw = dict(q_offset=q_offset, k_offset=k_offset)
+    ref_o, ref_l = softmax_attention(q, k, v, spec, impl="reference", return_lse=True, **kw)
+    base_o, base_l = softmax_eager(q, k, v, spec, scale=d ** -0.5, **kw)
+    if with_lse:
+        o, lse = softmax_attention(q, k, v, spec, impl=impl, return_lse=True, **kw)
+        assert lse.dtype == torch.float32 and lse.shape == (b, tq, hq)
+        assert_close(lse, ref_l, base_l, name=f"{impl} lse", dtype=dtype)
+    else:
+        o = softmax_attention(q, k, v, spec, impl=impl, **kw)
+        lse = ref_l = base_l = None
+    assert o.dtype == dtype and o.shape == (b, tq, hq, dv)
+    assert not torch.isnan(o).any()
+    assert_close(o, ref_o, base_o, name=f"{impl} output")
+    if not backward:
+        return
+    inputs = (q, k, v)
+    for name, a, r, bl in zip("qkv", grads_of(o, lse, inputs), grads_of(ref_o, ref_l, inputs),
+                              grads_of(base_o, base_l, inputs), strict=True):
+        assert not torch.isnan(a).any(), f"NaN in d{name}"
+        assert_close(a, r, bl, name=f"{impl} d{name}")

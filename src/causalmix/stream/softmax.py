@@ -8,7 +8,7 @@ import torch
 
 from causalmix.checks import check_scale
 from causalmix.ops.softmax import available_impls, softmax_attention
-from causalmix.ops.softmax.api import IMPLS
+from causalmix.ops.softmax.api import REGISTRY
 from causalmix.stream._common import FrameBuffer, MixerStream
 from causalmix.visibility import And, Causal, Chunked, Full, Or, Visibility, Window
 
@@ -32,8 +32,7 @@ def _check_impl(impl: str, visibility: Visibility) -> str:
     construction, not mid-stream). The calls put queries ``[p0, p0 + m)`` after cached keys
     ``[k0, p0 + m + lookahead)``; the probe asks each implementation about such a call (on CPU,
     without gradients: streams run under ``no_grad``)."""
-    if impl != "auto" and impl not in IMPLS:
-        raise ValueError(f"SoftmaxStream: impl must be one of {['auto', *IMPLS]}, got {impl!r}")
+    REGISTRY.check_name("SoftmaxStream", impl)
     if impl == "auto":
         return impl
     x = torch.zeros(1, 2, 1, 1)

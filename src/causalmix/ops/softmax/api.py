@@ -8,12 +8,22 @@ from typing import NamedTuple
 import torch
 
 from causalmix.checks import ArgumentTypeError, check_qkv, check_scale, compute_dtype
+from causalmix.ops.registry import Registry
 from causalmix.ops.softmax import _nonfinite
 from causalmix.ops.softmax._call import Call
 from causalmix.ops.softmax.impl import blocks, flex, reference, sdpa
 from causalmix.visibility import Visibility, check_visibility
 
-IMPLS = {"reference": reference, "sdpa": sdpa, "blocks": blocks, "flex": flex}
+
+def _auto(call: Call) -> str:
+    """sdpa where it serves the call exactly (scale > 0, no possible overflow, no lse), else
+    blocks."""
+    return "sdpa" if sdpa.can_serve(call) is None else "blocks"
+
+
+#: The softmax family's implementations (:mod:`causalmix.ops.registry`).
+REGISTRY = Registry("softmax", {"reference": reference, "sdpa": sdpa, "blocks": blocks,
+                                "flex": flex}, auto=_auto)
 
 
 class AttentionOutput(NamedTuple):
@@ -57,26 +67,13 @@ def available_impls(
                                 f"{type(visibility).__name__}")
     scale = _default_scale(check_scale(fn, scale), d)
     call, _ = _prepare(q, k, v, visibility, q_offset, k_offset, scale, return_lse)
-    return {name: mod.can_serve(call) for name, mod in IMPLS.items()}
+    return REGISTRY.reasons(call)
 
 
 def _default_scale(scale: float | None, d: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(d) if d > 0 else 1.0
     return scale
-
-
-def _choose(fn: str, impl: str, call: Call) -> str:
-    """``auto``: sdpa where it serves the call exactly, else blocks; an explicit impl that cannot
-    serve it raises, listing those that can."""
-    if impl == "auto":
-        return "sdpa" if sdpa.can_serve(call) is None else "blocks"
-    reason = IMPLS[impl].can_serve(call)
-    if reason is not None:
-        ok = [name for name, mod in IMPLS.items() if mod.can_serve(call) is None]
-        raise ValueError(f"{fn}: impl={impl!r} cannot serve this call: {reason}; "
-                         f"implementations that can: {ok}")
-    return impl
 
 
 def softmax_attention(
@@ -128,8 +125,7 @@ def softmax_attention(
     b, tq, tk, hq, hkv, d, dv = check_qkv(fn, q, k, v)
     check_visibility(fn, visibility, b, tq, tk, q_offset=q_offset, k_offset=k_offset)
     scale = _default_scale(check_scale(fn, scale), d)
-    if impl != "auto" and impl not in IMPLS:
-        raise ValueError(f"{fn}: impl must be one of {['auto', *IMPLS]}, got {impl!r}")
+    REGISTRY.check_name(fn, impl)
 
     if tq == 0 or tk == 0:
         # No query or no key: every output is 0 (and every lse -inf); keep the graph connected.
@@ -139,10 +135,7 @@ def softmax_attention(
         return AttentionOutput(out, lse) if return_lse else out
 
     call, poisoned = _prepare(q, k, v, visibility, q_offset, k_offset, scale, return_lse)
-    name = _choose(fn, impl, call)
-    out, lse = IMPLS[name].attention(
-        call.q, call.k, call.v, visibility, q_offset=q_offset, k_offset=k_offset, scale=scale
-    )
+    out, lse = REGISTRY.run(fn, impl, call)
     if poisoned is not None:
         out, lse = _nonfinite.apply(poisoned, out, lse)
     return AttentionOutput(out, lse) if return_lse else out

@@ -587,17 +587,17 @@ def _apply(q, k, v, visibility, q_offset, k_offset, scale):
 _EAGER_ONLY = None
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibility: Visibility, *,
-              q_offset: int, k_offset: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def run(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
     """``q: [B, Tq, Hq, D]``, ``k: [B, Tk, Hkv, D]``, ``v: [B, Tk, Hkv, Dv]`` ->
     ``(out [B, Tq, Hq, Dv] in q.dtype, lse [B, Tq, Hq] in the compute dtype)``.
 
     Under ``torch.compile`` the block loop runs eagerly (its plan is data, not a graph); the
     ``torch.compiler.disable`` wrapper is made on first use so that importing causalmix does not
     import torch's compiler stack (about a second)."""
+    args = (call.q, call.k, call.v, call.visibility, call.q_offset, call.k_offset, call.scale)
     if torch.compiler.is_compiling():
-        return _eager_only()(q, k, v, visibility, q_offset, k_offset, scale)
-    return _apply(q, k, v, visibility, q_offset, k_offset, scale)
+        return _eager_only()(*args)
+    return _apply(*args)
 
 
 def _eager_only():

@@ -11,7 +11,6 @@ import torch
 
 from causalmix.caching import LRUCache
 from causalmix.ops.softmax._call import Call, overflow_reason
-from causalmix.visibility import Visibility
 
 _COMPILED = None
 _MASKS: LRUCache = LRUCache(16)
@@ -49,10 +48,11 @@ def _block_mask(fa, visibility, q_len, k_len, q_offset, k_offset, device):
         mask_mod, visibility.batch_size, None, q_len, k_len, device=device))
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibility: Visibility, *,
-              q_offset: int, k_offset: int, scale: float
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def run(call: Call) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(out [B, Tq, Hq, Dv], lse [B, Tq, Hq] fp32 or None on CPU)``."""
     global _COMPILED
+    q, k, v, visibility, scale = call.q, call.k, call.v, call.visibility, call.scale
+    q_offset, k_offset = call.q_offset, call.k_offset
     fa = _flex_module()
     if _COMPILED is None:
         _COMPILED = torch.compile(fa.flex_attention, dynamic=False)

@@ -15,17 +15,17 @@ import torch
 
 from causalmix.checks import compute_dtype
 from causalmix.ops.softmax._call import Call
-from causalmix.visibility import Visibility
 
 
 def can_serve(call: Call) -> str | None:
     return None
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibility: Visibility, *,
-              q_offset: int, k_offset: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def run(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
     """``q: [B, Tq, Hq, D]``, ``k: [B, Tk, Hkv, D]``, ``v: [B, Tk, Hkv, Dv]`` ->
     ``(out [B, Tq, Hq, Dv] in q.dtype, lse [B, Tq, Hq] in the compute dtype)``."""
+    q, k, v, visibility = call.q, call.k, call.v, call.visibility
+    q_offset, k_offset, scale = call.q_offset, call.k_offset, call.scale
     b, tq, hq, _ = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     group = hq // hkv

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from causalmix.ops.softmax._call import Call, overflow_reason
-from causalmix.visibility import Causal, Full, Visibility
+from causalmix.visibility import Causal, Full
 
 
 def _mode(visibility, q_len, k_len, q_offset, k_offset):
@@ -39,9 +39,10 @@ def can_serve(call: Call) -> str | None:
     return overflow_reason(call, "sdpa")
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibility: Visibility, *,
-              q_offset: int, k_offset: int, scale: float) -> tuple[torch.Tensor, None]:
-    mode = _mode(visibility, q.shape[1], k.shape[1], q_offset, k_offset)
+def run(call: Call) -> tuple[torch.Tensor, None]:
+    """``(out [B, Tq, Hq, Dv] in q.dtype, None)``: SDPA without a mask."""
+    q, k, v, scale = call.q, call.k, call.v, call.scale
+    mode = _mode(call.visibility, q.shape[1], k.shape[1], call.q_offset, call.k_offset)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         k.transpose(1, 2),

@@ -568,7 +568,7 @@ def test_examples_run_on_a_tiny_random_model(name, monkeypatch, capsys):
     import pathlib
     import sys
 
-    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parent.parent / "examples"))
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).resolve().parents[2] / "examples"))
     monkeypatch.setattr(sys, "argv", [name])
     importlib.import_module(name).main()  # each asserts what it demonstrates
     assert capsys.readouterr().out.strip()

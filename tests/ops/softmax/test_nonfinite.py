@@ -154,13 +154,13 @@ def test_bad_scale_raises(scale):
 
 def test_auto_picks_sdpa_for_causal(monkeypatch):
     calls = []
-    real = sdpa.attention
+    real = sdpa.run
 
-    def spy(*args, **kwargs):
-        calls.append(args[3])
-        return real(*args, **kwargs)
+    def spy(call):
+        calls.append(call.visibility)
+        return real(call)
 
-    monkeypatch.setattr(sdpa, "attention", spy)
+    monkeypatch.setattr(sdpa, "run", spy)
     q, k, v = _inputs(tq=300, tk=300)
     softmax_attention(q, k, v, Causal())
     softmax_attention(q, k, v, Full())

@@ -8,7 +8,7 @@ import torch
 from causalmix import Causal, Chunked, Window, softmax_attention
 from causalmix.ops.softmax.impl import blocks
 from causalmix.testing import assert_close
-from test_softmax import check_impl
+from causalmix.testing import check_softmax_impl as check_impl
 
 
 def _band(spec, tq, tk, q_offset=0, k_offset=0):

@@ -1,7 +1,6 @@
 """softmax_attention: every implementation against the reference (outputs, lse, and gradients of
 q, k, v), tolerances from a same-precision eager baseline's own error."""
 
-import math
 
 import pytest
 import torch
@@ -16,7 +15,8 @@ from causalmix import (
     softmax_attention,
 )
 from causalmix.ops.softmax import available_impls
-from causalmix.testing import assert_close, max_error
+from causalmix.testing import check_softmax_impl as check_impl
+from causalmix.testing import make_qkv, max_error
 
 SEQ = 520  # Segments ids cover positions [0, SEQ)
 _gen = torch.Generator().manual_seed(7)
@@ -36,67 +36,6 @@ SPECS = {
     "chunk_or_window": Chunked(24) | Window(9),
     "docs_or_prefix": (DOCS & Window(30)) | Prefix(11),
 }
-
-
-def eager_baseline(q, k, v, spec, q_offset, k_offset, scale):
-    """Plain attention in the inputs' own dtype: the error budget of a same-precision kernel."""
-    group = q.shape[2] // k.shape[2]
-    kk = k.repeat_interleave(group, 2).transpose(1, 2)
-    vv = v.repeat_interleave(group, 2).transpose(1, 2)
-    s = (q.transpose(1, 2) @ kk.transpose(-1, -2)) * scale
-    m = spec.mask(q.shape[1], k.shape[1], q_offset=q_offset, k_offset=k_offset)[:, None]
-    lowest = torch.finfo(q.dtype).min
-    p = torch.softmax(s.masked_fill(~m, lowest), dim=-1) * m
-    seen = m.any(-1)
-    lse = torch.logsumexp(s.masked_fill(~m, lowest), dim=-1)
-    lse = torch.where(seen, lse, torch.full_like(lse, float("-inf")))
-    return (p @ vv).transpose(1, 2), lse.transpose(1, 2)
-
-
-def make_inputs(b, tq, tk, hq, hkv, d, dv, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, tq, hq, d, generator=g).to(dtype).requires_grad_()
-    k = torch.randn(b, tk, hkv, d, generator=g).to(dtype).requires_grad_()
-    v = torch.randn(b, tk, hkv, dv, generator=g).to(dtype).requires_grad_()
-    return q, k, v
-
-
-def grads(out, lse, inputs, seed=1):
-    """Gradients of a loss touching every output and every finite lse."""
-    g = torch.Generator().manual_seed(seed)
-    loss = (out.float() * torch.randn(out.shape, generator=g)).sum()
-    if lse is not None:
-        wl = torch.randn(lse.shape, generator=g)
-        loss = loss + (torch.where(torch.isfinite(lse), lse.float(), 0) * wl).sum()
-    return torch.autograd.grad(loss, inputs)
-
-
-def check_impl(impl, spec, *, b=2, tq, tk, hq=4, hkv=2, d=16, dv=24, q_offset=0, k_offset=0,
-               dtype=torch.float32, with_lse=True, backward=True):
-    q, k, v = make_inputs(b, tq, tk, hq, hkv, d, dv, dtype)
-    scale = 1 / math.sqrt(d)
-    kw = dict(q_offset=q_offset, k_offset=k_offset)
-    ref_o, ref_l = softmax_attention(q, k, v, spec, impl="reference", return_lse=True, **kw)
-    base_o, base_l = eager_baseline(q, k, v, spec, q_offset, k_offset, scale)
-    if with_lse:
-        o, lse = softmax_attention(q, k, v, spec, impl=impl, return_lse=True, **kw)
-        assert lse.dtype == torch.float32 and lse.shape == (b, tq, hq)
-        assert_close(lse, ref_l, base_l, name=f"{impl} lse", dtype=dtype)
-    else:
-        o = softmax_attention(q, k, v, spec, impl=impl, **kw)
-        lse = ref_l = base_l = None
-    assert o.dtype == dtype and o.shape == (b, tq, hq, dv)
-    assert not torch.isnan(o).any()
-    assert_close(o, ref_o, base_o, name=f"{impl} output")
-    if not backward:
-        return
-    inputs = (q, k, v)
-    g_ref = grads(ref_o, ref_l, inputs)
-    g_base = grads(base_o, base_l, inputs)
-    g_impl = grads(o, lse, inputs)
-    for name, a, r, bl in zip("qkv", g_impl, g_ref, g_base, strict=True):
-        assert not torch.isnan(a).any(), f"NaN in d{name}"
-        assert_close(a, r, bl, name=f"{impl} d{name}")
 
 
 LENGTHS = [1, 7, 63, 113, 500]
@@ -184,7 +123,7 @@ def test_flex_matches_reference_more_specs(name):
 
 
 def test_flex_refuses_what_it_cannot_do_on_cpu():
-    q, k, v = make_inputs(1, 8, 8, 2, 2, 16, 16, torch.float32)
+    q, k, v = make_qkv(1, 8, 8, hq=2, hkv=2, d=16, dv=16)
     with pytest.raises(ValueError, match="no backward on CPU.*can: \\['reference', 'blocks'\\]"):
         softmax_attention(q, k, v, Window(3), impl="flex")
     with torch.no_grad():
@@ -194,7 +133,7 @@ def test_flex_refuses_what_it_cannot_do_on_cpu():
 
 def test_fully_masked_rows_give_zeros_never_nan():
     # Queries 0..9 at positions 0..9, keys at 20..39: causal rows see nothing.
-    q, k, v = make_inputs(1, 10, 20, 2, 2, 8, 8, torch.float32)
+    q, k, v = make_qkv(1, 10, 20, hq=2, hkv=2, d=8, dv=8)
     for impl in ["reference", "blocks"]:
         o, lse = softmax_attention(q, k, v, Causal(), k_offset=20, impl=impl, return_lse=True)
         assert torch.equal(o, torch.zeros_like(o))
@@ -212,7 +151,7 @@ def test_batch_invariance_with_per_example_specs():
     # what it gets alone.
     ids = torch.stack([torch.arange(200) // 50, torch.arange(200) % 3])
     spec = Segments(ids) & Causal()
-    q, k, v = make_inputs(2, 200, 200, 2, 2, 16, 16, torch.float32)
+    q, k, v = make_qkv(2, 200, 200, hq=2, hkv=2, d=16, dv=16)
     both = softmax_attention(q, k, v, spec, impl="blocks")
     for b in range(2):
         alone_spec = Segments(ids[b]) & Causal()
@@ -225,15 +164,15 @@ def test_batch_invariance_with_per_example_specs():
 
 
 def test_zero_length_inputs():
-    q, k, v = make_inputs(2, 0, 5, 2, 2, 8, 8, torch.float32)
+    q, k, v = make_qkv(2, 0, 5, hq=2, hkv=2, d=8, dv=8)
     assert softmax_attention(q, k, v, Causal()).shape == (2, 0, 2, 8)
-    q, k, v = make_inputs(2, 5, 0, 2, 2, 8, 8, torch.float32)
+    q, k, v = make_qkv(2, 5, 0, hq=2, hkv=2, d=8, dv=8)
     o, lse = softmax_attention(q, k, v, Full(), return_lse=True)
     assert torch.equal(o, torch.zeros_like(o)) and torch.isneginf(lse).all()
 
 
 def test_explicit_impl_that_cannot_serve_lists_those_that_can():
-    q, k, v = make_inputs(1, 16, 16, 2, 2, 8, 8, torch.float32)
+    q, k, v = make_qkv(1, 16, 16, hq=2, hkv=2, d=8, dv=8)
     with pytest.raises(ValueError, match="sdpa.*Window.*can: \\['reference', 'blocks'\\]"):
         softmax_attention(q, k, v, Window(4), impl="sdpa")
     with pytest.raises(ValueError, match="sdpa.*q_offset"):

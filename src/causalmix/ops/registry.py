@@ -1,0 +1,95 @@
+"""The mixer-family contract, the same for every family (softmax, linear, delta, ...).
+
+1. The family's public op validates its arguments **once** and builds one checked ``Call`` (a
+   NamedTuple of the family: tensors, spec, offsets, options, and whatever is derived from them
+   once -- the spec's factorisation, head layout, gates).
+2. Each implementation is a module in ``ops/<family>/impl/`` exposing exactly two functions::
+
+       def can_serve(call) -> str | None   # None: can serve; else the reason it cannot
+       def run(call)                        # the result the op returns (before wrapping)
+
+   Implementations never import each other; ``reference`` defines correctness.
+3. The family holds **one** :class:`Registry` (its ``REGISTRY``), mapping each name to its
+   module. ``impl="auto"`` asks the family's ``auto`` rule for a name; an explicit ``impl`` that
+   cannot serve the call raises ``ValueError`` listing every implementation's reason.
+
+Example (a family of two implementations)::
+
+    REGISTRY = Registry("linear", {"reference": reference, "chunk": chunk},
+                        auto=lambda call: "chunk")
+    result = REGISTRY.run("linear_attention", impl, call)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from types import ModuleType
+from typing import Any
+
+__all__ = ["Registry"]
+
+
+class Registry(Mapping[str, ModuleType]):
+    """The implementations of one mixer family, by name (a read-only mapping).
+
+    Args:
+        family: the family's name, for messages (``"softmax"``, ``"linear"``, ...).
+        impls: name -> module with ``can_serve(call)`` and ``run(call)``.
+        auto: ``auto(call) -> name`` picks the implementation for ``impl="auto"``; it may raise
+            ``ValueError`` when no implementation it would pick can serve the call.
+    """
+
+    def __init__(self, family: str, impls: Mapping[str, ModuleType], *,
+                 auto: Callable[[Any], str]) -> None:
+        for name, mod in impls.items():
+            missing = [f for f in ("can_serve", "run") if not callable(getattr(mod, f, None))]
+            if missing:
+                raise TypeError(f"{family} impl {name!r} ({mod.__name__}) lacks {missing}")
+        self.family = family
+        self._impls = dict(impls)
+        self._auto = auto
+
+    def __getitem__(self, name: str) -> ModuleType:
+        return self._impls[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._impls)
+
+    def __len__(self) -> int:
+        return len(self._impls)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.family!r}, {list(self._impls)})"
+
+    @property
+    def choices(self) -> list[str]:
+        """Every accepted ``impl`` value: ``"auto"`` and the implementation names."""
+        return ["auto", *self._impls]
+
+    def check_name(self, fn: str, impl: Any) -> str:
+        """``impl`` must be ``"auto"`` or an implementation's name; else ``ValueError``."""
+        if not isinstance(impl, str) or (impl != "auto" and impl not in self._impls):
+            raise ValueError(f"{fn}: impl must be one of {self.choices}, got {impl!r}")
+        return impl
+
+    def reasons(self, call: Any) -> dict[str, str | None]:
+        """For each implementation: ``None`` if it can serve ``call``, else why not."""
+        return {name: mod.can_serve(call) for name, mod in self._impls.items()}
+
+    def resolve(self, fn: str, impl: str, call: Any) -> str:
+        """The name of the implementation that runs ``call`` for this ``impl`` argument."""
+        self.check_name(fn, impl)
+        name = self._auto(call) if impl == "auto" else impl
+        reason = self._impls[name].can_serve(call)
+        if reason is None:
+            return name
+        reasons = self.reasons(call)
+        ok = [n for n, why in reasons.items() if why is None]
+        others = "; ".join(f"{n}: {why}" for n, why in reasons.items() if why is not None)
+        what = f"impl={impl!r}" if impl != "auto" else f"impl='auto' (picked {name!r})"
+        raise ValueError(f"{fn}: {what} cannot serve this call: {reason}; implementations that "
+                         f"can: {ok} (reasons of the others -- {others})")
+
+    def run(self, fn: str, impl: str, call: Any) -> Any:
+        """Resolve ``impl`` for ``call`` and run it."""
+        return self._impls[self.resolve(fn, impl, call)].run(call)
