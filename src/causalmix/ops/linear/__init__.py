@@ -3,6 +3,7 @@
 See :mod:`causalmix.ops.linear.api` for the semantics and the state convention.
 """
 
+from causalmix.ops.factor import factorise
 from causalmix.ops.linear.api import (
     LinearOutput,
     available_impls,
@@ -10,7 +11,6 @@ from causalmix.ops.linear.api import (
     linear_attention,
     recurrent_linear_attention,
 )
-from causalmix.ops.linear.factor import factorise
 
 __all__ = [
     "LinearOutput",

@@ -78,7 +78,7 @@ from typing import Any, NamedTuple
 import torch
 
 from causalmix.checks import ArgumentTypeError, check_decay, check_int, check_qkv, compute_dtype
-from causalmix.ops.linear.factor import factorise
+from causalmix.ops.factor import factorise
 from causalmix.ops.linear.impl import chunk, recurrent, reference
 from causalmix.visibility import Visibility, check_visibility
 

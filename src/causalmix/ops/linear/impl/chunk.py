@@ -34,7 +34,7 @@ from torch.autograd.function import once_differentiable
 
 from causalmix.caching import LRUCache
 from causalmix.checks import compute_dtype
-from causalmix.ops.linear.factor import Factorisation, PositionArrays
+from causalmix.ops.factor import Factorisation, PositionArrays
 
 if TYPE_CHECKING:
     from causalmix.visibility import Visibility

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from causalmix.checks import compute_dtype
-from causalmix.ops.linear.factor import Factorisation
+from causalmix.ops.factor import Factorisation
 
 
 def _decode_step(q, k, v, g, initial_state, cd):

@@ -1,4 +1,5 @@
-"""How a visibility spec factorises for linear attention (shared by the fast implementations).
+"""How a visibility spec factorises for the linear-state mixers (shared by the linear and the
+delta-rule families and their fast implementations, streams and sharded ops).
 
 Every spec that linear attention supports lets a query see *every earlier key of its own
 segment* (all of them contain ``Causal()`` inside a segment), plus a contiguous run of later keys
@@ -87,11 +88,10 @@ class PositionArrays:
     seg_end: torch.Tensor
 
 
-def _unsupported(spec: Visibility, why: str = "") -> ValueError:
+def _unsupported(spec: Visibility, why: str, mixer: str) -> ValueError:
     extra = f" ({why})" if why else ""
-    return ValueError(
-        f"linear attention does not support visibility {spec!r}{extra}; supported: {SUPPORTED}"
-    )
+    return ValueError(f"{mixer} does not support visibility {spec!r}{extra}; "
+                      f"supported: {SUPPORTED}")
 
 
 def _leaves(spec: Visibility) -> list[Visibility]:
@@ -100,9 +100,9 @@ def _leaves(spec: Visibility) -> list[Visibility]:
     return [spec]
 
 
-def factorise(spec: Visibility) -> Factorisation:
+def factorise(spec: Visibility, *, mixer: str = "linear attention") -> Factorisation:
     """Reduce ``spec`` to a :class:`Factorisation`, or raise ``ValueError`` naming the spec, the
-    mixer and the supported specs."""
+    mixer (``mixer``, e.g. ``"delta attention"``) and the supported specs."""
     segs: list[Segments] = []
     bases: list[Visibility] = []
     for leaf in _leaves(spec):
@@ -111,9 +111,9 @@ def factorise(spec: Visibility) -> Factorisation:
         elif isinstance(leaf, (Causal, Full, Prefix, Chunked)):
             bases.append(leaf)
         else:
-            raise _unsupported(spec, f"{leaf!r} has no exact linear-state factorisation")
+            raise _unsupported(spec, f"{leaf!r} has no exact linear-state factorisation", mixer)
     if len(segs) > 1:
-        raise _unsupported(spec, "combine segment ids into one Segments spec")
+        raise _unsupported(spec, "combine segment ids into one Segments spec", mixer)
     bases = [b for b in bases if not isinstance(b, Full)]
     if any(isinstance(b, Causal) for b in bases):
         base: Visibility = Causal()  # Causal & (Prefix | Chunked | Causal) == Causal
@@ -122,11 +122,11 @@ def factorise(spec: Visibility) -> Factorisation:
     elif len(bases) == 1:
         base = bases[0]
     else:
-        raise _unsupported(spec, "intersection of several non-causal patterns")
+        raise _unsupported(spec, "intersection of several non-causal patterns", mixer)
     seg = segs[0] if segs else None
     if seg is not None and not _contiguous(seg):
         raise _unsupported(spec, "Segments ids must form contiguous runs: the state is reset at "
-                                 "segment starts")
+                                 "segment starts", mixer)
     if isinstance(base, Causal):
         return Factorisation(spec, "causal", segments=seg)
     if isinstance(base, Full):
@@ -139,14 +139,7 @@ def factorise(spec: Visibility) -> Factorisation:
 
 
 def _contiguous(seg: Segments) -> bool:
-    ids = seg.ids if seg.ids.dim() == 2 else seg.ids[None]
-    for row in ids:
-        if row.numel() == 0:
-            continue
-        runs = int((row[1:] != row[:-1]).sum()) + 1
-        if runs != int(torch.unique(row).numel()):
-            return False
-    return True
+    return seg.spans()[2]
 
 
 def _arrays(f: Factorisation, length: int, offset: int, device) -> PositionArrays:
