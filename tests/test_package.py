@@ -113,13 +113,7 @@ NAMEDTUPLE = {"_replace", "_asdict", "_fields", "_make"}
 KNOWN_POSITIONAL = {
     "distributed/linear.py _validate", "distributed/softmax.py _partial",
     "distributed/softmax.py forward", "hf/bridge.py _probe", "hf/bridge.py causalmix_mask",
-    "hf/bridge.py causalmix_attention", "lab/adaptive.py _size", "ops/linear/api.py _check_gates",
-    "ops/linear/api.py _check_state", "ops/linear/api.py _check_common",
-    "ops/linear/api.py _fast_reason", "ops/linear/api.py _run",
-    "ops/linear/impl/chunk.py _prepare", "ops/linear/impl/chunk.py _tile_grads",
-    "ops/linear/impl/chunk.py _forward_state_grads",
-    "ops/linear/impl/chunk.py _reverse_state_grads", "ops/linear/impl/chunk.py _band_tiles",
-    "ops/linear/impl/chunk.py forward", "ops/linear/impl/recurrent.py _band",
+    "hf/bridge.py causalmix_attention", "lab/adaptive.py _size",
     "ops/softmax/api.py _prepare", "ops/softmax/impl/blocks.py _row_size",
     "ops/softmax/impl/blocks.py _best_rows", "ops/softmax/impl/blocks.py _plan",
     "ops/softmax/impl/blocks.py _make_plan", "ops/softmax/impl/blocks.py _make_band",
@@ -130,11 +124,10 @@ KNOWN_POSITIONAL = {
 }
 KNOWN_LONG = {
     "distributed/linear.py linear_attention", "lab/trainer.py fit",
-    "ops/linear/api.py linear_attention", "ops/linear/impl/reference.py linear_attention",
     "ops/softmax/api.py softmax_attention",
 }
-KNOWN_LONG_FILES = {"lab/findings.py", "ops/linear/impl/chunk.py", "ops/softmax/impl/blocks.py"}
-KNOWN_NO_REGISTRY = {"linear"}
+KNOWN_LONG_FILES = {"lab/findings.py", "ops/softmax/impl/blocks.py"}
+KNOWN_NO_REGISTRY: set[str] = set()
 
 
 def _check_known(offenders: dict[str, str], known: set[str]) -> None:
