@@ -72,6 +72,21 @@ been modified in place (``copy.deepcopy``, ``pickle`` and ``torch.save`` / ``tor
 new valid specs). Positions are ints in ``[0, MAX_POSITION)``; every spec argument is exact for
 any value (widths and lookaheads beyond every position are clamped inside the arithmetic).
 
+Examples
+--------
+>>> import torch
+>>> from causalmix.visibility import Causal, Chunked, Prefix, Segments
+>>> Chunked(4, lookahead=1).lookahead_frames     # a stream waits this many frames
+7
+>>> Prefix(2).horizon(torch.arange(4))            # last key each query may see
+tensor([1, 1, 2, 3])
+>>> (Segments.from_lengths([2, 3]) & Causal()).mask(5, 5)[0].int()
+tensor([[1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [0, 0, 1, 0, 0],
+        [0, 0, 1, 1, 0],
+        [0, 0, 1, 1, 1]], dtype=torch.int32)
+
 Where things live
 -----------------
 One spec family per file, this package's ``__init__`` the face: ``base.py`` (the protocol and
