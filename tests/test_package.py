@@ -255,6 +255,18 @@ def _doctest_modules() -> list[str]:
     return names
 
 
+def test_every_examples_section_is_a_doctest():
+    """A docstring with an ``Examples`` section shows runnable ``>>>`` lines (run below)."""
+    offenders = []
+    for _, path, tree in MODULES:
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)):
+                doc = ast.get_docstring(node) or ""
+                if re.search(r"^\s*Examples?:?\s*$", doc, flags=re.M) and ">>>" not in doc:
+                    offenders.append(f"{path.relative_to(SRC)} {getattr(node, 'name', '')}")
+    assert not offenders, "\n".join(offenders)
+
+
 @pytest.mark.parametrize("module", _doctest_modules())
 def test_docstring_examples_run(module):
     mod = importlib.import_module(module)
