@@ -120,20 +120,13 @@ KNOWN_POSITIONAL = {
     "ops/linear/impl/chunk.py _forward_state_grads",
     "ops/linear/impl/chunk.py _reverse_state_grads", "ops/linear/impl/chunk.py _band_tiles",
     "ops/linear/impl/chunk.py forward", "ops/linear/impl/recurrent.py _band",
-    "ops/softmax/api.py _prepare", "ops/softmax/impl/blocks.py _row_size",
-    "ops/softmax/impl/blocks.py _best_rows", "ops/softmax/impl/blocks.py _plan",
-    "ops/softmax/impl/blocks.py _make_plan", "ops/softmax/impl/blocks.py _make_band",
-    "ops/softmax/impl/blocks.py _bias", "ops/softmax/impl/blocks.py _scores",
-    "ops/softmax/impl/blocks.py _row_block_one", "ops/softmax/impl/blocks.py _row_block_online",
-    "ops/softmax/impl/blocks.py _apply", "ops/softmax/impl/blocks.py forward",
-    "ops/softmax/impl/flex.py _block_mask", "stream/linear.py _call",
+    "stream/linear.py _call",
 }
 KNOWN_LONG = {
     "distributed/linear.py linear_attention", "lab/trainer.py fit",
     "ops/linear/api.py linear_attention", "ops/linear/impl/reference.py linear_attention",
-    "ops/softmax/api.py softmax_attention",
 }
-KNOWN_LONG_FILES = {"lab/findings.py", "ops/linear/impl/chunk.py", "ops/softmax/impl/blocks.py"}
+KNOWN_LONG_FILES = {"lab/findings.py", "ops/linear/impl/chunk.py"}
 KNOWN_NO_REGISTRY = {"linear"}
 
 
