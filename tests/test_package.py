@@ -113,20 +113,14 @@ NAMEDTUPLE = {"_replace", "_asdict", "_fields", "_make"}
 KNOWN_POSITIONAL = {
     "distributed/linear.py _validate", "distributed/softmax.py _partial",
     "distributed/softmax.py forward", "hf/bridge.py _probe", "hf/bridge.py causalmix_mask",
-    "hf/bridge.py causalmix_attention", "lab/adaptive.py _size",
-    "ops/softmax/api.py _prepare", "ops/softmax/impl/blocks.py _row_size",
-    "ops/softmax/impl/blocks.py _best_rows", "ops/softmax/impl/blocks.py _plan",
-    "ops/softmax/impl/blocks.py _make_plan", "ops/softmax/impl/blocks.py _make_band",
-    "ops/softmax/impl/blocks.py _bias", "ops/softmax/impl/blocks.py _scores",
-    "ops/softmax/impl/blocks.py _row_block_one", "ops/softmax/impl/blocks.py _row_block_online",
-    "ops/softmax/impl/blocks.py _apply", "ops/softmax/impl/blocks.py forward",
-    "ops/softmax/impl/flex.py _block_mask", "stream/linear.py _call",
+    "hf/bridge.py causalmix_attention", "lab/adaptive.py _size", "stream/linear.py _call",
 }
-KNOWN_LONG = {
+KNOWN_LONG: set[str] = {
     "distributed/linear.py linear_attention", "lab/trainer.py fit",
-    "ops/softmax/api.py softmax_attention",
 }
-KNOWN_LONG_FILES = {"lab/findings.py", "ops/softmax/impl/blocks.py"}
+KNOWN_LONG_FILES: set[str] = {
+    "lab/findings.py",
+}
 KNOWN_NO_REGISTRY: set[str] = set()
 
 
