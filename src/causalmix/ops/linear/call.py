@@ -120,7 +120,7 @@ def check_gate(fn: str, name: str, gate: Any, shape: tuple, q: torch.Tensor) -> 
 def check_inputs(fn: str, *, q: Any, k: Any, v: Any) -> Heads:
     """q, k, v of one call (4-D tensors of one dtype and device, keys at least as long as the
     queries); their :class:`Heads`."""
-    _b, tq, tk, *_ = check_qkv(fn, q, k, v)
+    _b, tq, tk, *_ = check_qkv(fn, q, k, v, heads=False)
     if tk < tq:
         raise ValueError(f"{fn}: k and v must be at least as long as q (queries are a prefix of "
                          f"the keys' span), got q {tq}, k {tk}")
