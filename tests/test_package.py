@@ -111,8 +111,7 @@ NAMEDTUPLE = {"_replace", "_asdict", "_fields", "_make"}
 #: Offenders left while the mixer-contract issue is worked on, keyed "file function" (no line
 #: numbers). Each list must shrink to empty; an entry that no longer offends must be removed.
 KNOWN_POSITIONAL = {
-    "distributed/linear.py _validate", "distributed/softmax.py _partial",
-    "distributed/softmax.py forward", "hf/bridge.py _probe", "hf/bridge.py causalmix_mask",
+    "hf/bridge.py _probe", "hf/bridge.py causalmix_mask",
     "hf/bridge.py causalmix_attention", "lab/adaptive.py _size", "ops/linear/api.py _check_gates",
     "ops/linear/api.py _check_state", "ops/linear/api.py _check_common",
     "ops/linear/api.py _fast_reason", "ops/linear/api.py _run",
@@ -126,10 +125,10 @@ KNOWN_POSITIONAL = {
     "ops/softmax/impl/blocks.py _bias", "ops/softmax/impl/blocks.py _scores",
     "ops/softmax/impl/blocks.py _row_block_one", "ops/softmax/impl/blocks.py _row_block_online",
     "ops/softmax/impl/blocks.py _apply", "ops/softmax/impl/blocks.py forward",
-    "ops/softmax/impl/flex.py _block_mask", "stream/linear.py _call",
+    "ops/softmax/impl/flex.py _block_mask",
 }
 KNOWN_LONG = {
-    "distributed/linear.py linear_attention", "lab/trainer.py fit",
+    "lab/trainer.py fit",
     "ops/linear/api.py linear_attention", "ops/linear/impl/reference.py linear_attention",
     "ops/softmax/api.py softmax_attention",
 }

@@ -48,7 +48,7 @@ from causalmix.distributed.layout import LAYOUTS, Span, spans
 from causalmix.ops.linear import available_impls
 from causalmix.ops.linear import linear_attention as _local_linear
 from causalmix.ops.linear.api import check_gate
-from causalmix.visibility import Causal, Full, Prefix, Visibility, check_visibility
+from causalmix.visibility import Causal, Full, Prefix, Visibility, check_spec, check_visibility
 
 #: the specs the sequence-parallel linear mixer serves
 SHARDED_LINEAR_SPECS = ("Causal()", "Full()", "Prefix(n)")
@@ -122,6 +122,7 @@ def _check_arguments(fn: str, a: LinearArgs, world: int | None) -> None:
     """This rank's own checks (``world``: the group's size, ``None`` outside a process group:
     then the spec's positions and the impl's local calls are not checked)."""
     bsz, n, _nk, h, _hkv, _d, _dv = check_qkv(fn, a.q, a.k, a.v)
+    check_spec(f"{fn}: visibility", a.visibility)
     if not isinstance(a.layout, str) or a.layout not in LAYOUTS:
         raise ValueError(f"{fn}: layout must be one of {list(LAYOUTS)}, got {a.layout!r}")
     if a.layout == "striped":
