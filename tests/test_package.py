@@ -113,7 +113,7 @@ NAMEDTUPLE = {"_replace", "_asdict", "_fields", "_make"}
 KNOWN_POSITIONAL = {
     "distributed/linear.py _validate", "distributed/softmax.py _partial",
     "distributed/softmax.py forward", "hf/bridge.py _probe", "hf/bridge.py causalmix_mask",
-    "hf/bridge.py causalmix_attention", "lab/adaptive.py _size", "ops/linear/api.py _check_gates",
+    "hf/bridge.py causalmix_attention", "ops/linear/api.py _check_gates",
     "ops/linear/api.py _check_state", "ops/linear/api.py _check_common",
     "ops/linear/api.py _fast_reason", "ops/linear/api.py _run",
     "ops/linear/impl/chunk.py _prepare", "ops/linear/impl/chunk.py _tile_grads",
@@ -129,11 +129,11 @@ KNOWN_POSITIONAL = {
     "ops/softmax/impl/flex.py _block_mask", "stream/linear.py _call",
 }
 KNOWN_LONG = {
-    "distributed/linear.py linear_attention", "lab/trainer.py fit",
+    "distributed/linear.py linear_attention",
     "ops/linear/api.py linear_attention", "ops/linear/impl/reference.py linear_attention",
     "ops/softmax/api.py softmax_attention",
 }
-KNOWN_LONG_FILES = {"lab/findings.py", "ops/linear/impl/chunk.py", "ops/softmax/impl/blocks.py"}
+KNOWN_LONG_FILES = {"ops/linear/impl/chunk.py", "ops/softmax/impl/blocks.py"}
 KNOWN_NO_REGISTRY = {"linear"}
 
 
