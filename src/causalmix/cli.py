@@ -14,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+from causalmix.lab.export import FORMATS
+
 __all__ = ["main"]
 
 SUITE_NAMES = ("smoke", "default", "full")
@@ -71,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     exp = labsub.add_parser("export", help="write every run (config, seed, metrics, curves) "
                                            "as CSV or JSON lines")
     exp.add_argument("--out", default="lab_out", help=out_help)
-    exp.add_argument("--format", default="jsonl", choices=["csv", "jsonl"])
+    exp.add_argument("--format", default="jsonl", choices=FORMATS)
     exp.add_argument("--to", default=None,
                      help="file to write (default: <out>/runs.<format>; '-' for stdout)")
     exp.add_argument("--suite", default=None, choices=SUITE_NAMES,

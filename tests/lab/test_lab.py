@@ -469,3 +469,37 @@ def test_progress_bar_on_a_terminal_and_few_lines_in_a_log(monkeypatch, capsys):
     fit(SequenceModel(exp.model), exp, data.train, data.test, cfg, seed=0, name="run",
         progress=True)
     assert "\r" in term.getvalue() and "40/40" in term.getvalue()
+
+
+def test_a_database_from_before_the_tagged_specs_is_resumed_by_retraining(tmp_path):
+    """Run configs used to write every spec without its type (Causal() and Full() both {}), so
+    their keys differ from today's: in such a database a run is not found under its new key and
+    is trained again; the old row stays as it was (export still lists it, the report does not
+    match it), nothing is overwritten."""
+    import hashlib
+    import json
+
+    from causalmix.lab import run_jobs
+
+    exp = _first_token_exp("causal", "rope", steps=4)
+    old_config = exp.to_json()
+    old_config["model"]["visibility"] = [{}, {}]  # how plain() wrote Causal() before
+    old_key = hashlib.sha256(json.dumps({"experiment": old_config, "seed": 0},
+                                        sort_keys=True).encode()).hexdigest()[:16]
+    assert old_key != run_key(exp, 0)
+    db = RunDB(tmp_path)
+    db.start(old_key, experiment=exp.name, task=exp.task_name, seed=0, suite="t",
+             config=old_config, git_rev="old")
+    db.finish(old_key, metrics={"score": 0.5}, curve=[], info={}, wall_time_s=1.0)
+    db.close()
+    res = run_jobs([exp], tmp_path, suite="t", seeds=1, progress=False, log=lambda _: None)
+    assert res["ran"] == 1 and res["keys"] == [run_key(exp, 0)]
+    again = run_jobs([exp], tmp_path, suite="t", seeds=1, progress=False, log=lambda _: None)
+    assert again["ran"] == 0 and again["skipped"] == 1  # and resumes from then on
+    db = RunDB(tmp_path, create=False)
+    try:
+        rows = {r["key"]: r for r in db.runs(status=None)}
+    finally:
+        db.close()
+    assert set(rows) == {old_key, run_key(exp, 0)}
+    assert rows[old_key]["metrics"] == {"score": 0.5} and rows[old_key]["git_rev"] == "old"
