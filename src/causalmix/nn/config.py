@@ -48,10 +48,8 @@ def op_of(mixer: str) -> str:
 def impl_choices(mixer: str) -> tuple[str, ...]:
     """The ``impl=`` values a layer of kind ``mixer`` accepts, from its op family's registry
     (``"auto"`` first)."""
-    if op_of(mixer) == "softmax":
-        return tuple(softmax_api.REGISTRY.choices)
-    # the linear family's names (its Registry, once it has one, holds the same)
-    return ("auto", *linear_api.IMPLS)
+    api = softmax_api if op_of(mixer) == "softmax" else linear_api
+    return tuple(api.REGISTRY.choices)
 
 
 def check_servable(mixer: str, spec: Visibility, where: str) -> None:
