@@ -150,9 +150,8 @@ class Experiment:
         x = model.embed(batch["inputs"])
         zero = torch.zeros(x.shape[1], dtype=torch.int64)
         for block, spec in zip(model.blocks, vis, strict=True):
-            q, k, v = block.stream_qkv(x, zero)
-            mixed = mix(block.mixer, q, k, v, spec, impl=block.cfg.attention.impl,
-                        **block.mixer_kwargs())
+            mixed = mix(block.mixer, visibility=spec, impl=block.cfg.attention.impl,
+                        **block.mixer_kwargs(), **block.stream_qkv(x, zero))
             x = block.stream_out(x, mixed, zero)
         return model.head(model.norm(x))
 
