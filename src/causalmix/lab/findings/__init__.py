@@ -6,6 +6,10 @@ A finding is data (:class:`Finding`): ``arms(size)`` lists its arms (each an
 run), ``judge(results)`` applies the rule to the finished runs' metrics and returns a
 :class:`Judgement`, ``plot(results, ax)`` draws its figure. The rules below are the ones in
 the report; they were fixed when the findings were written, before the default suite ran.
+
+One finding a file (``f1_recall.py`` ... ``f6_hydra.py``), what they share in ``base.py``
+(suite sizes, the records, statistics, table cells, model configs, plots); this face holds
+:data:`FINDINGS`, every finding by key in report order.
 """
 
 from causalmix.lab.findings.base import (
