@@ -112,14 +112,11 @@ NAMEDTUPLE = {"_replace", "_asdict", "_fields", "_make"}
 #: numbers). Each list must shrink to empty; an entry that no longer offends must be removed.
 KNOWN_POSITIONAL: set[str] = {
     "hf/bridge.py _probe", "hf/bridge.py causalmix_attention", "hf/bridge.py causalmix_mask",
-    "lab/adaptive.py _size",
 }
-KNOWN_LONG: set[str] = {
-    "lab/trainer.py fit",
-}
-KNOWN_LONG_FILES: set[str] = {
-    "lab/findings.py",
-}
+KNOWN_LONG: set[str] = set()
+KNOWN_LONG_FILES: set[str] = set()
+KNOWN_LONG: set[str] = set()
+KNOWN_LONG_FILES: set[str] = set()
 KNOWN_NO_REGISTRY: set[str] = set()
 
 
