@@ -112,8 +112,7 @@ NAMEDTUPLE = {"_replace", "_asdict", "_fields", "_make"}
 #: numbers). Each list must shrink to empty; an entry that no longer offends must be removed.
 KNOWN_POSITIONAL = {
     "distributed/linear.py _validate", "distributed/softmax.py _partial",
-    "distributed/softmax.py forward", "hf/bridge.py _probe", "hf/bridge.py causalmix_mask",
-    "hf/bridge.py causalmix_attention", "lab/adaptive.py _size", "ops/linear/api.py _check_gates",
+    "distributed/softmax.py forward", "lab/adaptive.py _size", "ops/linear/api.py _check_gates",
     "ops/linear/api.py _check_state", "ops/linear/api.py _check_common",
     "ops/linear/api.py _fast_reason", "ops/linear/api.py _run",
     "ops/linear/impl/chunk.py _prepare", "ops/linear/impl/chunk.py _tile_grads",
