@@ -140,7 +140,8 @@ def _modernbert(impl: str, dtype=torch.float32):
     cfg = transformers.ModernBertConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
         num_attention_heads=4, local_attention=6, global_attn_every_n_layers=3,
-        attention_dropout=0.0, embedding_dropout=0.0, mlp_dropout=0.0, pad_token_id=0)
+        attention_dropout=0.0, embedding_dropout=0.0, mlp_dropout=0.0, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
     model = transformers.AutoModelForMaskedLM.from_config(cfg, attn_implementation=impl)
     return model.to(dtype).eval()
 

@@ -7,7 +7,9 @@ transformers builds one mask per layer type (``create_causal_mask``,
 ``mask_function`` is a black box; the rule is read off it by asking it about a few diagonals
 (a query and itself, the next key, the keys just inside and outside the window), so an overlay
 that changes the pattern (image-token blocks, ``block_sequence_ids``, a custom rule) is refused
-instead of being mistaken for the plain rule::
+instead of being mistaken for the plain rule. (The probe is O(B * T): a custom rule that differs
+only off those diagonals is not seen; transformers' own overlays all change the next-key
+diagonal, and ``or_mask_function`` / ``and_mask_function`` are refused outright.)::
 
     rule "causal", no window      j <= i                       -> Causal()
     rule "causal", window w       i - w < j <= i               -> Window(w - 1)
