@@ -34,12 +34,10 @@ lab: $(VENV)/.installed
 	$(VENV)/bin/causalmix lab report --out $(LAB_OUT)
 	$(VENV)/bin/causalmix lab export --out $(LAB_OUT) --format jsonl
 
-# Each script prints ratios measured side by side in one run (see its --help; --quick is short).
+# Every script in benchmarks/ (each prints ratios measured side by side in one run; see its
+# --help; --quick is short). BENCH_ARGS=--quick passes a flag to all of them.
 bench: $(VENV)/.installed
-	$(PY) benchmarks/softmax.py
-	$(PY) benchmarks/linear.py
-	$(PY) benchmarks/streaming.py
-	$(PY) benchmarks/distributed.py
+	@for f in benchmarks/[!_]*.py; do echo "== $$f"; $(PY) $$f $(BENCH_ARGS) || exit 1; done
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check src tests benchmarks examples

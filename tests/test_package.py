@@ -112,28 +112,15 @@ NAMEDTUPLE = {"_replace", "_asdict", "_fields", "_make"}
 #: numbers). Each list must shrink to empty; an entry that no longer offends must be removed.
 KNOWN_POSITIONAL = {
     "distributed/linear.py _validate", "distributed/softmax.py _partial",
-    "distributed/softmax.py forward", "lab/adaptive.py _size", "ops/linear/api.py _check_gates",
-    "ops/linear/api.py _check_state", "ops/linear/api.py _check_common",
-    "ops/linear/api.py _fast_reason", "ops/linear/api.py _run",
-    "ops/linear/impl/chunk.py _prepare", "ops/linear/impl/chunk.py _tile_grads",
-    "ops/linear/impl/chunk.py _forward_state_grads",
-    "ops/linear/impl/chunk.py _reverse_state_grads", "ops/linear/impl/chunk.py _band_tiles",
-    "ops/linear/impl/chunk.py forward", "ops/linear/impl/recurrent.py _band",
-    "ops/softmax/api.py _prepare", "ops/softmax/impl/blocks.py _row_size",
-    "ops/softmax/impl/blocks.py _best_rows", "ops/softmax/impl/blocks.py _plan",
-    "ops/softmax/impl/blocks.py _make_plan", "ops/softmax/impl/blocks.py _make_band",
-    "ops/softmax/impl/blocks.py _bias", "ops/softmax/impl/blocks.py _scores",
-    "ops/softmax/impl/blocks.py _row_block_one", "ops/softmax/impl/blocks.py _row_block_online",
-    "ops/softmax/impl/blocks.py _apply", "ops/softmax/impl/blocks.py forward",
-    "ops/softmax/impl/flex.py _block_mask", "stream/linear.py _call",
+    "distributed/softmax.py forward", "lab/adaptive.py _size", "stream/linear.py _call",
 }
-KNOWN_LONG = {
+KNOWN_LONG: set[str] = {
     "distributed/linear.py linear_attention", "lab/trainer.py fit",
-    "ops/linear/api.py linear_attention", "ops/linear/impl/reference.py linear_attention",
-    "ops/softmax/api.py softmax_attention",
 }
-KNOWN_LONG_FILES = {"lab/findings.py", "ops/linear/impl/chunk.py", "ops/softmax/impl/blocks.py"}
-KNOWN_NO_REGISTRY = {"linear"}
+KNOWN_LONG_FILES: set[str] = {
+    "lab/findings.py",
+}
+KNOWN_NO_REGISTRY: set[str] = set()
 
 
 def _check_known(offenders: dict[str, str], known: set[str]) -> None:
@@ -259,6 +246,18 @@ def _doctest_modules() -> list[str]:
         if ">>>" in path.read_text():
             names.append(module)
     return names
+
+
+def test_every_examples_section_is_a_doctest():
+    """A docstring with an ``Examples`` section shows runnable ``>>>`` lines (run below)."""
+    offenders = []
+    for _, path, tree in MODULES:
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)):
+                doc = ast.get_docstring(node) or ""
+                if re.search(r"^\s*Examples?:?\s*$", doc, flags=re.M) and ">>>" not in doc:
+                    offenders.append(f"{path.relative_to(SRC)} {getattr(node, 'name', '')}")
+    assert not offenders, "\n".join(offenders)
 
 
 @pytest.mark.parametrize("module", _doctest_modules())

@@ -28,25 +28,45 @@ from __future__ import annotations
 import torch
 
 from causalmix.checks import compute_dtype
-from causalmix.ops.factor import Factorisation
+from causalmix.ops.factor import Factorisation, PositionArrays
+from causalmix.ops.linear.call import LinearCall
 
 
-def _decode_step(q, k, v, g, initial_state, cd):
+def can_serve(call: LinearCall) -> str | None:
+    """Queries and keys at the same positions, a spec that factorises, as many keys as
+    queries."""
+    if call.q_offset != call.k_offset:
+        return (f"q_offset ({call.q_offset}) != k_offset ({call.k_offset}); the chunk and "
+                f"recurrent forms need queries and keys at the same positions")
+    if call.factor is None:
+        return call.factor_error
+    tq, tk = call.q.shape[1], call.k.shape[1]
+    if tk != tq:
+        if tq == 0:
+            return "no queries"
+        return f"recurrent needs as many keys as queries (got q {tq}, k {tk})"
+    return None
+
+
+def _decode_step(q, k, v, log_gate, initial_state, cd):
     """T == 1: ``S = exp(g_0) S0 + k v^T``, ``o = q S`` (nothing in the future of one token)."""
     k1, v1 = k.to(cd)[:, 0, :, :, None], v.to(cd)[:, 0, :, None, :]  # [B, H, D, 1], [B, H, 1, Dv]
     if initial_state is None:
         s = k1 * v1
     else:
-        lam = torch.exp(g.to(cd)[:, 0]).view(g.shape[0], -1, 1, 1)
+        lam = torch.exp(log_gate.to(cd)[:, 0]).view(log_gate.shape[0], -1, 1, 1)
         s = torch.addcmul(lam * initial_state.to(cd), k1, v1)
     o = torch.matmul(q.to(cd)[:, 0, :, None, :], s).transpose(1, 2)  # [B, 1, H, Dv]
     return o.to(q.dtype), s
 
 
-def _band(outs, qf, gr, arr, f: Factorisation, offset: int, chunk_states):
-    """Chunked(s, L > 0): query t reads the chunk states ``W`` of the next L chunks."""
+def _band(outs: list, qf, reverse_log_gate, where: tuple, chunk_states: dict) -> None:
+    """Chunked(s, L > 0): query t reads the chunk states ``W`` of the next L chunks.
+    ``where``: the call's factorisation, position arrays and offset."""
+    f, arr, offset = where
     t = qf.shape[1]
-    e = torch.nn.functional.pad(gr[:, :-1], (0, 0, 1, 0)).cumsum(1)  # E_t = r_0 + .. + r_{t-1}
+    # E_t = r_0 + .. + r_{t-1}
+    e = torch.nn.functional.pad(reverse_log_gate[:, :-1], (0, 0, 1, 0)).cumsum(1)
     for i in range(t):
         c = (i + offset) // f.chunk
         for m in range(1, f.lookahead_chunks + 1):
@@ -59,33 +79,21 @@ def _band(outs, qf, gr, arr, f: Factorisation, offset: int, chunk_states):
                                              reach * w * chunk_states[c + m])
 
 
-def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: Factorisation, *,
-                     log_gate: torch.Tensor, reverse_log_gate: torch.Tensor, offset: int,
-                     initial_state: torch.Tensor | None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``q, k: [B, T, H, D]``, ``v: [B, T, H, Dv]``, ``log_gate, reverse_log_gate: [B', T, H]``
-    -> ``(o [B, T, H, Dv] q.dtype, S_final)``."""
-    b, t, h, d = q.shape
-    dv = v.shape[-1]
-    sd = compute_dtype(q)  # state dtype handed back
-    if t == 1 and f.segments is None:
-        return _decode_step(q, k, v, log_gate, initial_state, sd)
-    dev = q.device
-    arr = f.arrays(t, offset, dev)
-    cd = torch.float64
-    qf, kf, vf = q.to(cd), k.to(cd), v.to(cd)
-    lam = torch.exp(log_gate.to(cd))[..., None, None]  # [B', T, H, 1, 1]
-    rlam = torch.exp(reverse_log_gate.to(cd))[..., None, None]
-    # (1) forward recurrence
-    s = torch.zeros(b, h, d, dv, dtype=cd, device=dev) if initial_state is None \
-        else initial_state.to(cd)
-    outs = []
-    for i in range(t):
-        keep = (arr.start[:, i] < i).to(cd).view(-1, 1, 1, 1)  # 0 at a segment start
+def _forward(outs: list, qkv: tuple, lam, arr: PositionArrays, s):
+    """(1) the forward recurrence from state ``s``; appends each output, returns the last S."""
+    qf, kf, vf = qkv
+    for i in range(qf.shape[1]):
+        keep = (arr.start[:, i] < i).to(qf.dtype).view(-1, 1, 1, 1)  # 0 at a segment start
         s = keep * lam[:, i] * s + kf[:, i, :, :, None] * vf[:, i, :, None, :]
         outs.append(torch.einsum("bhd,bhde->bhe", qf[:, i], s))
+    return s
 
-    # (2) reverse recurrence
+
+def _reverse(outs: list, qkv: tuple, reverse_log_gate, f: Factorisation, arr: PositionArrays,
+             offset: int) -> None:
+    """(2) the reverse recurrence (and the band of ``Chunked(s, L > 0)``), added to ``outs``."""
+    qf, kf, vf = qkv
+    t, dev, cd = qf.shape[1], qf.device, qf.dtype
     end, key_ok = arr.end, arr.key_ok
     band = f.base == "chunked" and f.lookahead_chunks > 0
     if band:
@@ -93,19 +101,50 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: Facto
         pos = torch.arange(t, device=dev)
         chunk_end = ((pos + offset) // f.chunk + 1) * f.chunk - 1 - offset
         end = torch.minimum(arr.seg_end, chunk_end[None])
-    if end is not None:
-        r = torch.zeros(b, h, d, dv, dtype=cd, device=dev)
-        chunk_states = {}
-        for i in range(t - 1, -1, -1):
-            cont = (end[:, i] >= i + 1).to(cd).view(-1, 1, 1, 1)
-            outs[i] = outs[i] + torch.einsum("bhd,bhde->bhe", qf[:, i], cont * rlam[:, i] * r)
-            kv = kf[:, i, :, :, None] * vf[:, i, :, None, :]
-            if key_ok is not None:
-                kv = kv * key_ok[:, i].to(cd).view(-1, 1, 1, 1)
-            r = cont * rlam[:, i] * r + kv
-            if band and (i + offset) % f.chunk == 0:
-                chunk_states[(i + offset) // f.chunk] = r  # W_c
-        if band:
-            _band(outs, qf, reverse_log_gate.to(cd), arr, f, offset, chunk_states)
+    if end is None:
+        return
+    rlam = torch.exp(reverse_log_gate)[..., None, None]
+    r = torch.zeros(qf.shape[0], qf.shape[2], qf.shape[3], vf.shape[3], dtype=cd, device=dev)
+    chunk_states = {}
+    for i in range(t - 1, -1, -1):
+        cont = (end[:, i] >= i + 1).to(cd).view(-1, 1, 1, 1)
+        outs[i] = outs[i] + torch.einsum("bhd,bhde->bhe", qf[:, i], cont * rlam[:, i] * r)
+        kv = kf[:, i, :, :, None] * vf[:, i, :, None, :]
+        if key_ok is not None:
+            kv = kv * key_ok[:, i].to(cd).view(-1, 1, 1, 1)
+        r = cont * rlam[:, i] * r + kv
+        if band and (i + offset) % f.chunk == 0:
+            chunk_states[(i + offset) // f.chunk] = r  # W_c
+    if band:
+        _band(outs, qf, reverse_log_gate, (f, arr, offset), chunk_states)
+
+
+def run(call: LinearCall) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(o [B, T, H, Dv] q.dtype, S_final [B, H, D, Dv] or None)``."""
+    q, f = call.q, call.factor
+    gates = call.scan_gates()
+    k, v = _expand(call)
+    sd = compute_dtype(q)  # state dtype handed back
+    if q.shape[1] == 1 and f.segments is None:
+        o, s = _decode_step(q, k, v, gates.log_gate, call.initial_state, sd)
+        return o, (s if call.return_final_state else None)
+    b, t, h, d = q.shape
+    dev, cd = q.device, torch.float64
+    arr = f.arrays(t, call.q_offset, dev)
+    qkv = (q.to(cd), k.to(cd), v.to(cd))
+    lam = torch.exp(gates.log_gate.to(cd))[..., None, None]  # [B', T, H, 1, 1]
+    s = torch.zeros(b, h, d, v.shape[-1], dtype=cd, device=dev) if call.initial_state is None \
+        else call.initial_state.to(cd)
+    outs: list = []
+    s = _forward(outs, qkv, lam, arr, s)
+    _reverse(outs, qkv, gates.reverse_log_gate.to(cd), f, arr, call.q_offset)
     o = torch.stack(outs, dim=1)
-    return o.to(q.dtype), s.to(sd)
+    return o.to(q.dtype), (s.to(sd) if call.return_final_state else None)
+
+
+def _expand(call: LinearCall):
+    """GQA: repeat each kv head for its group of query heads (gradients sum back)."""
+    group = call.heads.out // call.k.shape[2]
+    if group == 1:
+        return call.k, call.v
+    return call.k.repeat_interleave(group, dim=2), call.v.repeat_interleave(group, dim=2)
