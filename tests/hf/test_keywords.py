@@ -18,7 +18,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import causalmix.hf as cmhf  # noqa: E402
-from causalmix import Full, Prefix, Segments  # noqa: E402
+from causalmix import Causal, Full, Prefix, Segments  # noqa: E402
 from causalmix.testing import assert_close  # noqa: E402
 
 GEN = dict(max_new_tokens=2, do_sample=False, pad_token_id=0)
@@ -148,3 +148,54 @@ def test_specs_survive_torch_save_and_load():
         loaded = torch.load(buf, weights_only=False)
         assert loaded == spec and hash(loaded) == hash(spec)
         assert torch.equal(loaded.mask(5, 5), spec.mask(5, 5))
+
+
+# ================================================================== hybrid models
+
+
+def _qwen3_next(impl="causalmix"):
+    cfg = transformers.Qwen3NextConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_num_value_heads=4,
+        linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
+        linear_conv_kernel_dim=4, num_experts=0, attention_dropout=0.0,
+        layer_types=["linear_attention", "full_attention"])
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl).eval()
+
+
+def test_a_spec_on_a_hybrid_model_whose_linear_layers_would_ignore_it_raises(tiny):
+    """Qwen3-Next's Gated DeltaNet layers do not run through causalmix (yet): a spec other than
+    Causal() would reach the attention layers only, so it is refused -- on a forward, through
+    the base model, as a default, and in generate."""
+    model = _qwen3_next()
+    ids = tiny.ids(1, 9)
+    for spec in (Full(), Prefix(4), Segments(torch.tensor([0] * 4 + [1] * 5))):
+        with pytest.raises(ValueError, match=r"\['linear_attention'\]"):
+            model(ids, visibility=spec)
+    assert torch.equal(model(ids, visibility=Causal()).logits, model(ids).logits)
+    cmhf.attach(model)
+    with pytest.raises(ValueError, match="linear_attention"):
+        model.model(ids, visibility=Full())
+    with pytest.raises(ValueError, match="linear_attention"):
+        model.generate(ids, visibility=Prefix(9), **GEN)
+    with pytest.raises(ValueError, match="linear_attention"):
+        cmhf.attach(model, Full())(ids)
+    cmhf.set_visibility(model, None)
+    sdpa = _qwen3_next("sdpa")
+    assert torch.allclose(model(ids).logits, sdpa(ids).logits, atol=1e-5)
+
+
+def test_a_state_space_model_without_attention_refuses_a_spec_once_attached():
+    """Mamba-2 has no attention layer at all: nothing of causalmix runs in it, and a spec given
+    to an attached Mamba-2 is refused instead of ignored."""
+    cfg = transformers.Mamba2Config(vocab_size=97, hidden_size=64, num_heads=8, head_dim=16,
+                                    state_size=16, n_groups=2, num_hidden_layers=2,
+                                    chunk_size=8, expand=2)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    cmhf.attach(model)
+    ids = torch.randint(1, 97, (1, 6))
+    with pytest.raises(ValueError, match="linear_attention"):
+        model.backbone(ids, visibility=Full())
+    model.backbone(ids, visibility=Causal())

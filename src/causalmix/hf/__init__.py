@@ -33,8 +33,9 @@ What a spec means per attention kind:
 
 What the bridge cannot honour -- logit soft-capping, attention sinks, attention dropout in
 training, ``output_attentions=True``, a spec for another batch size, a prepared 4-D mask, mask
-overlays (image tokens, ``block_sequence_ids``), chunked attention layers, static caches --
-raises ``ValueError`` naming it. A ``visibility=`` passed to a model that does not run causalmix
+overlays (image tokens, ``block_sequence_ids``), chunked attention layers, static caches, a spec
+other than ``Causal()`` on a model whose hybrid / state-space layers causalmix does not run
+(:func:`check_spec_reaches_every_layer`) -- raises ``ValueError`` naming it. A ``visibility=`` passed to a model that does not run causalmix
 is ignored by transformers itself; :mod:`causalmix.hf.model` says what is checked instead.
 
 This is the only module of causalmix that imports transformers (the ``hf`` extra).
@@ -44,10 +45,13 @@ from __future__ import annotations
 
 from causalmix.hf.attention import (
     NAME,
+    SERVED_LAYER_TYPES,
     causalmix_attention,
     check_cache_is_exact,
+    check_spec_reaches_every_layer,
     layer_visibility,
     packed_segments,
+    unserved_layer_types,
 )
 from causalmix.hf.mask import LayerMask, causalmix_mask
 from causalmix.hf.model import (
@@ -62,6 +66,7 @@ from causalmix.visibility import ValidKeys
 
 __all__ = [
     "NAME",
+    "SERVED_LAYER_TYPES",
     "GenerationInputs",
     "LayerMask",
     "ValidKeys",
@@ -70,11 +75,13 @@ __all__ = [
     "causalmix_attention",
     "causalmix_mask",
     "check_cache_is_exact",
+    "check_spec_reaches_every_layer",
     "detach",
     "layer_visibility",
     "packed_segments",
     "register",
     "set_visibility",
+    "unserved_layer_types",
 ]
 
 register()

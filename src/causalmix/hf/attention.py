@@ -29,8 +29,9 @@ from causalmix.hf.mask import LayerMask
 from causalmix.ops.softmax import softmax_attention
 from causalmix.visibility import Causal, Full, Segments, ValidKeys, Visibility, Window
 
-__all__ = ["DEFAULT_ATTR", "NAME", "causalmix_attention", "check_cache_is_exact",
-           "layer_visibility", "packed_segments"]
+__all__ = ["DEFAULT_ATTR", "NAME", "SERVED_LAYER_TYPES", "causalmix_attention",
+           "check_cache_is_exact", "check_spec_reaches_every_layer", "layer_visibility",
+           "packed_segments", "unserved_layer_types"]
 
 NAME = "causalmix"
 
@@ -43,6 +44,34 @@ CACHE_RULE = (
     "with n <= the prompt length, Window(left, 0), Segments(...) & one of those (judged from the "
     "spec at every step). Pass use_cache=False to recompute every step instead"
 )
+
+
+#: Layer types (``config.layer_types``) whose every layer runs the attention function; any other
+#: (``"linear_attention"``: Gated DeltaNet, KDA, Mamba-2; ``"conv"``; ``"hybrid"``; sparse
+#: indexers) has a token mixer causalmix does not run.
+SERVED_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "attention"})
+
+
+def unserved_layer_types(config) -> list[str]:
+    """The layer types of ``config`` whose token mixer does not go through causalmix."""
+    types = getattr(config, "layer_types", None) or ()
+    return sorted({str(t) for t in types} - SERVED_LAYER_TYPES)
+
+
+def check_spec_reaches_every_layer(config, visibility: Visibility | None) -> None:
+    """A spec other than ``Causal()`` on a model with layers causalmix does not run (hybrid and
+    state-space layers keep their own causal scan) would reach its attention layers only:
+    ``ValueError`` naming the layer types."""
+    if visibility is None or visibility == Causal():
+        return
+    unserved = unserved_layer_types(config)
+    if unserved:
+        raise ValueError(
+            f"visibility {visibility!r}: the model also has layers of type {unserved} (their own "
+            f"token mixer, e.g. Gated DeltaNet, KDA or Mamba-2), which causalmix does not run: "
+            f"they would stay causal and see across documents. Only Causal() (or no visibility) "
+            f"is accepted on this model"
+        )
 
 
 #: (spec, cached, new) -> whether a cached position sees a new one.
@@ -271,6 +300,7 @@ def _self_attention_spec(module, mask: LayerMask, sliding_window, kwargs) -> Vis
     """The spec of a self-attention call (keys and queries on one position axis), refused when
     a cache would make it stale."""
     visibility = _call_visibility(module, kwargs)
+    check_spec_reaches_every_layer(getattr(module, "config", None), visibility)
     if visibility is not None and visibility.batch_size not in (None, mask.batch_size):
         raise ValueError(
             f"visibility {visibility!r} is for batch size {visibility.batch_size} but the input "

@@ -27,7 +27,12 @@ from typing import TYPE_CHECKING, Any
 from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
-from causalmix.hf.attention import DEFAULT_ATTR, NAME, causalmix_attention
+from causalmix.hf.attention import (
+    DEFAULT_ATTR,
+    NAME,
+    causalmix_attention,
+    check_spec_reaches_every_layer,
+)
 from causalmix.hf.mask import causalmix_mask
 from causalmix.visibility import Visibility
 
@@ -70,10 +75,25 @@ def _foreign(model: torch.nn.Module) -> dict[str, str | None]:
     return {path: impl for path, impl in backends(model).items() if impl != NAME}
 
 
+def _configs(model: torch.nn.Module) -> list[PretrainedConfig]:
+    out, seen = [], set()
+    for sub in model.modules():
+        config = getattr(sub, "config", None)
+        if isinstance(config, PretrainedConfig) and id(config) not in seen:
+            seen.add(id(config))
+            out.append(config)
+    return out
+
+
 def _check_backends(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-    """Forward pre-hook: with a spec in effect, every config of ``module`` must run causalmix."""
-    if kwargs.get("visibility") is None and getattr(module, DEFAULT_ATTR, None) is None:
+    """Forward pre-hook: with a spec in effect, every config of ``module`` must run causalmix,
+    and every layer must be one the spec reaches."""
+    spec = kwargs.get("visibility")
+    spec = getattr(module, DEFAULT_ATTR, None) if spec is None else spec
+    if spec is None:
         return
+    for config in _configs(module):
+        check_spec_reaches_every_layer(config, spec if isinstance(spec, Visibility) else None)
     foreign = _foreign(module)
     if foreign:
         where = ", ".join(f"{path or type(module).__name__}: {impl!r}"
