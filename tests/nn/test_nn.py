@@ -210,6 +210,35 @@ def test_stream_protocol_pointwise_in_time(mixer):
         assert q.shape == (2, 50, 4, 1 + 4 + 16) and v.shape == (2, 50, 4, 9)
 
 
+@pytest.mark.parametrize("mixer", ["softmax", "linear", "gated"])
+def test_attention_layers_are_real_layers(mixer):
+    """Block.attn (an Attention, or a GatedMixer for "gated") runs on its own:
+    attn(norm1(x), visibility=, offset=) is the block's mixing step, equal to its stream parts,
+    and Block.mixer is the op family the layer streams with."""
+    from causalmix.nn import Attention, GatedMixer, MixingLayer, mix
+
+    blk = _block("softmax" if mixer == "softmax" else mixer, Full(), decay=False)
+    attn = blk.attn
+    assert isinstance(attn, GatedMixer if mixer == "gated" else Attention)
+    assert isinstance(attn, MixingLayer) and blk.mixer == attn.op
+    assert attn.op == ("softmax" if mixer == "softmax" else "linear")
+    assert blk.cfg.attention.mixer == mixer
+    x = torch.randn(2, 13, 32, generator=torch.Generator().manual_seed(5))
+    h = blk.norm1(x)
+    pos = torch.arange(4, 17)
+    q, k, v, *gates = attn.qkv(h, pos)
+    mixed = mix(attn.op, q, k, v, Prefix(9), q_offset=4, k_offset=4, **attn.mixer_kwargs(),
+                **(gates[0] if gates else {}))
+    y = attn(h, visibility=Prefix(9), offset=4)
+    assert y.shape == x.shape and torch.equal(y, attn.out(mixed, h))
+    h2 = x + y
+    assert torch.equal(blk(x, offset=4, visibility=Prefix(9)), h2 + blk.mlp(blk.norm2(h2)))
+    with pytest.raises(ValueError, match="Attention: mixer must be 'softmax' or 'linear'"):
+        Attention(AttentionConfig(mixer="gated"))
+    with pytest.raises(ValueError, match="GatedMixer: mixer must be 'gated'"):
+        GatedMixer(AttentionConfig(mixer="linear"))
+
+
 def test_rotary_depends_on_relative_position_only():
     q = torch.randn(1, 1, 1, 16, dtype=torch.float64)
     k = torch.randn(1, 1, 1, 16, dtype=torch.float64)
@@ -291,10 +320,14 @@ def test_model_errors():
         m(torch.randn(2, 3))
     with pytest.raises(ValueError, match="one spec per layer"):
         m(torch.zeros(2, 3, dtype=torch.int64), visibility=(Causal(),))
-    lin = SequenceModel(ModelConfig.from_name("tiny-linear", vocab_size=5,
-                                              visibility=(Window(4), Causal())))
-    with pytest.raises(ValueError, match="Window"):  # the op names the spec and what it supports
-        lin(torch.zeros(1, 6, dtype=torch.int64))
+    # a spec the mixer cannot serve: refused by the config (layer, spec, mixer named) ...
+    with pytest.raises(ValueError, match=r"visibility\[0\] \(layer 0\): mixer='linear' does "
+                                         r"not support visibility Window"):
+        ModelConfig.from_name("tiny-linear", vocab_size=5, visibility=(Window(4), Causal()))
+    # ... and, given per call, by the op (it names the spec and what it supports)
+    lin = SequenceModel(ModelConfig.from_name("tiny-linear", vocab_size=5))
+    with pytest.raises(ValueError, match="Window"):
+        lin(torch.zeros(1, 6, dtype=torch.int64), visibility=(Window(4), Causal()))
 
 
 @pytest.mark.parametrize("mixer, specs", [

@@ -49,7 +49,8 @@ from causalmix.lab.experiments import Experiment, layer_visibility, plain
 from causalmix.lab.tasks import IGNORE, Lookahead, TaskData
 from causalmix.lab.trainer import FitResult, TrainConfig, fit
 from causalmix.nn import ModelConfig
-from causalmix.nn.adaptive import AdaptiveConfig, AdaptiveModel, compounded_latency
+from causalmix.nn.adaptive import AdaptiveConfig, AdaptiveModel
+from causalmix.stream import compounded_latency
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -25,21 +25,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from causalmix.nn.config import AttentionConfig
+from causalmix.nn.mixing import MixingLayer
 
 __all__ = ["GatedMixer"]
 
 
-class GatedMixer(nn.Module):
-    """Projections of one gated linear layer (the mixing is ``linear_attention`` with gates).
+class GatedMixer(MixingLayer):
+    """One gated linear layer: ``forward(x: [B, T, C], *, visibility, offset=0) -> [B, T, C]``
+    (the mixing is ``linear_attention`` with the gates, so ``op == "linear"``).
 
-    ``qkv(x [B, n, C], positions)`` -> ``q: [B, n, H, F]``, ``k: [B, n, Hkv, F]``,
-    ``v: [B, n, Hkv, hd]`` and ``{"log_gate": [B, n, H], "reverse_log_gate": [B, n, H]}``;
-    ``out(mixed [B, n, H, hd]) -> [B, n, C]``.
+    Its parts, as the streams use them: ``qkv(x [B, n, C], positions)`` -> ``q: [B, n, H, F]``,
+    ``k: [B, n, Hkv, F]``, ``v: [B, n, Hkv, hd]`` and
+    ``{"log_gate": [B, n, H], "reverse_log_gate": [B, n, H]}``;
+    ``out(mixed [B, n, H, hd], x [B, n, C]) -> [B, n, C]``.
     """
 
     def __init__(self, cfg: AttentionConfig, *, dt_min: float = 1e-3, dt_max: float = 1e-1):
         super().__init__()
+        if cfg.mixer != "gated":
+            raise ValueError(f"GatedMixer: mixer must be 'gated', got {cfg.mixer!r}")
         self.cfg = cfg
+        self.op = "linear"
         h, hkv, hd, f = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.feature_dim
         self.q_proj = nn.Linear(cfg.d_model, h * f, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, hkv * f, bias=False)

@@ -42,23 +42,34 @@ masks), :func:`expected_latency` (the differentiable mean-field latency of per-f
 Streams are for inference: they run under ``torch.no_grad()``.
 """
 
-from causalmix.stream._common import MixerStream
+from causalmix.stream._common import Frames, MixerStream
 from causalmix.stream.latency import (
     LatencyStats,
+    Spread,
     compounded_latency,
     expected_latency,
     latency_stats,
 )
-from causalmix.stream.linear import LinearStream
-from causalmix.stream.model import ModelStream, StreamableLayer, StreamableModel, mixer_stream
+from causalmix.stream.linear import GateFrames, LinearStream
+from causalmix.stream.model import (
+    STREAMABLE_MIXERS,
+    ModelStream,
+    StreamableLayer,
+    StreamableModel,
+    mixer_stream,
+)
 from causalmix.stream.softmax import SoftmaxStream
 
 __all__ = [
+    "STREAMABLE_MIXERS",
+    "Frames",
+    "GateFrames",
     "LatencyStats",
     "LinearStream",
     "MixerStream",
     "ModelStream",
     "SoftmaxStream",
+    "Spread",
     "StreamableLayer",
     "StreamableModel",
     "compounded_latency",
