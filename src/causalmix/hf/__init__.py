@@ -35,8 +35,9 @@ What the bridge cannot honour -- logit soft-capping, attention sinks, attention 
 training, ``output_attentions=True``, a spec for another batch size, a prepared 4-D mask, mask
 overlays (image tokens, ``block_sequence_ids``), chunked attention layers, static caches, a spec
 other than ``Causal()`` on a model whose hybrid / state-space layers causalmix does not run
-(:func:`check_spec_reaches_every_layer`) -- raises ``ValueError`` naming it. A ``visibility=`` passed to a model that does not run causalmix
-is ignored by transformers itself; :mod:`causalmix.hf.model` says what is checked instead.
+(:func:`check_spec_reaches_every_layer`) -- raises ``ValueError`` naming it. A ``visibility=``
+passed to a model that does not run causalmix is ignored by transformers itself;
+:mod:`causalmix.hf.model` says what is checked instead.
 
 This is the only module of causalmix that imports transformers (the ``hf`` extra).
 """
