@@ -18,7 +18,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import causalmix.hf as cmhf  # noqa: E402
-from causalmix import Causal, Full, Prefix, Segments  # noqa: E402
+from causalmix import Causal, Full, Prefix, Segments, Window  # noqa: E402
 from causalmix.testing import assert_close  # noqa: E402
 
 GEN = dict(max_new_tokens=2, do_sample=False, pad_token_id=0)
@@ -186,16 +186,21 @@ def test_a_spec_on_a_hybrid_model_whose_linear_layers_would_ignore_it_raises(tin
     assert torch.allclose(model(ids).logits, sdpa(ids).logits, atol=1e-5)
 
 
-def test_a_state_space_model_without_attention_refuses_a_spec_once_attached():
-    """Mamba-2 has no attention layer at all: nothing of causalmix runs in it, and a spec given
-    to an attached Mamba-2 is refused instead of ignored."""
+def test_a_state_space_model_refuses_a_spec_until_attached():
+    """Mamba-2 has no attention layer at all: before attach nothing of causalmix runs in it;
+    attached, its mixers run through causalmix (tests/hf/test_hybrid.py), so a spec reaches
+    them, on the LM and on the backbone alike; one the family cannot serve is refused."""
     cfg = transformers.Mamba2Config(vocab_size=97, hidden_size=64, num_heads=8, head_dim=16,
                                     state_size=16, n_groups=2, num_hidden_layers=2,
                                     chunk_size=8, expand=2)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    cmhf.attach(model)
     ids = torch.randint(1, 97, (1, 6))
-    with pytest.raises(ValueError, match="linear_attention"):
-        model.backbone(ids, visibility=Full())
-    model.backbone(ids, visibility=Causal())
+    causal = model.backbone(ids).last_hidden_state
+    cmhf.attach(model)
+    full = model.backbone(ids, visibility=Full()).last_hidden_state
+    assert not torch.allclose(full[:, :-1], causal[:, :-1], atol=1e-4)
+    assert torch.allclose(model.backbone(ids, visibility=Causal()).last_hidden_state, causal,
+                          atol=1e-5)
+    with pytest.raises(ValueError, match="Mamba2Mixer.*Window"):
+        model.backbone(ids, visibility=Window(2))
