@@ -21,6 +21,10 @@ the spec describes -- restarted at every document start. ``dt`` is clamped by
 ``time_step_limit`` in every step (transformers clamps in its chunked path only, not when it
 decodes one token).
 
+The scan tiles by the layer's own ``chunk_size`` (``config.mamba_chunk_size`` / ``chunk_size``),
+as transformers' chunked scan does, so its rounding stays that of the model's own path (the
+gradients of ``A_log`` and ``dt_bias`` sum over every token; longer tiles round them more).
+
 Cache: transformers' own layout -- ``conv_states [B, I + 2 G N, K]`` (the last K inputs of the
 document being continued), ``recurrent_states [B, H, P, N]`` (causalmix's ``[B, H, N, P]``
 transposed).
@@ -40,8 +44,6 @@ from causalmix.ops.linear import linear_attention
 __all__ = ["KIND", "mamba2_forward"]
 
 KIND = "a Mamba-2 layer"
-#: Tile length of the causalmix scan (the layer's ``chunk_size`` is its own kernel's).
-CHUNK = 64
 
 
 def _scan_inputs(self, xbc: torch.Tensor, dt_raw: torch.Tensor, call: LayerCall):
@@ -83,7 +85,8 @@ def mamba2_forward(self, hidden_states: torch.Tensor, cache=None, attention_mask
         state = state.transpose(-1, -2).to(v.dtype)
     out = linear_attention(q, k, v, call.spec, log_gate=log_gate, q_offset=call.offset,
                            k_offset=call.offset, initial_state=state,
-                           return_final_state=cache is not None, chunk_size=CHUNK)
+                           return_final_state=cache is not None,
+                           chunk_size=self.chunk_size)
     if cache is not None:
         out, final = out
         cache.update_conv_state(conv.window.to(xbc.dtype), self.layer_idx,
