@@ -43,9 +43,9 @@ counted from the first pushed frame).
 
 A call that raises (bad frames, positions the spec does not define, a decode step whose
 outputs are not final) leaves the stream exactly as it was; wrong types raise
-``ArgumentTypeError``; an empty batch (``B = 0``) streams right-shaped empty outputs. An explicit ``impl`` that cannot
-serve the stream's calls raises at construction. ``repr`` shows the spec, the options and the
-frames in / out / pending.
+``ArgumentTypeError``; an empty batch (``B = 0``) streams right-shaped empty outputs. An
+explicit ``impl`` that cannot serve the stream's calls raises at construction. ``repr`` shows
+the spec, the options and the frames in / out / pending.
 
 Latency maths: :class:`LatencyStats` (``LatencyStats.of(latency, compute, frame_seconds=)``),
 :func:`compounded_latency` (a stack of specs, from their masks), :func:`expected_latency` (the
