@@ -1,0 +1,103 @@
+"""The chunked delta scan over one frame: forward stages and the autograd Function.
+
+Stages (per block of chunks, :mod:`causalmix.ops.delta._chunk_math` for the notation):
+``gather_block`` -> ``intra`` (Gamma, A, one triangular solve for U0 and W, batched over the
+block's chunks) -> ``_chunk_states`` (the only sequential step: ``U_n = U0_n - W_n S_n``,
+``S_{n+1} = c_n S_n + Kd_n^T U_n``) -> the outputs ``O = wq Q S_n + (Q K^T * Gamma') U``,
+batched again. The forward saves the inputs and the state entering every chunk (``T / C``
+states of ``[B, H, D, Dv]``); the backward (:mod:`causalmix.ops.delta._scan_grad`) recomputes
+the intra-chunk quantities block by block.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from causalmix.checks import compute_dtype
+from causalmix.ops.delta._chunk_math import Intra, gather_block, intra
+from causalmix.ops.delta._scan_grad import scan_backward
+from causalmix.ops.delta._tiles import Frame, Geometry
+
+__all__ = ["DeltaScan", "ScanOptions"]
+
+
+class ScanOptions(NamedTuple):
+    """The non-tensor options of one scan: region starts ``start [B', Tk]`` in frame positions
+    (``-1``: reads the initial state), ``flip`` (a reverse pass), ``strict`` (a query reads the
+    state before its own key's update), ``chunk`` (C) and ``block`` (chunks a block), ``hk``
+    (key heads: the grouping base)."""
+
+    start: torch.Tensor
+    flip: bool
+    strict: bool
+    chunk: int
+    block: int
+    hk: int
+
+    def frame(self, t: int, cd: torch.dtype) -> Frame:
+        return Frame(t, self.chunk, self.block, self.flip, self.hk, cd)
+
+
+def _chunk_states(it: Intra, kd: torch.Tensor, s: torch.Tensor, states: torch.Tensor,
+                  n0: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sequential step over a block's chunks: writes the state entering each chunk into
+    ``states[n0 + i]``; returns the written values ``U [G, .., C, Dv]`` and the outgoing state."""
+    u = torch.empty_like(it.u0)
+    for i in range(u.shape[0]):
+        states[n0 + i] = s
+        ui = it.u0[i] - it.w[i] @ s
+        u[i] = ui
+        s = it.c[i] * s + kd[i].transpose(-1, -2) @ ui
+    return u, s
+
+
+def scan_forward(q, k, v, bg, s0, opts: ScanOptions):
+    """``q [B, Tq, Hq, D]``, ``k [B, Tk, Hk, D]``, ``v [B, Tk, Hv, Dv]``, ``bg [B, Tk, H, 2]``
+    (beta, log-gate; compute dtype), ``s0 [B, H, D, Dv]`` or None -> ``(o [B, Tq, H, Dv],
+    final state [B, H, D, Dv], states [N + 1, B, Hk, H / Hk, D, Dv])`` in the compute dtype."""
+    cd = compute_dtype(q)
+    b, tq, _, d = q.shape
+    tk, h, dv, hk = k.shape[1], bg.shape[2], v.shape[-1], opts.hk
+    frame = opts.frame(tk, cd)
+    geo = Geometry(opts.start, frame)
+    states = torch.empty(frame.n + 1, b, hk, h // hk, d, dv, dtype=cd, device=q.device)
+    s = q.new_zeros(b, hk, h // hk, d, dv, dtype=cd) if s0 is None else \
+        s0.to(cd).reshape(b, hk, h // hk, d, dv)
+    o = torch.empty(b, tq, h, dv, dtype=cd, device=q.device)
+    for n0, n1 in frame.blocks():
+        blk = gather_block(frame, (q, k, v, bg), n0, n1)
+        it = intra(blk, geo.block(n0, n1), opts.strict)
+        u, s = _chunk_states(it, it.wu * blk.k, s, states, n0)
+        ob = (it.wq * blk.q) @ states[n0:n1] + ((blk.q @ blk.k.transpose(-1, -2)) * it.pg) @ u
+        frame.scatter(o, ob, n0, n1)
+    states[frame.n] = s
+    return o, s.reshape(b, h, d, dv), states
+
+
+class DeltaScan(torch.autograd.Function):
+    """One chunked delta scan over a frame: ``(q, k, v, bg, s0, opts) -> (o, final state,
+    states)`` (:func:`scan_forward`; ``states`` is saved for the backward and not
+    differentiable). Hand-written backward: :func:`scan_backward`."""
+
+    @staticmethod
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bg: torch.Tensor,
+                s0: torch.Tensor | None, opts: ScanOptions):
+        return scan_forward(q, k, v, bg, s0, opts)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        q, k, v, bg, s0, opts = inputs
+        ctx.save_for_backward(q, k, v, bg, s0, output[2])
+        ctx.opts = opts
+        ctx.mark_non_differentiable(output[2])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, do: torch.Tensor | None, ds: torch.Tensor | None, _states: Any):
+        q, k, v, bg, s0, states = ctx.saved_tensors
+        dq, dk, dv, dbg, ds0 = scan_backward((q, k, v, bg), states, do, ds, ctx.opts)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbg.to(bg.dtype),
+                None if s0 is None else ds0.to(s0.dtype), None)
