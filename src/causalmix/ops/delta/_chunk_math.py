@@ -40,15 +40,15 @@ class Block(NamedTuple):
 
 class Intra(NamedTuple):
     """The intra-chunk quantities of one block (module docstring), ``[G, B, Hk, Gout, ...]``:
-    ``gamma`` and ``pg`` (Gamma, Gamma') ``[.., C, C]``; ``a`` (A, diagonal ignored) and ``kk``
-    (``K K^T``, Gx = 1); ``u0 [.., C, Dv]``, ``w [.., C, D]``; the weights ``wq`` (exp(b)
-    [reads]), ``wk`` (beta wq), ``wu`` (exp(B_tot - b) [enters]) ``[.., C, 1]`` and ``c``
-    (exp(B_tot) [carries]) ``[.., 1, 1]``."""
+    ``gamma`` and ``pg`` (Gamma, Gamma') ``[.., C, C]``; ``kg`` (``(K K^T) * Gamma``) and
+    ``tinv`` (``(I + A)^{-1}``, ``A = beta_r kg``); ``u0 [.., C, Dv]``, ``w [.., C, D]``; the
+    weights ``wq`` (exp(b) [reads]), ``wk`` (beta wq), ``wu`` (exp(B_tot - b) [enters])
+    ``[.., C, 1]`` and ``c`` (exp(B_tot) [carries]) ``[.., 1, 1]``."""
 
     gamma: torch.Tensor
     pg: torch.Tensor
-    a: torch.Tensor
-    kk: torch.Tensor
+    kg: torch.Tensor
+    tinv: torch.Tensor
     u0: torch.Tensor
     w: torch.Tensor
     wq: torch.Tensor
@@ -70,28 +70,48 @@ def _mask(x: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
     return x if m is None else x * m
 
 
+def _eye(c: int, dtype, device) -> torch.Tensor:
+    return torch.eye(c, dtype=dtype, device=device)
+
+
 def intra(blk: Block, geo: BlockGeometry, strict: bool) -> Intra:
-    """The :class:`Intra` quantities of a block (module docstring)."""
-    cd = blk.k.dtype
+    """The :class:`Intra` quantities of a block (module docstring). ``(I + A)^{-1}`` is formed
+    explicitly (one unit-triangular solve against the identity), so that every later product,
+    forward and backward, is a batched matmul."""
+    cd, dev = blk.k.dtype, blk.k.device
     c = blk.k.shape[-2]
     b = blk.b
     low = geo.low
     if low is None:
-        low = torch.ones(c, c, dtype=torch.bool, device=b.device).tril()
-    diff = torch.where(low, b[..., :, None] - b[..., None, :], _NEG_INF)
-    gamma = diff.to(cd).exp_()
+        low = torch.ones(c, c, dtype=torch.bool, device=dev).tril()
+    diff = b[..., :, None] - b[..., None, :]
+    gamma = diff.masked_fill_(~low, _NEG_INF).to(cd).exp_()
     pg = gamma
     if strict:
-        pg = gamma.clone()
-        pg.diagonal(dim1=-2, dim2=-1).zero_()
-    kk = blk.k @ blk.k.transpose(-1, -2)
-    a = blk.beta[..., :, None] * kk * gamma
+        pg = gamma * (1 - _eye(c, cd, dev))
+    kg = (blk.k @ blk.k.transpose(-1, -2)) * gamma
+    tinv = torch.linalg.solve_triangular(blk.beta[..., :, None] * kg, _eye(c, cd, dev),
+                                         upper=False, unitriangular=True)
     tot = b[..., -1:]
     wq = _mask(b.to(cd).exp(), geo.read)[..., None]
     wk = blk.beta[..., None] * wq
     wu = _mask((tot - b).to(cd).exp(), geo.keyf)[..., None]
     cc = _mask(tot[..., 0].to(cd).exp(), geo.carry)[..., None, None]
     dv = blk.v.shape[-1]
-    rhs = torch.cat([blk.beta[..., None] * blk.v, wk * blk.k], -1)  # both [.., Gout, C, *]
-    sol = torch.linalg.solve_triangular(a, rhs, upper=False, unitriangular=True)
-    return Intra(gamma, pg, a, kk, sol[..., :dv], sol[..., dv:], wq, wk, wu, cc)
+    sol = tinv @ torch.cat([blk.beta[..., None] * blk.v, wk * blk.k], -1)  # [.., C, Dv + D]
+    return Intra(gamma, pg, kg, tinv, sol[..., :dv], sol[..., dv:], wq, wk, wu, cc)
+
+
+def chunk_states(it: Intra, kd: torch.Tensor, s: torch.Tensor):
+    """The only sequential step, over a block's chunks from the state ``s`` entering it:
+    ``U_n = U0_n - W_n S_n``, ``S_{n+1} = c_n S_n + Kd_n^T U_n`` (``kd = wu K``). Returns the
+    values written ``U [G, .., C, Dv]``, the states entering each chunk ``[G, .., D, Dv]`` and
+    the state leaving the block."""
+    u = torch.empty_like(it.u0)
+    states = torch.empty(u.shape[0], *s.shape, dtype=s.dtype, device=s.device)
+    for i in range(u.shape[0]):
+        states[i] = s
+        ui = it.u0[i] - it.w[i] @ s
+        u[i] = ui
+        s = it.c[i] * s + kd[i].transpose(-1, -2) @ ui
+    return u, states, s

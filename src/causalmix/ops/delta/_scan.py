@@ -4,9 +4,9 @@ Stages (per block of chunks, :mod:`causalmix.ops.delta._chunk_math` for the nota
 ``gather_block`` -> ``intra`` (Gamma, A, one triangular solve for U0 and W, batched over the
 block's chunks) -> ``_chunk_states`` (the only sequential step: ``U_n = U0_n - W_n S_n``,
 ``S_{n+1} = c_n S_n + Kd_n^T U_n``) -> the outputs ``O = wq Q S_n + (Q K^T * Gamma') U``,
-batched again. The forward saves the inputs and the state entering every chunk (``T / C``
+batched again. The forward saves the inputs and the state entering every block (``T / (C G)``
 states of ``[B, H, D, Dv]``); the backward (:mod:`causalmix.ops.delta._scan_grad`) recomputes
-the intra-chunk quantities block by block.
+the rest block by block.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from causalmix.checks import compute_dtype
-from causalmix.ops.delta._chunk_math import Intra, gather_block, intra
+from causalmix.ops.delta._chunk_math import chunk_states, gather_block, intra
 from causalmix.ops.delta._scan_grad import scan_backward
 from causalmix.ops.delta._tiles import Frame, Geometry
 
@@ -41,40 +41,30 @@ class ScanOptions(NamedTuple):
         return Frame(t, self.chunk, self.block, self.flip, self.hk, cd)
 
 
-def _chunk_states(it: Intra, kd: torch.Tensor, s: torch.Tensor, states: torch.Tensor,
-                  n0: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sequential step over a block's chunks: writes the state entering each chunk into
-    ``states[n0 + i]``; returns the written values ``U [G, .., C, Dv]`` and the outgoing state."""
-    u = torch.empty_like(it.u0)
-    for i in range(u.shape[0]):
-        states[n0 + i] = s
-        ui = it.u0[i] - it.w[i] @ s
-        u[i] = ui
-        s = it.c[i] * s + kd[i].transpose(-1, -2) @ ui
-    return u, s
-
-
 def scan_forward(q, k, v, bg, s0, opts: ScanOptions):
     """``q [B, Tq, Hq, D]``, ``k [B, Tk, Hk, D]``, ``v [B, Tk, Hv, Dv]``, ``bg [B, Tk, H, 2]``
     (beta, log-gate; compute dtype), ``s0 [B, H, D, Dv]`` or None -> ``(o [B, Tq, H, Dv],
-    final state [B, H, D, Dv], states [N + 1, B, Hk, H / Hk, D, Dv])`` in the compute dtype."""
+    final state [B, H, D, Dv], the states entering each block [blocks + 1, B, Hk, H / Hk, D,
+    Dv])`` in the compute dtype (the backward recomputes the states inside a block)."""
     cd = compute_dtype(q)
     b, tq, _, d = q.shape
     tk, h, dv, hk = k.shape[1], bg.shape[2], v.shape[-1], opts.hk
     frame = opts.frame(tk, cd)
     geo = Geometry(opts.start, frame)
-    states = torch.empty(frame.n + 1, b, hk, h // hk, d, dv, dtype=cd, device=q.device)
+    blocks = frame.blocks()
+    saved = torch.empty(len(blocks) + 1, b, hk, h // hk, d, dv, dtype=cd, device=q.device)
     s = q.new_zeros(b, hk, h // hk, d, dv, dtype=cd) if s0 is None else \
         s0.to(cd).reshape(b, hk, h // hk, d, dv)
     o = torch.empty(b, tq, h, dv, dtype=cd, device=q.device)
-    for n0, n1 in frame.blocks():
+    for i, (n0, n1) in enumerate(blocks):
+        saved[i] = s
         blk = gather_block(frame, (q, k, v, bg), n0, n1)
         it = intra(blk, geo.block(n0, n1), opts.strict)
-        u, s = _chunk_states(it, it.wu * blk.k, s, states, n0)
-        ob = (it.wq * blk.q) @ states[n0:n1] + ((blk.q @ blk.k.transpose(-1, -2)) * it.pg) @ u
+        u, states, s = chunk_states(it, it.wu * blk.k, s)
+        ob = (it.wq * blk.q) @ states + ((blk.q @ blk.k.transpose(-1, -2)) * it.pg) @ u
         frame.scatter(o, ob, n0, n1)
-    states[frame.n] = s
-    return o, s.reshape(b, h, d, dv), states
+    saved[-1] = s
+    return o, s.reshape(b, h, d, dv), saved
 
 
 class DeltaScan(torch.autograd.Function):
@@ -93,6 +83,7 @@ class DeltaScan(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, bg, s0, output[2])
         ctx.opts = opts
         ctx.mark_non_differentiable(output[2])
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not zeros
 
     @staticmethod
     @once_differentiable

@@ -1,15 +1,16 @@
 """The hand-written backward of the chunked delta scan (notation of
 :mod:`causalmix.ops.delta._chunk_math`; ``Kd = wu K``, ``P = (Q K^T) * Gamma'``).
 
-Blocks are visited from the last; each recomputes its intra-chunk quantities, and
-``U = U0 - W S_n`` from the saved states (no sequential step). Then:
+Blocks are visited from the last; each recomputes its intra-chunk quantities and re-runs its
+chunk states from the state the forward saved at its start (``U = U0 - W S_n``). Then:
 
 1. ``_state_grads`` (sequential, backwards over the chunks; ``dS'`` the gradient of the state
    leaving the chunk)::
 
        dU = P^T dO + Kd dS';      dS = (wq Q)^T dO + c dS' - W^T dU
 
-2. ``_input_grads`` (batched), with ``X = (I + A)^{-T} dU`` (one unit-triangular solve)::
+2. ``_input_grads`` (batched), with ``X = (I + A)^{-T} dU`` (a matmul with the saved-free,
+   recomputed inverse)::
 
        dV = beta X,   dA = -(X U^T) on j < r,   M = dA * beta_r * Gamma,   dP = dO U^T
        dQ = wq dO S^T + (dP * Gamma') K
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from causalmix.checks import compute_dtype
-from causalmix.ops.delta._chunk_math import Block, Intra, gather_block, intra
+from causalmix.ops.delta._chunk_math import Block, Intra, chunk_states, gather_block, intra
 from causalmix.ops.delta._tiles import Frame, Geometry
 
 if TYPE_CHECKING:
@@ -85,25 +86,28 @@ def _fold(x: torch.Tensor, groups: int) -> torch.Tensor:
 def _input_grads(r: Recomputed, du: torch.Tensor, dsn: torch.Tensor) -> BlockGrads:
     """Steps 2 and 3 for one block."""
     it, blk, s, u = r.it, r.blk, r.s, r.u
-    x = torch.linalg.solve_triangular(it.a.transpose(-1, -2), du, upper=True,
-                                      unitriangular=True)
-    dp = r.dot @ u.transpose(-1, -2)
+    c = u.shape[-2]
+    x = it.tinv.transpose(-1, -2) @ du
+    both = torch.cat([r.dot, x], -2)  # [.., 2C, Dv]: dO and X share their right factors
+    dpa = both @ u.transpose(-1, -2)
+    dp, da = dpa[..., :c, :], dpa[..., c:, :].neg_()
+    da.diagonal(dim1=-2, dim2=-1).zero_()  # A has no diagonal (it is the identity's)
     dpm = dp * it.pg
-    st = s.transpose(-1, -2)
-    dos, xs, uds = r.dot @ st, x @ st, u @ dsn.transpose(-1, -2)  # [.., C, D] each
-    da = -(x @ u.transpose(-1, -2))
-    da.diagonal(dim1=-2, dim2=-1).zero_()
-    m = da * blk.beta[..., :, None] * it.gamma
+    bs = both @ s.transpose(-1, -2)
+    dos, xs = bs[..., :c, :], bs[..., c:, :]  # [.., C, D]
+    uds = u @ dsn.transpose(-1, -2)
+    dakg = da * it.kg
+    m = blk.beta[..., :, None] * (da * it.gamma)  # dL/d(k_r . k_j)
     dq = it.wq * dos + dpm @ blk.k
-    dk = dpm.transpose(-1, -2) @ blk.q + it.wu * uds - it.wk * xs + (m + m.transpose(-1, -2)) \
-        @ blk.k
+    dk = dpm.transpose(-1, -2) @ blk.q + (m + m.transpose(-1, -2)) @ blk.k \
+        + it.wu * uds - it.wk * xs
     dv = blk.beta[..., None] * x
     kxs = (blk.k * xs).sum(-1)
-    dbeta = (x * blk.v).sum(-1) - it.wq[..., 0] * kxs + (da * it.kk * it.gamma).sum(-1)
+    dbeta = (x * blk.v).sum(-1) - it.wq[..., 0] * kxs + dakg.sum(-1)
     wuk = it.wu[..., 0] * (blk.k * uds).sum(-1)
-    pp, pa = dp * r.p, da * it.a
+    pair = dp * r.p + blk.beta[..., :, None] * dakg  # d/d(b_r - b_j) of P's and A's pairs
     db = it.wq[..., 0] * (blk.q * dos).sum(-1) - it.wk[..., 0] * kxs - wuk \
-        + (pp + pa).sum(-1) - (pp + pa).sum(-2)
+        + pair.sum(-1) - pair.sum(-2)
     dtot = wuk.sum(-1) + it.c[..., 0, 0] * (dsn * s).sum((-1, -2))
     db = db.to(torch.float64)
     dg = db.flip(-1).cumsum(-1).flip(-1) + dtot[..., None].to(torch.float64)
@@ -112,13 +116,14 @@ def _input_grads(r: Recomputed, du: torch.Tensor, dsn: torch.Tensor) -> BlockGra
                       _fold(dv, blk.v.shape[3]), dbg)
 
 
-def _recompute(frame: Frame, geo: Geometry, inputs: tuple, states: torch.Tensor, do,
+def _recompute(frame: Frame, geo: Geometry, inputs: tuple, s_in: torch.Tensor, do,
                span: tuple[int, int, bool]) -> Recomputed:
+    """A block's tiles and intra-chunk quantities, and its chunk states re-run from ``s_in``
+    (the state entering the block, saved by the forward)."""
     n0, n1, strict = span
     blk = gather_block(frame, inputs, n0, n1)
     it = intra(blk, geo.block(n0, n1), strict)
-    s = states[n0:n1]
-    u = it.u0 - it.w @ s
+    u, s, _ = chunk_states(it, it.wu * blk.k, s_in)
     p = (blk.q @ blk.k.transpose(-1, -2)) * it.pg
     return Recomputed(blk, it, s, u, p, frame.gather(do, n0, n1))
 
@@ -136,11 +141,13 @@ def scan_backward(inputs: tuple, states: torch.Tensor, do: torch.Tensor | None,
     geo = Geometry(opts.start, frame)
     if do is None:
         do = q.new_zeros(b, tq, h, dv, dtype=cd)
-    grads = [torch.zeros(x.shape, dtype=cd, device=x.device) for x in inputs]
+    grads = [torch.empty(x.shape, dtype=cd, device=x.device) for x in inputs]  # all written
     shape = (b, opts.hk, h // opts.hk, d, dv)
     dsn = q.new_zeros(shape, dtype=cd) if ds is None else ds.to(cd).reshape(shape)
-    for n0, n1 in frame.blocks(reverse=True):
-        r = _recompute(frame, geo, inputs, states, do, (n0, n1, opts.strict))
+    blocks = frame.blocks()
+    for i in range(len(blocks) - 1, -1, -1):
+        n0, n1 = blocks[i]
+        r = _recompute(frame, geo, inputs, states[i], do, (n0, n1, opts.strict))
         du, dss, dsn = _state_grads(r, dsn)
         for buf, tile in zip(grads, _input_grads(r, du, dss), strict=True):
             frame.scatter(buf, tile, n0, n1)
