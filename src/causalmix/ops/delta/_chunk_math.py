@@ -41,7 +41,8 @@ class Block(NamedTuple):
 class Intra(NamedTuple):
     """The intra-chunk quantities of one block (module docstring), ``[G, B, Hk, Gout, ...]``:
     ``gamma`` and ``pg`` (Gamma, Gamma') ``[.., C, C]``; ``kg`` (``(K K^T) * Gamma``) and
-    ``tinv`` (``(I + A)^{-1}``, ``A = beta_r kg``); ``u0 [.., C, Dv]``, ``w [.., C, D]``; the
+    ``tinv`` (``(I + A)^{-1}``, ``A = beta_r kg``); ``u0 [.., C, Dv]`` (None when the values
+    written are known: the backward), ``w [.., C, D]``; the
     weights ``wq`` (exp(b) [reads]), ``wk`` (beta wq), ``wu`` (exp(B_tot - b) [enters])
     ``[.., C, 1]`` and ``c`` (exp(B_tot) [carries]) ``[.., 1, 1]``."""
 
@@ -49,7 +50,7 @@ class Intra(NamedTuple):
     pg: torch.Tensor
     kg: torch.Tensor
     tinv: torch.Tensor
-    u0: torch.Tensor
+    u0: torch.Tensor | None
     w: torch.Tensor
     wq: torch.Tensor
     wk: torch.Tensor
@@ -74,10 +75,10 @@ def _eye(c: int, dtype, device) -> torch.Tensor:
     return torch.eye(c, dtype=dtype, device=device)
 
 
-def intra(blk: Block, geo: BlockGeometry, strict: bool) -> Intra:
-    """The :class:`Intra` quantities of a block (module docstring). ``(I + A)^{-1}`` is formed
-    explicitly (one unit-triangular solve against the identity), so that every later product,
-    forward and backward, is a batched matmul."""
+def intra(blk: Block, geo: BlockGeometry, strict: bool, values: bool = True) -> Intra:
+    """The :class:`Intra` quantities of a block (module docstring; ``values``: also ``U0``).
+    ``(I + A)^{-1}`` is formed explicitly (one unit-triangular solve against the identity), so
+    that every later product, forward and backward, is a batched matmul."""
     cd, dev = blk.k.dtype, blk.k.device
     c = blk.k.shape[-2]
     b = blk.b
@@ -97,21 +98,31 @@ def intra(blk: Block, geo: BlockGeometry, strict: bool) -> Intra:
     wk = blk.beta[..., None] * wq
     wu = _mask((tot - b).to(cd).exp(), geo.keyf)[..., None]
     cc = _mask(tot[..., 0].to(cd).exp(), geo.carry)[..., None, None]
+    if not values:
+        return Intra(gamma, pg, kg, tinv, None, tinv @ (wk * blk.k), wq, wk, wu, cc)
     dv = blk.v.shape[-1]
     sol = tinv @ torch.cat([blk.beta[..., None] * blk.v, wk * blk.k], -1)  # [.., C, Dv + D]
     return Intra(gamma, pg, kg, tinv, sol[..., :dv], sol[..., dv:], wq, wk, wu, cc)
 
 
-def chunk_states(it: Intra, kd: torch.Tensor, s: torch.Tensor):
+def chunk_states(it: Intra, kd: torch.Tensor, s: torch.Tensor, u: torch.Tensor):
     """The only sequential step, over a block's chunks from the state ``s`` entering it:
-    ``U_n = U0_n - W_n S_n``, ``S_{n+1} = c_n S_n + Kd_n^T U_n`` (``kd = wu K``). Returns the
-    values written ``U [G, .., C, Dv]``, the states entering each chunk ``[G, .., D, Dv]`` and
-    the state leaving the block."""
-    u = torch.empty_like(it.u0)
+    ``U_n = U0_n - W_n S_n``, ``S_{n+1} = c_n S_n + Kd_n^T U_n`` (``kd = wu K``). Writes the
+    values ``U`` into ``u [G, .., C, Dv]``; returns the states entering each chunk ``[G, .., D,
+    Dv]`` and the state leaving the block."""
     states = torch.empty(u.shape[0], *s.shape, dtype=s.dtype, device=s.device)
     for i in range(u.shape[0]):
         states[i] = s
-        ui = it.u0[i] - it.w[i] @ s
-        u[i] = ui
+        ui = torch.sub(it.u0[i], it.w[i] @ s, out=u[i])
         s = it.c[i] * s + kd[i].transpose(-1, -2) @ ui
-    return u, states, s
+    return states, s
+
+
+def replay_states(it: Intra, kd: torch.Tensor, s: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The states entering each chunk of a block from the state ``s`` entering it and the
+    values ``u`` the forward wrote: ``S_{n+1} = c_n S_n + Kd_n^T U_n``."""
+    states = torch.empty(u.shape[0], *s.shape, dtype=s.dtype, device=s.device)
+    for i in range(u.shape[0]):
+        states[i] = s
+        s = it.c[i] * s + kd[i].transpose(-1, -2) @ u[i]
+    return states

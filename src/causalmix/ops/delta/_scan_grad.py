@@ -1,16 +1,17 @@
 """The hand-written backward of the chunked delta scan (notation of
 :mod:`causalmix.ops.delta._chunk_math`; ``Kd = wu K``, ``P = (Q K^T) * Gamma'``).
 
-Blocks are visited from the last; each recomputes its intra-chunk quantities and re-runs its
-chunk states from the state the forward saved at its start (``U = U0 - W S_n``). Then:
+Blocks are visited from the last; each recomputes its intra-chunk quantities and replays its
+chunk states from the state the forward saved at its start and the values ``U`` it wrote.
+Then:
 
 1. ``_state_grads`` (sequential, backwards over the chunks; ``dS'`` the gradient of the state
    leaving the chunk)::
 
        dU = P^T dO + Kd dS';      dS = (wq Q)^T dO + c dS' - W^T dU
 
-2. ``_input_grads`` (batched), with ``X = (I + A)^{-T} dU`` (a matmul with the saved-free,
-   recomputed inverse)::
+2. ``_input_grads`` (batched), with ``X = (I + A)^{-T} dU`` (a matmul with the recomputed
+   inverse)::
 
        dV = beta X,   dA = -(X U^T) on j < r,   M = dA * beta_r * Gamma,   dP = dO U^T
        dQ = wq dO S^T + (dP * Gamma') K
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from causalmix.checks import compute_dtype
-from causalmix.ops.delta._chunk_math import Block, Intra, chunk_states, gather_block, intra
+from causalmix.ops.delta._chunk_math import Block, Intra, gather_block, intra, replay_states
 from causalmix.ops.delta._tiles import Frame, Geometry
 
 if TYPE_CHECKING:
@@ -116,23 +117,25 @@ def _input_grads(r: Recomputed, du: torch.Tensor, dsn: torch.Tensor) -> BlockGra
                       _fold(dv, blk.v.shape[3]), dbg)
 
 
-def _recompute(frame: Frame, geo: Geometry, inputs: tuple, s_in: torch.Tensor, do,
+def _recompute(frame: Frame, geo: Geometry, inputs: tuple, saved: tuple, do,
                span: tuple[int, int, bool]) -> Recomputed:
-    """A block's tiles and intra-chunk quantities, and its chunk states re-run from ``s_in``
-    (the state entering the block, saved by the forward)."""
+    """A block's tiles and intra-chunk quantities, and its chunk states replayed from ``saved
+    = (state entering the block, values written)``."""
     n0, n1, strict = span
     blk = gather_block(frame, inputs, n0, n1)
-    it = intra(blk, geo.block(n0, n1), strict)
-    u, s, _ = chunk_states(it, it.wu * blk.k, s_in)
+    it = intra(blk, geo.block(n0, n1), strict, values=False)
+    u = saved[1]
+    s = replay_states(it, it.wu * blk.k, saved[0], u)
     p = (blk.q @ blk.k.transpose(-1, -2)) * it.pg
     return Recomputed(blk, it, s, u, p, frame.gather(do, n0, n1))
 
 
-def scan_backward(inputs: tuple, states: torch.Tensor, do: torch.Tensor | None,
+def scan_backward(inputs: tuple, saved: tuple, do: torch.Tensor | None,
                   ds: torch.Tensor | None, opts: ScanOptions):
-    """Gradients ``(dq, dk, dv, dbg, ds0)`` (compute dtype) of one scan, ``inputs = (q, k, v,
-    bg)``, ``states`` saved by the forward, ``do [B, Tq, H, Dv]`` and ``ds [B, H, D, Dv]`` the
-    gradients of the output and the final state (None: zero)."""
+    """Gradients ``(dq, dk, dv, dbg, ds0)`` (compute dtype) of one scan: ``inputs = (q, k, v,
+    bg)``, ``saved = (states entering each block, values written)`` by the forward, ``do [B,
+    Tq, H, Dv]`` and ``ds [B, H, D, Dv]`` the gradients of the output and the final state (None:
+    zero)."""
     q, k, v, bg = inputs
     cd = compute_dtype(q)
     b, tq, _, d = q.shape
@@ -147,7 +150,8 @@ def scan_backward(inputs: tuple, states: torch.Tensor, do: torch.Tensor | None,
     blocks = frame.blocks()
     for i in range(len(blocks) - 1, -1, -1):
         n0, n1 = blocks[i]
-        r = _recompute(frame, geo, inputs, states[i], do, (n0, n1, opts.strict))
+        r = _recompute(frame, geo, inputs, (saved[0][i], saved[1][n0:n1]), do,
+                       (n0, n1, opts.strict))
         du, dss, dsn = _state_grads(r, dsn)
         for buf, tile in zip(grads, _input_grads(r, du, dss), strict=True):
             frame.scatter(buf, tile, n0, n1)

@@ -32,7 +32,7 @@ from causalmix.ops.delta.call import DeltaCall
 from causalmix.ops.delta.regions import regions
 
 #: Positions per block of chunks (batched intra-chunk work; bounds the temporaries).
-BLOCK_POSITIONS = 1024
+BLOCK_POSITIONS = 512
 
 
 def can_serve(call: DeltaCall) -> str | None:
@@ -52,7 +52,7 @@ def run(call: DeltaCall) -> tuple[torch.Tensor, torch.Tensor | None]:
     beta = call.beta.to(cd)
     bg = torch.stack([beta, gates.log_gate.to(cd)], -1)
     opts = ScanOptions(reg.start, False, False, c, block, call.heads.k)
-    o, final, _ = DeltaScan.apply(q, k, v, bg, call.initial_state, opts)
+    o, final = DeltaScan.apply(q, k, v, bg, call.initial_state, opts)[:2]
     if reg.passes:
         bgr = torch.stack([beta, gates.reverse_log_gate.to(cd)], -1)
     for p in reg.passes:
