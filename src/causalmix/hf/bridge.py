@@ -36,6 +36,7 @@ __all__ = [
     "packed_segments",
 ]
 
+#: The name registered as an attention and a mask implementation (``attn_implementation=``).
 NAME = "causalmix"
 
 #: Attribute holding a model's default spec on each of its modules (see ``attach``).
