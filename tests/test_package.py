@@ -108,29 +108,6 @@ def _defined_private_names(tree: ast.Module) -> set[str]:
 TORCH_PRIVATE = {"_version", "_dynamo", "_C", "_inductor", "_functorch", "_higher_order_ops"}
 NAMEDTUPLE = {"_replace", "_asdict", "_fields", "_make"}
 
-#: Offenders left while the mixer-contract issue is worked on, keyed "file function" (no line
-#: numbers). Each list must shrink to empty; an entry that no longer offends must be removed.
-KNOWN_POSITIONAL: set[str] = {
-    "hf/bridge.py _probe", "hf/bridge.py causalmix_mask", "hf/bridge.py causalmix_attention",
-    "lab/adaptive.py _size",
-}
-KNOWN_LONG: set[str] = {
-    "lab/trainer.py fit",
-}
-KNOWN_LONG_FILES: set[str] = {
-    "lab/findings.py",
-}
-KNOWN_NO_REGISTRY: set[str] = set()
-
-
-def _check_known(offenders: dict[str, str], known: set[str]) -> None:
-    """No offender outside ``known``, and no stale entry in ``known``."""
-    new = sorted(line for key, line in offenders.items() if key not in known)
-    stale = sorted(known - set(offenders))
-    assert not new and not stale, "\n".join(
-        [f"new: {x}" for x in new] + [f"fixed, remove from the KNOWN list: {x}" for x in stale])
-
-
 def _top_package(module: str) -> str:
     """``causalmix.<sub>`` (top-level modules of causalmix are their own package)."""
     return ".".join(module.split(".")[:2])
@@ -161,21 +138,21 @@ def test_no_function_takes_more_than_6_positional_parameters():
     offenders = {f"{rel} {node.name}": f"{rel}:{node.lineno} {node.name} ({n} positional)"
                  for rel, node in _functions()
                  if (n := len(node.args.posonlyargs) + len(node.args.args)) > MAX_POSITIONAL}
-    _check_known(offenders, KNOWN_POSITIONAL)
+    assert not offenders, "\n".join(offenders.values())
 
 
 def test_no_function_is_longer_than_60_lines():
     offenders = {f"{rel} {node.name}": f"{rel}:{node.lineno} {node.name} ({n} lines)"
                  for rel, node in _functions()
                  if (n := node.end_lineno - node.lineno + 1) > MAX_LINES}
-    _check_known(offenders, KNOWN_LONG)
+    assert not offenders, "\n".join(offenders.values())
 
 
 def test_no_file_is_longer_than_600_lines():
     offenders = {str(path.relative_to(SRC)): f"{path.relative_to(SRC)} ({n} lines)"
                  for _, path, _ in MODULES
                  if (n := len(path.read_text().splitlines())) > MAX_FILE_LINES}
-    _check_known(offenders, KNOWN_LONG_FILES)
+    assert not offenders, "\n".join(offenders.values())
 
 
 def _families() -> list[str]:
@@ -186,7 +163,7 @@ def _families() -> list[str]:
 def test_every_mixer_family_has_one_registry_of_its_impl_modules():
     families = _families()
     assert {"softmax", "linear"} <= set(families)
-    for family in (f for f in families if f not in KNOWN_NO_REGISTRY):
+    for family in families:
         pkg = importlib.import_module(f"causalmix.ops.{family}")
         registries = [(name, value) for mod_name in
                       [m.name for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")]

@@ -731,6 +731,33 @@ def test_bad_arguments_raise_clear_errors():
         linear_attention(x, x, x, Causal(), decay=torch.ones(3))
 
 
+def test_wrong_types_raise_argument_type_errors():
+    """Wrong types raise ArgumentTypeError (a TypeError that is also a ValueError) in every
+    public function of causalmix.distributed; checked before torch.distributed is asked."""
+    x = torch.randn(1, 4, 2, 8)
+    cases = [
+        lambda: shard("x", "striped", 0, 2),
+        lambda: unshard("x", "striped"),
+        lambda: unshard([x, "y"], "striped"),
+        lambda: work_balance("causal", "striped", 2, 8),
+        lambda: softmax_attention(x, x, "v", Causal(), layout="striped"),
+        lambda: softmax_attention(x, x, x, Causal(), layout="striped", scale="big"),
+        lambda: softmax_attention(x, x, x, Causal(), layout="striped", return_lse="yes"),
+        lambda: softmax_attention(x, x, x, "causal", layout="striped"),
+        lambda: linear_attention(x, x, x, Causal(), decay="0.9"),
+        lambda: linear_attention(x, x, x, Causal(), log_gate=[0.0]),
+    ]
+    for call in cases:
+        with pytest.raises(ArgumentTypeError):
+            call()
+    for call in (lambda: shard(x, "striped", 0, 2, dim="1"),  # ints by check_int: ValueError
+                 lambda: positions("striped", 8, "0", 2),
+                 lambda: linear_attention(x, x, x, Causal(), chunk_size=0),
+                 lambda: linear_attention(x, x, x, Causal(), impl="fast")):
+        with pytest.raises(ValueError):
+            call()
+
+
 @pytest.mark.parametrize("spec_name", ["causal", "full", "prefix_batch", "window", "chunked",
                                        "docs_causal", "buckets_causal", "chunk_or_window"])
 @pytest.mark.parametrize(("q_start", "q_stride", "k_start", "k_stride"), [

@@ -142,7 +142,9 @@ def test_relaxed_mixture_is_exact(kind, t):
     g = torch.Generator().manual_seed(t)
     x = torch.randn(2, t, 16, generator=g)
     pos = torch.arange(t)
-    q, k, v = blk.block.stream_qkv(x, pos)
+    f = blk.block.stream_qkv(x, pos)
+    assert set(f) == {"q", "k", "v"}
+    q, k, v = f["q"], f["k"], f["v"]
     kw = blk.block.mixer_kwargs()
     w = torch.rand(2, t, len(blk.choices), generator=g)
     w = w / w.sum(-1, keepdim=True)

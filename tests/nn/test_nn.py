@@ -193,10 +193,13 @@ def test_stream_protocol_pointwise_in_time(mixer):
     assert blk.mixer == mixer and blk.visibility == Causal()
     x = torch.randn(2, 50, 32, generator=torch.Generator().manual_seed(3))
     pos = torch.arange(5, 55)
-    q, k, v = blk.stream_qkv(x, pos)
+    f = blk.stream_qkv(x, pos)
+    assert set(f) == {"q", "k", "v"}  # the per-frame inputs by name
+    q, k, v = f["q"], f["k"], f["v"]
     mixed = mix(mixer, q, k, v, Causal(), q_offset=5, k_offset=5, **blk.mixer_kwargs())
     assert torch.equal(blk.stream_out(x, mixed, pos), blk(x, offset=5))
-    q2, k2, v2 = blk.stream_qkv(x[:, 20:33], pos[20:33])
+    f2 = blk.stream_qkv(x[:, 20:33], pos[20:33])
+    q2, k2, v2 = f2["q"], f2["k"], f2["v"]
     for a, b in ((q2, q), (k2, k), (v2, v)):
         torch.testing.assert_close(a, b[:, 20:33], rtol=0, atol=1e-6)
     torch.testing.assert_close(blk.stream_out(x[:, 20:33], mixed[:, 20:33], pos[20:33]),
@@ -226,9 +229,11 @@ def test_attention_layers_are_real_layers(mixer):
     x = torch.randn(2, 13, 32, generator=torch.Generator().manual_seed(5))
     h = blk.norm1(x)
     pos = torch.arange(4, 17)
-    q, k, v, *gates = attn.qkv(h, pos)
-    mixed = mix(attn.op, q, k, v, Prefix(9), q_offset=4, k_offset=4, **attn.mixer_kwargs(),
-                **(gates[0] if gates else {}))
+    f = attn.qkv(h, pos)
+    assert set(f) == {"q", "k", "v"} | ({"log_gate", "reverse_log_gate"} if mixer == "gated"
+                                        else set())
+    mixed = mix(attn.op, f.pop("q"), f.pop("k"), f.pop("v"), Prefix(9), q_offset=4, k_offset=4,
+                **attn.mixer_kwargs(), **f)
     y = attn(h, visibility=Prefix(9), offset=4)
     assert y.shape == x.shape and torch.equal(y, attn.out(mixed, h))
     h2 = x + y
@@ -268,7 +273,8 @@ def test_linear_normaliser_gives_a_weighted_average():
     blk = _block("linear", Causal(), dtype=torch.float64)
     x = torch.randn(1, 9, 32, dtype=torch.float64)
     pos = torch.arange(9)
-    q, k, v = blk.stream_qkv(x, pos)
+    f = blk.stream_qkv(x, pos)
+    q, k, v = f["q"], f["k"], f["v"]
     v = torch.cat([torch.full_like(v[..., :-1], 2.5), v[..., -1:]], -1)
     from causalmix.nn import mix
     mixed = mix("linear", q, k, v, Causal(), **blk.mixer_kwargs())

@@ -45,10 +45,9 @@ from causalmix.checks import check_decay, check_int, check_qkv, compute_dtype
 from causalmix.distributed._agree import checked_on_every_rank, signature
 from causalmix.distributed._ring import Ring
 from causalmix.distributed.layout import LAYOUTS, Span, spans
-from causalmix.ops.linear import available_impls
+from causalmix.ops.linear import REGISTRY, available_impls, check_gate
 from causalmix.ops.linear import linear_attention as _local_linear
-from causalmix.ops.linear.api import check_gate
-from causalmix.visibility import Causal, Full, Prefix, Visibility, check_visibility
+from causalmix.visibility import Causal, Full, Prefix, Visibility, check_spec, check_visibility
 
 #: the specs the sequence-parallel linear mixer serves
 SHARDED_LINEAR_SPECS = ("Causal()", "Full()", "Prefix(n)")
@@ -122,6 +121,7 @@ def _check_arguments(fn: str, a: LinearArgs, world: int | None) -> None:
     """This rank's own checks (``world``: the group's size, ``None`` outside a process group:
     then the spec's positions and the impl's local calls are not checked)."""
     bsz, n, _nk, h, _hkv, _d, _dv = check_qkv(fn, a.q, a.k, a.v)
+    check_spec(f"{fn}: visibility", a.visibility)
     if not isinstance(a.layout, str) or a.layout not in LAYOUTS:
         raise ValueError(f"{fn}: layout must be one of {list(LAYOUTS)}, got {a.layout!r}")
     if a.layout == "striped":
@@ -143,10 +143,7 @@ def _check_arguments(fn: str, a: LinearArgs, world: int | None) -> None:
         if (gate := getattr(a, name)) is not None:
             check_gate(fn, name, gate, (bsz, n, h), a.q)
     check_int("chunk_size", a.chunk_size, 1)
-    x = a.q[:, :1]
-    names = ["auto", *available_impls(x, x, x, a.visibility)]
-    if not isinstance(a.impl, str) or a.impl not in names:
-        raise ValueError(f"{fn}: impl must be one of {names}, got {a.impl!r}")
+    REGISTRY.check_name(fn, a.impl)
     if world is not None:
         check_visibility(fn, a.visibility, bsz, n * world, n * world)
         _check_impl(fn, a, world)

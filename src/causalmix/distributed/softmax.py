@@ -35,7 +35,7 @@ from causalmix.distributed._spec import pair_count, pair_spec
 from causalmix.distributed.layout import LAYOUTS, Span, spans
 from causalmix.ops.softmax import AttentionOutput, merge_softmax
 from causalmix.ops.softmax import softmax_attention as _local_attention
-from causalmix.visibility import Visibility, check_visibility
+from causalmix.visibility import Visibility, check_spec, check_visibility
 
 _PLANS: LRUCache[list] = LRUCache(16)
 
@@ -233,6 +233,7 @@ def _check_arguments(fn: str, a: SoftmaxArgs, world: int | None) -> float:
     """This rank's own checks (``world``: the group's size, ``None`` outside a process group:
     then the spec's positions are not checked); returns the scale."""
     _bsz, n, nk, _hq, _hkv, d, _dv = check_qkv(fn, a.q, a.k, a.v)
+    check_spec(f"{fn}: visibility", a.visibility)
     if n != nk:
         raise ValueError(f"{fn}: q and k must hold the same positions (one layout), got q "
                          f"{n} and k {nk} local positions")

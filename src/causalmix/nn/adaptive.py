@@ -236,7 +236,7 @@ class AdaptiveBlock(nn.Module):
     def mixer_kwargs(self) -> dict:
         return self.block.mixer_kwargs()
 
-    def stream_qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple:
+    def stream_qkv(self, x: torch.Tensor, positions: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.block.stream_qkv(x, positions)
 
     def stream_out(self, x: torch.Tensor, mixed: torch.Tensor,
@@ -260,7 +260,8 @@ class AdaptiveBlock(nn.Module):
         ``[0, max_lookahead]`` overriding the gate (an oracle or a fixed schedule; hard)."""
         b, t, _ = x.shape
         positions = torch.arange(t, device=x.device)
-        q, k, v = self.block.stream_qkv(x, positions)
+        f = self.block.stream_qkv(x, positions)
+        q, k, v = f["q"], f["k"], f["v"]  # softmax and linear blocks take no per-frame gates
         kw = self.block.mixer_kwargs()
         logits = self.gate_logits(x)
         if logits is None:

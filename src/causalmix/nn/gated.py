@@ -13,7 +13,8 @@ is the head's input (``head_dim`` wide); the mixed output is RMS-normalised per 
 by ``silu(z)`` before the output projection. No short convolution (the pointwise-in-time
 layer contract of the streams then holds without a convolution state). Everything except the
 mixer is pointwise in time, so the layer streams (:class:`causalmix.stream.ModelStream`): its
-``qkv`` returns the gates as per-frame keyword inputs of the linear stream's ``push``.
+``qkv`` returns the gates as per-frame inputs by name, as the linear op and its stream's
+``push`` take them.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ class GatedMixer(MixingLayer):
     """One gated linear layer: ``forward(x: [B, T, C], *, visibility, offset=0) -> [B, T, C]``
     (the mixing is ``linear_attention`` with the gates, so ``op == "linear"``).
 
-    Its parts, as the streams use them: ``qkv(x [B, n, C], positions)`` -> ``q: [B, n, H, F]``,
-    ``k: [B, n, Hkv, F]``, ``v: [B, n, Hkv, hd]`` and
-    ``{"log_gate": [B, n, H], "reverse_log_gate": [B, n, H]}``;
+    Its parts, as the streams use them: ``qkv(x [B, n, C], positions)`` -> ``{"q": [B, n, H, F],
+    "k": [B, n, Hkv, F], "v": [B, n, Hkv, hd], "log_gate": [B, n, H],
+    "reverse_log_gate": [B, n, H]}``;
     ``out(mixed [B, n, H, hd], x [B, n, C]) -> [B, n, C]``.
     """
 
@@ -72,15 +73,14 @@ class GatedMixer(MixingLayer):
         g = -(dt * torch.cat([rate, rate]))
         return g[..., :h], g[..., h:]
 
-    def qkv(self, x: torch.Tensor, positions: torch.Tensor
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def qkv(self, x: torch.Tensor, positions: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         b, n, _ = x.shape
         q = F.normalize(self.q_proj(x).view(b, n, cfg.n_heads, -1), dim=-1)
         k = F.normalize(self.k_proj(x).view(b, n, cfg.n_kv_heads, -1), dim=-1)
         v = self.v_proj(x).view(b, n, cfg.n_kv_heads, cfg.head_dim)
         g, g_rev = self.gates(x)
-        return q, k, v, {"log_gate": g, "reverse_log_gate": g_rev}
+        return {"q": q, "k": k, "v": v, "log_gate": g, "reverse_log_gate": g_rev}
 
     def out(self, mixed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``mixed: [B, n, H, hd]``, ``x: [B, n, C]`` (the normalised layer input, for the output

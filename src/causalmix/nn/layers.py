@@ -6,7 +6,8 @@ so a chunk of a stream computes exactly what the same rows of a whole-sequence r
 
 A :class:`Block` implements the streaming protocol of :mod:`causalmix.stream`::
 
-    forward(x) == stream_out(x, mix(*stream_qkv(x, pos), visibility, **mixer_kwargs()), pos)
+    forward(x) == stream_out(x, mix(mixer, **stream_qkv(x, pos), visibility=visibility,
+                                    **mixer_kwargs()), pos)
 
 where ``stream_qkv`` and ``stream_out`` are pointwise in time and ``mix`` is
 :func:`~causalmix.ops.softmax.softmax_attention` or
@@ -70,8 +71,9 @@ class Attention(MixingLayer):
     """One softmax or linear attention layer: projections, the mixer (:func:`mix`), output
     projection. ``forward(x: [B, T, C], *, visibility, offset=0) -> [B, T, C]``.
 
-    Its parts, as the streams use them: ``qkv`` gives, for softmax, ``q: [B, n, H, hd]`` and
-    ``k, v: [B, n, Hkv, hd]`` with rotary positions on q and k; for linear,
+    Its parts, as the streams use them: ``qkv`` gives ``{"q": .., "k": .., "v": ..}``: for
+    softmax, ``q: [B, n, H, hd]`` and ``k, v: [B, n, Hkv, hd]`` with rotary positions on q and
+    k; for linear,
     ``phi(q), phi(k): [B, n, H, F]`` and ``v: [B, n, H, hd + 1]`` (a ones column last: the mixer
     then returns numerator and normaliser in one call; k/v heads are repeated for GQA).
     ``out(mixed, x)`` divides by the normaliser (linear) and projects back to ``[B, n, C]``.
@@ -100,21 +102,21 @@ class Attention(MixingLayer):
             return {"scale": 1.0 / math.sqrt(self.cfg.head_dim)}
         return {} if self.decay is None else {"decay": self.decay}
 
-    def qkv(self, x: torch.Tensor, positions: torch.Tensor
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def qkv(self, x: torch.Tensor, positions: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, cfg.n_heads, -1)
         k = self.k_proj(x).view(b, n, cfg.n_kv_heads, -1)
         v = self.v_proj(x).view(b, n, cfg.n_kv_heads, cfg.head_dim)
         if cfg.mixer == "softmax":
-            return rotary(q, positions, cfg.rope_base), rotary(k, positions, cfg.rope_base), v
+            return {"q": rotary(q, positions, cfg.rope_base),
+                    "k": rotary(k, positions, cfg.rope_base), "v": v}
         group = cfg.n_heads // cfg.n_kv_heads
         if group > 1:
             k = k.repeat_interleave(group, dim=2)
             v = v.repeat_interleave(group, dim=2)
         q, k = feature_map(q, cfg.feature_map), feature_map(k, cfg.feature_map)
-        return q, k, torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+        return {"q": q, "k": k, "v": torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)}
 
     def out(self, mixed: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """``mixed: [B, n, H, hd]`` (softmax) or ``[B, n, H, hd + 1]`` (linear) -> ``[B, n, C]``
@@ -157,9 +159,9 @@ class Block(nn.Module):
         """Keyword arguments for the mixer: ``{"scale": s}`` or ``{"decay": [H] tensor}``."""
         return self.attn.mixer_kwargs()
 
-    def stream_qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple:
-        """``x: [B, n, C]`` at absolute ``positions: [n]`` -> ``(q, k, v)`` for the mixer (gated:
-        ``(q, k, v, {"log_gate": .., "reverse_log_gate": ..})``, per-frame mixer inputs)."""
+    def stream_qkv(self, x: torch.Tensor, positions: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``x: [B, n, C]`` at absolute ``positions: [n]`` -> the mixer's per-frame inputs by
+        name: ``{"q", "k", "v"}`` (gated: also ``"log_gate"``, ``"reverse_log_gate"``)."""
         return self.attn.qkv(self.norm1(x), positions)
 
     def stream_out(self, x: torch.Tensor, mixed: torch.Tensor,

@@ -33,12 +33,15 @@ def mix(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibility: 
 
 class MixingLayer(nn.Module):
     """Base of the layers that mix over time with one op call (:class:`Attention`,
-    :class:`~causalmix.nn.gated.GatedMixer`): ``forward(x) == out(mix(*qkv(x, pos)), x)``.
+    :class:`~causalmix.nn.gated.GatedMixer`):
+    ``forward(x) == out(mix(op, **qkv(x, pos), visibility=...), x)``.
 
     A subclass sets ``op`` (``"softmax"`` or ``"linear"``, the op family it mixes with) and
-    ``cfg`` (its :class:`AttentionConfig`) and defines ``qkv(x, positions)`` -> ``(q, k, v)``,
-    optionally followed by a dict of per-frame mixer inputs (gates), ``mixer_kwargs()`` and
-    ``out(mixed, x)``; ``qkv`` and ``out`` are pointwise in time.
+    ``cfg`` (its :class:`AttentionConfig`) and defines ``qkv(x, positions)`` -> the op's
+    per-frame inputs by name (``{"q", "k", "v"}``, plus the gates ``"log_gate"`` and
+    ``"reverse_log_gate"`` of a gated layer: the names of the op's and of its stream's
+    arguments), ``mixer_kwargs()`` and ``out(mixed, x)``; ``qkv`` and ``out`` are pointwise in
+    time.
     """
 
     op: str
@@ -49,8 +52,6 @@ class MixingLayer(nn.Module):
         """``x: [B, T, C]`` (already normalised) at positions ``offset + [0, T)`` under
         ``visibility`` -> ``[B, T, C]``."""
         positions = torch.arange(offset, offset + x.shape[1], device=x.device)
-        q, k, v, *frame_inputs = self.qkv(x, positions)
-        mixed = mix(self.op, q, k, v, visibility, q_offset=offset, k_offset=offset,
-                    impl=self.cfg.impl, **self.mixer_kwargs(),
-                    **(frame_inputs[0] if frame_inputs else {}))
+        mixed = mix(self.op, visibility=visibility, q_offset=offset, k_offset=offset,
+                    impl=self.cfg.impl, **self.mixer_kwargs(), **self.qkv(x, positions))
         return self.out(mixed, x)

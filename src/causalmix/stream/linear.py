@@ -7,11 +7,10 @@ import dataclasses
 import torch
 
 from causalmix.checks import ArgumentTypeError, check_decay, check_int, compute_dtype
-from causalmix.ops.linear import available_impls, factorise, linear_attention
-from causalmix.ops.linear.api import check_gate
+from causalmix.ops.linear import REGISTRY, check_gate, factorise, linear_attention
 from causalmix.stream._buffers import FrameBuffer
 from causalmix.stream._common import Frames, MixerStream
-from causalmix.visibility import And, Causal, Segments, Visibility
+from causalmix.visibility import And, Segments, Visibility
 
 __all__ = ["GateFrames", "LinearStream", "fold_state"]
 
@@ -55,14 +54,6 @@ class GateFrames(Frames):
 
     log_gate: torch.Tensor | None = None
     reverse_log_gate: torch.Tensor | None = None
-
-
-def _check_impl(impl) -> str:
-    x = torch.zeros(1, 1, 1, 1)
-    names = ["auto", *available_impls(x, x, x, Causal())]
-    if not isinstance(impl, str) or impl not in names:
-        raise ValueError(f"LinearStream: impl must be one of {names}, got {impl!r}")
-    return impl
 
 
 class LinearStream(MixerStream):
@@ -124,7 +115,8 @@ class LinearStream(MixerStream):
                     f"{decay!r}")
             decay = check_decay("LinearStream", decay, decay.shape[0], decay.device).detach()
         check_int("chunk_size", chunk_size, 1)
-        self.decay, self.impl, self.chunk_size = decay, _check_impl(impl), chunk_size
+        self.decay, self.impl = decay, REGISTRY.check_name("LinearStream", impl)
+        self.chunk_size = chunk_size
         self._segmented = _has_segments(visibility)
         # Without a reverse scan (Causal, Chunked(size, lookahead > 0), with Segments) the op
         # takes keys past the last query, so the frames of the lookahead are not recomputed as

@@ -13,23 +13,39 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from causalmix.checks import compute_dtype
+from causalmix.ops.heads import Heads
 from causalmix.ops.linear._chunk_geometry import MINUS_INF, tile
 from causalmix.visibility import Visibility
 
 
 class BandPlan(NamedTuple):
     """The band of one call: the spec, the offset of the call, the band's width (largest
-    ``j - i``) and the tile length."""
+    ``j - i``), the tile length and the head layout."""
 
     spec: Visibility
     offset: int
     width: int
     chunk: int
+    heads: Heads
+
+
+def _tiles(plan: BandPlan, xs: tuple, a: int, b: int, cd) -> list:
+    """Positions ``[a, b)`` of each ``[B, T, Hx, D]`` input as ``[B, K, Hx / K, b - a, D]``
+    (views grouped by key head: an input head read by several output heads is not repeated)."""
+    return [tile(x, a, b - a, cd).unflatten(1, (plan.heads.k, -1)) for x in xs]
+
+
+def _heads(x: torch.Tensor, members: int) -> torch.Tensor:
+    """``[B, K, G, n, D]`` per output head -> ``[B, n, Hx, D]`` summed over the output heads
+    sharing an input head (``members`` per key head)."""
+    if x.shape[2] != members:
+        x = x.sum(2, keepdim=True)
+    return x.flatten(1, 2).transpose(1, 2)
 
 
 def _band_tiles(plan: BandPlan, t: int, tk: int, reverse_log_gate: torch.Tensor, cd):
     """Tiles of the band: queries ``[a, a + cn)`` of ``t``, keys ``[a, kend)`` of ``tk >= t``,
-    and their weights ``[B'', H, cn, kn]``."""
+    and their weights ``[B'', K, G, cn, kn]``."""
     dev = reverse_log_gate.device
     nb = plan.spec.batch_size or 1
     bidx = torch.arange(nb, device=dev).view(nb, 1, 1)
@@ -40,12 +56,12 @@ def _band_tiles(plan: BandPlan, t: int, tk: int, reverse_log_gate: torch.Tensor,
         j = torch.arange(a, kend, device=dev)
         vis = plan.spec.visible(bidx, (i + plan.offset).view(1, -1, 1),
                                 (j + plan.offset).view(1, 1, -1))
-        vis = vis & (j[None, :] > i[:, None])[None]
+        vis = (vis & (j[None, :] > i[:, None])[None])[:, None]
         r = reverse_log_gate[:, a:kend].to(torch.float64).transpose(1, 2)  # [B', H, kn]
         e = torch.nn.functional.pad(r[..., :-1], (1, 0)).cumsum(-1)  # fp64: exact differences
-        logits = torch.where(vis[:, None], (e[..., None, :] - e[..., :cn, None]).to(cd),
+        logits = torch.where(vis, (e[..., None, :] - e[..., :cn, None]).to(cd),
                              MINUS_INF)
-        yield a, cn, kend, torch.exp(logits)
+        yield a, cn, kend, torch.exp(logits).unflatten(1, (plan.heads.k, -1))
 
 
 class BandFunction(torch.autograd.Function):
@@ -56,13 +72,13 @@ class BandFunction(torch.autograd.Function):
     @staticmethod
     def forward(plan: BandPlan, *tensors: torch.Tensor) -> torch.Tensor:
         q, k, v, reverse_log_gate = tensors
-        b, t, h, _ = q.shape
+        b, t = q.shape[:2]
         cd = compute_dtype(q)
-        o = torch.empty(b, t, h, v.shape[-1], dtype=cd, device=q.device)
+        o = torch.empty(b, t, plan.heads.out, v.shape[-1], dtype=cd, device=q.device)
         for a, cn, kend, m in _band_tiles(plan, t, k.shape[1], reverse_log_gate, cd):
-            qt = tile(q, a, cn, cd)
-            kt, vt = tile(k, a, kend - a, cd), tile(v, a, kend - a, cd)
-            o[:, a:a + cn] = (((qt @ kt.transpose(-1, -2)) * m) @ vt).transpose(1, 2)
+            (qt,) = _tiles(plan, (q,), a, a + cn, cd)
+            kt, vt = _tiles(plan, (k, v), a, kend, cd)
+            o[:, a:a + cn] = (((qt @ kt.transpose(-1, -2)) * m) @ vt).flatten(1, 2).transpose(1, 2)
         return o
 
     @staticmethod
@@ -74,26 +90,25 @@ class BandFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, do: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, reverse_log_gate = ctx.saved_tensors
-        b, t, h, d = q.shape
-        tk = k.shape[1]
-        cd = compute_dtype(q)
+        plan, (b, t), tk = ctx.plan, q.shape[:2], k.shape[1]
+        cd, hd = compute_dtype(q), plan.heads
         do = do.to(cd)
-        dq = torch.zeros(b, t, h, d, dtype=cd, device=q.device)
-        dk = torch.zeros(b, tk, h, d, dtype=cd, device=q.device)
-        dvv = torch.zeros(b, tk, h, v.shape[-1], dtype=cd, device=q.device)
+        dq = torch.zeros(q.shape, dtype=cd, device=q.device)
+        dk = torch.zeros(k.shape, dtype=cd, device=q.device)
+        dvv = torch.zeros(v.shape, dtype=cd, device=q.device)
         want_g = ctx.needs_input_grad[4]
-        dg = torch.zeros(b, tk, h, dtype=cd, device=q.device) if want_g else None
-        for a, cn, kend, m in _band_tiles(ctx.plan, t, tk, reverse_log_gate, cd):
-            qt, dot = tile(q, a, cn, cd), tile(do, a, cn, cd)
-            kt, vt = tile(k, a, kend - a, cd), tile(v, a, kend - a, cd)
+        dg = torch.zeros(b, tk, hd.out, dtype=cd, device=q.device) if want_g else None
+        for a, cn, kend, m in _band_tiles(plan, t, tk, reverse_log_gate, cd):
+            qt, dot = _tiles(plan, (q, do), a, a + cn, cd)
+            kt, vt = _tiles(plan, (k, v), a, kend, cd)
             att = (qt @ kt.transpose(-1, -2)) * m
             datt = dot @ vt.transpose(-1, -2)
             dp = datt * m
-            dq[:, a:a + cn] += (dp @ kt).transpose(1, 2)
-            dk[:, a:kend] += (dp.transpose(-1, -2) @ qt).transpose(1, 2)
-            dvv[:, a:kend] += (att.transpose(-1, -2) @ dot).transpose(1, 2)
+            dq[:, a:a + cn] += _heads(dp @ kt, hd.q // hd.k)
+            dk[:, a:kend] += _heads(dp.transpose(-1, -2) @ qt, 1)
+            dvv[:, a:kend] += _heads(att.transpose(-1, -2) @ dot, hd.v // hd.k)
             if want_g:
-                p = datt * att  # d/d(E_j - E_i)
+                p = (datt * att).flatten(1, 2)  # d/d(E_j - E_i), [B, H, cn, kn]
                 de = p.sum(-2)  # [B, H, kn]
                 de[..., :cn] -= p.sum(-1)
                 de = de.flip(-1).cumsum(-1).flip(-1) - de  # dE_s: sum over p > s

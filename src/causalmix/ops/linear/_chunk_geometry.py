@@ -226,7 +226,8 @@ def _block_masks(geo: Geometry, n0: int, n1: int, attr: str):
 class TileWeights:
     """``M [B'', H, cn, cn]`` of every chunk (exp of masked differences of the fp64 local sums;
     masked entries are 0), computed for blocks of ``G`` chunks at once (few large ops instead of
-    many small ones; a block weighs at most one ``[B, T, H, D]`` input)."""
+    many small ones; a block weighs at most ``[B, T, H, width]``, the output's size for
+    ``width = Dv``). Blocks use ``G`` for a count of chunks, not a head group."""
 
     def __init__(self, w: Weights, geo: Geometry, cd: torch.dtype, width: int,
                  memo: dict | None = None) -> None:

@@ -111,14 +111,14 @@ class LinearOutput(NamedTuple):
 
 
 def _empty(call: LinearCall) -> torch.Tensor | LinearOutput:
-    """No query and no key: an empty output (and the initial state, or zeros, as the final
-    state), connected to the inputs' graph."""
+    """Nothing to compute (no batch row, or no query and no key): a right-shaped empty output
+    (and the initial state, or zeros, as the final state), connected to the inputs' graph."""
     q, h = call.q, call.heads.out
     b, d, dv = q.shape[0], q.shape[-1], call.v.shape[-1]
     zero = (q.sum() + call.k.sum() + call.v.sum()) * 0
-    for g in (call.log_gate, call.reverse_log_gate):
-        zero = zero + g.sum() * 0 if g is not None else zero
-    out = q.new_zeros(b, 0, h, dv) + zero.to(q.dtype)
+    for x in (call.decay, call.log_gate, call.reverse_log_gate):
+        zero = zero + x.sum() * 0 if x is not None else zero
+    out = q.new_zeros(b, q.shape[1], h, dv) + zero.to(q.dtype)
     if not call.return_final_state:
         return out
     s = call.initial_state if call.initial_state is not None else torch.zeros(
@@ -182,10 +182,10 @@ def linear_attention(
                     reverse_log_gate=reverse_log_gate, q_offset=q_offset, k_offset=k_offset,
                     initial_state=initial_state, return_final_state=return_final_state,
                     chunk_size=chunk_size)
-    REGISTRY.check_name(fn, impl)
-    if q.shape[1] == 0 and k.shape[1] == 0:
+    name = REGISTRY.resolve(fn, impl, call)
+    if q.shape[0] == 0 or q.shape[1] == k.shape[1] == 0:
         return _empty(call)
-    out, state = REGISTRY.run(fn, impl, call)
+    out, state = REGISTRY[name].run(call)
     return LinearOutput(out, state) if return_final_state else out
 
 

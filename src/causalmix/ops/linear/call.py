@@ -15,6 +15,14 @@ One name per quantity, from the public op to the kernels:
   :meth:`LinearCall.scan_gates` gives both as log-gates for the scans (a decay is ``log_gate =
   log(decay)`` broadcast over time);
 * ``initial_state / final state: [B, H, D, Dv]`` in the compute dtype (fp32; fp64 for fp64).
+
+**Gate floor.** A log-gate below :data:`LOG_GATE_FLOOR` (``-1024``) is a hard reset: its
+``exp`` is exactly 0 in every compute dtype (fp32 underflows below about -104, fp64 below
+-745), so every weight across it is exactly 0. :func:`validate` clamps log-gates to that
+floor (finite values of any size are accepted: ``-1e30``, ``-1e38`` in fp32, ``-1e308`` in
+fp64), which changes no weight and no gradient (both are exactly 0 below it) and keeps every
+cumulative sum finite and exact enough: the implementations sum log-gates in fp64, chunk-locally
+where they can.
 """
 
 from __future__ import annotations
@@ -28,7 +36,11 @@ from causalmix.ops.factor import Factorisation, factorise
 from causalmix.ops.heads import Heads, head_layout
 from causalmix.visibility import Visibility, check_visibility
 
-__all__ = ["LinearCall", "ScanGates", "check_gate", "validate"]
+__all__ = ["LOG_GATE_FLOOR", "LinearCall", "ScanGates", "check_gate", "validate"]
+
+#: Log-gates are clamped to this floor at the boundary: ``exp`` of it, and of anything below,
+#: is exactly 0 in fp32 and fp64 (a hard reset), so clamping changes no weight.
+LOG_GATE_FLOOR = -1024.0
 
 
 class ScanGates(NamedTuple):
@@ -59,8 +71,8 @@ class LinearCall(NamedTuple):
     k_offset: int
     heads: Heads
     decay: torch.Tensor | None
-    log_gate: torch.Tensor | None
-    reverse_log_gate: torch.Tensor | None
+    log_gate: torch.Tensor | None  # clamped to LOG_GATE_FLOOR
+    reverse_log_gate: torch.Tensor | None  # clamped to LOG_GATE_FLOOR; None: log_gate's
     initial_state: torch.Tensor | None
     return_final_state: bool
     chunk_size: int
@@ -108,10 +120,14 @@ def check_gate(fn: str, name: str, gate: Any, shape: tuple, q: torch.Tensor) -> 
 def check_inputs(fn: str, *, q: Any, k: Any, v: Any) -> Heads:
     """q, k, v of one call (4-D tensors of one dtype and device, keys at least as long as the
     queries); their :class:`Heads`."""
-    _b, tq, tk, *_ = check_qkv(fn, q, k, v)
+    _b, tq, tk, *_ = check_qkv(fn, q, k, v, heads=False)
     if tk < tq:
         raise ValueError(f"{fn}: k and v must be at least as long as q (queries are a prefix of "
                          f"the keys' span), got q {tq}, k {tk}")
+    if q.is_meta:
+        raise ValueError(f"{fn}: q, k, v are on the meta device (shapes without data); linear "
+                         f"attention reads values (gate signs, the spec's positions): run it on "
+                         f"a device with data (e.g. 'cpu')")
     return head_layout(fn, q, k, v)
 
 
@@ -187,6 +203,10 @@ def validate(fn: str, q: Any, k: Any, v: Any, visibility: Any, *,
                 reverse_log_gate=reverse_log_gate, offsets=offsets)
     check_state(fn, q=q, v=v, heads=heads, initial_state=initial_state,
                 return_final_state=return_final_state, offsets=offsets)
+    if log_gate is not None:  # a hard reset stays one (see LOG_GATE_FLOOR)
+        log_gate = log_gate.clamp_min(LOG_GATE_FLOOR)
+    if reverse_log_gate is not None:
+        reverse_log_gate = reverse_log_gate.clamp_min(LOG_GATE_FLOOR)
     factor, factor_error = _factorise(visibility)
     return LinearCall(q, k, v, visibility, factor, factor_error, q_offset, k_offset, heads,
                       decay, log_gate, reverse_log_gate, initial_state, return_final_state,

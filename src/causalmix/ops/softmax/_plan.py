@@ -2,7 +2,10 @@
 
 A plan is data: which (query rows x keys) rectangles a call computes, which of them need a mask,
 and the masks themselves (0 / -inf, built once and cached with the plan). It depends only on the
-spec, the call's :class:`Geometry` and a few sizes, so it is cached between calls.
+spec, the call's :class:`Geometry` and a few sizes, so it is cached between calls, keyed by
+``_call.SpecKey`` (a spec modified in place after a plan was made never finds that plan again,
+and never poisons the cache for equal new specs). A plan holds no spec: masks it did not cache
+are rebuilt from the call's own spec.
 
 The spec's block map splits the (query, key) plane into tiles of ``rows`` queries x ``cols`` keys.
 Each row block walks its non-empty key tiles in cache-sized *pieces* (at most ``PIECE_FLOATS``
@@ -19,6 +22,7 @@ from typing import NamedTuple
 import torch
 
 from causalmix.caching import LRUCache
+from causalmix.ops.softmax._call import SpecKey
 from causalmix.visibility import EMPTY, FULL, Visibility
 
 KEY_BLOCK = 64  # keys per tile of the block map
@@ -111,7 +115,7 @@ def piece_keys(heads: Heads, rows: int, cols: int) -> int:
 def row_size(visibility: Visibility, geo: Geometry, heads: Heads, cols: int) -> int:
     """Rows per block: the one whose computed tiles (plus a per-piece overhead) cost least; thin
     blocks skip more masked work (a window, a block diagonal) but run slower matmuls."""
-    key = (visibility, geo, heads, cols)
+    key = (SpecKey(visibility), geo, heads, cols)
     return _ROWS.get_or_make(key, lambda: _best_rows(visibility, geo, heads, cols))
 
 
@@ -155,7 +159,8 @@ def _best_rows(visibility: Visibility, geo: Geometry, heads: Heads, cols: int) -
 
 def plan(visibility: Visibility, geo: Geometry, sizes: Sizes) -> Plan:
     """The cached :class:`Plan` of a call."""
-    key = (visibility, geo, sizes.rows, sizes.cols, sizes.piece, sizes.dtype, str(sizes.device))
+    key = (SpecKey(visibility), geo, sizes.rows, sizes.cols, sizes.piece, sizes.dtype,
+           str(sizes.device))
     return _PLANS.get_or_make(key, lambda: _make_plan(visibility, geo, sizes))
 
 

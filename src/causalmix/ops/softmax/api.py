@@ -61,7 +61,10 @@ def _absmax(x: torch.Tensor) -> torch.Tensor:
 
 def _prepare(q, k, v, visibility, *, q_offset: int, k_offset: int, scale: float,
              needs_lse: bool):
-    """The checked :class:`Call` (non-finite entries replaced) and its :class:`Poison` or None."""
+    """The checked :class:`Call` (non-finite entries replaced) and its :class:`Poison` or None.
+    Meta tensors hold no values: their score bound is taken as 0 (shapes only)."""
+    if q.device.type == "meta":
+        return Call(q, k, v, visibility, q_offset, k_offset, scale, needs_lse, 0.0), None
     m = torch.stack([_absmax(q), _absmax(k), _absmax(v)]).tolist()
     poisoned = None
     if not all(math.isfinite(x) for x in m):
@@ -136,21 +139,27 @@ def softmax_attention(
         q=99  x x x ... x  x        softmax_attention(q1, k100, v100, Causal(), q_offset=99)
     """
     fn = "softmax_attention"
-    b, tq, tk, hq, hkv, d, dv = check_qkv(fn, q, k, v)
+    b, tq, tk, _, _, d, _ = check_qkv(fn, q, k, v)
     check_visibility(fn, visibility, b, tq, tk, q_offset=q_offset, k_offset=k_offset)
     scale = _default_scale(check_scale(fn, scale), d)
-    REGISTRY.check_name(fn, impl)
-
-    if tq == 0 or tk == 0:
-        # No query or no key: every output is 0 (and every lse -inf); keep the graph connected.
-        zero = (q.sum() + k.sum() + v.sum()) * 0
-        out = q.new_zeros(b, tq, hq, dv) + zero
-        lse = torch.full((b, tq, hq), float("-inf"), device=q.device, dtype=compute_dtype(q))
-        return AttentionOutput(out, lse) if return_lse else out
-
     call, poisoned = _prepare(q, k, v, visibility, q_offset=q_offset, k_offset=k_offset,
                               scale=scale, needs_lse=return_lse)
-    out, lse = REGISTRY.run(fn, impl, call)
+    name = REGISTRY.resolve(fn, impl, call)  # an explicit impl that cannot serve raises
+    if b == 0 or tq == 0 or tk == 0 or q.device.type == "meta":
+        out, lse = _without_scores(q, k, v)
+    else:
+        out, lse = REGISTRY[name].run(call)
     if poisoned is not None:
         out, lse = _nonfinite.apply(poisoned, out, lse)
     return AttentionOutput(out, lse) if return_lse else out
+
+
+def _without_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """The result of a call with no score to compute -- no example, query or key (every output
+    0, every lse -inf) -- or none to read (meta tensors: the right shapes and dtypes). The graph
+    stays connected, so that backward gives (zero) gradients of the right shapes."""
+    b, tq, hq, _ = q.shape
+    zero = (q.sum() + k.sum() + v.sum()) * 0
+    out = q.new_zeros(b, tq, hq, v.shape[-1]) + zero
+    lse = torch.full((b, tq, hq), float("-inf"), device=q.device, dtype=compute_dtype(q))
+    return out, lse

@@ -35,6 +35,7 @@ from torch.autograd.function import once_differentiable
 
 from causalmix.checks import compute_dtype
 from causalmix.ops.factor import PositionArrays
+from causalmix.ops.heads import Heads
 from causalmix.ops.linear._chunk_band import BandFunction, BandPlan
 from causalmix.ops.linear._chunk_geometry import (
     ChunkMasks,
@@ -76,28 +77,52 @@ def _outer(x: torch.Tensor, y: torch.Tensor, sd: torch.dtype) -> torch.Tensor:
 
 
 def _col(x: torch.Tensor, n: int, cn: int) -> torch.Tensor:
-    """Weights of chunk n as a column ``[B'', H, cn, 1]``."""
-    return x[:, :, n, :cn, None]
+    """Weights of chunk n as a column ``[B'', K, G, cn, 1]``."""
+    return x[..., n, :cn, None]
 
 
 def _carry(x: torch.Tensor, n: int) -> torch.Tensor:
-    return x[:, :, n, None, None]
+    return x[..., n, None, None]
+
+
+def _split(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[B, H, ...]`` -> ``[B, K, H / K, ...]``: heads as (key head, member of its group), a
+    view (output head ``h`` is member ``h % G`` of key head ``h // G``)."""
+    return x.unflatten(1, (groups, x.shape[1] // groups))
+
+
+def _tile(x: torch.Tensor, a: int, cn: int, scan: Scan) -> torch.Tensor:
+    """Positions ``[a, a + cn)`` of a ``[B, T, Hx, D]`` input as grouped tiles ``[B, K, Hx / K,
+    cn, D]`` in the compute dtype (views: a k or v head serving G output heads is never
+    repeated)."""
+    return _split(tile(x, a, cn, scan.cd), scan.groups)
+
+
+def _heads(x: torch.Tensor, members: int) -> torch.Tensor:
+    """A per-output-head tile gradient ``[B, K, G, cn, D]`` summed over the output heads that
+    share one input head (``members`` of them per key head: G or 1), as ``[B, cn, Hx, D]``."""
+    if x.shape[2] != members:
+        x = x.sum(2, keepdim=True)
+    return x.flatten(1, 2).transpose(1, 2)
 
 
 class ScanPlan(NamedTuple):
     """The non-tensor options of one scan: the call's position arrays, the chunk length, whether
-    there is a reverse scan, the state dtype, and whether the gates are constant in time (a
-    decay: weights and shared tiles are reused across calls)."""
+    there is a reverse scan, the state dtype, whether the gates are constant in time (a decay:
+    weights and shared tiles are reused across calls), and the head layout."""
 
     arrays: PositionArrays
     chunk: int
     reverse: bool
     state_dtype: torch.dtype
     constant: bool
+    heads: Heads
 
 
 class Scan(NamedTuple):
-    """What every stage reads: inputs, geometry, weights, tile weights and dtypes."""
+    """What every stage reads: inputs, geometry, weights (grouped: ``[B'', K, G, N, C]``), tile
+    weights, dtypes and the head layout (``groups`` = K key heads, each read by G output
+    heads; see :func:`_split`). States and every per-output-head tile are ``[B, K, G, ...]``."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -107,6 +132,15 @@ class Scan(NamedTuple):
     tiles: TileWeights
     cd: torch.dtype
     sd: torch.dtype
+    heads: Heads
+
+    @property
+    def groups(self) -> int:
+        return self.heads.k
+
+    def tile_weights(self, n: int) -> torch.Tensor:
+        """``M`` of chunk n, ``[B'', K, G, cn, cn]``."""
+        return _split(self.tiles(n), self.groups)
 
 
 class ChunkTiles(NamedTuple):
@@ -128,48 +162,58 @@ def _prepare(plan: ScanPlan, q, k, v, log_gate, reverse_log_gate) -> Scan:
     across calls, as they depend only on the geometry and the H decay values."""
     cd = compute_dtype(q)
     geo = geometry(plan.arrays, q.shape[1], plan.chunk, plan.reverse)
-    width = max(q.shape[-1], v.shape[-1])
+    width = v.shape[-1]  # a block of tile weights weighs at most the output [B, T, H, Dv]
     if not plan.constant:
         w = chunk_weights(log_gate, reverse_log_gate, geo, cd)
-        return Scan(q, k, v, geo, w, TileWeights(w, geo, cd, width), cd, plan.state_dtype)
-    key = (cd, tuple(log_gate[0, 0].tolist()), tuple(reverse_log_gate[0, 0].tolist()))
-    w, tiles = geo.memo.get_or_make(
-        key, lambda: (chunk_weights(log_gate, reverse_log_gate, geo, cd), {}))
-    return Scan(q, k, v, geo, w, TileWeights(w, geo, cd, width, tiles), cd, plan.state_dtype)
+        tiles = TileWeights(w, geo, cd, width)
+    else:
+        key = (cd, tuple(log_gate[0, 0].tolist()), tuple(reverse_log_gate[0, 0].tolist()))
+        w, memo = geo.memo.get_or_make(
+            key, lambda: (chunk_weights(log_gate, reverse_log_gate, geo, cd), {}))
+        tiles = TileWeights(w, geo, cd, width, memo)
+    groups = plan.heads.k
+    w = Weights(*(None if x is None else _split(x, groups) for x in w))
+    return Scan(q, k, v, geo, w, tiles, cd, plan.state_dtype, plan.heads)
+
+
+def _state_zeros(x: Scan) -> torch.Tensor:
+    """A zero state ``[B, K, G, D, Dv]``."""
+    h = x.heads
+    return x.q.new_zeros(x.q.shape[0], h.k, h.out // h.k, x.q.shape[-1], x.v.shape[-1],
+                         dtype=x.sd)
 
 
 def _reverse_scan(x: Scan) -> list:
     """Reverse states ``R_n`` (anchored after chunk n), built from the end."""
-    b, _t, h, d = x.q.shape
     rstates: list = [None] * x.geo.n
-    rs = x.q.new_zeros(b, h, d, x.v.shape[-1], dtype=x.sd)
+    rs = _state_zeros(x)
     for n in range(x.geo.n - 1, -1, -1):
         rstates[n] = rs
         if x.geo.dead(n):
             continue
         a, cn = n * x.geo.c, min(x.geo.c, x.geo.t - n * x.geo.c)
-        kt, vt = tile(x.k, a, cn, x.cd), tile(x.v, a, cn, x.cd)
+        kt, vt = _tile(x.k, a, cn, x), _tile(x.v, a, cn, x)
         rs = _carry(x.w.carry_r, n) * rs + _outer(kt * _col(x.w.key_r, n, cn), vt, x.sd)
     return rstates
 
 
 def _forward_scan(x: Scan, s0, rstates):
-    """Outputs ``[B, T, H, Dv]`` and the forward states ``S_0 .. S_N`` ``[N + 1, B, H, D, Dv]``
-    (the last one the final state)."""
-    b, t, h, d = x.q.shape
-    o = torch.empty(b, t, h, x.v.shape[-1], dtype=x.cd, device=x.q.device)
-    states = x.q.new_empty(x.geo.n + 1, b, h, d, x.v.shape[-1], dtype=x.sd)
-    s = x.q.new_zeros(b, h, d, x.v.shape[-1], dtype=x.sd) if s0 is None else s0.to(x.sd)
+    """Outputs ``[B, T, H, Dv]`` and the forward states ``S_0 .. S_N`` ``[N + 1, B, K, G, D,
+    Dv]`` (the last one the final state)."""
+    b, t = x.q.shape[:2]
+    o = torch.empty(b, t, x.heads.out, x.v.shape[-1], dtype=x.cd, device=x.q.device)
+    s = _state_zeros(x) if s0 is None else _split(s0.to(x.sd), x.groups)
+    states = s.new_empty(x.geo.n + 1, *s.shape)
     for n in range(x.geo.n):
         states[n] = s
         m = x.geo.chunk(n)
         a, cn = m.a, m.cn
-        qt, kt, vt = tile(x.q, a, cn, x.cd), tile(x.k, a, cn, x.cd), tile(x.v, a, cn, x.cd)
-        att = (qt @ kt.transpose(-1, -2)) * x.tiles(n)
+        qt, kt, vt = _tile(x.q, a, cn, x), _tile(x.k, a, cn, x), _tile(x.v, a, cn, x)
+        att = (qt @ kt.transpose(-1, -2)) * x.tile_weights(n)
         out = att @ vt + (qt * _col(x.w.read_f, n, cn)) @ s.to(x.cd)
         if rstates[n] is not None and not x.geo.dead(n):
             out = out + (qt * _col(x.w.read_r, n, cn)) @ rstates[n].to(x.cd)
-        o[:, a:a + cn] = out.transpose(1, 2)
+        o[:, a:a + cn] = out.flatten(1, 2).transpose(1, 2)
         s = _carry(x.w.carry_f, n) * s + _outer(kt * _col(x.w.key_f, n, cn), vt, x.sd)
     states[x.geo.n] = s
     return o, states
@@ -189,7 +233,7 @@ class ScanFunction(torch.autograd.Function):
         x = _prepare(plan, q, k, v, log_gate, reverse_log_gate)
         rstates = _reverse_scan(x) if plan.reverse else [None] * x.geo.n
         o, states = _forward_scan(x, initial_state, rstates)
-        return o, states[-1].to(x.cd, copy=True), states
+        return o, states[-1].flatten(1, 2).to(x.cd, copy=True), states
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -205,9 +249,9 @@ class ScanFunction(torch.autograd.Function):
         q, k, v, log_gate, reverse_log_gate, states = ctx.saved_tensors
         plan = ctx.plan
         x = _prepare(plan, q, k, v, log_gate, reverse_log_gate)
-        b, t, h, _d = q.shape
         if do is None:
-            do = torch.zeros(b, t, h, v.shape[-1], dtype=x.cd, device=q.device)
+            do = torch.zeros(*q.shape[:2], plan.heads.out, v.shape[-1], dtype=x.cd,
+                             device=q.device)
         want_g = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]
         hstates = _reverse_grad_scan(x, do) if plan.reverse else None
         grads = _backward_scan(x, do.to(x.cd), ds_final, states, hstates, want_g)
@@ -221,31 +265,32 @@ class ScanFunction(torch.autograd.Function):
 
 def _reverse_grad_scan(x: Scan, do) -> list:
     """``H_n = dL/dR_n`` in forward order: ``H_n = (read_r Q_n)^T dO_n + exp(E_n) H_{n-1}``."""
-    b, _t, h, d = x.q.shape
     hstates: list = [None] * x.geo.n
-    hs = x.q.new_zeros(b, h, d, x.v.shape[-1], dtype=x.sd)
+    hs = _state_zeros(x)
     for n in range(x.geo.n):
         if x.geo.dead(n):
             break  # later chunks are dead too; nothing reads their H
         a, cn = n * x.geo.c, min(x.geo.c, x.geo.t - n * x.geo.c)
-        qt, dot = tile(x.q, a, cn, x.cd), tile(do, a, cn, x.cd)
+        qt, dot = _tile(x.q, a, cn, x), _tile(do, a, cn, x)
         hs = _outer(qt * _col(x.w.read_r, n, cn), dot, x.sd) + _carry(x.w.carry_r, n) * hs
         hstates[n] = hs
     return hstates
 
 
 class GateAcc(NamedTuple):
-    """Gate-gradient terms the backward scan accumulates: ``dbt, det: [B, H, N]`` w.r.t. the
-    chunk totals ``B``, ``E``; ``de: [B, H, N, C]`` w.r.t. the reverse local sums ``e`` (None
-    without a reverse scan); ``db: [B, H, N, C]`` w.r.t. the forward local sums ``b``, only with
-    wide (fp64) states -- a differentiated constant decay, whose gradient sums these terms over
-    all T: there the pair and state terms are accumulated one by one in fp64 (``q . dq - k . dk``
-    in fp32 would cancel ~C/2-fold); otherwise ``db`` comes from dq, dk after the scan."""
+    """Gate-gradient terms the backward scan accumulates, per output head (``[B, K, G, N(,
+    C)]``): ``dbt, det`` w.r.t. the chunk totals ``B``, ``E``; ``de`` w.r.t. the reverse local
+    sums ``e`` (None without a reverse scan); ``db`` w.r.t. the forward local sums ``b``.
+    ``wide`` (fp64 states: a differentiated constant decay, whose gradient sums these terms
+    over all T): the pair and state terms are accumulated into ``db`` one by one in fp64
+    (``q . dq - k . dk`` in fp32 would cancel ~C/2-fold); otherwise ``db`` holds ``q . dq - k .
+    dk`` of each chunk's own (per output head) dq, dk, and ``de`` is added to it at the end."""
 
     dbt: torch.Tensor
     de: torch.Tensor | None
     det: torch.Tensor | None
-    db: torch.Tensor | None
+    db: torch.Tensor
+    wide: bool
 
 
 class Grads(NamedTuple):
@@ -257,7 +302,8 @@ class Grads(NamedTuple):
 
 
 class TileGrad(NamedTuple):
-    """Gradients of one chunk, ``[B, H, cn, D|Dv]``."""
+    """Gradients of one chunk per output head, ``[B, K, G, cn, D|Dv]`` (summed over the heads
+    sharing an input head by :func:`_heads`)."""
 
     dq: torch.Tensor
     dk: torch.Tensor
@@ -266,20 +312,20 @@ class TileGrad(NamedTuple):
 
 def _tile_grads(x: Scan, m: ChunkMasks, tl: ChunkTiles, acc: GateAcc | None) -> TileGrad:
     """Intra-chunk tile ``O = (Q K^T * M) V``; reverse pairs' gate terms into ``acc``."""
-    tw = x.tiles(tl.n)
+    tw = x.tile_weights(tl.n)
     att = (tl.q @ tl.k.transpose(-1, -2)) * tw
     datt = tl.do @ tl.v.transpose(-1, -2)
     dp = datt * tw
-    if acc is not None and acc.db is not None:  # wide: pair terms one by one, in fp64
+    if acc is not None and acc.wide:  # pair terms one by one, in fp64
         p = (datt * att).to(x.sd)
-        pf = p if m.bmask is None else p * m.fmask[:, None]
-        acc.db[:, :, tl.n, :m.cn] += pf.sum(-1) - pf.sum(-2)  # M = exp(b_r - b_j)
+        pf = p if m.bmask is None else p * m.fmask[:, None, None]
+        acc.db[..., tl.n, :m.cn] += pf.sum(-1) - pf.sum(-2)  # M = exp(b_r - b_j)
         if m.bmask is not None:
             pr = p - pf
-            acc.de[:, :, tl.n, :m.cn] += pr.sum(-2) - pr.sum(-1)
+            acc.de[..., tl.n, :m.cn] += pr.sum(-2) - pr.sum(-1)
     elif acc is not None and m.bmask is not None:
-        pr = (datt * att * m.bmask[:, None]).to(x.sd)  # dL/d(e_j - e_r) of reverse pairs
-        acc.de[:, :, tl.n, :m.cn] += pr.sum(-2) - pr.sum(-1)
+        pr = (datt * att * m.bmask[:, None, None]).to(x.sd)  # dL/d(e_j - e_r), reverse pairs
+        acc.de[..., tl.n, :m.cn] += pr.sum(-2) - pr.sum(-1)
     return TileGrad(dp @ tl.k, dp.transpose(-1, -2) @ tl.q, att.transpose(-1, -2) @ tl.do)
 
 
@@ -295,11 +341,11 @@ def _forward_state_grads(x: Scan, tl: ChunkTiles, pair: tuple, gs, g: TileGrad, 
     gsc = gs.to(x.cd)
     y = tl.v @ gsc.transpose(-1, -2)  # [B, H, cn, D]
     if acc is not None:
-        acc.dbt[:, :, n] += (gs * s_next).sum((-1, -2))
-        if acc.db is not None:  # exp(b_r) read, exp(B - b_j) update
+        acc.dbt[..., n] += (gs * s_next).sum((-1, -2))
+        if acc.wide:  # exp(b_r) read, exp(B - b_j) update
             read = ((tl.q * xs).sum(-1, keepdim=True) * wf)[..., 0].to(x.sd)
             upd = ((tl.k * y).sum(-1, keepdim=True) * uf)[..., 0].to(x.sd)
-            acc.db[:, :, n, :cn] += read - upd
+            acc.db[..., n, :cn] += read - upd
     g = TileGrad(g.dq + xs * wf, g.dk + y * uf, g.dv + (tl.k @ gsc) * uf)
     return g, _outer(tl.q * wf, tl.do, x.sd) + cf * gs
 
@@ -315,73 +361,81 @@ def _reverse_state_grads(x: Scan, tl: ChunkTiles, rs, hpair: tuple, g: TileGrad,
     xr = tl.do @ rs.to(x.cd).transpose(-1, -2)
     dq, dk, dv = g.dq + xr * wr, g.dk, g.dv
     if acc is not None:
-        acc.de[:, :, n, :cn] -= ((tl.q * xr).sum(-1, keepdim=True) * wr)[..., 0].to(x.sd)
-        acc.det[:, :, n] += (hn * rs).sum((-1, -2))
+        acc.de[..., n, :cn] -= ((tl.q * xr).sum(-1, keepdim=True) * wr)[..., 0].to(x.sd)
+        acc.det[..., n] += (hn * rs).sum((-1, -2))
     if hm is not None:
         hmc = hm.to(x.cd)
         yr = tl.v @ hmc.transpose(-1, -2)
         dk, dv = dk + yr * ur, dv + (tl.k @ hmc) * ur
         if acc is not None:
-            acc.de[:, :, n, :cn] += ((tl.k * yr).sum(-1, keepdim=True) * ur)[..., 0].to(x.sd)
+            acc.de[..., n, :cn] += ((tl.k * yr).sum(-1, keepdim=True) * ur)[..., 0].to(x.sd)
     return TileGrad(dq, dk, dv)
 
 
 def _gate_acc(x: Scan, want_g: bool) -> GateAcc | None:
     if not want_g:
         return None
-    b, h, n, c = x.q.shape[0], x.q.shape[2], x.geo.n, x.geo.c
+    b, h, n, c = x.q.shape[0], x.heads, x.geo.n, x.geo.c
     wide = x.sd == torch.float64 and x.cd != torch.float64
 
     def zeros(*shape):
-        return torch.zeros(*shape, dtype=x.sd, device=x.q.device)
+        return torch.zeros(b, h.k, h.out // h.k, *shape, dtype=x.sd, device=x.q.device)
 
     rev = x.geo.reverse
-    return GateAcc(zeros(b, h, n), zeros(b, h, n, c) if rev else None,
-                   zeros(b, h, n) if rev else None, zeros(b, h, n, c) if wide else None)
+    return GateAcc(zeros(n), zeros(n, c) if rev else None, zeros(n) if rev else None,
+                   zeros(n, c), wide)
+
+
+def _chunk_grads(x: Scan, tl: ChunkTiles, pair: tuple, gs, carry: tuple):
+    """One chunk of :func:`_backward_scan`: its tile gradients (per output head), dL/dS_n, and
+    the reverse state ``R_{n-1}`` (``carry``: ``(R_n, H)`` with ``H`` the reverse-gradient
+    states and the gate accumulators)."""
+    rs, (hstates, acc) = carry
+    n = tl.n
+    m = x.geo.chunk(n)
+    g = _tile_grads(x, m, tl, acc)
+    g, gs = _forward_state_grads(x, tl, pair, gs, g, acc)
+    if x.geo.reverse and not x.geo.dead(n):
+        hm = hstates[n - 1] if n > 0 else None
+        g = _reverse_state_grads(x, tl, rs, (hstates[n], hm), g, acc)
+        rs = _carry(x.w.carry_r, n) * rs + _outer(tl.k * _col(x.w.key_r, n, tl.cn), tl.v, x.sd)
+    if acc is not None and not acc.wide:  # q . dq - k . dk of this chunk, per output head
+        acc.db[..., n, :tl.cn] = (torch.einsum("...rd,...rd->...r", tl.q, g.dq)
+                                  - torch.einsum("...rd,...rd->...r", tl.k, g.dk)).to(x.sd)
+    return g, gs, rs
 
 
 def _backward_scan(x: Scan, do, ds_final, states, hstates, want_g) -> Grads:
     """Chunks from the last to the first: dq, dk, dv, dL/dS_0 and the gate accumulators.
-    ``states``: ``S_0 .. S_N`` (the last one the final state)."""
-    b, t, h, d = x.q.shape
-    dev, rev = x.q.device, x.geo.reverse
-    dq = torch.empty(b, t, h, d, dtype=x.cd, device=dev)
-    dk = torch.empty(b, t, h, d, dtype=x.cd, device=dev)
-    dv = torch.empty(b, t, h, x.v.shape[-1], dtype=x.cd, device=dev)
+    ``states``: ``S_0 .. S_N`` (the last one the final state), ``[N + 1, B, K, G, D, Dv]``."""
+    dev, h = x.q.device, x.heads
+    dq = torch.empty(x.q.shape, dtype=x.cd, device=dev)
+    dk = torch.empty(x.k.shape, dtype=x.cd, device=dev)
+    dv = torch.empty(x.v.shape, dtype=x.cd, device=dev)
     acc = _gate_acc(x, want_g)
-    gs = x.q.new_zeros(b, h, d, x.v.shape[-1], dtype=x.sd) if ds_final is None \
-        else ds_final.to(x.sd)
-    rs = x.q.new_zeros(b, h, d, x.v.shape[-1], dtype=x.sd)  # R_{N-1} = 0
+    gs = _state_zeros(x) if ds_final is None else _split(ds_final.to(x.sd), x.groups)
+    rs = _state_zeros(x)  # R_{N-1} = 0
     for n in range(x.geo.n - 1, -1, -1):
-        m = x.geo.chunk(n)
-        a, cn = m.a, m.cn
-        tl = ChunkTiles(n, a, cn, tile(x.q, a, cn, x.cd), tile(x.k, a, cn, x.cd),
-                        tile(x.v, a, cn, x.cd), tile(do, a, cn, x.cd))
-        g = _tile_grads(x, m, tl, acc)
-        g, gs = _forward_state_grads(x, tl, (states[n], states[n + 1]), gs, g, acc)
-        if rev and not x.geo.dead(n):
-            hm = hstates[n - 1] if n > 0 else None
-            g = _reverse_state_grads(x, tl, rs, (hstates[n], hm), g, acc)
-            rs = _carry(x.w.carry_r, n) * rs + _outer(tl.k * _col(x.w.key_r, n, cn), tl.v, x.sd)
-        dq[:, a:a + cn] = g.dq.transpose(1, 2)
-        dk[:, a:a + cn] = g.dk.transpose(1, 2)
-        dv[:, a:a + cn] = g.dv.transpose(1, 2)
-    return Grads(dq, dk, dv, gs, acc)
+        a, cn = n * x.geo.c, min(x.geo.c, x.geo.t - n * x.geo.c)
+        tl = ChunkTiles(n, a, cn, _tile(x.q, a, cn, x), _tile(x.k, a, cn, x),
+                        _tile(x.v, a, cn, x), _tile(do, a, cn, x))
+        g, gs, rs = _chunk_grads(x, tl, (states[n], states[n + 1]), gs, (rs, (hstates, acc)))
+        dq[:, a:a + cn] = _heads(g.dq, h.q // h.k)
+        dk[:, a:a + cn] = _heads(g.dk, 1)
+        dv[:, a:a + cn] = _heads(g.dv, h.v // h.k)
+    return Grads(dq, dk, dv, gs.flatten(1, 2), acc)
 
 
 def _gate_grads(x: Scan, grads: Grads, log_gate, reverse_log_gate):
     """Chain rule to the gates. Every pair (query r, key j) of the forward part adds its
     ``dL/dlog w`` to ``b_r`` and subtracts it from ``b_j``, so ``dL/db = q . dq - k . dk``
-    (forward parts; the reverse parts enter with the opposite sign: ``dL/de = k . dk_rev -
-    q . dq_rev``, accumulated in the scan). With ``b_r = sum_{s <= r} g_s`` and ``B = b_{cn-1}``:
-    ``dg_s = sum_{r >= s} db_r + dB``; with ``e_r = sum_{s < r} r_s``, ``E = sum r``:
-    ``dr_s = sum_{r > s} de_r + dE``. All sums are chunk-local. Returns ``[B', T, H]`` each."""
-    geo, acc, sd = x.geo, grads.acc, x.sd
-    n, c, t = geo.n, geo.c, geo.t
-
-    def local(y):  # [B, T, H] -> [B, H, N, C]
-        y = torch.nn.functional.pad(y, (0, 0, 0, n * c - t))
-        return y.view(y.shape[0], n, c, -1).permute(0, 3, 1, 2)
+    (forward parts, per output head; the reverse parts enter with the opposite sign: ``dL/de
+    = k . dk_rev - q . dq_rev``, accumulated in the scan). With ``b_r = sum_{s <= r} g_s`` and
+    ``B = b_{cn-1}``: ``dg_s = sum_{r >= s} db_r + dB``; with ``e_r = sum_{s < r} r_s``, ``E =
+    sum r``: ``dr_s = sum_{r > s} de_r + dE``. All sums are chunk-local. Returns ``[B', T, H]``
+    each."""
+    acc, t = grads.acc, x.geo.t
+    acc = GateAcc(*(y.flatten(1, 2) if isinstance(y, torch.Tensor) else y for y in acc))
 
     def to_gate(dl, like):  # [B, H, N, C] -> [B', T, H] summed over a broadcast batch
         y = dl.permute(0, 2, 3, 1).reshape(dl.shape[0], -1, dl.shape[1])[:, :t]
@@ -389,15 +443,7 @@ def _gate_grads(x: Scan, grads: Grads, log_gate, reverse_log_gate):
             y = y.sum(0, keepdim=True)
         return y.to(like.dtype)
 
-    if acc.db is not None:
-        db = acc.db
-    else:
-        # row-wise dot products without a [B, T, H, D] temporary (einsum -> batched matmul)
-        both = torch.einsum("bthd,bthd->bth", x.q.to(x.cd), grads.dq).to(sd) \
-            - torch.einsum("bthd,bthd->bth", x.k.to(x.cd), grads.dk).to(sd)
-        db = local(both)  # [B, H, N, C]: dL/db - dL/de
-        if acc.de is not None:
-            db = db + acc.de
+    db = acc.db if acc.wide or acc.de is None else acc.db + acc.de  # dL/db - dL/de
     dg = to_gate(db.flip(-1).cumsum(-1).flip(-1) + acc.dbt[..., None], log_gate)
     if acc.de is None:
         return dg, None
@@ -405,31 +451,22 @@ def _gate_grads(x: Scan, grads: Grads, log_gate, reverse_log_gate):
     return dg, to_gate(de + acc.det[..., None], reverse_log_gate)
 
 
-def _expand(call: LinearCall):
-    """GQA: repeat each kv head for its group of query heads (gradients sum back)."""
-    group = call.heads.out // call.k.shape[2]
-    if group == 1:
-        return call.k, call.v
-    return call.k.repeat_interleave(group, dim=2), call.v.repeat_interleave(group, dim=2)
-
-
 def run(call: LinearCall) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(o [B, T, H, Dv] q.dtype, S at query T - 1 or None)``. Keys past the last query
     (``Tk > T``) reach the queries only through the band (``can_serve`` refuses them for specs
     with a reverse scan). The chunk size is clamped to T (same numbers, no allocation by
-    ``chunk_size``)."""
-    q, f = call.q, call.factor
+    ``chunk_size``). Grouped heads (GQA, value grouping) are read through views."""
+    q, k, v, f = call.q, call.k, call.v, call.factor
     gates = call.scan_gates()
-    k, v = _expand(call)
     t = q.shape[1]
     c = max(1, min(call.chunk_size, t))
     cd = compute_dtype(q)
     plan = ScanPlan(f.arrays(t, call.q_offset, q.device), c, f.has_reverse,
-                    torch.float64 if gates.wide_states else cd, gates.constant)
+                    torch.float64 if gates.wide_states else cd, gates.constant, call.heads)
     ks, vs = (k, v) if k.shape[1] == t else (k[:, :t], v[:, :t])
     o, s, _ = ScanFunction.apply(plan, q, ks, vs, gates.log_gate[:, :t],
                                  gates.reverse_log_gate[:, :t], call.initial_state)
     if f.band:
-        o = o + BandFunction.apply(BandPlan(f.spec, call.q_offset, f.band, c), q, k, v,
-                                   gates.reverse_log_gate)
+        o = o + BandFunction.apply(BandPlan(f.spec, call.q_offset, f.band, c, call.heads), q,
+                                   k, v, gates.reverse_log_gate)
     return o.to(q.dtype), (s if call.return_final_state else None)

@@ -17,6 +17,9 @@ end), and query t of chunk c adds ``exp(E_start - E_t) q_t W_{c + m}`` (``E``: e
 cumulative sum of ``r``; ``start`` the first position of chunk ``c + m``) for ``m = 1..L`` when
 its segment reaches chunk ``c + m``. All exponents are <= 0.
 
+Heads are grouped by key head (``[B, T, K, G, ...]`` views of q, k, v, gates and states;
+GQA and value grouping broadcast the input with fewer heads, never repeat it).
+
 Autograd runs through the loop: memory grows with T (one state per step), which is fine for
 decode and tests; long sequences use the chunk implementation. The loop computes in fp64 (it is
 the second oracle; a step-by-step fp32 recurrence would lose ~1e-6 relative in the decay
@@ -48,16 +51,35 @@ def can_serve(call: LinearCall) -> str | None:
     return None
 
 
-def _decode_step(q, k, v, log_gate, initial_state, cd):
+def _grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[B, T, Hx, ...]`` -> ``[B, T, K, Hx / K, ...]`` (a view: heads grouped by key head; an
+    input head read by several output heads is broadcast, never repeated)."""
+    return x.unflatten(2, (groups, x.shape[2] // groups))
+
+
+def _read(qt: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``q_t S``: ``qt [B, K, Gq, D]``, ``s [B, K, G, D, Dv]`` -> ``[B, K, G, Dv]``."""
+    return (qt[..., None, :] @ s)[..., 0, :]
+
+
+def _outer(kt: torch.Tensor, vt: torch.Tensor) -> torch.Tensor:
+    """``k_t v_t^T``: ``[B, K, 1, D]``, ``[B, K, Gv, Dv]`` -> ``[B, K, Gv, D, Dv]``."""
+    return kt[..., :, None] * vt[..., None, :]
+
+
+def _flags(x: torch.Tensor, dtype) -> torch.Tensor:
+    """A per-row flag ``[B']`` as a factor ``[B', 1, 1, 1, 1]`` of the states."""
+    return x.to(dtype).view(-1, 1, 1, 1, 1)
+
+
+def _decode_step(qkv: tuple, log_gate, initial_state, cd):
     """T == 1: ``S = exp(g_0) S0 + k v^T``, ``o = q S`` (nothing in the future of one token)."""
-    k1, v1 = k.to(cd)[:, 0, :, :, None], v.to(cd)[:, 0, :, None, :]  # [B, H, D, 1], [B, H, 1, Dv]
-    if initial_state is None:
-        s = k1 * v1
-    else:
-        lam = torch.exp(log_gate.to(cd)[:, 0]).view(log_gate.shape[0], -1, 1, 1)
-        s = torch.addcmul(lam * initial_state.to(cd), k1, v1)
-    o = torch.matmul(q.to(cd)[:, 0, :, None, :], s).transpose(1, 2)  # [B, 1, H, Dv]
-    return o.to(q.dtype), s
+    q, k, v = (x.to(cd)[:, 0] for x in qkv)  # [B, K, Gx, D]
+    s = _outer(k, v)
+    if initial_state is not None:
+        s = torch.exp(log_gate.to(cd)[:, 0])[..., None, None] * initial_state.to(cd) + s
+    s = s.expand(*s.shape[:2], log_gate.shape[-1], *s.shape[3:])  # every output head's state
+    return _read(q, s)[:, None], s
 
 
 def _band(outs: list, qf, reverse_log_gate, where: tuple, chunk_states: dict) -> None:
@@ -65,27 +87,26 @@ def _band(outs: list, qf, reverse_log_gate, where: tuple, chunk_states: dict) ->
     ``where``: the call's factorisation, position arrays and offset."""
     f, arr, offset = where
     t = qf.shape[1]
-    # E_t = r_0 + .. + r_{t-1}
-    e = torch.nn.functional.pad(reverse_log_gate[:, :-1], (0, 0, 1, 0)).cumsum(1)
+    # E_t = r_0 + .. + r_{t-1}, [B', T, K, G]
+    e = torch.nn.functional.pad(reverse_log_gate[:, :-1], (0, 0, 0, 0, 1, 0)).cumsum(1)
     for i in range(t):
         c = (i + offset) // f.chunk
         for m in range(1, f.lookahead_chunks + 1):
             start = (c + m) * f.chunk - offset
             if start >= t:
                 break
-            reach = (arr.seg_end[:, i] >= start).to(qf.dtype).view(-1, 1, 1, 1)
-            w = torch.exp(e[:, start] - e[:, i])[..., None, None]  # [B', H, 1, 1], exponent <= 0
-            outs[i] = outs[i] + torch.einsum("bhd,bhde->bhe", qf[:, i],
-                                             reach * w * chunk_states[c + m])
+            reach = _flags(arr.seg_end[:, i] >= start, qf.dtype)
+            w = torch.exp(e[:, start] - e[:, i])[..., None, None]  # exponent <= 0
+            outs[i] = outs[i] + _read(qf[:, i], reach * w * chunk_states[c + m])
 
 
 def _forward(outs: list, qkv: tuple, lam, arr: PositionArrays, s):
     """(1) the forward recurrence from state ``s``; appends each output, returns the last S."""
     qf, kf, vf = qkv
     for i in range(qf.shape[1]):
-        keep = (arr.start[:, i] < i).to(qf.dtype).view(-1, 1, 1, 1)  # 0 at a segment start
-        s = keep * lam[:, i] * s + kf[:, i, :, :, None] * vf[:, i, :, None, :]
-        outs.append(torch.einsum("bhd,bhde->bhe", qf[:, i], s))
+        keep = _flags(arr.start[:, i] < i, qf.dtype)  # 0 at a segment start
+        s = keep * lam[:, i] * s + _outer(kf[:, i], vf[:, i])
+        outs.append(_read(qf[:, i], s))
     return s
 
 
@@ -103,15 +124,16 @@ def _reverse(outs: list, qkv: tuple, reverse_log_gate, f: Factorisation, arr: Po
         end = torch.minimum(arr.seg_end, chunk_end[None])
     if end is None:
         return
-    rlam = torch.exp(reverse_log_gate)[..., None, None]
-    r = torch.zeros(qf.shape[0], qf.shape[2], qf.shape[3], vf.shape[3], dtype=cd, device=dev)
+    rlam = torch.exp(reverse_log_gate)[..., None, None]  # [B', T, K, G, 1, 1]
+    r = torch.zeros(qf.shape[0], *rlam.shape[2:4], kf.shape[-1], vf.shape[-1], dtype=cd,
+                    device=dev)
     chunk_states = {}
     for i in range(t - 1, -1, -1):
-        cont = (end[:, i] >= i + 1).to(cd).view(-1, 1, 1, 1)
-        outs[i] = outs[i] + torch.einsum("bhd,bhde->bhe", qf[:, i], cont * rlam[:, i] * r)
-        kv = kf[:, i, :, :, None] * vf[:, i, :, None, :]
+        cont = _flags(end[:, i] >= i + 1, cd)
+        outs[i] = outs[i] + _read(qf[:, i], cont * rlam[:, i] * r)
+        kv = _outer(kf[:, i], vf[:, i])
         if key_ok is not None:
-            kv = kv * key_ok[:, i].to(cd).view(-1, 1, 1, 1)
+            kv = kv * _flags(key_ok[:, i], cd)
         r = cont * rlam[:, i] * r + kv
         if band and (i + offset) % f.chunk == 0:
             chunk_states[(i + offset) // f.chunk] = r  # W_c
@@ -120,31 +142,28 @@ def _reverse(outs: list, qkv: tuple, reverse_log_gate, f: Factorisation, arr: Po
 
 
 def run(call: LinearCall) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(o [B, T, H, Dv] q.dtype, S_final [B, H, D, Dv] or None)``."""
-    q, f = call.q, call.factor
+    """``(o [B, T, H, Dv] q.dtype, S_final [B, H, D, Dv] or None)``. Every tensor is grouped by
+    key head (``[B, T, K, G, ...]`` views, :func:`_grouped`)."""
+    q, f, heads = call.q, call.factor, call.heads
     gates = call.scan_gates()
-    k, v = _expand(call)
     sd = compute_dtype(q)  # state dtype handed back
-    if q.shape[1] == 1 and f.segments is None:
-        o, s = _decode_step(q, k, v, gates.log_gate, call.initial_state, sd)
-        return o, (s if call.return_final_state else None)
-    b, t, h, d = q.shape
-    dev, cd = q.device, torch.float64
-    arr = f.arrays(t, call.q_offset, dev)
-    qkv = (q.to(cd), k.to(cd), v.to(cd))
-    lam = torch.exp(gates.log_gate.to(cd))[..., None, None]  # [B', T, H, 1, 1]
-    s = torch.zeros(b, h, d, v.shape[-1], dtype=cd, device=dev) if call.initial_state is None \
-        else call.initial_state.to(cd)
-    outs: list = []
-    s = _forward(outs, qkv, lam, arr, s)
-    _reverse(outs, qkv, gates.reverse_log_gate.to(cd), f, arr, call.q_offset)
-    o = torch.stack(outs, dim=1)
-    return o.to(q.dtype), (s.to(sd) if call.return_final_state else None)
-
-
-def _expand(call: LinearCall):
-    """GQA: repeat each kv head for its group of query heads (gradients sum back)."""
-    group = call.heads.out // call.k.shape[2]
-    if group == 1:
-        return call.k, call.v
-    return call.k.repeat_interleave(group, dim=2), call.v.repeat_interleave(group, dim=2)
+    b, t = q.shape[:2]
+    s0 = None if call.initial_state is None else call.initial_state.unflatten(1, (heads.k, -1))
+    lg = _grouped(gates.log_gate, heads.k)  # [B', T, K, G]
+    if t == 1 and f.segments is None:
+        o, s = _decode_step(tuple(_grouped(x, heads.k) for x in (q, call.k, call.v)), lg, s0,
+                            sd)
+    else:
+        cd = torch.float64
+        arr = f.arrays(t, call.q_offset, q.device)
+        qkv = tuple(_grouped(x.to(cd), heads.k) for x in (q, call.k, call.v))
+        lam = torch.exp(lg.to(cd))[..., None, None]  # [B', T, K, G, 1, 1]
+        s = torch.zeros(b, *lg.shape[2:], q.shape[-1], call.v.shape[-1], dtype=cd,
+                        device=q.device) if s0 is None else s0.to(cd)
+        outs: list = []
+        s = _forward(outs, qkv, lam, arr, s)
+        _reverse(outs, qkv, _grouped(gates.reverse_log_gate.to(cd), heads.k), f, arr,
+                 call.q_offset)
+        o = torch.stack(outs, dim=1)
+    o = o.flatten(2, 3).to(q.dtype)  # [B, T, H, Dv]
+    return o, (s.flatten(1, 2).to(sd) if call.return_final_state else None)

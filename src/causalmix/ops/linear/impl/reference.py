@@ -13,7 +13,8 @@ key positions, ``<= 0``; queries and keys at the same positions)::
     (1') w_ij = exp(G_i - G_j)     j <= i,  G_t = g_0 + ... + g_t   (prod_{s=j+1..i} exp(g_s))
          w_ij = exp(E_j - E_i)     j >  i,  E_t = r_0 + ... + r_{t-1} (prod_{s=i..j-1} exp(r_s))
          where visible(i, j), else 0: only differences of cumulative log-gates are
-         exponentiated, so every exponent is <= 0.
+         exponentiated, so every exponent is <= 0. A gate whose exp is 0 in the compute dtype
+         (e.g. -1e30) is a hard reset: every weight across it is 0, and it enters no sum.
 
     (2)  o_i  = sum_j w_ij (q_i . k_j) v_j         (no softmax, normaliser or feature map)
     (3)  with an initial state S0 (the causal state of the keys before the call, anchored at
@@ -53,29 +54,50 @@ class _Weights(NamedTuple):
     last_init: torch.Tensor
 
 
-def _log_weights(g, gr, visible, tq: int, cd) -> torch.Tensor:
-    """(1') ``g, gr: [B', Tk, H]``, ``visible: [B', Tq, Tk]`` -> ``log w: [B'', H, Tq, Tk]``."""
-    tk = g.shape[1]
-    gc = g.to(cd).cumsum(1).transpose(1, 2)  # G: [B', H, Tk]
-    e = torch.nn.functional.pad(gr.to(cd)[:, :-1], (0, 0, 1, 0)).cumsum(1).transpose(1, 2)
-    i = torch.arange(tq, device=g.device)[:, None]
-    j = torch.arange(tk, device=g.device)[None, :]
+def _cumulative(gate: torch.Tensor, cd, *, exclusive: bool):
+    """``[B', Tk, H]`` log-gates -> their cumulative sums in ``cd`` over the gates that are not
+    hard resets, and the cumulative count of resets (inclusive ``g_0 + .. + g_t``, or exclusive
+    ``r_0 + .. + r_{t-1}``). A reset is a gate whose ``exp`` is exactly 0 in ``cd``: every
+    product across it is 0, whatever the other gates (no huge value enters a sum)."""
+    g = gate.to(cd)
+    reset = torch.exp(g) == 0
+    g = torch.where(reset, torch.zeros_like(g), g)
+    if exclusive:
+        g = torch.nn.functional.pad(g[:, :-1], (0, 0, 1, 0))
+        reset = torch.nn.functional.pad(reset[:, :-1], (0, 0, 1, 0))
+    return g.cumsum(1), reset.cumsum(1)
+
+
+def _log_weights(cum: tuple, visible, tq: int, cd) -> torch.Tensor:
+    """(1') ``cum``: ``(G, E)`` with their reset counts, each ``[B', Tk, H]``; ``visible:
+    [B', Tq, Tk]`` -> ``log w: [B'', H, Tq, Tk]`` (``-inf`` where invisible or across a
+    reset)."""
+    (gc, nf), (e, nr) = ((x.transpose(1, 2) for x in pair) for pair in cum)  # [B', H, Tk]
+    tk, dev = gc.shape[-1], gc.device
+    i = torch.arange(tq, device=dev)[:, None]
+    j = torch.arange(tk, device=dev)[None, :]
     fwd = gc[:, :, :tq, None] - gc[:, :, None, :]  # G_i - G_j
+    fwd = fwd.masked_fill(nf[:, :, :tq, None] != nf[:, :, None, :], -torch.inf)
     rev = e[:, :, None, :] - e[:, :, :tq, None]  # E_j - E_i
+    rev = rev.masked_fill(nr[:, :, None, :] != nr[:, :, :tq, None], -torch.inf)
     logw = torch.where(j <= i, fwd, rev)
-    return torch.where(visible[:, None], logw, torch.tensor(-torch.inf, dtype=cd,
-                                                             device=g.device))
+    return torch.where(visible[:, None], logw, torch.tensor(-torch.inf, dtype=cd, device=dev))
 
 
 def _gated_weights(call: LinearCall, visible: torch.Tensor, cd) -> _Weights:
-    """(1') and the state weights of (3)-(4) from the cumulative log-gates."""
+    """(1') and the state weights of (3)-(4) from the cumulative log-gates; a hard reset (a
+    gate whose ``exp`` is 0 in ``cd``, e.g. ``-1e30``) zeroes every weight across it."""
     g = call.log_gate
     gr = g if call.reverse_log_gate is None else call.reverse_log_gate
     tq, h = call.q.shape[1], call.heads.out
-    pair = torch.exp(_log_weights(g, gr, visible, tq, cd))
-    gcum = g.to(cd).cumsum(1)  # [B', Tk, H]
-    return _Weights(pair, torch.exp(gcum[:, :tq]), torch.exp(gcum[:, -1:] - gcum),
-                    torch.exp(gcum[:, -1]).view(-1, h, 1, 1))
+    gcum, nf = _cumulative(g, cd, exclusive=False)  # G
+    pair = torch.exp(_log_weights(((gcum, nf), _cumulative(gr, cd, exclusive=True)), visible,
+                                  tq, cd))
+    zero = torch.zeros((), dtype=cd, device=g.device)
+    init = torch.where(nf[:, :tq] == 0, torch.exp(gcum[:, :tq]), zero)  # no reset in [0, i]
+    last = torch.where(nf[:, -1:] == nf, torch.exp(gcum[:, -1:] - gcum), zero)
+    last_init = torch.where(nf[:, -1] == 0, torch.exp(gcum[:, -1]), zero).view(-1, h, 1, 1)
+    return _Weights(pair, init, last, last_init)
 
 
 def _decay_weights(call: LinearCall, visible: torch.Tensor, cd) -> _Weights:

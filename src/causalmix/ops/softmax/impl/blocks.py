@@ -14,8 +14,9 @@ Band row blocks (``Window``-like specs) run as batched matmuls over a strided vi
 (``_band_forward`` / ``_band_backward``).
 
 On a multi-threaded CPU the (batch, kv head) axis is split into slices computed by worker
-threads, each with single-threaded ops (``_run_units``): one fork/join per call rather than one
-per small op, which matters most on a loaded machine.
+threads whose own ops run single-threaded (``_run_units``, :mod:`causalmix.ops.softmax._workers`):
+one fork/join per call rather than one per small op, which matters most on a loaded machine. No
+process-wide setting is touched (``torch.set_num_threads`` is never called).
 
 Scores are kept in base 2 (``q`` is scaled by ``scale * log2(e)`` once, so exponentials are
 ``exp2``, several times cheaper than ``exp`` on CPU); the lse is returned in natural log. Math is
@@ -26,13 +27,12 @@ score makes its row NaN, as in the reference; a row that sees no key gets 0 and 
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple
 
 import torch
 
 from causalmix.checks import compute_dtype
-from causalmix.ops.softmax import _plan
+from causalmix.ops.softmax import _plan, _workers
 from causalmix.ops.softmax._call import Call
 from causalmix.ops.softmax._plan import Band, Block, Geometry, Heads, Piece, Plan, Rect, Sizes
 from causalmix.visibility import Visibility
@@ -277,9 +277,6 @@ def _backward_block(t: _Bwd, blk: Block, jobs: tuple[_Job, torch.Tensor]) -> Non
         t.dk[:, pc.c0 : pc.c1].baddbmm_(ds.transpose(1, 2), qb)
 
 
-_POOL: list = []  # [threads, pid, ThreadPoolExecutor] once made
-
-
 def _units(bh: int, hkv: int, per_example: bool, workers: int) -> list[_Unit]:
     """Split the flattened (batch, kv head) axis into about ``workers`` slices; a spec with a
     batch (per-example masks) gets slices within one example each."""
@@ -293,32 +290,19 @@ def _units(bh: int, hkv: int, per_example: bool, workers: int) -> list[_Unit]:
 
 
 def _run_units(fn, t, plan: Plan, visibility: Visibility, hkv: int) -> None:
-    """Run ``fn(t, plan, visibility, unit)`` over the units of ``t``'s (batch, kv head) axis.
-    On a multi-threaded CPU, the units run in parallel Python threads with torch's intra-op
-    threads set to 1 for the duration: one fork and join per call instead of one per small op,
-    which on a loaded machine (a thread descheduled at every barrier) is the difference between
-    1x and 10x slower than a fused kernel. ``torch.set_num_threads`` is process-wide: torch ops
-    that other threads of the process run during the call run single-threaded until it
-    returns."""
+    """Run ``fn(t, plan, visibility, unit)`` over the units of ``t``'s (batch, kv head) axis:
+    on a multi-threaded CPU, in the single-threaded workers of :mod:`causalmix.ops.softmax.
+    _workers` (one unit each; one fork and join per call), else in the calling thread. No
+    process-wide setting changes either way."""
     per_example = visibility.batch_size is not None
     bh, device = t[0].shape[0], t[0].device
     threads = torch.get_num_threads()
-    if device.type != "cpu" or threads <= 1 or bh < 2:
+    pool = _workers.pool(threads) if device.type == "cpu" and threads > 1 and bh > 1 else None
+    if pool is None:
         for unit in _units(bh, hkv, per_example, 1):
             fn(t, plan, visibility, unit)
         return
-    units = _units(bh, hkv, per_example, threads)
-    if not _POOL or _POOL[:2] != [threads, os.getpid()]:  # a forked child has no workers
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL[:] = [threads, os.getpid(),
-                    ThreadPoolExecutor(threads, thread_name_prefix="causalmix-blocks")]
-    torch.set_num_threads(1)
-    try:
-        for f in [_POOL[2].submit(fn, t, plan, visibility, unit) for unit in units]:
-            f.result()
-    finally:
-        torch.set_num_threads(threads)
+    pool.map(fn, [(t, plan, visibility, unit) for unit in _units(bh, hkv, per_example, threads)])
 
 
 def _augmented(x: torch.Tensor, scale: float | None = None) -> torch.Tensor:

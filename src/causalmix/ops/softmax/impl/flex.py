@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from causalmix.caching import LRUCache
-from causalmix.ops.softmax._call import Call, overflow_reason
+from causalmix.ops.softmax._call import Call, SpecKey, overflow_reason
 
 _COMPILED = None
 _MASKS: LRUCache = LRUCache(16)
@@ -39,10 +39,11 @@ def can_serve(call: Call) -> str | None:
 
 
 def _block_mask(fa, call: Call):
-    """The call's (cached) FlexAttention block mask."""
+    """The call's (cached) FlexAttention block mask. Its ``mask_mod`` reads the spec it was made
+    for, which the :class:`SpecKey` finds again only while that spec is unmodified."""
     visibility, q_offset, k_offset = call.visibility, call.q_offset, call.k_offset
     q_len, k_len, device = call.q.shape[1], call.k.shape[1], call.q.device
-    key = (visibility, q_len, k_len, q_offset, k_offset, str(device))
+    key = (SpecKey(visibility), q_len, k_len, q_offset, k_offset, str(device))
 
     def mask_mod(b, h, q_idx, kv_idx):
         return visibility.visible(b, q_idx + q_offset, kv_idx + k_offset)
