@@ -23,7 +23,8 @@ import causalmix.hf as cmhf  # noqa: E402
 from causalmix import Causal, Chunked, Full, Prefix, Segments, Window  # noqa: E402
 from causalmix.testing import assert_close  # noqa: E402
 
-ARCHS = ["mamba2", "bamba", "granitemoehybrid", "nemotron_h", "zamba2"]
+ARCHS = ["mamba2", "bamba", "granitemoehybrid", "nemotron_h", "zamba2", "qwen3_next", "qwen3_5",
+         "olmo_hybrid"]
 LENGTHS = [5, 1, 9, 8]  # packed documents (23 tokens, chunk boundaries of the tiny configs at 8)
 
 
@@ -80,7 +81,7 @@ def test_causal_logits_and_every_gradient_equal_the_models_own_path(arch, hybrid
     _check(hybrid, arch, _run(ours, ids), _run(ours64, ids), _run(own, ids), _run(own64, ids))
 
 
-@pytest.mark.parametrize("arch", ["mamba2", "bamba"])
+@pytest.mark.parametrize("arch", ["mamba2", "bamba", "qwen3_next", "olmo_hybrid"])
 def test_left_padding_equals_the_models_own_path(arch, hybrid):
     """Left padding is where transformers' multiply-by-mask is exact: same numbers."""
     own, own64, ours, ours64 = _pair(hybrid, arch)
@@ -118,22 +119,30 @@ def test_packed_documents_equal_each_document_alone(arch, hybrid):
     assert (leaked - alone(own)[0]).abs().max() > 1e-2
 
 
-def test_cu_seq_lens_give_the_documents_too(hybrid):
-    own, _, ours, _ = _pair(hybrid, "bamba")
+@pytest.mark.parametrize("arch", ["bamba", "qwen3_next"])
+def test_cu_seq_lens_give_the_documents_too(arch, hybrid):
+    """``cu_seq_lens_q`` / ``_k`` (as ``DataCollatorWithFlattening`` makes them) == packed
+    ``position_ids``; transformers' own path drops them in Bamba's Mamba layers and raises in
+    Gated DeltaNet's torch rule (5.24)."""
+    own, _, ours, _ = _pair(hybrid, arch)
     ids, pos = hybrid.ids(1, sum(LENGTHS)), _positions(LENGTHS)
     cu = torch.tensor([0, 5, 6, 15, 23], dtype=torch.int32)
+    kw = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9, max_length_k=9)
     by_pos = _run(ours, ids, position_ids=pos, grads=False)[0]
-    by_cu = _run(ours, ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9, max_length_k=9,
-                 position_ids=pos, grads=False)[0]
-    assert_close(by_cu, by_pos, by_pos)
+    assert_close(_run(ours, ids, grads=False, **kw)[0], by_pos, by_pos)
     with pytest.raises(ValueError, match="different documents"):
         ours(ids, position_ids=pos, cu_seq_lens_q=cu[[0, 4]], cu_seq_lens_k=cu[[0, 4]])
+    if arch == "qwen3_next":
+        with pytest.raises(ValueError, match="packed sequences"):
+            own(ids, **kw)
+    else:
+        assert (_run(own, ids, grads=False, **kw)[0] - by_pos).abs().max() > 1e-2
 
 
 def test_padding_anywhere_equals_the_row_without_it(hybrid):
     """Padding in the middle or at the right of a row (transformers' multiply-by-mask decays
     the state and fills the convolution window there): each row == its tokens alone, under
-    Causal() and Full()."""
+    Causal() and Full() (Mamba-2: no attention layer, so no position embedding moves)."""
     own, _, ours, ours64 = _pair(hybrid, "mamba2")
     ids = hybrid.ids(2, 15)
     am = torch.ones(2, 15, dtype=torch.long)
@@ -149,6 +158,25 @@ def test_padding_anywhere_equals_the_row_without_it(hybrid):
     leaked = _run(own, ids, attention_mask=am, grads=False)[0]
     alone = _run(own, ids[:1, am[0].bool()], grads=False)[0]
     assert (leaked[0, am[0].bool()] - alone[0]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("arch", ["bamba", "qwen3_5"])
+def test_padding_anywhere_in_a_hybrid_layer_equals_the_row_without_it(arch, hybrid):
+    """The same at the hybrid layer of an attention hybrid (its attention layers move RoPE
+    positions with a hole, so the layer is called directly)."""
+    layers = [hybrid.mixers(cmhf.attach(hybrid.model(arch, dtype)))[0]
+              for dtype in (torch.float32, torch.float64)]
+    hidden = torch.randn(2, 15, 64, generator=torch.Generator().manual_seed(2))
+    am = torch.ones(2, 15, dtype=torch.long)
+    am[0, 4:7] = 0
+    am[1, 11:] = 0
+    for spec in (Causal(), Full()):
+        out = layers[0](hidden, attention_mask=am, visibility=spec)
+        for r in range(2):
+            keep = am[r].bool()
+            ref = layers[1](hidden[r:r + 1, keep].double(), visibility=spec)[0]
+            base = layers[0](hidden[r:r + 1, keep], visibility=spec)[0]
+            assert_close(out[r, keep], ref, base, name=f"{arch} {spec!r} row {r}")
 
 
 # ================================================================== attach / detach
@@ -196,25 +224,17 @@ def test_what_the_family_cannot_serve_is_refused_naming_the_layer(hybrid):
     mamba = cmhf.attach(hybrid.model("mamba2"))
     with pytest.raises(ValueError, match="Mamba2Mixer.*Window"):
         mamba(ids, visibility=Window(3, 1))
+    gdn = cmhf.attach(hybrid.model("qwen3_next"))
+    with pytest.raises(ValueError, match="Qwen3NextGatedDeltaNet.*Gated DeltaNet layer.*Window"):
+        gdn(ids, visibility=Window(3, 1))
     with pytest.raises(ValueError, match="visibility must be a causalmix spec"):
         mamba(ids, visibility="full")
 
 
-def _kimi():
-    cfg = transformers.KimiLinearConfig(
-        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, head_dim=16, attention_dropout=0.0,
-        pad_token_id=0, linear_num_heads=4, linear_head_dim=16, linear_conv_kernel_dim=4,
-        num_experts=0, mlp_layer_types=["dense", "dense"],
-        layer_types=["linear_attention", "full_attention"])
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
-
-
-def test_layers_causalmix_does_not_run_are_named_and_keep_their_own_causal_path():
+def test_layers_causalmix_does_not_run_are_named_and_keep_their_own_causal_path(hybrid):
     """Kimi Linear's KDA (not served yet): attach works for the causal rule (the model's own
     numbers), a spec or packed documents are refused naming the layer class."""
-    model = _kimi()
+    model = hybrid.kimi()
     ids = torch.randint(1, 97, (1, 9))
     before = model(ids).logits
     cmhf.attach(model)
@@ -242,9 +262,10 @@ def test_a_cache_written_by_the_models_own_path_is_accepted_under_causal_only(hy
 # ================================================================== the spec reaches every layer
 
 
-def test_a_spec_reaches_the_attention_and_the_mamba_layers_alike(hybrid):
+@pytest.mark.parametrize("arch", ["bamba", "qwen3_next"])
+def test_a_spec_reaches_the_attention_and_the_hybrid_layers_alike(arch, hybrid):
     """Whether the first three tokens' logits depend on the fourth token, spec by spec."""
-    model = cmhf.attach(hybrid.model("bamba"))
+    model = cmhf.attach(hybrid.model(arch))
     ids = hybrid.ids(1, 12)
     changed = ids.clone()
     changed[0, 3] = (ids[0, 3] % 90) + 1

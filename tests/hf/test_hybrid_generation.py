@@ -41,7 +41,9 @@ def _assert_equals_recompute(ours, ours64, out, spec, am=None):
 
 CASES = [("mamba2", Causal()), ("mamba2", Prefix(P)), ("mamba2", Prefix(4)),
          ("mamba2", Segments(DOCS) & Causal()), ("bamba", Causal()), ("bamba", Prefix(P)),
-         ("zamba2", Prefix(P)), ("nemotron_h", Causal())]
+         ("zamba2", Prefix(P)), ("nemotron_h", Causal()), ("qwen3_next", Causal()),
+         ("qwen3_next", Prefix(P)), ("qwen3_5", Segments(DOCS) & Causal()),
+         ("olmo_hybrid", Prefix(4))]
 
 
 @pytest.mark.parametrize(("arch", "spec"), CASES, ids=lambda c: repr(c))
@@ -53,7 +55,7 @@ def test_generate_with_the_cache_equals_recompute(arch, spec, hybrid):
         _assert_equals_recompute(ours, ours64, _generate(ours, ids, spec), spec)
 
 
-@pytest.mark.parametrize("arch", ["mamba2", "bamba"])
+@pytest.mark.parametrize("arch", ["mamba2", "bamba", "qwen3_next"])
 def test_generate_with_left_padding_and_a_prefix(arch, hybrid):
     ours = cmhf.attach(hybrid.model(arch))
     ours64 = cmhf.attach(hybrid.model(arch, torch.float64))
@@ -66,18 +68,20 @@ def test_generate_with_left_padding_and_a_prefix(arch, hybrid):
     assert not torch.allclose(causal.logits[0], out.logits[0], atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["mamba2", "qwen3_next"])
 @pytest.mark.parametrize("spec", [Full(), Chunked(4), Prefix(P + 2), Segments(DOCS)], ids=repr)
-def test_specs_a_cache_cannot_serve_are_refused(spec, hybrid):
-    model = cmhf.attach(hybrid.model("mamba2"))
+def test_specs_a_cache_cannot_serve_are_refused(arch, spec, hybrid):
+    model = cmhf.attach(hybrid.model(arch))
     with pytest.raises(ValueError, match="stale"):
         _generate(model, hybrid.ids(1, P), spec)
 
 
-def test_the_cache_holds_the_models_own_layout_and_numbers(hybrid):
+@pytest.mark.parametrize("arch", ["bamba", "qwen3_next"])
+def test_the_cache_holds_the_models_own_layout_and_numbers(arch, hybrid):
     """After a causal prefill, the conv and recurrent states causalmix wrote equal those the
     model's own path writes (same object type, shapes, dtypes); under packed documents the
     conv state holds the last document's inputs only."""
-    own, own64 = hybrid.model("bamba"), hybrid.model("bamba", torch.float64)
+    own, own64 = hybrid.model(arch), hybrid.model(arch, torch.float64)
     ours64 = cmhf.attach(copy.deepcopy(own64))
     ours = cmhf.attach(copy.deepcopy(own))
     ids = hybrid.ids(2, 13)

@@ -1,7 +1,11 @@
-"""Non-causal specs on the Mamba-2 layers == an explicit formula built here from the layer's
+"""Non-causal specs on the hybrid layers == an explicit formula built here from the layer's
 own functions: per document, the model's own convolution (causal, restarted at the document)
 and the model's own chunked scan forward, plus the same scan over the flipped key range of
-each query (its diagonal counted once), then the layer's norm and output projection.
+each query, then the layer's norm and output projection. Mamba-2 (linear family): the flipped
+scan includes the query's own key, so its diagonal is counted once. Gated DeltaNet (delta
+family): the reverse part is strict -- ``(exp(g_i) R_{i+1})^T q_i`` with ``R`` the delta
+recurrence run from ``hi(i)`` down to ``i + 1`` -- so the flipped scan runs over keys
+``hi(i) .. i + 1`` with each key read by the query just before it, scaled by its gate.
 
 For a query ``i`` with last visible key ``hi(i)`` (``Full``: the document's end; ``Prefix(n)``:
 ``n - 1`` for ``i < n``; ``Chunked(s, L)``: the end of chunk ``i // s + L``; all clipped to the
@@ -76,12 +80,76 @@ def _document(mixer, xbc, dt, spec, a: int, b: int) -> torch.Tensor:
 
 
 def _formula(mixer, hidden, spec) -> torch.Tensor:
+    if hasattr(mixer, "head_k_dim"):
+        return _gdn_formula(mixer, hidden, spec)
     z, xbc, dt = mixer.in_proj(hidden).split(
         [mixer.intermediate_size, mixer.conv_dim, mixer.num_heads], dim=-1)
     rows = [torch.cat([_document(mixer, xbc[r:r + 1], dt[r:r + 1], spec, a, b)
                        for a, b in DOCS[r]], dim=1) for r in range(hidden.shape[0])]
     y = torch.cat(rows, 0).reshape(hidden.shape[0], hidden.shape[1], -1)
     return mixer.out_proj(mixer.norm(y, z).to(hidden.dtype))
+
+
+def _gdn_inputs(mixer, h):
+    """The layer's own projections: ``(cat(q, k, v), z, b, a)``."""
+    name = type(mixer).__name__
+    if name == "Qwen3NextGatedDeltaNet":
+        q, k, v, z, b, a = mixer.fix_query_key_value_ordering(mixer.in_proj_qkvz(h),
+                                                              mixer.in_proj_ba(h))
+        return torch.cat([x.flatten(2) for x in (q, k, v)], -1), z, b, a
+    if name == "Qwen3_5GatedDeltaNet":
+        return (mixer.in_proj_qkv(h), mixer.in_proj_z(h).unflatten(-1, (-1, mixer.head_v_dim)),
+                mixer.in_proj_b(h), mixer.in_proj_a(h))
+    assert name == "OlmoHybridGatedDeltaNet", name
+    qkv = torch.cat([mixer.q_proj(h), mixer.k_proj(h), mixer.v_proj(h)], -1)
+    return (qkv, mixer.g_proj(h).unflatten(-1, (-1, mixer.head_v_dim)), mixer.b_proj(h),
+            mixer.a_proj(h))
+
+
+def _flip(x):
+    return x.flip(1)
+
+
+def _unit(x):
+    x = x.float()
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-6)
+
+
+def _gdn_document(mixer, mixed, b_, a_, spec, a: int, b: int) -> torch.Tensor:
+    """The delta scan output ``[1, b - a, Hv, Dv]`` of one document of one row."""
+    mod = importlib.import_module(type(mixer).__module__)
+    conv = mod.causal_conv1d_fn(mixed[:, a:b].transpose(1, 2), mixer.conv1d.weight.squeeze(1),
+                                mixer.conv1d.bias, activation=mixer.activation).transpose(1, 2)
+    q, k, v = conv.split([mixer.key_dim, mixer.key_dim, mixer.value_dim], dim=-1)
+    q, k = (x.unflatten(-1, (-1, mixer.head_k_dim)) for x in (q, k))
+    v = v.unflatten(-1, (-1, mixer.head_v_dim))
+    beta = b_[:, a:b].sigmoid() * (2.0 if getattr(mixer, "allow_neg_eigval", False) else 1.0)
+    g = -mixer.A_log.float().exp() * torch.nn.functional.softplus(a_[:, a:b].float()
+                                                                  + mixer.dt_bias)
+    rule = mod.torch_chunk_gated_delta_rule
+    y = rule(q, k, v, g=g, beta=beta, use_qk_l2norm_in_kernel=True)[0]
+    for qa, qb, kb in _regions(spec, a, b):
+        last = min(qb, kb - 1)  # the last query that sees a later key
+        if last <= qa:
+            continue
+        keys, reads = slice(qa + 1 - a, kb - a), slice(qa - a, kb - 1 - a)
+        f = _flip
+        rev = f(rule(f(_unit(q[:, reads])), f(_unit(k[:, keys])), f(v[:, keys]),
+                     g=f(g[:, keys]), beta=f(beta[:, keys]))[0])
+        rev = (rev * g[:, reads].exp()[..., None])[:, : last - qa]
+        y = y + torch.nn.functional.pad(rev, (0, 0, 0, 0, qa - a, b - last)).to(y.dtype)
+    return y
+
+
+def _gdn_formula(mixer, hidden, spec) -> torch.Tensor:
+    mixed, z, b_, a_ = _gdn_inputs(mixer, hidden)
+    rows = [torch.cat([_gdn_document(mixer, mixed[r:r + 1], b_[r:r + 1], a_[r:r + 1], spec, a, b)
+                       for a, b in DOCS[r]], dim=1) for r in range(hidden.shape[0])]
+    y = torch.cat(rows, 0)
+    norm = mixer.o_norm if hasattr(mixer, "o_norm") else mixer.norm
+    proj = mixer.o_proj if hasattr(mixer, "o_proj") else mixer.out_proj
+    o = norm(y.reshape(-1, mixer.head_v_dim), z.reshape(-1, mixer.head_v_dim))
+    return proj(o.reshape(hidden.shape[0], hidden.shape[1], -1))
 
 
 def _outputs(fn, mixer, dtype):
@@ -98,9 +166,9 @@ SPECS = [Causal(), Full(), Segments(IDS), Prefix(6), Prefix(12), Chunked(4), Chu
          Chunked(5, 2)]
 
 
-@pytest.mark.parametrize("arch", ["mamba2", "bamba"])
+@pytest.mark.parametrize("arch", ["mamba2", "bamba", "qwen3_next", "qwen3_5", "olmo_hybrid"])
 @pytest.mark.parametrize("spec", SPECS, ids=repr)
-def test_a_spec_on_a_mamba2_layer_equals_forward_plus_flipped_scans(arch, spec, hybrid):
+def test_a_spec_on_a_hybrid_layer_equals_forward_plus_flipped_scans(arch, spec, hybrid):
     names = ["output", "d hidden"] + [f"d {n}" for n, _ in
                                       hybrid.mixers(hybrid.model(arch))[0].named_parameters()]
     results = {}
@@ -117,9 +185,10 @@ def test_a_spec_on_a_mamba2_layer_equals_forward_plus_flipped_scans(arch, spec, 
         hybrid.close(f"{arch} {spec!r} {name}: causalmix fp32", a, a64, [(b, a64)])
 
 
-def test_the_reverse_part_is_really_there(hybrid):
+@pytest.mark.parametrize("arch", ["mamba2", "qwen3_next"])
+def test_the_reverse_part_is_really_there(arch, hybrid):
     """Full() differs from Causal() on every position but the last of each document."""
-    mixer = hybrid.mixers(cmhf.attach(hybrid.model("mamba2")))[0]
+    mixer = hybrid.mixers(cmhf.attach(hybrid.model(arch)))[0]
     hidden = torch.randn(2, T, 64, generator=torch.Generator().manual_seed(4))
     full = mixer(hidden, visibility=Full() & Segments(IDS))
     causal = mixer(hidden, visibility=Segments(IDS) & Causal())

@@ -164,10 +164,12 @@ def _qwen3_next(impl="causalmix"):
     return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl).eval()
 
 
-def test_a_spec_on_a_hybrid_model_whose_linear_layers_would_ignore_it_raises(tiny):
-    """Qwen3-Next's Gated DeltaNet layers do not run through causalmix (yet): a spec other than
-    Causal() would reach the attention layers only, so it is refused -- on a forward, through
-    the base model, as a default, and in generate."""
+def test_a_spec_on_a_hybrid_model_whose_linear_layers_would_ignore_it_raises(tiny, hybrid):
+    """Without attach, Qwen3-Next's Gated DeltaNet layers do not run through causalmix: a spec
+    other than Causal() would reach the attention layers only, so it is refused. Attached, they
+    do (tests/hf/test_hybrid.py); Kimi Linear's KDA layers still do not, and a spec is refused
+    on an attached Kimi model -- on a forward, through the base model, as a default, and in
+    generate."""
     model = _qwen3_next()
     ids = tiny.ids(1, 9)
     for spec in (Full(), Prefix(4), Segments(torch.tensor([0] * 4 + [1] * 5))):
@@ -175,12 +177,15 @@ def test_a_spec_on_a_hybrid_model_whose_linear_layers_would_ignore_it_raises(tin
             model(ids, visibility=spec)
     assert torch.equal(model(ids, visibility=Causal()).logits, model(ids).logits)
     cmhf.attach(model)
-    with pytest.raises(ValueError, match="linear_attention"):
-        model.model(ids, visibility=Full())
-    with pytest.raises(ValueError, match="linear_attention"):
-        model.generate(ids, visibility=Prefix(9), **GEN)
-    with pytest.raises(ValueError, match="linear_attention"):
-        cmhf.attach(model, Full())(ids)
+    model.model(ids, visibility=Full())
+    kimi = cmhf.attach(hybrid.kimi("causalmix"))
+    with pytest.raises(ValueError, match="KimiLinearDeltaAttention.*linear_attention"):
+        kimi.model(ids, visibility=Full())
+    with pytest.raises(ValueError, match="KimiLinearDeltaAttention"):
+        kimi.generate(ids, visibility=Prefix(9), **GEN)
+    with pytest.raises(ValueError, match="KimiLinearDeltaAttention"):
+        cmhf.attach(kimi, Full())(ids)
+    cmhf.set_visibility(kimi, None)
     cmhf.set_visibility(model, None)
     sdpa = _qwen3_next("sdpa")
     assert torch.allclose(model(ids).logits, sdpa(ids).logits, atol=1e-5)
