@@ -31,15 +31,18 @@ def _oracle(x, weight, bias, valid, ids):
 
 @pytest.mark.parametrize("t", [1, 3, 7, 20])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_documents_restart_and_padding_is_skipped(t, dtype):
+@pytest.mark.parametrize("padded", [True, False])
+def test_documents_restart_and_padding_is_skipped(t, dtype, padded):
     g = torch.Generator().manual_seed(t)
     x = torch.randn(2, t, C, generator=g, dtype=dtype)
     weight = torch.randn(C, K, generator=g, dtype=dtype)
     bias = torch.randn(C, generator=g, dtype=dtype)
     valid = torch.rand(2, t, generator=g) > 0.3
+    if not padded:
+        valid[:] = True
     ids = (torch.rand(2, t, generator=g) > 0.7).long().cumsum(1)
     segments = torch.cat([ids[:, :1], ids], 1)
-    out = short_conv(x, weight, bias, valid=valid, segments=segments)
+    out = short_conv(x, weight, bias, valid=valid if padded else None, segments=segments)
     ref = _oracle(x.double(), weight.double(), bias.double(), valid, ids)
     base = _oracle(x, weight, bias, valid, ids)
     assert_close(out.output[valid], ref[valid], base[valid], name="output")

@@ -81,15 +81,20 @@ def _taps(ext: torch.Tensor, k: int, valid: torch.Tensor | None,
     if segments is not None:
         seg = segments.to(dev).expand(b, -1)
         ids = torch.cat([seg[:, :1].expand(b, k), seg[:, 1:]], dim=1)
-    rank = tokens.long().cumsum(1) - 1  # [B, n]: tokens up to each position, minus one
-    where = torch.arange(n, device=dev).expand(b, n)
-    # position of the token of each rank (ranks of padding write to a spare last column)
-    at_rank = torch.full((b, n + 1), n, dtype=torch.int64, device=dev)
-    at_rank.scatter_(1, torch.where(tokens, rank, n), where)
-    taps = []
-    for j in range(k):
-        src = at_rank.gather(1, (rank[:, k:] - j).clamp_min(0))  # [B, T]; rank >= K - 1 here
-        same = ids.gather(1, src) == ids[:, k:]
-        tap = ext.gather(1, src[..., None].expand(b, t, c))
-        taps.append(tap * same[..., None].to(ext.dtype))
-    return taps
+    if valid is None:  # documents only: the j-th most recent token is j positions back
+        src = [torch.arange(k - j, n - j, device=dev).expand(b, t) for j in range(k)]
+        taps = [ext[:, k - j:n - j] for j in range(k)]
+    else:
+        rank = tokens.long().cumsum(1) - 1  # [B, n]: tokens up to each position, minus one
+        where = torch.arange(n, device=dev).expand(b, n)
+        # position of the token of each rank (ranks of padding write to a spare last column)
+        at_rank = torch.full((b, n + 1), n, dtype=torch.int64, device=dev)
+        at_rank.scatter_(1, torch.where(tokens, rank, n), where)
+        # rank >= K - 1 at every position of the call: the K entries before it are tokens
+        src = [at_rank.gather(1, rank[:, k:] - j) for j in range(k)]
+        taps = [ext.gather(1, s[..., None].expand(b, t, c)) for s in src]
+    out = []
+    for s, tap in zip(src, taps, strict=True):
+        same = ids.gather(1, s) == ids[:, k:]
+        out.append(tap * same[..., None].to(ext.dtype))
+    return out
