@@ -32,20 +32,19 @@ import public_api  # noqa: E402
 
 log = logging.getLogger("mkdocs.plugins.causalmix")
 
-_INTRO = {
-    "causalmix": "The spec and the functional mixers: `import causalmix` or "
-                 "`from causalmix import ...`.",
-    "causalmix.stream": "Streaming and decode executors ([Modes](../modes.md)).",
-    "causalmix.distributed": "Sequence parallel over `torch.distributed` "
-                             "([Modes](../modes.md#sequence-parallel)).",
-    "causalmix.nn": "Layers, blocks and models.",
-    "causalmix.hf": "The Hugging Face bridge ([the bridge](../hf.md)); needs the `hf` extra.",
+_GUIDE = {
+    "causalmix": "Guides: [Concepts](../concepts.md), [softmax](../mixers/softmax.md), "
+                 "[linear](../mixers/linear.md).",
+    "causalmix.stream": "Guide: [Modes](../modes.md).",
+    "causalmix.distributed": "Guide: [Modes](../modes.md#sequence-parallel).",
+    "causalmix.nn": "Guide: [Layers and models](../models.md).",
+    "causalmix.hf": "Guide: [the Hugging Face bridge](../hf.md) (needs the `hf` extra).",
 }
 
 
 def reference_page(module: str, entries: list[public_api.Entry]) -> str:
     """The Markdown of one reference page: the module docstring, then every public name."""
-    lines = [f"# `{module}`", "", _INTRO.get(module, ""), "",
+    lines = [f"# `{module}`", "", _GUIDE.get(module, ""), "",
              f"::: {module}", "    options:", "      members: false",
              "      show_root_heading: false", "      show_root_toc_entry: false", ""]
     for e in entries:
