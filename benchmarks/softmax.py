@@ -1,17 +1,24 @@
 """Block-sparse softmax attention vs its peers, contenders interleaved round by round.
 
 For each T, mode and spec, every round times each contender once, in turn (A, B, C, A, B, C...):
-``blocks`` (causalmix today), ``before`` (``benchmarks/_blocks_before.py``: ``blocks`` as it was
-at the base commit of issue 15, kept only for this column), SDPA with a dense boolean mask
-(computes every tile) and SDPA ``is_causal`` (the fused kernel; run in every spec's rounds as the
-yardstick). Ratios are taken within a round and summarised by their median and spread
-(min..max) over the rounds. *Useful* GFLOP/s count visible pairs only (4*D flops per pair
-forward, 14*D forward+backward); the figure of merit is a spec's useful GFLOP/s as a fraction of
-SDPA ``is_causal``'s in the same round. FlexAttention (compiled; forward only on CPU) runs last,
-its compile time reported apart, interleaved with ``blocks`` forward.
 
-    python benchmarks/softmax.py --t 8192 --modes fwd+bwd     # the issue-15 figure
+* ``blocks``: causalmix of this tree;
+* ``before``: ``blocks`` of the commit ``--before`` names (default: main when issue 24 started),
+  checked out by ``git worktree add --detach`` under the system's temp folder and run in a child
+  process that times one call whenever this one asks, so that the rounds still interleave;
+* ``sdpa mask``: SDPA with a dense boolean mask (computes every tile);
+* ``sdpa is_causal``: the fused kernel, run in every spec's rounds as the yardstick.
+
+Ratios are taken within a round and summarised by their median and spread (min..max) over the
+rounds. *Useful* GFLOP/s count visible pairs only (4*D flops per pair forward, 14*D
+forward+backward); the figure of merit is a spec's useful GFLOP/s as a fraction of SDPA
+``is_causal``'s in the same round. FlexAttention (compiled; forward only on CPU) runs last, its
+compile time reported apart, interleaved with ``blocks`` forward. The load average is printed
+before and after: other work on the machine moves every figure.
+
+    python benchmarks/softmax.py --t 4096 8192 --modes fwd+bwd --no-flex   # the issue-24 figure
     python benchmarks/softmax.py --quick                       # T=2048, no Flex
+    python benchmarks/softmax.py --before main~3               # "before" = another commit
 """
 
 from __future__ import annotations
@@ -19,30 +26,95 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import causalmix
 
-import _blocks_before  # noqa: E402
-from causalmix import Causal, Chunked, Prefix, Segments, Window, softmax_attention  # noqa: E402
-
-TARGETS = {"causal": 0.85, "prefix T/4": 0.8, "chunked 64 la1": 0.8, "4 segs & causal": 0.8,
-           "window 256": 0.5}
+#: The default ``--before``: main when issue 24 started (the mixer-contract issue's result).
+BEFORE = "d6d8ea6"
+TARGETS = {"causal": 0.85, "prefix T/4": 0.85, "chunked 64 la1": 0.85, "4 segs & causal": 0.85,
+           "window 256": 0.7}
 
 
 def specs_for(t: int) -> dict:
     ids = torch.arange(t) * 4 // t  # 4 equal documents
     return {
-        "causal": Causal(),
-        "prefix T/4": Prefix(t // 4),
-        "chunked 64 la1": Chunked(64, lookahead=1),
-        "window 256": Window(256),
-        "4 segs & causal": Segments(ids) & Causal(),
+        "causal": causalmix.Causal(),
+        "prefix T/4": causalmix.Prefix(t // 4),
+        "chunked 64 la1": causalmix.Chunked(64, lookahead=1),
+        "window 256": causalmix.Window(256),
+        "4 segs & causal": causalmix.Segments(ids) & causalmix.Causal(),
     }
+
+
+def _git(*args: str, cwd: str) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+class Before:
+    """``blocks`` of another commit, timed in a child process: a detached git worktree of the
+    commit (made once, kept under the temp folder) whose ``src`` leads the child's
+    ``PYTHONPATH``. The child runs this script with ``--serve`` and answers one line per
+    request: ``case T NAME MODE`` builds that case's inputs (the same seed as here) and warms it
+    up; ``time`` runs it once and answers the seconds. Only one process computes at a time, so
+    the rounds interleave exactly as in-process contenders do."""
+
+    def __init__(self, commit: str, args):
+        here = os.path.dirname(os.path.abspath(__file__))
+        sha = _git("rev-parse", "--verify", f"{commit}^{{commit}}", cwd=here)
+        path = os.path.join(tempfile.gettempdir(), f"cm-before-{sha[:12]}")
+        if not os.path.isdir(os.path.join(path, "src", "causalmix")):
+            _git("worktree", "add", "--detach", path, sha, cwd=here)
+        env = dict(os.environ, PYTHONPATH=os.path.join(path, "src"))
+        cmd = [sys.executable, os.path.abspath(__file__), "--serve", "--heads", str(args.heads),
+               "--dim", str(args.dim)] + (["--threads", str(args.threads)] if args.threads else [])
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=env)
+        where = self._ask("where")
+        assert where.startswith(path), (where, path)
+        self.label = f"{commit} = {sha[:12]} ({where})"
+
+    def _ask(self, line: str) -> str:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline().strip()
+        if not answer:
+            raise RuntimeError(f"the 'before' process died on {line!r}")
+        return answer
+
+    def case(self, t: int, name: str, mode: str):
+        self._ask(f"case {t} {mode} {name}")
+        return lambda: float(self._ask("time"))
+
+
+def serve(args) -> None:
+    """The child side of :class:`Before` (stdin / stdout, one line each)."""
+    go = None
+    for line in sys.stdin:
+        cmd, *rest = line.split(maxsplit=3)
+        if cmd == "where":
+            answer = os.path.dirname(causalmix.__file__)
+        elif cmd == "case":
+            t, mode, name = int(rest[0]), rest[1], rest[2].strip()
+            spec = specs_for(t)[name]
+            q, k, v = inputs(t, args)
+            go = step(lambda a, b, c, s=spec: causalmix.softmax_attention(a, b, c, s,
+                                                                          impl="blocks"),
+                      q, k, v, mode == "fwd+bwd")
+            go()
+            answer = "ok"
+        else:
+            t0 = time.perf_counter()
+            go()
+            answer = repr(time.perf_counter() - t0)
+        print(answer, flush=True)
 
 
 def uptime() -> str:
@@ -62,13 +134,7 @@ def _sdpa(mask=None, causal=False):
 
 
 def contenders(spec, t, args) -> dict:
-    def before(q, k, v):
-        return _blocks_before.attention(q, k, v, spec, q_offset=0, k_offset=0,
-                                        scale=q.shape[-1] ** -0.5)[0]
-
-    out = {"blocks": lambda q, k, v: softmax_attention(q, k, v, spec, impl="blocks")}
-    if args.before:
-        out["before"] = before
+    out = {"blocks": lambda q, k, v: causalmix.softmax_attention(q, k, v, spec, impl="blocks")}
     if args.mask_sdpa:
         out["sdpa mask"] = _sdpa(mask=spec.mask(t, t)[:, None])
     out["sdpa is_causal"] = _sdpa(causal=True)
@@ -86,15 +152,16 @@ def step(fn, q, k, v, grad):
 
 
 def interleaved(fns: dict, rounds: int) -> dict[str, list[float]]:
-    """Seconds per call of each contender, one call each per round, after one warm-up each."""
+    """Seconds per call of each contender, one call each per round, after one warm-up each. A
+    contender that returns a float (the "before" child) reports its own time."""
     for f in fns.values():
         f()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, f in fns.items():
             t0 = time.perf_counter()
-            f()
-            times[name].append(time.perf_counter() - t0)
+            own = f()
+            times[name].append(own if isinstance(own, float) else time.perf_counter() - t0)
     return times
 
 
@@ -114,6 +181,8 @@ def run_case(t, name, spec, mode, args) -> dict:
     useful = per_pair * int(spec.count_visible(t, t).sum())
     causal = per_pair * t * (t + 1) // 2
     fns = {n: step(f, q, k, v, grad) for n, f in contenders(spec, t, args).items()}
+    if args.before_run is not None:
+        fns = {"blocks": fns.pop("blocks"), "before": args.before_run.case(t, name, mode), **fns}
     times = interleaved(fns, args.rounds)
     ref = times["sdpa is_causal"]
     row = {"times": times}
@@ -135,10 +204,10 @@ def run_case(t, name, spec, mode, args) -> dict:
 def run_flex(t, name, spec, args) -> None:
     q, k, v = inputs(t, args)
     fns = {
-        "blocks": step(lambda a, b, c: softmax_attention(a, b, c, spec, impl="blocks"), q, k, v,
-                       False),
-        "flex": step(lambda a, b, c: softmax_attention(a, b, c, spec, impl="flex"), q, k, v,
-                     False),
+        "blocks": step(lambda a, b, c: causalmix.softmax_attention(a, b, c, spec, impl="blocks"),
+                       q, k, v, False),
+        "flex": step(lambda a, b, c: causalmix.softmax_attention(a, b, c, spec, impl="flex"),
+                     q, k, v, False),
     }
     t0 = time.perf_counter()
     fns["flex"]()
@@ -161,16 +230,24 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-flex", dest="flex", action="store_false")
-    p.add_argument("--no-before", dest="before", action="store_false")
+    p.add_argument("--before", default=BEFORE, metavar="COMMIT",
+                   help=f"the commit whose blocks is the 'before' column (default {BEFORE})")
+    p.add_argument("--no-before", dest="before", action="store_const", const=None)
     p.add_argument("--no-mask-sdpa", dest="mask_sdpa", action="store_false")
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # Before's child
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.serve:
+        return serve(args)
+    args.before_run = Before(args.before, args) if args.before else None
     lengths = args.t or ([2048] if args.quick else [2048, 8192])
     if args.quick:
         args.flex = False
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, B=1, "
           f"H={args.heads}, D={args.dim}, {args.rounds} interleaved rounds; {uptime()}")
+    if args.before_run is not None:
+        print(f"before: blocks of {args.before_run.label}")
     results = {}
     for t in lengths:
         for name, spec in specs_for(t).items():

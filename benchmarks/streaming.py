@@ -6,6 +6,15 @@
    (softmax under a window, linear attention): the end pushes of the long stream and the start
    pushes of a fresh stream are timed *interleaved*, push by push, so host-load drift hits both
    alike; medians are compared. Cache bytes at both points are shown too.
+3. Measured latency per output (``LatencyStats``): the algorithmic wait (frames the spec makes
+   an output wait for, at the frame rate) plus the compute (wall time of the push that released
+   it), p50 / p95 / max, for softmax, linear (constant decay) and gated (per-frame log-gates)
+   streams at realistic push sizes. Assumed front end: 16 kHz audio, 25 ms windows at a 10 ms
+   hop, one stream frame per hop (no subsampling; the window's own 15 ms of lookahead is not
+   counted); a push every 10 ms (1 frame) or every 40 ms (4 frames). Frames of one push also
+   wait for the push to fill (up to 3 frames at 40 ms): shown apart as "fill", not in the
+   measured figure. Wall-clock times (``time.perf_counter``, what a user waits for) on a shared
+   host: read the spread, not the digits.
 
 Every time is the best of several rounds, parallel and streamed runs alternating within a round:
 on a shared CPU only ratios measured side by side mean anything. Times are this process's CPU
@@ -14,7 +23,7 @@ wall clock mostly measures the neighbours. Torch runs single-threaded by default
 is compute time): with two OpenMP threads on a loaded two-core host, tiny copies stall for
 milliseconds.
 
-    python benchmarks/streaming.py [--quick] [--threads N]
+    python benchmarks/streaming.py [--quick] [--threads N] [--wall]
 """
 
 from __future__ import annotations
@@ -27,11 +36,13 @@ import torch
 
 from causalmix.ops.linear import linear_attention
 from causalmix.ops.softmax import softmax_attention
-from causalmix.stream import LinearStream, SoftmaxStream
+from causalmix.stream import LatencyStats, LinearStream, SoftmaxStream
 from causalmix.visibility import Causal, Chunked, Window
 
 B, H, D = 1, 4, 64
 DONE_TOTAL = 1.3  # pushes of 256 vs parallel, window and linear specs
+HOP_S = 0.010  # one stream frame per 10 ms hop of a 16 kHz front end
+PUSHES = (("10 ms", 1), ("40 ms", 4))
 DONE_FLAT = 1.2  # per-push time, end vs start of a long stream, bounded specs
 
 
@@ -145,6 +156,60 @@ def flat_table(t_long: int, push: int, window: int, group: int = 16):
     return done
 
 
+def latency_cases():
+    decay = torch.full((H,), 0.99)
+    return [
+        # (mixer, spec, kwargs): right context of 20 ms, or 40 ms chunks with one chunk ahead
+        ("softmax", Window(256, 2), {}),
+        ("softmax", Chunked(4, lookahead=1), {}),
+        ("linear", Causal(), {"decay": decay}),
+        ("linear", Chunked(4, lookahead=1), {"decay": decay}),
+        ("gated", Causal(), {}),
+        ("gated", Chunked(4, lookahead=1), {}),
+    ]
+
+
+def stream_measured(mixer, vis, kw, frames: int, push: int, warm: int):
+    """Stream ``frames`` frames in pushes of ``push``; returns the stream's LatencyStats over
+    the outputs after the first ``warm``, the worst fill wait (frames), and the real-time factor
+    (summed push time / audio time)."""
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(B, frames, H, D) for _ in range(3))
+    g = -torch.rand(B, frames, H) * 0.1
+    s = LinearStream(vis, **kw) if mixer != "softmax" else SoftmaxStream(vis, **kw)
+    released: list[int] = []  # per output: the last frame of the push that released it
+    busy = 0.0
+    for p in range(0, frames, push):
+        sl = slice(p, p + push)
+        gates = {"log_gate": g[:, sl]} if mixer == "gated" else {}
+        t0 = time.perf_counter()
+        out = s.push(q[:, sl], k[:, sl], v[:, sl], **gates)
+        busy += time.perf_counter() - t0
+        released += [min(p + push, frames) - 1] * out.shape[1]
+    s.flush()
+    released += [frames - 1] * (s.frames_out - len(released))
+    lat, comp = s.latency[warm:], s.compute_seconds[warm:]
+    fill = torch.tensor(released[warm:]) - s.ready_at[warm:]
+    return (LatencyStats.of(lat, comp, frame_seconds=HOP_S), int(fill.max()),
+            busy / (frames * HOP_S))
+
+
+def measured_table(frames: int, warm: int = 64):
+    print(f"\n== 3. measured latency per output = algorithmic wait + compute of the releasing "
+          f"push; {frames} frames of 10 ms ({frames * HOP_S:.0f} s of audio), B={B} H={H} "
+          f"D={D}, outputs after the first {warm}; ms ==")
+    print(f"{'mixer':8} {'spec':29} {'push':>5} {'wait p50/max':>13} "
+          f"{'compute p50/p95/max':>21} {'measured p50/p95/max':>22} {'fill':>5} {'RTF':>6}")
+    for mixer, vis, kw in latency_cases():
+        for label, push in PUSHES:
+            st, fill, rtf = stream_measured(mixer, vis, kw, frames, push, warm)
+            c, m = st.compute, st.measured
+            print(f"{mixer:8} {vis!r:29} {label:>5} {st.p50 * 10:6.0f}/{st.max * 10:<6.0f} "
+                  f"{c.p50 * 1e3:6.2f}/{c.p95 * 1e3:6.2f}/{c.max * 1e3:<7.2f} "
+                  f"{m.p50 * 1e3:6.1f}/{m.p95 * 1e3:6.1f}/{m.max * 1e3:<8.1f} "
+                  f"{fill * 10:5.0f} {rtf:6.3f}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="T=2048, a 16384-frame long stream")
@@ -162,6 +227,7 @@ def main():
           f"{'wall-clock' if args.wall else 'process CPU'} time")
     total = total_time_table(t, rounds)
     flat = flat_table(t_long, 16, window)
+    measured_table(1000 if args.quick else 3000)
     print("\n== done when ==")
     for title, rows, goal in (
         (f"pushes of 256 frames / one parallel call, T={t}", total, DONE_TOTAL),

@@ -108,43 +108,6 @@ def _defined_private_names(tree: ast.Module) -> set[str]:
 TORCH_PRIVATE = {"_version", "_dynamo", "_C", "_inductor", "_functorch", "_higher_order_ops"}
 NAMEDTUPLE = {"_replace", "_asdict", "_fields", "_make"}
 
-#: Offenders left while the mixer-contract issue is worked on, keyed "file function" (no line
-#: numbers). Each list must shrink to empty; an entry that no longer offends must be removed.
-KNOWN_POSITIONAL = {
-    "distributed/linear.py _validate", "distributed/softmax.py _partial",
-    "distributed/softmax.py forward", "hf/bridge.py _probe", "hf/bridge.py causalmix_mask",
-    "hf/bridge.py causalmix_attention", "lab/adaptive.py _size", "ops/linear/api.py _check_gates",
-    "ops/linear/api.py _check_state", "ops/linear/api.py _check_common",
-    "ops/linear/api.py _fast_reason", "ops/linear/api.py _run",
-    "ops/linear/impl/chunk.py _prepare", "ops/linear/impl/chunk.py _tile_grads",
-    "ops/linear/impl/chunk.py _forward_state_grads",
-    "ops/linear/impl/chunk.py _reverse_state_grads", "ops/linear/impl/chunk.py _band_tiles",
-    "ops/linear/impl/chunk.py forward", "ops/linear/impl/recurrent.py _band",
-    "ops/softmax/api.py _prepare", "ops/softmax/impl/blocks.py _row_size",
-    "ops/softmax/impl/blocks.py _best_rows", "ops/softmax/impl/blocks.py _plan",
-    "ops/softmax/impl/blocks.py _make_plan", "ops/softmax/impl/blocks.py _make_band",
-    "ops/softmax/impl/blocks.py _bias", "ops/softmax/impl/blocks.py _scores",
-    "ops/softmax/impl/blocks.py _row_block_one", "ops/softmax/impl/blocks.py _row_block_online",
-    "ops/softmax/impl/blocks.py _apply", "ops/softmax/impl/blocks.py forward",
-    "ops/softmax/impl/flex.py _block_mask", "stream/linear.py _call",
-}
-KNOWN_LONG = {
-    "distributed/linear.py linear_attention", "lab/trainer.py fit",
-    "ops/linear/api.py linear_attention", "ops/linear/impl/reference.py linear_attention",
-    "ops/softmax/api.py softmax_attention",
-}
-KNOWN_LONG_FILES = {"lab/findings.py", "ops/linear/impl/chunk.py", "ops/softmax/impl/blocks.py"}
-KNOWN_NO_REGISTRY = {"linear"}
-
-
-def _check_known(offenders: dict[str, str], known: set[str]) -> None:
-    """No offender outside ``known``, and no stale entry in ``known``."""
-    new = sorted(line for key, line in offenders.items() if key not in known)
-    stale = sorted(known - set(offenders))
-    assert not new and not stale, "\n".join(
-        [f"new: {x}" for x in new] + [f"fixed, remove from the KNOWN list: {x}" for x in stale])
-
-
 def _top_package(module: str) -> str:
     """``causalmix.<sub>`` (top-level modules of causalmix are their own package)."""
     return ".".join(module.split(".")[:2])
@@ -175,21 +138,21 @@ def test_no_function_takes_more_than_6_positional_parameters():
     offenders = {f"{rel} {node.name}": f"{rel}:{node.lineno} {node.name} ({n} positional)"
                  for rel, node in _functions()
                  if (n := len(node.args.posonlyargs) + len(node.args.args)) > MAX_POSITIONAL}
-    _check_known(offenders, KNOWN_POSITIONAL)
+    assert not offenders, "\n".join(offenders.values())
 
 
 def test_no_function_is_longer_than_60_lines():
     offenders = {f"{rel} {node.name}": f"{rel}:{node.lineno} {node.name} ({n} lines)"
                  for rel, node in _functions()
                  if (n := node.end_lineno - node.lineno + 1) > MAX_LINES}
-    _check_known(offenders, KNOWN_LONG)
+    assert not offenders, "\n".join(offenders.values())
 
 
 def test_no_file_is_longer_than_600_lines():
     offenders = {str(path.relative_to(SRC)): f"{path.relative_to(SRC)} ({n} lines)"
                  for _, path, _ in MODULES
                  if (n := len(path.read_text().splitlines())) > MAX_FILE_LINES}
-    _check_known(offenders, KNOWN_LONG_FILES)
+    assert not offenders, "\n".join(offenders.values())
 
 
 def _families() -> list[str]:
@@ -200,7 +163,7 @@ def _families() -> list[str]:
 def test_every_mixer_family_has_one_registry_of_its_impl_modules():
     families = _families()
     assert {"softmax", "linear"} <= set(families)
-    for family in (f for f in families if f not in KNOWN_NO_REGISTRY):
+    for family in families:
         pkg = importlib.import_module(f"causalmix.ops.{family}")
         registries = [(name, value) for mod_name in
                       [m.name for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")]
@@ -260,6 +223,18 @@ def _doctest_modules() -> list[str]:
         if ">>>" in path.read_text():
             names.append(module)
     return names
+
+
+def test_every_examples_section_is_a_doctest():
+    """A docstring with an ``Examples`` section shows runnable ``>>>`` lines (run below)."""
+    offenders = []
+    for _, path, tree in MODULES:
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)):
+                doc = ast.get_docstring(node) or ""
+                if re.search(r"^\s*Examples?:?\s*$", doc, flags=re.M) and ">>>" not in doc:
+                    offenders.append(f"{path.relative_to(SRC)} {getattr(node, 'name', '')}")
+    assert not offenders, "\n".join(offenders)
 
 
 @pytest.mark.parametrize("module", _doctest_modules())

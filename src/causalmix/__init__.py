@@ -5,6 +5,7 @@ The spec and the functional mixers live here; execution modes and models are sub
 ``causalmix.nn`` (layers and models), ``causalmix.lab`` (experiments).
 """
 
+from causalmix.checks import ArgumentTypeError, UnboundedHorizonError
 from causalmix.ops.delta import (
     chunk_delta_attention,
     delta_attention,
@@ -18,10 +19,12 @@ from causalmix.ops.linear import (
 )
 from causalmix.ops.softmax import AttentionOutput, softmax_attention
 from causalmix.visibility import (
+    AdaptiveLookahead,
     And,
     Causal,
     Chunked,
     Full,
+    KeyRange,
     Or,
     Prefix,
     Segments,
@@ -33,15 +36,19 @@ from causalmix.visibility import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveLookahead",
     "And",
+    "ArgumentTypeError",
     "AttentionOutput",
     "Causal",
     "Chunked",
     "Full",
+    "KeyRange",
     "LinearOutput",
     "Or",
     "Prefix",
     "Segments",
+    "UnboundedHorizonError",
     "ValidKeys",
     "Visibility",
     "Window",

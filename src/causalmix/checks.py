@@ -116,9 +116,11 @@ def _check_tensor(fn: str, name: str, t: Any) -> None:
         raise ValueError(f"{fn}: {name} must be a floating tensor, got dtype {t.dtype}")
 
 
-def check_qkv(fn: str, q: Any, k: Any, v: Any, *, same_head_count: bool = False
-              ) -> tuple[int, ...]:
+def check_qkv(fn: str, q: Any, k: Any, v: Any, *, same_head_count: bool = False,
+              heads: bool = True) -> tuple[int, ...]:
     """Check ``q: [B, Tq, Hq, D]``, ``k: [B, Tk, Hkv, D]``, ``v: [B, Tk, Hkv, Dv]``.
+    ``heads=False`` leaves the head counts to the caller (the linear-state families serve two
+    groupings: :func:`causalmix.ops.heads.head_layout`).
 
     Returns ``(B, Tq, Tk, Hq, Hkv, D, Dv)``.
     """
@@ -137,10 +139,12 @@ def check_qkv(fn: str, q: Any, k: Any, v: Any, *, same_head_count: bool = False
         raise ValueError(f"{fn}: batch sizes differ: q {b}, k {bk}, v {bv}")
     if tk != tv:
         raise ValueError(f"{fn}: k and v must have the same length, got k {tk}, v {tv}")
-    if hkv != hv:
-        raise ValueError(f"{fn}: k and v must have the same heads, got k {hkv}, v {hv}")
     if d != dk:
         raise ValueError(f"{fn}: q and k head dims differ: q {d}, k {dk}")
+    if not heads:
+        return b, tq, tk, hq, hkv, d, dv
+    if hkv != hv:
+        raise ValueError(f"{fn}: k and v must have the same heads, got k {hkv}, v {hv}")
     if same_head_count and hq != hkv:
         raise ValueError(f"{fn}: q, k, v must have the same heads, got q {hq}, k {hkv}")
     if hkv == 0 or hq % hkv != 0:

@@ -1,14 +1,20 @@
-"""Command line: ``causalmix --version``, ``causalmix lab run | report | list | export``.
+"""Command line: ``causalmix --version``, ``causalmix lab run | report | list | export`` (also
+``python -m causalmix ...``).
 
 Every user error (a bad option value, ``--out`` that is a file, a corrupt database, a folder
-without runs) exits with status 2 and one line on stderr, never a traceback.
+without runs, an export that would write no run) exits with status 2 and one line on stderr,
+never a traceback. Output piped into a reader that stops early (``causalmix lab list | head -1``)
+ends quietly with status 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+from causalmix.lab.export import FORMATS
 
 __all__ = ["main"]
 
@@ -67,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     exp = labsub.add_parser("export", help="write every run (config, seed, metrics, curves) "
                                            "as CSV or JSON lines")
     exp.add_argument("--out", default="lab_out", help=out_help)
-    exp.add_argument("--format", default="jsonl", choices=["csv", "jsonl"])
+    exp.add_argument("--format", default="jsonl", choices=FORMATS)
     exp.add_argument("--to", default=None,
                      help="file to write (default: <out>/runs.<format>; '-' for stdout)")
     exp.add_argument("--suite", default=None, choices=SUITE_NAMES,
@@ -76,13 +82,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> int:
+    import torch
+
     from causalmix.lab.runner import run_suite
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise _UserError(f"--out {out} is a file, not a folder")
-    run_suite(args.suite, out, seeds=args.seeds, threads=args.threads,
-              progress=not args.no_progress)
+    # the command owns its process: one thread by default (the models are so small that a step
+    # is dominated by per-op overhead; on a loaded 2-core machine two threads made the smoke
+    # suite 20x slower, 66 s against 3 s)
+    torch.set_num_threads(1 if args.threads is None else args.threads)
+    run_suite(args.suite, out, seeds=args.seeds, progress=not args.no_progress)
     return 0
 
 
@@ -97,7 +108,7 @@ def _report(args) -> int:
 
 
 def _list(args) -> int:
-    from causalmix.lab.db import RunDB
+    from causalmix.lab.db import RunDB, run_key
     from causalmix.lab.findings import SUITES
     from causalmix.lab.runner import suite_jobs
 
@@ -110,9 +121,10 @@ def _list(args) -> int:
             db.close()
     for name, size in SUITES.items():
         jobs = suite_jobs(name)
-        print(f"suite {name} ({len(jobs)} arms x {size.seeds} seeds)")
-        for _, _, job in jobs:
-            st = [done.get(job.run_key(s), {}).get("status", "-") for s in range(size.seeds)]
+        print(f"suite {name} ({len(jobs)} arms x {size.seeds} seed"
+              f"{'' if size.seeds == 1 else 's'})")
+        for job in jobs:
+            st = [done.get(run_key(job, s), {}).get("status", "-") for s in range(size.seeds)]
             print(f"  {job.name:48s} seeds: {' '.join(st)}")
     return 0
 
@@ -140,13 +152,28 @@ def _export(args) -> int:
     return 0
 
 
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``| head``): send what is left to ``/dev/null`` so that
+    the interpreter's last flush is quiet too, and end with status 0."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout is no file (captured in tests)
+        pass
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (2: a user error, one line on
-    stderr)."""
+    stderr; 0 when stdout's reader stops early)."""
     try:
         args = _parser().parse_args(argv)
         command = {"run": _run, "report": _report, "list": _list, "export": _export}
-        return command[args.lab_command](args)
+        status = command[args.lab_command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return status
+    except BrokenPipeError:
+        return _stdout_closed()
     except (_UserError, ValueError, OSError) as err:
         msg = str(err)
         print(msg if msg.startswith("causalmix") else f"causalmix: {msg}", file=sys.stderr)

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from causalmix import Causal, Chunked, Full, Prefix, Segments, Visibility, Window
 from causalmix import softmax_attention as single_attention
+from causalmix.checks import ArgumentTypeError
 from causalmix.distributed import (
     LAYOUTS,
     linear_attention,
@@ -30,10 +31,9 @@ from causalmix.distributed import (
     unshard,
     work_balance,
 )
-from causalmix.distributed._spec import Strided
 from causalmix.ops.linear import linear_attention as single_linear
 from causalmix.testing import assert_close
-from causalmix.visibility import KeyRange
+from causalmix.visibility import KeyRange, Strided
 
 HARD_TIMEOUT_S = 240.0  # whole process group, spawn included; the harness kills it after this
 PG_TIMEOUT_S = 60.0  # torch.distributed op timeout inside a healthy group
@@ -290,6 +290,145 @@ def _check_argument_mismatch(rank, world):
     assert out.shape == x.shape
 
 
+def _same_error_everywhere(call, *must_contain, kind=ValueError):
+    """``call()`` must raise ``kind`` on this rank with a message naming ``must_contain``; every
+    rank must raise the same type with the same message. Returns the message."""
+    try:
+        call()
+    except ValueError as e:
+        got = (type(e).__name__, str(e))
+    else:
+        got = ("no error", "")
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, got)
+    assert all(x == everyone[0] for x in everyone), everyone
+    assert got[0] == kind.__name__, got
+    for text in must_contain:
+        assert text in got[1], (text, got[1])
+    return got[1]
+
+
+def _dense_gated(q, k, v, spec, lg, lgr):
+    """The gated linear mixer by its definition, in fp64: ``w_ij = prod_{s=j+1..i} exp(g_s)``
+    (j <= i), ``prod_{s=i..j-1} exp(r_s)`` (j > i), each weight its own product, so a NaN
+    gate reaches exactly the weights it is a factor of; invisible pairs are left out."""
+    t = q.shape[1]
+    g, r = lg.double(), lgr.double()
+    w = torch.ones(g.shape[0], t, t, g.shape[2], dtype=torch.float64)
+    for i in range(t):
+        for j in range(t):
+            if j < i:
+                w[:, i, j] = torch.exp(g[:, j + 1: i + 1].sum(1))
+            elif j > i:
+                w[:, i, j] = torch.exp(r[:, i:j].sum(1))
+    vis = spec.mask(t, t)[..., None]  # [B', T, T, 1]
+    s = torch.einsum("bihd,bjhd->bijh", q.double(), k.double())
+    a = torch.where(vis, w * s, torch.zeros((), dtype=torch.float64))
+    return torch.einsum("bijh,bjhe->bihe", a, v.double()).to(q.dtype)
+
+
+def _check_nan_gates(rank, world, reverse=False):
+    """NaN in a gate is not refused (NaN in, NaN out): exactly the outputs whose weights hold
+    the NaN gate are NaN (the dense definition, each weight a product of the gates in between),
+    and no other: nothing leaks to a rank or a query that cannot see it."""
+    g = torch.Generator().manual_seed(12)
+    seq_len = 8 * world
+    q, k, v = (torch.randn(2, seq_len, 2, 4, generator=g) for _ in range(3))
+    cases = [  # (spec, layout, position of a NaN forward gate, of a NaN reverse gate)
+        (Causal(), "contiguous", 10, None),
+        (Causal(), "zigzag", 3, None),
+        (Full(), "contiguous", 12, None),
+        (Full(), "zigzag", 2, None),
+        (Prefix(torch.tensor([5, 14])), "contiguous", 13, None),
+    ]
+    if reverse:  # NaN reverse gates (their weights run to later keys)
+        cases = [
+            (Full(), "contiguous", None, 12),
+            (Prefix(5), "zigzag", None, 12),  # the reverse gate past the prefix is never used
+            (Prefix(torch.tensor([5, 14])), "contiguous", None, 3),
+        ]
+    for spec, layout, at_f, at_r in cases:
+        lg, lgr = (-torch.rand(2, seq_len, 2, generator=g) for _ in range(2))
+        if at_f is not None:
+            lg[:, at_f, 0] = float("nan")
+        if at_r is not None:
+            lgr[:, at_r, 1] = float("nan")
+        rev = None if isinstance(spec, Causal) else lgr
+        ref = _dense_gated(q, k, v, spec, lg, lgr)
+        sh = {"layout": layout, "rank": rank, "world": world}
+        out = linear_attention(*(shard(t, **sh) for t in (q, k, v)), spec, layout=layout,
+                               log_gate=shard(lg, **sh),
+                               reverse_log_gate=None if rev is None else shard(rev, **sh))
+        got = _gather(out, world, layout)
+        what = f"{spec!r} {layout} NaN at {at_f, at_r}"
+        assert torch.equal(torch.isnan(got), torch.isnan(ref)), what
+        torch.testing.assert_close(got, ref, equal_nan=True, rtol=1e-4, atol=1e-5, msg=what)
+
+
+def _check_refusals(rank, world):
+    """A bad argument on one rank (or on all), or an option that differs: every rank raises the
+    same error before any exchange, naming the rank and the reason; the group stays in step."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(1, 8, 2, 4, generator=g)
+    lg = -torch.rand(1, 8, 2, generator=g)
+    bad_lg = lg.clone()
+    bad_lg[0, 3, 1] = 0.5 if rank == 1 else bad_lg[0, 3, 1]
+    inf_lg = lg.clone()
+    inf_lg[0, 0, 0] = float("-inf") if rank == 0 else inf_lg[0, 0, 0]
+    nan_decay = torch.tensor([0.5, float("nan") if rank == 1 else 0.9])
+    mine = (0, 1)[rank]
+    sm, lin = softmax_attention, linear_attention
+    refused = "rank 1 refused its arguments"
+    cases = [
+        # linear: a per-rank value its checks refuse
+        (lambda: lin(x, x, x, Causal(), log_gate=bad_lg),
+         [refused, "log_gate values must be <= 0"]),
+        (lambda: lin(x, x, x, Full(), log_gate=inf_lg, layout="zigzag"),
+         ["rank 0 refused its arguments", "finite"]),
+        (lambda: lin(x, x, x, Causal(), decay=nan_decay), ["ranks disagree", "decay (rank 0: ",
+                                                          refused, "(0, 1]"]),
+        (lambda: lin(x, x, x, Causal(), decay=torch.tensor([0.5, float("nan")])),
+         ["ranks [0, 1] refused their arguments", "(0, 1]"]),
+        # linear: a wrong shape on one rank
+        (lambda: lin(x, x, x, Causal(), log_gate=lg[:, : 8 - mine]),
+         ["ranks disagree", "log_gate (rank 0: ", refused, "log_gate must have shape"]),
+        (lambda: lin(x if rank == 0 else x[0], x, x, Causal()),
+         ["ranks disagree", "q (rank 0: ", refused, "q must be 4-D"]),
+        # linear: options that differ, or are bad everywhere
+        (lambda: lin(x, x, x, Causal(), impl=("chunk", "reference")[rank]), ["impl (rank 0: "]),
+        (lambda: lin(x, x, x, Causal(), chunk_size=(16, 8)[rank]), ["chunk_size (rank 0: "]),
+        (lambda: lin(x, x, x, Causal(), chunk_size=(16, 0)[rank]),
+         ["chunk_size (rank 0: ", refused, "chunk_size must be >= 1"]),
+        (lambda: lin(x, x, x, Causal(), impl="nope"),
+         ["ranks [0, 1] refused their arguments", "impl must be"]),
+        (lambda: lin(x, x, x, Prefix(torch.tensor([2, 3])), layout="zigzag"),
+         ["ranks [0, 1] refused their arguments", "is for batch size 2"]),
+        # softmax: the same classes
+        (lambda: sm(x, x, x, Causal(), layout="contiguous", scale=(0.5, float("nan"))[rank]),
+         ["scale (rank 0: ", refused, "scale must be finite"]),
+        (lambda: sm(x, x, x, Causal(), layout="striped", scale=(0.5, 0.6)[rank]),
+         ["scale (rank 0: "]),
+        (lambda: sm(x, x, x[..., :3], Causal(), layout="contiguous", return_lse=(True, 1)[rank]),
+         [refused, "return_lse must be a bool"], ArgumentTypeError),
+        (lambda: sm(x, x[..., : 4 - mine], x, Causal(), layout="contiguous"),
+         ["k (rank 0: ", refused, "head dims differ"]),
+        (lambda: sm(x[:, :7], x[:, :7], x[:, :7], Causal(), layout="zigzag"),
+         ["ranks [0, 1] refused their arguments", "even number of positions"]),
+        (lambda: sm(x, x, x, Segments(torch.arange(8 * world - rank)), layout="striped"),
+         ["visibility (rank 0: ", refused, "defines positions"]),
+    ]
+    for call, texts, *kind in cases:
+        _same_error_everywhere(call, *texts, kind=kind[0] if kind else ValueError)
+    # a wrong type on every rank, all agreeing: the type error (also a ValueError) everywhere
+    _same_error_everywhere(lambda: lin(x, x, x, Causal(), decay="0.9"),
+                           "ranks [0, 1] refused their arguments",
+                           "decay must be", kind=ArgumentTypeError)
+    _check_nan_gates(rank, world)
+    # the group is still in step: agreeing calls run
+    assert sm(x, x, x, Causal(), layout="zigzag").shape == x.shape
+    assert lin(x, x, x, Full(), log_gate=lg, layout="zigzag").shape == x.shape
+
+
 def job_dead_rank(rank, world):
     if rank == world - 1:
         os._exit(3)  # dies without a word, mid-job
@@ -364,6 +503,8 @@ SECTIONS = {
     "linear": _check_linear_case,
     "shape_mismatch": _check_shape_mismatch,
     "argument_mismatch": _check_argument_mismatch,
+    "refusals": _check_refusals,
+    "nan_reverse_gates": lambda rank, world: _check_nan_gates(rank, world, reverse=True),
 }
 
 
@@ -429,6 +570,8 @@ def _sections(world):
     if world == 2:
         sections["shape_mismatch"] = [()]
         sections["argument_mismatch"] = [()]
+        sections["refusals"] = [()]
+        sections["nan_reverse_gates"] = [()]  # last: it fails until the local op is exact
     else:
         sections["subgroups"] = [()]
     return sections
@@ -478,6 +621,20 @@ def test_mismatched_shards_raise_on_every_rank(group_report):
 @pytest.mark.distributed
 def test_mismatched_arguments_raise_on_every_rank_before_any_exchange(group_report):
     expect_section(group_report(2), "argument_mismatch")
+
+
+@pytest.mark.distributed
+def test_a_bad_argument_on_one_rank_raises_the_same_error_on_every_rank(group_report):
+    expect_section(group_report(2), "refusals")
+
+
+@pytest.mark.distributed
+@pytest.mark.xfail(strict=True, reason="the single-process linear op (chunk and reference) "
+                   "spreads a NaN reverse gate to later queries of its own call, whose weights do "
+                   "not hold it (issue 19.5, extreme gates: causalmix.ops.linear); the sharded "
+                   "op runs it per span. Nothing leaks across ranks (checked with forward gates).")
+def test_nan_reverse_gates_reach_exactly_the_outputs_that_hold_them(group_report):
+    expect_section(group_report(2), "nan_reverse_gates")
 
 
 @pytest.mark.distributed
@@ -572,6 +729,33 @@ def test_bad_arguments_raise_clear_errors():
         linear_attention(x, x, x, Window(3), layout="contiguous")
     with pytest.raises(ValueError, match=r"decay must have shape \[H\] = \[2\]"):
         linear_attention(x, x, x, Causal(), decay=torch.ones(3))
+
+
+def test_wrong_types_raise_argument_type_errors():
+    """Wrong types raise ArgumentTypeError (a TypeError that is also a ValueError) in every
+    public function of causalmix.distributed; checked before torch.distributed is asked."""
+    x = torch.randn(1, 4, 2, 8)
+    cases = [
+        lambda: shard("x", "striped", 0, 2),
+        lambda: unshard("x", "striped"),
+        lambda: unshard([x, "y"], "striped"),
+        lambda: work_balance("causal", "striped", 2, 8),
+        lambda: softmax_attention(x, x, "v", Causal(), layout="striped"),
+        lambda: softmax_attention(x, x, x, Causal(), layout="striped", scale="big"),
+        lambda: softmax_attention(x, x, x, Causal(), layout="striped", return_lse="yes"),
+        lambda: softmax_attention(x, x, x, "causal", layout="striped"),
+        lambda: linear_attention(x, x, x, Causal(), decay="0.9"),
+        lambda: linear_attention(x, x, x, Causal(), log_gate=[0.0]),
+    ]
+    for call in cases:
+        with pytest.raises(ArgumentTypeError):
+            call()
+    for call in (lambda: shard(x, "striped", 0, 2, dim="1"),  # ints by check_int: ValueError
+                 lambda: positions("striped", 8, "0", 2),
+                 lambda: linear_attention(x, x, x, Causal(), chunk_size=0),
+                 lambda: linear_attention(x, x, x, Causal(), impl="fast")):
+        with pytest.raises(ValueError):
+            call()
 
 
 @pytest.mark.parametrize("spec_name", ["causal", "full", "prefix_batch", "window", "chunked",

@@ -19,28 +19,7 @@ from causalmix.hf import LayerMask  # noqa: E402
 from causalmix.testing import assert_close  # noqa: E402
 from causalmix.visibility import ValidKeys  # noqa: E402
 
-VOCAB = 97
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-              attention_dropout=0.0, tie_word_embeddings=False)
-SW = 5  # sliding window of the sliding families, shorter than every sequence below
-
-
-def _config(family: str):
-    t = transformers
-    if family == "llama":
-        return t.LlamaConfig(**COMMON)
-    if family == "qwen3":
-        return t.Qwen3Config(**COMMON, use_sliding_window=True, sliding_window=SW,
-                             max_window_layers=1)  # layer 0 full, layer 1 sliding
-    if family == "mistral":
-        return t.MistralConfig(**COMMON, sliding_window=SW)
-    if family == "gemma3":
-        return t.Gemma3TextConfig(**COMMON, sliding_window=SW,
-                                  layer_types=["sliding_attention", "full_attention"])
-    raise AssertionError(family)
-
-
+SW = 5  # the sliding window of the tiny families (conftest.py)
 FAMILIES = ["llama", "qwen3", "mistral", "gemma3"]
 
 
@@ -49,32 +28,6 @@ def _layer_windows(family: str) -> list[int | None]:
     config, as ``dict`` keys of the per-layer-type masks where the model takes them."""
     return {"llama": [None, None], "qwen3": [None, SW], "mistral": [SW, SW],
             "gemma3": [SW, None]}[family]
-
-
-_MODELS: dict = {}
-
-
-def _model(family: str, impl: str, dtype=torch.float32):
-    """One random-initialised model per family (same weights for every backend), eval mode."""
-    key = (family, impl, dtype)
-    if key not in _MODELS:
-        torch.manual_seed(0)
-        m = transformers.AutoModelForCausalLM.from_config(_config(family), attn_implementation=impl)
-        assert m.config._attn_implementation == impl  # each model has its own config
-        _MODELS[key] = m.to(dtype).eval()
-    return _MODELS[key]
-
-
-def _ids(b: int, t: int, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, VOCAB, (b, t), generator=g)
-
-
-def _left_padding(b: int, t: int, pads: list[int]) -> torch.Tensor:
-    am = torch.ones(b, t, dtype=torch.long)
-    for r, p in enumerate(pads):
-        am[r, :p] = 0
-    return am
 
 
 # ------------------------------------------------------------------ the test's own mask formula
@@ -151,28 +104,27 @@ def _compare(actual, ref, base, name, where=None):
 # ================================================================== registration and loading
 
 
-def test_register_is_idempotent_and_both_loading_routes_work():
+def test_register_is_idempotent_and_both_loading_routes_work(tiny):
     assert cmhf.register() == "causalmix"
     assert cmhf.register() == "causalmix"
     assert transformers.AttentionInterface._global_mapping["causalmix"] is cmhf.causalmix_attention
     from transformers.masking_utils import AttentionMaskInterface
     assert AttentionMaskInterface._global_mapping["causalmix"] is cmhf.causalmix_mask
-    torch.manual_seed(0)
-    m = transformers.AutoModelForCausalLM.from_config(_config("llama"), attn_implementation="sdpa")
+    m = tiny.fresh("llama", "sdpa")
     m.set_attn_implementation("causalmix")
     assert m.config._attn_implementation == "causalmix"
-    ids = _ids(1, 9)
-    ref = _model("llama", "sdpa")(ids).logits
-    m.load_state_dict(_model("llama", "sdpa").state_dict())
+    ids = tiny.ids(1, 9)
+    ref = tiny.model("llama", "sdpa")(ids).logits
+    m.load_state_dict(tiny.model("llama", "sdpa").state_dict())
     assert_close(m.eval()(ids).logits, ref.double(), ref, name="set_attn_implementation")
 
 
-def test_the_mask_is_O_T_never_a_dense_T_by_T_tensor():
+def test_the_mask_is_O_T_never_a_dense_T_by_T_tensor(tiny):
     seen = []
-    m = _model("gemma3", "causalmix")
+    m = tiny.model("gemma3", "causalmix")
     t = 17
-    am = _left_padding(2, t, [3, 0])
-    ids = _ids(2, t)
+    am = tiny.left_padding(2, t, [3, 0])
+    ids = tiny.ids(2, t)
     handle_fn = cmhf.causalmix_attention
 
     def spy(module, q, k, v, attention_mask, **kw):
@@ -197,24 +149,24 @@ def test_the_mask_is_O_T_never_a_dense_T_by_T_tensor():
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("t", [1, 7, 23])
-def test_causal_logits_match_sdpa(family, padded, t):
-    ids = _ids(2, t)
-    am = _left_padding(2, t, [min(6, t - 1), 0]) if padded else None
-    ref = _model(family, "sdpa", torch.float64)(ids, attention_mask=am).logits
-    base = _model(family, "sdpa")(ids, attention_mask=am).logits
-    out = _model(family, "causalmix")(ids, attention_mask=am).logits
+def test_causal_logits_match_sdpa(family, padded, t, tiny):
+    ids = tiny.ids(2, t)
+    am = tiny.left_padding(2, t, [min(6, t - 1), 0]) if padded else None
+    ref = tiny.model(family, "sdpa", torch.float64)(ids, attention_mask=am).logits
+    base = tiny.model(family, "sdpa")(ids, attention_mask=am).logits
+    out = tiny.model(family, "causalmix")(ids, attention_mask=am).logits
     # Fully padded query rows: SDPA (torch >= 2.5) and causalmix both give those rows output 0,
     # so every position is compared.
     assert_close(out, ref, base, name=f"{family} logits")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_generate_matches_sdpa(family):
-    ids = _ids(2, 11, seed=3)
-    am = _left_padding(2, 11, [4, 0])
+def test_greedy_generate_matches_sdpa(family, tiny):
+    ids = tiny.ids(2, 11, seed=3)
+    am = tiny.left_padding(2, 11, [4, 0])
     kw = dict(attention_mask=am, max_new_tokens=20, do_sample=False, pad_token_id=0)
-    ref = _model(family, "sdpa").generate(ids, **kw)
-    out = _model(family, "causalmix").generate(ids, **kw)
+    ref = tiny.model(family, "sdpa").generate(ids, **kw)
+    out = tiny.model(family, "causalmix").generate(ids, **kw)
     assert out.shape == (2, 31)
     assert torch.equal(out, ref)
 
@@ -252,16 +204,16 @@ CASES = ["prefix", "prefix_per_example", "full", "chunked", "packed", "packed_pr
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("t", [21, 63])
-def test_spec_logits_and_grads_match_eager_with_explicit_mask(family, case, t):
+def test_spec_logits_and_grads_match_eager_with_explicit_mask(family, case, t, tiny):
     b = 2
-    ids = _ids(b, t, seed=5)
+    ids = tiny.ids(b, t, seed=5)
     vis, fkw, formula = _spec_case(case, b, t)
     extra = {} if vis is None else dict(visibility=vis)
-    out, g_out = _forward(_model(family, "causalmix"), ids, grads=True, **extra, **fkw)
+    out, g_out = _forward(tiny.model(family, "causalmix"), ids, grads=True, **extra, **fkw)
     res = {}
     for dtype in (torch.float64, torch.float32):
         mask = _eager_mask(family, dtype, t=t, **formula)
-        res[dtype] = _forward(_model(family, "eager", dtype), ids, grads=True,
+        res[dtype] = _forward(tiny.model(family, "eager", dtype), ids, grads=True,
                               attention_mask=mask, **fkw)
     (ref, g_ref), (base, g_base) = res[torch.float64], res[torch.float32]
     assert_close(out, ref, base, name=f"{family} {case} logits")
@@ -271,22 +223,22 @@ def test_spec_logits_and_grads_match_eager_with_explicit_mask(family, case, t):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_prefix_with_left_padding_matches_eager_on_tokens(family):
+def test_prefix_with_left_padding_matches_eager_on_tokens(family, tiny):
     """Prefix-LM with left padding. The eager backend is ill-defined on fully padded query rows
     (an additive mask of finfo.min everywhere gives a uniform row, causalmix gives 0), and those
     rows never reach a token's output, so tokens are compared (logits and every gradient of a
     loss over tokens only)."""
     b, t, pads = 2, 19, [5, 0]
-    ids = _ids(b, t, seed=9)
-    am = _left_padding(b, t, pads)
+    ids = tiny.ids(b, t, seed=9)
+    am = tiny.left_padding(b, t, pads)
     n = torch.tensor([pads[0] + 6, pads[1] + 6])  # 6 prompt tokens after the padding
     tokens = am.bool()
-    out, g_out = _forward(_model(family, "causalmix"), ids, grads=True, where=tokens,
+    out, g_out = _forward(tiny.model(family, "causalmix"), ids, grads=True, where=tokens,
                           attention_mask=am, visibility=Prefix(n))
     res = {}
     for dtype in (torch.float64, torch.float32):
         mask = _eager_mask(family, dtype, t=t, rule="prefix", n=n, valid=am)
-        res[dtype] = _forward(_model(family, "eager", dtype), ids, grads=True, where=tokens,
+        res[dtype] = _forward(tiny.model(family, "eager", dtype), ids, grads=True, where=tokens,
                               attention_mask=mask)
     (ref, g_ref), (base, g_base) = res[torch.float64], res[torch.float32]
     _compare(out, ref, base, f"{family} logits", where=tokens)
@@ -294,14 +246,14 @@ def test_prefix_with_left_padding_matches_eager_on_tokens(family):
         assert_close(g_out[name], g_ref[name], g_base[name], name=f"{family} d{name}")
 
 
-def test_packing_from_the_flattening_collator_with_flash_attention_keywords():
+def test_packing_from_the_flattening_collator_with_flash_attention_keywords(tiny):
     """``DataCollatorWithFlattening(return_flash_attn_kwargs=True)`` gives position_ids and
     cu_seq_lens_q / _k: both describe the documents and must agree."""
-    docs = [_ids(1, n, seed=n)[0].tolist() for n in (9, 14, 6)]
+    docs = [tiny.ids(1, n, seed=n)[0].tolist() for n in (9, 14, 6)]
     collate = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)
     batch = collate([{"input_ids": d} for d in docs])
     assert {"position_ids", "cu_seq_lens_q", "cu_seq_lens_k"} <= batch.keys()
-    m = _model("mistral", "causalmix")
+    m = tiny.model("mistral", "causalmix")
     ids = batch["input_ids"]
     both = m(ids, position_ids=batch["position_ids"], cu_seq_lens_q=batch["cu_seq_lens_q"],
              cu_seq_lens_k=batch["cu_seq_lens_k"]).logits
@@ -316,75 +268,33 @@ def test_packing_from_the_flattening_collator_with_flash_attention_keywords():
         m(ids, cu_seq_lens_q=batch["cu_seq_lens_q"])
 
 
-# ================================================================== generation under a spec
+# ================================================================== the model's rule, defaults
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_prefix_lm_generation_with_cache_equals_recompute(family):
-    """generate() with Prefix(prompt): the prompt is read bidirectionally once, then decoding is
-    causal at absolute positions; every step's logits equal a full no-cache recomputation.
-    ``generate(..., visibility=)`` works on a model built with ``attn_implementation="causalmix"``
-    as it is (no :func:`attach`)."""
-    p, steps = 13, 6  # prompt longer than the sliding window
-    ids = _ids(2, p, seed=11)
-    model = _model(family, "causalmix")
-    vis = Prefix(p)
-    out = model.generate(ids, max_new_tokens=steps, do_sample=False, pad_token_id=0,
-                         visibility=vis, return_dict_in_generate=True, output_logits=True)
-    seq = out.sequences
-    assert seq.shape == (2, p + steps)
-    ref_model = _model(family, "causalmix", torch.float64)
-    for s in range(steps):
-        prefix = seq[:, : p + s]
-        ref = ref_model(prefix, use_cache=False, visibility=vis).logits[:, -1]
-        base = model(prefix, use_cache=False, visibility=vis).logits[:, -1]
-        assert_close(out.logits[s], ref, base, name=f"{family} step {s}")
-        assert torch.equal(seq[:, p + s], base.argmax(-1))
-    # and the prompt really is bidirectional: not the causal run
-    causal = model.generate(ids, max_new_tokens=steps, do_sample=False, pad_token_id=0,
-                            return_dict_in_generate=True, output_logits=True)
-    assert not torch.allclose(causal.logits[0], out.logits[0])
-
-
-@pytest.mark.parametrize("family", ["llama", "mistral"])
-def test_generation_under_causal_and_chunked(family):
-    ids = _ids(1, 9, seed=13)
-    model = cmhf.attach(_model(family, "causalmix"))
-    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
-    assert torch.equal(model.generate(ids, visibility=Causal(), **kw), model.generate(ids, **kw))
-    out = model.generate(ids, visibility=Chunked(4), return_dict_in_generate=True,
-                         output_logits=True, **kw)
-    # The prefill is one forward of the prompt under Chunked(4); decode then sees the keys that
-    # exist (every key before the query: chunk-mates after it are not there yet).
-    first = model(ids, use_cache=False, visibility=Chunked(4)).logits[:, -1]
-    assert torch.equal(out.sequences[:, 9], first.argmax(-1))
-    assert out.sequences.shape == (1, 17)
-
-
-def test_bidirectional_config_and_is_causal_keyword_are_the_models_own_rule():
+def test_bidirectional_config_and_is_causal_keyword_are_the_models_own_rule(tiny):
     """``config.is_causal=False`` (transformers builds a bidirectional mask) and the per-call
     ``is_causal=False`` keyword both mean ``Full()``."""
-    ids = _ids(2, 13)
+    ids = tiny.ids(2, 13)
     res = {}
     for impl, dtype in (("causalmix", torch.float32), ("eager", torch.float64),
                         ("eager", torch.float32)):
         torch.manual_seed(0)
-        cfg = transformers.LlamaConfig(**COMMON, is_causal=False)
+        cfg = transformers.LlamaConfig(**tiny.COMMON, is_causal=False)
         m = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl)
         res[(impl, dtype)] = m.to(dtype).eval()(ids).logits
     out = res[("causalmix", torch.float32)]
     assert_close(out, res[("eager", torch.float64)], res[("eager", torch.float32)],
                  name="config.is_causal=False")
-    m = _model("llama", "causalmix")
+    m = tiny.model("llama", "causalmix")
     assert torch.equal(m(ids, is_causal=False).logits, m(ids, visibility=Full()).logits)
     assert torch.equal(m(ids, visibility=Full()).logits, out)
 
 
-def test_visibility_reaches_every_layer_under_activation_checkpointing():
+def test_visibility_reaches_every_layer_under_activation_checkpointing(tiny):
     torch.manual_seed(0)
-    m = transformers.AutoModelForCausalLM.from_config(_config("gemma3"),
+    m = transformers.AutoModelForCausalLM.from_config(tiny.config("gemma3"),
                                                       attn_implementation="causalmix")
-    ids = _ids(2, 17)
+    ids = tiny.ids(2, 17)
     grads = []
     for checkpointing in (False, True):
         if checkpointing:
@@ -397,9 +307,9 @@ def test_visibility_reaches_every_layer_under_activation_checkpointing():
         assert torch.equal(grads[0][n], grads[1][n]), n
 
 
-def test_model_default_visibility_equals_per_call():
-    model = _model("qwen3", "causalmix")
-    ids = _ids(2, 15)
+def test_model_default_visibility_equals_per_call(tiny):
+    model = tiny.model("qwen3", "causalmix")
+    ids = tiny.ids(2, 15)
     per_call = model(ids, visibility=Full()).logits
     cmhf.set_visibility(model, Full())
     try:
@@ -414,75 +324,69 @@ def test_model_default_visibility_equals_per_call():
 # ================================================================== refusals
 
 
-def _tiny(cls, **kw):
-    torch.manual_seed(0)
-    cfg = cls(**{**COMMON, **kw})
-    return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="causalmix")
-
-
-def test_refuses_logit_softcapping():
-    model = _tiny(transformers.Gemma2Config, attn_logit_softcapping=50.0).eval()
+def test_refuses_logit_softcapping(tiny):
+    model = tiny.custom(transformers.Gemma2Config, attn_logit_softcapping=50.0).eval()
     with pytest.raises(ValueError, match="softcap"):
-        model(_ids(1, 8))
+        model(tiny.ids(1, 8))
 
 
-def test_refuses_attention_sinks():
-    model = _tiny(transformers.GptOssConfig, num_local_experts=2, num_experts_per_tok=1,
+def test_refuses_attention_sinks(tiny):
+    model = tiny.custom(transformers.GptOssConfig, num_local_experts=2, num_experts_per_tok=1,
                   layer_types=["full_attention", "full_attention"]).eval()
     with pytest.raises(ValueError, match="sinks"):
-        model(_ids(1, 8))
+        model(tiny.ids(1, 8))
 
 
-def test_refuses_dropout_in_training_but_not_in_eval():
-    model = _tiny(transformers.LlamaConfig, attention_dropout=0.1)
+def test_refuses_dropout_in_training_but_not_in_eval(tiny):
+    model = tiny.custom(transformers.LlamaConfig, attention_dropout=0.1)
     model.train()
     with pytest.raises(ValueError, match="dropout"):
-        model(_ids(1, 8))
+        model(tiny.ids(1, 8))
     model.eval()
-    model(_ids(1, 8))
+    model(tiny.ids(1, 8))
 
 
-def test_refuses_output_attentions():
+def test_refuses_output_attentions(tiny):
     with pytest.raises(ValueError, match="output_attentions"):
-        _model("llama", "causalmix")(_ids(1, 8), output_attentions=True)
+        tiny.model("llama", "causalmix")(tiny.ids(1, 8), output_attentions=True)
 
 
-def test_refuses_spec_for_another_batch_size():
+def test_refuses_spec_for_another_batch_size(tiny):
     with pytest.raises(ValueError, match="batch size 3"):
-        _model("llama", "causalmix")(_ids(2, 8), visibility=Prefix(torch.tensor([1, 2, 3])))
+        tiny.model("llama", "causalmix")(tiny.ids(2, 8), visibility=Prefix(torch.tensor([1, 2, 3])))
 
 
-def test_refuses_a_prepared_4d_mask_and_a_non_spec():
-    m = _model("llama", "causalmix")
+def test_refuses_a_prepared_4d_mask_and_a_non_spec(tiny):
+    m = tiny.model("llama", "causalmix")
     with pytest.raises(ValueError, match="4-D attention mask"):
-        m(_ids(1, 8), attention_mask=torch.zeros(1, 1, 8, 8))
+        m(tiny.ids(1, 8), attention_mask=torch.zeros(1, 1, 8, 8))
     with pytest.raises(ValueError, match="visibility must be a causalmix spec"):
-        m(_ids(1, 8), visibility="prefix")
+        m(tiny.ids(1, 8), visibility="prefix")
     with pytest.raises(ValueError, match="is_causal"):
-        m(_ids(1, 8), visibility=Full(), is_causal=False)
+        m(tiny.ids(1, 8), visibility=Full(), is_causal=False)
 
 
-def test_refuses_static_caches():
-    m = _model("llama", "causalmix")
+def test_refuses_static_caches(tiny):
+    m = tiny.model("llama", "causalmix")
     with pytest.raises(ValueError, match="static"):
-        m.generate(_ids(1, 8), max_new_tokens=2, do_sample=False, pad_token_id=0,
+        m.generate(tiny.ids(1, 8), max_new_tokens=2, do_sample=False, pad_token_id=0,
                    cache_implementation="static")
 
 
-def test_refuses_a_static_cache_in_a_forward():
-    m = _model("llama", "causalmix")
+def test_refuses_a_static_cache_in_a_forward(tiny):
+    m = tiny.model("llama", "causalmix")
     cache = transformers.StaticCache(config=m.config, max_cache_len=16)
     with pytest.raises(ValueError, match="static cache"):
-        m(_ids(1, 8), cache=cache, use_cache=True)
+        m(tiny.ids(1, 8), cache=cache, use_cache=True)
 
 
-def test_refuses_mask_overlays():
+def test_refuses_mask_overlays(tiny):
     """Gemma 3 with bidirectional attention overlays a custom mask function on the causal one."""
-    model = _tiny(transformers.Gemma3TextConfig, sliding_window=SW,
+    model = tiny.custom(transformers.Gemma3TextConfig, sliding_window=SW,
                   layer_types=["sliding_attention", "full_attention"],
                   use_bidirectional_attention=True).eval()
     with pytest.raises(ValueError, match="overlay"):
-        model(_ids(1, 8))
+        model(tiny.ids(1, 8))
 
 
 # ================================================================== ValidKeys (the padding spec)

@@ -4,6 +4,7 @@ list), resume after SIGKILL, and user errors (exit 2, one line, no traceback).""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import signal
@@ -43,7 +44,7 @@ def test_smoke_suite_runs_every_arm_once(smoke, capsys):
     rows = _rows(smoke)
     assert len(rows) == len(jobs) * SUITES["smoke"].seeds
     assert {r[1] for r in rows} == {"done"}
-    assert {r[3] for r in rows} == {job.name for _, _, job in jobs}
+    assert {r[3] for r in rows} == {job.name for job in jobs}
     assert all(r[7] and r[9] > 0 and '"score"' in r[6] and '"finding"' in r[8] for r in rows)
     meta = json.loads((smoke / "suite_smoke.json").read_text())
     assert meta["ran"] == len(rows) and meta["wall_time_s"] > 0
@@ -71,6 +72,9 @@ def test_smoke_report(smoke, capsys):
     else:
         assert "not run: gated mixer not available" in md or "gated" not in md
     assert "took" in md and "load average" in md  # the closing note's wall time
+    # one seed: said so, no standard error of 0 printed, no "1 seeds"
+    assert "Suite `smoke`: 1 seed per arm." in md and "standard error is undefined" in md
+    assert "(1 seed: no s.e.)" in md and "± 0.000" not in md and "1 seeds" not in md
 
 
 def test_smoke_export_csv_and_jsonl(smoke, tmp_path, capsys):
@@ -87,13 +91,30 @@ def test_smoke_export_csv_and_jsonl(smoke, tmp_path, capsys):
     with open(tmp_path / "r.csv", newline="") as f:
         table = list(csv.DictReader(f))
     assert len(table) == n and "metric.score" in table[0]
-    ran = {fk for fk, _, _ in suite_jobs("smoke")}
+    ran = {job.finding for job in suite_jobs("smoke")}
     assert {json.loads(r["config"])["finding"] for r in table} == ran
     mq = [r for r in table if r["experiment"] == "F1/softmax"]
     assert mq and "metric.accuracy_by_pairs.16" in mq[0]
     capsys.readouterr()
     assert main(["lab", "export", "--out", str(smoke), "--to", "-"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == n
+    # specs are written with their type and arguments (Causal() was {}, like Full())
+    f1 = next(r for r in runs if r["experiment"] == "F1/softmax")
+    assert f1["config"]["model"]["visibility"] == [{"type": "Causal"}, {"type": "Causal"}]
+
+
+def test_export_of_a_suite_without_runs_is_refused_and_keeps_the_file(smoke, tmp_path, capsys):
+    dest = tmp_path / "runs.jsonl"
+    assert main(["lab", "export", "--out", str(smoke), "--to", str(dest)]) == 0
+    before = dest.read_bytes()
+    assert before
+    for fmt in ("jsonl", "csv"):
+        err = _err(["lab", "export", "--out", str(smoke), "--suite", "default", "--format", fmt,
+                    "--to", str(dest)], capsys)
+        assert "no runs of suite 'default'" in err and "nothing to export" in err
+        assert dest.read_bytes() == before  # the file is kept as it was
+    assert "no runs of suite 'full'" in _err(["lab", "export", "--out", str(smoke), "--suite",
+                                              "full", "--to", "-"], capsys)
 
 
 def test_smoke_list(smoke, capsys):
@@ -132,6 +153,41 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
     _err([], capsys)
     _err(["lab"], capsys)
     _err(["bogus"], capsys)
+
+
+def test_python_m_causalmix_and_a_closed_pipe(smoke):
+    """``python -m causalmix`` is the command line; output into a pipe whose reader has gone
+    (``causalmix lab list | head -1``) ends quietly with status 0, no traceback, no message."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line is written
+    try:
+        proc = subprocess.run([sys.executable, "-m", "causalmix", "lab", "list", "--out",
+                               str(smoke)], env=env, stdout=write, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert proc.returncode == 0 and proc.stderr == "", proc
+    # and through a real shell pipe, as a user types it
+    shell = subprocess.run(f"{sys.executable} -m causalmix lab list --out {smoke} | head -1",
+                           shell=True, env=env, capture_output=True, text=True, timeout=120)
+    n = len(suite_jobs("smoke"))
+    assert shell.stdout == f"suite smoke ({n} arms x 1 seed)\n" and shell.stderr == "", shell
+
+
+class _ClosedPipe(io.StringIO):
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_closed_stdout_ends_every_command_quietly(smoke, monkeypatch, capsys):
+    for argv in (["lab", "list", "--out", str(smoke)],
+                 ["lab", "export", "--out", str(smoke), "--to", "-"],
+                 ["lab", "report", "--out", str(smoke)]):
+        monkeypatch.setattr("sys.stdout", _ClosedPipe())
+        assert main(argv) == 0, argv
+        monkeypatch.undo()
+        assert capsys.readouterr().err == ""
 
 
 def test_version(capsys):

@@ -3,7 +3,9 @@ visibility schemes and positions, the trainer, the findings' rules, the run data
 
 from __future__ import annotations
 
+import io
 import math
+import re
 
 import pytest
 import torch
@@ -17,13 +19,14 @@ from causalmix.lab import (
     SetDisjointness,
     TrainConfig,
     fit,
-    layer_visibility,
+    run_key,
+    scheme_visibility,
 )
 from causalmix.lab.experiments import Experiment, latency_frames
 from causalmix.lab.findings import FINDINGS, GATED_MISSING, SUITES, mean_se
 from causalmix.lab.runner import suite_jobs
 from causalmix.lab.tasks import IGNORE, classification_metrics
-from causalmix.nn import ModelConfig
+from causalmix.nn import ModelConfig, SequenceModel
 from causalmix.visibility import Causal, Full, Prefix, Window
 
 # ------------------------------------------------------------------------------- tasks
@@ -168,17 +171,17 @@ def test_classification_metrics_by_group():
 
 def test_visibility_schemes():
     n = torch.tensor([3, 5])
-    assert layer_visibility("causal", 2) == (Causal(), Causal())
-    assert layer_visibility("prefix", 2, n) == (Prefix(n),) * 2
-    assert layer_visibility("prefix", 2, torch.tensor([4, 4])) == (Prefix(4),) * 2
-    assert layer_visibility("full", 2) == (Full(), Full())
-    assert layer_visibility("lookahead-2", 2) == (Causal() | Window(0, 2), Causal())
+    assert scheme_visibility("causal", 2) == (Causal(), Causal())
+    assert scheme_visibility("prefix", 2, n) == (Prefix(n),) * 2
+    assert scheme_visibility("prefix", 2, torch.tensor([4, 4])) == (Prefix(4),) * 2
+    assert scheme_visibility("full", 2) == (Full(), Full())
+    assert scheme_visibility("lookahead-2", 2) == (Causal() | Window(0, 2), Causal())
     assert latency_frames("lookahead-3", 2) == 3 and latency_frames("causal", 2) == 0
     assert latency_frames("full", 2) is None and latency_frames("prefix", 2) is None
     with pytest.raises(ValueError, match="unknown visibility scheme"):
-        layer_visibility("sideways", 2)
+        scheme_visibility("sideways", 2)
     with pytest.raises(ValueError, match="prefix_len"):
-        layer_visibility("prefix", 2)
+        scheme_visibility("prefix", 2)
 
 
 def _first_token_exp(scheme: str, positions: str, steps: int = 4) -> Experiment:
@@ -285,7 +288,7 @@ def test_every_suite_builds_and_keys_are_unique():
     assert SUITES["default"].seeds >= 3 and set(SUITES) == {"smoke", "default", "full"}
     for name, size in SUITES.items():
         jobs = suite_jobs(name)
-        keys = {job.run_key(s) for _, _, job in jobs for s in range(size.seeds)}
+        keys = {run_key(job, s) for job in jobs for s in range(size.seeds)}
         assert len(keys) == len(jobs) * size.seeds
         for fk, f in FINDINGS.items():
             assert f.arms(name), fk
@@ -297,11 +300,12 @@ def test_every_suite_builds_and_keys_are_unique():
 
 def test_gated_arms_run_by_mixer_name_or_report_not_run():
     import causalmix.lab.findings as fnd
+    from causalmix.lab.experiments import mixer_available
 
     gated = [a for a in FINDINGS["F1"].arms("smoke") if a.name == "gated causal linear"]
     gated += FINDINGS["F6"].arms("smoke")
     assert len(gated) == 3
-    if fnd.mixer_available(fnd.GATED_MIXER):  # the arms plug in by the mixer's name
+    if mixer_available(fnd.GATED_MIXER):  # the arms plug in by the mixer's name
         assert all(a.job.model.mixer == fnd.GATED_MIXER and a.missing is None for a in gated)
     else:
         assert all(a.job is None and a.missing == GATED_MISSING for a in gated)
@@ -389,3 +393,113 @@ def test_db_refuses_to_restart_a_done_run_and_bad_files(tmp_path):
     with pytest.raises(ValueError, match="no lab runs"):
         RunDB(tmp_path / "none", create=False)
     assert not (tmp_path / "none").exists()
+
+
+# ------------------------------------------------------------------------------- runner
+
+
+def test_run_keys_tell_specs_apart_and_are_stable():
+    """The run key hashes the whole config with specs in their tagged form: Causal() and
+    Full() model layers get different keys (their configs were both {} before), and the same
+    config always gets the same key."""
+    task = FirstToken(vocab_size=10, length=6, num_train=64, num_test=8)
+
+    def exp(vis):
+        return Experiment(finding="t", arm="a", task=task,
+                          model=ModelConfig.from_name("tiny-softmax", **task.io(),
+                                                      visibility=vis))
+
+    causal, full = exp((Causal(), Causal())), exp((Full(), Full()))
+    assert causal.to_json()["model"]["visibility"] == [{"type": "Causal"}] * 2
+    assert full.to_json()["model"]["visibility"] == [{"type": "Full"}] * 2
+    assert run_key(causal, 0) != run_key(full, 0) != run_key(full, 1)
+    assert run_key(causal, 0) == run_key(exp((Causal(), Causal())), 0)
+    assert run_key(exp((Prefix(torch.tensor([2, 3])), Causal())), 0) == \
+        run_key(exp((Prefix(torch.tensor([2, 3])), Causal())), 0)
+
+
+def test_experiment_refuses_a_scheme_its_mixer_cannot_serve():
+    task = Lookahead(num_train=20, num_test=5)
+    lin = ModelConfig.from_name("tiny-linear", **task.io())
+    with pytest.raises(ValueError, match=r"Experiment t/a: scheme 'lookahead-2', layer 0: "
+                                         r"mixer='linear' does not support"):
+        Experiment(finding="t", arm="a", task=task, model=lin, scheme="lookahead-2")
+    for scheme in ("causal", "prefix", "full"):  # those it serves are accepted
+        assert Experiment(finding="t", arm="a", task=task, model=lin, scheme=scheme)
+
+
+def test_run_jobs_logs_in_words_and_keeps_process_settings(tmp_path):
+    from causalmix.lab import run_jobs
+
+    exp = _first_token_exp("causal", "rope", steps=4)
+    threads = torch.get_num_threads()
+    logs = []
+    res = run_jobs([exp], tmp_path, suite="t", seeds=1, progress=False, log=logs.append)
+    assert torch.get_num_threads() == threads  # no process-wide setting changed
+    assert res["ran"] == 1 and len(logs) == 1
+    assert re.fullmatch(r"\[1/1\] t/causal seed=0: score \d\.\d{4} after 4 steps "
+                        r"\(ran every step\), \d+\.\ds", logs[0]), logs[0]
+    db = RunDB(tmp_path, create=False)
+    try:
+        (row,) = db.runs(keys=res["keys"])
+    finally:
+        db.close()
+    assert row["info"]["threads"] == threads and row["info"]["arm"] == "causal"
+    assert row["config"] == exp.to_json()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_on_a_terminal_and_few_lines_in_a_log(monkeypatch, capsys):
+    """In a log (stderr not a terminal) fit writes a line at every tenth of the steps, not a
+    bar redrawn every step; on a terminal it draws the bar."""
+    exp = _first_token_exp("causal", "rope", steps=40)
+    data = exp.task.build(0)
+    cfg = TrainConfig(steps=40, batch_size=8, eval_every=20, num_val=16)
+    fit(SequenceModel(exp.model), exp, data.train, data.test, cfg, seed=0, name="run",
+        progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert [ln.split(",")[0] for ln in lines] == [f"run: step {s}/40" for s in range(4, 41, 4)]
+    assert all("\r" not in ln and "loss" in ln for ln in lines)
+    term = _Terminal()
+    monkeypatch.setattr("sys.stderr", term)
+    fit(SequenceModel(exp.model), exp, data.train, data.test, cfg, seed=0, name="run",
+        progress=True)
+    assert "\r" in term.getvalue() and "40/40" in term.getvalue()
+
+
+def test_a_database_from_before_the_tagged_specs_is_resumed_by_retraining(tmp_path):
+    """Run configs used to write every spec without its type (Causal() and Full() both {}), so
+    their keys differ from today's: in such a database a run is not found under its new key and
+    is trained again; the old row stays as it was (export still lists it, the report does not
+    match it), nothing is overwritten."""
+    import hashlib
+    import json
+
+    from causalmix.lab import run_jobs
+
+    exp = _first_token_exp("causal", "rope", steps=4)
+    old_config = exp.to_json()
+    old_config["model"]["visibility"] = [{}, {}]  # how plain() wrote Causal() before
+    old_key = hashlib.sha256(json.dumps({"experiment": old_config, "seed": 0},
+                                        sort_keys=True).encode()).hexdigest()[:16]
+    assert old_key != run_key(exp, 0)
+    db = RunDB(tmp_path)
+    db.start(old_key, experiment=exp.name, task=exp.task_name, seed=0, suite="t",
+             config=old_config, git_rev="old")
+    db.finish(old_key, metrics={"score": 0.5}, curve=[], info={}, wall_time_s=1.0)
+    db.close()
+    res = run_jobs([exp], tmp_path, suite="t", seeds=1, progress=False, log=lambda _: None)
+    assert res["ran"] == 1 and res["keys"] == [run_key(exp, 0)]
+    again = run_jobs([exp], tmp_path, suite="t", seeds=1, progress=False, log=lambda _: None)
+    assert again["ran"] == 0 and again["skipped"] == 1  # and resumes from then on
+    db = RunDB(tmp_path, create=False)
+    try:
+        rows = {r["key"]: r for r in db.runs(status=None)}
+    finally:
+        db.close()
+    assert set(rows) == {old_key, run_key(exp, 0)}
+    assert rows[old_key]["metrics"] == {"score": 0.5} and rows[old_key]["git_rev"] == "old"

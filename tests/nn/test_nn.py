@@ -193,10 +193,13 @@ def test_stream_protocol_pointwise_in_time(mixer):
     assert blk.mixer == mixer and blk.visibility == Causal()
     x = torch.randn(2, 50, 32, generator=torch.Generator().manual_seed(3))
     pos = torch.arange(5, 55)
-    q, k, v = blk.stream_qkv(x, pos)
+    f = blk.stream_qkv(x, pos)
+    assert set(f) == {"q", "k", "v"}  # the per-frame inputs by name
+    q, k, v = f["q"], f["k"], f["v"]
     mixed = mix(mixer, q, k, v, Causal(), q_offset=5, k_offset=5, **blk.mixer_kwargs())
     assert torch.equal(blk.stream_out(x, mixed, pos), blk(x, offset=5))
-    q2, k2, v2 = blk.stream_qkv(x[:, 20:33], pos[20:33])
+    f2 = blk.stream_qkv(x[:, 20:33], pos[20:33])
+    q2, k2, v2 = f2["q"], f2["k"], f2["v"]
     for a, b in ((q2, q), (k2, k), (v2, v)):
         torch.testing.assert_close(a, b[:, 20:33], rtol=0, atol=1e-6)
     torch.testing.assert_close(blk.stream_out(x[:, 20:33], mixed[:, 20:33], pos[20:33]),
@@ -208,6 +211,37 @@ def test_stream_protocol_pointwise_in_time(mixer):
     else:
         assert kw["decay"].shape == (4,)
         assert q.shape == (2, 50, 4, 1 + 4 + 16) and v.shape == (2, 50, 4, 9)
+
+
+@pytest.mark.parametrize("mixer", ["softmax", "linear", "gated"])
+def test_attention_layers_are_real_layers(mixer):
+    """Block.attn (an Attention, or a GatedMixer for "gated") runs on its own:
+    attn(norm1(x), visibility=, offset=) is the block's mixing step, equal to its stream parts,
+    and Block.mixer is the op family the layer streams with."""
+    from causalmix.nn import Attention, GatedMixer, MixingLayer, mix
+
+    blk = _block("softmax" if mixer == "softmax" else mixer, Full(), decay=False)
+    attn = blk.attn
+    assert isinstance(attn, GatedMixer if mixer == "gated" else Attention)
+    assert isinstance(attn, MixingLayer) and blk.mixer == attn.op
+    assert attn.op == ("softmax" if mixer == "softmax" else "linear")
+    assert blk.cfg.attention.mixer == mixer
+    x = torch.randn(2, 13, 32, generator=torch.Generator().manual_seed(5))
+    h = blk.norm1(x)
+    pos = torch.arange(4, 17)
+    f = attn.qkv(h, pos)
+    assert set(f) == {"q", "k", "v"} | ({"log_gate", "reverse_log_gate"} if mixer == "gated"
+                                        else set())
+    mixed = mix(attn.op, f.pop("q"), f.pop("k"), f.pop("v"), Prefix(9), q_offset=4, k_offset=4,
+                **attn.mixer_kwargs(), **f)
+    y = attn(h, visibility=Prefix(9), offset=4)
+    assert y.shape == x.shape and torch.equal(y, attn.out(mixed, h))
+    h2 = x + y
+    assert torch.equal(blk(x, offset=4, visibility=Prefix(9)), h2 + blk.mlp(blk.norm2(h2)))
+    with pytest.raises(ValueError, match="Attention: mixer must be 'softmax' or 'linear'"):
+        Attention(AttentionConfig(mixer="gated"))
+    with pytest.raises(ValueError, match="GatedMixer: mixer must be 'gated'"):
+        GatedMixer(AttentionConfig(mixer="linear"))
 
 
 def test_rotary_depends_on_relative_position_only():
@@ -239,7 +273,8 @@ def test_linear_normaliser_gives_a_weighted_average():
     blk = _block("linear", Causal(), dtype=torch.float64)
     x = torch.randn(1, 9, 32, dtype=torch.float64)
     pos = torch.arange(9)
-    q, k, v = blk.stream_qkv(x, pos)
+    f = blk.stream_qkv(x, pos)
+    q, k, v = f["q"], f["k"], f["v"]
     v = torch.cat([torch.full_like(v[..., :-1], 2.5), v[..., -1:]], -1)
     from causalmix.nn import mix
     mixed = mix("linear", q, k, v, Causal(), **blk.mixer_kwargs())
@@ -291,10 +326,14 @@ def test_model_errors():
         m(torch.randn(2, 3))
     with pytest.raises(ValueError, match="one spec per layer"):
         m(torch.zeros(2, 3, dtype=torch.int64), visibility=(Causal(),))
-    lin = SequenceModel(ModelConfig.from_name("tiny-linear", vocab_size=5,
-                                              visibility=(Window(4), Causal())))
-    with pytest.raises(ValueError, match="Window"):  # the op names the spec and what it supports
-        lin(torch.zeros(1, 6, dtype=torch.int64))
+    # a spec the mixer cannot serve: refused by the config (layer, spec, mixer named) ...
+    with pytest.raises(ValueError, match=r"visibility\[0\] \(layer 0\): mixer='linear' does "
+                                         r"not support visibility Window"):
+        ModelConfig.from_name("tiny-linear", vocab_size=5, visibility=(Window(4), Causal()))
+    # ... and, given per call, by the op (it names the spec and what it supports)
+    lin = SequenceModel(ModelConfig.from_name("tiny-linear", vocab_size=5))
+    with pytest.raises(ValueError, match="Window"):
+        lin(torch.zeros(1, 6, dtype=torch.int64), visibility=(Window(4), Causal()))
 
 
 @pytest.mark.parametrize("mixer, specs", [

@@ -8,19 +8,24 @@ the same dense computation in fp32 (a same-precision eager run), as ``assert_clo
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
 import torch
 
+from causalmix.checks import ArgumentTypeError
 from causalmix.ops.linear import linear_attention
 from causalmix.ops.softmax import softmax_attention
 from causalmix.stream import (
+    Frames,
     LatencyStats,
     LinearStream,
     ModelStream,
     SoftmaxStream,
     StreamableLayer,
+    compounded_latency,
+    latency_stats,
     mixer_stream,
 )
 from causalmix.stream.linear import fold_state
@@ -202,9 +207,10 @@ def test_mixer_latency_is_analytic_and_outputs_leave_as_soon_as_final(vis):
         assert frames_out == int((analytic_ready(vis, 10**6)[:t] < frames_in).sum())
     st = s.latency_stats()
     lat = (ready - torch.arange(t)).double()
-    assert st == LatencyStats(
+    assert dataclasses.replace(st, compute=None) == LatencyStats(
         t, float(lat.mean()), float(lat.quantile(0.5)), float(lat.quantile(0.9)), int(lat.max())
     )
+    assert st.compute is not None and st.measured is None  # timed; no frame duration given
 
 
 def test_latency_stats_values():
@@ -422,7 +428,7 @@ class TinyLayer(torch.nn.Module):
         return q, k, v
 
     def stream_out(self, x, mixed, positions):
-        h = x + self.proj(mixed.reshape(*mixed.shape[:2], -1))
+        h = x + self.proj(mixed.flatten(2))
         return h + self.mlp(self.norm2(h))
 
 
@@ -746,3 +752,356 @@ def test_model_stream_of_a_whole_sequence_model(preset, vis, t):
     rest = [m.push(tokens[:, t // 2 + 1:])] if t // 2 + 1 < t else []
     out2 = torch.cat([first, *rest, m.flush()], 1)
     assert_close(out2, ref, base, name="model stream logits after refused pushes")
+
+
+# ============================================================================ per-frame inputs
+
+
+def test_each_push_is_checked_once(monkeypatch):
+    """q, k, v and the gates are checked once per push / step (the skeleton never re-checks
+    what the family's push checked), and no per-frame input is kept on the stream."""
+    import causalmix.stream._common as stream_common
+    import causalmix.stream.linear as stream_linear
+
+    calls = {"qkv": 0, "gate": 0}
+
+    def counting(name, real):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(stream_common, "check_qkv", counting("qkv", stream_common.check_qkv))
+    monkeypatch.setattr(stream_linear, "check_gate", counting("gate", stream_linear.check_gate))
+    x = torch.randn(1, 4, 2, 8)
+    g = -torch.rand(1, 4, 2)
+    s = LinearStream(Chunked(4))
+    s.push(x, x, x, log_gate=g, reverse_log_gate=g)
+    assert calls == {"qkv": 1, "gate": 2}
+    s.step(x, x, x, log_gate=g, reverse_log_gate=g)
+    assert calls == {"qkv": 2, "gate": 4}
+    soft = SoftmaxStream(Causal())
+    soft.step(x[:, :1], x[:, :1], x[:, :1])
+    soft.push(x, x, x)
+    assert calls["qkv"] == 4
+    held = {name for name, value in vars(s).items() if value is g or value is x}
+    assert not held, held
+
+
+class BetaFrames(Frames):
+    """A family with its own per-frame input (the delta rule's ``beta``)."""
+
+    beta: torch.Tensor | None = None
+
+
+BetaFrames = dataclasses.dataclass(frozen=True)(BetaFrames)
+
+
+class BetaSoftmaxStream(SoftmaxStream):
+    """A toy family added as a subclass only: ``softmax(q, k, beta * v)``, with ``beta: [B, n,
+    Hkv]`` pushed by name with its frames; the base class is unchanged."""
+
+    frames_type = BetaFrames
+
+    def push(self, q, k, v, *, beta):
+        return self._push("push", BetaFrames(q, k, v, beta))
+
+    def step(self, q, k, v, *, beta):
+        return self._push("step", BetaFrames(q, k, v, beta))
+
+    def _check_extras(self, name, frames):
+        want = tuple(frames.v.shape[:3])
+        if not isinstance(frames.beta, torch.Tensor) or tuple(frames.beta.shape) != want:
+            raise ValueError(f"{name}: beta must be a [B, n, Hkv] = {list(want)} tensor")
+
+    def _accept(self, frames):
+        super()._accept(dataclasses.replace(frames, v=frames.v * frames.beta[..., None]))
+
+
+def test_a_family_with_its_own_per_frame_input_is_a_subclass():
+    torch.manual_seed(0)
+    t, vis = 41, Chunked(4, lookahead=1)
+    q, k, v = torch.randn(2, t, 4, 8), torch.randn(2, t, 2, 8), torch.randn(2, t, 2, 8)
+    beta = torch.rand(2, t, 2)
+    s = BetaSoftmaxStream(vis)
+    outs, p = [], 0
+    for n in (1, 5, 3, 17, 15):
+        outs.append(s.push(q[:, p:p + n], k[:, p:p + n], v[:, p:p + n], beta=beta[:, p:p + n]))
+        p += n
+    outs.append(s.flush())
+    vb = v * beta[..., None]
+    assert_close(torch.cat(outs, 1), dense_softmax(q.double(), k.double(), vb.double(), vis),
+                 dense_softmax(q, k, vb, vis))
+    assert torch.equal(s.latency, analytic_ready(vis, t) - torch.arange(t))
+    assert BetaFrames.names() == ("q", "k", "v", "beta")
+    bad = BetaSoftmaxStream(vis)
+    with pytest.raises(ValueError, match="beta must be"):
+        bad.push(q[:, :2], k[:, :2], v[:, :2], beta=beta[:, :1])
+    assert bad.frames_in == 0
+
+
+class GatedTinyLayer(TinyLayer):
+    """A linear layer whose ``stream_qkv`` returns its per-frame inputs by name (with gates)."""
+
+    def __init__(self, visibility, seed=0):
+        super().__init__("linear", visibility, seed=seed)
+        g = torch.Generator().manual_seed(100 + seed)
+        self.gate = torch.nn.Linear(16, 2)
+        with torch.no_grad():
+            self.gate.weight.copy_(torch.randn(2, 16, generator=g) * 0.3)
+
+    def mixer_kwargs(self):
+        return {}
+
+    def frames(self, x, positions):
+        q, k, v = super().stream_qkv(x, positions)
+        return {"q": q, "k": k, "v": v,
+                "log_gate": -torch.nn.functional.softplus(self.gate(x))}
+
+    def stream_qkv(self, x, positions):
+        return self.frames(x, positions)
+
+
+def test_model_stream_takes_named_per_frame_inputs_from_layers():
+    torch.manual_seed(1)
+    t = 37
+    vis = Chunked(4, lookahead=1)
+    layers = [GatedTinyLayer(vis, seed=0), TinyLayer("softmax", vis, seed=1)]
+    x = torch.randn(2, t, 16)
+    m = ModelStream(layers)
+    out, _ = push_all(m, (3, 1, 8), x)
+    with torch.no_grad():  # the parallel run: the gated linear op over the whole sequence
+        pos = torch.arange(t)
+        inputs = layers[0].frames(x, pos)
+        mixed = linear_attention(**inputs, visibility=vis, impl="reference")
+        h = layers[1].stream_out(layers[0].stream_out(x, mixed, pos),
+                                 softmax_attention(*layers[1].stream_qkv(
+                                     layers[0].stream_out(x, mixed, pos), pos), vis,
+                                     scale=0.5, impl="reference"), pos)
+    torch.testing.assert_close(out, h, rtol=1e-4, atol=1e-5)
+    assert torch.equal(m.latency, analytic_ready(vis, t, 2) - torch.arange(t))
+
+    class Unknown(GatedTinyLayer):
+        def stream_qkv(self, x, positions):
+            return {**self.frames(x, positions), "beta": x[..., :2]}
+
+    with pytest.raises(ValueError, match=r"layers\[0\].*unknown \['beta'\]"):
+        ModelStream([Unknown(vis)]).push(x[:, :3])
+    with pytest.raises(ArgumentTypeError, match="mapping of per-frame inputs"):
+        layer = TinyLayer("softmax", vis)
+        layer.stream_qkv = lambda x, p: [x, x, x]
+        ModelStream([layer]).push(x[:, :3])
+
+
+# ============================================================================ measured latency
+
+
+class FakeClock:
+    """A clock that moves only when told to: ``advance(seconds)``."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+class SlowLayer(TinyLayer):
+    """A layer whose output map costs ``cost`` seconds per frame (on the fake clock)."""
+
+    def __init__(self, *args, clock, cost, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.clock, self.cost = clock, cost
+
+    def stream_out(self, x, mixed, positions):
+        self.clock.advance(self.cost * x.shape[1])
+        return super().stream_out(x, mixed, positions)
+
+
+@pytest.mark.parametrize("vis", [Causal(), Chunked(4, lookahead=1), Window(6, 2)], ids=repr)
+def test_measured_latency_is_algorithmic_plus_the_compute_of_the_releasing_push(monkeypatch, vis):
+    """The compute part is measured: each output carries the (fake-clock) time of the push that
+    released it, which a slower layer makes grow; the algorithmic part is the exact frames."""
+    import causalmix.stream.latency as latency_module
+
+    clock = FakeClock()
+    monkeypatch.setattr(latency_module, "CLOCK", clock)
+    t, sizes = 45, (1, 4, 2, 7)
+    x = torch.randn(1, t, 16)
+    runs = {}
+    for cost in (0.001, 0.003):
+        layers = [SlowLayer("softmax", vis, clock=clock, cost=cost, seed=i) for i in range(2)]
+        m = ModelStream(layers)
+        expected, p, i = [], 0, 0
+        while p < t:
+            n = min(sizes[i % len(sizes)], t - p)
+            i += 1
+            before, t0 = m.frames_out, clock.now
+            m.push(x[:, p:p + n])
+            expected += [clock.now - t0] * (m.frames_out - before)
+            p += n
+        before, t0 = m.frames_out, clock.now
+        m.flush()
+        expected += [clock.now - t0] * (m.frames_out - before)
+        lat = analytic_ready(vis, t, 2) - torch.arange(t)
+        assert torch.equal(m.latency, lat)  # the algorithmic part: today's exact frames
+        want = torch.tensor(expected, dtype=torch.float64)
+        torch.testing.assert_close(m.compute_seconds, want, rtol=0, atol=1e-9)
+        st = m.latency_stats(frame_seconds=0.01)
+        total = lat.double() * 0.01 + want
+        for got, ref in ((st.compute, want), (st.measured, total)):
+            assert got == pytest.approx((float(ref.quantile(0.5)), float(ref.quantile(0.95)),
+                                         float(ref.max())))
+        # every layer's own mixer stream is timed too, by its own pushes
+        assert m.layers[0].mixer.compute_seconds.shape == (t,)
+        runs[cost] = want
+    # the compute part is measured, not a constant: three times the cost, three times the time
+    torch.testing.assert_close(runs[0.003], 3 * runs[0.001], rtol=1e-9, atol=1e-12)
+    assert float(runs[0.001].max()) > float(runs[0.001].min())  # pushes of different sizes
+
+
+def test_mixer_stream_compute_is_the_wall_time_of_the_releasing_push(monkeypatch):
+    import causalmix.stream.latency as latency_module
+
+    clock = FakeClock()
+    monkeypatch.setattr(latency_module, "CLOCK", clock)
+
+    class Slow(SoftmaxStream):
+        def _compute(self, q, p0, k_end):
+            clock.advance(0.5 * q.shape[1])  # half a second per output computed
+            return super()._compute(q, p0, k_end)
+
+    s = Slow(Chunked(4))
+    x = torch.randn(1, 6, 2, 8)
+    s.push(x[:, :3], x[:, :3], x[:, :3])  # nothing final yet
+    s.push(x[:, 3:6], x[:, 3:6], x[:, 3:6])  # releases [0, 4)
+    s.flush()  # releases [4, 6)
+    assert s.compute_seconds.tolist() == [2.0] * 4 + [1.0] * 2
+    assert s.latency.tolist() == [3, 2, 1, 0, 1, 0]
+    st = s.latency_stats(frame_seconds=0.04)
+    assert st.measured.max == pytest.approx(3 * 0.04 + 2.0)
+    with pytest.raises(ValueError, match="frame_seconds must be finite and > 0"):
+        s.latency_stats(frame_seconds=0.0)
+    with pytest.raises(ArgumentTypeError, match="frame_seconds must be a float"):
+        s.latency_stats(frame_seconds="10ms")
+
+
+def test_latency_stats_of_values_and_the_deprecated_helper():
+    st = LatencyStats.of(torch.tensor([0, 2, 4]), torch.tensor([0.1, 0.2, 0.3]),
+                         frame_seconds=0.5)
+    assert st.compute == pytest.approx((0.2, 0.29, 0.3))
+    assert st.measured == pytest.approx((1.2, 2.19, 2.3))
+    assert LatencyStats.of(torch.tensor([1, 2])).compute is None
+    with pytest.raises(ValueError, match="frame_seconds needs compute"):
+        LatencyStats.of(torch.tensor([1]), frame_seconds=0.01)
+    with pytest.raises(ArgumentTypeError, match="latency must be"):
+        LatencyStats.of([1, 2])
+    with pytest.warns(DeprecationWarning, match=r"LatencyStats\.of"):
+        assert latency_stats(torch.tensor([[0, 1], [2, 3]])) == pytest.approx(
+            {"mean": 1.5, "p90": 2.7, "max": 3})
+
+
+# ============================================================================ edge inputs
+
+
+@pytest.mark.parametrize("make", [
+    lambda: SoftmaxStream(Chunked(4, lookahead=1)),
+    lambda: SoftmaxStream(Window(3, 2), impl="reference"),
+    lambda: LinearStream(Chunked(4, lookahead=1), decay=torch.tensor([0.9, 0.8])),
+    lambda: LinearStream(Causal()),
+], ids=["softmax-chunked", "softmax-window", "linear-chunked", "linear-causal"])
+def test_an_empty_batch_streams_with_right_shapes(make):
+    """B = 0: every push and the flush give ``[0, m, H, Dv]`` with the latency of any batch."""
+    t = 23
+    q, k, v = torch.randn(0, t, 4, 8), torch.randn(0, t, 2, 8), torch.randn(0, t, 2, 5)
+    s, ref = make(), make()
+    if isinstance(s, LinearStream):
+        k, v = torch.randn(0, t, 2, 8), torch.randn(0, t, 2, 5)
+        q = torch.randn(0, t, 2, 8)
+    out, counts = push_all(s, (1, 4, 2), q, k, v)
+    assert out.shape == (0, t, q.shape[2], 5)
+    one = [x.new_zeros((1, *x.shape[1:])) for x in (q, k, v)]
+    _, ref_counts = push_all(ref, (1, 4, 2), *one)
+    assert counts == ref_counts and torch.equal(s.latency, ref.latency)
+
+
+def test_an_empty_batch_streams_gates_and_models():
+    t = 9
+    x, g = torch.randn(0, t, 2, 8), -torch.rand(0, t, 2)
+    s = LinearStream(Chunked(2, lookahead=1))
+    outs = [s.push(x[:, :4], x[:, :4], x[:, :4], log_gate=g[:, :4]),
+            s.push(x[:, 4:], x[:, 4:], x[:, 4:], log_gate=g[:, 4:]), s.flush()]
+    assert [o.shape for o in outs] == [(0, 2, 2, 8), (0, 4, 2, 8), (0, 3, 2, 8)]
+    m = ModelStream([TinyLayer("softmax", Window(2, 1)), TinyLayer("linear", Causal())])
+    out, _ = push_all(m, (2, 3), torch.randn(0, t, 16))
+    assert out.shape == (0, t, 16) and m.latency.tolist() == [1] * (t - 1) + [0]
+
+
+@pytest.mark.parametrize("impl", ["auto", "chunk", "recurrent", "reference"])
+def test_linear_stream_with_per_row_segments(impl):
+    """Per-row documents ``Segments([B, T])`` with a causal or chunked bound (issue 19.5: chunk
+    crashed on them): every impl streams the dense definition."""
+    ids = torch.stack([torch.repeat_interleave(torch.arange(4), torch.tensor([5, 10, 3, 12])),
+                       torch.repeat_interleave(torch.arange(3), torch.tensor([12, 1, 17]))])
+    for vis in (Segments(ids) & Causal(), Segments(ids) & Chunked(2, lookahead=1)):
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(2, 30, 2, 4) / 2 for _ in range(3))
+        decay = torch.tensor([0.9, 1.0])
+        out, _ = push_all(LinearStream(vis, decay=decay, impl=impl, chunk_size=4), (7, 1, 3),
+                          q, k, v)
+        assert_close(out, dense_linear(q.double(), k.double(), v.double(), vis, decay.double()),
+                     dense_linear(q, k, v, vis, decay), name=repr(vis))
+
+
+def test_wrong_types_raise_argument_type_errors():
+    """Wrong types raise ArgumentTypeError (a TypeError that is also a ValueError) in every
+    constructor and public function of causalmix.stream."""
+    from causalmix.stream.adaptive import AdaptiveStream
+
+    x = torch.randn(1, 2, 2, 8)
+    cases = [
+        lambda: SoftmaxStream("causal"),
+        lambda: SoftmaxStream(Causal(), scale="big"),
+        lambda: LinearStream(Causal(), decay=[0.5]),
+        lambda: LinearStream(None),
+        lambda: mixer_stream("softmax", 3),
+        lambda: ModelStream(3),
+        lambda: ModelStream([object()]),
+        lambda: ModelStream([TinyLayer("softmax", Causal())]).push([[1.0]]),
+        lambda: SoftmaxStream(Causal()).push(x, x, "v"),
+        lambda: LinearStream(Causal()).push(x, x, x, log_gate=[0.0]),
+        lambda: AdaptiveStream(3),
+        lambda: AdaptiveStream([object()]),
+        lambda: compounded_latency(3, 4),
+        lambda: compounded_latency([Causal(), "window"], 4),
+        lambda: LatencyStats.of(torch.tensor([0.5])),
+    ]
+    for call in cases:
+        with pytest.raises(ArgumentTypeError):
+            call()
+
+    class BadKwargs(TinyLayer):
+        def mixer_kwargs(self):
+            return [("scale", 0.5)]
+
+    with pytest.raises(ArgumentTypeError, match=r"mixer_kwargs\(\) must return a dict"):
+        ModelStream([BadKwargs("softmax", Causal())])
+    # values of the right type that are wrong stay plain ValueErrors
+    for call in (lambda: LinearStream(Causal(), chunk_size=0),
+                 lambda: LinearStream(Causal(), impl="fast"),
+                 lambda: SoftmaxStream(Causal(), impl=3)):
+        with pytest.raises(ValueError):
+            call()
+
+
+def test_a_variable_length_tuple_from_a_layer_is_refused():
+    """``stream_qkv`` gives a mapping of named inputs or exactly ``(q, k, v)``; the old
+    ``(q, k, v, {gates})`` form is refused, naming the layer."""
+    layer = GatedTinyLayer(Causal())
+    layer.stream_qkv = lambda x, p: (*[layer.frames(x, p)[n] for n in "qkv"],
+                                     {"log_gate": layer.frames(x, p)["log_gate"]})
+    with pytest.raises(ArgumentTypeError, match=r"layers\[0\]: stream_qkv must return a mapping"):
+        ModelStream([layer]).push(torch.randn(1, 3, 16))

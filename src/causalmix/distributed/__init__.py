@@ -14,10 +14,12 @@ on every rank of a process group, get exactly the single-process result (forward
 
 Transport is ``torch.distributed`` only: ``batch_isend_irecv`` on the group for the ring,
 ``all_gather`` / ``all_reduce`` for states, so gloo (CPU) and NCCL (GPU) both work. Every rank
-must call with the same spec (compared by content), layout, shapes, dtype, scale / decay and
-need for gradients -- checked before any exchange with one small ``all_gather`` of digests per
-call; a mismatch raises the same ``ValueError`` on every rank, naming the arguments and what
-each rank passed -- and, in backward, backpropagate through its output. Failures surface as
+must call with the same spec (compared by content), layout, shapes, dtype, options (scale;
+decay, impl, chunk size) and need for gradients, and with arguments its own checks accept --
+both settled before any exchange with one small ``all_gather`` of digests and verdicts per
+call; a mismatch or a bad argument on any rank raises the same ``ValueError`` on every rank,
+naming the arguments and what each rank passed, or the rank that refused its arguments and
+why -- and, in backward, backpropagate through its output. Failures surface as
 errors, never hangs: a rank that dies closes its connections, and a silent one trips the process
 group's ``timeout``.
 :func:`work_balance` counts the exact visible pairs each rank computes under a layout.

@@ -1,29 +1,35 @@
-"""Every rank must call a sharded mixer with the same spec, layout, shapes, dtype, scale...:
-checked before any exchange, failing on every rank with the same error.
+"""Every rank must call a sharded mixer with the same spec, layout, shapes, dtype, scale...,
+and with arguments each rank's own checks accept: both are settled before any exchange, and a
+call that fails fails on every rank with the same error.
 
-Each rank reduces each argument to a short description and a 64-bit digest of its canonical
-form (specs by type and fields, tensor fields by content; tensors by dtype, shape and device
-type). One ``all_gather`` of the digests tells every rank whether all agree; if not, one more
-gather of the descriptions lets every rank raise the same ``ValueError`` naming each argument
-that differs and what each rank passed. The canonical form never raises, whatever the argument,
-so a rank with a bad argument still joins the check (and the others do not hang on it); the
-ordinary argument checks run after it.
+Each rank first runs its own argument checks, catching what they raise (its *verdict*), and
+reduces each argument that must agree to a 64-bit digest of its canonical form (specs by type
+and fields, tensor fields by content; tensors by dtype, shape and device type). One
+``all_gather`` of the digests and verdicts tells every rank whether all agree and all accept; if
+not, one more gather of short descriptions and of the refusals lets every rank raise the same
+``ValueError``, naming each argument that differs with what each rank passed, and each rank that
+refused its arguments with its reason. The canonical form never raises, whatever the argument,
+so a rank with a bad argument still joins the exchange (and the others do not hang on it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from causalmix.caching import LRUCache
+from causalmix.checks import ArgumentTypeError
 from causalmix.distributed._ring import Ring
 from causalmix.visibility import Visibility
 
-__all__ = ["check_agreement", "signature"]
+__all__ = ["checked_on_every_rank", "signature"]
+
+T = TypeVar("T")
 
 _SPEC_DIGESTS: LRUCache[str] = LRUCache(64)
 _MAX_DESCRIPTION = 200
@@ -127,38 +133,79 @@ def _gather_strings(ring: Ring, text: str, device) -> list[str]:
     return [bytes(p[: int(s)].cpu().tolist()).decode() for p, s in zip(parts, sizes, strict=True)]
 
 
-def check_agreement(fn: str, group: dist.ProcessGroup | None, arguments: dict[str, object]) -> None:
-    """Check that every rank of ``group`` passed equal ``arguments`` (name -> value: specs,
-    layouts, ``q.shape``-like tuples, dtypes, scales, tensors compared by content...).
+def checked_on_every_rank(fn: str, group: dist.ProcessGroup | None,
+                          arguments: dict[str, object],
+                          check: Callable[[int | None], T]) -> tuple[Ring, T]:
+    """Run this rank's argument checks and agree with every rank of ``group``, before any
+    exchange; returns the ring and what ``check`` returned.
 
-    Collective: every rank must call it with the same argument names (the same code path).
-    Raises ``ValueError`` on every rank if some argument differs between ranks, naming each such
-    argument and each rank's value. Does nothing where ``torch.distributed`` is not initialised
-    (the caller's ``Ring.of`` says so after its local checks) or the group has one rank.
+    ``check(world)`` runs the local checks (``world``: the group's size, ``None`` where
+    ``torch.distributed`` is not initialised) and raises ``ValueError`` / ``TypeError`` for a
+    bad argument. ``arguments`` (name -> value: specs, layouts, tensor signatures, scales,
+    tensors compared by content...) must be equal on every rank. Collective: every rank must
+    call it with the same argument names (the same code path). If some rank's check raised, or
+    some argument differs, every rank raises the same ``ValueError`` naming the arguments that
+    differ (each rank's value) and the ranks that refused their arguments (each one's reason);
+    :class:`ArgumentTypeError` when every refusal was a wrong type and all agree. In a group of
+    one rank the check's own error is raised. Where ``torch.distributed`` is not initialised the
+    local checks run first, then ``Ring.of`` says it is not.
     """
     if not (dist.is_available() and dist.is_initialized()):
-        return  # not collective yet: the caller's own checks and Ring.of report it
+        check(None)
     ring = Ring.of(fn, group)
-    if ring.world == 1:
-        return
+    try:
+        result, verdict = check(ring.world), None
+    except (TypeError, ValueError) as e:
+        result, verdict = None, e
+    if ring.world > 1:
+        _agree(fn, ring, arguments, verdict)
+    if verdict is not None:
+        raise verdict
+    return ring, result
+
+
+def _refusal(fn: str, error: BaseException | None) -> str:
+    if error is None:
+        return ""
+    text = str(error)
+    if text.startswith(f"{fn}: "):
+        text = text[len(fn) + 2:]
+    return ("T" if isinstance(error, TypeError) else "V") + text
+
+
+def _agree(fn: str, ring: Ring, arguments: dict[str, object],
+           verdict: BaseException | None) -> None:
+    """Raise the same error on every rank unless every rank accepted equal ``arguments``."""
     device = _device(ring)
     names = list(arguments)
-    mine = torch.tensor([_digest(_canonical(arguments[n])) for n in names], dtype=torch.int64,
-                        device=device)
+    mine = torch.tensor([_digest(_canonical(arguments[n])) for n in names]
+                        + [int(verdict is not None)], dtype=torch.int64, device=device)
     everyone = [torch.empty_like(mine) for _ in range(ring.world)]
     dist.all_gather(everyone, mine, group=ring.group)
     differ = [i for i, _ in enumerate(names)
               if any(int(e[i]) != int(everyone[0][i]) for e in everyone)]
-    if not differ:
+    if not differ and not any(int(e[-1]) for e in everyone):
         return
     # every rank saw the same digests, so every rank takes this branch: the gather is collective
-    text = "\x00".join(_describe(arguments[names[i]]) for i in differ)
+    text = "\x00".join([_describe(arguments[names[i]]) for i in differ]
+                       + [_refusal(fn, verdict)])
     values = [t.split("\x00") for t in _gather_strings(ring, text, device)]
-    lines = []
-    for n, i in enumerate(differ):
-        per_rank = ", ".join(f"rank {r}: {values[r][n]}" for r in range(ring.world))
-        lines.append(f"{names[i]} ({per_rank})")
-    raise ValueError(
-        f"{fn}: ranks disagree on arguments that must be equal on every rank (this is rank "
-        f"{ring.rank}): {'; '.join(lines)}"
-    )
+    parts = []
+    if differ:
+        lines = []
+        for n, i in enumerate(differ):
+            per_rank = ", ".join(f"rank {r}: {values[r][n]}" for r in range(ring.world))
+            lines.append(f"{names[i]} ({per_rank})")
+        parts.append(f"ranks disagree on arguments that must be equal on every rank: "
+                     f"{'; '.join(lines)}")
+    refusals = [(r, v[-1]) for r, v in enumerate(values) if v[-1]]
+    by_reason: dict[str, list[int]] = {}
+    for r, why in refusals:
+        by_reason.setdefault(why[1:], []).append(r)
+    for why, ranks in by_reason.items():
+        who = f"rank {ranks[0]} refused its" if len(ranks) == 1 else f"ranks {ranks} refused their"
+        parts.append(f"{who} arguments: {why}")
+    message = f"{fn}: {'; '.join(parts)} (raised on every rank)"
+    if not differ and all(why[0] == "T" for _, why in refusals):
+        raise ArgumentTypeError(message)
+    raise ValueError(message)

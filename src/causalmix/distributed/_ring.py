@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from causalmix.checks import ArgumentTypeError
+
 
 @dataclasses.dataclass(frozen=True)
 class Ring:
@@ -31,7 +33,7 @@ class Ring:
         if group is None:
             group = dist.group.WORLD
         elif not isinstance(group, dist.ProcessGroup):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"{fn}: group must be a torch.distributed ProcessGroup or None, got "
                 f"{type(group).__name__}"
             )
@@ -65,19 +67,3 @@ class Exchange:
             w.wait()
         self.sent = []
         return self.recv
-
-
-def check_same_everywhere(fn: str, ring: Ring, names: tuple[str, ...], values: tuple[int, ...],
-                          device: torch.device) -> None:
-    """Raise ``ValueError`` on every rank if some rank passed different ``values`` (shapes...)."""
-    if ring.world == 1:
-        return
-    mine = torch.tensor(values, dtype=torch.int64, device=device)
-    everyone = [torch.empty_like(mine) for _ in range(ring.world)]
-    dist.all_gather(everyone, mine, group=ring.group)
-    for r, theirs in enumerate(everyone):
-        if not torch.equal(theirs, mine):
-            diff = [f"{n}: rank {ring.rank} has {a}, rank {r} has {b}"
-                    for n, a, b in zip(names, values, theirs.tolist(), strict=True) if a != b]
-            raise ValueError(f"{fn}: ranks disagree on the local shapes ({'; '.join(diff)}); "
-                             f"every rank must hold seq_len / world positions of one layout")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from causalmix.distributed._spec import runs_count
-from causalmix.distributed.layout import Run, check_layout, runs
+from causalmix.checks import ArgumentTypeError
+from causalmix.distributed._spec import spans_count
+from causalmix.distributed.layout import Span, check_layout, spans
 from causalmix.visibility import Visibility
 
 
@@ -43,11 +44,11 @@ def work_balance(visibility: Visibility, layout: str, world: int, seq_len: int) 
     ``world`` ranks by ``layout``, counted by the spec over each rank's actual query positions
     against all keys ``[0, seq_len)``."""
     if not isinstance(visibility, Visibility):
-        raise TypeError(f"work_balance: visibility must be a causalmix.visibility spec, got "
-                        f"{type(visibility).__name__}")
+        raise ArgumentTypeError(f"work_balance: visibility must be a causalmix.visibility spec, "
+                                f"got {type(visibility).__name__}")
     check_layout(layout, seq_len, world)
     visibility.check_positions(seq_len, seq_len, 0, 0)
-    everything = [Run(0, 1, seq_len, 0)] if seq_len else []
-    pairs = tuple(runs_count(visibility, runs(layout, seq_len, r, world), everything)
+    everything = [Span(0, 1, seq_len, 0)] if seq_len else []
+    pairs = tuple(spans_count(visibility, spans(layout, seq_len, r, world), everything)
                   for r in range(world))
     return BalanceReport(visibility, layout, world, seq_len, pairs)

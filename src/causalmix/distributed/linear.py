@@ -30,8 +30,8 @@ and the local op, with the ``all_gather`` of the states and totals made differen
 backward sums each gradient over the ranks with one ``all_reduce``). Every rank's result depends
 on the gathered states, so every rank joins that ``all_reduce`` when it backpropagates.
 
-Stages: :func:`_validate` -> :func:`_local_states` -> :func:`_incoming_state` (and
-:func:`_reverse_part`) -> :func:`_output`.
+Stages: :func:`_check_arguments` (every rank, agreed before any exchange) -> :func:`_shard` ->
+:func:`_local_states` -> :func:`_incoming_state` (and :func:`_reverse_part`) -> :func:`_output`.
 """
 
 from __future__ import annotations
@@ -41,15 +41,16 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from causalmix.checks import check_decay, check_qkv, compute_dtype
-from causalmix.distributed._agree import check_agreement, signature
-from causalmix.distributed._ring import Ring, check_same_everywhere
-from causalmix.distributed.layout import LAYOUTS, Run, runs
+from causalmix.checks import check_decay, check_int, check_qkv, compute_dtype
+from causalmix.distributed._agree import checked_on_every_rank, signature
+from causalmix.distributed._ring import Ring
+from causalmix.distributed.layout import LAYOUTS, Span, spans
+from causalmix.ops.linear import REGISTRY, available_impls, check_gate
 from causalmix.ops.linear import linear_attention as _local_linear
-from causalmix.ops.linear.api import check_gate
-from causalmix.visibility import Causal, Full, Prefix, Visibility, check_visibility
+from causalmix.visibility import Causal, Full, Prefix, Visibility, check_spec, check_visibility
 
-SUPPORTED = ("Causal()", "Full()", "Prefix(n)")
+#: the specs the sequence-parallel linear mixer serves
+SHARDED_LINEAR_SPECS = ("Causal()", "Full()", "Prefix(n)")
 
 
 class _AllGatherStates(torch.autograd.Function):
@@ -80,48 +81,88 @@ class Shard(NamedTuple):
     gr: torch.Tensor
     reverse: bool
     mine: list
-    every: list  # every run of every rank, in all_gather order
+    every: list  # every span of every rank, in all_gather order
     sd: torch.dtype
 
 
-def _sl(r: Run) -> slice:
+def _sl(r: Span) -> slice:
     return slice(r.local, r.local + r.length)
 
 
-def _validate(fn, q, k, v, visibility, layout, decay, log_gate, reverse_log_gate, group):
-    """Argument checks at the boundary; returns the ring. First every rank checks that all
-    agree (spec, layout, shapes, options), before any check or exchange can diverge; then
-    each rank checks its own arguments."""
-    check_agreement(fn, group, {
-        "visibility": visibility, "layout": layout, "q": signature(q), "k": signature(k),
-        "v": signature(v), "decay": decay,
-        "log_gate": None if log_gate is None else signature(log_gate),
-        "reverse_log_gate": None if reverse_log_gate is None else signature(reverse_log_gate),
-        "requires_grad": torch.is_grad_enabled() and any(
-            getattr(t, "requires_grad", False)
-            for t in (q, k, v, decay, log_gate, reverse_log_gate))})
-    bsz, n, _nk, h, _hkv, _d, _dv = check_qkv(fn, q, k, v)
-    if layout not in LAYOUTS:
-        raise ValueError(f"{fn}: layout must be one of {list(LAYOUTS)}, got {layout!r}")
-    if layout == "striped":
+class LinearArgs(NamedTuple):
+    """The arguments of one sharded linear call, as passed."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    visibility: Visibility
+    layout: str
+    decay: torch.Tensor | None
+    log_gate: torch.Tensor | None
+    reverse_log_gate: torch.Tensor | None
+    impl: str
+    chunk_size: int
+
+
+def _agreed(a: LinearArgs) -> dict[str, object]:
+    """What must be equal on every rank (tensors by signature; the decay by content)."""
+    def sig(x):
+        return None if x is None else signature(x)
+
+    grad = torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (
+        a.q, a.k, a.v, a.decay, a.log_gate, a.reverse_log_gate))
+    return {"visibility": a.visibility, "layout": a.layout, "q": sig(a.q), "k": sig(a.k),
+            "v": sig(a.v), "decay": a.decay, "log_gate": sig(a.log_gate),
+            "reverse_log_gate": sig(a.reverse_log_gate), "impl": a.impl,
+            "chunk_size": a.chunk_size, "requires_grad": grad}
+
+
+def _check_arguments(fn: str, a: LinearArgs, world: int | None) -> None:
+    """This rank's own checks (``world``: the group's size, ``None`` outside a process group:
+    then the spec's positions and the impl's local calls are not checked)."""
+    bsz, n, _nk, h, _hkv, _d, _dv = check_qkv(fn, a.q, a.k, a.v)
+    check_spec(f"{fn}: visibility", a.visibility)
+    if not isinstance(a.layout, str) or a.layout not in LAYOUTS:
+        raise ValueError(f"{fn}: layout must be one of {list(LAYOUTS)}, got {a.layout!r}")
+    if a.layout == "striped":
         raise ValueError(f"{fn}: layout 'striped' is not supported by the linear mixer (state "
                          f"passing needs contiguous blocks, a stripe has none); use "
                          f"'contiguous' or 'zigzag'")
-    if layout == "zigzag" and n % 2:
+    if a.layout == "zigzag" and n % 2:
         raise ValueError(f"{fn}: layout 'zigzag' needs an even number of positions per rank "
                          f"(two chunks of seq_len / (2 * world)), got {n}")
-    if not isinstance(visibility, (Causal, Full, Prefix)):
-        raise ValueError(f"{fn}: spec {visibility!r} is not supported by the sequence-parallel "
-                         f"linear mixer; supported: {', '.join(SUPPORTED)}")
-    check_decay(fn, decay, h, q.device)
-    if log_gate is None and reverse_log_gate is not None:
+    if not isinstance(a.visibility, (Causal, Full, Prefix)):
+        raise ValueError(f"{fn}: spec {a.visibility!r} is not supported by the sequence-parallel "
+                         f"linear mixer; supported: {', '.join(SHARDED_LINEAR_SPECS)}")
+    check_decay(fn, a.decay, h, a.q.device)
+    if a.log_gate is None and a.reverse_log_gate is not None:
         raise ValueError(f"{fn}: reverse_log_gate needs log_gate (it defaults to log_gate)")
-    if log_gate is not None and decay is not None:
+    if a.log_gate is not None and a.decay is not None:
         raise ValueError(f"{fn}: decay and log_gate are mutually exclusive; pass one of them")
-    for name, gate in (("log_gate", log_gate), ("reverse_log_gate", reverse_log_gate)):
-        if gate is not None:
-            check_gate(fn, name, gate, (bsz, n, h), q)
-    return Ring.of(fn, group)
+    for name in ("log_gate", "reverse_log_gate"):
+        if (gate := getattr(a, name)) is not None:
+            check_gate(fn, name, gate, (bsz, n, h), a.q)
+    check_int("chunk_size", a.chunk_size, 1)
+    REGISTRY.check_name(fn, a.impl)
+    if world is not None:
+        check_visibility(fn, a.visibility, bsz, n * world, n * world)
+        _check_impl(fn, a, world)
+
+
+def _check_impl(fn: str, a: LinearArgs, world: int) -> None:
+    """An explicit ``impl`` must serve the local call of every span of every rank (spans of one
+    layout differ only in their start)."""
+    if a.impl == "auto" or a.q.shape[1] == 0:
+        return
+    seq_len = a.q.shape[1] * world
+    for rank in range(world):
+        for r in spans(a.layout, seq_len, rank, world):
+            q = a.q[:, :r.length]
+            why = available_impls(q, q, q, a.visibility, q_offset=r.start,
+                                  k_offset=r.start)[a.impl]
+            if why is not None:
+                raise ValueError(f"{fn}: impl={a.impl!r} cannot serve the local call of rank "
+                                 f"{rank}'s positions [{r.start}, {r.start + r.length}): {why}")
 
 
 def _gates(q, decay, log_gate, reverse_log_gate, sd):
@@ -138,8 +179,8 @@ def _gates(q, decay, log_gate, reverse_log_gate, sd):
 
 
 def _local_states(x: Shard) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per run: the causal state anchored at its last position and, for Full/Prefix, the keys a
-    query before the run sees, anchored at its first position; and the runs' total log-gates.
+    """Per span: the causal state anchored at its last position and, for Full/Prefix, the keys a
+    query before the span sees, anchored at its first position; and the spans' total log-gates.
     Returns ``states [R, 1 or 2, B, H, D, Dv]`` and ``totals [R, 2, B', H]``."""
     local, totals = [], []
     for r in x.mine:
@@ -152,21 +193,30 @@ def _local_states(x: Shard) -> tuple[torch.Tensor, torch.Tensor]:
             e = torch.nn.functional.pad(gr[:, :-1], (0, 0, 1, 0)).to(torch.float64).cumsum(1)
             w_start = torch.exp(e.to(x.sd))  # prod_{s=start..t-1} exp(r_s)
             if isinstance(x.visibility, Prefix):
-                lim = x.visibility.n
-                lim = lim.to(x.q.device)[:, None] if isinstance(lim, torch.Tensor) \
-                    else torch.tensor([[lim]], device=x.q.device)
                 t = torch.arange(r.length, device=x.q.device)
-                w_start = w_start * ((r.start + t)[None, :] < lim).to(x.sd)[:, :, None]
+                seen = (r.start + t)[None, :] < _prefix_end(x)  # [B'', m]: keys before n
+                # where, not a product: a NaN gate on an unseen key must not reach anything
+                w_start = torch.where(seen[:, :, None], w_start, 0)
             run_states.append(torch.einsum("bthd,bthe->bhde", kf * w_start[..., None], vf))
         local.append(torch.stack(run_states))
         totals.append(torch.stack([g.sum(1), gr.sum(1)]))
     return torch.stack(local), torch.stack(totals)
 
 
+def _prefix_end(x: Shard) -> torch.Tensor:
+    """``Prefix(n)``'s ``n`` as ``[B or 1, 1]`` int64."""
+    n = x.visibility.n
+    return n.to(x.q.device)[:, None] if isinstance(n, torch.Tensor) \
+        else torch.tensor([[n]], device=x.q.device)
+
+
 def _between(x: Shard, totals, lo: int, hi: int, which: int, before: bool):
-    """``exp(sum of the totals of the runs strictly inside the gap)`` for every gathered run c,
-    zero for runs on the wrong side: ``before`` -- runs ending by ``lo`` (the gap from their end
-    to ``lo``); else runs starting at or after ``hi`` (the gap from ``hi`` to their start)."""
+    """``exp(sum of the totals of the spans strictly inside the gap)`` for every gathered span c,
+    zero for spans on the wrong side: ``before`` -- spans ending by ``lo`` (the gap from their end
+    to ``lo``); else spans starting at or after ``hi`` (the gap from ``hi`` to their start).
+    Returns it, ``[R_all, B', H]``, and the side mask ``[R_all]``. Sums and states of spans
+    outside are masked out with ``where`` (never multiplied by 0), so a NaN there reaches no
+    query that cannot see it."""
     dev = x.q.device
     starts = torch.tensor([r.start for r in x.every], device=dev)
     ends = torch.tensor([r.start + r.length for r in x.every], device=dev)  # exclusive
@@ -177,33 +227,41 @@ def _between(x: Shard, totals, lo: int, hi: int, which: int, before: bool):
     else:
         side = starts >= hi
         inside = (starts[None, :] >= hi) & (starts[None, :] < starts[:, None])
-    gap = torch.einsum("cm,mbh->cbh", inside.to(tot.dtype), tot)
+    gap = torch.where(inside[:, :, None, None], tot[None], 0).sum(1)  # [c, B', H]
     gap = torch.where(side[:, None, None], gap, torch.full_like(gap, -torch.inf))
-    return torch.exp(gap)  # [R_all, B', H]
+    return torch.exp(gap), side
 
 
-def _incoming_state(x: Shard, states, totals, r: Run) -> torch.Tensor:
+def _incoming_state(x: Shard, states, totals, r: Span) -> torch.Tensor:
     """The causal state just before position ``r.start``: ``[B, H, D, Dv]``."""
-    coef = _between(x, totals, r.start, 0, 0, before=True)
-    return torch.einsum("cbh,cbhde->bhde", coef, states[:, 0])
+    coef, side = _between(x, totals, r.start, 0, 0, before=True)
+    s = torch.where(side[:, None, None, None, None], states[:, 0], 0)
+    return torch.einsum("cbh,cbhde->bhde", coef, s)
 
 
-def _reverse_part(x: Shard, states, totals, r: Run) -> torch.Tensor:
-    """Keys of later runs seen by the queries of run ``r``: ``[B, m, H, Dv]`` in ``sd``."""
+def _reverse_part(x: Shard, states, totals, r: Span) -> torch.Tensor:
+    """Keys of later spans seen by the queries of span ``r``: ``[B, m, H, Dv]`` in ``sd``."""
     e = r.start + r.length
-    coef = _between(x, totals, 0, e, 1, before=False)
-    f = torch.einsum("cbh,cbhde->bhde", coef, states[:, 1])
+    coef, side = _between(x, totals, 0, e, 1, before=False)
+    used = side[:, None]  # [R_all, B'']: later spans holding a key some query sees
+    if isinstance(x.visibility, Prefix):
+        starts = torch.tensor([c.start for c in x.every], device=x.q.device)
+        used = used & (starts[:, None] < _prefix_end(x)[:, 0][None, :])
+    s = torch.where(used[:, :, None, None, None], states[:, 1], 0)
+    f = torch.einsum("cbh,cbhde->bhde", torch.where(used[:, :, None], coef, 0), s)
     gr = x.gr[:, _sl(r)].to(torch.float64)
     suffix = gr.flip(1).cumsum(1).flip(1)  # r_i + .. + r_{e-1}
     w_q = torch.exp(suffix.to(x.sd))  # [B', m, H]
-    return torch.einsum("bthd,bhde->bthe", x.q[:, _sl(r)].to(x.sd) * w_q[..., None], f)
+    part = torch.einsum("bthd,bhde->bthe", x.q[:, _sl(r)].to(x.sd) * w_q[..., None], f)
+    # rows with no later key to see: exactly zero (their gates past the prefix stay unused)
+    return torch.where(used.any(0)[:, None, None, None], part, 0)
 
 
-def _output(x: Shard, states, totals, local_op) -> torch.Tensor:
-    """The local op on each run from its incoming state, plus the reverse part."""
+def _output(x: Shard, states, totals, a: LinearArgs) -> torch.Tensor:
+    """The local op on each span from its incoming state, plus the reverse part."""
     outs = []
     for r in x.mine:
-        out = local_op(r, _incoming_state(x, states, totals, r))
+        out = _local_op(a, r, _incoming_state(x, states, totals, r))
         if x.reverse:
             out = (out.to(x.sd) + _reverse_part(x, states, totals, r)).to(x.q.dtype)
         outs.append(out)
@@ -250,37 +308,47 @@ def linear_attention(
         ``[B, n, H, Dv]`` in q's dtype: the single-process result on the full sequence, sharded.
         States are fp32 (fp64 for fp64 inputs). Differentiable; in backward every rank must
         backpropagate through its result (one ``all_reduce`` of the states' gradients).
+
+    Every rank checks every argument before any exchange, and all agree on the spec, layout,
+    shapes, dtypes, decay, impl and chunk size: a bad argument on any rank or a mismatch raises
+    the same ``ValueError`` on every rank.
     """
     fn = "causalmix.distributed.linear_attention"
-    ring = _validate(fn, q, k, v, visibility, layout, decay, log_gate, reverse_log_gate, group)
-    bsz, n, h = q.shape[0], q.shape[1], q.shape[2]
-    world, rank = ring.world, ring.rank
-    seq_len = n * world
-    check_visibility(fn, visibility, bsz, seq_len, seq_len)
-    check_same_everywhere(fn, ring, ("batch", "positions", "heads", "dim", "v dim"),
-                          (bsz, n, h, q.shape[3], v.shape[3]), q.device)
-    kw = dict(decay=decay, impl=impl, chunk_size=chunk_size)
-    if n == 0:
+    a = LinearArgs(q, k, v, visibility, layout, decay, log_gate, reverse_log_gate, impl,
+                   chunk_size)
+    ring, _ = checked_on_every_rank(fn, group, _agreed(a),
+                                    lambda world: _check_arguments(fn, a, world))
+    if q.shape[1] == 0:
         return _local_linear(q, k, v, visibility, log_gate=log_gate,
-                             reverse_log_gate=reverse_log_gate, **kw)
-    sd = compute_dtype(q)
-    gf, gr = _gates(q, decay, log_gate, reverse_log_gate, sd)
-    group_size = h // k.shape[2]
-    kx, vx = (k, v) if group_size == 1 else (k.repeat_interleave(group_size, 2),
-                                             v.repeat_interleave(group_size, 2))
-    x = Shard(q, kx, vx, visibility, gf, gr, not isinstance(visibility, Causal),
-              runs(layout, seq_len, rank, world),
-              [r for rk in range(world) for r in runs(layout, seq_len, rk, world)], sd)
+                             reverse_log_gate=reverse_log_gate, decay=decay, impl=impl,
+                             chunk_size=chunk_size)
+    x = _shard(a, ring)
     states, totals = _local_states(x)
     states = _AllGatherStates.apply(states, ring).flatten(0, 1)  # [W * R, 1 or 2, B, H, D, Dv]
     totals = _AllGatherStates.apply(totals, ring).flatten(0, 1)  # [W * R, 2, B', H]
+    return _output(x, states, totals, a)
 
-    def local_op(r: Run, s_in):
-        sl = _sl(r)
-        gates = {} if log_gate is None else {
-            "log_gate": log_gate[:, sl],
-            "reverse_log_gate": None if reverse_log_gate is None else reverse_log_gate[:, sl]}
-        return _local_linear(q[:, sl], k[:, sl], v[:, sl], visibility, q_offset=r.start,
-                             k_offset=r.start, initial_state=s_in, **gates, **kw)
 
-    return _output(x, states, totals, local_op)
+def _shard(a: LinearArgs, ring: Ring) -> Shard:
+    """The shard's inputs for the stages: kv heads repeated, gates in the state dtype, spans."""
+    q, k, v = a.q, a.k, a.v
+    sd = compute_dtype(q)
+    gf, gr = _gates(q, a.decay, a.log_gate, a.reverse_log_gate, sd)
+    group_size = q.shape[2] // k.shape[2]
+    kx, vx = (k, v) if group_size == 1 else (k.repeat_interleave(group_size, 2),
+                                             v.repeat_interleave(group_size, 2))
+    seq_len, world = q.shape[1] * ring.world, ring.world
+    return Shard(q, kx, vx, a.visibility, gf, gr, not isinstance(a.visibility, Causal),
+                 spans(a.layout, seq_len, ring.rank, world),
+                 [r for rk in range(world) for r in spans(a.layout, seq_len, rk, world)], sd)
+
+
+def _local_op(a: LinearArgs, r: Span, s_in: torch.Tensor) -> torch.Tensor:
+    """The single-process op on span ``r`` from its incoming causal state ``s_in``."""
+    sl = _sl(r)
+    gates = {} if a.log_gate is None else {
+        "log_gate": a.log_gate[:, sl],
+        "reverse_log_gate": None if a.reverse_log_gate is None else a.reverse_log_gate[:, sl]}
+    return _local_linear(a.q[:, sl], a.k[:, sl], a.v[:, sl], a.visibility, q_offset=r.start,
+                         k_offset=r.start, initial_state=s_in, decay=a.decay, impl=a.impl,
+                         chunk_size=a.chunk_size, **gates)

@@ -1,10 +1,12 @@
-"""Accuracy vs latency on the ``lookahead`` task: causal, fixed lookahead 1..W, full, and
-adaptive lookahead (:mod:`causalmix.nn.adaptive`, ANCAT-inspired) over a sweep of
+"""Accuracy vs latency on the ``lookahead`` task (finding F5): causal, fixed lookahead 1..W,
+full, and adaptive lookahead (:mod:`causalmix.nn.adaptive`, ANCAT-inspired) over a sweep of
 ``latency_weight``.
 
-Every point is trained on the same task data (``Lookahead.build(seed)``, or
-:meth:`AdaptiveStudy.build` with a skewed delay distribution) with the study's
-:class:`~causalmix.lab.experiments.TrainConfig`:
+An :class:`AdaptiveStudy` names the points; each point is a lab job (:class:`StudyPoint`) that
+the lab's one runner (:func:`~causalmix.lab.runner.run_jobs`) trains and records under the one
+run key, like every other experiment. Every point is trained on the same task data
+(``Lookahead.build(seed)``, or :meth:`AdaptiveStudy.build` with a skewed delay distribution)
+with the study's :class:`~causalmix.lab.trainer.TrainConfig`:
 
 * the fixed baselines are ordinary lab experiments trained by
   :meth:`~causalmix.lab.experiments.Experiment.run` (scheme ``lookahead-L``:
@@ -19,57 +21,42 @@ Every point is trained on the same task data (``Lookahead.build(seed)``, or
   (no target stop: reaching the accuracy early is not the end, the latency still falls).
 
 The latency of every point is measured the same way, per output frame of the test sequences:
-:func:`~causalmix.nn.adaptive.compounded_latency` of the layers' specs (``r^L_t - t``; a
-finite sequence clips it at the last frame, so ``Full()`` costs ``T - 1 - t`` and fixed
-lookahead ``L`` averages slightly under ``L``).
-
-Runs are recorded in the lab's run database (``out/runs.sqlite``, suite
-``adaptive-<study>``) and skipped when already done; :func:`write_adaptive_report` writes the
-summary table and the Pareto plot.
+:func:`~causalmix.stream.compounded_latency` of the layers' specs (``r^L_t - t``; a finite
+sequence clips it at the last frame, so ``Full()`` costs ``T - 1 - t`` and fixed lookahead ``L``
+averages slightly under ``L``). Every point also records the latency of the oracle gate
+(:func:`oracle_latency`) on its test set; :func:`adaptive_summary` and :func:`draw_pareto` give
+the report's table and plot.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import statistics
-import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from causalmix.checks import check_int
-from causalmix.lab.db import RunDB, git_revision
-from causalmix.lab.experiments import Experiment, layer_visibility, plain
+from causalmix.lab.experiments import Experiment, plain, scheme_visibility
 from causalmix.lab.tasks import IGNORE, Lookahead, TaskData
 from causalmix.lab.trainer import FitResult, TrainConfig, fit
 from causalmix.nn import ModelConfig
-from causalmix.nn.adaptive import AdaptiveConfig, AdaptiveModel, compounded_latency
+from causalmix.nn.adaptive import AdaptiveConfig, AdaptiveModel
+from causalmix.stream import compounded_latency
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
 __all__ = [
-    "STUDIES",
-    "SUITE_STUDY",
     "AdaptiveObjective",
     "AdaptivePoint",
     "AdaptiveStudy",
     "StudyPoint",
-    "draw_pareto",
-    "run_point",
     "adaptive_summary",
+    "draw_pareto",
     "oracle_latency",
-    "plot_pareto",
-    "run_adaptive_study",
-    "summary_table",
-    "train_adaptive",
-    "write_adaptive_report",
 ]
 
 
@@ -105,7 +92,6 @@ class AdaptiveStudy:
     adaptive_lr: float | None = None  # default: train.lr
     latency_ramp: tuple[float, float] = (0.25, 0.5)
     delay_probs: tuple[float, ...] | None = None
-    seeds: int = 3
 
     def __post_init__(self):
         if not isinstance(self.task, Lookahead):
@@ -196,33 +182,6 @@ class AdaptiveStudy:
         return plain(self)
 
 
-def _size(steps: int, num_train: int, num_test: int, num_val: int, evals: int, seeds: int,
-          weights: tuple[float, ...]) -> AdaptiveStudy:
-    task = Lookahead(num_symbols=8, max_delay=4, seq_len=48, num_train=num_train,
-                     num_test=num_test)
-    train = TrainConfig(steps=steps, batch_size=32, lr=3e-3, num_val=num_val,
-                        eval_every=max(steps // evals, 1), patience=3, target=0.99)
-    return AdaptiveStudy(task=task, max_lookahead=4, latency_weights=weights, train=train,
-                         seeds=seeds)
-
-
-#: Named sizes: ``quick`` (for the smoke suite: every code path in seconds), ``default`` (the
-#: lookahead task at the lab's default size, 2 seeds), ``full``; ``skewed``: ``default`` with
-#: delays mostly 0 (lookahead rarely needed: ANCAT's setting).
-STUDIES: dict[str, AdaptiveStudy] = {
-    "quick": _size(6, 256, 64, 64, 2, 1, (0.05,)),
-    "default": _size(200, 16384, 512, 256, 8, 2, (0.05, 0.2, 0.6)),
-    "full": _size(600, 50000, 1000, 512, 10, 5, (0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 1.0)),
-    # the default size with delays mostly 0 (P(d = 0) = 0.75, 1..4 equally likely otherwise)
-    "skewed": dataclasses.replace(_size(200, 16384, 512, 256, 8, 2, (0.05, 0.2, 0.6)),
-                                  delay_probs=(0.75, 0.0625, 0.0625, 0.0625, 0.0625)),
-}
-
-
-#: The study each lab suite runs (``causalmix lab run --suite <name>``).
-SUITE_STUDY = {"smoke": "quick", "default": "default", "full": "full"}
-
-
 # ============================================================================ training
 
 
@@ -295,131 +254,53 @@ class AdaptivePoint:
         return res
 
 
-def train_adaptive(study: AdaptiveStudy, latency_weight: float, seed: int, *,
-                   data: TaskData | None = None) -> dict:
-    """Train the adaptive point ``latency_weight`` of ``study`` with ``seed`` (see
-    :class:`AdaptivePoint`); ``{"metrics", "curve", "steps", "stop_reason", "params",
-    "train_time_s"}`` with test metrics of the best validation checkpoint."""
-    return AdaptivePoint(study, float(latency_weight)).run(seed, data=data)._asdict()
-
-
-def run_point(study: AdaptiveStudy, what: Experiment | AdaptivePoint, seed: int,
-              data: TaskData | None = None, n_layers: int | None = None, *,
-              progress: bool = False, desc: str = "") -> FitResult:
-    """Train one point of ``study``: a fixed baseline gets the study's accuracy ceiling and
-    its measured latency added to its metrics."""
-    res = what.run(seed, data=study.build(seed) if data is None else data, progress=progress,
-                   desc=desc)
-    if isinstance(what, Experiment):
-        n_layers = len(study.base_config().blocks) if n_layers is None else n_layers
-        ahead = int(what.scheme.split("-")[1])
-        res.metrics["best_possible_accuracy"] = study.best_accuracy(ahead)
-        res.metrics.update(_fixed_latency(what, n_layers, study.task.seq_len))
-    return res
-
-
 @dataclasses.dataclass(frozen=True)
 class StudyPoint:
-    """One point of a study as a lab job (what :func:`~causalmix.lab.runner.run_suite`
-    runs): its run key is the study's own, so the study and the suite share runs."""
+    """One point of a study as a lab job (:class:`~causalmix.lab.runner.Job`): ``point`` names
+    it (``"causal"``, ``"lookahead-L"``, ``"full"``, ``"adaptive-w=<weight>"``), ``what`` is its
+    baseline :class:`~causalmix.lab.experiments.Experiment` or :class:`AdaptivePoint`.
+
+    Its config (:meth:`to_json`, what the run key hashes) is the study without its sweep of
+    weights and the point: extending the sweep reuses the runs already done. A fixed
+    baseline's metrics get the study's accuracy ceiling and its measured latency; every
+    point's, the oracle gate's latency on the same test set."""
 
     study: AdaptiveStudy
     point: str
     what: Experiment | AdaptivePoint
     finding: str = "F5"
 
+    task_name = "lookahead"
+
+    @property
+    def arm(self) -> str:
+        return self.point
+
     @property
     def name(self) -> str:
         return f"{self.finding}/{self.point}"
 
-    task_name = "lookahead"
-
-    def run_key(self, seed: int) -> str:
-        return _key(self.study, self.point, self.what, seed)
-
     def to_json(self) -> dict:
-        return {"finding": self.finding, "arm": self.point, "study": self.study.to_json(),
+        study = {k: v for k, v in self.study.to_json().items() if k != "latency_weights"}
+        return {"finding": self.finding, "arm": self.point, "study": study,
                 "point": self.point}
 
     def run(self, seed: int, *, progress: bool = False, desc: str = "") -> FitResult:
-        return run_point(self.study, self.what, seed, progress=progress, desc=desc)
+        data = self.study.build(seed)
+        res = self.what.run(seed, data=data, progress=progress, desc=desc)
+        if isinstance(self.what, Experiment):
+            ahead = int(self.what.scheme.split("-")[1])
+            res.metrics["best_possible_accuracy"] = self.study.best_accuracy(ahead)
+            res.metrics.update(_fixed_latency(self.what, self.study.task.seq_len))
+        res.metrics["oracle_latency"] = oracle_latency(data)
+        return res
 
 
-def _fixed_latency(exp: Experiment, n_layers: int, seq_len: int) -> dict:
-    lat = compounded_latency(layer_visibility(exp.scheme, n_layers), seq_len).double()
+def _fixed_latency(exp: Experiment, seq_len: int) -> dict:
+    lat = compounded_latency(scheme_visibility(exp.scheme, len(exp.model.blocks)),
+                             seq_len).double()
     return {"latency_mean": float(lat.mean()), "latency_p90": float(torch.quantile(lat, 0.9)),
             "latency_max": int(lat.max())}
-
-
-# ============================================================================ running
-
-
-def _key(study: AdaptiveStudy, point: str, what, seed: int) -> str:
-    """Identity of one run: the lab's own run key for a fixed baseline (the experiment's whole
-    config); for an adaptive point, a hash of what it depends on (the study without its sweep
-    and seed count, the weight), so that extending the sweep or the seeds reuses done runs."""
-    if isinstance(what, Experiment) and study.delay_probs is None:
-        return what.run_key(seed)
-    if isinstance(what, Experiment):
-        blob = json.dumps({"experiment": what.run_key(seed), "delay_probs": study.delay_probs})
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-    return point_key(study, point, seed)
-
-
-def point_key(study: AdaptiveStudy, point: str, seed: int) -> str:
-    """Run key of an adaptive point: the study without its sweep and seed count, the point
-    name (its weight) and the seed."""
-    sj = {k: v for k, v in study.to_json().items() if k not in ("latency_weights", "seeds")}
-    blob = json.dumps({"study": sj, "point": point, "seed": seed}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def run_adaptive_study(study: str | AdaptiveStudy, out: str | Path, *, seeds: int | None = None,
-                       log: Callable[[str], None] = print) -> list[dict]:
-    """Train every point of ``study`` (a name in :data:`STUDIES` or an :class:`AdaptiveStudy`)
-    for seeds ``0 .. seeds-1``, record each run in ``out/runs.sqlite`` (suite
-    ``adaptive-<name>``, skipped when already done) and return the finished rows (see
-    :func:`adaptive_summary`)."""
-    name = study if isinstance(study, str) else "custom"
-    if isinstance(study, str):
-        if study not in STUDIES:
-            raise ValueError(f"unknown adaptive study {study!r}; studies: {sorted(STUDIES)}")
-        study = STUDIES[study]
-    seeds = study.seeds if seeds is None else seeds
-    check_int("seeds", seeds, 1)
-    sj = study.to_json()
-    n_layers = len(study.base_config().blocks)
-    points = study.points()
-    db = RunDB(out)
-    rev = git_revision()
-    keys = []
-    t_all = time.perf_counter()
-    try:
-        for seed in range(seeds):
-            data = study.build(seed)
-            for point, what in points:
-                key = _key(study, point, what, seed)
-                keys.append(key)
-                if db.status(key) == "done":
-                    continue
-                db.start(key, experiment=f"adaptive-study/{point}", task="lookahead", seed=seed,
-                         suite=f"adaptive-{name}", config={"study": sj, "point": point},
-                         git_rev=rev)
-                t = time.perf_counter()
-                res = run_point(study, what, seed, data, n_layers)._asdict()
-                wall = time.perf_counter() - t
-                db.finish(key, metrics=res["metrics"], curve=res["curve"],
-                          info={"steps": res["steps"], "stop_reason": res["stop_reason"],
-                                "params": res["params"], "point": point},
-                          wall_time_s=wall)
-                m = res["metrics"]
-                log(f"adaptive study {point} seed={seed}: accuracy {m['accuracy']:.4f}, mean "
-                    f"latency {m['latency_mean']:.3f} ({res['steps']} steps, {wall:.1f}s)")
-        rows = db.runs(status="done", keys=keys)
-    finally:
-        db.close()
-    log(f"adaptive study {name}: {len(rows)} runs, {time.perf_counter() - t_all:.1f}s")
-    return rows
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -428,30 +309,31 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def oracle_latency(study: AdaptiveStudy, seeds: int) -> float:
+def oracle_latency(data: TaskData) -> float:
     """Mean latency of the oracle gate ``a_t = d_t`` (each frame waits exactly for its label;
-    the task clips delays at the sequence end) on the test sets of ``seeds``: the least mean
-    latency at which a model with the last layer adaptive can label every frame."""
-    return statistics.fmean(float(study.build(s).test["delay"].double().mean())
-                            for s in range(seeds))
+    the task clips delays at the sequence end) on ``data``'s test set: the least mean latency
+    at which a model with the last layer adaptive can label every frame."""
+    return float(data.test["delay"].double().mean())
 
 
-def adaptive_summary(rows: list[dict], max_lookahead: int,
-                     oracle: float | None = None) -> dict:
-    """Per point (``causal``, ``lookahead-L``, ``full``, ``adaptive-w=...``): mean and std
-    over seeds of accuracy and mean / p90 / max latency; and the verdict of the question "does
+def adaptive_summary(results: dict[str, list[dict]], max_lookahead: int) -> dict:
+    """From the finished runs' metrics per point (``results``: point -> one metrics dict per
+    seed; points ``causal``, ``lookahead-L``, ``full``, ``adaptive-w=...``): mean and std over
+    seeds of accuracy and mean / p90 / max latency; and the verdict of the question "does
     some adaptive point reach accuracy within 1 point of lookahead-W at <= 50% of its mean
-    latency?" (``"check"``, with the :func:`oracle_latency` ``oracle`` when given)."""
-    by: dict[str, list[dict]] = {}
-    for r in rows:
-        by.setdefault(r["info"]["point"], []).append(r["metrics"])
+    latency?" (``"check"``, with the mean :func:`oracle_latency` the runs recorded, ``None``
+    when none did)."""
     points = {}
-    for point, ms in by.items():
-        points[point] = {
-            "n": len(ms),
-            **{f"{k}": _mean_std([m[k] for m in ms])
-               for k in ("accuracy", "latency_mean", "latency_p90", "latency_max")},
-        }
+    for point, ms in results.items():
+        if ms:
+            points[point] = {
+                "n": len(ms),
+                **{f"{k}": _mean_std([m[k] for m in ms])
+                   for k in ("accuracy", "latency_mean", "latency_p90", "latency_max")},
+            }
+    recorded = [m["oracle_latency"] for ms in results.values() for m in ms
+                if "oracle_latency" in m]
+    oracle = statistics.fmean(recorded) if recorded else None
     ref = points.get(f"lookahead-{max_lookahead}")
     check = None
     if ref is not None:
@@ -474,35 +356,6 @@ def _order(point: str) -> tuple:
     if point == "full":
         return (2, 0.0)
     return (3, float(point.split("=")[1]))
-
-
-def summary_table(summary: dict) -> list[str]:
-    """Markdown table lines of :func:`adaptive_summary`."""
-    lines = ["| point | seeds | accuracy | mean latency | p90 latency | max latency |",
-             "|---|---|---|---|---|---|"]
-    for p in sorted(summary["points"], key=_order):
-        v = summary["points"][p]
-        lines.append(f"| {p} | {v['n']} | {v['accuracy'][0]:.4f} ± {v['accuracy'][1]:.4f} | "
-                     f"{v['latency_mean'][0]:.3f} ± {v['latency_mean'][1]:.3f} | "
-                     f"{v['latency_p90'][0]:.2f} | {v['latency_max'][0]:.1f} |")
-    return lines
-
-
-def plot_pareto(summary: dict, path: str | Path, *, title: str = "") -> Path:
-    """Draw accuracy vs mean latency (mean ± std over seeds) of every point to a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.0, 4.4))
-    draw_pareto(summary, ax)
-    ax.set_title(title or "Lookahead task: adaptive vs fixed lookahead", fontsize=9)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
 
 
 def draw_pareto(summary: dict, ax: Axes) -> None:
@@ -542,44 +395,3 @@ def draw_pareto(summary: dict, ax: Axes) -> None:
     ax.set_xlabel("mean latency per output (frames, r^L_t - t)")
     ax.set_ylabel("frame accuracy (test)")
     ax.legend(fontsize=7, loc="lower right")
-
-
-def write_adaptive_report(study: str | AdaptiveStudy, out: str | Path, *,
-                          seeds: int | None = None) -> dict:
-    """From the finished runs of ``study`` in ``out/runs.sqlite`` (run them first with
-    :func:`run_adaptive_study`), write ``out/figures/adaptive_pareto_<name>.png`` and
-    ``out/adaptive_<name>.md``; returns ``{"summary", "markdown": [lines], "figure": path}``."""
-    name = study if isinstance(study, str) else "custom"
-    st = STUDIES[study] if isinstance(study, str) else study
-    seeds = st.seeds if seeds is None else seeds
-    keys = {_key(st, p, what, s): p for p, what in st.points() for s in range(seeds)}
-    db = RunDB(out)
-    try:
-        rows = db.runs(status="done", keys=list(keys))
-        for r in rows:  # a fixed baseline may have been recorded by another study / the lab
-            r["info"]["point"] = keys[r["key"]]
-    finally:
-        db.close()
-    if not rows:
-        raise ValueError(f"no finished runs of adaptive study {name!r} in {out}")
-    summary = adaptive_summary(rows, st.max_lookahead, oracle_latency(st, seeds))
-    fig_name = f"adaptive_pareto_{name}.png"
-    fig = plot_pareto(summary, Path(out) / "figures" / fig_name,
-                      title=f"Lookahead task (W={st.max_lookahead}"
-                      + ("" if st.delay_probs is None else
-                         f", P(delay) = {list(st.delay_probs)}") + "): adaptive vs fixed")
-    md = ["## Adaptive lookahead (ANCAT-inspired)"
-          + ("" if st.delay_probs is None else f", delays drawn with P = {list(st.delay_probs)}"),
-          "", f"![adaptive](figures/{fig_name})",
-          "", *summary_table(summary), ""]
-    chk = summary["check"]
-    if chk:
-        md.append(f"Does an adaptive point reach accuracy within 1 point of {chk['reference']} "
-                  f"({chk['reference_accuracy']:.4f}) at <= 50% of its mean latency "
-                  f"({chk['reference_latency_mean']:.3f} frames)? "
-                  + ("Yes: " + ", ".join(chk["passing_points"]) + "." if chk["holds"] else "No.")
-                  + f" The oracle gate (each frame waits exactly for its label) has mean latency "
-                  f"{chk['oracle_latency']:.3f} frames, {100 * chk['oracle_ratio']:.1f}% of "
-                  f"{chk['reference']}'s: the least latency at which every frame can be right.")
-    (Path(out) / f"adaptive_{name}.md").write_text("\n".join(md) + "\n")
-    return {"summary": summary, "markdown": md, "figure": fig}

@@ -1,6 +1,7 @@
 """Every lab run recorded in an embedded SQLite database (``<out>/runs.sqlite``).
 
-A run is keyed by a hash of its whole config and seed (:meth:`Experiment.run_key`). A row is
+A run is keyed by a hash of its whole config and seed (:func:`run_key`, the one key scheme of
+every job: experiments and adaptive-study points alike). A row is
 written with status ``running`` when the run starts and replaced, in one transaction, by the
 finished row (config, metrics, seed, wall time, git revision). SQLite commits are atomic, so a
 run killed at any moment leaves either its ``running`` row (re-run on the next invocation) or
@@ -10,12 +11,14 @@ its complete ``done`` row (skipped): none is lost and none duplicated.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import sqlite3
 import subprocess
 from pathlib import Path
+from typing import Any
 
-__all__ = ["RunDB", "git_revision"]
+__all__ = ["RunDB", "git_revision", "run_key"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -52,6 +55,14 @@ def git_revision() -> str:
         return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
+
+
+def run_key(job: Any, seed: int) -> str:
+    """Identity of (``job``, ``seed``): a hash of ``job.to_json()`` (the job's whole config, as
+    JSON: specs in their tagged form, :func:`causalmix.nn.spec_to_dict`) and the seed, so that a
+    changed config never reuses a stale result and the same config always finds its run."""
+    blob = json.dumps({"experiment": job.to_json(), "seed": seed}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _now() -> str:

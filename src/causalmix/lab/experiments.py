@@ -9,8 +9,6 @@ lab's one trainer (:func:`~causalmix.lab.trainer.fit`) and the task's own metric
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from typing import Any
 
 import torch
@@ -18,13 +16,12 @@ import torch.nn.functional as F
 
 from causalmix.lab.tasks import IGNORE, TASKS, TaskData
 from causalmix.lab.trainer import FitResult, TrainConfig, fit, take
-from causalmix.nn import ModelConfig, SequenceModel
-from causalmix.nn.config import MIXERS
-from causalmix.nn.layers import mix
+from causalmix.nn import MIXERS, ModelConfig, SequenceModel, mix, spec_to_dict
+from causalmix.nn.config import check_servable
 from causalmix.visibility import Causal, Full, Prefix, Visibility, Window
 
 __all__ = ["POSITIONS", "SCHEMES", "Experiment", "TrainConfig", "latency_frames",
-           "layer_visibility", "mixer_available", "plain"]
+           "mixer_available", "plain", "scheme_visibility"]
 
 #: Visibility schemes an experiment can name (applied per batch, per layer):
 #:   "causal"        every layer Causal()
@@ -44,8 +41,8 @@ def mixer_available(name: str) -> bool:
     return name in MIXERS
 
 
-def layer_visibility(scheme: str, n_layers: int,
-                     prefix_len: torch.Tensor | None = None) -> tuple[Visibility, ...]:
+def scheme_visibility(scheme: str, n_layers: int,
+                      prefix_len: torch.Tensor | None = None) -> tuple[Visibility, ...]:
     """Per-layer specs for ``scheme`` (see :data:`SCHEMES`); ``prefix_len: [B]`` for "prefix"."""
     causal = (Causal(),) * n_layers
     if scheme == "causal":
@@ -72,7 +69,7 @@ def latency_frames(scheme: str, n_layers: int) -> int | None:
     if scheme in ("prefix", "full"):
         return None
     total = 0
-    for spec in layer_visibility(scheme, n_layers):
+    for spec in scheme_visibility(scheme, n_layers):
         if spec.lookahead_frames is None:
             return None
         total += spec.lookahead_frames
@@ -80,7 +77,10 @@ def latency_frames(scheme: str, n_layers: int) -> int | None:
 
 
 def plain(x: Any) -> Any:
-    """``x`` as JSON-ready values (dicts, lists, numbers, strings; anything else its repr)."""
+    """``x`` as JSON-ready values (dicts, lists, numbers, strings; a visibility spec in its
+    tagged form, :func:`~causalmix.nn.spec_to_dict`; anything else its repr)."""
+    if isinstance(x, Visibility):
+        return spec_to_dict(x)
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
         return {f.name: plain(getattr(x, f.name)) for f in dataclasses.fields(x) if f.init}
     if isinstance(x, dict):
@@ -115,7 +115,11 @@ class Experiment:
         if not isinstance(self.model, ModelConfig):
             raise TypeError(f"Experiment.model must be a ModelConfig, got "
                             f"{type(self.model).__name__}")
-        layer_visibility(self.scheme, 1, torch.zeros(1, dtype=torch.int64))  # validates
+        n_layers = len(self.model.blocks)
+        specs = scheme_visibility(self.scheme, n_layers, torch.zeros(1, dtype=torch.int64))
+        for n, spec in enumerate(specs):  # refused here, not at the first forward
+            check_servable(self.model.mixer, spec, f"Experiment {self.name}: scheme "
+                                                   f"{self.scheme!r}, layer {n}")
         if self.positions not in POSITIONS:
             raise ValueError(f"Experiment.positions must be one of {list(POSITIONS)}, got "
                              f"{self.positions!r}")
@@ -136,15 +140,9 @@ class Experiment:
                 "task_config": plain(self.task), "model": plain(self.model),
                 "scheme": self.scheme, "positions": self.positions, "train": plain(self.train)}
 
-    def run_key(self, seed: int) -> str:
-        """Identity of (experiment, seed): a hash of the whole config, so that a changed
-        config never reuses a stale result."""
-        blob = json.dumps({"experiment": self.to_json(), "seed": seed}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
     def forward(self, model: SequenceModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The model's outputs on ``batch["inputs"]`` under the scheme's per-layer specs."""
-        vis = layer_visibility(self.scheme, len(model.blocks), batch["prefix_len"])
+        vis = scheme_visibility(self.scheme, len(model.blocks), batch["prefix_len"])
         if self.positions == "rope":
             return model(batch["inputs"], visibility=vis)
         # No positional encoding: run each block through its streaming protocol with every
@@ -152,9 +150,8 @@ class Experiment:
         x = model.embed(batch["inputs"])
         zero = torch.zeros(x.shape[1], dtype=torch.int64)
         for block, spec in zip(model.blocks, vis, strict=True):
-            q, k, v = block.stream_qkv(x, zero)
-            mixed = mix(block.mixer, q, k, v, spec, impl=block.cfg.attention.impl,
-                        **block.mixer_kwargs())
+            mixed = mix(block.mixer, visibility=spec, impl=block.cfg.attention.impl,
+                        **block.mixer_kwargs(), **block.stream_qkv(x, zero))
             x = block.stream_out(x, mixed, zero)
         return model.head(model.norm(x))
 

@@ -17,8 +17,9 @@ import io
 import json
 from pathlib import Path
 
-from causalmix.lab.db import RunDB
+from causalmix.lab.db import RunDB, run_key
 from causalmix.lab.findings import FINDINGS, SUITES, Finding, Judgement
+from causalmix.lab.findings.base import ONE_SEED
 from causalmix.lab.runner import suite_jobs
 
 __all__ = ["Report", "Section", "build_report", "render_html", "render_markdown",
@@ -91,7 +92,8 @@ def build_report(out: str | Path, suite: str | None = None) -> Report:
             suite = done[-1]["suite"]
         jobs = suite_jobs(suite)
         seeds = SUITES[suite].seeds
-        keys = {job.run_key(s): (fk, arm) for fk, arm, job in jobs for s in range(max(seeds, 64))}
+        keys = {run_key(job, s): (job.finding, job.arm) for job in jobs
+                for s in range(max(seeds, 64))}
         rows = db.runs(status="done", keys=list(keys))
     finally:
         db.close()
@@ -130,10 +132,25 @@ def build_report(out: str | Path, suite: str | None = None) -> Report:
     run_rows = [[r["experiment"], str(r["seed"]), f"{r['metrics']['score']:.4f}",
                  str(r["info"]["steps"]), r["info"]["stop_reason"], f"{r['wall_time_s']:.1f}"]
                 for r in rows]
-    intro = (f"Suite `{suite}`: {SUITES[suite].seeds} seeds per arm. Numbers are mean ± "
-             f"standard error of the mean over seeds.")
+    intro = _intro(suite, rows, keys)
     return Report(suite, intro, sections, closing,
                   (["run", "seed", "score", "steps", "stop", "wall s"], run_rows))
+
+
+def _intro(suite: str, rows: list[dict], keys: dict[str, tuple[str, str]]) -> str:
+    """The report's first line: the seeds per arm actually found, and what the numbers are."""
+    per_arm: dict[tuple[str, str], int] = {}
+    for r in rows:
+        per_arm[keys[r["key"]]] = per_arm.get(keys[r["key"]], 0) + 1
+    lo, hi = min(per_arm.values()), max(per_arm.values())
+    count = f"{lo} seed" if lo == hi == 1 else (f"{lo} seeds" if lo == hi else
+                                                 f"{lo} to {hi} seeds")
+    text = (f"Suite `{suite}`: {count} per arm. Numbers are mean ± standard error of the mean "
+            f"over seeds.")
+    if lo == 1:
+        text += (f" With one seed the standard error is undefined: such a number is one run, "
+                 f"marked {ONE_SEED}, and a rule comparing intervals compares the values.")
+    return text
 
 
 def _findings_rows(rep: Report) -> list[list[str]]:

@@ -4,8 +4,9 @@
 :func:`fit` owns the loop (AdamW with decay / no-decay parameter groups, linear warmup then
 cosine decay, seeded batch order, gradient clipping, validation every ``eval_every`` steps,
 early stop at a target or for lack of progress, the best validation checkpoint, one progress
-bar); an :class:`Objective` owns what is task- or model-specific: the loss of a batch and the
-metrics of a data split (with ``"score"``: higher is better, what selects the checkpoint).
+bar on a terminal, or in a log a line at every tenth of the steps); an :class:`Objective` owns
+what is task- or model-specific: the loss of a batch and the metrics of a data split (with
+``"score"``: higher is better, what selects the checkpoint).
 """
 
 from __future__ import annotations
@@ -13,14 +14,19 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import sys
 import time
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, TextIO
 
 import torch
 
 from causalmix.checks import check_int
 
-__all__ = ["FitResult", "Objective", "TrainConfig", "fit", "take"]
+__all__ = ["STOP_REASONS", "FitResult", "Objective", "TrainConfig", "fit", "take"]
+
+#: Why a run stopped (:attr:`FitResult.stop_reason`), in words.
+STOP_REASONS = {"steps": "ran every step", "target": "reached the target",
+                "patience": "stopped: no progress"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +78,7 @@ class FitResult(NamedTuple):
     metrics: dict  # test metrics of the best validation checkpoint, plus "val_score"
     curve: list[dict]  # {"step", "loss", "val_score"} per evaluation
     steps: int
-    stop_reason: str  # "steps" | "target" | "patience"
+    stop_reason: str  # "steps" | "target" | "patience" (see STOP_REASONS)
     params: int
     train_time_s: float
 
@@ -100,6 +106,37 @@ def _evaluate(objective: Objective, model, data) -> dict:
         model.train()
 
 
+class _Progress:
+    """One run's progress: a tqdm bar on a terminal; written to a file or pipe (a log), one
+    plain line at every tenth of the steps (a bar redrawn every step would fill the log)."""
+
+    def __init__(self, name: str, steps: int, enabled: bool, stream: TextIO | None = None):
+        self.name, self.steps, self.bar, self.stream = name, steps, None, None
+        if not enabled:
+            return
+        stream = sys.stderr if stream is None else stream
+        if stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=steps, desc=name, leave=False, dynamic_ncols=True,
+                            file=stream)
+        else:
+            self.stream, self.every = stream, max(steps // 10, 1)
+
+    def update(self, step: int, loss: torch.Tensor, best: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss.item():.3f}", best=f"{best:.3f}")
+        elif self.stream is not None and (step % self.every == 0 or step == self.steps):
+            self.stream.write(f"{self.name}: step {step}/{self.steps}, loss {loss.item():.3f}, "
+                              f"best validation score {best:.3f}\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def fit(model: torch.nn.Module, objective: Objective, train: dict[str, torch.Tensor],
         test: dict[str, torch.Tensor], cfg: TrainConfig, *, seed: int, name: str = "run",
         progress: bool = False) -> FitResult:
@@ -116,11 +153,7 @@ def fit(model: torch.nn.Module, objective: Objective, train: dict[str, torch.Ten
     gen = torch.Generator().manual_seed(seed + 1)
     opt = _optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cfg.lr_factor)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.steps, desc=name, leave=False, dynamic_ncols=True)
+    bar = _Progress(name, cfg.steps, progress)
     curve, best, best_state, stale, stop_reason = [], -math.inf, None, 0, "steps"
     perm, pos, step = torch.randperm(n_fit, generator=gen), 0, 0
     model.train()
@@ -137,9 +170,7 @@ def fit(model: torch.nn.Module, objective: Objective, train: dict[str, torch.Ten
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", best=f"{best:.3f}")
+        bar.update(step, loss, best)
         if step % cfg.eval_every == 0 or step == cfg.steps:
             ev = _evaluate(objective, model, val)
             curve.append({"step": step, "loss": loss.item(), "val_score": ev["score"]})
@@ -153,8 +184,7 @@ def fit(model: torch.nn.Module, objective: Objective, train: dict[str, torch.Ten
             if stale >= cfg.patience:
                 stop_reason = "patience"
                 break
-    if bar is not None:
-        bar.close()
+    bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
     metrics = _evaluate(objective, model, test)

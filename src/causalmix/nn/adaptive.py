@@ -73,33 +73,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from causalmix.checks import check_int
+from causalmix.checks import ArgumentTypeError, check_int
 from causalmix.nn.config import PRESETS, ModelConfig
-from causalmix.nn.layers import Block, check_inputs, mix
+from causalmix.nn.layers import Block, ModelBase
+from causalmix.nn.mixing import mix
 from causalmix.ops.softmax import merge_softmax, softmax_attention
-from causalmix.stream.adaptive import AdaptiveStream, Emitted
-from causalmix.stream.latency import (
-    LatencyStats,
-    compounded_latency,
-    expected_latency,
-    latency_stats,
-)
+from causalmix.stream import expected_latency
+from causalmix.stream.adaptive import AdaptiveStream
 from causalmix.visibility import AdaptiveLookahead, Causal, Visibility
 
-# the latency maths lives in causalmix.stream.latency, the stream engine in
-# causalmix.stream.adaptive, the spec in causalmix.visibility: re-exported here for callers
+# The latency maths (compounded_latency, expected_latency, latency_stats) lives in
+# causalmix.stream.latency, the stream engine and its Emitted outputs in causalmix.stream.adaptive,
+# the spec in causalmix.visibility: import them from there.
 __all__ = [
+    "ADAPTIVE_MIXERS",
     "AdaptiveBlock",
     "AdaptiveConfig",
-    "AdaptiveLookahead",
     "AdaptiveModel",
     "AdaptiveModelStream",
     "AdaptiveOutput",
-    "Emitted",
-    "LatencyStats",
-    "compounded_latency",
-    "expected_latency",
-    "latency_stats",
 ]
 
 
@@ -107,12 +99,15 @@ __all__ = [
 
 
 CHOICE_SETS = ("all", "binary")
+#: The mixers an adaptive block runs: its mixture over lookaheads is written for the softmax
+#: and the (ungated) linear op; the gated layer's per-frame gates have no place in it.
+ADAPTIVE_MIXERS = ("softmax", "linear")
 
 
 def _check_max_lookahead(w) -> tuple[int, ...]:
     if isinstance(w, int) or not isinstance(w, (tuple, list)) or not w:
-        raise TypeError("max_lookahead must be a non-empty tuple with one int per layer, "
-                        f"e.g. (0, 4); got {w!r}")
+        raise ArgumentTypeError("max_lookahead must be a non-empty tuple with one int per "
+                                f"layer, e.g. (0, 4); got {w!r}")
     try:
         return tuple(check_int("max_lookahead entry", x, 0) for x in w)
     except ValueError:
@@ -138,8 +133,12 @@ class AdaptiveConfig:
 
     def __post_init__(self):
         if not isinstance(self.model, ModelConfig):
-            raise TypeError(f"model must be a causalmix.nn.ModelConfig, got "
-                            f"{type(self.model).__name__}")
+            raise ArgumentTypeError(f"model must be a causalmix.nn.ModelConfig, got "
+                                    f"{type(self.model).__name__}")
+        if self.model.mixer not in ADAPTIVE_MIXERS:
+            raise ValueError(f"AdaptiveConfig: model.mixer must be one of "
+                             f"{list(ADAPTIVE_MIXERS)} (the adaptive block mixes over "
+                             f"lookaheads with those ops), got {self.model.mixer!r}")
         w = _check_max_lookahead(self.max_lookahead)
         object.__setattr__(self, "max_lookahead", w)
         if self.model.visibility != (Causal(),) * len(w):
@@ -219,7 +218,7 @@ class AdaptiveBlock(nn.Module):
     def __init__(self, cfg: AdaptiveConfig, layer: int):
         super().__init__()
         self.block = Block(cfg.model.blocks[layer])
-        self.mixer = cfg.model.mixer
+        self.mixer = self.block.mixer  # the op family ("softmax" | "linear")
         self.tau = float(cfg.tau)
         self.register_buffer("choices", torch.tensor(cfg.layer_choices(layer)), persistent=False)
         self.gate = nn.Linear(cfg.model.d_model, len(self.choices)) \
@@ -237,7 +236,7 @@ class AdaptiveBlock(nn.Module):
     def mixer_kwargs(self) -> dict:
         return self.block.mixer_kwargs()
 
-    def stream_qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple:
+    def stream_qkv(self, x: torch.Tensor, positions: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.block.stream_qkv(x, positions)
 
     def stream_out(self, x: torch.Tensor, mixed: torch.Tensor,
@@ -261,7 +260,8 @@ class AdaptiveBlock(nn.Module):
         ``[0, max_lookahead]`` overriding the gate (an oracle or a fixed schedule; hard)."""
         b, t, _ = x.shape
         positions = torch.arange(t, device=x.device)
-        q, k, v = self.block.stream_qkv(x, positions)
+        f = self.block.stream_qkv(x, positions)
+        q, k, v = f["q"], f["k"], f["v"]  # softmax and linear blocks take no per-frame gates
         kw = self.block.mixer_kwargs()
         logits = self.gate_logits(x)
         if logits is None:
@@ -347,7 +347,7 @@ def _check_lookahead(a, b: int, t: int, w: int) -> None:
                          f"got [{int(a.min())}, {int(a.max())}]")
 
 
-class AdaptiveModel(nn.Module):
+class AdaptiveModel(ModelBase):
     """Embedding, :class:`AdaptiveBlock` s, final norm and head (as
     :class:`~causalmix.nn.SequenceModel`).
 
@@ -365,33 +365,10 @@ class AdaptiveModel(nn.Module):
     """
 
     def __init__(self, cfg: AdaptiveConfig):
-        super().__init__()
         if not isinstance(cfg, AdaptiveConfig):
-            raise TypeError(f"cfg must be an AdaptiveConfig, got {type(cfg).__name__}")
+            raise ArgumentTypeError(f"cfg must be an AdaptiveConfig, got {type(cfg).__name__}")
+        super().__init__(cfg.model, lambda layer: AdaptiveBlock(cfg, layer))
         self.cfg = cfg
-        mc = cfg.model
-        if mc.vocab_size is not None:
-            self.embed = nn.Embedding(mc.vocab_size, mc.d_model)
-        else:
-            self.embed = nn.Linear(mc.input_dim, mc.d_model)
-        self.blocks = nn.ModuleList(AdaptiveBlock(cfg, i) for i in range(len(cfg.max_lookahead)))
-        self.norm = nn.LayerNorm(mc.d_model)
-        self.head = nn.Linear(mc.d_model, mc.output_dim)
-
-    def _check_inputs(self, inputs, where: str) -> None:
-        check_inputs(self.cfg.model, inputs, where)
-        if inputs.shape[1] < 1:
-            raise ValueError(f"{where}: inputs must hold at least one frame")
-
-    def stream_in(self, inputs: torch.Tensor) -> torch.Tensor:
-        """The input map, pointwise in time: ``[B, n]`` tokens or ``[B, n, input_dim]`` ->
-        ``[B, n, d_model]`` (the :class:`causalmix.stream.StreamableModel` protocol)."""
-        self._check_inputs(inputs, f"{type(self).__name__}.stream_in")
-        return self.embed(inputs)
-
-    def stream_head(self, h: torch.Tensor) -> torch.Tensor:
-        """The output map, pointwise in time: ``[B, n, d_model]`` -> ``[B, n, output_dim]``."""
-        return self.head(self.norm(h))
 
     def forward(self, inputs: torch.Tensor, *, hard: bool | None = None,
                 generator: torch.Generator | None = None,
@@ -399,14 +376,13 @@ class AdaptiveModel(nn.Module):
         """``inputs: [B, T]`` tokens or ``[B, T, input_dim]``; ``hard`` (default
         ``not self.training``); ``generator`` for the Gumbel noise; ``lookahead``: one ``[B, T]``
         int tensor (or ``None``) per layer overriding the gates."""
-        self._check_inputs(inputs, "AdaptiveModel")
         hard = (not self.training) if hard is None else bool(hard)
         if lookahead is None:
             lookahead = (None,) * len(self.blocks)
         elif len(lookahead) != len(self.blocks):
             raise ValueError(f"lookahead must give one entry per layer ({len(self.blocks)}), "
                              f"got {len(lookahead)}")
-        x = self.embed(inputs)
+        x = self.stream_in(inputs)
         forced = lookahead
         probs, lookahead, pen = [], [], x.new_zeros(())
         for block, la in zip(self.blocks, forced, strict=True):
@@ -455,6 +431,6 @@ class AdaptiveModelStream(AdaptiveStream):
 
     def __init__(self, model: AdaptiveModel):
         if not isinstance(model, AdaptiveModel):
-            raise TypeError(f"AdaptiveModelStream: model must be an AdaptiveModel, got "
-                            f"{type(model).__name__}")
+            raise ArgumentTypeError(f"AdaptiveModelStream: model must be an AdaptiveModel, "
+                                    f"got {type(model).__name__}")
         super().__init__(model)

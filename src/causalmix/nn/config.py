@@ -1,22 +1,137 @@
-"""Typed configs for layers and models, with named presets."""
+"""Typed configs for layers and models, with named presets, and the tagged dict form of a
+visibility spec (:func:`spec_to_dict` / :func:`spec_from_dict`) that run records and saved
+configs use."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 import numbers
+from collections.abc import Mapping
+from typing import Any
+
+import torch
 
 from causalmix.checks import ArgumentTypeError, check_int
-from causalmix.visibility import Causal, Visibility
+from causalmix.ops.factor import factorise
+from causalmix.ops.linear import api as linear_api
+from causalmix.ops.softmax import api as softmax_api
+from causalmix.visibility import (
+    AdaptiveLookahead,
+    And,
+    Causal,
+    Chunked,
+    Full,
+    Or,
+    Prefix,
+    Segments,
+    Strided,
+    ValidKeys,
+    Visibility,
+    Window,
+)
 
+#: The kinds of mixing layer :class:`AttentionConfig` builds: softmax attention, linear
+#: attention, and the gated linear layer (:mod:`causalmix.nn.gated`, the linear op with gates).
 MIXERS = ("softmax", "linear", "gated")
 FEATURE_MAPS = ("taylor", "elu")
-#: The ``impl=`` names each mixer's op accepts (``"auto"`` picks).
-IMPLS = {
-    "softmax": ("auto", "reference", "sdpa", "blocks", "flex"),
-    "linear": ("auto", "reference", "chunk", "recurrent"),
-    "gated": ("auto", "reference", "chunk", "recurrent"),  # the linear mixer, with gates
-}
+
+
+def op_of(mixer: str) -> str:
+    """The op family a layer of kind ``mixer`` (:data:`MIXERS`) mixes with: ``"softmax"`` or
+    ``"linear"`` (a gated layer runs the linear op with its gates)."""
+    if mixer not in MIXERS:
+        raise ValueError(f"mixer must be one of {list(MIXERS)}, got {mixer!r}")
+    return "softmax" if mixer == "softmax" else "linear"
+
+
+def impl_choices(mixer: str) -> tuple[str, ...]:
+    """The ``impl=`` values a layer of kind ``mixer`` accepts, from its op family's registry
+    (``"auto"`` first)."""
+    api = softmax_api if op_of(mixer) == "softmax" else linear_api
+    return tuple(api.REGISTRY.choices)
+
+
+def check_servable(mixer: str, spec: Visibility, where: str) -> None:
+    """Raise ``ValueError`` naming ``where`` (e.g. ``"visibility[1]"``), the spec and the mixer
+    if a layer of kind ``mixer`` cannot run under ``spec`` (softmax serves every spec; the
+    linear-state mixers those :func:`causalmix.ops.factor.factorise` accepts)."""
+    if op_of(mixer) == "softmax":
+        return
+    try:
+        factorise(spec, mixer=f"mixer={mixer!r}")
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+# ====================================================================== specs as dicts
+
+#: The spec types :func:`spec_from_dict` knows by name (pass ``types=`` for your own).
+SPEC_TYPES: dict[str, type[Visibility]] = {
+    cls.__name__: cls for cls in (Causal, Full, Prefix, Chunked, Window, Segments, ValidKeys,
+                                  AdaptiveLookahead, And, Or, Strided)}
+
+
+def spec_to_dict(spec: Visibility) -> dict[str, Any]:
+    """The tagged, JSON-ready form of a spec: ``{"type": <class name>, <field>: <value>, ...}``
+    with nested specs tagged the same way and tensors written as (nested) lists.
+
+    >>> spec_to_dict(Prefix(9))
+    {'type': 'Prefix', 'n': 9}
+    >>> spec_to_dict(Segments(torch.tensor([0, 0, 1])) & Causal())
+    {'type': 'And', 'a': {'type': 'Segments', 'ids': [0, 0, 1]}, 'b': {'type': 'Causal'}}
+    >>> spec_from_dict(spec_to_dict(Chunked(4, lookahead=1))) == Chunked(4, lookahead=1)
+    True
+    """
+    if not isinstance(spec, Visibility) or not dataclasses.is_dataclass(spec):
+        raise ArgumentTypeError(f"spec must be a causalmix.visibility spec (a dataclass), got "
+                                f"{type(spec).__name__}")
+    out: dict[str, Any] = {"type": type(spec).__name__}
+    for f in dataclasses.fields(spec):
+        if f.init:
+            out[f.name] = _field_to_json(getattr(spec, f.name), f"{out['type']}.{f.name}")
+    return out
+
+
+def _field_to_json(v: Any, where: str) -> Any:
+    if isinstance(v, Visibility):
+        return spec_to_dict(v)
+    if isinstance(v, torch.Tensor):
+        return v.tolist()
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    raise ValueError(f"{where}: cannot write a {type(v).__name__} field as JSON")
+
+
+def spec_from_dict(d: Mapping[str, Any], *,
+                   types: Mapping[str, type[Visibility]] | None = None) -> Visibility:
+    """The spec of a :func:`spec_to_dict` form (``types``: extra spec classes by name, for
+    specs of your own). Lists become int64 tensors (bool for bool values)."""
+    if not isinstance(d, Mapping) or not isinstance(d.get("type"), str):
+        raise ValueError(f"a spec dict must be a mapping with a 'type' name, got {d!r}")
+    known = {**SPEC_TYPES, **(types or {})}
+    cls = known.get(d["type"])
+    if cls is None:
+        raise ValueError(f"unknown spec type {d['type']!r}; known: {sorted(known)} (pass "
+                         f"types={{name: class}} for specs of your own)")
+    kwargs = {k: _field_from_json(v, types) for k, v in d.items() if k != "type"}
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"bad fields for spec type {d['type']!r}: {err}") from None
+
+
+def _field_from_json(v: Any, types) -> Any:
+    if isinstance(v, Mapping):
+        return spec_from_dict(v, types=types)
+    if isinstance(v, list):
+        t = torch.tensor(v)
+        if t.is_floating_point():
+            if t.numel():
+                raise ValueError(f"spec tensors hold ints or bools, got {v!r}")
+            t = t.to(torch.int64)  # an empty list
+        return t
+    return v
 
 
 def _check_decays(decay, n_heads: int) -> tuple[float, ...]:
@@ -65,10 +180,9 @@ class AttentionConfig:
     head_dim: int = dataclasses.field(init=False)
 
     def __post_init__(self):
-        if self.mixer not in MIXERS:
-            raise ValueError(f"mixer must be one of {list(MIXERS)}, got {self.mixer!r}")
-        if self.impl not in IMPLS[self.mixer]:
-            raise ValueError(f"impl must be one of {list(IMPLS[self.mixer])} for the "
+        op_of(self.mixer)  # checks the mixer
+        if self.impl not in impl_choices(self.mixer):
+            raise ValueError(f"impl must be one of {list(impl_choices(self.mixer))} for the "
                              f"{self.mixer} mixer, got {self.impl!r}")
         if isinstance(self.rope_base, bool) or not isinstance(self.rope_base, numbers.Real) \
                 or not math.isfinite(self.rope_base) or self.rope_base <= 0:
@@ -130,6 +244,7 @@ class BlockConfig:
                 f"visibility must be a causalmix.visibility spec, got "
                 f"{type(self.visibility).__name__}"
             )
+        check_servable(self.attention.mixer, self.visibility, "visibility")
         check_int("mlp_ratio", self.mlp_ratio, 1)
 
 
@@ -184,6 +299,8 @@ class ModelConfig:
             mixer=self.mixer, feature_dim=self.feature_dim, feature_map=self.feature_map,
             decay=self.decay, impl=self.impl, rope_base=self.rope_base,
         )
+        for n, v in enumerate(vis):  # refused here, not at the first forward
+            check_servable(self.mixer, v, f"visibility[{n}] (layer {n})")
         object.__setattr__(self, "blocks", tuple(
             BlockConfig(attn, v, self.mlp_ratio) for v in vis
         ))

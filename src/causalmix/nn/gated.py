@@ -13,7 +13,8 @@ is the head's input (``head_dim`` wide); the mixed output is RMS-normalised per 
 by ``silu(z)`` before the output projection. No short convolution (the pointwise-in-time
 layer contract of the streams then holds without a convolution state). Everything except the
 mixer is pointwise in time, so the layer streams (:class:`causalmix.stream.ModelStream`): its
-``qkv`` returns the gates as per-frame keyword inputs of the linear stream's ``push``.
+``qkv`` returns the gates as per-frame inputs by name, as the linear op and its stream's
+``push`` take them.
 """
 
 from __future__ import annotations
@@ -25,21 +26,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from causalmix.nn.config import AttentionConfig
+from causalmix.nn.mixing import MixingLayer
 
 __all__ = ["GatedMixer"]
 
 
-class GatedMixer(nn.Module):
-    """Projections of one gated linear layer (the mixing is ``linear_attention`` with gates).
+class GatedMixer(MixingLayer):
+    """One gated linear layer: ``forward(x: [B, T, C], *, visibility, offset=0) -> [B, T, C]``
+    (the mixing is ``linear_attention`` with the gates, so ``op == "linear"``).
 
-    ``qkv(x [B, n, C], positions)`` -> ``q: [B, n, H, F]``, ``k: [B, n, Hkv, F]``,
-    ``v: [B, n, Hkv, hd]`` and ``{"log_gate": [B, n, H], "reverse_log_gate": [B, n, H]}``;
-    ``out(mixed [B, n, H, hd]) -> [B, n, C]``.
+    Its parts, as the streams use them: ``qkv(x [B, n, C], positions)`` -> ``{"q": [B, n, H, F],
+    "k": [B, n, Hkv, F], "v": [B, n, Hkv, hd], "log_gate": [B, n, H],
+    "reverse_log_gate": [B, n, H]}``;
+    ``out(mixed [B, n, H, hd], x [B, n, C]) -> [B, n, C]``.
     """
 
     def __init__(self, cfg: AttentionConfig, *, dt_min: float = 1e-3, dt_max: float = 1e-1):
         super().__init__()
+        if cfg.mixer != "gated":
+            raise ValueError(f"GatedMixer: mixer must be 'gated', got {cfg.mixer!r}")
         self.cfg = cfg
+        self.op = "linear"
         h, hkv, hd, f = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.feature_dim
         self.q_proj = nn.Linear(cfg.d_model, h * f, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, hkv * f, bias=False)
@@ -66,15 +73,14 @@ class GatedMixer(nn.Module):
         g = -(dt * torch.cat([rate, rate]))
         return g[..., :h], g[..., h:]
 
-    def qkv(self, x: torch.Tensor, positions: torch.Tensor
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def qkv(self, x: torch.Tensor, positions: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         b, n, _ = x.shape
         q = F.normalize(self.q_proj(x).view(b, n, cfg.n_heads, -1), dim=-1)
         k = F.normalize(self.k_proj(x).view(b, n, cfg.n_kv_heads, -1), dim=-1)
         v = self.v_proj(x).view(b, n, cfg.n_kv_heads, cfg.head_dim)
         g, g_rev = self.gates(x)
-        return q, k, v, {"log_gate": g, "reverse_log_gate": g_rev}
+        return {"q": q, "k": k, "v": v, "log_gate": g, "reverse_log_gate": g_rev}
 
     def out(self, mixed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``mixed: [B, n, H, hd]``, ``x: [B, n, C]`` (the normalised layer input, for the output

@@ -6,7 +6,8 @@ so a chunk of a stream computes exactly what the same rows of a whole-sequence r
 
 A :class:`Block` implements the streaming protocol of :mod:`causalmix.stream`::
 
-    forward(x) == stream_out(x, mix(*stream_qkv(x, pos), visibility, **mixer_kwargs()), pos)
+    forward(x) == stream_out(x, mix(mixer, **stream_qkv(x, pos), visibility=visibility,
+                                    **mixer_kwargs()), pos)
 
 where ``stream_qkv`` and ``stream_out`` are pointwise in time and ``mix`` is
 :func:`~causalmix.ops.softmax.softmax_attention` or
@@ -16,6 +17,7 @@ where ``stream_qkv`` and ``stream_out`` are pointwise in time and ``mix`` is
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,24 +27,11 @@ from torch import nn
 from causalmix.checks import ArgumentTypeError, check_int, compute_dtype
 from causalmix.nn.config import AttentionConfig, BlockConfig, ModelConfig
 from causalmix.nn.gated import GatedMixer
-from causalmix.ops.linear import linear_attention
-from causalmix.ops.softmax import softmax_attention
+from causalmix.nn.mixing import MixingLayer, mix
 from causalmix.visibility import Visibility
 
-__all__ = ["Attention", "Block", "SequenceModel", "feature_map", "mix", "rotary"]
-
-
-def mix(mixer: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibility: Visibility,
-        *, q_offset: int = 0, k_offset: int = 0, **kwargs: Any) -> torch.Tensor:
-    """Run the named mixer: ``q, k: [B, Tq|Tk, H, D]``, ``v: [B, Tk, Hkv, Dv]`` ->
-    ``[B, Tq, H, Dv]``. ``kwargs`` are the layer's :meth:`Block.mixer_kwargs`."""
-    if mixer == "softmax":
-        return softmax_attention(q, k, v, visibility, q_offset=q_offset, k_offset=k_offset,
-                                 **kwargs)
-    if mixer == "linear":
-        return linear_attention(q, k, v, visibility, q_offset=q_offset, k_offset=k_offset,
-                                   **kwargs)
-    raise ValueError(f"mixer must be 'softmax' or 'linear', got {mixer!r}")
+__all__ = ["Attention", "Block", "MixingLayer", "ModelBase", "SequenceModel", "feature_map", "mix",
+           "rotary"]
 
 
 def rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
@@ -78,17 +67,25 @@ def feature_map(x: torch.Tensor, kind: str) -> torch.Tensor:
     raise ValueError(f"feature_map must be 'taylor' or 'elu', got {kind!r}")
 
 
-class Attention(nn.Module):
-    """Projections of one attention layer (the mixing itself is :func:`mix`).
+class Attention(MixingLayer):
+    """One softmax or linear attention layer: projections, the mixer (:func:`mix`), output
+    projection. ``forward(x: [B, T, C], *, visibility, offset=0) -> [B, T, C]``.
 
-    softmax: ``q: [B, n, H, hd]``, ``k, v: [B, n, Hkv, hd]`` with rotary positions on q and k.
-    linear: ``phi(q), phi(k): [B, n, H, F]`` and ``v: [B, n, H, hd + 1]`` (a ones column last:
-    the mixer then returns numerator and normaliser in one call); k/v heads are repeated for GQA.
+    Its parts, as the streams use them: ``qkv`` gives ``{"q": .., "k": .., "v": ..}``: for
+    softmax, ``q: [B, n, H, hd]`` and ``k, v: [B, n, Hkv, hd]`` with rotary positions on q and
+    k; for linear,
+    ``phi(q), phi(k): [B, n, H, F]`` and ``v: [B, n, H, hd + 1]`` (a ones column last: the mixer
+    then returns numerator and normaliser in one call; k/v heads are repeated for GQA).
+    ``out(mixed, x)`` divides by the normaliser (linear) and projects back to ``[B, n, C]``.
     """
 
     def __init__(self, cfg: AttentionConfig):
         super().__init__()
+        if cfg.mixer not in ("softmax", "linear"):
+            raise ValueError(f"Attention: mixer must be 'softmax' or 'linear', got "
+                             f"{cfg.mixer!r} (the gated layer is causalmix.nn.gated.GatedMixer)")
         self.cfg = cfg
+        self.op = cfg.mixer
         h, hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         qk_dim = hd if cfg.mixer == "softmax" else cfg.feature_dim
         self.q_proj = nn.Linear(cfg.d_model, h * qk_dim, bias=False)
@@ -105,24 +102,25 @@ class Attention(nn.Module):
             return {"scale": 1.0 / math.sqrt(self.cfg.head_dim)}
         return {} if self.decay is None else {"decay": self.decay}
 
-    def qkv(self, x: torch.Tensor, positions: torch.Tensor
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def qkv(self, x: torch.Tensor, positions: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, cfg.n_heads, -1)
         k = self.k_proj(x).view(b, n, cfg.n_kv_heads, -1)
         v = self.v_proj(x).view(b, n, cfg.n_kv_heads, cfg.head_dim)
         if cfg.mixer == "softmax":
-            return rotary(q, positions, cfg.rope_base), rotary(k, positions, cfg.rope_base), v
+            return {"q": rotary(q, positions, cfg.rope_base),
+                    "k": rotary(k, positions, cfg.rope_base), "v": v}
         group = cfg.n_heads // cfg.n_kv_heads
         if group > 1:
             k = k.repeat_interleave(group, dim=2)
             v = v.repeat_interleave(group, dim=2)
         q, k = feature_map(q, cfg.feature_map), feature_map(k, cfg.feature_map)
-        return q, k, torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+        return {"q": q, "k": k, "v": torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)}
 
-    def out(self, mixed: torch.Tensor) -> torch.Tensor:
-        """``mixed: [B, n, H, hd]`` (softmax) or ``[B, n, H, hd + 1]`` (linear) -> ``[B, n, C]``."""
+    def out(self, mixed: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """``mixed: [B, n, H, hd]`` (softmax) or ``[B, n, H, hd + 1]`` (linear) -> ``[B, n, C]``
+        (``x``, the layer input, is not needed here; :class:`GatedMixer` gates with it)."""
         if self.cfg.mixer == "linear":
             num, den = mixed[..., :-1], mixed[..., -1:]
             # den >= 1/2 * (decay-weighted count of visible keys) for the Taylor map; a row that
@@ -135,19 +133,23 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm block ``y = h + mlp(norm2(h))``, ``h = x + attn(norm1(x))`` under ``visibility``.
 
-    ``x: [B, T, C]`` -> ``[B, T, C]``; implements the :mod:`causalmix.stream` layer protocol
-    (``mixer``, ``visibility``, ``mixer_kwargs``, ``stream_qkv``, ``stream_out``).
+    ``x: [B, T, C]`` -> ``[B, T, C]``; ``attn`` is an :class:`Attention` or, for
+    ``mixer="gated"``, a :class:`~causalmix.nn.gated.GatedMixer`. Implements the
+    :class:`causalmix.stream.StreamableLayer` protocol (``mixer``, ``visibility``,
+    ``mixer_kwargs``, ``stream_qkv``, ``stream_out``), where ``mixer`` is the op family that
+    streams the layer, ``"softmax"`` or ``"linear"`` (a gated layer: ``"linear"``, with its
+    gates as per-frame inputs); the layer's kind is ``cfg.attention.mixer``.
     """
 
     def __init__(self, cfg: BlockConfig):
         super().__init__()
         self.cfg = cfg
-        gated = cfg.attention.mixer == "gated"
-        self.mixer: str = "linear" if gated else cfg.attention.mixer  # gates: the linear mixer
         self.visibility: Visibility = cfg.visibility
         c = cfg.attention.d_model
         self.norm1 = nn.LayerNorm(c)
-        self.attn = GatedMixer(cfg.attention) if gated else Attention(cfg.attention)
+        gated = cfg.attention.mixer == "gated"
+        self.attn: MixingLayer = GatedMixer(cfg.attention) if gated else Attention(cfg.attention)
+        self.mixer: str = self.attn.op
         self.norm2 = nn.LayerNorm(c)
         self.mlp = nn.Sequential(
             nn.Linear(c, cfg.mlp_ratio * c), nn.GELU(), nn.Linear(cfg.mlp_ratio * c, c)
@@ -157,18 +159,15 @@ class Block(nn.Module):
         """Keyword arguments for the mixer: ``{"scale": s}`` or ``{"decay": [H] tensor}``."""
         return self.attn.mixer_kwargs()
 
-    def stream_qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple:
-        """``x: [B, n, C]`` at absolute ``positions: [n]`` -> ``(q, k, v)`` for the mixer (gated:
-        ``(q, k, v, {"log_gate": .., "reverse_log_gate": ..})``, per-frame mixer inputs)."""
+    def stream_qkv(self, x: torch.Tensor, positions: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``x: [B, n, C]`` at absolute ``positions: [n]`` -> the mixer's per-frame inputs by
+        name: ``{"q", "k", "v"}`` (gated: also ``"log_gate"``, ``"reverse_log_gate"``)."""
         return self.attn.qkv(self.norm1(x), positions)
 
     def stream_out(self, x: torch.Tensor, mixed: torch.Tensor,
                    positions: torch.Tensor) -> torch.Tensor:
         """``x: [B, n, C]``, ``mixed: [B, n, H, Dv]`` (the mixer's output) -> ``[B, n, C]``."""
-        if isinstance(self.attn, GatedMixer):
-            h = x + self.attn.out(mixed, self.norm1(x))
-        else:
-            h = x + self.attn.out(mixed)
+        h = x + self.attn.out(mixed, self.norm1(x))
         return h + self.mlp(self.norm2(h))
 
     def forward(self, x: torch.Tensor, *, offset: int = 0,
@@ -179,12 +178,8 @@ class Block(nn.Module):
         check_int("offset", offset, 0)
         _check_override(visibility, "Block")
         vis = self.visibility if visibility is None else visibility
-        positions = torch.arange(offset, offset + x.shape[1], device=x.device)
-        q, k, v, *frame_inputs = self.stream_qkv(x, positions)
-        mixed = mix(self.mixer, q, k, v, vis, q_offset=offset, k_offset=offset,
-                    impl=self.cfg.attention.impl, **self.mixer_kwargs(),
-                    **(frame_inputs[0] if frame_inputs else {}))
-        return self.stream_out(x, mixed, positions)
+        h = x + self.attn(self.norm1(x), visibility=vis, offset=offset)
+        return h + self.mlp(self.norm2(h))
 
 
 def check_inputs(cfg: ModelConfig, inputs: Any, where: str = "") -> None:
@@ -228,21 +223,23 @@ def _check_override(visibility, where: str) -> None:
                                 f"None, got {type(visibility).__name__}")
 
 
-class SequenceModel(nn.Module):
-    """Embedding (or feature projection), blocks with per-layer visibility, norm, head.
+class ModelBase(nn.Module):
+    """The one model builder: input map (token embedding when ``cfg.vocab_size`` is set, else
+    a linear map from ``cfg.input_dim`` features), ``n_layers`` blocks made by
+    ``make_block(layer)``, a final norm and a linear head to ``cfg.output_dim``, created in that
+    order (so a seeded init is the same for every model built on it). Subclasses
+    (:class:`SequenceModel`, :class:`~causalmix.nn.adaptive.AdaptiveModel`) define
+    ``forward``; :meth:`stream_in` / :meth:`stream_head` are the
+    :class:`causalmix.stream.StreamableModel` maps."""
 
-    ``inputs``: ``[B, T]`` int64 tokens (``vocab_size`` set) or ``[B, T, input_dim]`` floats ->
-    ``[B, T, output_dim]``.
-    """
-
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, make_block: Callable[[int], nn.Module]):
         super().__init__()
-        self.cfg = cfg
+        self.model_cfg = cfg
         if cfg.vocab_size is not None:
             self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         else:
             self.embed = nn.Linear(cfg.input_dim, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(b) for b in cfg.blocks)
+        self.blocks = nn.ModuleList(make_block(i) for i in range(len(cfg.blocks)))
         self.norm = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.output_dim)
 
@@ -250,7 +247,7 @@ class SequenceModel(nn.Module):
         """The input map, pointwise in time: ``inputs [B, n]`` or ``[B, n, input_dim]`` ->
         ``[B, n, d_model]`` (with :meth:`stream_head` and ``blocks``, what
         :class:`causalmix.stream.ModelStream` streams)."""
-        check_inputs(self.cfg, inputs, "SequenceModel")
+        check_inputs(self.model_cfg, inputs, type(self).__name__)
         return self.embed(inputs)
 
     def stream_head(self, h: torch.Tensor) -> torch.Tensor:
@@ -258,14 +255,27 @@ class SequenceModel(nn.Module):
         -> ``[B, n, output_dim]``."""
         return self.head(self.norm(h))
 
+
+class SequenceModel(ModelBase):
+    """Embedding (or feature projection), blocks with per-layer visibility, norm, head.
+
+    ``inputs``: ``[B, T]`` int64 tokens (``vocab_size`` set) or ``[B, T, input_dim]`` floats ->
+    ``[B, T, output_dim]``.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        if not isinstance(cfg, ModelConfig):
+            raise ArgumentTypeError(f"cfg must be a causalmix.nn.ModelConfig, got "
+                                    f"{type(cfg).__name__}")
+        super().__init__(cfg, lambda layer: Block(cfg.blocks[layer]))
+        self.cfg = cfg
+
     def forward(self, inputs: torch.Tensor, *, offset: int = 0,
                 visibility: tuple[Visibility, ...] | None = None,
                 return_hidden: bool = False
                 ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """``visibility``: one spec per layer overriding the config's for this call.
         ``return_hidden``: also return each block's output ``[B, T, C]`` (a list)."""
-        cfg = self.cfg
-        check_inputs(cfg, inputs, "SequenceModel")
         check_int("offset", offset, 0)
         if isinstance(visibility, Visibility):
             raise ArgumentTypeError("SequenceModel: visibility must give one spec per layer (a "
@@ -273,10 +283,10 @@ class SequenceModel(nn.Module):
         if visibility is not None and len(visibility) != len(self.blocks):
             raise ValueError(f"visibility must give one spec per layer ({len(self.blocks)}), "
                              f"got {len(visibility)}")
-        x = self.embed(inputs)
+        x = self.stream_in(inputs)
         hidden = []
         for i, block in enumerate(self.blocks):
             x = block(x, offset=offset, visibility=None if visibility is None else visibility[i])
             hidden.append(x)
-        out = self.head(self.norm(x))
+        out = self.stream_head(x)
         return (out, hidden) if return_hidden else out

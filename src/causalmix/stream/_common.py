@@ -1,5 +1,5 @@
-"""Pieces shared by the mixer streams: when an output becomes final, latency bookkeeping, a
-growable frame buffer, and the push / flush skeleton.
+"""Pieces shared by the mixer streams: when an output becomes final, the checked per-frame
+inputs of a push (:class:`Frames`), and the push / flush skeleton (:class:`MixerStream`).
 
 Positions are absolute frame indices counted from the first pushed frame (frame ``t`` of the
 stream is position ``t``), exactly as in the parallel ops, so the stream asks the spec the same
@@ -8,17 +8,19 @@ stream is position ``t``), exactly as in the parallel ops, so the stream asks th
 
 from __future__ import annotations
 
-import array
 import bisect
+import dataclasses
+from collections.abc import Sequence
 
 import torch
 
-from causalmix.checks import MAX_POSITION, UnboundedHorizonError, check_qkv
+from causalmix.checks import MAX_POSITION, ArgumentTypeError, UnboundedHorizonError, check_qkv
+from causalmix.stream import latency as latency_maths
+from causalmix.stream._buffers import FrameBuffer, PositionLog
 from causalmix.stream.latency import LatencyStats
 from causalmix.visibility import Visibility
 
-__all__ = ["FrameBuffer", "IntLog", "LatencyStats", "MixerStream", "ReadyTracker", "horizon",
-           "unbounded_error"]
+__all__ = ["Frames", "MixerStream", "ReadyTracker", "horizon", "unbounded_error"]
 
 # ============================================================================ when is output final
 
@@ -103,107 +105,46 @@ class ReadyTracker:
         return out
 
 
-# ============================================================================ latency log
-
-
-class IntLog:
-    """Append-only int64 log indexed by absolute output position (a compact ``array('q')``, 8
-    bytes per entry), optionally pruned below a position (``drop_before``) so that long streams
-    keep only what is still asked for."""
-
-    def __init__(self):
-        self.start = 0  # position of the first live entry
-        self._arr = array.array("q")
-        self._off = 0  # index in _arr of `start`
-
-    def append(self, values: list[int]) -> None:
-        self._arr.extend(values)
-
-    def get(self, positions: list[int]) -> list[int]:
-        d = self._off - self.start
-        return [self._arr[p + d] for p in positions]
-
-    def values(self) -> torch.Tensor:
-        """``[n]`` int64: the entries from position :attr:`start` on."""
-        return torch.tensor(self._arr[self._off :], dtype=torch.int64)
-
-    def drop_before(self, position: int) -> None:
-        n = min(max(0, position - self.start), len(self._arr) - self._off)
-        self._off += n
-        self.start += n
-        if self._off > 4096 and 2 * self._off > len(self._arr):
-            del self._arr[: self._off]
-            self._off = 0
-
-
-# ============================================================================ frame buffer
-
-
-class FrameBuffer:
-    """Frames ``[B, n, ...]`` at absolute positions ``[start, end)``, appended at the end and
-    dropped from the front, in one preallocated storage (amortised O(1) per frame, capacity at
-    most twice the largest live length plus one push)."""
-
-    def __init__(self):
-        self.storage: torch.Tensor | None = None
-        self.lo = 0  # storage index of position `start`
-        self.start = 0  # absolute position of the first live frame
-        self.length = 0
-
-    @property
-    def end(self) -> int:
-        return self.start + self.length
-
-    @property
-    def capacity(self) -> int:
-        return 0 if self.storage is None else self.storage.shape[1]
-
-    def nbytes(self) -> int:
-        s = self.storage
-        return 0 if s is None else s.numel() * s.element_size()
-
-    def append(self, x: torch.Tensor) -> None:
-        n = x.shape[1]
-        if self.storage is None:
-            self.storage = x.new_empty((x.shape[0], max(2 * n, 16), *x.shape[2:]))
-        if self.lo + self.length + n > self.capacity:
-            live = self.storage[:, self.lo : self.lo + self.length]
-            cap = self.capacity
-            if self.length + n > cap // 2:
-                cap = max(2 * (self.length + n), 16)
-                new = x.new_empty((x.shape[0], cap, *x.shape[2:]))
-                new[:, : self.length] = live
-                self.storage = new
-            elif self.lo >= self.length:  # source and destination do not overlap
-                self.storage[:, : self.length] = live
-            else:
-                self.storage[:, : self.length] = live.clone()
-            self.lo = 0
-        self.storage[:, self.lo + self.length : self.lo + self.length + n] = x
-        self.length += n
-
-    def view(self, start: int | None = None, end: int | None = None) -> torch.Tensor:
-        """Frames at absolute positions ``[start, end)`` (default: all live ones), a view."""
-        start = self.start if start is None else start
-        end = self.end if end is None else end
-        if not (self.start <= start <= end <= self.end):
-            raise AssertionError(
-                f"[{start}, {end}) outside the live range [{self.start}, {self.end})"
-            )
-        a = self.lo + start - self.start
-        return self.storage[:, a : a + end - start]
-
-    def drop_before(self, position: int) -> None:
-        n = min(max(0, position - self.start), self.length)
-        self.lo += n
-        self.start += n
-        self.length -= n
-        if self.length == 0:
-            self.lo = 0
-            self.start = max(self.start, position)
-
-
 # ============================================================================ the mixer skeleton
+
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Frames:
+    """The per-frame inputs of one push, checked once by the stream's ``push`` / ``step`` and
+    carried as one object through its hooks (``_accept(frames)``, ``_compute_direct(frames,
+    p0)``).
+
+    ``q: [B, n, H, D]``, ``k: [B, n, Hkv, D]``, ``v: [B, n, Hkv, Dv]``. A family with more
+    per-frame inputs subclasses it with one field per input, named as its ``push`` keyword
+    (:class:`~causalmix.stream.linear.GateFrames` adds ``log_gate`` and ``reverse_log_gate``; a
+    delta-rule stream would add ``beta``): each a ``[B, n, ...]`` tensor (time on dim 1) or
+    ``None``. The field names are what a :class:`~causalmix.stream.StreamableLayer` may return
+    from ``stream_qkv``.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The per-frame inputs, in order (``("q", "k", "v", ...)``)."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @property
+    def n(self) -> int:
+        """Number of frames."""
+        return self.q.shape[1]
+
+    def head(self, m: int) -> Frames:
+        """The first ``m`` frames of every input."""
+        cut = {}
+        for name in self.names():
+            x = getattr(self, name)
+            cut[name] = None if x is None else x[:, :m]
+        return dataclasses.replace(self, **cut)
 
 
 class MixerStream:
@@ -216,35 +157,61 @@ class MixerStream:
     the parallel op over the whole sequence. An output at position ``i`` is final once frame
     ``ready_at[i] = max(i, horizon(i))`` has arrived; its algorithmic latency is
     ``ready_at[i] - i`` frames (at flush, ``ready_at`` is clipped to the last frame). Outputs leave
-    in order, so ``ready_at`` is made non-decreasing.
+    in order, so ``ready_at`` is made non-decreasing. Each push is timed: an output's compute
+    time is the wall time of the push that released it (:meth:`latency_stats`).
 
-    Streams are for inference: they run under ``torch.no_grad()`` and their outputs carry no
-    autograd graph.
+    A family subclasses it with its own ``push(q, k, v, *, <per-frame inputs>)`` / ``step``
+    signature, a :class:`Frames` subclass holding those inputs (``frames_type``), and the hooks
+    ``_check_extras`` (check them), ``_accept`` (take the frames), ``_compute`` (outputs of
+    pending queries) and optionally ``_compute_direct``, ``_check_first``, ``_start``,
+    ``_advance``. The skeleton checks q, k, v and positions, never the extra inputs.
+
+    An empty batch (``B = 0``) streams: every output is ``[0, m, H, Dv]``, with the latency of
+    any other batch size. Streams are for inference: they run under ``torch.no_grad()`` and
+    their outputs carry no autograd graph.
     """
 
     mixer = "?"
+    #: the per-frame inputs ``push`` takes, as a :class:`Frames` type
+    frames_type: type[Frames] = Frames
     #: constructor options shown by ``repr`` (those the stream has)
     _REPR_OPTIONS = ("scale", "decay", "impl", "chunk_size")
 
     def __init__(self, visibility: Visibility):
         name = type(self).__name__
         if not isinstance(visibility, Visibility):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"{name}: visibility must be a causalmix.visibility spec (Causal(), Window(...), "
                 f"...), got {type(visibility).__name__}"
             )
         self.visibility = visibility
         self._tracker = ReadyTracker(name, visibility)
         self._pending_q = FrameBuffer()
-        self._ready_log = IntLog()  # ready_at of every emitted output (clipped at flush)
-        self._latency_log = IntLog()
+        self._ready_log = PositionLog()  # ready_at of every emitted output (clipped at flush)
+        self._compute_log = PositionLog("d")  # seconds of the push that released each output
         self._shapes: tuple | None = None  # (B, H, Hkv, D, Dv, dtype, device) of the first push
         self.frames_in = 0
         self.frames_out = 0
         self.closed = False
 
     # ------------------------------------------------------------------ subclass hooks
-    def _accept(self, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _check_extras(self, name: str, frames: Frames) -> None:
+        """Check the family's own per-frame inputs (changing nothing); ``name``: the caller, for
+        messages."""
+
+    def _check_first(self, name: str, frames: Frames) -> None:
+        """Checks of the first push only (later pushes must match its shapes)."""
+        vb = self.visibility.batch_size
+        if vb is not None and vb != frames.q.shape[0]:
+            raise ValueError(
+                f"{name}: visibility {self.visibility!r} is for batch size {vb} but the frames "
+                f"have batch size {frames.q.shape[0]}"
+            )
+
+    def _start(self, frames: Frames) -> None:
+        """The first push was accepted (before its frames are taken)."""
+
+    def _accept(self, frames: Frames) -> None:
         raise NotImplementedError
 
     def _compute(self, q: torch.Tensor, p0: int, k_end: int) -> torch.Tensor:
@@ -252,11 +219,11 @@ class MixerStream:
         see no key at or after position ``k_end`` (``<= frames_in``)."""
         raise NotImplementedError
 
-    def _compute_direct(self, q, k, v, p0: int) -> torch.Tensor:
+    def _compute_direct(self, frames: Frames, p0: int) -> torch.Tensor:
         """Outputs of a push whose outputs are all final at once (nothing pending before it):
-        ``q, k, v`` are the pushed frames at ``[p0, p0 + n)``, not yet given to ``_accept``."""
-        self._accept(k, v)
-        return self._compute(q, p0, p0 + q.shape[1])
+        ``frames`` are the pushed frames at ``[p0, p0 + n)``, not yet given to ``_accept``."""
+        self._accept(frames)
+        return self._compute(frames.q, p0, p0 + frames.n)
 
     def _advance(self) -> None:
         """Called after outputs were emitted: drop what no future output needs."""
@@ -278,29 +245,23 @@ class MixerStream:
             ``[B, m, H, Dv]`` in q's dtype: outputs of positions ``[frames_out, frames_out + m)``
             (``m`` may be 0).
         """
-        name = type(self).__name__
-        if self.closed:
-            raise ValueError(f"{name}.push: the stream was flushed (closed); start a new stream")
-        # every check before the first change: a push that raises leaves the stream as it was
-        shapes = self._check(q, k, v)
-        n = q.shape[1]
-        self._check_frame_positions(n)
-        direct = self.frames_out == self.frames_in and self.final_after(n) == n
-        self._shapes = shapes
-        with torch.no_grad():
-            if direct:
-                # nothing pending and every output of this push is final: no query buffering
-                self.frames_in += n
-                return self._emit(n, direct=(q, k, v))
-            self._pending_q.append(q)
-            self._accept(k, v)
-            self.frames_in += n
-            m = self._tracker.count_ready(self.frames_out, self.frames_in)
-            return self._emit(m)
+        return self._push("push", Frames(q, k, v))
+
+    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Decode step: push ``n`` frames and return exactly their ``n`` outputs.
+
+        For generation, where the next input depends on these outputs: ``Causal()``,
+        ``Window(left, 0)``, ``Prefix(n)`` once the prefix was pushed in one piece, and
+        ``Chunked(size)`` one whole chunk per step. Raises ``ValueError`` (pushing nothing) when
+        an output of these frames is not final yet (the spec looks ahead of them) or earlier
+        outputs are pending.
+        """
+        return self._push("step", Frames(q, k, v))
 
     def flush(self) -> torch.Tensor:
         """End the stream: the remaining outputs, ``[B, m, H, Dv]``, each computed with the keys
         that exist (as the parallel op over the pushed sequence does)."""
+        t0 = latency_maths.CLOCK()
         name = type(self).__name__
         if self.closed:
             raise ValueError(f"{name}.flush: the stream was already flushed")
@@ -309,39 +270,8 @@ class MixerStream:
         with torch.no_grad():
             out = self._emit(self.frames_in - self.frames_out)
         self.closed = True
+        self._log_compute(t0, out.shape[1])
         return out
-
-    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             **frame_inputs) -> torch.Tensor:
-        """Decode step: push ``n`` frames and return exactly their ``n`` outputs.
-        ``frame_inputs``: per-frame keyword tensors of the subclass's ``push`` (the linear
-        stream's gates).
-
-        For generation, where the next input depends on these outputs: ``Causal()``,
-        ``Window(left, 0)``, ``Prefix(n)`` once the prefix was pushed in one piece, and
-        ``Chunked(size)`` one whole chunk per step. Raises ``ValueError`` when an output of these
-        frames is not final yet (the spec looks ahead of them) or earlier outputs are pending.
-        """
-        name = type(self).__name__
-        if self.closed:
-            raise ValueError(f"{name}.step: the stream was flushed (closed); start a new stream")
-        if self.frames_out != self.frames_in:
-            raise ValueError(
-                f"{name}.step: {self.pending} earlier outputs are still "
-                f"pending; step() needs a stream whose outputs are all final (use push())"
-            )
-        self._check(q, k, v)
-        p0, n = self.frames_in, q.shape[1]
-        self._check_frame_positions(n)
-        final = self.final_after(n)
-        if final != n:
-            raise ValueError(
-                f"{name}.step: outputs of positions [{p0 + final}, {p0 + n}) are "
-                f"not final after this step under {self.visibility!r} (they wait for frames up "
-                f"to {self._tracker.ready_of(p0 + n - 1)}); decode a whole chunk / the whole "
-                f"prefix per step, or use push()"
-            )
-        return self.push(q, k, v, **frame_inputs)
 
     def final_after(self, n: int) -> int:
         """How many of the pending outputs and those of ``n`` more frames would be final once
@@ -351,18 +281,29 @@ class MixerStream:
     @property
     def ready_at(self) -> torch.Tensor:
         """``[frames_out]`` int64: for each emitted output, the last input frame it waited for."""
-        if self._ready_log.start:
-            raise ValueError("ready_at history was pruned by the owning ModelStream")
         return self._ready_log.values()
+
+    def ready_at_of(self, positions: Sequence[int]) -> list[int]:
+        """:attr:`ready_at` of emitted outputs at these absolute positions (ints
+        ``< frames_out``), without building the whole tensor."""
+        return self._ready_log.get(positions)
 
     @property
     def latency(self) -> torch.Tensor:
-        """``[frames_out]`` int64: frames each emitted output waited beyond its own frame."""
-        return self._latency_log.values()
+        """``[frames_out]`` int64: frames each emitted output waited beyond its own."""
+        return self._ready_log.values() - torch.arange(self.frames_out)
 
-    def latency_stats(self) -> LatencyStats:
-        """Mean / p50 / p90 / max of :attr:`latency`."""
-        return LatencyStats.of(self.latency)
+    @property
+    def compute_seconds(self) -> torch.Tensor:
+        """``[frames_out]`` float64: for each emitted output, the wall time (seconds) of the push
+        or flush that released it."""
+        return self._compute_log.values()
+
+    def latency_stats(self, *, frame_seconds: float | None = None) -> LatencyStats:
+        """:class:`LatencyStats` of the emitted outputs: :attr:`latency` (frames), the compute
+        time (:attr:`compute_seconds`) and, given ``frame_seconds`` (the input's frame
+        duration), the measured latency ``latency * frame_seconds + compute``."""
+        return LatencyStats.of(self.latency, self.compute_seconds, frame_seconds=frame_seconds)
 
     @property
     def pending(self) -> int:
@@ -377,8 +318,33 @@ class MixerStream:
         return (f"{type(self).__name__}({self.visibility!r}{options}; frames_in={self.frames_in}, "
                 f"frames_out={self.frames_out}, pending={self.pending}, {state})")
 
-    # ------------------------------------------------------------------ internals
-    def _emit(self, m: int, direct: tuple | None = None) -> torch.Tensor:
+    # ------------------------------------------------------------------ the skeleton
+    def _push(self, where: str, frames: Frames) -> torch.Tensor:
+        """``push`` (``where="push"``) or ``step`` of checked-once ``frames``."""
+        t0 = latency_maths.CLOCK()
+        # every check before the first change: a push that raises leaves the stream as it was
+        shapes = self._check(f"{type(self).__name__}.{where}", frames)
+        n = frames.n
+        if where == "step":
+            self._check_step(n)
+        direct = self.frames_out == self.frames_in and self.final_after(n) == n
+        if self._shapes is None:
+            self._start(frames)
+        self._shapes = shapes
+        with torch.no_grad():
+            if direct:
+                # nothing pending and every output of this push is final: no query buffering
+                self.frames_in += n
+                out = self._emit(n, direct=frames)
+            else:
+                self._pending_q.append(frames.q)
+                self._accept(frames)
+                self.frames_in += n
+                out = self._emit(self._tracker.count_ready(self.frames_out, self.frames_in))
+        self._log_compute(t0, out.shape[1])
+        return out
+
+    def _emit(self, m: int, direct: Frames | None = None) -> torch.Tensor:
         b, hq, _, _, dv, dtype, device = self._shapes
         if m == 0:
             return torch.empty(b, 0, hq, dv, dtype=dtype, device=device)
@@ -387,20 +353,29 @@ class MixerStream:
         ready = self._tracker.take(p0, m)
         if ready[-1] > last:  # flush: the stream ends before the lookahead is satisfied
             ready = [min(r, last) for r in ready]
-        if direct is not None:
-            out = self._compute_direct(*direct, p0)
+        if b == 0:  # an empty batch: nothing to compute, the frames still count
+            if direct is not None:
+                self._accept(direct)
+            out = torch.empty(0, m, hq, dv, dtype=dtype, device=device)
+        elif direct is not None:
+            out = self._compute_direct(direct, p0)
         else:
             out = self._compute(self._pending_q.view(p0, p0 + m), p0, ready[-1] + 1)
         self._ready_log.append(ready)
-        self._latency_log.append([r - p for r, p in zip(ready, range(p0, p0 + m), strict=True)])
         self.frames_out += m
         self._pending_q.drop_before(self.frames_out)
         self._advance()
         return out
 
-    def _check(self, q, k, v) -> tuple:
+    def _log_compute(self, t0: float, m: int) -> None:
+        if m:
+            self._compute_log.append([latency_maths.CLOCK() - t0] * m)
+
+    def _check(self, name: str, frames: Frames) -> tuple:
         """Check a push's frames (changing nothing); returns their shapes to keep."""
-        name = f"{type(self).__name__}.push"
+        if self.closed:
+            raise ValueError(f"{name}: the stream was flushed (closed); start a new stream")
+        q, k, v = frames.q, frames.k, frames.v
         _, tq, tk, hq, hkv, d, dv = check_qkv(name, q, k, v)
         if tq != tk:
             raise ValueError(
@@ -410,7 +385,7 @@ class MixerStream:
             raise ValueError(f"{name}: push at least one frame, got q of shape {list(q.shape)}")
         shapes = (q.shape[0], hq, hkv, d, dv, q.dtype, q.device)
         if self._shapes is None:
-            self._check_first(q, k, v)
+            self._check_first(name, frames)
         elif shapes != self._shapes:
             names = ("batch", "q heads", "kv heads", "head dim", "value dim", "dtype", "device")
             diff = [
@@ -419,24 +394,35 @@ class MixerStream:
                 if new != old
             ]
             raise ValueError(f"{name}: frames differ from the first push: {', '.join(diff)}")
+        self._check_extras(name, frames)
+        self.check_frame_positions(name, tq)
         return shapes
 
-    def _check_first(self, q, k, v) -> None:
-        name = f"{type(self).__name__}.push"
-        vb = self.visibility.batch_size
-        if vb is not None and vb != q.shape[0]:
+    def _check_step(self, n: int) -> None:
+        name = f"{type(self).__name__}.step"
+        if self.frames_out != self.frames_in:
             raise ValueError(
-                f"{name}: visibility {self.visibility!r} is for batch size {vb} but the frames "
-                f"have batch size {q.shape[0]}"
+                f"{name}: {self.pending} earlier outputs are still "
+                f"pending; step() needs a stream whose outputs are all final (use push())"
+            )
+        final = self.final_after(n)
+        if final != n:
+            p0 = self.frames_in
+            raise ValueError(
+                f"{name}: outputs of positions [{p0 + final}, {p0 + n}) are "
+                f"not final after this step under {self.visibility!r} (they wait for frames up "
+                f"to {self._tracker.ready_of(p0 + n - 1)}); decode a whole chunk / the whole "
+                f"prefix per step, or use push()"
             )
 
-    def _check_frame_positions(self, n: int) -> None:
-        """The push's queries ``[frames_in, frames_in + n)`` and keys ``[0, frames_in + n)``
-        must be positions the spec defines (and below ``MAX_POSITION``)."""
+    def check_frame_positions(self, name: str, n: int) -> None:
+        """Raise ``ValueError`` (naming ``name``) unless the queries of ``n`` more frames
+        ``[frames_in, frames_in + n)`` and keys ``[0, frames_in + n)`` are positions the spec
+        defines (and below ``MAX_POSITION``). Changes nothing."""
         try:
             self.visibility.check_positions(n, self.frames_in + n, self.frames_in, 0)
         except ValueError as e:
-            raise ValueError(f"{type(self).__name__}.push: this push would reach position "
+            raise ValueError(f"{name}: this push would reach position "
                              f"{self.frames_in + n - 1}: {e}") from None
 
 

@@ -7,7 +7,7 @@ known as frames arrive, and a frame that chose no lookahead should not wait behi
 that did, this stream does not emit in order as :class:`~causalmix.stream.ModelStream` does:
 each sequence of the batch is scheduled on its own, and at each layer the output at ``t`` is
 computed once that layer's inputs ``[0, t + a_t]`` exist (clipped to the sequence at flush); it
-then becomes the next layer's input at ``t``. The mixing is one call of the public op per run of
+then becomes the next layer's input at ``t``. The mixing is one call of the public op per group of
 consecutive outputs (``softmax_attention`` under ``AdaptiveLookahead``, or the
 ``linear_attention`` reference, which serves any spec), with the queries' absolute positions.
 
@@ -23,10 +23,11 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
+from causalmix.checks import ArgumentTypeError
 from causalmix.ops.linear import linear_attention
 from causalmix.ops.softmax import softmax_attention
-from causalmix.stream._common import FrameBuffer
-from causalmix.stream.model import StreamableModel
+from causalmix.stream._buffers import FrameBuffer
+from causalmix.stream.model import StreamableModel, layer_frames
 from causalmix.visibility import AdaptiveLookahead, Causal
 
 __all__ = ["AdaptiveStream", "AdaptiveStreamableLayer", "Emitted"]
@@ -67,8 +68,8 @@ class Arrivals(NamedTuple):
     ready: list[int]  # per position: the last input frame this input waited for
 
 
-def _runs(positions: list[int]) -> list[list[int]]:
-    """Sorted positions cut into runs of consecutive ones."""
+def _consecutive(positions: list[int]) -> list[list[int]]:
+    """Sorted positions cut into groups of consecutive ones."""
     out: list[list[int]] = []
     for p in positions:
         if out and out[-1][-1] == p - 1:
@@ -85,12 +86,13 @@ class _LayerStream:
     def __init__(self, layer, index: int):
         for attr in ("mixer", "mixer_kwargs", "stream_qkv", "stream_out", "stream_lookahead"):
             if not hasattr(layer, attr):
-                raise TypeError(f"AdaptiveStream: layers[{index}] ({type(layer).__name__}) is "
+                raise ArgumentTypeError(f"AdaptiveStream: layers[{index}] "
+                                        f"({type(layer).__name__}) is "
                                 f"not an AdaptiveStreamableLayer: it has no {attr!r}")
         if layer.mixer not in ("softmax", "linear"):
             raise ValueError(f"AdaptiveStream: layers[{index}].mixer must be 'softmax' or "
                              f"'linear', got {layer.mixer!r}")
-        self.layer = layer
+        self.layer, self.index = layer, index
         self.k, self.v = FrameBuffer(), FrameBuffer()  # keys at [0, contig)
         self.early: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.x: dict[int, torch.Tensor] = {}  # [C] inputs whose output is not computed yet
@@ -101,20 +103,22 @@ class _LayerStream:
 
     def add(self, arr: Arrivals) -> None:
         pos = torch.tensor(arr.positions, dtype=torch.int64, device=arr.x.device)
-        q, k, v = self.layer.stream_qkv(arr.x, pos)
+        inputs = layer_frames(f"AdaptiveStream: layers[{self.index}]",
+                              self.layer.stream_qkv(arr.x, pos), ("q", "k", "v"))
+        q, k, v = inputs["q"], inputs["k"], inputs["v"]
         a = self.layer.stream_lookahead(arr.x, pos)[0].tolist()
         for i, p in enumerate(arr.positions):
             self.x[p], self.q[p], self.hi[p] = arr.x[0, i], q[0, i], p + int(a[i])
             self.early[p], self.ready[p] = (k[0, i], v[0, i]), arr.ready[i]
-        run = []
-        while self.k.end + len(run) in self.early:
-            run.append(self.early.pop(self.k.end + len(run)))
-        if run:
-            for p in range(self.k.end, self.k.end + len(run)):
+        arrived = []
+        while self.k.end + len(arrived) in self.early:
+            arrived.append(self.early.pop(self.k.end + len(arrived)))
+        if arrived:
+            for p in range(self.k.end, self.k.end + len(arrived)):
                 prev = self.prefix_ready[-1] if self.prefix_ready else -1
                 self.prefix_ready.append(max(prev, self.ready.pop(p)))
-            self.k.append(torch.stack([kk for kk, _ in run])[None])
-            self.v.append(torch.stack([vv for _, vv in run])[None])
+            self.k.append(torch.stack([kk for kk, _ in arrived])[None])
+            self.v.append(torch.stack([vv for _, vv in arrived])[None])
 
     def take(self, end: int | None) -> Arrivals | None:
         """The outputs whose keys ``[0, t + a_t]`` all exist (clipped to the sequence's ``end``
@@ -125,8 +129,8 @@ class _LayerStream:
         done = sorted(p for p in self.q if last_key(p) < self.k.end)
         if not done:
             return None
-        mixed = torch.cat([self._mix(run, [last_key(p) for p in run]) for run in _runs(done)],
-                          dim=1)
+        mixed = torch.cat([self._mix(group, [last_key(p) for p in group])
+                           for group in _consecutive(done)], dim=1)
         pos = torch.tensor(done, dtype=torch.int64, device=mixed.device)
         x = torch.stack([self.x.pop(p) for p in done])[None]
         y = self.layer.stream_out(x, mixed, pos)
@@ -135,14 +139,14 @@ class _LayerStream:
             del self.q[p], self.hi[p]
         return Arrivals(done, y, ready)
 
-    def _mix(self, run: list[int], last: list[int]) -> torch.Tensor:
-        """Mixer outputs ``[1, m, H, Dv]`` of the consecutive positions ``run``, whose last
+    def _mix(self, group: list[int], last: list[int]) -> torch.Tensor:
+        """Mixer outputs ``[1, m, H, Dv]`` of the consecutive positions ``group``, whose last
         visible keys are ``last``: one call of the public op at absolute positions."""
-        p0, p1, k_end = run[0], run[-1] + 1, max(last) + 1
+        p0, p1, k_end = group[0], group[-1] + 1, max(last) + 1
         a = torch.zeros(max(p1, k_end), dtype=torch.int64)
         a[p0:p1] = torch.tensor(last) - torch.arange(p0, p1)
         spec = AdaptiveLookahead(a)
-        q = torch.stack([self.q[p] for p in run])[None]
+        q = torch.stack([self.q[p] for p in group])[None]
         k, v = self.k.view(0, k_end), self.v.view(0, k_end)
         kwargs = self.layer.mixer_kwargs()
         if self.layer.mixer == "softmax":
@@ -190,6 +194,9 @@ class AdaptiveStream:
         self.model: StreamableModel | None = None
         if isinstance(layers, StreamableModel):
             self.model, layers = layers, layers.blocks
+        if not isinstance(layers, Iterable) or isinstance(layers, torch.Tensor):
+            raise ArgumentTypeError(f"AdaptiveStream: layers must be a sequence of adaptive "
+                                    f"layers or a StreamableModel, got {type(layers).__name__}")
         self._layers = list(layers)
         if not self._layers:
             raise ValueError("AdaptiveStream: layers must hold at least one layer")
@@ -253,7 +260,10 @@ class AdaptiveStream:
                        torch.tensor(lat, dtype=torch.int64))
 
     def _check(self, name: str, x) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] < 1:
+        if not isinstance(x, torch.Tensor):
+            raise ArgumentTypeError(f"{name}: frames must be a [batch, n >= 1, features] "
+                                    f"tensor, got {type(x).__name__}")
+        if x.dim() != 3 or x.shape[1] < 1:
             raise ValueError(f"{name}: frames must be [batch, n >= 1, features], got "
                              f"{list(getattr(x, 'shape', []))}")
         if self._shape is not None and x.shape[0] != self._shape[0]:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from causalmix.checks import ArgumentTypeError, check_decay, check_int, compute_dtype
-from causalmix.ops.linear import factorise, linear_attention
-from causalmix.ops.linear.api import check_gate
-from causalmix.stream._common import FrameBuffer, MixerStream
+from causalmix.ops.linear import REGISTRY, check_gate, factorise, linear_attention
+from causalmix.stream._buffers import FrameBuffer
+from causalmix.stream._common import Frames, MixerStream
 from causalmix.visibility import And, Segments, Visibility
+
+__all__ = ["GateFrames", "LinearStream", "fold_state"]
 
 
 def _has_segments(vis: Visibility) -> bool:
@@ -41,6 +45,15 @@ def fold_state(
     if state is None:
         return new
     return state * (lam**n)[None, :, None, None] + new
+
+
+@dataclasses.dataclass(frozen=True)
+class GateFrames(Frames):
+    """The frames of a linear-stream push: :class:`~causalmix.stream.Frames` plus the per-token
+    gates, ``log_gate, reverse_log_gate: [B, n, H]`` or ``None``."""
+
+    log_gate: torch.Tensor | None = None
+    reverse_log_gate: torch.Tensor | None = None
 
 
 class LinearStream(MixerStream):
@@ -80,6 +93,7 @@ class LinearStream(MixerStream):
     """
 
     mixer = "linear"
+    frames_type = GateFrames
 
     def __init__(
         self,
@@ -101,12 +115,8 @@ class LinearStream(MixerStream):
                     f"{decay!r}")
             decay = check_decay("LinearStream", decay, decay.shape[0], decay.device).detach()
         check_int("chunk_size", chunk_size, 1)
-        if impl not in ("auto", "chunk", "recurrent", "reference"):
-            raise ValueError(
-                f"LinearStream: impl must be one of ['auto', 'chunk', 'recurrent', 'reference'], "
-                f"got {impl!r}"
-            )
-        self.decay, self.impl, self.chunk_size = decay, impl, chunk_size
+        self.decay, self.impl = decay, REGISTRY.check_name("LinearStream", impl)
+        self.chunk_size = chunk_size
         self._segmented = _has_segments(visibility)
         # Without a reverse scan (Causal, Chunked(size, lookahead > 0), with Segments) the op
         # takes keys past the last query, so the frames of the lookahead are not recomputed as
@@ -118,7 +128,6 @@ class LinearStream(MixerStream):
         self._g = FrameBuffer()  # gates of the buffered frames (gated streams)
         self._gr = FrameBuffer()
         self._gates: tuple[bool, bool] | None = None  # (gated, reverse gate) from the first push
-        self._incoming: tuple = (None, None)  # gates of the push being processed
 
     @property
     def buffer_len(self) -> int:
@@ -135,19 +144,18 @@ class LinearStream(MixerStream):
              log_gate: torch.Tensor | None = None,
              reverse_log_gate: torch.Tensor | None = None) -> torch.Tensor:
         """Take the next frames (and their gates, for a gated stream), return the outputs now
-        final. ``log_gate, reverse_log_gate: [B, n, H]``; see :class:`MixerStream.push`."""
-        if not self.closed:
-            self._check(q, k, v)
-            self._check_gates(q, log_gate, reverse_log_gate)
-        self._incoming = (log_gate, reverse_log_gate)
-        try:
-            return super().push(q, k, v)
-        finally:
-            self._incoming = (None, None)
+        final. ``log_gate, reverse_log_gate: [B, n, H]``; see :meth:`MixerStream.push`."""
+        return self._push("push", GateFrames(q, k, v, log_gate, reverse_log_gate))
 
-    def _check_gates(self, q, log_gate, reverse_log_gate) -> None:
-        name = "LinearStream.push"
-        mode = (log_gate is not None, reverse_log_gate is not None)
+    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+             log_gate: torch.Tensor | None = None,
+             reverse_log_gate: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode step with the frames' gates; see :meth:`MixerStream.step`."""
+        return self._push("step", GateFrames(q, k, v, log_gate, reverse_log_gate))
+
+    # ------------------------------------------------------------------ hooks
+    def _check_extras(self, name, frames):
+        mode = (frames.log_gate is not None, frames.reverse_log_gate is not None)
         if mode[0] and self.decay is not None:
             raise ValueError(f"{name}: this stream has a constant decay; log_gate is exclusive "
                              f"with it")
@@ -157,68 +165,71 @@ class LinearStream(MixerStream):
             raise ValueError(f"{name}: every push must give the same gates as the first one "
                              f"(log_gate {self._gates[0]}, reverse_log_gate {self._gates[1]}), "
                              f"got log_gate {mode[0]}, reverse_log_gate {mode[1]}")
-        b, n, h = q.shape[0], q.shape[1], q.shape[2]
-        for gname, gate in (("log_gate", log_gate), ("reverse_log_gate", reverse_log_gate)):
+        q = frames.q
+        for gname in ("log_gate", "reverse_log_gate"):
+            gate = getattr(frames, gname)
             if gate is not None:
-                check_gate(name, gname, gate, (b, n, h), q)
-        self._gates = mode
+                check_gate(name, gname, gate, tuple(q.shape[:3]), q)
 
-    def _check_first(self, q, k, v):
-        super()._check_first(q, k, v)
-        if self.decay is not None and self.decay.shape[0] != q.shape[2]:
-            raise ValueError(
-                f"LinearStream.push: decay has {self.decay.shape[0]} heads but q has "
-                f"{q.shape[2]}"
-            )
+    def _check_first(self, name, frames):
+        super()._check_first(name, frames)
+        h = frames.q.shape[2]
+        if self.decay is not None and self.decay.shape[0] != h:
+            raise ValueError(f"{name}: decay has {self.decay.shape[0]} heads but q has {h}")
 
-    def _accept(self, k, v):
-        self._k.append(k)
-        self._v.append(v)
-        g, gr = self._incoming
-        if g is not None:
-            self._g.append(g)
-        if gr is not None:
-            self._gr.append(gr)
+    def _start(self, frames):
+        self._gates = (frames.log_gate is not None, frames.reverse_log_gate is not None)
 
-    def _gate_views(self, p0, k_end):
-        if not self._gates or not self._gates[0]:
-            return None, None
-        gr = self._gr.view(p0, k_end) if self._gates[1] else None
-        return self._g.view(p0, k_end), gr
+    def _accept(self, frames):
+        self._k.append(frames.k)
+        self._v.append(frames.v)
+        if frames.log_gate is not None:
+            self._g.append(frames.log_gate)
+        if frames.reverse_log_gate is not None:
+            self._gr.append(frames.reverse_log_gate)
 
-    def _call(self, q, k, v, p0, want_state, gates):
-        decay = None if self.decay is None else self.decay.to(q.device)
+    def _window(self, p0: int, k_end: int) -> GateFrames:
+        """The buffered frames ``[p0, k_end)`` (queries from the pending ones), views."""
+        gated, reverse = self._gates
+        return GateFrames(
+            self._pending_q.view(p0, k_end), self._k.view(p0, k_end), self._v.view(p0, k_end),
+            self._g.view(p0, k_end) if gated else None,
+            self._gr.view(p0, k_end) if reverse else None)
+
+    def _call(self, frames: GateFrames, p0: int, *, want_state: bool):
+        """One ``linear_attention`` call over ``frames`` at ``[p0, ...)`` from the carried
+        state."""
+        decay = None if self.decay is None else self.decay.to(frames.q.device)
         return linear_attention(
-            q, k, v, self.visibility, decay=decay, log_gate=gates[0],
-            reverse_log_gate=gates[1], q_offset=p0, k_offset=p0, initial_state=self.state,
-            return_final_state=want_state, impl=self.impl, chunk_size=self.chunk_size,
+            frames.q, frames.k, frames.v, self.visibility, decay=decay,
+            log_gate=frames.log_gate, reverse_log_gate=frames.reverse_log_gate, q_offset=p0,
+            k_offset=p0, initial_state=self.state, return_final_state=want_state,
+            impl=self.impl, chunk_size=self.chunk_size,
         )
 
     def _compute(self, q, p0, k_end):
         m = q.shape[1]
         assert self._k.start == p0  # the buffer starts at the first pending output
-        qs = self._pending_q.view(p0, k_end)
-        ks, vs = self._k.view(p0, k_end), self._v.view(p0, k_end)
-        gates = self._gate_views(p0, k_end)
+        window = self._window(p0, k_end)
         if k_end == p0 + m:
-            out, state = self._call(qs, ks, vs, p0, True, gates)
+            out, state = self._call(window, p0, want_state=True)
         else:
             if self._keys_past_queries:
                 # only the final queries: the op reads the later keys through its band
-                out = self._call(q, ks, vs, p0, False, gates)
+                out = self._call(dataclasses.replace(window, q=q), p0, want_state=False)
             else:
-                out = self._call(qs, ks, vs, p0, False, gates)[:, :m]
-            if self._segmented or gates[0] is not None or ks.shape[2] != q.shape[2]:
-                head = tuple(None if g is None else g[:, :m] for g in gates)
-                _, state = self._call(q, ks[:, :m], vs[:, :m], p0, True, head)
+                out = self._call(window, p0, want_state=False)[:, :m]
+            head = window.head(m)
+            if self._segmented or head.log_gate is not None or head.k.shape[2] != q.shape[2]:
+                _, state = self._call(head, p0, want_state=True)
             else:
-                state = fold_state(self.state, ks[:, :m], vs[:, :m], self.decay)
+                state = fold_state(self.state, head.k, head.v, self.decay)
         self.state = state
         return out
 
-    def _compute_direct(self, q, k, v, p0):
+    def _compute_direct(self, frames, p0):
         # every output of the push is final: the pushed keys go straight into the state
-        out, self.state = self._call(q, k, v, p0, True, self._incoming)
+        out, self.state = self._call(frames, p0, want_state=True)
         return out
 
     def _advance(self):

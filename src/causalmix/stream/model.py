@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Protocol, runtime_checkable
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from causalmix.stream._common import FrameBuffer, IntLog, LatencyStats, MixerStream
+from causalmix.checks import ArgumentTypeError
+from causalmix.stream import latency as latency_maths
+from causalmix.stream._buffers import FrameBuffer, PositionLog
+from causalmix.stream._common import MixerStream
+from causalmix.stream.latency import LatencyStats
 from causalmix.visibility import Visibility
 
-MIXERS = ("softmax", "linear")
+__all__ = ["STREAMABLE_MIXERS", "ModelStream", "StreamableLayer", "StreamableModel",
+           "layer_frames", "mixer_stream"]
+
+#: the mixers :func:`mixer_stream` (hence :class:`ModelStream`) can stream
+STREAMABLE_MIXERS = ("softmax", "linear")
 
 
 @runtime_checkable
@@ -34,10 +42,13 @@ class StreamableLayer(Protocol):
 
     def stream_qkv(
         self, x: torch.Tensor, positions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``x: [B, n, C]``, ``positions: [n]`` int64 absolute -> ``q, k: [B, n, H(kv), D]``,
-        ``v: [B, n, Hkv, Dv]``, optionally followed by a dict of per-frame keyword inputs of the
-        mixer stream's ``push`` (the gates of a gated linear layer). Pointwise in time."""
+    ) -> Mapping[str, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x: [B, n, C]``, ``positions: [n]`` int64 absolute -> the mixer stream's per-frame
+        inputs by name, as its ``push`` takes them: ``{"q": [B, n, H, D], "k": [B, n, Hkv, D],
+        "v": [B, n, Hkv, Dv]}`` plus the family's own (a gated linear layer: ``"log_gate"``,
+        ``"reverse_log_gate"``, ``[B, n, H]``; the names are the fields of the stream's
+        :class:`~causalmix.stream.Frames` type), or just the tuple ``(q, k, v)``. Pointwise in
+        time."""
         ...
 
     def stream_out(
@@ -62,7 +73,7 @@ def mixer_stream(mixer: str, visibility: Visibility, **kwargs) -> MixerStream:
         cls = LinearStream
         allowed = ("decay", "impl", "chunk_size")
     else:
-        raise ValueError(f"mixer must be one of {list(MIXERS)}, got {mixer!r}")
+        raise ValueError(f"mixer must be one of {list(STREAMABLE_MIXERS)}, got {mixer!r}")
     bad = sorted(set(kwargs) - set(allowed))
     if bad:
         raise ValueError(
@@ -71,20 +82,42 @@ def mixer_stream(mixer: str, visibility: Visibility, **kwargs) -> MixerStream:
     return cls(visibility, **kwargs)
 
 
+def layer_frames(owner: str, result: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    """A layer's ``stream_qkv`` result as the named per-frame inputs of a stream whose ``push``
+    takes ``names`` (``("q", "k", "v", ...)``): a mapping of those names (q, k, v required), or
+    the tuple ``(q, k, v)``. Anything else raises ``ValueError`` naming ``owner``."""
+    if isinstance(result, Mapping):
+        inputs = dict(result)
+    elif isinstance(result, tuple) and len(result) == 3:
+        inputs = dict(zip(("q", "k", "v"), result, strict=True))
+    else:
+        raise ArgumentTypeError(f"{owner}: stream_qkv must return a mapping of per-frame inputs "
+                                f"{list(names)} or a tuple (q, k, v), got "
+                                f"{type(result).__name__}")
+    missing = [n for n in ("q", "k", "v") if n not in inputs]
+    unknown = sorted(set(inputs) - set(names))
+    if missing or unknown:
+        raise ValueError(f"{owner}: stream_qkv returned inputs {sorted(inputs)}; the stream "
+                         f"takes {list(names)} (q, k, v required), missing {missing}, unknown "
+                         f"{unknown}")
+    return inputs
+
+
 class _LayerState:
     def __init__(self, index: int, layer):
         for attr in ("mixer", "visibility", "mixer_kwargs", "stream_qkv", "stream_out"):
             if not hasattr(layer, attr):
-                raise TypeError(
+                raise ArgumentTypeError(
                     f"ModelStream: layers[{index}] ({type(layer).__name__}) is not a "
                     f"StreamableLayer: it has no {attr!r}"
                 )
         kwargs = layer.mixer_kwargs()
         if not isinstance(kwargs, dict):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"ModelStream: layers[{index}].mixer_kwargs() must return a dict, got "
                 f"{type(kwargs).__name__}"
             )
+        self.index = index
         self.layer = layer
         self.mixer = mixer_stream(layer.mixer, layer.visibility, **kwargs)
         self.x = FrameBuffer()  # layer inputs waiting for their mixed output (residual)
@@ -92,9 +125,12 @@ class _LayerState:
     def push(self, x: torch.Tensor) -> torch.Tensor | None:
         p0 = self.mixer.frames_in
         positions = torch.arange(p0, p0 + x.shape[1], device=x.device)
-        q, k, v, *frame_inputs = self.layer.stream_qkv(x, positions)  # (+ per-frame inputs)
+        inputs = layer_frames(f"ModelStream: layers[{self.index}]",
+                              self.layer.stream_qkv(x, positions),
+                              self.mixer.frames_type.names())
+        mixed = self.mixer.push(**inputs)
         self.x.append(x)
-        return self._finish(self.mixer.push(q, k, v, **(frame_inputs[0] if frame_inputs else {})))
+        return self._finish(mixed)
 
     def flush(self) -> torch.Tensor | None:
         return self._finish(self.mixer.flush())
@@ -153,11 +189,15 @@ class ModelStream:
         self.model: StreamableModel | None = None
         if isinstance(layers, StreamableModel):
             self.model, layers = layers, layers.blocks
+        if not isinstance(layers, Iterable) or isinstance(layers, torch.Tensor):
+            raise ArgumentTypeError(f"ModelStream: layers must be a sequence of StreamableLayer "
+                                    f"or a StreamableModel, got {type(layers).__name__}")
         layers = list(layers)
         if not layers:
             raise ValueError("ModelStream: layers must hold at least one StreamableLayer")
         self.layers = [_LayerState(i, layer) for i, layer in enumerate(layers)]
-        self._latency = IntLog()
+        self._latency = PositionLog()
+        self._compute = PositionLog("d")
         self._shape: tuple | None = None  # (B, C, dtype, device) of the first push
         self._out_features: int | None = None
         self.frames_in = 0
@@ -169,21 +209,18 @@ class ModelStream:
         """``x: [B, n, C]``, the next ``n >= 1`` frames (a model: its inputs ``[B, n]`` or
         ``[B, n, F]``) -> ``[B, m, C']`` final outputs of positions
         ``[frames_out, frames_out + m)``."""
-        if self.closed:
-            raise ValueError("ModelStream.push: the stream was flushed (closed); start a new one")
-        with torch.no_grad():
-            x = self._prepare(x, "push")
-            self._shape = (x.shape[0], x.shape[2], x.dtype, x.device)
-            self.frames_in += x.shape[1]
-            h: torch.Tensor | None = x
-            for st in self.layers:
-                h = st.push(h)
-                if h is None:
-                    break
-            return self._collect(h, x)
+        return self._push(x, "push")
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """Decode step: push ``x: [B, n, C]`` (a model: its inputs) and return exactly its ``n``
+        outputs; raises ``ValueError`` (pushing nothing) if an output would not be final yet
+        (some layer looks ahead of these frames) or earlier outputs are pending. See
+        :meth:`MixerStream.step` for the specs it serves."""
+        return self._push(x, "step")
 
     def flush(self) -> torch.Tensor:
         """End the stream and return the remaining outputs ``[B, m, C']``."""
+        t0 = latency_maths.CLOCK()
         if self.closed:
             raise ValueError("ModelStream.flush: the stream was already flushed")
         if self._shape is None:
@@ -202,32 +239,7 @@ class ModelStream:
                 h = torch.cat(parts, dim=1) if len(parts) > 1 else (parts[0] if parts else None)
             self.closed = True
             b, c, dtype, device = self._shape
-            return self._collect(h, torch.empty(b, 0, c, dtype=dtype, device=device))
-
-    def step(self, x: torch.Tensor) -> torch.Tensor:
-        """Decode step: push ``x: [B, n, C]`` (a model: its inputs) and return exactly its ``n``
-        outputs; raises ``ValueError`` (pushing nothing) if an output would not be final yet
-        (some layer looks ahead of these frames) or earlier outputs are pending. See
-        :meth:`MixerStream.step` for the specs it serves."""
-        if self.closed:
-            raise ValueError("ModelStream.step: the stream was flushed (closed); start a new one")
-        if self.frames_out != self.frames_in:
-            raise ValueError(
-                f"ModelStream.step: {self.pending} earlier outputs are still "
-                f"pending; step() needs a stream whose outputs are all final (use push())"
-            )
-        with torch.no_grad():
-            n = self._prepare(x, "step").shape[1]
-        not_final = [i for i, st in enumerate(self.layers) if st.mixer.final_after(n) != n]
-        if not_final:
-            p0 = self.frames_in
-            specs = [repr(st.layer.visibility) for st in self.layers]
-            raise ValueError(
-                f"ModelStream.step: outputs of positions [{p0}, {p0 + n}) would not be final "
-                f"after this step: not final after this step in layers {not_final} (layer "
-                f"specs {specs}); decode a whole chunk / the whole prefix per step, or use push()"
-            )
-        return self.push(x)
+            return self._collect(h, torch.empty(b, 0, c, dtype=dtype, device=device), t0)
 
     @property
     def pending(self) -> int:
@@ -239,9 +251,17 @@ class ModelStream:
         """``[frames_out]`` int64: input frames each emitted output waited for beyond its own."""
         return self._latency.values()
 
-    def latency_stats(self) -> LatencyStats:
-        """Mean / p50 / p90 / max of :attr:`latency`."""
-        return LatencyStats.of(self._latency.values())
+    @property
+    def compute_seconds(self) -> torch.Tensor:
+        """``[frames_out]`` float64: for each emitted output, the wall time (seconds) of the
+        ``push`` / ``step`` / ``flush`` that released it (every layer, and the model's maps)."""
+        return self._compute.values()
+
+    def latency_stats(self, *, frame_seconds: float | None = None) -> LatencyStats:
+        """:class:`LatencyStats` of the emitted outputs: :attr:`latency` (frames, compounded
+        through the layers), the compute time (:attr:`compute_seconds`) and, given
+        ``frame_seconds``, the measured latency ``latency * frame_seconds + compute``."""
+        return LatencyStats.of(self.latency, self.compute_seconds, frame_seconds=frame_seconds)
 
     def cache_nbytes(self) -> int:
         """Bytes held by every layer's mixer state / cache and pending-frame buffers."""
@@ -256,6 +276,24 @@ class ModelStream:
                 f"{state})")
 
     # ------------------------------------------------------------------ internals
+    def _push(self, x, where: str) -> torch.Tensor:
+        t0 = latency_maths.CLOCK()
+        name = f"ModelStream.{where}"
+        if self.closed:
+            raise ValueError(f"{name}: the stream was flushed (closed); start a new one")
+        with torch.no_grad():
+            x = self._prepare(x, where)
+            if where == "step":
+                self._check_step(x.shape[1])
+            self._shape = (x.shape[0], x.shape[2], x.dtype, x.device)
+            self.frames_in += x.shape[1]
+            h: torch.Tensor | None = x
+            for st in self.layers:
+                h = st.push(h)
+                if h is None:
+                    break
+            return self._collect(h, x, t0)
+
     def _prepare(self, x, where: str) -> torch.Tensor:
         """Every check of a push, changing nothing: the model's input map, the frames' shape,
         and the positions every layer's spec must define. Returns the first layer's input."""
@@ -264,10 +302,28 @@ class ModelStream:
         self._check(x, where)
         n = x.shape[1]
         for st in self.layers:
-            st.mixer._check_frame_positions(n)
+            st.mixer.check_frame_positions(f"ModelStream.{where}", n)
         return x
 
-    def _collect(self, h: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    def _check_step(self, n: int) -> None:
+        if self.frames_out != self.frames_in:
+            raise ValueError(
+                f"ModelStream.step: {self.pending} earlier outputs are still "
+                f"pending; step() needs a stream whose outputs are all final (use push())"
+            )
+        not_final = [i for i, st in enumerate(self.layers) if st.mixer.final_after(n) != n]
+        if not_final:
+            p0 = self.frames_in
+            specs = [repr(st.layer.visibility) for st in self.layers]
+            raise ValueError(
+                f"ModelStream.step: outputs of positions [{p0}, {p0 + n}) would not be final "
+                f"after this step: not final after this step in layers {not_final} (layer "
+                f"specs {specs}); decode a whole chunk / the whole prefix per step, or use push()"
+            )
+
+    def _collect(self, h: torch.Tensor | None, x: torch.Tensor, t0: float) -> torch.Tensor:
+        """The model's output of the final layer outputs ``h`` (``None``: none), logging their
+        compounded latency and the compute time since ``t0``."""
         if h is None:
             if self.model is not None:
                 return self.model.stream_head(x[:, :0])
@@ -278,17 +334,18 @@ class ModelStream:
         positions = range(self.frames_out, self.frames_out + m)
         p = list(positions)
         for st in reversed(self.layers):
-            p = st.mixer._ready_log.get(p)
+            p = st.mixer.ready_at_of(p)
         self._latency.append([r - i for r, i in zip(p, positions, strict=True)])
         self.frames_out += m
-        for st in self.layers:
-            st.mixer._ready_log.drop_before(self.frames_out)
-        return h if self.model is None else self.model.stream_head(h)
+        out = h if self.model is None else self.model.stream_head(h)
+        self._compute.append([latency_maths.CLOCK() - t0] * m)
+        return out
 
     def _check(self, x, where: str = "push") -> None:
         name = f"ModelStream.{where}"
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
+            raise ArgumentTypeError(f"{name}: x must be a torch.Tensor, got "
+                                    f"{type(x).__name__}")
         if x.dim() != 3 or x.shape[1] < 1:
             raise ValueError(
                 f"{name}: x must be [batch, n >= 1 frames, features], got shape "

@@ -9,7 +9,8 @@ import torch
 from causalmix.checks import check_scale
 from causalmix.ops.softmax import available_impls, softmax_attention
 from causalmix.ops.softmax.api import REGISTRY
-from causalmix.stream._common import FrameBuffer, MixerStream
+from causalmix.stream._buffers import FrameBuffer
+from causalmix.stream._common import MixerStream
 from causalmix.visibility import And, Causal, Chunked, Full, Or, Visibility, Window
 
 
@@ -103,9 +104,9 @@ class SoftmaxStream(MixerStream):
         """Bytes held by the key/value cache and the pending-query buffer (allocated storage)."""
         return self._k.nbytes() + self._v.nbytes() + self._pending_q.nbytes()
 
-    def _accept(self, k, v):
-        self._k.append(k)
-        self._v.append(v)
+    def _accept(self, frames):
+        self._k.append(frames.k)
+        self._v.append(frames.v)
 
     def _compute(self, q, p0, k_end):
         k0 = self._k.start

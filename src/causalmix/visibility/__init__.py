@@ -15,15 +15,19 @@ shards all ask the same question and there is no top-left / bottom-right ambigui
     ValidKeys(valid)          valid[b, j]                (valid: [B, T] bool, 0 = padding)
     a & b,  a | b             both / either
 
-Example, ``Chunked(2, lookahead=1)`` on 6 positions (row = query i, column = key j)::
+Example, two packed documents, block-causal over chunks of 2 within each:
+``Segments(tensor([0, 0, 0, 0, 0, 1, 1, 1])) & Chunked(2)`` (row = query i, column = key j;
+chunk boundaries count from position 0, so document 1 starts mid-chunk)::
 
-        j 0 1 2 3 4 5
-    i 0   x x x x . .
-      1   x x x x . .
-      2   x x x x x x
-      3   x x x x x x
-      4   x x x x x x
-      5   x x x x x x
+        j 0 1 2 3 4 5 6 7
+    i 0   x x . . . . . .
+      1   x x . . . . . .
+      2   x x x x . . . .
+      3   x x x x . . . .
+      4   x x x x x . . .
+      5   . . . . . x . .
+      6   . . . . . x x x
+      7   . . . . . x x x
 
 The spec protocol
 -----------------
@@ -67,6 +71,21 @@ changes nothing), compare and hash by its content, and refuse to be used once th
 been modified in place (``copy.deepcopy``, ``pickle`` and ``torch.save`` / ``torch.load`` make
 new valid specs). Positions are ints in ``[0, MAX_POSITION)``; every spec argument is exact for
 any value (widths and lookaheads beyond every position are clamped inside the arithmetic).
+
+Examples
+--------
+>>> import torch
+>>> from causalmix.visibility import Causal, Chunked, Prefix, Segments
+>>> Chunked(4, lookahead=1).lookahead_frames     # a stream waits this many frames
+7
+>>> Prefix(2).horizon(torch.arange(4))            # last key each query may see
+tensor([1, 1, 2, 3])
+>>> (Segments.from_lengths([2, 3]) & Causal()).mask(5, 5)[0].int()
+tensor([[1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [0, 0, 1, 0, 0],
+        [0, 0, 1, 1, 0],
+        [0, 0, 1, 1, 1]], dtype=torch.int32)
 
 Where things live
 -----------------

@@ -64,9 +64,12 @@ class TensorSpec(Visibility):
     def _seal(self) -> None:
         object.__setattr__(self, "_version_at_init", self._tensor()._version)
 
-    def _check_unmodified(self) -> None:
+    def _modified(self) -> bool:
         v0 = self.__dict__.get("_version_at_init")
-        if v0 is not None and self._tensor()._version != v0:
+        return v0 is not None and self._tensor()._version != v0
+
+    def _check_unmodified(self) -> None:
+        if self._modified():
             raise ValueError(
                 f"the tensor of this {type(self).__name__} spec was modified in place after "
                 f"construction; specs are immutable values: build a new spec instead"
@@ -87,12 +90,17 @@ class TensorSpec(Visibility):
         return cached
 
     def _key(self):
+        """The content key; a spec modified in place equals nothing but itself (so a cache that
+        holds it never serves it to an equal fresh spec, and comparing never raises)."""
+        if self._modified():
+            return ("modified in place", id(self))
         return self._cached("_cached_key", self._content)
 
     def __eq__(self, other):
         return type(other) is type(self) and self._key() == other._key()
 
     def __hash__(self):
+        self._check_unmodified()  # hashing a modified spec (a cache lookup) is refused
         return hash((type(self).__name__, self._key()))
 
     def __getstate__(self):

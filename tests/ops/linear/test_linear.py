@@ -376,11 +376,15 @@ def test_bad_shapes():
         linear_attention(q, k[:, :5], v[:, :5], Causal())
     with pytest.raises(ValueError, match="head dims differ"):
         linear_attention(q[..., :3], k, v, Causal())
-    # k/v heads must divide the query heads (GQA, issue 12: 2 query heads over 1 kv head is
-    # served; over 3 it is refused)
+    # heads form GQA (k, v heads dividing q's: 2 query heads over 1 kv head is served; over 3
+    # it is refused) or value grouping (q, k heads dividing v's), nothing else (issue 20)
     k3, v3 = torch.cat([k, k[:, :, :1]], 2), torch.cat([v, v[:, :, :1]], 2)
-    with pytest.raises(ValueError, match=r"must be a multiple of k/v heads \(3\)"):
+    with pytest.raises(ValueError, match=r"heads q 2, k 3, v 3 form no served grouping"):
         linear_attention(q, k3, v3, Causal())
+    with pytest.raises(ValueError, match=r"heads q 2, k 2, v 3 form no served grouping"):
+        linear_attention(q, k, v3, Causal())
+    with pytest.raises(ValueError, match=r"heads q 3, k 3, v 2 form no served grouping"):
+        linear_attention(torch.cat([q, q[:, :, :1]], 2), k3, v, Causal())
     with pytest.raises(ValueError, match="k and v must have the same length"):
         linear_attention(q, k, v[:, :4], Causal())
 

@@ -6,16 +6,16 @@ import pytest
 import torch
 
 from causalmix import Causal, Chunked, Window, softmax_attention
-from causalmix.ops.softmax.impl import blocks
+from causalmix.ops.softmax import _plan
 from causalmix.testing import assert_close
 from causalmix.testing import check_softmax_impl as check_impl
 
 
 def _band(spec, tq, tk, q_offset=0, k_offset=0):
-    rows = blocks._row_size(spec, 1, 4, 16, tq, tk, q_offset, k_offset, 64)
-    plan = blocks._plan(spec, tq, tk, q_offset, k_offset, rows, 64, 512, torch.float32,
-                        torch.device("cpu"))
-    return plan.band
+    geo = _plan.Geometry(tq, tk, q_offset, k_offset)
+    rows = _plan.row_size(spec, geo, _plan.Heads(1, 4, 16), 64)
+    sizes = _plan.Sizes(rows, 64, 512, torch.float32, torch.device("cpu"))
+    return _plan.plan(spec, geo, sizes).band
 
 
 @pytest.mark.parametrize(

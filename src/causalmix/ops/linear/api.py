@@ -34,6 +34,11 @@ No softmax, no normaliser, no feature map (those belong to the layer). GQA / mul
 ``k, v: [B, Tk, Hkv, ...]`` with ``H % Hkv == 0`` (query head h reads kv head
 ``h // (H / Hkv)``); decay, gates and states are per query head.
 
+Dispatch (:mod:`causalmix.ops.registry`): :func:`linear_attention` validates once into a
+:class:`~causalmix.ops.linear.call.LinearCall`; :data:`REGISTRY` holds the implementations
+``reference``, ``chunk`` and ``recurrent`` (``impl/``), each answering ``can_serve(call)`` and
+``run(call)``.
+
 State convention
 ----------------
 The state is the **causal (forward) state** ``S: [B, H, D, Dv]`` (fp32; fp64 for fp64 inputs)::
@@ -73,230 +78,70 @@ Example, ``Chunked(2, lookahead=0)`` with decay on 4 positions (weights of key j
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
-from causalmix.checks import ArgumentTypeError, check_decay, check_int, check_qkv, compute_dtype
-from causalmix.ops.factor import factorise
+from causalmix.checks import compute_dtype
+from causalmix.ops.linear.call import LinearCall, check_gate, validate
 from causalmix.ops.linear.impl import chunk, recurrent, reference
-from causalmix.visibility import Visibility, check_visibility
+from causalmix.ops.registry import Registry
+from causalmix.visibility import Visibility
 
-IMPLS = ("reference", "chunk", "recurrent")
+__all__ = ["REGISTRY", "LinearOutput", "available_impls", "check_gate", "chunk_linear_attention",
+           "linear_attention", "recurrent_linear_attention"]
+
+
+def _auto(call: LinearCall) -> str:
+    """``recurrent`` for one query and one key, else ``chunk``; never the quadratic reference
+    (when chunk cannot serve the call, ``impl='auto'`` raises with every impl's reason)."""
+    return "recurrent" if call.q.shape[1] == call.k.shape[1] == 1 else "chunk"
+
+
+#: The linear family's implementations (:mod:`causalmix.ops.registry`).
+REGISTRY = Registry("linear", {"reference": reference, "chunk": chunk, "recurrent": recurrent},
+                    auto=_auto)
 
 
 class LinearOutput(NamedTuple):
+    """What :func:`linear_attention` returns with ``return_final_state=True``."""
+
     output: torch.Tensor  # [B, T, H, Dv], q's dtype
     final_state: torch.Tensor  # [B, H, D, Dv], fp32 (fp64 for fp64 inputs)
 
 
-class Shapes(NamedTuple):
-    b: int
-    tq: int
-    tk: int
-    h: int
-    hkv: int
-    d: int
-    dv: int
-
-
-def check_gate(fn: str, name: str, gate: Any, shape: tuple, q: torch.Tensor) -> None:
-    """``gate``: a floating ``[B, Tk, H]`` tensor on q's device, dtype q's or the compute dtype,
-    values ``<= 0`` and not ``-inf`` (NaN passes: NaN in, NaN out)."""
-    if not isinstance(gate, torch.Tensor):
-        raise ArgumentTypeError(f"{fn}: {name} must be a [B, T, H] float tensor, got "
-                                f"{type(gate).__name__}")
-    if not gate.dtype.is_floating_point:
-        raise ValueError(f"{fn}: {name} must be a floating tensor, got dtype {gate.dtype}")
-    if tuple(gate.shape) != shape:
-        raise ValueError(f"{fn}: {name} must have shape [B, Tk, H] = {list(shape)} (one value per "
-                         f"key position and query head), got {list(gate.shape)}")
-    if gate.device != q.device:
-        raise ValueError(f"{fn}: {name} must be on q's device {q.device}, got {gate.device}")
-    ok = {q.dtype, compute_dtype(q)}
-    if gate.dtype not in ok:
-        raise ValueError(f"{fn}: {name} must have dtype {sorted(map(str, ok))} (q's or the "
-                         f"compute dtype), got {gate.dtype}")
-    gd = gate.detach()
-    if bool((gd > 0).any()) or bool((gd == float("-inf")).any()):
-        raise ValueError(f"{fn}: {name} values must be <= 0 and finite (a log-space gate, "
-                         f"e.g. dt * A with A < 0), got max {float(gd.max()):.6g}, min "
-                         f"{float(gd.min()):.6g}")
-
-
-def _check_gates(fn, sh: Shapes, q, decay, log_gate, reverse_log_gate, q_offset, k_offset):
-    if log_gate is None:
-        if reverse_log_gate is not None:
-            raise ValueError(f"{fn}: reverse_log_gate needs log_gate (it defaults to log_gate)")
-        return
-    if decay is not None:
-        raise ValueError(f"{fn}: decay and log_gate are mutually exclusive (a constant decay is "
-                         f"log_gate = log(decay) broadcast over time); pass one of them")
-    for name, gate in (("log_gate", log_gate), ("reverse_log_gate", reverse_log_gate)):
-        if gate is not None:
-            check_gate(fn, name, gate, (sh.b, sh.tk, sh.h), q)
-    if q_offset != k_offset:
-        raise ValueError(f"{fn}: log_gate needs q_offset == k_offset (got {q_offset} and "
-                         f"{k_offset}): gates are indexed by the positions of the call")
-
-
-def _check_state(fn, sh: Shapes, q, initial_state, return_final_state, q_offset, k_offset):
-    if not isinstance(return_final_state, bool):
-        raise ArgumentTypeError(f"{fn}: return_final_state must be a bool, got "
-                                f"{return_final_state!r}")
-    sd = compute_dtype(q)
-    if initial_state is not None:
-        if not isinstance(initial_state, torch.Tensor):
-            raise ArgumentTypeError(f"{fn}: initial_state must be a [B, H, D, Dv] tensor or "
-                                    f"None, got {type(initial_state).__name__}")
-        want = [sh.b, sh.h, sh.d, sh.dv]
-        if list(initial_state.shape) != want:
-            raise ValueError(f"{fn}: initial_state must have shape [B, H, D, Dv] = {want}, got "
-                             f"{list(initial_state.shape)}")
-        if initial_state.dtype != sd:
-            raise ValueError(f"{fn}: initial_state must be {sd} (the state dtype for q of dtype "
-                             f"{q.dtype}), got {initial_state.dtype}")
-        if initial_state.device != q.device:
-            raise ValueError(f"{fn}: initial_state must be on q's device {q.device}, got "
-                             f"{initial_state.device}")
-    if (initial_state is not None or return_final_state) and q_offset != k_offset:
-        raise ValueError(f"{fn}: initial_state / return_final_state need q_offset == k_offset "
-                         f"(got {q_offset} and {k_offset}): the state sits at one position")
-
-
-def _check_common(fn, q, k, v, visibility, decay, log_gate, reverse_log_gate, q_offset,
-                  k_offset, initial_state, return_final_state, chunk_size) -> Shapes:
-    sh = Shapes(*check_qkv(fn, q, k, v))
-    if sh.tk < sh.tq:
-        raise ValueError(f"{fn}: k and v must be at least as long as q (queries are a prefix of "
-                         f"the keys' span), got q {sh.tq}, k {sh.tk}")
-    check_visibility(fn, visibility, sh.b, sh.tq, sh.tk, q_offset=q_offset,
-                     k_offset=k_offset)
-    check_int("chunk_size", chunk_size, 1)
-    check_decay(fn, decay, sh.h, q.device)
-    _check_gates(fn, sh, q, decay, log_gate, reverse_log_gate, q_offset, k_offset)
-    _check_state(fn, sh, q, initial_state, return_final_state, q_offset, k_offset)
-    return sh
-
-
-def _empty(q, k, v, initial_state, return_final_state, gates):
-    b, _t, h, d = q.shape
-    dv = v.shape[-1]
-    zero = (q.sum() + k.sum() + v.sum()) * 0
-    for g in gates:
-        zero = zero + g.sum() * 0 if g is not None else zero
-    out = q.new_zeros(b, 0, h, dv) + zero.to(q.dtype)
-    if not return_final_state:
+def _empty(call: LinearCall) -> torch.Tensor | LinearOutput:
+    """Nothing to compute (no batch row, or no query and no key): a right-shaped empty output
+    (and the initial state, or zeros, as the final state), connected to the inputs' graph."""
+    q, h = call.q, call.heads.out
+    b, d, dv = q.shape[0], q.shape[-1], call.v.shape[-1]
+    zero = (q.sum() + call.k.sum() + call.v.sum()) * 0
+    for x in (call.decay, call.log_gate, call.reverse_log_gate):
+        zero = zero + x.sum() * 0 if x is not None else zero
+    out = q.new_zeros(b, q.shape[1], h, dv) + zero.to(q.dtype)
+    if not call.return_final_state:
         return out
-    s = initial_state if initial_state is not None else torch.zeros(
+    s = call.initial_state if call.initial_state is not None else torch.zeros(
         b, h, d, dv, dtype=compute_dtype(q), device=q.device)
     return LinearOutput(out, s + zero.to(s.dtype))
-
-
-def _fast_reason(impl, visibility, q_offset, k_offset, tq, tk,
-                 return_final_state) -> str | None:
-    if q_offset != k_offset:
-        return (f"q_offset ({q_offset}) != k_offset ({k_offset}); the chunk and recurrent forms "
-                f"need queries and keys at the same positions")
-    try:
-        f = factorise(visibility)
-    except ValueError as e:
-        return str(e)
-    if tk != tq:
-        if tq == 0:
-            return "no queries"
-        if impl == "recurrent":
-            return f"recurrent needs as many keys as queries (got q {tq}, k {tk})"
-        if f.has_reverse:
-            return (f"keys past the last query (q {tq}, k {tk}) are served only for specs "
-                    f"without a reverse scan (Causal, Chunked(size, lookahead > 0), with "
-                    f"Segments), not {visibility!r}")
-        if return_final_state:
-            return (f"with keys past the last query (q {tq}, k {tk}) chunk returns no final "
-                    f"state (it is anchored at the last key)")
-    return None
 
 
 def available_impls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibility: Visibility,
                     *, q_offset: int = 0, k_offset: int = 0,
                     return_final_state: bool = False) -> dict[str, str | None]:
-    """For each implementation: ``None`` if it can serve this call, else the reason it cannot."""
-    tq, tk = q.shape[1], k.shape[1]
-    return {"reference": None} | {
-        impl: _fast_reason(impl, visibility, q_offset, k_offset, tq, tk, return_final_state)
-        for impl in ("chunk", "recurrent")
-    }
-
-
-def _as_gates(q, tk, decay, log_gate, reverse_log_gate):
-    """The forward / reverse log-gates ``[B', Tk, H]`` of a call, and whether the chunk states
-    must be fp64 (a differentiated constant decay). A constant decay becomes
-    ``log(decay)`` broadcast over time: the very numbers a caller's ``log_gate`` would give."""
-    if log_gate is not None:
-        return log_gate, log_gate if reverse_log_gate is None else reverse_log_gate, False
-    h, cd = q.shape[2], compute_dtype(q)
-    if decay is None:
-        g = torch.zeros(1, 1, h, dtype=cd, device=q.device).expand(1, tk, h)
-        return g, g, False
-    wide = decay.requires_grad and torch.is_grad_enabled()
-    g = torch.log(decay.to(cd))
-    g = (g.to(torch.float64) if wide else g).view(1, 1, h).expand(1, tk, h)
-    return g, g, wide
-
-
-def _expand_kv(k, v, h):
-    """GQA: repeat each kv head for its group of query heads (gradients sum back)."""
-    group = h // k.shape[2]
-    if group == 1:
-        return k, v
-    return k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
-
-
-def _run(fn, impl, q, k, v, visibility, decay, log_gate, reverse_log_gate, q_offset, k_offset,
-         initial_state, return_final_state, chunk_size):
-    k, v = _expand_kv(k, v, q.shape[2])
-    if impl == "reference":
-        out, s = reference.linear_attention(
-            q, k, v, visibility, decay=decay, q_offset=q_offset, k_offset=k_offset,
-            initial_state=initial_state, return_final_state=return_final_state,
-            log_gate=log_gate, reverse_log_gate=reverse_log_gate)
-        return LinearOutput(out, s) if return_final_state else out
-    reason = _fast_reason(impl, visibility, q_offset, k_offset, q.shape[1], k.shape[1],
-                          return_final_state)
-    if reason is not None:
-        ok = [name for name, why in available_impls(
-            q, k, v, visibility, q_offset=q_offset, k_offset=k_offset,
-            return_final_state=return_final_state).items() if why is None]
-        raise ValueError(f"{fn}: impl={impl!r} cannot serve this call: {reason}; "
-                         f"implementations that can: {ok}")
-    f = factorise(visibility)
-    gf, gr, wide = _as_gates(q, k.shape[1], decay, log_gate, reverse_log_gate)
-    if impl == "chunk":
-        out, s = chunk.linear_attention(q, k, v, f, log_gate=gf, reverse_log_gate=gr,
-                                        offset=q_offset, initial_state=initial_state,
-                                        chunk_size=chunk_size, wide_states=wide,
-                                        constant=log_gate is None)
-    else:
-        out, s = recurrent.linear_attention(q, k, v, f, log_gate=gf, reverse_log_gate=gr,
-                                            offset=q_offset, initial_state=initial_state)
-    return LinearOutput(out, s) if return_final_state else out
+    """For each implementation: ``None`` if it can serve this call, else the reason it cannot
+    (the call is checked as :func:`linear_attention` checks it)."""
+    call = validate("available_impls", q, k, v, visibility, q_offset=q_offset,
+                    k_offset=k_offset, return_final_state=return_final_state)
+    return REGISTRY.reasons(call)
 
 
 def linear_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    visibility: Visibility,
-    *,
-    decay: torch.Tensor | None = None,
-    log_gate: torch.Tensor | None = None,
-    reverse_log_gate: torch.Tensor | None = None,
-    q_offset: int = 0,
-    k_offset: int = 0,
-    initial_state: torch.Tensor | None = None,
-    return_final_state: bool = False,
-    impl: str = "auto",
-    chunk_size: int = 64,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibility: Visibility, *,
+    decay: torch.Tensor | None = None, log_gate: torch.Tensor | None = None,
+    reverse_log_gate: torch.Tensor | None = None, q_offset: int = 0, k_offset: int = 0,
+    initial_state: torch.Tensor | None = None, return_final_state: bool = False,
+    impl: str = "auto", chunk_size: int = 64,
 ) -> torch.Tensor | LinearOutput:
     """Linear attention with per-head decay or per-token gates under a visibility spec.
 
@@ -333,21 +178,15 @@ def linear_attention(
         ``final_state: [B, H, D, Dv]`` fp32 when ``return_final_state``.
     """
     fn = "linear_attention"
-    _check_common(fn, q, k, v, visibility, decay, log_gate, reverse_log_gate, q_offset,
-                  k_offset, initial_state, return_final_state, chunk_size)
-    if impl != "auto" and impl not in IMPLS:
-        raise ValueError(f"{fn}: impl must be one of {['auto', *IMPLS]}, got {impl!r}")
-    if q.shape[1] == 0 and k.shape[1] == 0:
-        return _empty(q, k, v, initial_state, return_final_state, (log_gate, reverse_log_gate))
-    if impl == "auto":
-        impl = "recurrent" if q.shape[1] == k.shape[1] == 1 else "chunk"
-        reason = _fast_reason(impl, visibility, q_offset, k_offset, q.shape[1], k.shape[1],
-                              return_final_state)
-        if reason is not None:
-            raise ValueError(f"{fn}: no fast implementation can serve this call: {reason}; "
-                             f"pass impl='reference' for the dense O(T^2) definition")
-    return _run(fn, impl, q, k, v, visibility, decay, log_gate, reverse_log_gate, q_offset,
-                k_offset, initial_state, return_final_state, chunk_size)
+    call = validate(fn, q, k, v, visibility, decay=decay, log_gate=log_gate,
+                    reverse_log_gate=reverse_log_gate, q_offset=q_offset, k_offset=k_offset,
+                    initial_state=initial_state, return_final_state=return_final_state,
+                    chunk_size=chunk_size)
+    name = REGISTRY.resolve(fn, impl, call)
+    if q.shape[0] == 0 or q.shape[1] == k.shape[1] == 0:
+        return _empty(call)
+    out, state = REGISTRY[name].run(call)
+    return LinearOutput(out, state) if return_final_state else out
 
 
 def chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -38,3 +38,41 @@ def overflow_reason(call: Call, name: str) -> str | None:
         return (f"{name} may overflow: scores bounded by {call.score_bound:.3g} reach "
                 f"{call.q.dtype}'s range ({limit:.3g})")
     return None
+
+
+class SpecKey:
+    """A spec as (part of) a cache key that never raises and never serves a stale entry.
+
+    A tensor-holding spec whose tensor was modified in place raises on every use, ``==`` and
+    ``hash`` included; kept as a plain dict key, it would make every later lookup of an equal
+    *new* spec raise (the cache poisoned). This key hashes the spec once, when it is made (at the
+    public boundary, after ``check_visibility`` found it unmodified), and is equal to another
+    only if both specs are still unmodified and equal: an entry whose spec was modified since is
+    simply never found again (the LRU evicts it in time)."""
+
+    __slots__ = ("spec", "_hash")
+
+    def __init__(self, spec: Visibility):
+        self.spec = spec
+        self._hash = hash(spec)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SpecKey):
+            return NotImplemented
+        if not (_unmodified(self.spec) and _unmodified(other.spec)):
+            return False
+        return self.spec is other.spec or self.spec == other.spec
+
+    def __repr__(self) -> str:
+        return f"SpecKey({self.spec!r})"
+
+
+def _unmodified(spec: Visibility) -> bool:
+    try:
+        spec.check_unmodified()
+    except ValueError:
+        return False
+    return True

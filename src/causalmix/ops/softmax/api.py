@@ -1,4 +1,22 @@
-"""Public entry point of the softmax family: validation and explicit dispatch."""
+"""Public entry point of the softmax family: validation and explicit dispatch.
+
+``softmax_attention`` checks its arguments once, builds one checked ``Call`` and runs the
+implementation that ``impl`` names (the family's ``REGISTRY``):
+
+* ``"reference"``: dense, the definition of correctness;
+* ``"sdpa"``: torch's SDPA without a mask, for ``Causal()`` (aligned offsets, or every query after
+  every key) and ``Full()``; scale > 0, no lse;
+* ``"blocks"``: block-sparse over the spec's block map, any spec, differentiable, CPU and GPU;
+* ``"flex"``: FlexAttention, compiled per shape; on CPU inference only, without lse;
+* ``"auto"``: ``sdpa`` where it is exact (scale > 0, scores that cannot overflow) and no lse is
+  asked, else ``blocks``.
+
+Every implementation computes in fp32 (fp64 for fp64 inputs) and returns q's dtype. A query that
+sees no key gets output 0 and lse ``-inf`` (never NaN, forward or backward). NaN in, NaN out,
+identically for every impl: a NaN or infinity in ``q[b, i, h]`` or in the k/v of a key visible to
+it makes that output row NaN (and its lse, unless only v was bad); a score that overflows to
+``+inf`` gives NaN too.
+"""
 
 from __future__ import annotations
 
@@ -27,6 +45,8 @@ REGISTRY = Registry("softmax", {"reference": reference, "sdpa": sdpa, "blocks": 
 
 
 class AttentionOutput(NamedTuple):
+    """What :func:`softmax_attention` returns with ``return_lse=True``."""
+
     output: torch.Tensor  # [B, Tq, Hq, Dv], q's dtype
     lse: torch.Tensor  # [B, Tq, Hq], fp32 (fp64 for fp64 inputs), natural log; -inf: no key
 
@@ -39,8 +59,12 @@ def _absmax(x: torch.Tensor) -> torch.Tensor:
     return torch.maximum(x.amax(), -x.amin()).float()
 
 
-def _prepare(q, k, v, visibility, q_offset, k_offset, scale, needs_lse):
-    """The checked :class:`Call` (non-finite entries replaced) and its :class:`Poison` or None."""
+def _prepare(q, k, v, visibility, *, q_offset: int, k_offset: int, scale: float,
+             needs_lse: bool):
+    """The checked :class:`Call` (non-finite entries replaced) and its :class:`Poison` or None.
+    Meta tensors hold no values: their score bound is taken as 0 (shapes only)."""
+    if q.device.type == "meta":
+        return Call(q, k, v, visibility, q_offset, k_offset, scale, needs_lse, 0.0), None
     m = torch.stack([_absmax(q), _absmax(k), _absmax(v)]).tolist()
     poisoned = None
     if not all(math.isfinite(x) for x in m):
@@ -66,7 +90,8 @@ def available_impls(
         raise ArgumentTypeError(f"{fn}: visibility must be a causalmix.visibility spec, got "
                                 f"{type(visibility).__name__}")
     scale = _default_scale(check_scale(fn, scale), d)
-    call, _ = _prepare(q, k, v, visibility, q_offset, k_offset, scale, return_lse)
+    call, _ = _prepare(q, k, v, visibility, q_offset=q_offset, k_offset=k_offset, scale=scale,
+                       needs_lse=return_lse)
     return REGISTRY.reasons(call)
 
 
@@ -88,7 +113,7 @@ def softmax_attention(
     impl: str = "auto",
     return_lse: bool = False,
 ) -> torch.Tensor | AttentionOutput:
-    """Softmax attention under any visibility spec.
+    """Softmax attention under any visibility spec (the module docstring has the details).
 
     Args:
         q: ``[B, Tq, Hq, D]`` queries at absolute positions ``q_offset + [0, Tq)``.
@@ -98,23 +123,15 @@ def softmax_attention(
         visibility: who may see whom, e.g. ``Causal()``, ``Chunked(64, lookahead=1)``,
             ``Segments(doc_ids) & Causal()``.
         scale: score scale (any finite float), default ``1 / sqrt(D)``.
-        impl: ``"auto"`` (``sdpa`` where it is exact -- scale > 0, scores that cannot overflow
-            -- and no lse is asked, else ``blocks``),
-            ``"reference"`` (dense: the definition), ``"sdpa"`` (``Causal()``/``Full()``
-            only, scale > 0), ``"blocks"`` (block-sparse over the spec's block map, any spec,
-            differentiable, CPU and GPU) or ``"flex"`` (FlexAttention; on CPU inference only).
-            An explicit impl that cannot serve the call raises ``ValueError`` listing those that
-            can.
+        impl: ``"auto"``, ``"reference"``, ``"sdpa"``, ``"blocks"`` or ``"flex"`` (see the
+            module docstring); an explicit impl that cannot serve the call raises
+            ``ValueError`` listing those that can.
         return_lse: also return the log-sum-exp of the scores.
 
     Returns:
         ``[B, Tq, Hq, Dv]`` in q's dtype, or ``AttentionOutput(output, lse)`` with
-        ``lse: [B, Tq, Hq]`` fp32 (fp64 for fp64 inputs) when ``return_lse``. Computed in fp32
-        (fp64 for fp64 inputs) by every implementation. A query that sees no key gets output 0
-        and lse ``-inf`` (never NaN, forward or backward). NaN in, NaN out, identically for every
-        impl: a NaN or infinity in ``q[b, i, h]`` or in the k/v of a key visible to it makes that
-        output row NaN (and its lse, unless only v was bad); a score that overflows to ``+inf``
-        gives NaN too.
+        ``lse: [B, Tq, Hq]`` fp32 (fp64 for fp64 inputs) when ``return_lse``. A query that sees
+        no key gets output 0 and lse ``-inf``; NaN in, NaN out (module docstring).
 
     Decode with a cache (one query after 99 cached keys, ``Causal()``)::
 
@@ -122,20 +139,27 @@ def softmax_attention(
         q=99  x x x ... x  x        softmax_attention(q1, k100, v100, Causal(), q_offset=99)
     """
     fn = "softmax_attention"
-    b, tq, tk, hq, hkv, d, dv = check_qkv(fn, q, k, v)
+    b, tq, tk, _, _, d, _ = check_qkv(fn, q, k, v)
     check_visibility(fn, visibility, b, tq, tk, q_offset=q_offset, k_offset=k_offset)
     scale = _default_scale(check_scale(fn, scale), d)
-    REGISTRY.check_name(fn, impl)
-
-    if tq == 0 or tk == 0:
-        # No query or no key: every output is 0 (and every lse -inf); keep the graph connected.
-        zero = (q.sum() + k.sum() + v.sum()) * 0
-        out = q.new_zeros(b, tq, hq, dv) + zero
-        lse = torch.full((b, tq, hq), float("-inf"), device=q.device, dtype=compute_dtype(q))
-        return AttentionOutput(out, lse) if return_lse else out
-
-    call, poisoned = _prepare(q, k, v, visibility, q_offset, k_offset, scale, return_lse)
-    out, lse = REGISTRY.run(fn, impl, call)
+    call, poisoned = _prepare(q, k, v, visibility, q_offset=q_offset, k_offset=k_offset,
+                              scale=scale, needs_lse=return_lse)
+    name = REGISTRY.resolve(fn, impl, call)  # an explicit impl that cannot serve raises
+    if b == 0 or tq == 0 or tk == 0 or q.device.type == "meta":
+        out, lse = _without_scores(q, k, v)
+    else:
+        out, lse = REGISTRY[name].run(call)
     if poisoned is not None:
         out, lse = _nonfinite.apply(poisoned, out, lse)
     return AttentionOutput(out, lse) if return_lse else out
+
+
+def _without_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """The result of a call with no score to compute -- no example, query or key (every output
+    0, every lse -inf) -- or none to read (meta tensors: the right shapes and dtypes). The graph
+    stays connected, so that backward gives (zero) gradients of the right shapes."""
+    b, tq, hq, _ = q.shape
+    zero = (q.sum() + k.sum() + v.sum()) * 0
+    out = q.new_zeros(b, tq, hq, v.shape[-1]) + zero
+    lse = torch.full((b, tq, hq), float("-inf"), device=q.device, dtype=compute_dtype(q))
+    return out, lse

@@ -17,6 +17,9 @@ end), and query t of chunk c adds ``exp(E_start - E_t) q_t W_{c + m}`` (``E``: e
 cumulative sum of ``r``; ``start`` the first position of chunk ``c + m``) for ``m = 1..L`` when
 its segment reaches chunk ``c + m``. All exponents are <= 0.
 
+Heads are grouped by key head (``[B, T, K, G, ...]`` views of q, k, v, gates and states;
+GQA and value grouping broadcast the input with fewer heads, never repeat it).
+
 Autograd runs through the loop: memory grows with T (one state per step), which is fine for
 decode and tests; long sequences use the chunk implementation. The loop computes in fp64 (it is
 the second oracle; a step-by-step fp32 recurrence would lose ~1e-6 relative in the decay
@@ -28,64 +31,90 @@ from __future__ import annotations
 import torch
 
 from causalmix.checks import compute_dtype
-from causalmix.ops.factor import Factorisation
+from causalmix.ops.factor import Factorisation, PositionArrays
+from causalmix.ops.linear.call import LinearCall
 
 
-def _decode_step(q, k, v, g, initial_state, cd):
+def can_serve(call: LinearCall) -> str | None:
+    """Queries and keys at the same positions, a spec that factorises, as many keys as
+    queries."""
+    if call.q_offset != call.k_offset:
+        return (f"q_offset ({call.q_offset}) != k_offset ({call.k_offset}); the chunk and "
+                f"recurrent forms need queries and keys at the same positions")
+    if call.factor is None:
+        return call.factor_error
+    tq, tk = call.q.shape[1], call.k.shape[1]
+    if tk != tq:
+        if tq == 0:
+            return "no queries"
+        return f"recurrent needs as many keys as queries (got q {tq}, k {tk})"
+    return None
+
+
+def _grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[B, T, Hx, ...]`` -> ``[B, T, K, Hx / K, ...]`` (a view: heads grouped by key head; an
+    input head read by several output heads is broadcast, never repeated)."""
+    return x.unflatten(2, (groups, x.shape[2] // groups))
+
+
+def _read(qt: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``q_t S``: ``qt [B, K, Gq, D]``, ``s [B, K, G, D, Dv]`` -> ``[B, K, G, Dv]``."""
+    return (qt[..., None, :] @ s)[..., 0, :]
+
+
+def _outer(kt: torch.Tensor, vt: torch.Tensor) -> torch.Tensor:
+    """``k_t v_t^T``: ``[B, K, 1, D]``, ``[B, K, Gv, Dv]`` -> ``[B, K, Gv, D, Dv]``."""
+    return kt[..., :, None] * vt[..., None, :]
+
+
+def _flags(x: torch.Tensor, dtype) -> torch.Tensor:
+    """A per-row flag ``[B']`` as a factor ``[B', 1, 1, 1, 1]`` of the states."""
+    return x.to(dtype).view(-1, 1, 1, 1, 1)
+
+
+def _decode_step(qkv: tuple, log_gate, initial_state, cd):
     """T == 1: ``S = exp(g_0) S0 + k v^T``, ``o = q S`` (nothing in the future of one token)."""
-    k1, v1 = k.to(cd)[:, 0, :, :, None], v.to(cd)[:, 0, :, None, :]  # [B, H, D, 1], [B, H, 1, Dv]
-    if initial_state is None:
-        s = k1 * v1
-    else:
-        lam = torch.exp(g.to(cd)[:, 0]).view(g.shape[0], -1, 1, 1)
-        s = torch.addcmul(lam * initial_state.to(cd), k1, v1)
-    o = torch.matmul(q.to(cd)[:, 0, :, None, :], s).transpose(1, 2)  # [B, 1, H, Dv]
-    return o.to(q.dtype), s
+    q, k, v = (x.to(cd)[:, 0] for x in qkv)  # [B, K, Gx, D]
+    s = _outer(k, v)
+    if initial_state is not None:
+        s = torch.exp(log_gate.to(cd)[:, 0])[..., None, None] * initial_state.to(cd) + s
+    s = s.expand(*s.shape[:2], log_gate.shape[-1], *s.shape[3:])  # every output head's state
+    return _read(q, s)[:, None], s
 
 
-def _band(outs, qf, gr, arr, f: Factorisation, offset: int, chunk_states):
-    """Chunked(s, L > 0): query t reads the chunk states ``W`` of the next L chunks."""
+def _band(outs: list, qf, reverse_log_gate, where: tuple, chunk_states: dict) -> None:
+    """Chunked(s, L > 0): query t reads the chunk states ``W`` of the next L chunks.
+    ``where``: the call's factorisation, position arrays and offset."""
+    f, arr, offset = where
     t = qf.shape[1]
-    e = torch.nn.functional.pad(gr[:, :-1], (0, 0, 1, 0)).cumsum(1)  # E_t = r_0 + .. + r_{t-1}
+    # E_t = r_0 + .. + r_{t-1}, [B', T, K, G]
+    e = torch.nn.functional.pad(reverse_log_gate[:, :-1], (0, 0, 0, 0, 1, 0)).cumsum(1)
     for i in range(t):
         c = (i + offset) // f.chunk
         for m in range(1, f.lookahead_chunks + 1):
             start = (c + m) * f.chunk - offset
             if start >= t:
                 break
-            reach = (arr.seg_end[:, i] >= start).to(qf.dtype).view(-1, 1, 1, 1)
-            w = torch.exp(e[:, start] - e[:, i])[..., None, None]  # [B', H, 1, 1], exponent <= 0
-            outs[i] = outs[i] + torch.einsum("bhd,bhde->bhe", qf[:, i],
-                                             reach * w * chunk_states[c + m])
+            reach = _flags(arr.seg_end[:, i] >= start, qf.dtype)
+            w = torch.exp(e[:, start] - e[:, i])[..., None, None]  # exponent <= 0
+            outs[i] = outs[i] + _read(qf[:, i], reach * w * chunk_states[c + m])
 
 
-def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: Factorisation, *,
-                     log_gate: torch.Tensor, reverse_log_gate: torch.Tensor, offset: int,
-                     initial_state: torch.Tensor | None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``q, k: [B, T, H, D]``, ``v: [B, T, H, Dv]``, ``log_gate, reverse_log_gate: [B', T, H]``
-    -> ``(o [B, T, H, Dv] q.dtype, S_final)``."""
-    b, t, h, d = q.shape
-    dv = v.shape[-1]
-    sd = compute_dtype(q)  # state dtype handed back
-    if t == 1 and f.segments is None:
-        return _decode_step(q, k, v, log_gate, initial_state, sd)
-    dev = q.device
-    arr = f.arrays(t, offset, dev)
-    cd = torch.float64
-    qf, kf, vf = q.to(cd), k.to(cd), v.to(cd)
-    lam = torch.exp(log_gate.to(cd))[..., None, None]  # [B', T, H, 1, 1]
-    rlam = torch.exp(reverse_log_gate.to(cd))[..., None, None]
-    # (1) forward recurrence
-    s = torch.zeros(b, h, d, dv, dtype=cd, device=dev) if initial_state is None \
-        else initial_state.to(cd)
-    outs = []
-    for i in range(t):
-        keep = (arr.start[:, i] < i).to(cd).view(-1, 1, 1, 1)  # 0 at a segment start
-        s = keep * lam[:, i] * s + kf[:, i, :, :, None] * vf[:, i, :, None, :]
-        outs.append(torch.einsum("bhd,bhde->bhe", qf[:, i], s))
+def _forward(outs: list, qkv: tuple, lam, arr: PositionArrays, s):
+    """(1) the forward recurrence from state ``s``; appends each output, returns the last S."""
+    qf, kf, vf = qkv
+    for i in range(qf.shape[1]):
+        keep = _flags(arr.start[:, i] < i, qf.dtype)  # 0 at a segment start
+        s = keep * lam[:, i] * s + _outer(kf[:, i], vf[:, i])
+        outs.append(_read(qf[:, i], s))
+    return s
 
-    # (2) reverse recurrence
+
+def _reverse(outs: list, qkv: tuple, reverse_log_gate, f: Factorisation, arr: PositionArrays,
+             offset: int) -> None:
+    """(2) the reverse recurrence (and the band of ``Chunked(s, L > 0)``), added to ``outs``."""
+    qf, kf, vf = qkv
+    t, dev, cd = qf.shape[1], qf.device, qf.dtype
     end, key_ok = arr.end, arr.key_ok
     band = f.base == "chunked" and f.lookahead_chunks > 0
     if band:
@@ -93,19 +122,48 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: Facto
         pos = torch.arange(t, device=dev)
         chunk_end = ((pos + offset) // f.chunk + 1) * f.chunk - 1 - offset
         end = torch.minimum(arr.seg_end, chunk_end[None])
-    if end is not None:
-        r = torch.zeros(b, h, d, dv, dtype=cd, device=dev)
-        chunk_states = {}
-        for i in range(t - 1, -1, -1):
-            cont = (end[:, i] >= i + 1).to(cd).view(-1, 1, 1, 1)
-            outs[i] = outs[i] + torch.einsum("bhd,bhde->bhe", qf[:, i], cont * rlam[:, i] * r)
-            kv = kf[:, i, :, :, None] * vf[:, i, :, None, :]
-            if key_ok is not None:
-                kv = kv * key_ok[:, i].to(cd).view(-1, 1, 1, 1)
-            r = cont * rlam[:, i] * r + kv
-            if band and (i + offset) % f.chunk == 0:
-                chunk_states[(i + offset) // f.chunk] = r  # W_c
-        if band:
-            _band(outs, qf, reverse_log_gate.to(cd), arr, f, offset, chunk_states)
-    o = torch.stack(outs, dim=1)
-    return o.to(q.dtype), s.to(sd)
+    if end is None:
+        return
+    rlam = torch.exp(reverse_log_gate)[..., None, None]  # [B', T, K, G, 1, 1]
+    r = torch.zeros(qf.shape[0], *rlam.shape[2:4], kf.shape[-1], vf.shape[-1], dtype=cd,
+                    device=dev)
+    chunk_states = {}
+    for i in range(t - 1, -1, -1):
+        cont = _flags(end[:, i] >= i + 1, cd)
+        outs[i] = outs[i] + _read(qf[:, i], cont * rlam[:, i] * r)
+        kv = _outer(kf[:, i], vf[:, i])
+        if key_ok is not None:
+            kv = kv * _flags(key_ok[:, i], cd)
+        r = cont * rlam[:, i] * r + kv
+        if band and (i + offset) % f.chunk == 0:
+            chunk_states[(i + offset) // f.chunk] = r  # W_c
+    if band:
+        _band(outs, qf, reverse_log_gate, (f, arr, offset), chunk_states)
+
+
+def run(call: LinearCall) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(o [B, T, H, Dv] q.dtype, S_final [B, H, D, Dv] or None)``. Every tensor is grouped by
+    key head (``[B, T, K, G, ...]`` views, :func:`_grouped`)."""
+    q, f, heads = call.q, call.factor, call.heads
+    gates = call.scan_gates()
+    sd = compute_dtype(q)  # state dtype handed back
+    b, t = q.shape[:2]
+    s0 = None if call.initial_state is None else call.initial_state.unflatten(1, (heads.k, -1))
+    lg = _grouped(gates.log_gate, heads.k)  # [B', T, K, G]
+    if t == 1 and f.segments is None:
+        o, s = _decode_step(tuple(_grouped(x, heads.k) for x in (q, call.k, call.v)), lg, s0,
+                            sd)
+    else:
+        cd = torch.float64
+        arr = f.arrays(t, call.q_offset, q.device)
+        qkv = tuple(_grouped(x.to(cd), heads.k) for x in (q, call.k, call.v))
+        lam = torch.exp(lg.to(cd))[..., None, None]  # [B', T, K, G, 1, 1]
+        s = torch.zeros(b, *lg.shape[2:], q.shape[-1], call.v.shape[-1], dtype=cd,
+                        device=q.device) if s0 is None else s0.to(cd)
+        outs: list = []
+        s = _forward(outs, qkv, lam, arr, s)
+        _reverse(outs, qkv, _grouped(gates.reverse_log_gate.to(cd), heads.k), f, arr,
+                 call.q_offset)
+        o = torch.stack(outs, dim=1)
+    o = o.flatten(2, 3).to(q.dtype)  # [B, T, H, Dv]
+    return o, (s.flatten(1, 2).to(sd) if call.return_final_state else None)

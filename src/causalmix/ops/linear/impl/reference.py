@@ -1,6 +1,7 @@
 """Reference linear attention: dense, eager, fp32 inside. This module *defines* correctness.
 
-For query i (absolute position ``q_offset + i``), key j (``k_offset + j``), head h.
+For query i (absolute position ``q_offset + i``), key j (``k_offset + j``), output head h (which
+reads q / k / v heads as :class:`~causalmix.ops.heads.Heads` says; here by indexing).
 
 Constant decay ``lambda_h`` (1 when no decay is given):
 
@@ -12,7 +13,8 @@ key positions, ``<= 0``; queries and keys at the same positions)::
     (1') w_ij = exp(G_i - G_j)     j <= i,  G_t = g_0 + ... + g_t   (prod_{s=j+1..i} exp(g_s))
          w_ij = exp(E_j - E_i)     j >  i,  E_t = r_0 + ... + r_{t-1} (prod_{s=i..j-1} exp(r_s))
          where visible(i, j), else 0: only differences of cumulative log-gates are
-         exponentiated, so every exponent is <= 0.
+         exponentiated, so every exponent is <= 0. A gate whose exp is 0 in the compute dtype
+         (e.g. -1e30) is a hard reset: every weight across it is 0, and it enters no sum.
 
     (2)  o_i  = sum_j w_ij (q_i . k_j) v_j         (no softmax, normaliser or feature map)
     (3)  with an initial state S0 (the causal state of the keys before the call, anchored at
@@ -28,84 +30,131 @@ key positions, ``<= 0``; queries and keys at the same positions)::
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from causalmix.checks import compute_dtype
-from causalmix.visibility import Visibility
+from causalmix.ops.linear.call import LinearCall
 
 
-def _log_weights(g, gr, visible, tq: int, cd) -> torch.Tensor:
-    """(1') ``g, gr: [B', Tk, H]``, ``visible: [B', Tq, Tk]`` -> ``log w: [B'', H, Tq, Tk]``."""
-    tk = g.shape[1]
-    gc = g.to(cd).cumsum(1).transpose(1, 2)  # G: [B', H, Tk]
-    e = torch.nn.functional.pad(gr.to(cd)[:, :-1], (0, 0, 1, 0)).cumsum(1).transpose(1, 2)
-    i = torch.arange(tq, device=g.device)[:, None]
-    j = torch.arange(tk, device=g.device)[None, :]
+def can_serve(call: LinearCall) -> str | None:
+    """The reference serves every call (any spec, offsets, keys past the last query)."""
+    return None
+
+
+class _Weights(NamedTuple):
+    """Weights of one call: ``pair [B'', H, Tq, Tk]`` (1)/(1'), ``init [B', Tq, H]`` of the
+    initial state for each query (3), ``last [B', Tk, H]`` of key j and ``last_init [B', H, 1,
+    1]`` of the initial state in the final state (4)."""
+
+    pair: torch.Tensor
+    init: torch.Tensor
+    last: torch.Tensor
+    last_init: torch.Tensor
+
+
+def _cumulative(gate: torch.Tensor, cd, *, exclusive: bool):
+    """``[B', Tk, H]`` log-gates -> their cumulative sums in ``cd`` over the gates that are not
+    hard resets, and the cumulative count of resets (inclusive ``g_0 + .. + g_t``, or exclusive
+    ``r_0 + .. + r_{t-1}``). A reset is a gate whose ``exp`` is exactly 0 in ``cd``: every
+    product across it is 0, whatever the other gates (no huge value enters a sum)."""
+    g = gate.to(cd)
+    reset = torch.exp(g) == 0
+    g = torch.where(reset, torch.zeros_like(g), g)
+    if exclusive:
+        g = torch.nn.functional.pad(g[:, :-1], (0, 0, 1, 0))
+        reset = torch.nn.functional.pad(reset[:, :-1], (0, 0, 1, 0))
+    return g.cumsum(1), reset.cumsum(1)
+
+
+def _log_weights(cum: tuple, visible, tq: int, cd) -> torch.Tensor:
+    """(1') ``cum``: ``(G, E)`` with their reset counts, each ``[B', Tk, H]``; ``visible:
+    [B', Tq, Tk]`` -> ``log w: [B'', H, Tq, Tk]`` (``-inf`` where invisible or across a
+    reset)."""
+    (gc, nf), (e, nr) = ((x.transpose(1, 2) for x in pair) for pair in cum)  # [B', H, Tk]
+    tk, dev = gc.shape[-1], gc.device
+    i = torch.arange(tq, device=dev)[:, None]
+    j = torch.arange(tk, device=dev)[None, :]
     fwd = gc[:, :, :tq, None] - gc[:, :, None, :]  # G_i - G_j
+    fwd = fwd.masked_fill(nf[:, :, :tq, None] != nf[:, :, None, :], -torch.inf)
     rev = e[:, :, None, :] - e[:, :, :tq, None]  # E_j - E_i
+    rev = rev.masked_fill(nr[:, :, None, :] != nr[:, :, :tq, None], -torch.inf)
     logw = torch.where(j <= i, fwd, rev)
-    return torch.where(visible[:, None], logw, torch.tensor(-torch.inf, dtype=cd,
-                                                             device=g.device))
+    return torch.where(visible[:, None], logw, torch.tensor(-torch.inf, dtype=cd, device=dev))
 
 
-def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibility: Visibility,
-                     *, decay: torch.Tensor | None, q_offset: int, k_offset: int,
-                     initial_state: torch.Tensor | None, return_final_state: bool,
-                     log_gate: torch.Tensor | None = None,
-                     reverse_log_gate: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``q: [B, Tq, H, D]``, ``k: [B, Tk, H, D]``, ``v: [B, Tk, H, Dv]``, ``decay: [H]`` or None,
-    or ``log_gate / reverse_log_gate: [B, Tk, H]`` (then ``q_offset == k_offset``) ->
-    ``(out [B, Tq, H, Dv] in q.dtype, final_state [B, H, D, Dv] or None)``."""
-    b, tq, h, _ = q.shape
-    tk = k.shape[1]
-    cd = compute_dtype(q)
-    dev = q.device
-    qf, kf, vf = q.to(cd), k.to(cd), v.to(cd)
-    i = torch.arange(q_offset, q_offset + tq, device=dev)
-    j = torch.arange(k_offset, k_offset + tk, device=dev)
-    nb = visibility.batch_size or 1
+def _gated_weights(call: LinearCall, visible: torch.Tensor, cd) -> _Weights:
+    """(1') and the state weights of (3)-(4) from the cumulative log-gates; a hard reset (a
+    gate whose ``exp`` is 0 in ``cd``, e.g. ``-1e30``) zeroes every weight across it."""
+    g = call.log_gate
+    gr = g if call.reverse_log_gate is None else call.reverse_log_gate
+    tq, h = call.q.shape[1], call.heads.out
+    gcum, nf = _cumulative(g, cd, exclusive=False)  # G
+    pair = torch.exp(_log_weights(((gcum, nf), _cumulative(gr, cd, exclusive=True)), visible,
+                                  tq, cd))
+    zero = torch.zeros((), dtype=cd, device=g.device)
+    init = torch.where(nf[:, :tq] == 0, torch.exp(gcum[:, :tq]), zero)  # no reset in [0, i]
+    last = torch.where(nf[:, -1:] == nf, torch.exp(gcum[:, -1:] - gcum), zero)
+    last_init = torch.where(nf[:, -1] == 0, torch.exp(gcum[:, -1]), zero).view(-1, h, 1, 1)
+    return _Weights(pair, init, last, last_init)
+
+
+def _decay_weights(call: LinearCall, visible: torch.Tensor, cd) -> _Weights:
+    """(1) ``lambda ** |i - j|`` (exponent <= 0) and the state weights of (3)-(4)."""
+    h, dev = call.heads.out, call.q.device
+    tq, tk = call.q.shape[1], call.k.shape[1]
+    i = torch.arange(call.q_offset, call.q_offset + tq, device=dev)
+    j = torch.arange(call.k_offset, call.k_offset + tk, device=dev)
+    anchor, last = call.k_offset - 1, call.k_offset + tk - 1
+    g = torch.zeros(h, dtype=cd, device=dev) if call.decay is None \
+        else torch.log(call.decay.to(cd))
+    dist = (i[:, None] - j[None, :]).abs().to(cd)  # [Tq, Tk]
+    pair = torch.exp(g[:, None, None] * dist)[None] * visible[:, None].to(cd)
+    init = torch.exp(g[None, :] * (i - anchor).to(cd)[:, None])[None]  # [1, Tq, H]
+    lastw = torch.exp(g[None, :] * (last - j).to(cd)[:, None])[None]  # [1, Tk, H]
+    return _Weights(pair, init, lastw, torch.exp(g * (last - anchor)).view(1, h, 1, 1))
+
+
+def _final_state(call: LinearCall, w: _Weights, kf, vf, cd) -> torch.Tensor:
+    """(4) the causal state at the last key position."""
+    vis, dev = call.visibility, call.q.device
+    tk = call.k.shape[1]
+    nb = vis.batch_size or 1
     bidx = torch.arange(nb, device=dev).view(nb, 1)
-    visible = visibility.mask(tq, tk, q_offset=q_offset, k_offset=k_offset, device=dev)
-    gated = log_gate is not None
-    anchor = k_offset - 1
-    last = k_offset + tk - 1
+    last = torch.tensor(call.k_offset + tk - 1, device=dev)
+    j = torch.arange(call.k_offset, call.k_offset + tk, device=dev)
+    row = vis.visible(bidx, last, j[None, :]).expand(nb, tk).to(cd)  # [B', Tk]
+    final = torch.einsum("bjhd,bjhe->bhde", kf * (w.last * row[..., None])[..., None], vf)
+    if call.initial_state is not None:
+        seen = vis.visible(bidx, last, torch.tensor(max(call.k_offset - 1, 0), device=dev))
+        final = final + call.initial_state.to(cd) * w.last_init * seen.reshape(nb, 1, 1, 1).to(cd)
+    return final
 
-    # (1) weights where visible: lambda ** |i - j| (exponent <= 0), or (1') the gated ones
-    if gated:
-        gr = log_gate if reverse_log_gate is None else reverse_log_gate
-        w = torch.exp(_log_weights(log_gate, gr, visible, tq, cd))  # [B'', H, Tq, Tk]
-        gcum = log_gate.to(cd).cumsum(1)  # [B', Tk, H]
-        w0 = torch.exp(gcum[:, :tq])  # weight of the initial state, [B', Tq, H]
-        wl = torch.exp(gcum[:, -1:] - gcum)  # key j in the final state, [B', Tk, H]
-        wl0 = torch.exp(gcum[:, -1]).view(-1, h, 1, 1)  # S0 in the final state
-    else:
-        g = torch.zeros(h, dtype=cd, device=dev) if decay is None else torch.log(decay.to(cd))
-        dist = (i[:, None] - j[None, :]).abs().to(cd)  # [Tq, Tk]
-        w = torch.exp(g[:, None, None] * dist)[None] * visible[:, None].to(cd)
-        w0 = torch.exp(g[None, :] * (i - anchor).to(cd)[:, None])[None]  # [1, Tq, H]
-        wl = torch.exp(g[None, :] * (last - j).to(cd)[:, None])[None]  # [1, Tk, H]
-        wl0 = torch.exp(g * (last - anchor)).view(1, h, 1, 1)
 
+def run(call: LinearCall) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(out [B, Tq, H, Dv] in q.dtype, final_state [B, H, D, Dv] or None)``."""
+    q, vis = call.q, call.visibility
+    tq, tk = q.shape[1], call.k.shape[1]
+    cd, dev = compute_dtype(q), q.device
+    # heads: each output head reads its q / k / v head (indexing; the fast paths use views)
+    qf = q.to(cd)[:, :, call.heads.index("q", dev)]
+    kf = call.k.to(cd)[:, :, call.heads.index("k", dev)]
+    vf = call.v.to(cd)[:, :, call.heads.index("v", dev)]
+    visible = vis.mask(tq, tk, q_offset=call.q_offset, k_offset=call.k_offset, device=dev)
+    # (1) weights where visible: lambda ** |i - j|, or (1') the gated ones
+    w = (_gated_weights if call.log_gate is not None else _decay_weights)(call, visible, cd)
     # (2) masked, decayed scores times values
-    s = torch.einsum("bihd,bjhd->bhij", qf, kf) * w
+    s = torch.einsum("bihd,bjhd->bhij", qf, kf) * w.pair
     o = torch.einsum("bhij,bjhd->bihd", s, vf)
-
-    if initial_state is not None:
+    if call.initial_state is not None:
         # (3) the carried causal state, seen where the spec lets query i see position a'
-        s0 = initial_state.to(cd)
-        seen = visibility.visible(bidx, i[None, :], torch.tensor(max(anchor, 0), device=dev))
+        nb = vis.batch_size or 1
+        i = torch.arange(call.q_offset, call.q_offset + tq, device=dev)
+        a = torch.tensor(max(call.k_offset - 1, 0), device=dev)
+        seen = vis.visible(torch.arange(nb, device=dev).view(nb, 1), i[None, :], a)
         seen = seen.expand(nb, tq).to(cd)  # [B', Tq]
-        o = o + torch.einsum("bihd,bhde->bihe", qf, s0) * (w0 * seen[..., None])[..., None]
-
-    final = None
-    if return_final_state:
-        # (4) the causal state at the last key position
-        row = visibility.visible(bidx, torch.tensor(last, device=dev), j[None, :])
-        row = row.expand(nb, tk).to(cd)  # [B', Tk]
-        final = torch.einsum("bjhd,bjhe->bhde", kf * (wl * row[..., None])[..., None], vf)
-        if initial_state is not None:
-            seen = visibility.visible(bidx, torch.tensor(last, device=dev),
-                                      torch.tensor(max(anchor, 0), device=dev))
-            final = final + initial_state.to(cd) * wl0 * seen.reshape(nb, 1, 1, 1).to(cd)
+        o = o + torch.einsum("bihd,bhde->bihe", qf, call.initial_state.to(cd)) * \
+            (w.init * seen[..., None])[..., None]
+    final = _final_state(call, w, kf, vf, cd) if call.return_final_state else None
     return o.to(q.dtype), final

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from causalmix.caching import LRUCache
-from causalmix.ops.softmax._call import Call, overflow_reason
+from causalmix.ops.softmax._call import Call, SpecKey, overflow_reason
 
 _COMPILED = None
 _MASKS: LRUCache = LRUCache(16)
@@ -38,8 +38,12 @@ def can_serve(call: Call) -> str | None:
     return overflow_reason(call, "flex")
 
 
-def _block_mask(fa, visibility, q_len, k_len, q_offset, k_offset, device):
-    key = (visibility, q_len, k_len, q_offset, k_offset, str(device))
+def _block_mask(fa, call: Call):
+    """The call's (cached) FlexAttention block mask. Its ``mask_mod`` reads the spec it was made
+    for, which the :class:`SpecKey` finds again only while that spec is unmodified."""
+    visibility, q_offset, k_offset = call.visibility, call.q_offset, call.k_offset
+    q_len, k_len, device = call.q.shape[1], call.k.shape[1], call.q.device
+    key = (SpecKey(visibility), q_len, k_len, q_offset, k_offset, str(device))
 
     def mask_mod(b, h, q_idx, kv_idx):
         return visibility.visible(b, q_idx + q_offset, kv_idx + k_offset)
@@ -51,12 +55,11 @@ def _block_mask(fa, visibility, q_len, k_len, q_offset, k_offset, device):
 def run(call: Call) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(out [B, Tq, Hq, Dv], lse [B, Tq, Hq] fp32 or None on CPU)``."""
     global _COMPILED
-    q, k, v, visibility, scale = call.q, call.k, call.v, call.visibility, call.scale
-    q_offset, k_offset = call.q_offset, call.k_offset
+    q, k, v, scale = call.q, call.k, call.v, call.scale
     fa = _flex_module()
     if _COMPILED is None:
         _COMPILED = torch.compile(fa.flex_attention, dynamic=False)
-    bm = _block_mask(fa, visibility, q.shape[1], k.shape[1], q_offset, k_offset, q.device)
+    bm = _block_mask(fa, call)
     args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     gqa = q.shape[2] != k.shape[2]
     if q.device.type == "cpu":
