@@ -64,7 +64,7 @@ def run(call: DeltaCall) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(output [B, Tq, H, Dv] in q's dtype, final state [B, H, D, Dv] or None)``."""
     q, k, v = call.q, call.k, call.v
     cd = compute_dtype(q)
-    tq, tk = q.shape[1], k.shape[1]
+    tk = k.shape[1]
     c = max(1, min(call.chunk_size, tk))
     block = max(1, BLOCK_POSITIONS // c)
     reg = regions(call.factor, tk, call.k_offset, q.device)
