@@ -33,6 +33,7 @@ __all__ = ["DEFAULT_ATTR", "NAME", "SERVED_LAYER_TYPES", "causalmix_attention",
            "check_cache_is_exact", "check_spec_reaches_every_layer", "layer_visibility",
            "packed_segments", "unserved_layer_types"]
 
+#: The name registered as an attention and a mask implementation (``attn_implementation=``).
 NAME = "causalmix"
 
 #: Attribute holding a model's default spec on each of its modules (see ``attach``).

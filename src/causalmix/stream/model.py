@@ -88,10 +88,6 @@ def layer_frames(owner: str, result: Any, names: tuple[str, ...]) -> dict[str, A
     the tuple ``(q, k, v)``. Anything else raises ``ValueError`` naming ``owner``."""
     if isinstance(result, Mapping):
         inputs = dict(result)
-    elif isinstance(result, tuple) and len(result) == 4 and isinstance(result[3], Mapping):
-        # (q, k, v, {per-frame inputs}): the form causalmix.nn's gated layer returned before
-        # stream_qkv returned a mapping
-        inputs = {"q": result[0], "k": result[1], "v": result[2], **result[3]}
     elif isinstance(result, tuple) and len(result) == 3:
         inputs = dict(zip(("q", "k", "v"), result, strict=True))
     else:
