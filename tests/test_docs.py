@@ -22,6 +22,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -79,7 +80,15 @@ def test_page_code_blocks_run_in_order(page):
     """``python`` blocks run, ``pycon`` blocks are doctests, all in one namespace per page."""
     if "causalmix.hf" in page.read_text():
         pytest.importorskip("transformers")
-    namespace: dict = {"__name__": f"__docs_{page.stem}__"}
+    module = types.ModuleType(f"__docs_{page.stem}__")  # a real module: dataclasses look it up
+    sys.modules[module.__name__] = module
+    try:
+        _run_blocks(page, module.__dict__)
+    finally:
+        del sys.modules[module.__name__]
+
+
+def _run_blocks(page: pathlib.Path, namespace: dict) -> None:
     parser = doctest.DocTestParser()
     flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
     for lang, code, line in _blocks(page):
@@ -96,6 +105,7 @@ def test_page_code_blocks_run_in_order(page):
             runner = doctest.DocTestRunner(optionflags=flags)
             out: list[str] = []
             runner.run(test, out=out.append, clear_globs=False)
+            namespace.update(test.globs)  # DocTest ran on a copy of the namespace
             assert runner.failures == 0, f"{where}: pycon block failed\n{''.join(out)}"
 
 

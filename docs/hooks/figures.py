@@ -169,7 +169,7 @@ def _softmax_weights(spec, n, seed=0) -> np.ndarray:
 def _weights_figure(panels: list[tuple[str, np.ndarray]], cmap="Blues") -> bytes:
     fig, axes = plt.subplots(1, len(panels), figsize=(2.9 * len(panels), 3.1))
     axes = np.atleast_1d(axes)
-    for ax, (title, w) in zip(axes, panels):
+    for ax, (title, w) in zip(axes, panels, strict=True):
         _grid(ax, w, cmap, vmin=0.0, vmax=max(float(w.max()), 1e-12))
         ax.set_title(title, pad=28, fontsize=8)
     return _svg(fig)

@@ -7,7 +7,8 @@ them as Markdown. Each docstring is read, never changed in the source:
 - doctest lines (``>>>`` and their output) become fenced ``pycon`` blocks;
 - an ``Args:`` entry naming several parameters (``q_offset, k_offset: ...``) becomes one entry
   per parameter, the later ones pointing at the first;
-- a constant with no docstring takes the ``#:`` comment lines right above its assignment.
+- an attribute with no docstring takes the ``#:`` comment lines right above its assignment, or
+  (a class field) the comment at the end of its line.
 """
 
 from __future__ import annotations
@@ -92,9 +93,10 @@ def markdown(text: str) -> str:
 
 
 def _comment_doc(obj: griffe.Attribute) -> str:
-    """The ``#:`` lines right above an attribute's assignment, joined."""
+    """The ``#:`` lines right above an attribute's assignment, joined; for a class field, else
+    the comment at the end of its line."""
     try:
-        lines = obj.parent.lines if obj.parent is not None else []
+        lines = obj.module.lines  # the whole file: lineno counts from its top
     except (AttributeError, OSError):
         return ""
     comment = []
@@ -102,6 +104,10 @@ def _comment_doc(obj: griffe.Attribute) -> str:
     while 0 <= row < len(lines) and lines[row].lstrip().startswith("#:"):
         comment.insert(0, lines[row].lstrip()[2:].strip())
         row -= 1
+    if not comment and isinstance(obj.parent, griffe.Class) and 0 <= row + 1 < len(lines):
+        code, sep, trailing = lines[row + 1].partition("  # ")
+        if sep and ":" in code and not trailing.lstrip().startswith(("noqa", "type:")):
+            comment = [trailing.strip()]  # a field's trailing comment: `lse: Tensor  # [B, T]`
     return "\n".join(comment)
 
 

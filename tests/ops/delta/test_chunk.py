@@ -126,3 +126,12 @@ def test_fp64_is_computed_in_fp64(delta, impl):
                               else "reference", **kw)
         assert out.dtype == torch.float64
         assert float((out - ref).abs().max()) < 1e-12 * (1 + float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 30, 200])
+def test_prefix_reverse_pass_stops_at_n(delta, n):
+    """Prefix(n): the reverse scan runs over the first n keys only (n past the call, inside
+    it, at its very start), and the numbers are the reference's."""
+    x = delta.Inputs(60, 14)
+    delta.check("chunk", x, Prefix(n), dtype=torch.float32, off=0, c=16)
+    delta.check("chunk", x, Prefix(torch.tensor([n, 7])), dtype=torch.float32, off=3, c=16)

@@ -29,7 +29,7 @@ import torch
 from causalmix.checks import compute_dtype
 from causalmix.ops.delta._scan import DeltaScan, ScanOptions
 from causalmix.ops.delta.call import DeltaCall
-from causalmix.ops.delta.regions import regions
+from causalmix.ops.delta.regions import ReversePass, regions
 
 #: Positions per block of chunks (batched intra-chunk work; bounds the temporaries).
 BLOCK_POSITIONS = 512
@@ -40,11 +40,31 @@ def can_serve(call: DeltaCall) -> str | None:
     return call.factor_error
 
 
+def _reverse_pass(q, k, v, bg, p: ReversePass, sizes: tuple[int, int, int]) -> torch.Tensor:
+    """One reverse pass, ``[B, Tq, H, Dv]``: the flipped strict scan over the keys up to the
+    last one any region reaches (``Prefix(n)``: the first n), zero past them and for the
+    queries the pass is not for."""
+    tq, tk = q.shape[1], k.shape[1]
+    reach = min(tk, int(p.end.max()) + 1)
+    if reach <= 1:  # no key after any query's own: no reverse part
+        return q.new_zeros(q.shape[0], tq, bg.shape[2], v.shape[-1], dtype=bg.dtype)
+    if reach < tk:  # keys past every region's end enter no reverse part: skip them
+        p = ReversePass(p.end[:, :reach], None if p.queries is None else p.queries[:, :reach])
+        q, k, v, bg = q[:, :min(tq, reach)], k[:, :reach], v[:, :reach], bg[:, :reach]
+    opts = ScanOptions(p.flipped_start(), True, True, *sizes)
+    rev = DeltaScan.apply(q, k, v, bg, None, opts)[0]
+    if p.queries is not None:
+        rev = torch.where(p.queries[:, :rev.shape[1], None, None], rev, 0.0)
+    if rev.shape[1] < tq:
+        rev = torch.nn.functional.pad(rev, (0, 0, 0, 0, 0, tq - rev.shape[1]))
+    return rev
+
+
 def run(call: DeltaCall) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(output [B, Tq, H, Dv] in q's dtype, final state [B, H, D, Dv] or None)``."""
     q, k, v = call.q, call.k, call.v
     cd = compute_dtype(q)
-    tq, tk = q.shape[1], k.shape[1]
+    tk = k.shape[1]
     c = max(1, min(call.chunk_size, tk))
     block = max(1, BLOCK_POSITIONS // c)
     reg = regions(call.factor, tk, call.k_offset, q.device)
@@ -56,9 +76,5 @@ def run(call: DeltaCall) -> tuple[torch.Tensor, torch.Tensor | None]:
     if reg.passes:
         bgr = torch.stack([beta, gates.reverse_log_gate.to(cd)], -1)
     for p in reg.passes:
-        opts = ScanOptions(p.flipped_start(), True, True, c, block, call.heads.k)
-        rev = DeltaScan.apply(q, k, v, bgr, None, opts)[0]
-        if p.queries is not None:
-            rev = torch.where(p.queries[:, :tq, None, None], rev, 0.0)
-        o = o + rev
+        o = o + _reverse_pass(q, k, v, bgr, p, (c, block, call.heads.k))
     return o.to(q.dtype), (final if call.return_final_state else None)
