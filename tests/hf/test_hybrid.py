@@ -268,7 +268,7 @@ def test_a_cache_written_by_the_models_own_path_is_accepted_under_causal_only(hy
 # ================================================================== the spec reaches every layer
 
 
-@pytest.mark.parametrize("arch", ["bamba", "qwen3_next"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_a_spec_reaches_the_attention_and_the_hybrid_layers_alike(arch, hybrid):
     """Whether the first three tokens' logits depend on the fourth token, spec by spec."""
     model = cmhf.attach(hybrid.model(arch))
@@ -296,3 +296,13 @@ def test_gradient_checkpointing_recomputes_under_the_same_spec(arch, hybrid):
     again = _run(ours, ids, position_ids=pos, visibility=Prefix(7))
     for name, g in plain[1].items():
         assert_close(again[1][name], g, g, name=name)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_errs_like_the_models_own_bf16_path(arch, hybrid):
+    own = hybrid.model(arch, torch.bfloat16)
+    ours = cmhf.attach(copy.deepcopy(own))
+    ids = hybrid.ids(2, 19)
+    ref = cmhf.attach(hybrid.model(arch, torch.float64))(ids).logits
+    assert_close(ours(ids).logits.float(), ref, own(ids).logits.float(), name=arch,
+                 dtype=torch.bfloat16)
