@@ -104,11 +104,14 @@ HYBRID_ARCHS = {
     "granitemoehybrid": ("GraniteMoeHybridForCausalLM", "GraniteMoeHybridMambaLayer"),
     "nemotron_h": ("NemotronHForCausalLM", "NemotronHMamba2Mixer"),
     "zamba2": ("Zamba2ForCausalLM", "Zamba2MambaMixer"),
+    "falcon_h1": ("FalconH1ForCausalLM", "FalconH1Mixer"),
+    "falcon_h1_no_norm": ("FalconH1ForCausalLM", "FalconH1Mixer"),
     "qwen3_next": ("Qwen3NextForCausalLM", "Qwen3NextGatedDeltaNet"),
     "qwen3_5": ("Qwen3_5ForCausalLM", "Qwen3_5GatedDeltaNet"),
     "olmo_hybrid": ("OlmoHybridForCausalLM", "OlmoHybridGatedDeltaNet"),
 }
-MAMBA2_ARCHS = ["mamba2", "bamba", "granitemoehybrid", "nemotron_h", "zamba2"]
+MAMBA2_ARCHS = ["mamba2", "bamba", "granitemoehybrid", "nemotron_h", "zamba2", "falcon_h1",
+                "falcon_h1_no_norm"]
 GDN_ARCHS = ["qwen3_next", "qwen3_5", "olmo_hybrid"]
 
 
@@ -143,6 +146,12 @@ class HybridTiny:
             return t.Zamba2Config(**kw, num_hidden_layers=2, mamba_d_state=16, mamba_headdim=16,
                                   mamba_ngroups=2, n_mamba_heads=8, chunk_size=8,
                                   layers_block_type=["mamba", "hybrid"], num_mem_blocks=1)
+        if arch.startswith("falcon_h1"):  # its muP scales, and with or without its norm
+            kw = {k: v for k, v in MAMBA.items() if k != "mamba_expand"}
+            return t.FalconH1Config(**c, **kw, num_hidden_layers=2, mamba_d_ssm=128,
+                                    mamba_rms_norm=arch == "falcon_h1",
+                                    mamba_norm_before_gate=False, ssm_in_multiplier=0.7,
+                                    ssm_multipliers=[1.3, 0.8, 1.1, 0.9, 1.2])
         if arch == "qwen3_next":
             return t.Qwen3NextConfig(**c, **GDN, num_hidden_layers=2, num_experts=0)
         if arch == "qwen3_5":

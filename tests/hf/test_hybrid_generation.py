@@ -43,7 +43,7 @@ CASES = [("mamba2", Causal()), ("mamba2", Prefix(P)), ("mamba2", Prefix(4)),
          ("mamba2", Segments(DOCS) & Causal()), ("bamba", Causal()), ("bamba", Prefix(P)),
          ("zamba2", Prefix(P)), ("nemotron_h", Causal()), ("qwen3_next", Causal()),
          ("qwen3_next", Prefix(P)), ("qwen3_5", Segments(DOCS) & Causal()),
-         ("olmo_hybrid", Prefix(4))]
+         ("olmo_hybrid", Prefix(4)), ("falcon_h1_no_norm", Prefix(P))]
 
 
 @pytest.mark.parametrize(("arch", "spec"), CASES, ids=lambda c: repr(c))

@@ -211,7 +211,8 @@ def attach(model: PreTrainedModel, visibility: Visibility | None = None) -> PreT
     _install_checks(model)
     _install_hybrid(model)
     set_visibility(model, visibility)
-    if not isinstance(model.__dict__.get("prepare_inputs_for_generation"), GenerationInputs):
+    prepare = getattr(model, "prepare_inputs_for_generation", None)  # base models have none
+    if prepare is not None and not isinstance(prepare, GenerationInputs):
         model.prepare_inputs_for_generation = GenerationInputs(model.prepare_inputs_for_generation)
     return model
 

@@ -13,6 +13,7 @@ layer class (transformers module)      architectures                   causalmix
 ``GraniteMoeHybridMambaLayer``         Granite 4 hybrids               linear, value grouping
 ``NemotronHMamba2Mixer`` (nemotron_h)  Nemotron-H                      linear, value grouping
 ``Zamba2MambaMixer`` (zamba2)          Zamba2                          linear, value grouping
+``FalconH1Mixer`` (falcon_h1)          Falcon-H1                       linear, value grouping
 ``Qwen3NextGatedDeltaNet``             Qwen3-Next                      delta, value grouping
 ``Qwen3_5GatedDeltaNet``               Qwen3.5 (and ``Qwen3_5Moe...``) delta, value grouping
 ``OlmoHybridGatedDeltaNet``            OLMo-Hybrid                     delta, value grouping
@@ -21,9 +22,10 @@ layer class (transformers module)      architectures                   causalmix
 Each Mamba-2 forward was diffed line by line against ``Mamba2Mixer.forward``, each Gated
 DeltaNet forward against ``Qwen3NextGatedDeltaNet.forward`` (they differ only in the input
 projections and OLMo-Hybrid's beta x 2), and every one is checked against the model's own torch
-path in the tests. Refused by name (``REFUSED``), with the reason: ``FalconH1Mixer`` (its own
-multipliers and optional norm) and Kimi Linear's ``KimiLinearDeltaAttention`` (KDA: per-channel
-gates, not served by causalmix's delta family yet). Layers in neither table (e.g. other
+path in the tests (Falcon-H1's differs from Mamba-2's in its input scales and its optional norm
+only, both mirrored). Refused by name (``REFUSED``), with the reason: Kimi Linear's
+``KimiLinearDeltaAttention`` (KDA: per-channel gates, not served by causalmix's delta family
+yet). Layers in neither table (e.g. other
 architectures' linear layers) keep their own code, and a spec other than ``Causal()`` or packed
 documents are refused on their model by the layer-type check of :mod:`causalmix.hf.attention`.
 """
@@ -49,6 +51,7 @@ SERVED: dict[tuple[str, str], Callable] = {
     ("granitemoehybrid", "GraniteMoeHybridMambaLayer"): mamba2_forward,
     ("nemotron_h", "NemotronHMamba2Mixer"): mamba2_forward,
     ("zamba2", "Zamba2MambaMixer"): mamba2_forward,
+    ("falcon_h1", "FalconH1Mixer"): mamba2_forward,
     ("qwen3_next", "Qwen3NextGatedDeltaNet"): gated_deltanet_forward,
     ("qwen3_5", "Qwen3_5GatedDeltaNet"): gated_deltanet_forward,
     ("qwen3_5_moe", "Qwen3_5MoeGatedDeltaNet"): gated_deltanet_forward,
@@ -59,9 +62,6 @@ _KDA = ("needs the delta-rule family with per-channel gates (KDA), not served by
         "yet")
 #: (transformers model folder, layer class) -> why causalmix does not run it.
 REFUSED: dict[tuple[str, str], str] = {
-    ("falcon_h1", "FalconH1Mixer"): (
-        "its forward differs from Mamba-2's (mup multipliers on the input and the projection, "
-        "an optional norm, the gate inside the scan) and is not checked against causalmix"),
     ("kimi_linear", "KimiLinearDeltaAttention"): _KDA,
 }
 

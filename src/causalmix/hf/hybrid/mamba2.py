@@ -1,5 +1,6 @@
 """The Mamba-2 mixer of transformers (``Mamba2Mixer`` and the identical forwards of Bamba,
-GraniteMoeHybrid, Nemotron-H and Zamba2) run through :func:`causalmix.linear_attention`.
+GraniteMoeHybrid, Nemotron-H and Zamba2; Falcon-H1's, which adds its ``ssm_in_multiplier`` and
+``mup_vector`` scales and an optional norm) run through :func:`causalmix.linear_attention`.
 
 The layer's own parameters and submodules, causalmix's scan. In causalmix's names (value
 grouping: ``G`` groups of B / C, ``H`` heads of ``P`` channels, state size ``N``)::
@@ -10,6 +11,7 @@ grouping: ``G`` groups of B / C, ``H`` heads of ``P`` channels, state size ``N``
     dt = clamp(softplus(dt_raw + dt_bias), *time_step_limit);  A = -exp(A_log)
     y = linear_attention(q=C, k=B, v=dt x, spec, log_gate=A dt) + D x
     out = out_proj(norm(y, z))                          # the layer's gated RMSNorm
+                                                        # (Falcon-H1 without it: y silu(z))
 
 Padding is exact: a padding position adds nothing (``v = 0``) and decays nothing (log-gate 0),
 and the convolution skips it, so every token gets the numbers of its row without the padding,
@@ -74,8 +76,7 @@ def mamba2_forward(self, hidden_states: torch.Tensor, cache=None, attention_mask
     kwargs.pop("cache_params", None)
     call = layer_call(self, hidden_states, cache, attention_mask, kwargs, kind=KIND)
     b, t, _ = hidden_states.shape
-    z, xbc, dt_raw = self.in_proj(hidden_states).split(
-        [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
+    z, xbc, dt_raw = _projections(self, hidden_states)
     conv = short_conv(xbc, self.conv1d.weight[:, 0], self.conv1d.bias, past=call.conv_state,
                       valid=call.valid, segments=call.segments)
     xbc = ACT2FN[self.activation](conv.output).to(hidden_states.dtype)
@@ -93,6 +94,20 @@ def mamba2_forward(self, hidden_states: torch.Tensor, cache=None, attention_mask
                                 conv_kernel_size=self.conv_kernel_size)
         cache.update_recurrent_state(final.transpose(-1, -2).contiguous(), self.layer_idx)
         record_positions(self, cache, call, t)
-    y = out + self.D.to(out.dtype)[:, None] * x
-    y = self.norm(y.reshape(b, t, -1), z)
+    y = (out + self.D.to(out.dtype)[:, None] * x).reshape(b, t, -1)
+    if getattr(self, "mamba_rms_norm", True):
+        y = self.norm(y, z)
+    else:  # Falcon-H1 without its norm: the gate alone
+        y = y * F.silu(z)
     return self.out_proj(y.to(hidden_states.dtype))
+
+
+def _projections(self, hidden_states: torch.Tensor):
+    """``(z, xBC, dt_raw)``; Falcon-H1 scales the input by ``ssm_in_multiplier`` and the
+    projections by its ``mup_vector`` (1 for the others)."""
+    scale = getattr(self, "ssm_in_multiplier", None)
+    proj = self.in_proj(hidden_states if scale is None else hidden_states * scale)
+    mup = getattr(self, "mup_vector", None)
+    if mup is not None:
+        proj = proj * mup
+    return proj.split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
