@@ -86,3 +86,22 @@ def test_a_rank_that_differs_or_cannot_shard_makes_every_rank_raise(tmp_path, wh
     messages = set(results.values())
     assert len(messages) == 1 and None not in messages, results
     assert match in messages.pop()
+
+
+@pytest.mark.parametrize("extra", [[], ["--fsdp", "--layout", "contiguous"]])
+def test_the_torchrun_example_checks_itself(extra):
+    """``examples/train_sequence_parallel.py`` under torchrun: exit status 0 (it exits non-zero
+    if sequence parallel differs from one process by more than 1e-10 in fp64)."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    repo = pathlib.Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(repo / "src"), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", str(repo / "examples" / "train_sequence_parallel.py"), "--steps", "2", *extra]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "largest difference vs one process" in done.stdout
