@@ -174,14 +174,17 @@ class Block(nn.Module):
         return h + self.mlp(self.norm2(h))
 
     def forward(self, x: torch.Tensor, *, offset: int = 0,
-                visibility: Visibility | None = None) -> torch.Tensor:
+                visibility: Visibility | None = None, sharding: Any = None) -> torch.Tensor:
         """``x: [B, T, C]`` at positions ``offset + [0, T)``; ``visibility`` overrides the
-        block's spec for this call (e.g. ``Prefix(n)`` with per-example lengths)."""
+        block's spec for this call (e.g. ``Prefix(n)`` with per-example lengths); ``sharding``
+        (a :class:`causalmix.distributed.Sharding`): ``x`` is this rank's shard of a
+        sequence-parallel call."""
         check_hidden(x, self.cfg.attention.d_model, "Block")
         check_int("offset", offset, 0)
         _check_override(visibility, "Block")
         vis = self.visibility if visibility is None else visibility
-        h = x + self.attn(self.norm1(x), visibility=vis, offset=offset)
+        kw = {} if sharding is None else {"sharding": sharding}
+        h = x + self.attn(self.norm1(x), visibility=vis, offset=offset, **kw)
         return h + self.mlp(self.norm2(h))
 
 
@@ -275,10 +278,12 @@ class SequenceModel(ModelBase):
 
     def forward(self, inputs: torch.Tensor, *, offset: int = 0,
                 visibility: tuple[Visibility, ...] | None = None,
-                return_hidden: bool = False
+                return_hidden: bool = False, sharding: Any = None
                 ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """``visibility``: one spec per layer overriding the config's for this call.
-        ``return_hidden``: also return each block's output ``[B, T, C]`` (a list)."""
+        ``return_hidden``: also return each block's output ``[B, T, C]`` (a list).
+        ``sharding``: ``inputs`` are this rank's shard of a sequence-parallel call (see
+        :class:`causalmix.distributed.SequenceParallel`, which passes it)."""
         check_int("offset", offset, 0)
         if isinstance(visibility, Visibility):
             raise ArgumentTypeError("SequenceModel: visibility must give one spec per layer (a "
@@ -289,7 +294,8 @@ class SequenceModel(ModelBase):
         x = self.stream_in(inputs)
         hidden = []
         for i, block in enumerate(self.blocks):
-            x = block(x, offset=offset, visibility=None if visibility is None else visibility[i])
+            x = block(x, offset=offset, visibility=None if visibility is None else visibility[i],
+                      sharding=sharding)
             hidden.append(x)
         out = self.stream_head(x)
         return (out, hidden) if return_hidden else out
