@@ -6,6 +6,11 @@ The spec and the functional mixers live here; execution modes and models are sub
 """
 
 from causalmix.checks import ArgumentTypeError, UnboundedHorizonError
+from causalmix.ops.delta import (
+    chunk_delta_attention,
+    delta_attention,
+    recurrent_delta_attention,
+)
 from causalmix.ops.linear import (
     LinearOutput,
     chunk_linear_attention,
@@ -47,8 +52,11 @@ __all__ = [
     "ValidKeys",
     "Visibility",
     "Window",
+    "chunk_delta_attention",
     "chunk_linear_attention",
+    "delta_attention",
     "linear_attention",
+    "recurrent_delta_attention",
     "recurrent_linear_attention",
     "softmax_attention",
 ]

@@ -1095,3 +1095,13 @@ def test_wrong_types_raise_argument_type_errors():
                  lambda: SoftmaxStream(Causal(), impl=3)):
         with pytest.raises(ValueError):
             call()
+
+
+def test_a_variable_length_tuple_from_a_layer_is_refused():
+    """``stream_qkv`` gives a mapping of named inputs or exactly ``(q, k, v)``; the old
+    ``(q, k, v, {gates})`` form is refused, naming the layer."""
+    layer = GatedTinyLayer(Causal())
+    layer.stream_qkv = lambda x, p: (*[layer.frames(x, p)[n] for n in "qkv"],
+                                     {"log_gate": layer.frames(x, p)["log_gate"]})
+    with pytest.raises(ArgumentTypeError, match=r"layers\[0\]: stream_qkv must return a mapping"):
+        ModelStream([layer]).push(torch.randn(1, 3, 16))

@@ -26,6 +26,7 @@ from causalmix.checks import ArgumentTypeError, check_int
 
 __all__ = ["LAYOUTS", "Span", "check_layout", "positions", "spans", "shard", "unshard"]
 
+#: The layouts :func:`shard` knows, the ``layout=`` values of the sharded ops.
 LAYOUTS = ("contiguous", "zigzag", "striped")
 
 

@@ -6,7 +6,10 @@
     for q, k, v in frames:                             # [B, n, H, D] each, any n >= 1
         out = s.push(q, k, v)                          # [B, m, H, Dv], m >= 0
     rest = s.flush()
-    s.latency_stats()                                  # mean / p50 / p90 / max frames waited
+    s.latency_stats(frame_seconds=0.01)                # frames waited; compute and measured s
+
+    g = LinearStream(Causal())                         # per-frame inputs: named arguments
+    out = g.push(q, k, v, log_gate=lg)                 # lg: [B, n, H], checked with the frames
 
     m = ModelStream(layers)                            # layers implement StreamableLayer
     y = m.push(x)                                      # x: [B, n, C] -> [B, m, C']
@@ -30,14 +33,23 @@ counted from the first pushed frame).
 * **Decode**: ``step()`` pushes frames whose outputs must all be final at once (generation:
   ``Causal``, ``Window(left)``, ``Prefix`` with the prefix as the first step, ``Chunked`` a chunk
   per step) and raises otherwise.
+* **Per-frame inputs** beyond q, k, v (a gated stream's ``log_gate``) are keyword arguments of
+  ``push`` / ``step``, checked once into one :class:`Frames` object (a family's subclass, e.g.
+  :class:`GateFrames`) that the skeleton hands to the family's hooks; a layer of a
+  :class:`ModelStream` returns them by name from ``stream_qkv``.
+* **Measured latency**: every push is timed; :meth:`MixerStream.latency_stats` reports per
+  output the algorithmic wait (frames) and, given the frame duration, wait + compute (the wall
+  time of the push that released the output) as p50 / p95 / max.
 
 A call that raises (bad frames, positions the spec does not define, a decode step whose
-outputs are not final) leaves the stream exactly as it was. An explicit ``impl`` that cannot
-serve the stream's calls raises at construction. ``repr`` shows the spec, the options and the
-frames in / out / pending.
+outputs are not final) leaves the stream exactly as it was; wrong types raise
+``ArgumentTypeError``; an empty batch (``B = 0``) streams right-shaped empty outputs. An
+explicit ``impl`` that cannot serve the stream's calls raises at construction. ``repr`` shows
+the spec, the options and the frames in / out / pending.
 
-Latency maths: :class:`LatencyStats`, :func:`compounded_latency` (a stack of specs, from their
-masks), :func:`expected_latency` (the differentiable mean-field latency of per-frame gates).
+Latency maths: :class:`LatencyStats` (``LatencyStats.of(latency, compute, frame_seconds=)``),
+:func:`compounded_latency` (a stack of specs, from their masks), :func:`expected_latency` (the
+differentiable mean-field latency of per-frame gates). ``latency_stats`` (a dict) is deprecated.
 
 Streams are for inference: they run under ``torch.no_grad()``.
 """

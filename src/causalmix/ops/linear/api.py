@@ -104,6 +104,8 @@ REGISTRY = Registry("linear", {"reference": reference, "chunk": chunk, "recurren
 
 
 class LinearOutput(NamedTuple):
+    """What :func:`linear_attention` returns with ``return_final_state=True``."""
+
     output: torch.Tensor  # [B, T, H, Dv], q's dtype
     final_state: torch.Tensor  # [B, H, D, Dv], fp32 (fp64 for fp64 inputs)
 

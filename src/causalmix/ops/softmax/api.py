@@ -45,6 +45,8 @@ REGISTRY = Registry("softmax", {"reference": reference, "sdpa": sdpa, "blocks": 
 
 
 class AttentionOutput(NamedTuple):
+    """What :func:`softmax_attention` returns with ``return_lse=True``."""
+
     output: torch.Tensor  # [B, Tq, Hq, Dv], q's dtype
     lse: torch.Tensor  # [B, Tq, Hq], fp32 (fp64 for fp64 inputs), natural log; -inf: no key
 

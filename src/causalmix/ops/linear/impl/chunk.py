@@ -34,7 +34,6 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from causalmix.checks import compute_dtype
-from causalmix.ops.factor import PositionArrays
 from causalmix.ops.heads import Heads
 from causalmix.ops.linear._chunk_band import BandFunction, BandPlan
 from causalmix.ops.linear._chunk_geometry import (
@@ -85,44 +84,51 @@ def _carry(x: torch.Tensor, n: int) -> torch.Tensor:
     return x[..., n, None, None]
 
 
-def _split(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """``[B, H, ...]`` -> ``[B, K, H / K, ...]``: heads as (key head, member of its group), a
-    view (output head ``h`` is member ``h % G`` of key head ``h // G``)."""
-    return x.unflatten(1, (groups, x.shape[1] // groups))
+def _split(x: torch.Tensor, heads: Heads) -> torch.Tensor:
+    """Grouped heads: ``[B, H, ...]`` -> ``[B, K, H / K, ...]``, heads as (key head, member of
+    its group), a view (output head ``h`` is member ``h % G`` of key head ``h // G``). Without
+    grouping, ``x`` itself (no extra dimension, no extra op)."""
+    return x.unflatten(1, (heads.k, x.shape[1] // heads.k)) if heads.grouped else x
+
+
+def _merge(x: torch.Tensor, heads: Heads) -> torch.Tensor:
+    """The inverse of :func:`_split`: ``[B, K, G, ...]`` -> ``[B, H, ...]``."""
+    return x.flatten(1, 2) if heads.grouped else x
 
 
 def _tile(x: torch.Tensor, a: int, cn: int, scan: Scan) -> torch.Tensor:
-    """Positions ``[a, a + cn)`` of a ``[B, T, Hx, D]`` input as grouped tiles ``[B, K, Hx / K,
-    cn, D]`` in the compute dtype (views: a k or v head serving G output heads is never
-    repeated)."""
-    return _split(tile(x, a, cn, scan.cd), scan.groups)
+    """Positions ``[a, a + cn)`` of a ``[B, T, Hx, D]`` input as tiles ``[B, Hx, cn, D]`` in the
+    compute dtype, grouped by :func:`_split` (views: a k or v head serving G output heads is
+    never repeated)."""
+    return _split(tile(x, a, cn, scan.cd), scan.heads)
 
 
-def _heads(x: torch.Tensor, members: int) -> torch.Tensor:
-    """A per-output-head tile gradient ``[B, K, G, cn, D]`` summed over the output heads that
-    share one input head (``members`` of them per key head: G or 1), as ``[B, cn, Hx, D]``."""
-    if x.shape[2] != members:
-        x = x.sum(2, keepdim=True)
-    return x.flatten(1, 2).transpose(1, 2)
+def _heads(x: torch.Tensor, members: int, heads: Heads) -> torch.Tensor:
+    """A per-output-head tile gradient (grouped ``[B, K, G, cn, D]``) summed over the output
+    heads that share one input head (``members`` of them per key head: G or 1), as ``[B, cn,
+    Hx, D]``."""
+    if heads.grouped:
+        x = (x if x.shape[2] == members else x.sum(2, keepdim=True)).flatten(1, 2)
+    return x.transpose(1, 2)
 
 
 class ScanPlan(NamedTuple):
-    """The non-tensor options of one scan: the call's position arrays, the chunk length, whether
-    there is a reverse scan, the state dtype, whether the gates are constant in time (a decay:
-    weights and shared tiles are reused across calls), and the head layout."""
+    """The non-tensor options of one scan: its geometry (positions, chunk length, reverse scan
+    or not; built once for forward and backward), the state dtype, whether the gates are
+    constant in time (a decay: weights and shared tiles are reused across calls), and the head
+    layout."""
 
-    arrays: PositionArrays
-    chunk: int
-    reverse: bool
+    geo: Geometry
     state_dtype: torch.dtype
     constant: bool
     heads: Heads
 
 
 class Scan(NamedTuple):
-    """What every stage reads: inputs, geometry, weights (grouped: ``[B'', K, G, N, C]``), tile
-    weights, dtypes and the head layout (``groups`` = K key heads, each read by G output
-    heads; see :func:`_split`). States and every per-output-head tile are ``[B, K, G, ...]``."""
+    """What every stage reads: inputs, geometry, weights ``[B'', H, N, C]``, tile weights,
+    dtypes and the head layout. With grouped heads (K key heads, each read by G output heads)
+    every per-output-head tensor -- weights, states, tiles -- is split ``[B, K, G, ...]``
+    (:func:`_split`) and the inputs with fewer heads broadcast."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -134,13 +140,13 @@ class Scan(NamedTuple):
     sd: torch.dtype
     heads: Heads
 
-    @property
-    def groups(self) -> int:
-        return self.heads.k
-
     def tile_weights(self, n: int) -> torch.Tensor:
-        """``M`` of chunk n, ``[B'', K, G, cn, cn]``."""
-        return _split(self.tiles(n), self.groups)
+        """``M`` of chunk n, ``[B'', H, cn, cn]`` (split)."""
+        return _split(self.tiles(n), self.heads)
+
+    def pair_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """A ``[B', cn, cn]`` mask of a chunk, broadcastable against its tiles."""
+        return mask[:, None, None] if self.heads.grouped else mask[:, None]
 
 
 class ChunkTiles(NamedTuple):
@@ -160,8 +166,7 @@ def _prepare(plan: ScanPlan, q, k, v, log_gate, reverse_log_gate) -> Scan:
     """Geometry and weights of a scan (recomputed in backward: O(T H), the geometry cached).
     Constant gates (a decay, ``[1, T, H]`` broadcast): weights and shared tiles are reused
     across calls, as they depend only on the geometry and the H decay values."""
-    cd = compute_dtype(q)
-    geo = geometry(plan.arrays, q.shape[1], plan.chunk, plan.reverse)
+    cd, geo = compute_dtype(q), plan.geo
     width = v.shape[-1]  # a block of tile weights weighs at most the output [B, T, H, Dv]
     if not plan.constant:
         w = chunk_weights(log_gate, reverse_log_gate, geo, cd)
@@ -171,16 +176,14 @@ def _prepare(plan: ScanPlan, q, k, v, log_gate, reverse_log_gate) -> Scan:
         w, memo = geo.memo.get_or_make(
             key, lambda: (chunk_weights(log_gate, reverse_log_gate, geo, cd), {}))
         tiles = TileWeights(w, geo, cd, width, memo)
-    groups = plan.heads.k
-    w = Weights(*(None if x is None else _split(x, groups) for x in w))
+    w = Weights(*(None if x is None else _split(x, plan.heads) for x in w))
     return Scan(q, k, v, geo, w, tiles, cd, plan.state_dtype, plan.heads)
 
 
 def _state_zeros(x: Scan) -> torch.Tensor:
-    """A zero state ``[B, K, G, D, Dv]``."""
-    h = x.heads
-    return x.q.new_zeros(x.q.shape[0], h.k, h.out // h.k, x.q.shape[-1], x.v.shape[-1],
-                         dtype=x.sd)
+    """A zero state ``[B, H, D, Dv]`` (split)."""
+    shape = (x.q.shape[0], x.heads.out, x.q.shape[-1], x.v.shape[-1])
+    return _split(x.q.new_zeros(shape, dtype=x.sd), x.heads)
 
 
 def _reverse_scan(x: Scan) -> list:
@@ -202,7 +205,7 @@ def _forward_scan(x: Scan, s0, rstates):
     Dv]`` (the last one the final state)."""
     b, t = x.q.shape[:2]
     o = torch.empty(b, t, x.heads.out, x.v.shape[-1], dtype=x.cd, device=x.q.device)
-    s = _state_zeros(x) if s0 is None else _split(s0.to(x.sd), x.groups)
+    s = _state_zeros(x) if s0 is None else _split(s0.to(x.sd), x.heads)
     states = s.new_empty(x.geo.n + 1, *s.shape)
     for n in range(x.geo.n):
         states[n] = s
@@ -213,7 +216,7 @@ def _forward_scan(x: Scan, s0, rstates):
         out = att @ vt + (qt * _col(x.w.read_f, n, cn)) @ s.to(x.cd)
         if rstates[n] is not None and not x.geo.dead(n):
             out = out + (qt * _col(x.w.read_r, n, cn)) @ rstates[n].to(x.cd)
-        o[:, a:a + cn] = out.flatten(1, 2).transpose(1, 2)
+        o[:, a:a + cn] = _merge(out, x.heads).transpose(1, 2)
         s = _carry(x.w.carry_f, n) * s + _outer(kt * _col(x.w.key_f, n, cn), vt, x.sd)
     states[x.geo.n] = s
     return o, states
@@ -231,9 +234,9 @@ class ScanFunction(torch.autograd.Function):
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v, log_gate, reverse_log_gate, initial_state = tensors
         x = _prepare(plan, q, k, v, log_gate, reverse_log_gate)
-        rstates = _reverse_scan(x) if plan.reverse else [None] * x.geo.n
+        rstates = _reverse_scan(x) if plan.geo.reverse else [None] * x.geo.n
         o, states = _forward_scan(x, initial_state, rstates)
-        return o, states[-1].flatten(1, 2).to(x.cd, copy=True), states
+        return o, _merge(states[-1], plan.heads).to(x.cd, copy=True), states
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -253,14 +256,14 @@ class ScanFunction(torch.autograd.Function):
             do = torch.zeros(*q.shape[:2], plan.heads.out, v.shape[-1], dtype=x.cd,
                              device=q.device)
         want_g = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]
-        hstates = _reverse_grad_scan(x, do) if plan.reverse else None
+        hstates = _reverse_grad_scan(x, do) if plan.geo.reverse else None
         grads = _backward_scan(x, do.to(x.cd), ds_final, states, hstates, want_g)
         dg = dgr = None
         if want_g:
             dg, dgr = _gate_grads(x, grads, log_gate, reverse_log_gate)
         ds0 = grads.gs.to(x.cd) if ctx.has_initial_state else None
         return (None, grads.dq.to(q.dtype), grads.dk.to(k.dtype), grads.dv.to(v.dtype), dg,
-                dgr if plan.reverse else None, ds0)
+                dgr if plan.geo.reverse else None, ds0)
 
 
 def _reverse_grad_scan(x: Scan, do) -> list:
@@ -284,12 +287,13 @@ class GateAcc(NamedTuple):
     ``wide`` (fp64 states: a differentiated constant decay, whose gradient sums these terms
     over all T): the pair and state terms are accumulated into ``db`` one by one in fp64
     (``q . dq - k . dk`` in fp32 would cancel ~C/2-fold); otherwise ``db`` holds ``q . dq - k .
-    dk`` of each chunk's own (per output head) dq, dk, and ``de`` is added to it at the end."""
+    dk`` of each chunk's own (per output head) dq, dk with grouped heads, and is None without
+    (:func:`_gate_grads` takes it from dq, dk); ``de`` is added to it at the end."""
 
     dbt: torch.Tensor
     de: torch.Tensor | None
     det: torch.Tensor | None
-    db: torch.Tensor
+    db: torch.Tensor | None
     wide: bool
 
 
@@ -318,13 +322,13 @@ def _tile_grads(x: Scan, m: ChunkMasks, tl: ChunkTiles, acc: GateAcc | None) -> 
     dp = datt * tw
     if acc is not None and acc.wide:  # pair terms one by one, in fp64
         p = (datt * att).to(x.sd)
-        pf = p if m.bmask is None else p * m.fmask[:, None, None]
+        pf = p if m.bmask is None else p * x.pair_mask(m.fmask)
         acc.db[..., tl.n, :m.cn] += pf.sum(-1) - pf.sum(-2)  # M = exp(b_r - b_j)
         if m.bmask is not None:
             pr = p - pf
             acc.de[..., tl.n, :m.cn] += pr.sum(-2) - pr.sum(-1)
     elif acc is not None and m.bmask is not None:
-        pr = (datt * att * m.bmask[:, None, None]).to(x.sd)  # dL/d(e_j - e_r), reverse pairs
+        pr = (datt * att * x.pair_mask(m.bmask)).to(x.sd)  # dL/d(e_j - e_r), reverse pairs
         acc.de[..., tl.n, :m.cn] += pr.sum(-2) - pr.sum(-1)
     return TileGrad(dp @ tl.k, dp.transpose(-1, -2) @ tl.q, att.transpose(-1, -2) @ tl.do)
 
@@ -379,11 +383,11 @@ def _gate_acc(x: Scan, want_g: bool) -> GateAcc | None:
     wide = x.sd == torch.float64 and x.cd != torch.float64
 
     def zeros(*shape):
-        return torch.zeros(b, h.k, h.out // h.k, *shape, dtype=x.sd, device=x.q.device)
+        return _split(torch.zeros(b, h.out, *shape, dtype=x.sd, device=x.q.device), h)
 
     rev = x.geo.reverse
     return GateAcc(zeros(n), zeros(n, c) if rev else None, zeros(n) if rev else None,
-                   zeros(n, c), wide)
+                   zeros(n, c) if wide or h.grouped else None, wide)
 
 
 def _chunk_grads(x: Scan, tl: ChunkTiles, pair: tuple, gs, carry: tuple):
@@ -399,7 +403,9 @@ def _chunk_grads(x: Scan, tl: ChunkTiles, pair: tuple, gs, carry: tuple):
         hm = hstates[n - 1] if n > 0 else None
         g = _reverse_state_grads(x, tl, rs, (hstates[n], hm), g, acc)
         rs = _carry(x.w.carry_r, n) * rs + _outer(tl.k * _col(x.w.key_r, n, tl.cn), tl.v, x.sd)
-    if acc is not None and not acc.wide:  # q . dq - k . dk of this chunk, per output head
+    if acc is not None and not acc.wide and x.heads.grouped:
+        # q . dq - k . dk of this chunk per output head (before the heads of q or k are summed;
+        # without grouping, _gate_grads takes it from dq, dk in one pass)
         acc.db[..., n, :tl.cn] = (torch.einsum("...rd,...rd->...r", tl.q, g.dq)
                                   - torch.einsum("...rd,...rd->...r", tl.k, g.dk)).to(x.sd)
     return g, gs, rs
@@ -413,17 +419,17 @@ def _backward_scan(x: Scan, do, ds_final, states, hstates, want_g) -> Grads:
     dk = torch.empty(x.k.shape, dtype=x.cd, device=dev)
     dv = torch.empty(x.v.shape, dtype=x.cd, device=dev)
     acc = _gate_acc(x, want_g)
-    gs = _state_zeros(x) if ds_final is None else _split(ds_final.to(x.sd), x.groups)
+    gs = _state_zeros(x) if ds_final is None else _split(ds_final.to(x.sd), h)
     rs = _state_zeros(x)  # R_{N-1} = 0
     for n in range(x.geo.n - 1, -1, -1):
         a, cn = n * x.geo.c, min(x.geo.c, x.geo.t - n * x.geo.c)
         tl = ChunkTiles(n, a, cn, _tile(x.q, a, cn, x), _tile(x.k, a, cn, x),
                         _tile(x.v, a, cn, x), _tile(do, a, cn, x))
         g, gs, rs = _chunk_grads(x, tl, (states[n], states[n + 1]), gs, (rs, (hstates, acc)))
-        dq[:, a:a + cn] = _heads(g.dq, h.q // h.k)
-        dk[:, a:a + cn] = _heads(g.dk, 1)
-        dv[:, a:a + cn] = _heads(g.dv, h.v // h.k)
-    return Grads(dq, dk, dv, gs.flatten(1, 2), acc)
+        dq[:, a:a + cn] = _heads(g.dq, h.q // h.k, h)
+        dk[:, a:a + cn] = _heads(g.dk, 1, h)
+        dv[:, a:a + cn] = _heads(g.dv, h.v // h.k, h)
+    return Grads(dq, dk, dv, _merge(gs, h), acc)
 
 
 def _gate_grads(x: Scan, grads: Grads, log_gate, reverse_log_gate):
@@ -435,7 +441,7 @@ def _gate_grads(x: Scan, grads: Grads, log_gate, reverse_log_gate):
     sum r``: ``dr_s = sum_{r > s} de_r + dE``. All sums are chunk-local. Returns ``[B', T, H]``
     each."""
     acc, t = grads.acc, x.geo.t
-    acc = GateAcc(*(y.flatten(1, 2) if isinstance(y, torch.Tensor) else y for y in acc))
+    acc = GateAcc(*(_merge(y, x.heads) if isinstance(y, torch.Tensor) else y for y in acc))
 
     def to_gate(dl, like):  # [B, H, N, C] -> [B', T, H] summed over a broadcast batch
         y = dl.permute(0, 2, 3, 1).reshape(dl.shape[0], -1, dl.shape[1])[:, :t]
@@ -443,7 +449,16 @@ def _gate_grads(x: Scan, grads: Grads, log_gate, reverse_log_gate):
             y = y.sum(0, keepdim=True)
         return y.to(like.dtype)
 
-    db = acc.db if acc.wide or acc.de is None else acc.db + acc.de  # dL/db - dL/de
+    db = acc.db
+    if not acc.wide and not x.heads.grouped:
+        # row-wise dot products without a [B, T, H, D] temporary (einsum -> batched matmul)
+        both = torch.einsum("bthd,bthd->bth", x.q.to(x.cd), grads.dq).to(x.sd) \
+            - torch.einsum("bthd,bthd->bth", x.k.to(x.cd), grads.dk).to(x.sd)
+        n, c = x.geo.n, x.geo.c
+        both = torch.nn.functional.pad(both, (0, 0, 0, n * c - t))
+        db = both.view(both.shape[0], n, c, -1).permute(0, 3, 1, 2)  # [B, H, N, C]
+    if not acc.wide and acc.de is not None:
+        db = db + acc.de  # dL/db - dL/de
     dg = to_gate(db.flip(-1).cumsum(-1).flip(-1) + acc.dbt[..., None], log_gate)
     if acc.de is None:
         return dg, None
@@ -461,8 +476,8 @@ def run(call: LinearCall) -> tuple[torch.Tensor, torch.Tensor | None]:
     t = q.shape[1]
     c = max(1, min(call.chunk_size, t))
     cd = compute_dtype(q)
-    plan = ScanPlan(f.arrays(t, call.q_offset, q.device), c, f.has_reverse,
-                    torch.float64 if gates.wide_states else cd, gates.constant, call.heads)
+    geo = geometry(f.arrays(t, call.q_offset, q.device), t, c, f.has_reverse)
+    plan = ScanPlan(geo, torch.float64 if gates.wide_states else cd, gates.constant, call.heads)
     ks, vs = (k, v) if k.shape[1] == t else (k[:, :t], v[:, :t])
     o, s, _ = ScanFunction.apply(plan, q, ks, vs, gates.log_gate[:, :t],
                                  gates.reverse_log_gate[:, :t], call.initial_state)

@@ -1,0 +1,124 @@
+"""MkDocs hooks of the causalmix site (``mkdocs.yml``: ``hooks:``).
+
+At every build, nothing of it checked in:
+
+- one API reference page per public module (``public_api.MODULES``), an entry for every name of
+  its ``__all__`` (so a new public name appears, and a name without a docstring fails the strict
+  build with a warning);
+- the figures of ``figures.FIGURES`` (mask and weight pictures drawn from the code with
+  matplotlib), written as SVG under ``figures/`` of the site;
+- the lab page's findings (title, paper, claim, rule: ``causalmix.lab.findings.FINDINGS``), each
+  with its latest figure when a lab report exists (``$CAUSALMIX_LAB_OUT``, default ``lab_out/``:
+  what ``make lab`` writes), else the command that makes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import re
+import sys
+import time
+
+from mkdocs.structure.files import File
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parents[1] / "src"))  # the tree being documented, installed or not
+
+import figures  # noqa: E402
+import public_api  # noqa: E402
+
+log = logging.getLogger("mkdocs.plugins.causalmix")
+
+_GUIDE = {
+    "causalmix": "Guides: [Concepts](../concepts.md), [softmax](../mixers/softmax.md), "
+                 "[linear](../mixers/linear.md).",
+    "causalmix.stream": "Guide: [Modes](../modes.md).",
+    "causalmix.distributed": "Guide: [Modes](../modes.md#sequence-parallel).",
+    "causalmix.nn": "Guide: [Layers and models](../models.md).",
+    "causalmix.hf": "Guide: [the Hugging Face bridge](../hf.md) (needs the `hf` extra).",
+}
+
+
+def reference_page(module: str, entries: list[public_api.Entry]) -> str:
+    """The Markdown of one reference page: the module docstring, then every public name."""
+    lines = [f"# `{module}`", "", _GUIDE.get(module, ""), "",
+             f"::: {module}", "    options:", "      members: false",
+             "      show_root_heading: false", "      show_root_toc_entry: false", ""]
+    for e in entries:
+        if e.first is None:
+            lines += [f"::: {e.module}.{e.name}", ""]
+        else:
+            lines += [f"## `{e.module}.{e.name}` {{ #{e.module}.{e.name} }}", "",
+                      f"The same object as [`{e.first}`][{e.first}], re-exported here.", ""]
+    return "\n".join(lines)
+
+
+LAB_MARK = "<!-- findings: written by docs/hooks/site.py -->"
+
+
+def _lab_out(config) -> pathlib.Path:
+    root = pathlib.Path(config.config_file_path).parent
+    return root / os.environ.get("CAUSALMIX_LAB_OUT", "lab_out")
+
+
+def findings_markdown(lab_out: pathlib.Path) -> str:
+    """One section per finding of the lab, from the findings' own data."""
+    from causalmix.lab.findings import FINDINGS
+
+    report = lab_out / "report.md"
+    head = report.read_text().splitlines()[0] if report.is_file() else ""
+    suite = re.search(r"suite `(\w+)`", head)
+    suite = f"suite `{suite.group(1)}`" if suite else "suite unknown"
+    lines = []
+    for key, f in FINDINGS.items():
+        lines += [f"### {key}: {f.title}", "", f"*{f.paper}*", "", f"**Claim.** {f.claim}", "",
+                  f"**Rule.** {f.rule}", ""]
+        if (lab_out / "figures" / f"{key}.png").is_file():
+            lines += [f"![{key}, from the latest report](lab/{key}.png)", "",
+                      f"*The latest figure ({suite}): `{report.parent.name}/figures/{key}.png`, "
+                      f"written by `causalmix lab report` (the numbers and the verdict are in "
+                      f"`{report.parent.name}/report.html`).*", ""]
+        else:
+            lines += [f"No lab report was found when this site was built: `make lab` writes "
+                      f"this finding's figure to `lab_out/figures/{key}.png` and its numbers and "
+                      f"verdict to `lab_out/report.html` (then `make docs` shows the figure "
+                      f"here).", ""]
+    return "\n".join(lines)
+
+
+def on_page_markdown(markdown, page, config, files):
+    if page.file.src_uri == "lab.md":
+        if LAB_MARK not in markdown:
+            log.warning("lab.md has lost its findings mark %r", LAB_MARK)
+        return markdown.replace(LAB_MARK, findings_markdown(_lab_out(config)))
+    return markdown
+
+
+def on_files(files, config):
+    """Add the generated reference pages and figures to the build."""
+    start = time.perf_counter()
+    missing = public_api.undocumented()
+    for name in missing:
+        log.warning("public name without a docstring of its own: %s", name)
+    by_module: dict[str, list[public_api.Entry]] = {}
+    for e in public_api.entries():
+        by_module.setdefault(e.module, []).append(e)
+    for module, page in public_api.MODULES.items():
+        files.append(File.generated(config, page,
+                                    content=reference_page(module, by_module.get(module, []))))
+    for name, draw in figures.FIGURES.items():
+        files.append(File.generated(config, f"figures/{name}.svg", content=draw()))
+    lab_figures = _lab_out(config) / "figures"
+    for png in sorted(lab_figures.glob("F*.png")) if lab_figures.is_dir() else []:
+        files.append(File.generated(config, f"lab/{png.name}", content=png.read_bytes()))
+    log.info("causalmix: %d reference pages, %d figures in %.1f s", len(public_api.MODULES),
+             len(figures.FIGURES), time.perf_counter() - start)
+    return files
+
+
+def on_config(config):
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    return config
