@@ -353,7 +353,7 @@ def adaptive_summary(results: dict[str, list[dict]], max_lookahead: int, *,
              "reference_latency_mean": lat, "latency_bound": bound, "slack": slack,
              "latency_ratio": latency_ratio, "oracle_ratio_bound": oracle_ratio,
              "passing_points": ok, "holds": bool(ok), "oracle_latency": oracle,
-             "oracle_ratio": None if oracle is None else oracle / lat}
+             "oracle_ratio": None if oracle is None or lat == 0 else oracle / lat}
     return {"points": points, "check": check}
 
 

@@ -186,39 +186,34 @@ class MQAR:
 
 @dataclasses.dataclass(frozen=True)
 class SetDisjointness:
-    """Set disjointness by order (JRT, Arora et al. 2024): two sets, then questions about the
-    elements of the small set: is it also in the large one? (The sets are disjoint when every
-    answer is no.)
+    """Set disjointness by order (JRT, Arora et al. 2024): two sets; for every element of the
+    second, is it also in the first? (The sets are disjoint when every answer is no.)
 
     Elements are ``[0, num_elements)``; an example draws ``small + large - shared`` distinct
     elements and makes a set of ``small`` and one of ``large`` that have ``shared`` of them in
-    common, written ``set_1 SEP set_2 SEP questions`` in a random order within each set. Order
-    ``0`` (small first) puts the small set first, order ``1`` (large first) the large one;
-    training mixes both orders half and half, the test set has ``num_test`` examples of each.
-    The questions are the elements of the small set again (question tokens, in a fresh random
-    order), each labelled 1 (also in the large set) or 0: the same questions whatever the
-    order. The training split also labels every element of the second set with its
-    membership in the first (a dense signal); the test split labels the questions only. The
-    metric is the balanced accuracy (the mean of the accuracies on 1-labels and on 0-labels,
-    chance 0.5) over the labelled positions, overall and per order
-    (``balanced_accuracy_by_order``).
+    common, written ``set_1 SEP set_2`` in a random order within each set. Order ``0`` (small
+    first) puts the small set first, order ``1`` (large first) the large one; training mixes
+    both orders half and half, the test set has ``num_test`` examples of each. Every element
+    of the second set is labelled 1 (also in the first set) or 0. The metric is the balanced
+    accuracy (the mean of the accuracies on 1-labels and on 0-labels, chance 0.5 whatever the
+    order) overall and per order (``balanced_accuracy_by_order``). Elements of the large set
+    are written as tokens ``2 + e``, those of the small set ``2 + num_elements + e`` (which set
+    a token belongs to is in the token; *where* the set sits is the order): a causal recurrent
+    reader must hold the whole first set in its state to answer, a bidirectional one can hold
+    the small set whichever comes first (JRT's argument). ``prefix_len`` is the whole
+    sequence. Token 0 is ``SEP`` (1 is unused).
 
-    Tokens: ``SEP`` 0 (1 is unused); large-set elements ``2 + e``, small-set elements
-    ``2 + num_elements + e``, questions ``2 + 2 * num_elements + e`` (which set a token
-    belongs to is in the token; *where* the set sits is the order). ``prefix_len`` covers both
-    sets and both ``SEP``: a prefix model reads the sets bidirectionally, the questions
-    causally. A causal recurrent reader answers a question from the state the sets left: with
-    the small set first it can mark, while reading the large set, which of its elements it
-    has stored (a small state suffices); with the large set first it must hold all of it. A
-    prefix reader without positional encodings (the linear mixer has none) sees the same
-    multiset of tokens in both orders, so its answers cannot depend on the order (JRT's
-    argument).
+    ``label_first=True`` also labels, in the training split only, every element of the first
+    set with its membership in the second (a causal reader cannot know it, a bidirectional
+    one can: it tells a bidirectional model which elements are shared on either side, the
+    first step of answering when the large set comes first). The metrics score the second
+    set only, in every split.
 
-    Worked example (num_elements 8; small 2, large 3, shared 1, order 0, small {1, 4},
-    large {4, 6, 0}; train split)::
+    Worked example (num_elements 8: large-set tokens 2..9, small-set tokens 10..17; small 2,
+    large 3, shared 1, order 0, sets {1, 4} and {4, 6, 0})::
 
-        inputs   11 14  0  6 8 2  0  19 22
-        targets   .  .  .  1 0 0  .   0  1
+        inputs   11 14  0  6 8 2
+        targets   .  .  .  1 0 0
     """
 
     num_elements: int = 32
@@ -227,6 +222,7 @@ class SetDisjointness:
     shared: int = 2
     num_train: int = 20000
     num_test: int = 512
+    label_first: bool = False
 
     group_key = "order"
     kind = "classification"
@@ -243,69 +239,64 @@ class SetDisjointness:
                              f"({self.num_elements})")
 
     @property
-    def prefix(self) -> int:
-        """Tokens of the two sets and their two ``SEP``."""
-        return self.small + self.large + 2
-
-    @property
     def seq_len(self) -> int:
-        return self.prefix + self.small
+        return self.small + self.large + 1
 
     @property
     def vocab_size(self) -> int:
-        return 2 + 3 * self.num_elements
+        return 2 + 2 * self.num_elements
 
     def _make(self, order: torch.Tensor, g: torch.Generator,
-              dense: bool) -> dict[str, torch.Tensor]:
+              label_first: bool = False) -> dict[str, torch.Tensor]:
         n, s, big, c, e = order.shape[0], self.small, self.large, self.shared, self.num_elements
         pick = torch.argsort(torch.rand(n, e, generator=g), dim=1)[:, :s + big - c]
         small, large = pick[:, :s], torch.cat([pick[:, :c], pick[:, s:]], dim=1)
-
-        def shuffled(x: torch.Tensor) -> torch.Tensor:  # shared elements anywhere in a set
-            return x.gather(1, torch.argsort(torch.rand(*x.shape, generator=g), dim=1))
-
-        small, large, asked = shuffled(small), shuffled(large), shuffled(small)
+        # shuffle within each set so that the shared elements sit anywhere
+        small = small.gather(1, torch.argsort(torch.rand(n, s, generator=g), dim=1))
+        large = large.gather(1, torch.argsort(torch.rand(n, big, generator=g), dim=1))
         in_small = (large[:, :, None] == small[:, None, :]).any(-1).long()
         in_large = (small[:, :, None] == large[:, None, :]).any(-1).long()
-        answer = (asked[:, :, None] == large[:, None, :]).any(-1).long()
         sep = torch.full((n, 1), self.SEP, dtype=torch.int64)
         no = torch.full((n, 1), IGNORE, dtype=torch.int64)
         sf = torch.cat([small + 2 + e, sep, large + 2], dim=1)
         lf = torch.cat([large + 2, sep, small + 2 + e], dim=1)
-        sf_y = torch.cat([torch.full((n, s), IGNORE), no,
-                          in_small if dense else torch.full((n, big), IGNORE)], dim=1)
-        lf_y = torch.cat([torch.full((n, big), IGNORE), no,
-                          in_large if dense else torch.full((n, s), IGNORE)], dim=1)
+        sf_y = torch.cat([in_large if label_first else torch.full((n, s), IGNORE), no,
+                          in_small], dim=1)
+        lf_y = torch.cat([in_small if label_first else torch.full((n, big), IGNORE), no,
+                          in_large], dim=1)
         first = order[:, None] == 0
-        return {"inputs": torch.cat([torch.where(first, sf, lf), sep, asked + 2 + 2 * e], 1),
-                "targets": torch.cat([torch.where(first, sf_y, lf_y), no, answer], 1),
-                "prefix_len": torch.full((n,), self.prefix, dtype=torch.int64),
+        return {"inputs": torch.where(first, sf, lf), "targets": torch.where(first, sf_y, lf_y),
+                "prefix_len": torch.full((n,), self.seq_len, dtype=torch.int64),
                 "order": order.clone()}
 
     def build(self, seed: int) -> TaskData:
         g = torch.Generator().manual_seed(seed)
         train = torch.randint(0, 2, (self.num_train,), generator=g)
         test = torch.arange(2).repeat_interleave(self.num_test)
-        return TaskData(self._make(train, g, True), self._make(test, g, False))
+        return TaskData(self._make(train, g, self.label_first), self._make(test, g))
 
-    def solve(self, inputs: list[int], *, split: str = "test") -> list[int]:
-        """Brute force: decode both sets of one example and label each question with its
-        membership in the large set (and, for the ``"train"`` split, each element of the
-        second set with its membership in the first)."""
-        e = self.num_elements
+    def solve(self, inputs: list[int], *, label_first: bool = False) -> list[int]:
+        """Brute force: decode both sets of one example, label each element of the second
+        with its membership in the first (and, with ``label_first``, each element of the
+        first with its membership in the second)."""
         sep = inputs.index(self.SEP)
-        end = sep + 1 + inputs[sep + 1:].index(self.SEP)
-        first, second = {(t - 2) % e for t in inputs[:sep]}, inputs[sep + 1:end]
-        large = {t - 2 for t in inputs[:end] if 2 <= t < 2 + e}
-        head = [int((t - 2) % e in first) for t in second] if split == "train" \
-            else [IGNORE] * len(second)
-        return [IGNORE] * (sep + 1) + head + [IGNORE] \
-            + [int(t - 2 - 2 * e in large) for t in inputs[end + 1:]]
+        e = self.num_elements
+
+        def decode(tok: int) -> int:
+            return tok - 2 - e if tok >= 2 + e else tok - 2
+
+        first = {decode(t) for t in inputs[:sep]}
+        second = {decode(t) for t in inputs[sep + 1:]}
+        head = ([int(decode(t) in second) for t in inputs[:sep]] if label_first
+                else [IGNORE] * sep)
+        return head + [IGNORE] + [int(decode(t) in first) for t in inputs[sep + 1:]]
 
     def metrics(self, out: torch.Tensor, data: dict[str, torch.Tensor]) -> dict:
-        """Balanced accuracy (mean over the labels 0 and 1 of the accuracy on that label),
-        overall (also ``score``) and per order."""
-        tgt = data["targets"]
+        """Balanced accuracy (mean over the labels 0 and 1 of the accuracy on that label) on
+        the elements of the second set, overall (also ``score``) and per order."""
+        sep = torch.where(data["order"] == 0, self.small, self.large)
+        tgt = data["targets"].masked_fill(torch.arange(self.seq_len)[None, :] <= sep[:, None],
+                                          IGNORE)
         hit = out.argmax(-1) == tgt
         grp = data["order"][:, None].expand_as(tgt)
 

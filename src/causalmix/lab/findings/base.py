@@ -17,8 +17,8 @@ from causalmix.nn.config import PRESETS
 
 __all__ = ["GATED_MISSING", "GATED_MIXER", "ONE_SEED", "SUITES", "Arm", "Finding", "Judgement",
            "SuiteSize", "bars", "by_group", "conditions", "disjoint", "fmt", "gated_arm",
-           "gated_model", "line_plot", "linear_model", "mean_se", "not_run", "softmax_model",
-           "values"]
+           "gated_model", "judged", "line_plot", "linear_model", "mean_se", "not_run",
+           "softmax_model", "values"]
 
 #: The name :mod:`causalmix.nn` gives the gated linear mixer (Mamba-2-style per-token gates;
 #: with ``Full()`` its reverse scan makes it Hydra-style bidirectional). The arms that need it
@@ -94,6 +94,30 @@ class Finding:
     def arm_names(self, suite: str) -> list[str]:
         return [a.name for a in self.arms(suite)]
 
+    @classmethod
+    def from_doc(cls, doc: str, *, arms, judge, plot) -> Finding:
+        """The finding a module docstring describes: its first line ``"<key>: <title>"``,
+        then paragraphs (separated by blank lines) that start ``Paper:``, ``Claim:``,
+        ``Rule:``, ``Knobs:`` and ``History:`` (each field's text; lines joined by spaces)."""
+        head, *paras = [" ".join(p.split()) for p in doc.strip().split("\n\n")]
+        key, _, title = head.partition(": ")
+        fields = {}
+        for p in paras:
+            label, _, text = p.partition(": ")
+            if label.lower() not in DOC_FIELDS:
+                raise ValueError(f"finding {key}: a docstring paragraph must start with one of "
+                                 f"{[f.capitalize() + ':' for f in DOC_FIELDS]}, got {p[:40]!r}")
+            fields[label.lower()] = text
+        missing = [f for f in DOC_FIELDS[:-1] if f not in fields]
+        if missing or not title:
+            raise ValueError(f"finding {key}: its docstring lacks {missing or ['a title']}")
+        return cls(key=key, title=title.rstrip("."), arms=arms, judge=judge, plot=plot,
+                   **fields)
+
+
+#: The paragraphs of a finding's docstring (:meth:`Finding.from_doc`); ``history`` optional.
+DOC_FIELDS = ("paper", "claim", "rule", "knobs", "history")
+
 
 # ------------------------------------------------------------------------------- helpers
 
@@ -146,6 +170,12 @@ def conditions(checks: dict[str, bool]) -> str:
     """A note listing each condition of a rule and whether the runs meet it."""
     return "Conditions: " + "; ".join(f"{what}: {'yes' if ok else 'no'}"
                                       for what, ok in checks.items()) + "."
+
+
+def judged(checks: dict[str, bool], numbers: str, table, *notes: str) -> Judgement:
+    """The verdict of a rule whose ``checks`` (condition -> met) must all hold; the notes are
+    the conditions, then ``notes`` (the margins: how far each number is from its bound)."""
+    return Judgement(all(checks.values()), numbers, table, [conditions(checks), *notes])
 
 
 def disjoint(a: list[float], b: list[float]) -> bool:

@@ -1,4 +1,16 @@
-"""F6: bidirectional gated mixer (Hydra-style) vs causal gated (Hydra; Mamba-2)."""
+"""F6: Bidirectional gated mixer (Hydra-style) vs causal gated.
+
+Paper: Hydra (Hwang et al. 2024); Mamba-2 (Dao & Gu 2024)
+
+Claim: A gated linear mixer run in both directions (the reverse scan of the same gated
+recurrence) uses right context that a causal one cannot.
+
+Rule: On the lookahead task (labels from up to 4 frames ahead), bidirectional beats causal by
+>= 0.1 mean accuracy with fb.disjoint mean ± standard error intervals.
+
+Knobs: Lookahead task: 8 symbols, delays 0..4, 48 frames; the gated mixer with Full() vs
+Causal(), d_model 64, 2 layers; 300 steps, batch 32, lr 3e-3.
+"""
 
 from __future__ import annotations
 
@@ -32,11 +44,10 @@ def _f6_judge(results) -> fb.Judgement:
     (mb, sb), (mc, sc) = fb.mean_se(bi), fb.mean_se(ca)
     checks = {"bidirectional >= causal + 0.1": mb - mc >= 0.1,
               "intervals disjoint": fb.disjoint(bi, ca)}
-    notes = [fb.conditions(checks),
-             f"Margins: the difference {mb - mc:.3f} is {mb - mc - 0.1:+.3f} over 0.1; the "
-             f"intervals are {(mb - sb) - (mc + sc):+.4f} apart."]
-    return fb.Judgement(all(checks.values()), f"bidirectional {fb.fmt(bi)}, causal "
-                        f"{fb.fmt(ca)}", (header, rows), notes)
+    margins = (f"Margins: the difference {mb - mc:.3f} is {mb - mc - 0.1:+.3f} over 0.1; the "
+               f"intervals are {(mb - sb) - (mc + sc):+.4f} apart.")
+    numbers = f"bidirectional {fb.fmt(bi)}, causal {fb.fmt(ca)}"
+    return fb.judged(checks, numbers, (header, rows), margins)
 
 
 def _f6_plot(results, ax):
@@ -45,13 +56,5 @@ def _f6_plot(results, ax):
     ax.set_ylim(0, 1.05)
 
 
-F6 = fb.Finding(
-    key="F6", title="Bidirectional gated mixer (Hydra-style) vs causal gated",
-    paper="Hydra (Hwang et al. 2024); Mamba-2 (Dao & Gu 2024)",
-    claim="A gated linear mixer run in both directions (the reverse scan of the same gated "
-          "recurrence) uses right context that a causal one cannot.",
-    rule="On the lookahead task (labels from up to 4 frames ahead), bidirectional beats "
-         "causal by >= 0.1 mean accuracy with fb.disjoint mean ± standard error intervals.",
-    knobs="Lookahead task: 8 symbols, delays 0..4, 48 frames; the gated mixer with Full() vs "
-          "Causal(), d_model 64, 2 layers; 300 steps, batch 32, lr 3e-3.",
-    arms=_f6_arms, judge=_f6_judge, plot=_f6_plot)
+F6 = fb.Finding.from_doc(__doc__, arms=_f6_arms, judge=_f6_judge,
+                         plot=_f6_plot)
