@@ -76,7 +76,7 @@ def test_smoke_report(smoke, capsys):
                  f"![{key}](figures/{key}.png)", "| arm |" if key != "F5" else "| point |",
                  "**Knobs.**"]
         at = [sec.find(m) for m in marks]
-        assert -1 not in at and at == sorted(at), (key, list(zip(marks, at)))
+        assert -1 not in at and at == sorted(at), (key, list(zip(marks, at, strict=True)))
         assert f.knobs in sec and (not f.history or f.history not in sec)
         # the pilots' history sits in the appendix
         assert f"- **{key}.** {f.history or 'No pilots recorded.'}" in md[appendix:]

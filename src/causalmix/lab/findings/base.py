@@ -172,10 +172,14 @@ def conditions(checks: dict[str, bool]) -> str:
                                       for what, ok in checks.items()) + "."
 
 
-def judged(checks: dict[str, bool], numbers: str, table, *notes: str) -> Judgement:
-    """The verdict of a rule whose ``checks`` (condition -> met) must all hold; the notes are
-    the conditions, then ``notes`` (the margins: how far each number is from its bound)."""
-    return Judgement(all(checks.values()), numbers, table, [conditions(checks), *notes])
+def judged(checks: dict[str, bool], numbers: str, table, margins: dict[str, float],
+           *notes: str) -> Judgement:
+    """The verdict of a rule whose ``checks`` (condition -> met) must all hold. The notes: the
+    conditions; the ``margins`` (bound -> how far the measured number is past it, positive
+    when met); then ``notes``."""
+    past = "; ".join(f"{what} {m:+.4f}" for what, m in margins.items())
+    return Judgement(all(checks.values()), numbers, table,
+                     [conditions(checks), f"Margins (positive: met): {past}.", *notes])
 
 
 def disjoint(a: list[float], b: list[float]) -> bool:

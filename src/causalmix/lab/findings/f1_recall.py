@@ -112,9 +112,9 @@ def _f1_judge(results) -> fb.Judgement:
     numbers = (f"at {big} pairs: softmax {soft:.3f}, causal linear {lin:.3f} (gap {gap:.3f}); "
                f"prefix {pre:.3f} (recovers {rec_pre:.0%}), read twice {twice:.3f} "
                f"(recovers {rec_two:.0%})")
-    margins = (f"Margins at {big} pairs: softmax {soft - 0.9:+.3f} over 0.9; gap "
-               f"{gap - 0.25:+.3f} over 0.25; prefix recovers {rec_pre - 1 / 3:+.1%} and read "
-               f"twice {rec_two - 1 / 3:+.1%} over a third.")
+    margins = {"softmax over 0.9": soft - 0.9, "gap over 0.25": gap - 0.25,
+               "prefix recovery over 1/3": rec_pre - 1 / 3,
+               "read-twice recovery over 1/3": rec_two - 1 / 3}
     gated = [] if results.get(F1_ARMS[2]) else [f"{F1_ARMS[2]}: {fb.GATED_MISSING}."]
     return fb.judged(checks, numbers, (header, rows), margins, *gated)
 

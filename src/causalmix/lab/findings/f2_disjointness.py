@@ -90,10 +90,9 @@ def _f2_judge(results) -> fb.Judgement:
               "prefix linear's difference below 0.03 in size": abs(dp) < 0.03}
     numbers = (f"small-first minus large-first: causal linear {fb.fmt(cau)}, prefix linear "
                f"{fb.fmt(pre)}")
-    margins = (f"Margins: causal linear {dc:.3f} against 0.15 ({dc - 0.15:+.3f}) and against 3 "
-               f"standard errors {3 * sc:.3f} ({dc - 3 * sc:+.3f}); prefix linear |{dp:.3f}| "
-               f"against 2 standard errors {2 * sp:.3f} and against 0.03 "
-               f"({0.03 - abs(dp):+.3f} to spare).")
+    margins = {"causal over 0.15": dc - 0.15, "causal over 3 standard errors": dc - 3 * sc,
+               "prefix within 2 standard errors": 2 * sp - abs(dp),
+               "prefix under 0.03": 0.03 - abs(dp)}
     return fb.judged(checks, numbers, (header, rows), margins)
 
 

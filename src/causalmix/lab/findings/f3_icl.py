@@ -79,10 +79,8 @@ def _f3_judge(results) -> fb.Judgement:
     numbers = (f"query MSE at {k} examples: prefix {fb.fmt(pre)}, causal {fb.fmt(cau)}; MSE "
                f"fall from {half} to {k} examples: prefix {fb.fmt(g_pre)}, causal "
                f"{fb.fmt(g_cau)}")
-    margins = (f"Margins: at {k} examples the intervals are {(mc - sc) - (mp + sp):+.4f} apart "
-               f"(causal's lower end minus prefix's upper end); the gains' intervals are "
-               f"{(gp - sgp) - (gc + sgc):+.4f} apart (prefix's lower end minus causal's upper "
-               f"end). Counts of examples: {', '.join(map(str, ks))}.")
+    margins = {f"interval gap at {k} examples": (mc - sc) - (mp + sp),
+               f"interval gap of the falls from {half} to {k}": (gp - sgp) - (gc + sgc)}
     return fb.judged(checks, numbers, (header, rows), margins)
 
 

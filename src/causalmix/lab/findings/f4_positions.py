@@ -50,9 +50,9 @@ def _f4_judge(results) -> fb.Judgement:
               "mean ± 2 standard errors disjoint": mc - 2 * sc > mb + 2 * sb,
               "bidirectional <= chance + 0.1": mb <= chance + 0.1}
     numbers = f"causal {fb.fmt(cau)}, bidirectional {fb.fmt(bid)}, chance {chance:.3f}"
-    margins = (f"Margins: the difference {mc - mb:.3f} is {mc - mb - 0.25:+.3f} over 0.25; the "
-               f"2-standard-error intervals are {(mc - 2 * sc) - (mb + 2 * sb):+.4f} apart; "
-               f"bidirectional is {chance + 0.1 - mb:+.3f} under chance + 0.1.")
+    margins = {"difference over 0.25": mc - mb - 0.25,
+               "2-standard-error interval gap": (mc - 2 * sc) - (mb + 2 * sb),
+               "bidirectional under chance + 0.1": chance + 0.1 - mb}
     return fb.judged(checks, numbers, (header, rows), margins)
 
 

@@ -44,8 +44,7 @@ def _f6_judge(results) -> fb.Judgement:
     (mb, sb), (mc, sc) = fb.mean_se(bi), fb.mean_se(ca)
     checks = {"bidirectional >= causal + 0.1": mb - mc >= 0.1,
               "intervals disjoint": fb.disjoint(bi, ca)}
-    margins = (f"Margins: the difference {mb - mc:.3f} is {mb - mc - 0.1:+.3f} over 0.1; the "
-               f"intervals are {(mb - sb) - (mc + sc):+.4f} apart.")
+    margins = {"difference over 0.1": mb - mc - 0.1, "interval gap": (mb - sb) - (mc + sc)}
     numbers = f"bidirectional {fb.fmt(bi)}, causal {fb.fmt(ca)}"
     return fb.judged(checks, numbers, (header, rows), margins)
 
