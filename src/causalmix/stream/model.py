@@ -18,7 +18,7 @@ __all__ = ["STREAMABLE_MIXERS", "ModelStream", "StreamableLayer", "StreamableMod
            "layer_frames", "mixer_stream"]
 
 #: the mixers :func:`mixer_stream` (hence :class:`ModelStream`) can stream
-STREAMABLE_MIXERS = ("softmax", "linear")
+STREAMABLE_MIXERS = ("softmax", "linear", "delta")
 
 
 @runtime_checkable
@@ -32,7 +32,7 @@ class StreamableLayer(Protocol):
     frame ``t`` of their inputs.
     """
 
-    mixer: str  # "softmax" | "linear"
+    mixer: str  # "softmax" | "linear" | "delta" (STREAMABLE_MIXERS)
     visibility: Visibility
 
     def mixer_kwargs(self) -> dict:
@@ -61,7 +61,8 @@ class StreamableLayer(Protocol):
 
 def mixer_stream(mixer: str, visibility: Visibility, **kwargs) -> MixerStream:
     """The stream of one mixer call: ``"softmax"`` -> :class:`SoftmaxStream`, ``"linear"`` ->
-    :class:`LinearStream`, with ``kwargs`` passed to its constructor."""
+    :class:`LinearStream`, ``"delta"`` -> :class:`DeltaStream`, with ``kwargs`` passed to its
+    constructor."""
     if mixer == "softmax":
         from causalmix.stream.softmax import SoftmaxStream
 
@@ -72,6 +73,11 @@ def mixer_stream(mixer: str, visibility: Visibility, **kwargs) -> MixerStream:
 
         cls = LinearStream
         allowed = ("decay", "impl", "chunk_size")
+    elif mixer == "delta":
+        from causalmix.stream.delta import DeltaStream
+
+        cls = DeltaStream
+        allowed = ("impl", "chunk_size")
     else:
         raise ValueError(f"mixer must be one of {list(STREAMABLE_MIXERS)}, got {mixer!r}")
     bad = sorted(set(kwargs) - set(allowed))
