@@ -9,6 +9,14 @@
    Layouts are timed interleaved, best of ``--reps``, in one run: compare ratios, not absolute
    times across runs (the CPU is shared).
 
+3. Whole-model training step (``causalmix.distributed.SequenceParallel``): a 4-layer model
+   (softmax, linear, gated, softmax under Causal(), d_model 64), forward + loss + backward +
+   gradient reduction on gloo groups of world 2 and 4 (1 torch thread per process) for each
+   layout the model shards with, against the same step in one process, and the bytes every rank
+   sends or receives per step through ``torch.distributed`` (counted, not estimated).
+   Processes beyond the 2 cores of this machine share them: world 4 shows the exchange cost,
+   not a speed-up.
+
     .venv/bin/python benchmarks/distributed.py [--quick] [--seq-len T] [--reps N]
 """
 
@@ -123,6 +131,98 @@ def single_time(seq_len: int, reps: int) -> tuple[float, float]:
     return wall, cpu
 
 
+_COUNTED = ("all_gather", "all_reduce", "batch_isend_irecv", "all_gather_into_tensor",
+            "reduce_scatter_tensor", "broadcast")  # P2POps are counted in batch_isend_irecv
+
+
+def _count_bytes(counter: list) -> None:
+    """Wrap torch.distributed's collectives so that they add the bytes of their tensors."""
+    def nbytes(x) -> int:
+        if isinstance(x, torch.Tensor):
+            return x.numel() * x.element_size()
+        if isinstance(x, (list, tuple)):
+            return sum(nbytes(y) for y in x)
+        return nbytes(getattr(x, "tensor", None)) if hasattr(x, "tensor") else 0
+
+    for name in _COUNTED:
+        real = getattr(dist, name, None)
+        if real is None:
+            continue
+
+        def wrapped(*args, _real=real, **kwargs):
+            counter[0] += sum(nbytes(a) for a in args)
+            return _real(*args, **kwargs)
+
+        setattr(dist, name, wrapped)
+
+
+def _model_step_job(rank, world, seq_len, layout, reps):
+    from causalmix import Causal
+    from causalmix.distributed import SequenceParallel
+    from causalmix.testing import build_hybrid_model
+
+    model = build_hybrid_model(("softmax", "linear", "gated", "softmax"), (Causal(),) * 4,
+                               d_model=64, n_heads=4, dtype=torch.float32)
+    sp = SequenceParallel(model, layout=layout)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 11, (1, seq_len), generator=g)
+    ids_r = sp.shard(ids)
+    counter = [0]
+    best = float("inf")
+    for rep in range(reps + 1):
+        if rep == 1:
+            _count_bytes(counter)  # the warm-up step is not counted
+        dist.barrier()
+        t0 = time.perf_counter()
+        loss = sp.loss(sp(ids_r), ids_r)
+        loss.backward()
+        sp.reduce_gradients()
+        dist.barrier()
+        if rep:
+            best = min(best, time.perf_counter() - t0)
+        model.zero_grad()
+    return best, counter[0] / max(reps, 1)
+
+
+def _one_process_step(seq_len: int, reps: int) -> float:
+    import torch.nn.functional as F
+
+    from causalmix import Causal
+    from causalmix.testing import build_hybrid_model
+
+    torch.set_num_threads(1)
+    model = build_hybrid_model(("softmax", "linear", "gated", "softmax"), (Causal(),) * 4,
+                               d_model=64, n_heads=4, dtype=torch.float32)
+    ids = torch.randint(0, 11, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    best = float("inf")
+    for rep in range(reps + 1):
+        t0 = time.perf_counter()
+        F.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+        if rep:
+            best = min(best, time.perf_counter() - t0)
+        model.zero_grad()
+    return best
+
+
+def model_step_table(seq_len: int, reps: int) -> None:
+    from causalmix.testing import run_process_group
+
+    print(f"## Whole-model training step (4 layers: softmax, linear, gated, softmax; Causal; "
+          f"d_model 64), T={seq_len}, fp32, best of {reps}")
+    print(f"{'run':<32} {'wall s':>8} {'one process/this':>17} {'MB sent+received per rank':>26}")
+    single = _one_process_step(seq_len, reps)
+    print(f"{'1 process, 1 thread':<32} {single:>8.3f}")
+    for world in (2, 4):
+        for layout in ("contiguous", "zigzag"):
+            with tempfile.TemporaryDirectory() as tmp:
+                res = run_process_group(_model_step_job, world, tmp, seq_len=seq_len,
+                                        layout=layout, reps=reps)
+            wall = max(t for t, _ in res.values())
+            mb = max(b for _, b in res.values()) / 2**20
+            print(f"{f'{world} processes, {layout}':<32} {wall:>8.3f} {single / wall:>16.2f}x "
+                  f"{mb:>26.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="T=4096 for the timing, 1 rep")
@@ -161,6 +261,8 @@ def main() -> None:
           f"zigzag: wall {ring['contiguous'] / ring['zigzag']:.2f}x, CPU "
           f"{ring_cpu['contiguous'] / ring_cpu['zigzag']:.2f}x; single process: wall "
           f"{single:.3f} s, CPU {single_cpu:.3f} s")
+    print()
+    model_step_table(1024 if args.quick else 4096, reps)
 
 
 if __name__ == "__main__":

@@ -53,3 +53,30 @@ def left_pad(rows: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, t
         ids[b, t - len(r):] = r
         mask[b, t - len(r):] = 1
     return ids, mask
+
+
+def tiny_hybrid_config():
+    """A tiny Qwen3-Next-style hybrid: Gated DeltaNet, attention, Gated DeltaNet layers."""
+    from transformers import Qwen3NextConfig
+
+    return Qwen3NextConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                           linear_key_head_dim=16, linear_value_head_dim=16, num_experts=0,
+                           attention_dropout=0.0,
+                           layer_types=["linear_attention", "full_attention", "linear_attention"])
+
+
+def load_hybrid(path: str | None, *, causal_lm: bool = True, seed: int = 0):
+    """``(model, tokenizer or None)`` of a hybrid (a tiny random Qwen3-Next-style model, or the
+    checkpoint at ``path``), ``attn_implementation="causalmix"``, its hybrid layers not yet
+    attached."""
+    torch.manual_seed(seed)
+    cls = AutoModelForCausalLM if causal_lm else AutoModel
+    if path is None:
+        return cls.from_config(tiny_hybrid_config(), attn_implementation="causalmix"), None
+    config = AutoConfig.from_pretrained(path)
+    config.attention_dropout = 0.0
+    model = cls.from_pretrained(path, config=config, attn_implementation="causalmix",
+                                dtype=torch.float32)
+    return model, AutoTokenizer.from_pretrained(path)

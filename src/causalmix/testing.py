@@ -10,11 +10,13 @@ baseline that happens to be exact does not demand bit-exactness)::
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 __all__ = ["assert_all_close", "assert_close", "check_softmax_impl", "grads_of", "make_qkv",
-           "max_error", "softmax_eager"]
+           "build_hybrid_model", "max_error", "run_process_group", "sequence_parallel_check",
+           "softmax_eager"]
 
 
 def _floor(ref: torch.Tensor, dtype: torch.dtype, ulps: float) -> float:
@@ -156,3 +158,141 @@ def check_softmax_impl(impl: str, spec, *, b: int = 2, tq: int, tk: int, hq: int
                               grads_of(base_o, base_l, inputs), strict=True):
         assert not torch.isnan(a).any(), f"NaN in d{name}"
         assert_close(a, r, bl, name=f"{impl} d{name}")
+
+
+# ---------------------------------------------------------------------------- process groups
+def _group_worker(rank: int, world: int, store: str, target: Any, kwargs: dict,
+                  results: Any) -> None:
+    """Body of one spawned rank: a gloo group, ``target(rank, world, **kwargs)``, the result
+    (or the traceback) put on ``results``."""
+    import datetime
+    import traceback
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                                world_size=world, timeout=datetime.timedelta(seconds=120))
+        try:
+            results.put((rank, "ok", target(rank, world, **kwargs)))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:  # report everything to the parent, which fails the test
+        results.put((rank, "error", traceback.format_exc()))
+
+
+def run_process_group(target: Any, world: int, store_dir: str, *, timeout: float = 240.0,
+                      **kwargs: Any) -> dict[int, Any]:
+    """Run ``target(rank, world, **kwargs)`` (an importable module-level function) on every rank
+    of a ``world``-process gloo group on this machine, one thread each; returns ``{rank:
+    result}``. Raises ``AssertionError`` with every failing rank's traceback, and kills the group
+    after ``timeout`` seconds: nothing hangs."""
+    import multiprocessing as mp
+    import os
+    import queue
+    import time
+    import uuid
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    store = os.path.join(store_dir, f"store_{uuid.uuid4().hex}")
+    procs = [ctx.Process(target=_group_worker, args=(r, world, store, target, kwargs, results))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    got: dict[int, tuple[str, Any]] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(got) < world and time.monotonic() < deadline:
+            try:
+                rank, status, payload = results.get(timeout=1.0)
+                got[rank] = (status, payload)
+            except queue.Empty:
+                if all(not p.is_alive() for p in procs) and results.empty():
+                    break
+    finally:
+        for p in procs:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join()
+    errors = [f"rank {r}: {payload}" for r, (status, payload) in sorted(got.items())
+              if status != "ok"]
+    missing = sorted(set(range(world)) - set(got))
+    assert not errors and not missing, "\n".join(errors + [f"ranks {missing} did not report "
+                                                           f"within {timeout}s"] * bool(missing))
+    return {r: payload for r, (_, payload) in got.items()}
+
+
+# ---------------------------------------------------------------------------- sequence parallel
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    a = a.full_tensor() if hasattr(a, "full_tensor") else a
+    return float((a.detach() - b.detach()).abs().max()) if a.numel() else 0.0
+
+
+def build_hybrid_model(mixers: Sequence[str], visibility: Sequence[Any], *, seed: int = 0,
+                       vocab_size: int = 11, d_model: int = 16, n_heads: int = 2,
+                       dtype: torch.dtype = torch.float64) -> Any:
+    """A :class:`causalmix.nn.SequenceModel` whose layer ``l`` is of kind ``mixers[l]``
+    (``"softmax"``, ``"linear"``, ``"gated"``) under ``visibility[l]``, seeded, in ``dtype``."""
+    from causalmix.nn import Block, ModelConfig, SequenceModel
+
+    torch.manual_seed(seed)
+    cfgs = [ModelConfig(vocab_size=vocab_size, d_model=d_model, n_heads=n_heads, mixer=m,
+                        visibility=(spec,), feature_dim=4) for m, spec in zip(mixers, visibility,
+                                                                               strict=True)]
+    model = SequenceModel(cfgs[0])
+    for layer in range(1, len(cfgs)):
+        model.blocks.append(Block(cfgs[layer].blocks[0]))
+    return model.to(dtype)
+
+
+def sequence_parallel_check(rank: int, world: int, *, mixers: Sequence[str],
+                            visibility: Sequence[Any], layout: str, steps: int = 2,
+                            fsdp: bool = False, seq_len: int = 16, batch: int = 2,
+                            seed: int = 0) -> dict[str, float]:
+    """Train the same fp64 model for ``steps`` Adam steps in one process and sequence-parallel
+    (:class:`causalmix.distributed.SequenceParallel`, optionally with FSDP2 over the same
+    ranks) on this rank of the current process group; returns the largest differences of the
+    loss, of every parameter gradient and of the parameters after the steps."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from causalmix.distributed import SequenceParallel, fsdp_sums_gradients
+
+    model = build_hybrid_model(mixers, visibility, seed=seed)
+    ref = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(0, 11, (batch, seq_len), generator=g)
+    labels = torch.randint(0, 11, (batch, seq_len), generator=g)
+    labels[:, ::5] = -100  # unscored tokens: the mean is over the scored ones of every rank
+    sp = SequenceParallel(model, layout=layout)
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        fsdp_sums_gradients(model)
+    opt_ref = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    worst = {"loss": 0.0, "grad": 0.0, "param": 0.0}
+    for _ in range(steps):
+        loss_ref = F.cross_entropy(ref(ids).flatten(0, 1), labels.flatten(), ignore_index=-100)
+        loss_ref.backward()
+        loss = sp.loss(sp(sp.shard(ids)), sp.shard(labels))
+        loss.backward()
+        if not fsdp:
+            sp.reduce_gradients()
+        worst["loss"] = max(worst["loss"], _max_diff(sp.reduce(loss), loss_ref))
+        for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+            worst["grad"] = max(worst["grad"], _max_diff(p.grad, q.grad))
+        opt_ref.step()
+        opt.step()
+        opt_ref.zero_grad()
+        opt.zero_grad()
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        worst["param"] = max(worst["param"], _max_diff(p, q))
+    return worst

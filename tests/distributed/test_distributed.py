@@ -535,7 +535,7 @@ JOBS = {
 SPEC_NAMES = list(make_specs(8, 2))
 
 
-LINEAR_SPECS = ["causal", "full", "prefix", "prefix_batch"]
+LINEAR_SPECS = ["causal", "full", "prefix", "prefix_batch", "docs_causal"]
 
 
 def _sections(world):

@@ -466,7 +466,8 @@ def test_segments_from_position_ids_follow_transformers():
 
 
 @pytest.mark.parametrize("name", ["hf_prefix_lm_finetune", "hf_bidirectional_embeddings",
-                                  "hf_packed_training"])
+                                  "hf_packed_training", "hf_hybrid_packed",
+                                  "hf_hybrid_embeddings"])
 def test_examples_run_on_a_tiny_random_model(name, monkeypatch, capsys):
     import importlib
     import pathlib

@@ -18,7 +18,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import causalmix.hf as cmhf  # noqa: E402
-from causalmix import Causal, Full, Prefix, Segments  # noqa: E402
+from causalmix import Causal, Full, Prefix, Segments, Window  # noqa: E402
 from causalmix.testing import assert_close  # noqa: E402
 
 GEN = dict(max_new_tokens=2, do_sample=False, pad_token_id=0)
@@ -164,10 +164,12 @@ def _qwen3_next(impl="causalmix"):
     return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl).eval()
 
 
-def test_a_spec_on_a_hybrid_model_whose_linear_layers_would_ignore_it_raises(tiny):
-    """Qwen3-Next's Gated DeltaNet layers do not run through causalmix (yet): a spec other than
-    Causal() would reach the attention layers only, so it is refused -- on a forward, through
-    the base model, as a default, and in generate."""
+def test_a_spec_on_a_hybrid_model_whose_linear_layers_would_ignore_it_raises(tiny, hybrid):
+    """Without attach, Qwen3-Next's Gated DeltaNet layers do not run through causalmix: a spec
+    other than Causal() would reach the attention layers only, so it is refused. Attached, they
+    do (tests/hf/test_hybrid.py); Kimi Linear's KDA layers still do not, and a spec is refused
+    on an attached Kimi model -- on a forward, through the base model, as a default, and in
+    generate."""
     model = _qwen3_next()
     ids = tiny.ids(1, 9)
     for spec in (Full(), Prefix(4), Segments(torch.tensor([0] * 4 + [1] * 5))):
@@ -175,27 +177,35 @@ def test_a_spec_on_a_hybrid_model_whose_linear_layers_would_ignore_it_raises(tin
             model(ids, visibility=spec)
     assert torch.equal(model(ids, visibility=Causal()).logits, model(ids).logits)
     cmhf.attach(model)
-    with pytest.raises(ValueError, match="linear_attention"):
-        model.model(ids, visibility=Full())
-    with pytest.raises(ValueError, match="linear_attention"):
-        model.generate(ids, visibility=Prefix(9), **GEN)
-    with pytest.raises(ValueError, match="linear_attention"):
-        cmhf.attach(model, Full())(ids)
+    model.model(ids, visibility=Full())
+    kimi = cmhf.attach(hybrid.kimi("causalmix"))
+    with pytest.raises(ValueError, match="KimiLinearDeltaAttention.*linear_attention"):
+        kimi.model(ids, visibility=Full())
+    with pytest.raises(ValueError, match="KimiLinearDeltaAttention"):
+        kimi.generate(ids, visibility=Prefix(9), **GEN)
+    with pytest.raises(ValueError, match="KimiLinearDeltaAttention"):
+        cmhf.attach(kimi, Full())(ids)
+    cmhf.set_visibility(kimi, None)
     cmhf.set_visibility(model, None)
     sdpa = _qwen3_next("sdpa")
     assert torch.allclose(model(ids).logits, sdpa(ids).logits, atol=1e-5)
 
 
-def test_a_state_space_model_without_attention_refuses_a_spec_once_attached():
-    """Mamba-2 has no attention layer at all: nothing of causalmix runs in it, and a spec given
-    to an attached Mamba-2 is refused instead of ignored."""
+def test_a_state_space_model_refuses_a_spec_until_attached():
+    """Mamba-2 has no attention layer at all: before attach nothing of causalmix runs in it;
+    attached, its mixers run through causalmix (tests/hf/test_hybrid.py), so a spec reaches
+    them, on the LM and on the backbone alike; one the family cannot serve is refused."""
     cfg = transformers.Mamba2Config(vocab_size=97, hidden_size=64, num_heads=8, head_dim=16,
                                     state_size=16, n_groups=2, num_hidden_layers=2,
                                     chunk_size=8, expand=2)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    cmhf.attach(model)
     ids = torch.randint(1, 97, (1, 6))
-    with pytest.raises(ValueError, match="linear_attention"):
-        model.backbone(ids, visibility=Full())
-    model.backbone(ids, visibility=Causal())
+    causal = model.backbone(ids).last_hidden_state
+    cmhf.attach(model)
+    full = model.backbone(ids, visibility=Full()).last_hidden_state
+    assert not torch.allclose(full[:, :-1], causal[:, :-1], atol=1e-4)
+    assert torch.allclose(model.backbone(ids, visibility=Causal()).last_hidden_state, causal,
+                          atol=1e-5)
+    with pytest.raises(ValueError, match="Mamba2Mixer.*Window"):
+        model.backbone(ids, visibility=Window(2))

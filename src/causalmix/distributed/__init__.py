@@ -23,19 +23,35 @@ why -- and, in backward, backpropagate through its output. Failures surface as
 errors, never hangs: a rank that dies closes its connections, and a silent one trips the process
 group's ``timeout``.
 :func:`work_balance` counts the exact visible pairs each rank computes under a layout.
+
+Whole models: :class:`SequenceParallel` runs a :class:`causalmix.nn.SequenceModel` with its
+sequence sharded (every block's mixer sharded, positions from the layout, a loss with the global
+mean, gradients summed over the ranks; FSDP2 composes): see :mod:`causalmix.distributed.model`
+and ``examples/train_sequence_parallel.py``, run as
+``torchrun --standalone --nproc-per-node 2 examples/train_sequence_parallel.py``.
 """
 
 from causalmix.distributed.balance import BalanceReport, work_balance
 from causalmix.distributed.layout import LAYOUTS, positions, shard, unshard
 from causalmix.distributed.linear import linear_attention
+from causalmix.distributed.model import (
+    SequenceParallel,
+    Sharding,
+    fsdp_sums_gradients,
+    sharded_mix,
+)
 from causalmix.distributed.softmax import softmax_attention
 
 __all__ = [
     "LAYOUTS",
     "BalanceReport",
+    "SequenceParallel",
+    "Sharding",
+    "fsdp_sums_gradients",
     "linear_attention",
     "positions",
     "shard",
+    "sharded_mix",
     "softmax_attention",
     "unshard",
     "work_balance",

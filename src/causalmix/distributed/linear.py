@@ -45,12 +45,14 @@ from causalmix.checks import check_decay, check_int, check_qkv, compute_dtype
 from causalmix.distributed._agree import checked_on_every_rank, signature
 from causalmix.distributed._ring import Ring
 from causalmix.distributed.layout import LAYOUTS, Span, spans
+from causalmix.ops.factor import factorise
 from causalmix.ops.linear import REGISTRY, available_impls, check_gate
 from causalmix.ops.linear import linear_attention as _local_linear
 from causalmix.visibility import Causal, Full, Prefix, Visibility, check_spec, check_visibility
 
 #: the specs the sequence-parallel linear mixer serves
-SHARDED_LINEAR_SPECS = ("Causal()", "Full()", "Prefix(n)")
+SHARDED_LINEAR_SPECS = ("Causal()", "Full()", "Prefix(n)",
+                        "Segments(ids) & Causal() (ids in contiguous runs: packed documents)")
 
 
 class _AllGatherStates(torch.autograd.Function):
@@ -83,6 +85,7 @@ class Shard(NamedTuple):
     mine: list
     every: list  # every span of every rank, in all_gather order
     sd: torch.dtype
+    starts: torch.Tensor | None  # [B', T] bool: a document starts at p (Segments & Causal)
 
 
 def _sl(r: Span) -> slice:
@@ -124,16 +127,12 @@ def _check_arguments(fn: str, a: LinearArgs, world: int | None) -> None:
     check_spec(f"{fn}: visibility", a.visibility)
     if not isinstance(a.layout, str) or a.layout not in LAYOUTS:
         raise ValueError(f"{fn}: layout must be one of {list(LAYOUTS)}, got {a.layout!r}")
-    if a.layout == "striped":
-        raise ValueError(f"{fn}: layout 'striped' is not supported by the linear mixer (state "
-                         f"passing needs contiguous blocks, a stripe has none); use "
-                         f"'contiguous' or 'zigzag'")
+    reason = sharded_linear_reason(a.visibility, a.layout)
+    if reason is not None:
+        raise ValueError(f"{fn}: {reason}")
     if a.layout == "zigzag" and n % 2:
         raise ValueError(f"{fn}: layout 'zigzag' needs an even number of positions per rank "
                          f"(two chunks of seq_len / (2 * world)), got {n}")
-    if not isinstance(a.visibility, (Causal, Full, Prefix)):
-        raise ValueError(f"{fn}: spec {a.visibility!r} is not supported by the sequence-parallel "
-                         f"linear mixer; supported: {', '.join(SHARDED_LINEAR_SPECS)}")
     check_decay(fn, a.decay, h, a.q.device)
     if a.log_gate is None and a.reverse_log_gate is not None:
         raise ValueError(f"{fn}: reverse_log_gate needs log_gate (it defaults to log_gate)")
@@ -147,6 +146,36 @@ def _check_arguments(fn: str, a: LinearArgs, world: int | None) -> None:
     if world is not None:
         check_visibility(fn, a.visibility, bsz, n * world, n * world)
         _check_impl(fn, a, world)
+
+
+def sharded_linear_reason(visibility: Visibility, layout: str) -> str | None:
+    """Why the sequence-parallel linear mixer cannot run ``visibility`` with ``layout`` (None:
+    it can). Used by the op and, at construction, by whole-model sequence parallel."""
+    if layout == "striped":
+        return ("layout 'striped' is not supported by the linear mixer (state passing needs "
+                "contiguous blocks, a stripe has none); use 'contiguous' or 'zigzag'")
+    if isinstance(visibility, (Causal, Full, Prefix)):
+        return None
+    try:
+        f = factorise(visibility)
+    except ValueError as e:
+        return str(e)
+    if f.base == "causal" and f.segments is not None:
+        return None
+    return (f"spec {visibility!r} is not supported by the sequence-parallel linear mixer; "
+            f"supported: {', '.join(SHARDED_LINEAR_SPECS)}")
+
+
+def _document_starts(visibility: Visibility, seq_len: int) -> torch.Tensor | None:
+    """``[B', T]`` bool, True where a document of ``Segments & Causal`` starts (position 0
+    included); None for the specs without documents."""
+    if isinstance(visibility, (Causal, Full, Prefix)):
+        return None
+    ids = factorise(visibility).segments.ids
+    ids = (ids if ids.dim() == 2 else ids[None])[:, :seq_len]
+    new = torch.ones_like(ids, dtype=torch.bool)
+    new[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    return new
 
 
 def _check_impl(fn: str, a: LinearArgs, world: int) -> None:
@@ -188,6 +217,10 @@ def _local_states(x: Shard) -> tuple[torch.Tensor, torch.Tensor]:
         g, gr = x.gf[:, _sl(r)], x.gr[:, _sl(r)]  # [B', m, H]
         cum = g.to(torch.float64).cumsum(1)
         w_end = torch.exp((cum[:, -1:] - cum).to(x.sd))  # prod_{s=t+1..end} exp(g_s)
+        if x.starts is not None:  # keys of earlier documents of the span reach no later query
+            st = x.starts[:, r.start:r.start + r.length]
+            later = st.flip(1).cumsum(1).flip(1) - st.to(torch.int64)  # starts after t
+            w_end = torch.where((later == 0)[:, :, None], w_end, 0)
         run_states = [torch.einsum("bthd,bthe->bhde", kf * w_end[..., None], vf)]
         if x.reverse:
             e = torch.nn.functional.pad(gr[:, :-1], (0, 0, 1, 0)).to(torch.float64).cumsum(1)
@@ -233,8 +266,16 @@ def _between(x: Shard, totals, lo: int, hi: int, which: int, before: bool):
 
 
 def _incoming_state(x: Shard, states, totals, r: Span) -> torch.Tensor:
-    """The causal state just before position ``r.start``: ``[B, H, D, Dv]``."""
+    """The causal state just before position ``r.start``: ``[B, H, D, Dv]``. With documents,
+    a span's state reaches ``r`` only if no document starts between its end and ``r.start``
+    (a start at ``r.start`` itself is the local op's reset)."""
     coef, side = _between(x, totals, r.start, 0, 0, before=True)
+    if x.starts is not None:
+        ends = torch.tensor([c.start + c.length for c in x.every], device=x.q.device)
+        pos = torch.arange(x.starts.shape[1], device=x.q.device)
+        gap = (pos[None, :] >= ends[:, None]) & (pos[None, :] < r.start)  # [c, T]
+        cut = (gap[:, None, :] & x.starts[None]).any(-1)  # [c, B']
+        coef = torch.where(cut[:, :, None], 0, coef)
     s = torch.where(side[:, None, None, None, None], states[:, 0], 0)
     return torch.einsum("cbh,cbhde->bhde", coef, s)
 
@@ -338,9 +379,11 @@ def _shard(a: LinearArgs, ring: Ring) -> Shard:
     kx, vx = (k, v) if group_size == 1 else (k.repeat_interleave(group_size, 2),
                                              v.repeat_interleave(group_size, 2))
     seq_len, world = q.shape[1] * ring.world, ring.world
-    return Shard(q, kx, vx, a.visibility, gf, gr, not isinstance(a.visibility, Causal),
+    starts = _document_starts(a.visibility, seq_len)
+    return Shard(q, kx, vx, a.visibility, gf, gr, isinstance(a.visibility, (Full, Prefix)),
                  spans(a.layout, seq_len, ring.rank, world),
-                 [r for rk in range(world) for r in spans(a.layout, seq_len, rk, world)], sd)
+                 [r for rk in range(world) for r in spans(a.layout, seq_len, rk, world)], sd,
+                 None if starts is None else starts.to(q.device))
 
 
 def _local_op(a: LinearArgs, r: Span, s_in: torch.Tensor) -> torch.Tensor:

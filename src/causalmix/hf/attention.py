@@ -29,8 +29,9 @@ from causalmix.hf.mask import LayerMask
 from causalmix.ops.softmax import softmax_attention
 from causalmix.visibility import Causal, Full, Segments, ValidKeys, Visibility, Window
 
-__all__ = ["DEFAULT_ATTR", "NAME", "SERVED_LAYER_TYPES", "causalmix_attention",
-           "check_cache_is_exact", "check_spec_reaches_every_layer", "layer_visibility",
+__all__ = ["DEFAULT_ATTR", "NAME", "SERVED_ATTR", "SERVED_LAYER_TYPES", "causalmix_attention",
+           "check_cache_is_exact", "check_documents_stay_apart",
+           "check_spec_reaches_every_layer", "layer_visibility",
            "packed_segments", "unserved_layer_types"]
 
 #: The name registered as an attention and a mask implementation (``attn_implementation=``).
@@ -38,6 +39,15 @@ NAME = "causalmix"
 
 #: Attribute holding a model's default spec on each of its modules (see ``attach``).
 DEFAULT_ATTR = "causalmix_visibility"
+#: Attribute holding, on each module of an attached model, the layer types outside
+#: :data:`SERVED_LAYER_TYPES` whose layers causalmix runs there (``causalmix.hf.hybrid``).
+SERVED_ATTR = "causalmix_served_layer_types"
+#: Attribute holding, on each module of an attached model, the keywords of the model call in
+#: progress (``causalmix.hf.hybrid.context.CallContext``: ``top()`` gives them as a dict).
+CONTEXT_ATTR = "causalmix_hybrid_context"
+#: The keyword under which an attached model's decoder layers pass those keywords down (a
+#: gradient-checkpointed layer runs again in the backward pass, after the model call).
+CALL_KEYWORD = "causalmix_call"
 
 #: Why only some specs can be generated with a cache (said by every refusal).
 CACHE_RULE = (
@@ -53,25 +63,46 @@ CACHE_RULE = (
 SERVED_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "attention"})
 
 
-def unserved_layer_types(config) -> list[str]:
-    """The layer types of ``config`` whose token mixer does not go through causalmix."""
+def unserved_layer_types(config, served: frozenset[str] = frozenset()) -> list[str]:
+    """The layer types of ``config`` whose token mixer does not go through causalmix (``served``:
+    the types an attached model runs through :mod:`causalmix.hf.hybrid`)."""
     types = getattr(config, "layer_types", None) or ()
-    return sorted({str(t) for t in types} - SERVED_LAYER_TYPES)
+    return sorted({str(t) for t in types} - SERVED_LAYER_TYPES - set(served))
 
 
-def check_spec_reaches_every_layer(config, visibility: Visibility | None) -> None:
+def check_spec_reaches_every_layer(config, visibility: Visibility | None,
+                                   served: frozenset[str] = frozenset()) -> None:
     """A spec other than ``Causal()`` on a model with layers causalmix does not run (hybrid and
     state-space layers keep their own causal scan) would reach its attention layers only:
-    ``ValueError`` naming the layer types."""
+    ``ValueError`` naming the layer types. ``served``: the layer types an attached model runs
+    through causalmix (:func:`causalmix.hf.attach`)."""
     if visibility is None or visibility == Causal():
         return
-    unserved = unserved_layer_types(config)
+    unserved = unserved_layer_types(config, served)
     if unserved:
         raise ValueError(
             f"visibility {visibility!r}: the model also has layers of type {unserved} (their own "
-            f"token mixer, e.g. Gated DeltaNet, KDA or Mamba-2), which causalmix does not run: "
-            f"they would stay causal and see across documents. Only Causal() (or no visibility) "
-            f"is accepted on this model"
+            f"token mixer, e.g. Gated DeltaNet, KDA or Mamba-2), which causalmix does not run "
+            f"here: they would stay causal and see across documents. Only Causal() (or no "
+            f"visibility) is accepted; causalmix.hf.attach(model) runs the hybrid layers it "
+            f"serves (Mamba-2 family) through causalmix"
+        )
+
+
+def check_documents_stay_apart(config, documents: Segments | None,
+                               served: frozenset[str] = frozenset()) -> None:
+    """Packed documents (from ``position_ids`` or ``cu_seq_lens_*``) on a model with layers
+    causalmix does not run would leak through those layers (transformers' torch paths of
+    Mamba-2, Gated DeltaNet and KDA carry state and convolution across them): ``ValueError``."""
+    if documents is None:
+        return
+    unserved = unserved_layer_types(config, served)
+    if unserved:
+        raise ValueError(
+            f"packed documents (restarting position_ids or cu_seq_lens_*) on a model with layers "
+            f"of type {unserved}, whose own token mixer causalmix does not run here: their state "
+            f"and short convolution would carry one document into the next. Run the documents "
+            f"as separate rows, or causalmix.hf.attach(model) if its hybrid layers are served"
         )
 
 
@@ -281,6 +312,19 @@ def _call_visibility(module, kwargs) -> Visibility | None:
     return visibility
 
 
+def _keyword(module, kwargs: dict, name: str):
+    """A keyword of the call, else of the attached model's call in progress (some models do not
+    hand ``position_ids`` to their attention layers, e.g. GraniteMoeHybrid)."""
+    value = kwargs.get(name)
+    if value is not None:
+        return value
+    frame = kwargs.get(CALL_KEYWORD)
+    if frame is None:
+        ctx = module.__dict__.get(CONTEXT_ATTR)
+        frame = ctx.top() if ctx is not None else {}
+    return frame.get(name)
+
+
 def _model_rule(module, mask: LayerMask, is_causal: bool | None) -> bool:
     """Whether the model's own rule for this layer is causal (else bidirectional)."""
     if mask.rule == "full":
@@ -301,7 +345,8 @@ def _self_attention_spec(module, mask: LayerMask, sliding_window, kwargs) -> Vis
     """The spec of a self-attention call (keys and queries on one position axis), refused when
     a cache would make it stale."""
     visibility = _call_visibility(module, kwargs)
-    check_spec_reaches_every_layer(getattr(module, "config", None), visibility)
+    config, served = getattr(module, "config", None), getattr(module, SERVED_ATTR, frozenset())
+    check_spec_reaches_every_layer(config, visibility, served)
     if visibility is not None and visibility.batch_size not in (None, mask.batch_size):
         raise ValueError(
             f"visibility {visibility!r} is for batch size {visibility.batch_size} but the input "
@@ -315,12 +360,12 @@ def _self_attention_spec(module, mask: LayerMask, sliding_window, kwargs) -> Vis
             f"(a static cache?); use the default dynamic cache"
         )
     causal = visibility is not None or _model_rule(module, mask, kwargs.get("is_causal"))
-    spec = layer_visibility(
-        mask, visibility=visibility, sliding_window=sliding_window, causal=causal,
-        segments=packed_segments(mask, kwargs.get("position_ids"),
-                                 cu_seq_lens_q=kwargs.get("cu_seq_lens_q"),
-                                 cu_seq_lens_k=kwargs.get("cu_seq_lens_k")),
-    )
+    documents = packed_segments(mask, _keyword(module, kwargs, "position_ids"),
+                                cu_seq_lens_q=_keyword(module, kwargs, "cu_seq_lens_q"),
+                                cu_seq_lens_k=_keyword(module, kwargs, "cu_seq_lens_k"))
+    check_documents_stay_apart(config, documents, served)
+    spec = layer_visibility(mask, visibility=visibility, sliding_window=sliding_window,
+                            causal=causal, segments=documents)
     shown = repr(visibility) if visibility is not None else (
         "the model's causal rule" if causal else "the model's bidirectional rule")
     check_cache_is_exact(spec, mask, shown)

@@ -27,14 +27,17 @@ from typing import TYPE_CHECKING, Any
 from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
+from causalmix.hf import hybrid
 from causalmix.hf.attention import (
     DEFAULT_ATTR,
     NAME,
+    SERVED_ATTR,
     causalmix_attention,
     check_spec_reaches_every_layer,
 )
+from causalmix.hf.hybrid.context import CallContext
 from causalmix.hf.mask import causalmix_mask
-from causalmix.visibility import Visibility
+from causalmix.visibility import Causal, Visibility
 
 if TYPE_CHECKING:
     import torch
@@ -45,6 +48,8 @@ __all__ = ["attach", "backends", "detach", "register", "set_visibility"]
 HOOKED_ATTR = "causalmix_checked"
 #: The attention implementation an attached model had before :func:`attach` (for `detach`).
 BEFORE_ATTR = "causalmix_attn_before"
+#: On each module of an attached model: one line per hybrid layer class causalmix does not run.
+REFUSED_ATTR = "causalmix_hybrid_refused"
 
 
 def register() -> str:
@@ -92,8 +97,16 @@ def _check_backends(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     spec = getattr(module, DEFAULT_ATTR, None) if spec is None else spec
     if spec is None:
         return
+    refused = getattr(module, REFUSED_ATTR, ())
+    if refused and isinstance(spec, Visibility) and spec != Causal():
+        raise ValueError(
+            f"visibility {spec!r}: this model has hybrid layers that causalmix does not run, "
+            f"which would stay causal: {'; '.join(refused)}. Only Causal() (or no visibility) "
+            f"is accepted on it")
+    served = getattr(module, SERVED_ATTR, frozenset())
     for config in _configs(module):
-        check_spec_reaches_every_layer(config, spec if isinstance(spec, Visibility) else None)
+        check_spec_reaches_every_layer(config, spec if isinstance(spec, Visibility) else None,
+                                       served)
     foreign = _foreign(module)
     if foreign:
         where = ", ".join(f"{path or type(module).__name__}: {impl!r}"
@@ -106,10 +119,32 @@ def _check_backends(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
 
 
 def _install_checks(model: torch.nn.Module) -> None:
+    """Per instance, once: the backend check and the hybrid layers' call context (no-ops on a
+    module that is not attached)."""
     for sub in model.modules():
         if isinstance(sub, PreTrainedModel) and not sub.__dict__.get(HOOKED_ATTR):
             sub.register_forward_pre_hook(_check_backends, with_kwargs=True)
+            sub.register_forward_pre_hook(hybrid.enter_call, with_kwargs=True)
+            sub.register_forward_hook(hybrid.leave_call, with_kwargs=True, always_call=True)
             sub.__dict__[HOOKED_ATTR] = True
+
+
+def _install_hybrid(model: torch.nn.Module) -> None:
+    """Run the model's served hybrid layers through causalmix; record on every module which
+    layer types that serves and which layer classes it refuses."""
+    hybrid.install(model, CallContext())
+    served = frozenset().union(*[hybrid.served_layer_types(model, c) for c in _configs(model)])
+    refused = tuple(hybrid.refusals(model))
+    for m in model.modules():
+        m.__dict__[SERVED_ATTR] = served
+        m.__dict__[REFUSED_ATTR] = refused
+
+
+def _uninstall_hybrid(model: torch.nn.Module) -> None:
+    hybrid.uninstall(model)
+    for m in model.modules():
+        m.__dict__.pop(SERVED_ATTR, None)
+        m.__dict__.pop(REFUSED_ATTR, None)
 
 
 def set_visibility(model: torch.nn.Module, visibility: Visibility | None) -> None:
@@ -159,9 +194,11 @@ class GenerationInputs:
 def attach(model: PreTrainedModel, visibility: Visibility | None = None) -> PreTrainedModel:
     """Switch ``model`` (and its sub-models) to ``attn_implementation="causalmix"``, set its
     default spec (see :func:`set_visibility`), let ``model.generate(..., visibility=spec)``
-    accept the keyword (:class:`GenerationInputs`) and check at every forward that a spec in
-    effect reaches causalmix layers only. Raises ``ValueError`` if a part of the model cannot
-    switch. Returns ``model``."""
+    accept the keyword (:class:`GenerationInputs`), run its hybrid layers through causalmix
+    (:mod:`causalmix.hf.hybrid`: an instance ``forward`` on each served layer, the call's
+    keywords carried to them) and check at every forward that a spec in effect reaches
+    causalmix layers only. Raises ``ValueError`` if a part of the model cannot switch.
+    Returns ``model``."""
     register()
     if BEFORE_ATTR not in model.__dict__:
         model.__dict__[BEFORE_ATTR] = backends(model).get("")
@@ -174,17 +211,21 @@ def attach(model: PreTrainedModel, visibility: Visibility | None = None) -> PreT
             f"AttentionInterface, so a visibility spec could not reach them"
         )
     _install_checks(model)
+    _install_hybrid(model)
     set_visibility(model, visibility)
-    if not isinstance(model.__dict__.get("prepare_inputs_for_generation"), GenerationInputs):
+    prepare = getattr(model, "prepare_inputs_for_generation", None)  # base models have none
+    if prepare is not None and not isinstance(prepare, GenerationInputs):
         model.prepare_inputs_for_generation = GenerationInputs(model.prepare_inputs_for_generation)
     return model
 
 
 def detach(model: PreTrainedModel) -> PreTrainedModel:
     """Undo :func:`attach`: no default spec, ``generate`` without the ``visibility`` keyword,
-    and the attention implementation the model had before (the forward check stays: a spec
-    passed later to a model that no longer runs causalmix raises). Returns ``model``."""
+    the hybrid layers' own forwards, and the attention implementation the model had before
+    (the forward check stays: a spec passed later to a model that no longer runs causalmix
+    raises). Returns ``model``."""
     set_visibility(model, None)
+    _uninstall_hybrid(model)
     if isinstance(model.__dict__.get("prepare_inputs_for_generation"), GenerationInputs):
         del model.__dict__["prepare_inputs_for_generation"]
     before = model.__dict__.pop(BEFORE_ATTR, None)

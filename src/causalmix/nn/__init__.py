@@ -1,6 +1,7 @@
 """nn.Modules: attention layers (softmax / linear / gated linear mixers) under a visibility
 spec, pre-norm blocks, and a small sequence model with per-layer visibility; typed configs with
-presets, and the tagged dict form of a spec (:func:`spec_to_dict` / :func:`spec_from_dict`)."""
+presets, and the tagged dict form of a spec (:func:`spec_to_dict` / :func:`spec_from_dict`);
+``SequenceModel.generate`` decodes on the model stream (:mod:`causalmix.nn.generate`)."""
 
 from causalmix.nn.config import (
     MIXERS,
@@ -14,6 +15,7 @@ from causalmix.nn.config import (
     spec_to_dict,
 )
 from causalmix.nn.gated import GatedMixer
+from causalmix.nn.generate import Generation
 from causalmix.nn.layers import (
     Attention,
     Block,
@@ -32,6 +34,7 @@ __all__ = [
     "Block",
     "BlockConfig",
     "GatedMixer",
+    "Generation",
     "MixingLayer",
     "ModelBase",
     "ModelConfig",

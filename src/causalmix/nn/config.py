@@ -312,6 +312,49 @@ class ModelConfig:
             raise ValueError(f"unknown model preset {name!r}; presets: {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready form: every constructor field, ``visibility`` as a list of tagged
+        specs (:func:`spec_to_dict`), ``decay`` as a list; :meth:`from_dict` reads it back
+        (``ModelConfig.from_dict(cfg.to_dict()) == cfg``).
+
+        >>> d = ModelConfig(vocab_size=8, visibility=(Prefix(3), Causal())).to_dict()
+        >>> d["visibility"]
+        [{'type': 'Prefix', 'n': 3}, {'type': 'Causal'}]
+        >>> ModelConfig.from_dict(d) == ModelConfig(vocab_size=8, visibility=(Prefix(3), Causal()))
+        True
+        """
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.init:
+                out[f.name] = getattr(self, f.name)
+        out["visibility"] = [spec_to_dict(v) for v in self.visibility]
+        out["decay"] = None if self.decay is None else list(self.decay)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *,
+                  types: Mapping[str, type[Visibility]] | None = None) -> ModelConfig:
+        """The config of a :meth:`to_dict` form (``types``: spec classes of your own, by name,
+        as :func:`spec_from_dict` takes them). Unknown keys raise ``ValueError``."""
+        if not isinstance(d, Mapping):
+            raise ArgumentTypeError(f"ModelConfig.from_dict: d must be a mapping, got "
+                                    f"{type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"ModelConfig.from_dict: unknown keys {unknown}; known: "
+                             f"{sorted(known)}")
+        kwargs = dict(d)
+        if "visibility" in kwargs:
+            vis = kwargs["visibility"]
+            if not isinstance(vis, (list, tuple)):
+                raise ValueError(f"ModelConfig.from_dict: visibility must be a list of tagged "
+                                 f"specs, got {type(vis).__name__}")
+            kwargs["visibility"] = tuple(spec_from_dict(v, types=types) for v in vis)
+        if isinstance(kwargs.get("decay"), list):
+            kwargs["decay"] = tuple(kwargs["decay"])
+        return cls(**kwargs)
+
 
 #: Named presets (keyword arguments of :class:`ModelConfig`; give vocab_size or input_dim).
 PRESETS: dict[str, dict] = {

@@ -17,7 +17,9 @@ where ``stream_qkv`` and ``stream_out`` are pointwise in time and ``mix`` is
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from causalmix.checks import ArgumentTypeError, check_int, compute_dtype
+from causalmix.nn import checkpoint
 from causalmix.nn.config import AttentionConfig, BlockConfig, ModelConfig
 from causalmix.nn.gated import GatedMixer
 from causalmix.nn.mixing import MixingLayer, mix
@@ -171,14 +174,17 @@ class Block(nn.Module):
         return h + self.mlp(self.norm2(h))
 
     def forward(self, x: torch.Tensor, *, offset: int = 0,
-                visibility: Visibility | None = None) -> torch.Tensor:
+                visibility: Visibility | None = None, sharding: Any = None) -> torch.Tensor:
         """``x: [B, T, C]`` at positions ``offset + [0, T)``; ``visibility`` overrides the
-        block's spec for this call (e.g. ``Prefix(n)`` with per-example lengths)."""
+        block's spec for this call (e.g. ``Prefix(n)`` with per-example lengths); ``sharding``
+        (a :class:`causalmix.distributed.Sharding`): ``x`` is this rank's shard of a
+        sequence-parallel call."""
         check_hidden(x, self.cfg.attention.d_model, "Block")
         check_int("offset", offset, 0)
         _check_override(visibility, "Block")
         vis = self.visibility if visibility is None else visibility
-        h = x + self.attn(self.norm1(x), visibility=vis, offset=offset)
+        kw = {} if sharding is None else {"sharding": sharding}
+        h = x + self.attn(self.norm1(x), visibility=vis, offset=offset, **kw)
         return h + self.mlp(self.norm2(h))
 
 
@@ -272,10 +278,12 @@ class SequenceModel(ModelBase):
 
     def forward(self, inputs: torch.Tensor, *, offset: int = 0,
                 visibility: tuple[Visibility, ...] | None = None,
-                return_hidden: bool = False
+                return_hidden: bool = False, sharding: Any = None
                 ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """``visibility``: one spec per layer overriding the config's for this call.
-        ``return_hidden``: also return each block's output ``[B, T, C]`` (a list)."""
+        ``return_hidden``: also return each block's output ``[B, T, C]`` (a list).
+        ``sharding``: ``inputs`` are this rank's shard of a sequence-parallel call (see
+        :class:`causalmix.distributed.SequenceParallel`, which passes it)."""
         check_int("offset", offset, 0)
         if isinstance(visibility, Visibility):
             raise ArgumentTypeError("SequenceModel: visibility must give one spec per layer (a "
@@ -286,7 +294,49 @@ class SequenceModel(ModelBase):
         x = self.stream_in(inputs)
         hidden = []
         for i, block in enumerate(self.blocks):
-            x = block(x, offset=offset, visibility=None if visibility is None else visibility[i])
+            x = block(x, offset=offset, visibility=None if visibility is None else visibility[i],
+                      sharding=sharding)
             hidden.append(x)
         out = self.stream_head(x)
         return (out, hidden) if return_hidden else out
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write the model to the folder ``path``: ``config.json`` (:meth:`ModelConfig.to_dict`)
+        and ``weights.pt`` (a plain ``state_dict``, read with ``weights_only=True``); see
+        :mod:`causalmix.nn.checkpoint`. Returns the folder."""
+        return checkpoint.save_pretrained(self, path)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, map_location: Any = "cpu",
+                        types: Mapping[str, type[Visibility]] | None = None) -> SequenceModel:
+        """The model :meth:`save_pretrained` wrote to ``path``, weights on ``map_location``
+        in their saved dtype (``types``: spec classes of your own, by name)."""
+        return checkpoint.load_pretrained(cls, path, map_location=map_location, types=types)
+
+    def generate(self, ids: torch.Tensor, *, max_new_tokens: int, prompt_lengths: Any = None,
+                 visibility: tuple[Visibility, ...] | None = None, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None, eos_token_id: int | None = None,
+                 use_cache: bool = True, return_logits: bool = False) -> Any:
+        """Generate ``max_new_tokens`` tokens after each row's prompt, on the model stream
+        (KV cache / state): ``ids [B, T]`` (right-padded where ``prompt_lengths [B]`` differ)
+        -> ``[B, max_new_tokens]`` tokens (a :class:`~causalmix.nn.generate.Generation` with
+        ``return_logits``). Greedy, or sampled (``do_sample``, ``temperature``, ``top_k``,
+        ``generator``); the specs a cache serves exactly, and the rest: see
+        :mod:`causalmix.nn.generate`.
+
+        >>> from causalmix import Prefix
+        >>> cfg = ModelConfig.from_name("tiny-linear", vocab_size=16, visibility=(Prefix(4),) * 2)
+        >>> model = SequenceModel(cfg)
+        >>> lens = torch.tensor([4, 6])
+        >>> new = model.generate(torch.randint(0, 16, (2, 6)), max_new_tokens=3,
+        ...                      prompt_lengths=lens, visibility=(Prefix(lens),) * 2)
+        >>> new.shape
+        torch.Size([2, 3])
+        """
+        from causalmix.nn.generate import generate
+
+        return generate(self, ids, max_new_tokens=max_new_tokens, prompt_lengths=prompt_lengths,
+                        visibility=visibility, do_sample=do_sample, temperature=temperature,
+                        top_k=top_k, generator=generator, eos_token_id=eos_token_id,
+                        use_cache=use_cache, return_logits=return_logits)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from causalmix.distributed.model import Sharding, sharded_mix
 from causalmix.nn.config import AttentionConfig
 from causalmix.ops.linear import linear_attention
 from causalmix.ops.softmax import softmax_attention
@@ -17,11 +18,19 @@ __all__ = ["MixingLayer", "mix"]
 
 
 def mix(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibility: Visibility,
-        *, q_offset: int = 0, k_offset: int = 0, **kwargs: Any) -> torch.Tensor:
+        *, q_offset: int = 0, k_offset: int = 0, sharding: Sharding | None = None,
+        **kwargs: Any) -> torch.Tensor:
     """Run the op family ``op``: ``"softmax"`` (:func:`~causalmix.ops.softmax_attention`) or
     ``"linear"`` (:func:`~causalmix.ops.linear_attention`). ``q, k: [B, Tq|Tk, H, D]``,
     ``v: [B, Tk, Hkv, Dv]`` -> ``[B, Tq, H, Dv]``; ``kwargs`` are the layer's
-    ``mixer_kwargs()`` (and ``impl``, per-frame gates)."""
+    ``mixer_kwargs()`` (and ``impl``, per-frame gates). With ``sharding`` (a
+    :class:`causalmix.distributed.Sharding`) the inputs are this rank's shard of a
+    sequence-parallel call and the family's sharded op runs (offsets must be 0)."""
+    if sharding is not None:
+        if q_offset or k_offset:
+            raise ValueError("mix: a sharded call covers the whole sequence (offsets 0), got "
+                             f"q_offset={q_offset}, k_offset={k_offset}")
+        return sharded_mix(op, sharding, q, k, v, visibility, **kwargs)
     if op == "softmax":
         return softmax_attention(q, k, v, visibility, q_offset=q_offset, k_offset=k_offset,
                                  **kwargs)
@@ -47,11 +56,16 @@ class MixingLayer(nn.Module):
     op: str
     cfg: AttentionConfig
 
-    def forward(self, x: torch.Tensor, *, visibility: Visibility,
-                offset: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, visibility: Visibility, offset: int = 0,
+                sharding: Sharding | None = None) -> torch.Tensor:
         """``x: [B, T, C]`` (already normalised) at positions ``offset + [0, T)`` under
-        ``visibility`` -> ``[B, T, C]``."""
-        positions = torch.arange(offset, offset + x.shape[1], device=x.device)
+        ``visibility`` -> ``[B, T, C]``; with ``sharding``, ``x`` is this rank's shard and sits
+        at the layout's positions (:class:`causalmix.distributed.Sharding`)."""
+        if sharding is None:
+            positions = torch.arange(offset, offset + x.shape[1], device=x.device)
+        else:
+            positions = sharding.positions(x.device)
         mixed = mix(self.op, visibility=visibility, q_offset=offset, k_offset=offset,
-                    impl=self.cfg.impl, **self.mixer_kwargs(), **self.qkv(x, positions))
+                    sharding=sharding, impl=self.cfg.impl, **self.mixer_kwargs(),
+                    **self.qkv(x, positions))
         return self.out(mixed, x)

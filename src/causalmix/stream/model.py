@@ -104,7 +104,7 @@ def layer_frames(owner: str, result: Any, names: tuple[str, ...]) -> dict[str, A
 
 
 class _LayerState:
-    def __init__(self, index: int, layer):
+    def __init__(self, index: int, layer, visibility: Visibility | None = None):
         for attr in ("mixer", "visibility", "mixer_kwargs", "stream_qkv", "stream_out"):
             if not hasattr(layer, attr):
                 raise ArgumentTypeError(
@@ -119,7 +119,8 @@ class _LayerState:
             )
         self.index = index
         self.layer = layer
-        self.mixer = mixer_stream(layer.mixer, layer.visibility, **kwargs)
+        self.visibility = layer.visibility if visibility is None else visibility
+        self.mixer = mixer_stream(layer.mixer, self.visibility, **kwargs)
         self.x = FrameBuffer()  # layer inputs waiting for their mixed output (residual)
 
     def push(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -145,6 +146,24 @@ class _LayerState:
         y = self.layer.stream_out(self.x.view(o0, o1), mixed, positions)
         self.x.drop_before(o1)
         return y
+
+
+def _per_layer_specs(visibility: Any, n: int) -> list[Visibility | None]:
+    """``visibility`` of :class:`ModelStream`: ``None`` (each layer's own) or one spec per
+    layer."""
+    if visibility is None:
+        return [None] * n
+    if isinstance(visibility, Visibility) or not isinstance(visibility, (tuple, list)):
+        raise ArgumentTypeError(f"ModelStream: visibility must be a tuple with one spec per "
+                                f"layer ({n}) or None, got {type(visibility).__name__}")
+    if len(visibility) != n:
+        raise ValueError(f"ModelStream: visibility must give one spec per layer ({n}), got "
+                         f"{len(visibility)}")
+    for i, spec in enumerate(visibility):
+        if not isinstance(spec, Visibility):
+            raise ArgumentTypeError(f"ModelStream: visibility[{i}] must be a "
+                                    f"causalmix.visibility spec, got {type(spec).__name__}")
+    return list(visibility)
 
 
 @runtime_checkable
@@ -180,12 +199,17 @@ class ModelStream:
     ``Window(left, a)`` in every layer that is ``L * a``; with ``Chunked(size, a)`` it is
     ``(i // size + L * a + 1) * size - 1 - i`` (clipped to the last frame at flush).
 
+    ``visibility``: one spec per layer for this stream (a tuple, e.g. ``(Prefix(lengths),) *
+    n_layers`` for a batch whose rows have their own prompt lengths), replacing the layers' own
+    ``visibility``; ``None`` streams each layer under its own.
+
     An empty result before any output was produced has the input's feature size ``C`` (a
     model: its output size). A call that raises leaves the stream as it was. Streams are for
     inference (``torch.no_grad()``).
     """
 
-    def __init__(self, layers: Iterable[StreamableLayer] | StreamableModel):
+    def __init__(self, layers: Iterable[StreamableLayer] | StreamableModel, *,
+                 visibility: Sequence[Visibility] | None = None):
         self.model: StreamableModel | None = None
         if isinstance(layers, StreamableModel):
             self.model, layers = layers, layers.blocks
@@ -195,7 +219,9 @@ class ModelStream:
         layers = list(layers)
         if not layers:
             raise ValueError("ModelStream: layers must hold at least one StreamableLayer")
-        self.layers = [_LayerState(i, layer) for i, layer in enumerate(layers)]
+        specs = _per_layer_specs(visibility, len(layers))
+        self.layers = [_LayerState(i, layer, spec)
+                       for i, (layer, spec) in enumerate(zip(layers, specs, strict=True))]
         self._latency = PositionLog()
         self._compute = PositionLog("d")
         self._shape: tuple | None = None  # (B, C, dtype, device) of the first push
@@ -269,7 +295,7 @@ class ModelStream:
 
     def __repr__(self) -> str:
         what = "" if self.model is None else f"{type(self.model).__name__}: "
-        layers = ", ".join(f"{st.mixer.mixer} {st.layer.visibility!r}" for st in self.layers)
+        layers = ", ".join(f"{st.mixer.mixer} {st.visibility!r}" for st in self.layers)
         state = "closed" if self.closed else "open"
         return (f"ModelStream({what}{len(self.layers)} layers [{layers}]; frames_in="
                 f"{self.frames_in}, frames_out={self.frames_out}, pending={self.pending}, "
@@ -314,7 +340,7 @@ class ModelStream:
         not_final = [i for i, st in enumerate(self.layers) if st.mixer.final_after(n) != n]
         if not_final:
             p0 = self.frames_in
-            specs = [repr(st.layer.visibility) for st in self.layers]
+            specs = [repr(st.visibility) for st in self.layers]
             raise ValueError(
                 f"ModelStream.step: outputs of positions [{p0}, {p0 + n}) would not be final "
                 f"after this step: not final after this step in layers {not_final} (layer "
