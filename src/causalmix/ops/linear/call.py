@@ -87,13 +87,16 @@ class LinearCall(NamedTuple):
 
     def scan_refusal(self) -> str | None:
         """Why the scan forms (chunk, recurrent) cannot serve this call by its positions or
-        its spec (queries and keys at different positions, a spec that does not factorise);
+        its spec (queries and keys at different positions, a spec that does not factorise, keys
+        without queries);
         None when they can."""
         if self.q_offset != self.k_offset:
             return (f"q_offset ({self.q_offset}) != k_offset ({self.k_offset}); the chunk and "
                     f"recurrent forms need queries and keys at the same positions")
         if self.factor is None:
             return self.factor_error
+        if self.q.shape[1] == 0 and self.k.shape[1] > 0:
+            return "no queries"
         return None
 
     def scan_gates(self) -> ScanGates:

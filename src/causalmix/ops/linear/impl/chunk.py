@@ -56,8 +56,6 @@ def can_serve(call: LinearCall) -> str | None:
         return refusal
     tq, tk = call.q.shape[1], call.k.shape[1]
     if tk != tq:
-        if tq == 0:
-            return "no queries"
         if call.factor.has_reverse:
             return (f"keys past the last query (q {tq}, k {tk}) are served only for specs "
                     f"without a reverse scan (Causal, Chunked(size, lookahead > 0), with "
