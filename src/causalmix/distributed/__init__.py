@@ -6,11 +6,14 @@ on every rank of a process group, get exactly the single-process result (forward
     q_r = shard(q, "zigzag", rank, world)            # [B, T / world, H, D]
     out_r = softmax_attention(q_r, k_r, v_r, Causal(), layout="zigzag")
     out_r = linear_attention(q_r, k_r, v_r, Full(), layout="zigzag", decay=decay)
+    out_r = delta_attention(q_r, k_r, v_r, Full(), beta=b_r, log_gate=g_r, layout="zigzag")
     out = unshard(all_gathered_outputs, "zigzag")    # [B, T, H, Dv]
 
     mixer               layouts               specs                  exchange
     softmax_attention   all three             any                    K/V around the ring, dK/dV
     linear_attention    contiguous, zigzag    Causal, Full, Prefix   one all_gather of states
+    delta_attention     contiguous, zigzag    every delta spec       one all_gather of
+                                                                     (transition, update) pairs
 
 Transport is ``torch.distributed`` only: ``batch_isend_irecv`` on the group for the ring,
 ``all_gather`` / ``all_reduce`` for states, so gloo (CPU) and NCCL (GPU) both work. Every rank
@@ -32,6 +35,7 @@ and ``examples/train_sequence_parallel.py``, run as
 """
 
 from causalmix.distributed.balance import BalanceReport, work_balance
+from causalmix.distributed.delta import delta_attention
 from causalmix.distributed.layout import LAYOUTS, positions, shard, unshard
 from causalmix.distributed.linear import linear_attention
 from causalmix.distributed.model import (
@@ -47,6 +51,7 @@ __all__ = [
     "BalanceReport",
     "SequenceParallel",
     "Sharding",
+    "delta_attention",
     "fsdp_sums_gradients",
     "linear_attention",
     "positions",
