@@ -1,6 +1,6 @@
 """Whole-model sequence parallel on real gloo groups: a few Adam steps of a tiny fp64 model,
 sequence-parallel (with and without FSDP2) == one process -- loss, every parameter gradient and
-the parameters after the steps, to 1e-10 -- for softmax, linear, gated and hybrid stacks under
+the parameters after the steps, to 1e-10 -- for softmax, linear, gated, delta and hybrid stacks under
 the specs and layouts each mixer shards; what cannot shard raises on every rank."""
 
 from __future__ import annotations
@@ -29,6 +29,10 @@ CASES = {
     "gated": (("gated", "gated"), (Full(), Causal()), ("zigzag",)),
     "hybrid": (("softmax", "linear", "gated"), (Chunked(4, 1), DOCS, Prefix(7)),
                ("zigzag",)),
+    # Gated DeltaNet layers: the conv halo crosses ranks (and runs of 2 at world 4, zigzag)
+    "delta": (("delta", "delta"), (Causal(), Chunked(3, 1)), ("contiguous", "zigzag")),
+    "delta_docs": (("delta", "delta", "softmax"), (DOCS, ROW_DOCS & Full(), Prefix(6)),
+                   ("contiguous", "zigzag")),
 }
 
 
@@ -50,7 +54,7 @@ def _assert_all_within(results):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_training_steps_equal_one_process(tmp_path, world):
-    cases = CASES if world == 2 else {k: CASES[k] for k in ("softmax", "hybrid")}
+    cases = CASES if world == 2 else {k: CASES[k] for k in ("softmax", "hybrid", "delta_docs")}
     _assert_all_within(run_process_group(_job, world, str(tmp_path), cases=cases, fsdp=False))
 
 

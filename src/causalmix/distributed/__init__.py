@@ -42,6 +42,7 @@ from causalmix.distributed.model import (
     SequenceParallel,
     Sharding,
     fsdp_sums_gradients,
+    halos,
     sharded_mix,
 )
 from causalmix.distributed.softmax import softmax_attention
@@ -53,6 +54,7 @@ __all__ = [
     "Sharding",
     "delta_attention",
     "fsdp_sums_gradients",
+    "halos",
     "linear_attention",
     "positions",
     "shard",

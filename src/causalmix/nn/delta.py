@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from causalmix.distributed.model import halos
 from causalmix.nn.config import AttentionConfig
 from causalmix.nn.mixing import MixingLayer, mix
 from causalmix.ops.factor import factorise
@@ -151,8 +152,6 @@ class DeltaMixer(MixingLayer):
             past = pre.new_zeros(pre.shape[0], self.conv_size - 1, pre.shape[2])
             conv = causal_conv(pre, past, offset, self.conv_weight, ids)
         else:
-            from causalmix.distributed import halos
-
             conv = torch.cat([
                 causal_conv(pre[:, r.local:r.local + r.length], past, r.start,
                             self.conv_weight, ids)
