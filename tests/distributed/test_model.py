@@ -1,7 +1,7 @@
 """Whole-model sequence parallel on real gloo groups: a few Adam steps of a tiny fp64 model,
 sequence-parallel (with and without FSDP2) == one process -- loss, every parameter gradient and
-the parameters after the steps, to 1e-10 -- for softmax, linear, gated, delta and hybrid stacks under
-the specs and layouts each mixer shards; what cannot shard raises on every rank."""
+the parameters after the steps, to 1e-10 -- for softmax, linear, gated, delta and hybrid stacks
+under the specs and layouts each mixer shards; what cannot shard raises on every rank."""
 
 from __future__ import annotations
 

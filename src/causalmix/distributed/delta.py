@@ -377,7 +377,13 @@ def delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibilit
     ring, f = checked_on_every_rank(fn, group, _agreed(a), check)
     if q.shape[1] == 0:
         return _empty(a, return_final_state)
-    plan = _plan(a, f, ring)
+    out, final = _sharded(a, _plan(a, f, ring), ring)
+    return LinearOutput(out, final) if return_final_state else out
+
+
+def _sharded(a: DeltaArgs, plan: Plan, ring: Ring) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stages: local span runs -> one gather of the pairs -> the chains -> the outputs
+    (``[B, n, H, Dv]``) and the final state."""
     cols = _columns(a, plan.sd)
     runs, pairs = [], []
     for r in plan.mine:
@@ -385,13 +391,12 @@ def delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibilit
         runs.append(run)
         pairs.append(torch.stack(p))
     gathered = _AllGather.apply(torch.stack(pairs), ring).flatten(0, 1)
-    s0 = 0.0 if initial_state is None else initial_state
-    s_in, r_in, final = _chains(plan, gathered, s0, v.shape[-1])
+    s0 = 0.0 if a.initial_state is None else a.initial_state
+    s_in, r_in, final = _chains(plan, gathered, s0, a.v.shape[-1])
     outs = []
     for r, run in zip(plan.mine, runs, strict=True):
         o = run.o0 + _read(run.read, s_in[r.start])
         for p, (ro, rread) in enumerate(run.rev):
             o = o + ro + _read(rread, r_in[r.start, p])
-        outs.append(o.to(q.dtype))
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
-    return LinearOutput(out, final) if return_final_state else out
+        outs.append(o.to(a.q.dtype))
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)), final

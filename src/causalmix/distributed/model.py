@@ -114,7 +114,8 @@ def halos(x: torch.Tensor, sharding: Sharding, width: int) -> list[tuple[Span, t
     gathered = _AllGather.apply(tails, ring).flatten(0, 1)  # [W * R, B, m, C]
     # every rank's result depends on the gather (a where that never selects it), so every rank
     # joins its backward all_reduce
-    zero = torch.where(torch.zeros((), dtype=torch.bool, device=x.device), gathered[0, :, :1], 0.0)
+    never = torch.zeros((), dtype=torch.bool, device=x.device)
+    zero = torch.where(never, gathered[0, :, :1], 0.0)
     out = []
     for r in mine:
         cols = []

@@ -1,7 +1,8 @@
-"""nn.Modules: attention layers (softmax / linear / gated linear / Gated DeltaNet mixers) under a visibility
-spec, pre-norm blocks, and a small sequence model with per-layer visibility; typed configs with
-presets, and the tagged dict form of a spec (:func:`spec_to_dict` / :func:`spec_from_dict`);
-``SequenceModel.generate`` decodes on the model stream (:mod:`causalmix.nn.generate`)."""
+"""nn.Modules: attention layers (softmax / linear / gated linear / Gated DeltaNet mixers) under
+a visibility spec, pre-norm blocks, and a small sequence model with per-layer visibility; typed
+configs with presets, and the tagged dict form of a spec (:func:`spec_to_dict` /
+:func:`spec_from_dict`); ``SequenceModel.generate`` decodes on the model stream
+(:mod:`causalmix.nn.generate`)."""
 
 from causalmix.nn.config import (
     MIXERS,

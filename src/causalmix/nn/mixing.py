@@ -23,9 +23,9 @@ def mix(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibility: 
         **kwargs: Any) -> torch.Tensor:
     """Run the op family ``op``: ``"softmax"`` (:func:`~causalmix.ops.softmax_attention`),
     ``"linear"`` (:func:`~causalmix.ops.linear_attention`) or ``"delta"``
-    (:func:`~causalmix.ops.delta_attention`, with ``beta`` and the gates in ``kwargs``). ``q, k: [B, Tq|Tk, H, D]``,
-    ``v: [B, Tk, Hkv, Dv]`` -> ``[B, Tq, H, Dv]``; ``kwargs`` are the layer's
-    ``mixer_kwargs()`` (and ``impl``, per-frame gates). With ``sharding`` (a
+    (:func:`~causalmix.ops.delta_attention`, with ``beta`` and the gates in ``kwargs``).
+    ``q, k: [B, Tq|Tk, H, D]``, ``v: [B, Tk, Hkv, Dv]`` -> ``[B, Tq, H, Dv]``; ``kwargs`` are
+    the layer's ``mixer_kwargs()`` (and ``impl``, per-frame gates). With ``sharding`` (a
     :class:`causalmix.distributed.Sharding`) the inputs are this rank's shard of a
     sequence-parallel call and the family's sharded op runs (offsets must be 0)."""
     if sharding is not None:
