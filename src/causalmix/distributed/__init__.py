@@ -12,8 +12,8 @@ on every rank of a process group, get exactly the single-process result (forward
     mixer               layouts               specs                  exchange
     softmax_attention   all three             any                    K/V around the ring, dK/dV
     linear_attention    contiguous, zigzag    Causal, Full, Prefix   one all_gather of states
-    delta_attention     contiguous, zigzag    every delta spec       one all_gather of
-                                                                     (transition, update) pairs
+    delta_attention     contiguous, zigzag    Causal, Full, Prefix,  one all_gather of
+                                              Chunked, Segments & .. (transition, update) pairs
 
 Transport is ``torch.distributed`` only: ``batch_isend_irecv`` on the group for the ring,
 ``all_gather`` / ``all_reduce`` for states, so gloo (CPU) and NCCL (GPU) both work. Every rank
@@ -28,8 +28,9 @@ group's ``timeout``.
 :func:`work_balance` counts the exact visible pairs each rank computes under a layout.
 
 Whole models: :class:`SequenceParallel` runs a :class:`causalmix.nn.SequenceModel` with its
-sequence sharded (every block's mixer sharded, positions from the layout, a loss with the global
-mean, gradients summed over the ranks; FSDP2 composes): see :mod:`causalmix.distributed.model`
+sequence sharded (every block's mixer sharded, positions from the layout, a delta layer's
+convolution halo from the neighbouring rank (:func:`halos`), a loss with the global mean,
+gradients summed over the ranks; FSDP2 composes): see :mod:`causalmix.distributed.model`
 and ``examples/train_sequence_parallel.py``, run as
 ``torchrun --standalone --nproc-per-node 2 examples/train_sequence_parallel.py``.
 """

@@ -30,12 +30,16 @@ boundaries where the spec does). Per span and reverse pass, one op call over the
 with a zero key in front (a key of zero changes no state, so the query of key ``i`` reads the
 state of key ``i + 1``: the strict read), ``Segments(region ids) & Causal()`` for the restarts,
 the same ``[v | 0]`` / ``[0 | I]`` columns. Its final state is the span's reverse pair
-``R_a = A' R_{e+1} + U'`` (``A'`` zeroed unless key ``e``'s region goes on past the span).
+``R_a = A' R_{e+1} + U'``.
 
 **Exchange**: one differentiable ``all_gather`` of every span's forward and reverse pairs; each
-rank composes them in order (forward from the first span, reverse from the last: ``W`` or ``2W``
-small matmuls), and adds ``(Phi^T q) S_in`` (forward) and ``exp(r_i) (Phi'^T q) R_in`` (reverse)
-to its local outputs. Backward is autograd through the local op calls and these products; the
+rank composes them in order (forward from the initial state, or zero, and the first span;
+reverse from the last: ``W`` or ``2W`` small matmuls per pass), and adds ``(Phi^T q) S_in``
+(forward) and ``exp(r_i) (Phi'^T q) R_in`` (reverse) to its local outputs; the forward chain's
+last state is the final state. Where a segment (a reverse region) starts inside a span, the
+span does not carry the entering state through, and a query whose segment starts inside its
+span does not read it: both are ``where`` selections, never products with zero, so a NaN of an
+earlier document reaches no later one through the chain. Backward is autograd through the local op calls and these products; the
 gather's backward sums each gradient over the ranks with one ``all_reduce``, so every rank must
 backpropagate through its output. Cost per span: one scan with ``Dv + D`` value columns, plus
 one per reverse pass (one for ``Full`` / ``Prefix`` / ``Chunked(s, 0)``, up to ``L + 2`` for
