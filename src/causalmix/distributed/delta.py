@@ -39,9 +39,11 @@ reverse from the last: ``W`` or ``2W`` small matmuls per pass), and adds ``(Phi^
 last state is the final state. Where a segment (a reverse region) starts inside a span, the
 span does not carry the entering state through, and a query whose segment starts inside its
 span does not read it: both are ``where`` selections, never products with zero, so a NaN of an
-earlier document reaches no later one through the chain. Backward is autograd through the local op calls and these products; the
-gather's backward sums each gradient over the ranks with one ``all_reduce``, so every rank must
-backpropagate through its output. Cost per span: one scan with ``Dv + D`` value columns, plus
+earlier document reaches no later one through the chain.
+
+Backward is autograd through the local op calls and these products; the gather's backward sums
+each gradient over the ranks with one ``all_reduce``, so every rank must backpropagate through
+its output. Cost per span: one scan with ``Dv + D`` value columns, plus
 one per reverse pass (one for ``Full`` / ``Prefix`` / ``Chunked(s, 0)``, up to ``L + 2`` for
 ``Chunked(s, L)``); per rank ``W x spans x passes`` states of ``[B, H, D, Dv + D]`` gathered.
 
