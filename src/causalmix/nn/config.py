@@ -167,6 +167,8 @@ class AttentionConfig:
     linear mixer; bidirectional (Hydra style) under ``Full()`` / ``Prefix`` / ``Chunked``.
     delta: Gated DeltaNet (:mod:`causalmix.nn.delta`): short causal convolution, L2-normalised
     q / k of ``feature_dim`` per head, the delta-rule op; bidirectional under the same specs.
+    Its ``n_kv_heads`` are the q / k heads and ``n_heads`` the value (output) heads: the value
+    grouping of Gated DeltaNet.
     ``decay``: per-head decay in (0, 1] (``None``: no decay); its length must equal ``n_heads``.
     ``impl``: the mixer implementation :meth:`Block.forward` asks for (``"auto"``, or e.g.
     ``"reference"`` to run the dense definition; passed on as ``impl=``).
