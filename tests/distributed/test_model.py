@@ -5,6 +5,8 @@ under the specs and layouts each mixer shards; what cannot shard raises on every
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -73,6 +75,8 @@ def _refusal_job(rank, world, which):
     elif which == "layout":
         model, layout = build_hybrid_model(("softmax",), (Causal(),)), \
             ("zigzag" if rank == 0 else "contiguous")
+    elif which == "delta_striped":  # the delta layer's state chain needs contiguous runs
+        model, layout = build_hybrid_model(("delta",), (Causal(),)), "striped"
     else:  # a linear layer under a spec its sharded op does not serve
         model, layout = build_hybrid_model(("softmax", "linear"), (Causal(), Chunked(4))), \
             "zigzag"
@@ -84,12 +88,13 @@ def _refusal_job(rank, world, which):
 
 
 @pytest.mark.parametrize("which,match", [("spec", "visibility"), ("layout", "layout"),
-                                         ("unsharded", "layer 1")])
+                                         ("unsharded", "layer 1"),
+                                         ("delta_striped", "layer 0 .delta.*striped")])
 def test_a_rank_that_differs_or_cannot_shard_makes_every_rank_raise(tmp_path, which, match):
     results = run_process_group(_refusal_job, 2, str(tmp_path), which=which)
     messages = set(results.values())
     assert len(messages) == 1 and None not in messages, results
-    assert match in messages.pop()
+    assert re.search(match, messages.pop())
 
 
 @pytest.mark.parametrize("extra", [[], ["--fsdp", "--layout", "contiguous"]])
