@@ -105,13 +105,13 @@ def _gather(x, layout, world):
     return unshard(parts, layout)
 
 
-def _case(rank, world, name, unit, layout, gates, heads, init):
+def _case(rank, world, name, unit, layout, gates, heads, init, chunk_size=4):
     x, w, wf = _inputs(unit, world, heads, gates, init)
     spec = _spec(name, world * unit)
     truth, base = _single(x, w, wf, spec, torch.float64), _single(x, w, wf, spec, torch.float32)
     local = {n: (t.float() if n == "initial_state" else shard(t, layout, rank, world))
              .requires_grad_() for n, t in x.items()}
-    o, s = _call(delta_attention, local, spec, layout=layout, chunk_size=4)
+    o, s = _call(delta_attention, local, spec, layout=layout, chunk_size=chunk_size)
     loss = (o * shard(w, layout, rank, world)).sum() + (s * wf).sum() / world
     grads = dict(zip(local, torch.autograd.grad(loss, list(local.values())), strict=True))
     got = [_gather(o, layout, world), s]
@@ -138,6 +138,23 @@ def test_sharded_equals_single_process(tmp_path, world):
     cases = CASES if world == 2 else CASES[::2]
     done = run_process_group(_job, world, str(tmp_path), cases=cases)
     assert done == dict.fromkeys(range(world), len(cases))
+
+
+LONG_CASES = [  # awkward long lengths, default chunk size (64: does not divide the spans)
+    ("docs_full_rows", 250, "contiguous", "reverse", "value", True),
+    ("chunked_la", 250, "zigzag", "gated", "gqa", True),
+]
+
+
+def _long_job(rank, world):
+    for case in LONG_CASES:
+        _case(rank, world, *case, chunk_size=64)
+    return True
+
+
+@pytest.mark.slow
+def test_sharded_equals_single_process_at_500(tmp_path):
+    run_process_group(_long_job, 2, str(tmp_path))
 
 
 def _nan_job(rank, world):
