@@ -45,11 +45,14 @@ def can_serve(call: Call) -> str | None:
 
 
 class _Unit(NamedTuple):
-    """A slice ``[u0, u1)`` of the flattened (batch, kv head) axis that one worker computes;
-    ``b`` is its example's index in the spec's masks (0 when the spec has no batch)."""
+    """What one worker computes: examples ``[b0, b1)`` x kv heads ``[h0, h1)`` (several whole
+    examples, or some heads of one); ``b`` is its example's index in the spec's masks (0 when
+    the spec has no batch)."""
 
-    u0: int
-    u1: int
+    b0: int
+    b1: int
+    h0: int
+    h1: int
     b: int
 
 
@@ -140,10 +143,9 @@ class _Fwd(NamedTuple):
     lse2: torch.Tensor  # [BH, Tq, G], written
 
 
-def _forward_unit(t: _Fwd, plan: Plan, visibility: Visibility, unit: _Unit) -> None:
-    """Every row block of one unit (a slice of the flattened batch x kv-head axis)."""
-    sl = slice(unit.u0, unit.u1)
-    q, kf, vf, out, lse2 = t.q[sl], t.k[sl], t.v[sl], t.out[sl], t.lse2[sl]
+def _forward_rows(t: _Fwd, plan: Plan, visibility: Visibility, unit: _Unit) -> None:
+    """Every row block of one unit (``t`` holds the unit's heads only)."""
+    q, kf, vf, out, lse2 = t
     nu, _, g, d = q.shape
     dv = vf.shape[-1]
     work = torch.empty(nu * plan.rows * g * plan.piece_max, dtype=q.dtype, device=q.device)
@@ -240,9 +242,8 @@ def _band_backward(t: _Bwd, band: Band, rows: int) -> None:
                 dv[dst].view(c, rows, -1).add_(dv_band[:, j : j + rows])
 
 
-def _backward_unit(t: _Bwd, plan: Plan, visibility: Visibility, unit: _Unit) -> None:
-    sl = slice(unit.u0, unit.u1)
-    t = _Bwd(*(x[sl] for x in t))
+def _backward_rows(t: _Bwd, plan: Plan, visibility: Visibility, unit: _Unit) -> None:
+    """Every row block's contributions to one unit's dq, dk, dv (``t`` holds its heads only)."""
     nu, _, g, _ = t.q_aug.shape
     size = nu * plan.rows * g * plan.piece_max
     jobs = (_Job(plan, visibility, unit, torch.empty(size, device=t.dq.device, dtype=t.dq.dtype)),
@@ -277,59 +278,36 @@ def _backward_block(t: _Bwd, blk: Block, jobs: tuple[_Job, torch.Tensor]) -> Non
         t.dk[:, pc.c0 : pc.c1].baddbmm_(ds.transpose(1, 2), qb)
 
 
-def _units(bh: int, hkv: int, per_example: bool, workers: int) -> list[_Unit]:
-    """Split the flattened (batch, kv head) axis into about ``workers`` slices; a spec with a
-    batch (per-example masks) gets slices within one example each."""
-    if not per_example:
-        step = -(-bh // max(1, workers))
-        return [_Unit(u, min(bh, u + step), 0) for u in range(0, bh, step)]
-    nb = bh // hkv
-    step = -(-hkv // max(1, -(-workers // nb)))
-    return [_Unit(b * hkv + h, b * hkv + min(hkv, h + step), b)
-            for b in range(nb) for h in range(0, hkv, step)]
+def _units(b: int, hkv: int, per_example: bool, workers: int) -> list[_Unit]:
+    """About ``workers`` units covering every (example, kv head); a spec with a batch
+    (per-example masks) gets units within one example each."""
+    if not per_example and b >= workers:
+        step = -(-b // workers)
+        return [_Unit(b0, min(b, b0 + step), 0, hkv, 0) for b0 in range(0, b, step)]
+    step = -(-hkv // max(1, -(-workers // b)))  # heads per unit
+    return [_Unit(e, e + 1, h, min(hkv, h + step), e if per_example else 0)
+            for e in range(b) for h in range(0, hkv, step)]
 
 
-def _run_units(fn, t, plan: Plan, visibility: Visibility, hkv: int) -> None:
-    """Run ``fn(t, plan, visibility, unit)`` over the units of ``t``'s (batch, kv head) axis:
-    on a multi-threaded CPU, in the single-threaded workers of :mod:`causalmix.ops.softmax.
-    _workers` (one unit each; one fork and join per call), else in the calling thread. No
-    process-wide setting changes either way."""
-    per_example = visibility.batch_size is not None
-    bh, device = t[0].shape[0], t[0].device
+def _run_units(fn, args: tuple, units: list[_Unit], device: torch.device) -> None:
+    """``fn(*args, unit)`` for every unit: on a multi-threaded CPU in the single-threaded workers
+    of :mod:`causalmix.ops.softmax._workers` (one unit each: one fork and join per call), else in
+    the calling thread. No process-wide setting changes either way."""
     threads = torch.get_num_threads()
-    pool = _workers.pool(threads) if device.type == "cpu" and threads > 1 and bh > 1 else None
+    pool = None
+    if device.type == "cpu" and threads > 1 and len(units) > 1:
+        pool = _workers.pool(threads)
     if pool is None:
-        for unit in _units(bh, hkv, per_example, 1):
-            fn(t, plan, visibility, unit)
-        return
-    pool.map(fn, [(t, plan, visibility, unit) for unit in _units(bh, hkv, per_example, threads)])
-
-
-def _augmented(x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """``[..., D]`` -> a new ``[..., D + 1]`` buffer holding ``x`` (times ``scale``) and a last
-    column of ones (the backward's row-shift trick); the caller reads ``[..., :D]``."""
-    out = torch.empty(*x.shape[:-1], x.shape[-1] + 1, dtype=x.dtype, device=x.device)
-    if scale is None:
-        out[..., :-1].copy_(x)
+        for unit in units:
+            fn(*args, unit)
     else:
-        torch.mul(x, scale, out=out[..., :-1])
-    out[..., -1] = 1.0
-    return out
+        pool.map(_without_grad, [(fn, *args, unit) for unit in units])
 
 
-def _head_major(q, k, v, scale: float):
-    """fp32/fp64 head-major augmented copies: ``q_aug [B*Hkv, Tq, G, D+1]`` (q scaled to base-2
-    scores; query rows carry their head group innermost so that a row block of all group heads
-    is one contiguous-row ``[rows * G, D]`` matrix per kv head), ``k_aug [B*Hkv, Tk, D+1]``,
-    ``v_aug [B*Hkv, Tk, Dv+1]``."""
-    b, tq, hq, d = q.shape
-    tk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
-    cd = compute_dtype(q)
-    qv = q.view(b, tq, hkv, hq // hkv, d).permute(0, 2, 1, 3, 4)
-    q_aug = _augmented(qv.to(cd), scale * _LOG2E).view(b * hkv, tq, hq // hkv, d + 1)
-    k_aug = _augmented(k.transpose(1, 2).to(cd)).view(b * hkv, tk, d + 1)
-    v_aug = _augmented(v.transpose(1, 2).to(cd)).view(b * hkv, tk, dv + 1)
-    return q_aug, k_aug, v_aug
+def _without_grad(fn, *args) -> None:
+    """``fn(*args)`` with autograd off (grad mode is per thread; a worker's is on)."""
+    with torch.no_grad():
+        fn(*args)
 
 
 class _Opts(NamedTuple):
@@ -353,38 +331,114 @@ def _plan_for(q: torch.Tensor, k: torch.Tensor, opts: _Opts) -> Plan:
     return _plan.plan(opts.visibility, geo, sizes)
 
 
-def _to_token_major(x: torch.Tensor, b: int, factor: float | None = None) -> torch.Tensor:
-    """``[B*Hkv, T, G, C]`` -> ``[B, T, Hkv*G, C]`` (times ``factor``), a new tensor."""
-    bh, t, g, c = x.shape
-    xv = x.view(b, bh // b, t, g, c).permute(0, 2, 1, 3, 4)
-    if factor is None:
-        return xv.reshape(b, t, -1, c)
-    out = torch.empty(b, t, bh // b, g, c, dtype=x.dtype, device=x.device)
-    torch.mul(xv, factor, out=out)
-    return out.view(b, t, -1, c)
+class _Saved(NamedTuple):
+    """Head-major fp32 (fp64) buffers, ``[B, Hkv, ...]``, each unit filling its own slices:
+    ``q_aug [.., Tq, G, D+1]`` ([q * scale * log2(e), -lse2]), ``k_aug [.., Tk, D+1]`` ([k, 1]),
+    ``v_aug [.., Tk, Dv+1]`` ([v, 1]), ``out [.., Tq, G, Dv]``, ``lse2 [.., Tq, G]`` (base 2)."""
+
+    q_aug: torch.Tensor
+    k_aug: torch.Tensor
+    v_aug: torch.Tensor
+    out: torch.Tensor
+    lse2: torch.Tensor
+
+
+def _heads(x: torch.Tensor, unit: _Unit, g: int) -> torch.Tensor:
+    """The unit's slice of a token-major ``[B, T, H, C]`` tensor (``H = Hkv * g``) as a
+    head-major view ``[nb, nh, T, g, C]``."""
+    xs = x[unit.b0 : unit.b1, :, unit.h0 * g : unit.h1 * g]
+    nb, t, _, c = xs.shape
+    return xs.view(nb, t, unit.h1 - unit.h0, g, c).permute(0, 2, 1, 3, 4)
+
+
+def _mine(x: torch.Tensor, unit: _Unit) -> torch.Tensor:
+    """The unit's slice of a ``[B, Hkv, T, ...]`` buffer as ``[nb * nh, T, ...]`` (a view:
+    a unit is whole examples or heads of one)."""
+    xs = x[unit.b0 : unit.b1, unit.h0 : unit.h1]
+    return xs.reshape(-1, *xs.shape[2:])
+
+
+def _fill_augmented(dst: torch.Tensor, src: torch.Tensor, scale: float | None = None) -> None:
+    """``dst[..., :C] = src`` (times ``scale``) and ``dst[..., C] = 1`` (the backward's row-shift
+    trick)."""
+    if scale is None:
+        dst[..., :-1].copy_(src)
+    else:
+        torch.mul(src, scale, out=dst[..., :-1])
+    dst[..., -1] = 1.0
+
+
+def _forward_unit(q, k, v, opts: _Opts, plan: Plan, bufs: tuple, unit: _Unit) -> None:
+    """One unit's whole forward: its head-major copies, its row blocks, its outputs. ``bufs`` is
+    ``(_Saved, o [B, Tq, Hq, Dv] in q.dtype, lse [B, Tq, Hq])``, written in the unit's slices."""
+    saved, o, lse = bufs
+    g, d, dv = q.shape[2] // k.shape[2], q.shape[-1], v.shape[-1]
+    nb, nh = unit.b1 - unit.b0, unit.h1 - unit.h0
+    q_aug, k_aug, v_aug, out, lse2 = (_mine(x, unit) for x in saved)
+    _fill_augmented(q_aug.view(nb, nh, -1, g, d + 1), _heads(q, unit, g), opts.scale * _LOG2E)
+    _fill_augmented(k_aug.view(nb, nh, -1, d + 1), _heads(k, unit, 1)[..., 0, :])
+    _fill_augmented(v_aug.view(nb, nh, -1, dv + 1), _heads(v, unit, 1)[..., 0, :])
+    _forward_rows(_Fwd(q_aug[..., :d], k_aug[..., :d], v_aug[..., :dv], out, lse2), plan,
+                  opts.visibility, unit)
+    # The backward's row shift (see there); rows that see nothing are shifted by -inf so that
+    # exp2(s - lse2) = 0 for them.
+    q_aug[..., -1] = torch.where(torch.isneginf(lse2), float("-inf"), -lse2)
+    _heads(o, unit, g).copy_(out.view(nb, nh, *out.shape[1:]))
+    torch.mul(lse2.view(nb, nh, -1, g, 1), math.log(2.0), out=_heads(lse[..., None], unit, g))
+
+
+def _backward_unit(grads_in: tuple, opts: _Opts, plan: Plan, bufs: tuple, unit: _Unit) -> None:
+    """One unit's whole backward. ``grads_in = (d_out [B, Tq, Hq, Dv] or None, d_lse [B, Tq,
+    Hq] or None)``; ``bufs = (_Saved, dq, dk, dv)`` (the inputs' shapes and dtypes), the
+    gradients written in the unit's slices."""
+    d_out, d_lse = grads_in
+    saved, dq, dk, dv = bufs
+    q_aug, k_aug, v_aug, out, lse2 = (_mine(x, unit) for x in saved)
+    nu, tq, g, d1 = q_aug.shape
+    tk, dvv = k_aug.shape[1], v_aug.shape[-1] - 1
+    nb, nh = unit.b1 - unit.b0, unit.h1 - unit.h0
+    # Fold the row shifts into the matmuls with the extra column (q's is set by forward):
+    #   [q, -lse2] . [k, 1] = s - lse2        (then exp2 gives P directly)
+    #   [dO, -delta] . [v, 1] = dO v - delta  (then times P gives dS)
+    do_aug = torch.zeros(nu, tq, g, dvv + 1, dtype=out.dtype, device=out.device)
+    if d_out is not None:
+        do_aug.view(nb, nh, tq, g, -1)[..., :dvv].copy_(_heads(d_out, unit, g))
+    delta = torch.linalg.vecdot(do_aug[..., :dvv], out)  # [nu, Tq, G]
+    if d_lse is not None:
+        delta.sub_(_heads(d_lse[..., None], unit, g).reshape(nu, tq, g))
+    do_aug[..., -1] = -delta
+    t = _Bwd(q_aug, do_aug, k_aug, v_aug,
+             torch.zeros(nu, tq, g, d1 - 1, dtype=out.dtype, device=out.device),
+             torch.zeros(nu, tk, d1 - 1, dtype=out.dtype, device=out.device),
+             torch.zeros(nu, tk, dvv, dtype=out.dtype, device=out.device))
+    _backward_rows(t, plan, opts.visibility, unit)
+    # The scores were scale * log2(e) * q.k: dq = scale * dS k, dk = ln 2 * dS^T (q scaled).
+    torch.mul(t.dq.view(nb, nh, tq, g, -1), opts.scale, out=_heads(dq, unit, g))
+    torch.mul(t.dk.view(nb, nh, tk, 1, -1), math.log(2.0), out=_heads(dk, unit, 1))
+    _heads(dv, unit, 1).copy_(t.dv.view(nb, nh, tk, 1, -1))
 
 
 class _BlockAttention(torch.autograd.Function):
-    """``(q, k, v, opts) -> (out, lse, *saved)``; ``saved`` (the augmented copies, the fp32
-    output and lse2) are outputs so that ``setup_context`` can keep them for the backward."""
+    """``(q, k, v, opts) -> (out, lse, *saved)``; ``saved`` (:class:`_Saved`) are outputs so
+    that ``setup_context`` can keep them for the backward. Every tensor op runs inside the units
+    (:func:`_forward_unit`, :func:`_backward_unit`); the calling thread only allocates."""
 
     @staticmethod
     def forward(q, k, v, opts: _Opts):
         plan = _plan_for(q, k, opts)
-        b = q.shape[0]
-        q_aug, k_aug, v_aug = _head_major(q, k, v, opts.scale)
-        bh, tq, g, d1 = q_aug.shape
-        d, dv = d1 - 1, v.shape[-1]
-        out = torch.empty(bh, tq, g, dv, dtype=q_aug.dtype, device=q.device)
-        lse2 = torch.empty(bh, tq, g, dtype=q_aug.dtype, device=q.device)
-        fwd = _Fwd(q_aug[..., :d], k_aug[..., :d], v_aug[..., :dv], out, lse2)
-        _run_units(_forward_unit, fwd, plan, opts.visibility, k.shape[2])
-        # The backward's row shift (see there); rows that see nothing are shifted by -inf so
-        # that exp2(s - lse2) = 0 for them.
-        q_aug[..., -1] = torch.where(torch.isneginf(lse2), float("-inf"), -lse2)
-        o = _to_token_major(out, b).to(q.dtype)
-        lse = _to_token_major(lse2[..., None], b, math.log(2.0))[..., 0]
-        return o, lse, q_aug, k_aug, v_aug, out, lse2
+        b, tq, hq, d = q.shape
+        tk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
+        g, cd, dev = hq // hkv, compute_dtype(q), q.device
+        saved = _Saved(torch.empty(b, hkv, tq, g, d + 1, dtype=cd, device=dev),
+                       torch.empty(b, hkv, tk, d + 1, dtype=cd, device=dev),
+                       torch.empty(b, hkv, tk, dv + 1, dtype=cd, device=dev),
+                       torch.empty(b, hkv, tq, g, dv, dtype=cd, device=dev),
+                       torch.empty(b, hkv, tq, g, dtype=cd, device=dev))
+        o = torch.empty(b, tq, hq, dv, dtype=q.dtype, device=dev)
+        lse = torch.empty(b, tq, hq, dtype=cd, device=dev)
+        units = _units(b, hkv, opts.visibility.batch_size is not None, torch.get_num_threads())
+        _run_units(_forward_unit, (q, k, v, opts, plan, (saved, o, lse)), units, dev)
+        return o, lse, *saved
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -392,39 +446,23 @@ class _BlockAttention(torch.autograd.Function):
         saved = output[2:]
         ctx.save_for_backward(*saved)
         ctx.mark_non_differentiable(*saved)
-        ctx.opts, ctx.hkv = opts, k.shape[2]
+        ctx.opts = opts
+        ctx.shapes = (q.shape, k.shape, v.shape)
         ctx.dtypes = (q.dtype, k.dtype, v.dtype)
         ctx.plan = _plan_for(q, k, opts)
 
     @staticmethod
     def backward(ctx, d_out, d_lse, *_):
-        q_aug, k_aug, v_aug, out, lse2 = ctx.saved_tensors
-        bh, tq, g, d1 = q_aug.shape
-        b = bh // ctx.hkv
-        tk, dv = k_aug.shape[1], v_aug.shape[-1] - 1
-        cd, dev = q_aug.dtype, q_aug.device
-        if d_out is None:
-            d_out = torch.zeros(b, tq, ctx.hkv * g, dv, device=dev, dtype=cd)
-        # Fold the row shifts into the matmuls with the extra column (q's is set by forward):
-        #   [q, -lse2] . [k, 1] = s - lse2        (then exp2 gives P directly)
-        #   [dO, -delta] . [v, 1] = dO v - delta  (then times P gives dS)
-        do = d_out.to(cd).view(b, tq, ctx.hkv, g, dv).permute(0, 2, 1, 3, 4)
-        do_aug = _augmented(do).view(bh, tq, g, dv + 1)
-        delta = torch.linalg.vecdot(do_aug[..., :dv], out)  # [BH, Tq, G]
-        if d_lse is not None:
-            delta = delta - d_lse.to(cd).view(b, tq, ctx.hkv, g).permute(0, 2, 1, 3).reshape(
-                bh, tq, g)
-        do_aug[..., -1] = -delta
-        t = _Bwd(q_aug, do_aug, k_aug, v_aug,
-                 torch.zeros(bh, tq, g, d1 - 1, dtype=cd, device=dev),
-                 torch.zeros(bh, tk, d1 - 1, dtype=cd, device=dev),
-                 torch.zeros(bh, tk, dv, dtype=cd, device=dev))
-        _run_units(_backward_unit, t, ctx.plan, ctx.opts.visibility, ctx.hkv)
-        # The scores were scale * log2(e) * q.k: dq = scale * dS k, dk = ln 2 * dS^T (q scaled).
-        dq = _to_token_major(t.dq, b, ctx.opts.scale)
-        dk = _to_token_major(t.dk[:, :, None], b, math.log(2.0))
-        dvv = _to_token_major(t.dv[:, :, None], b)
-        return dq.to(ctx.dtypes[0]), dk.to(ctx.dtypes[1]), dvv.to(ctx.dtypes[2]), None
+        saved = _Saved(*ctx.saved_tensors)
+        dev = saved.out.device
+        dq, dk, dv = (torch.empty(s, dtype=t, device=dev)
+                      for s, t in zip(ctx.shapes, ctx.dtypes, strict=True))
+        b, hkv = saved.k_aug.shape[:2]
+        units = _units(b, hkv, ctx.opts.visibility.batch_size is not None,
+                       torch.get_num_threads())
+        _run_units(_backward_unit, ((d_out, d_lse), ctx.opts, ctx.plan, (saved, dq, dk, dv)),
+                   units, dev)
+        return dq, dk, dv, None
 
 
 def _apply(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
