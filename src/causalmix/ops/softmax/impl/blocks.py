@@ -240,6 +240,10 @@ def _band_backward(t: _Bwd, plan: Plan) -> None:
     band, rows = plan.band, plan.rows
     dv1, w = t.do.shape[-1], band.width
     work_p, work_d = _band_work(plan, g, t.q), _band_work(plan, g, t.q)
+    per = max(1, _plan.PIECE_FLOATS // (rows * g * w))
+    # dk / dv of a chunk's blocks before the fold: made once (fresh multi-MiB buffers per chunk
+    # page-fault in every call, and worker threads faulting at once contend in the kernel).
+    work_k = torch.empty(per * w * (d + dv1), dtype=t.q.dtype, device=t.q.device)
     for u in range(nu):
         for n, c in _band_chunks(plan, g):
             rr, n2 = slice(n * rows * g, (n + c) * rows * g), rows * g
@@ -254,8 +258,10 @@ def _band_backward(t: _Bwd, plan: Plan) -> None:
             torch.bmm(dob, _band_keys(t.v[u], k0, (c, w, dv1), rows).transpose(1, 2), out=ds)
             ds.sub_(t.delta[u, rr].view(c, n2, 1)).mul_(p)
             t.dq[u, rr].view(c, n2, d).baddbmm_(ds, ka, beta=0.0, alpha=t.scale)
-            dk_band = torch.bmm(ds.transpose(1, 2), qb)  # [c, w, D]
-            dv_band = torch.bmm(p.transpose(1, 2), dob)  # [c, w, Dv]
+            dk_band = work_k[: c * w * d].view(c, w, d)
+            dv_band = work_k[c * w * d : c * w * (d + dv1)].view(c, w, dv1)
+            torch.bmm(ds.transpose(1, 2), qb, out=dk_band)
+            torch.bmm(p.transpose(1, 2), dob, out=dv_band)
             for j in range(0, w, rows):
                 dst = slice(k0 + j, k0 + j + c * rows)
                 t.dk[u, dst].view(c, rows, -1).add_(dk_band[:, j : j + rows], alpha=t.scale)
