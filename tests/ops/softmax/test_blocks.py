@@ -1,12 +1,14 @@
 """blocks' band path (shift-invariant specs such as Window: batched matmuls over a strided view
-of the keys) against the reference: outputs, lse and every gradient, with offsets, GQA, keys
-before/after the queries and bf16; and the plan actually takes it."""
+of the keys, or PyTorch's fused CPU kernel where queries and values have one head size) against
+the reference: outputs, lse and every gradient, with offsets, GQA, keys before/after the queries
+and bf16; and the plan actually takes it."""
 
 import pytest
 import torch
 
 from causalmix import Causal, Chunked, Window, softmax_attention
 from causalmix.ops.softmax import _plan
+from causalmix.ops.softmax.impl import blocks
 from causalmix.testing import assert_close
 from causalmix.testing import check_softmax_impl as check_impl
 
@@ -39,6 +41,51 @@ def test_band_path_matches_reference(spec, tq, tk, q_offset, k_offset, dtype):
 @pytest.mark.parametrize("hq,hkv", [(4, 1), (6, 2)])
 def test_band_path_gqa(hq, hkv):
     check_impl("blocks", Window(30, 2), tq=300, tk=300, hq=hq, hkv=hkv)
+
+
+@pytest.mark.parametrize(
+    "spec,tq,tk,q_offset,k_offset,hq,hkv",
+    [
+        (Window(40, 5), 500, 500, 0, 0, 4, 2),  # width 96: not a multiple of the key tile
+        (Window(17, 30), 333, 400, 10, 0, 2, 2),
+        (Window(64), 260, 700, 500, 300, 4, 1),
+        (Window(9), 300, 300, 100, 113, 6, 2),
+        (Window(25, 3) & Causal(), 400, 400, 0, 0, 2, 2),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("with_lse", [False, True])
+def test_fused_band_path_matches_reference(spec, tq, tk, q_offset, k_offset, hq, hkv,
+                                           with_lse):
+    """Queries and values of one head size: the band runs in PyTorch's fused CPU kernel (the
+    backward too when no lse gradient comes back; with one, the plain band backward reads the
+    fused forward's lse)."""
+    assert _band(spec, tq, tk, q_offset, k_offset) is not None
+    q = torch.zeros(1, 1, 1, 16)
+    assert blocks._fused(q, q)
+    check_impl("blocks", spec, tq=tq, tk=tk, q_offset=q_offset, k_offset=k_offset, hq=hq,
+               hkv=hkv, d=16, dv=16, with_lse=with_lse)
+
+
+@pytest.mark.parametrize("t", [1, 7, 113, 500])
+def test_window_at_awkward_lengths_one_head_size(t):
+    check_impl("blocks", Window(100), tq=t, tk=t, d=16, dv=16, with_lse=False)
+    check_impl("blocks", Window(100), tq=t, tk=t, d=16, dv=16, q_offset=3, k_offset=0)
+
+
+def test_fused_band_path_fp64_gradcheck():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 290, 2, 3, generator=g, dtype=torch.float64).requires_grad_()
+               for _ in range(3))
+    spec = Window(5, 1)
+    assert _band(spec, 290, 290) is not None and blocks._fused(q, v)
+
+    def f(q, k, v):
+        return softmax_attention(q, k, v, spec, impl="blocks")
+
+    assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-8, fast_mode=True)
+    ref = softmax_attention(q, k, v, spec, impl="reference")
+    assert_close(f(q, k, v), ref, ref, name="fp64 fused band", dtype=torch.float64)
 
 
 def test_band_path_not_taken_where_it_does_not_apply():
