@@ -88,6 +88,26 @@ def test_fused_band_path_fp64_gradcheck():
     assert_close(f(q, k, v), ref, ref, name="fp64 fused band", dtype=torch.float64)
 
 
+def test_band_with_one_head_size_overflow_and_nan_rows():
+    """A score that overflows makes its row NaN (the fused kernel is not used then), a NaN key
+    the rows that see it, as in the reference; every other row stays finite."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 300, 2, 16, generator=g) for _ in range(3))
+    assert _band(Window(20), 300, 300) is not None
+    k = k.abs() + 0.1
+    q[1, 150, 1] = 3e38
+    o, lse = softmax_attention(q, k, v, Window(20), impl="blocks", return_lse=True)
+    assert torch.isnan(o[1, 150, 1]).all() and torch.isnan(lse[1, 150, 1])
+    o[1, 150, 1], lse[1, 150, 1] = 0.0, 0.0
+    assert torch.isfinite(o).all() and torch.isfinite(lse).all()
+    q[1, 150, 1] = 0.5
+    k[1, 150, 0] = float("nan")
+    o = softmax_attention(q, k, v, Window(20), impl="blocks")
+    ref = softmax_attention(q, k, v, Window(20), impl="reference")
+    assert torch.isnan(o[1, 150:171, 0]).all()  # the NaN key reaches the 20 queries after it
+    assert torch.equal(torch.isnan(o), torch.isnan(ref))
+
+
 def test_band_path_not_taken_where_it_does_not_apply():
     assert _band(Causal(), 500, 500) is None  # unbounded left
     assert _band(Chunked(16, 1), 500, 500) is None  # not shift-invariant

@@ -38,7 +38,7 @@ import torch
 
 from causalmix.checks import compute_dtype
 from causalmix.ops.softmax import _plan, _workers
-from causalmix.ops.softmax._call import Call
+from causalmix.ops.softmax._call import Call, overflow_reason
 from causalmix.ops.softmax._plan import Block, Geometry, Heads, Piece, Plan, Rect, Sizes
 from causalmix.visibility import Visibility
 
@@ -156,9 +156,10 @@ class _Fwd(NamedTuple):
     lse2: torch.Tensor  # [nh, Tq * G], written (base 2)
 
 
-def _forward_rows(t: _Fwd, plan: Plan, visibility: Visibility, unit: _Unit, alpha: float):
+def _forward_rows(t: _Fwd, plan: Plan, opts: _Opts, unit: _Unit) -> None:
     """Every row block of one unit."""
     q, kf, vf, out, lse2 = t
+    visibility, alpha = opts.visibility, opts.scale * _LOG2E
     nu = q.shape[0]
     g = q.shape[1] // max(1, plan.geo.tq)
     work = torch.empty(nu * plan.rows * g * plan.piece_max, dtype=q.dtype, device=q.device)
@@ -171,8 +172,8 @@ def _forward_rows(t: _Fwd, plan: Plan, visibility: Visibility, unit: _Unit, alph
             continue
         run_rows = _row_block_one if len(blk.pieces) == 1 else _row_block_online
         lse2[:, rs] = run_rows(_Rows(q[:, rs], kf, vf, out[:, rs]), job, blk)[..., 0]
-    if plan.band is not None and _fused(q, vf):
-        _band_forward_fused(t, plan, alpha * math.log(2.0))
+    if plan.band is not None and opts.fused and _fused(q, vf):
+        _band_forward_fused(t, plan, opts.scale)
     elif plan.band is not None:
         _band_forward(t, plan, alpha)
 
@@ -275,7 +276,7 @@ class _Bwd(NamedTuple):
     alpha: float  # scale * log2(e)
     scale: float
     o: torch.Tensor  # [nh, Tq * G, Dv]: the output
-    plain: bool  # no dlse (the fused kernel's backward serves the band)
+    fused: bool  # the fused kernel's backward may serve the band (no dlse, no overflow)
 
 
 def _band_backward(t: _Bwd, plan: Plan) -> None:
@@ -322,7 +323,7 @@ def _backward_rows(t: _Bwd, plan: Plan, visibility: Visibility, unit: _Unit) -> 
             torch.empty(size, device=t.dq.device, dtype=t.dq.dtype))
     for blk in plan.blocks:
         _backward_block(t, blk, g, jobs)
-    if plan.band is not None and t.plain and _fused(t.q, t.v):
+    if plan.band is not None and t.fused and _fused(t.q, t.v):
         _band_backward_fused(t, plan)
     elif plan.band is not None:
         _band_backward(t, plan)
@@ -416,6 +417,7 @@ class _Opts(NamedTuple):
     q_offset: int
     k_offset: int
     scale: float
+    fused: bool  # the fused CPU kernel may serve the band: scale > 0 and no score can overflow
 
 
 def _plan_for(q: torch.Tensor, k: torch.Tensor, opts: _Opts) -> Plan:
@@ -471,7 +473,7 @@ def _forward_unit(ins: tuple, opts: _Opts, plan: Plan, bufs: tuple, unit: _Unit)
     oh = _target(out_c, unit, g, cd)
     l2 = lse2[unit.e, unit.h0 : unit.h1]
     _forward_rows(_Fwd(_rows(q, unit, g, cd), _rows(k, unit, 1, cd), _rows(v, unit, 1, cd), oh,
-                       l2), plan, opts.visibility, unit, opts.scale * _LOG2E)
+                       l2), plan, opts, unit)
     _put(out_c, unit, g, oh)
     if out_c is not o:
         _heads(o, unit, g).copy_(_heads(out_c, unit, g))
@@ -500,7 +502,7 @@ def _backward_unit(ins: tuple, grads_in: tuple, opts: _Opts, plan: Plan, bufs: t
     grads = [_target(x, unit, gx, cd).zero_() for x, gx in ((dq, g), (dk, 1), (dv, 1))]
     t = _Bwd(_rows(q, unit, g, cd), _rows(k, unit, 1, cd), _rows(v, unit, 1, cd), doh,
              torch.where(torch.isneginf(l2), float("inf"), l2), delta, *grads,
-             opts.scale * _LOG2E, opts.scale, oh, d_lse is None)
+             opts.scale * _LOG2E, opts.scale, oh, opts.fused and d_lse is None)
     _backward_rows(t, plan, opts.visibility, unit)
     for x, gx, buf in zip((dq, dk, dv), (g, 1, 1), grads, strict=True):
         _put(x, unit, gx, buf)
@@ -553,7 +555,8 @@ class _BlockAttention(torch.autograd.Function):
 
 
 def _apply(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
-    opts = _Opts(call.visibility, call.q_offset, call.k_offset, call.scale)
+    opts = _Opts(call.visibility, call.q_offset, call.k_offset, call.scale,
+                 overflow_reason(call, "blocks") is None)
     out, lse, *_ = _BlockAttention.apply(call.q, call.k, call.v, opts)
     return out, lse
 
