@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from causalmix import Causal, Chunked, Window, softmax_attention
+from causalmix.ops.softmax import _band as band_path
 from causalmix.ops.softmax import _plan
-from causalmix.ops.softmax.impl import blocks
 from causalmix.testing import assert_close
 from causalmix.testing import check_softmax_impl as check_impl
 
@@ -62,23 +62,28 @@ def test_fused_band_path_matches_reference(spec, tq, tk, q_offset, k_offset, hq,
     fused forward's lse)."""
     assert _band(spec, tq, tk, q_offset, k_offset) is not None
     q = torch.zeros(1, 1, 1, 16)
-    assert blocks._fused(q, q)
+    assert band_path.fused(q, q)
     check_impl("blocks", spec, tq=tq, tk=tk, q_offset=q_offset, k_offset=k_offset, hq=hq,
                hkv=hkv, d=16, dv=16, with_lse=with_lse)
 
 
 @pytest.mark.parametrize("t", [1, 7, 113, 500])
-def test_window_at_awkward_lengths_one_head_size(t):
-    check_impl("blocks", Window(100), tq=t, tk=t, d=16, dv=16, with_lse=False)
-    check_impl("blocks", Window(100), tq=t, tk=t, d=16, dv=16, q_offset=3, k_offset=0)
+@pytest.mark.parametrize("hq,hkv", [(4, 2), (3, 3)])
+def test_window_at_awkward_lengths_one_head_size(t, hq, hkv):
+    """hq == hkv: the band runs in the calling thread for every head at once (forward_all)."""
+    kw = dict(tq=t, tk=t, hq=hq, hkv=hkv, d=16, dv=16)
+    check_impl("blocks", Window(100), with_lse=False, **kw)
+    check_impl("blocks", Window(100), q_offset=3, k_offset=0, **kw)
+    check_impl("blocks", Window(37, 5), b=3, with_lse=False, **kw)
 
 
-def test_fused_band_path_fp64_gradcheck():
+@pytest.mark.parametrize("heads", [(2, 2), (2, 1)])
+def test_fused_band_path_fp64_gradcheck(heads):
     g = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(1, 290, 2, 3, generator=g, dtype=torch.float64).requires_grad_()
-               for _ in range(3))
+    q, k, v = (torch.randn(2, 290, h, 3, generator=g, dtype=torch.float64).requires_grad_()
+               for h in (heads[0], heads[1], heads[1]))
     spec = Window(5, 1)
-    assert _band(spec, 290, 290) is not None and blocks._fused(q, v)
+    assert _band(spec, 290, 290) is not None and band_path.fused(q, v)
 
     def f(q, k, v):
         return softmax_attention(q, k, v, spec, impl="blocks")

@@ -11,8 +11,9 @@ keys fit one piece takes an exact softmax; longer rows merge their pieces online
 ``dV += P^T dO``, ``dS = P * (dO V^T - delta + dlse)`` where ``delta = rowsum(dO * O)``,
 ``dQ = scale * dS K``, ``dK += scale * dS^T Q``. Memory is O(T * D) plus one piece of scores:
 nothing but the output and the lse is saved for the backward besides the inputs.
-Band row blocks (``Window``-like specs) run as batched matmuls over a strided view of the keys
-(``_band_forward`` / ``_band_backward``).
+Band row blocks (``Window``-like specs) run as batched products over a strided view of the keys
+(:mod:`causalmix.ops.softmax._band`), in PyTorch's fused CPU attention kernel where queries and
+values share a head size.
 
 Work is split into *units* (one example, some kv heads). On a multi-threaded CPU the units run in
 worker threads whose own ops run single-threaded (``_run_units``,
@@ -37,17 +38,12 @@ from typing import NamedTuple
 import torch
 
 from causalmix.checks import compute_dtype
-from causalmix.ops.softmax import _plan, _workers
+from causalmix.ops.softmax import _band, _plan, _workers
 from causalmix.ops.softmax._call import Call, overflow_reason
 from causalmix.ops.softmax._plan import Block, Geometry, Heads, Piece, Plan, Rect, Sizes
 from causalmix.visibility import Visibility
 
 _LOG2E = 1.0 / math.log(2.0)
-# PyTorch's fused CPU attention (forward and backward, any strides, an additive mask): the band
-# path runs in it where it exists (see ``_fused``).
-_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-_FLASH_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward",
-                          None)
 
 
 def can_serve(call: Call) -> str | None:
@@ -172,93 +168,12 @@ def _forward_rows(t: _Fwd, plan: Plan, opts: _Opts, unit: _Unit) -> None:
             continue
         run_rows = _row_block_one if len(blk.pieces) == 1 else _row_block_online
         lse2[:, rs] = run_rows(_Rows(q[:, rs], kf, vf, out[:, rs]), job, blk)[..., 0]
-    if plan.band is not None and opts.fused and _fused(q, vf):
-        _band_forward_fused(t, plan, opts.scale)
-    elif plan.band is not None:
-        _band_forward(t, plan, alpha)
-
-
-def _band_keys(x: torch.Tensor, k0: int, shape: tuple[int, int, int], rows: int):
-    """``x: [Tk, C]`` -> overlapping ``shape = [nblk, width, C]`` view: block ``n`` holds rows
-    ``[k0 + n * rows, k0 + n * rows + width)``."""
-    s0, s1 = x.stride()
-    return x.as_strided(shape, (rows * s0, s0, s1), x.storage_offset() + k0 * s0)
-
-
-def _band_per(plan: Plan, g: int) -> int:
-    """Band blocks per chunk: their scores fit one piece."""
-    return max(1, _plan.PIECE_FLOATS // (plan.rows * g * plan.band.width))
-
-
-def _band_chunks(plan: Plan, g: int):
-    """Groups of band blocks ``(n, count)`` whose scores fit one piece."""
-    band, per = plan.band, _band_per(plan, g)
-    for n in range(band.n0, band.n1, per):
-        yield n, min(per, band.n1 - n)
-
-
-def _band_work(plan: Plan, g: int, like: torch.Tensor) -> torch.Tensor:
-    size = _band_per(plan, g) * plan.rows * g * plan.band.width
-    return torch.empty(size, dtype=like.dtype, device=like.device)
-
-
-def _band_forward(t: _Fwd, plan: Plan, alpha: float) -> None:
-    """Band blocks of one unit (``t`` as in :class:`_Fwd`)."""
-    nu, _, d = t.q.shape
-    g = t.q.shape[1] // plan.geo.tq
-    band, rows = plan.band, plan.rows
-    dv, w = t.v.shape[-1], band.width
-    work = _band_work(plan, g, t.q)
-    for u in range(nu):
-        for n, c in _band_chunks(plan, g):
-            rr = slice(n * rows * g, (n + c) * rows * g)
-            k0 = band.k0 + (n - band.n0) * rows
-            s = work[: c * rows * g * w].view(c, rows * g, w)
-            s.baddbmm_(t.q[u, rr].view(c, rows * g, d),
-                       _band_keys(t.k[u], k0, (c, w, d), rows).transpose(1, 2),
-                       beta=0.0, alpha=alpha)
-            s.view(c, rows, g, w).add_(band.bias[0])
-            m = s.amax(dim=-1, keepdim=True).clamp_min_(-torch.finfo(s.dtype).max)
-            s.sub_(m).exp2_()
-            l = s.sum(dim=-1, keepdim=True)
-            ob = t.out[u, rr].view(c, rows * g, dv)
-            torch.bmm(s, _band_keys(t.v[u], k0, (c, w, dv), rows), out=ob)
-            ob.div_(l.clamp_min(torch.finfo(s.dtype).tiny))
-            t.lse2[u, rr] = (m + l.log2()).view(-1)
-
-
-def _fused(q: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the band runs in PyTorch's fused CPU attention kernel (device, dtype, and one head
-    size for queries and values)."""
-    return q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) \
-        and q.shape[-1] == v.shape[-1] and _FLASH is not None
-
-
-def _band_mask(plan: Plan, g: int, dtype: torch.dtype) -> torch.Tensor:
-    """The band's mask for the fused kernel: ``[1, 1, rows * g, width]`` of 0 / -inf."""
-    bias = plan.band.bias[0]  # [rows, 1, width]
-    return bias.expand(-1, g, -1).reshape(1, 1, -1, bias.shape[-1]).to(dtype)
-
-
-def _band_forward_fused(t: _Fwd, plan: Plan, scale: float) -> None:
-    """:func:`_band_forward` with each chunk of blocks one call of PyTorch's fused CPU kernel
-    (blocks as its batch, the overlapping key views as they are): one op per chunk instead of a
-    dozen, so worker threads seldom wait for each other at op boundaries."""
-    nu, _, d = t.q.shape
-    g = t.q.shape[1] // plan.geo.tq
-    band, rows, n2 = plan.band, plan.rows, plan.rows * g
-    dv, w = t.v.shape[-1], band.width
-    mask = _band_mask(plan, g, t.q.dtype)
-    for u in range(nu):
-        for n, c in _band_chunks(plan, g):
-            rr = slice(n * n2, (n + c) * n2)
-            k0 = band.k0 + (n - band.n0) * rows
-            o, lse = _FLASH(t.q[u, rr].view(c, 1, n2, d),
-                            _band_keys(t.k[u], k0, (c, w, d), rows)[:, None],
-                            _band_keys(t.v[u], k0, (c, w, dv), rows)[:, None], 0.0, False,
-                            attn_mask=mask, scale=scale)
-            t.out[u, rr].view(c, n2, dv).copy_(o[:, 0])
-            torch.mul(lse[:, 0], _LOG2E, out=t.lse2[u, rr].view(c, n2))
+    if plan.band is None:
+        return
+    if opts.fused and _band.fused(q, vf):
+        _band.forward_fused(t, plan, opts.scale)
+    else:
+        _band.forward(t, plan, alpha)
 
 
 class _Bwd(NamedTuple):
@@ -279,42 +194,9 @@ class _Bwd(NamedTuple):
     fused: bool  # the fused kernel's backward may serve the band (no dlse, no overflow)
 
 
-def _band_backward(t: _Bwd, plan: Plan) -> None:
-    """Band blocks of one unit: dq rows are written once; dk/dv fold each block's ``width``
-    keys back onto the key axis, ``rows`` at a time."""
-    nu, _, d = t.q.shape
-    g = t.q.shape[1] // plan.geo.tq
-    band, rows = plan.band, plan.rows
-    dv1, w = t.do.shape[-1], band.width
-    work_p, work_d = _band_work(plan, g, t.q), _band_work(plan, g, t.q)
-    per = _band_per(plan, g)
-    # dk / dv of a chunk's blocks before the fold: made once (fresh multi-MiB buffers per chunk
-    # page-fault in every call, and worker threads faulting at once contend in the kernel).
-    work_k = torch.empty(per * w * (d + dv1), dtype=t.q.dtype, device=t.q.device)
-    for u in range(nu):
-        for n, c in _band_chunks(plan, g):
-            rr, n2 = slice(n * rows * g, (n + c) * rows * g), rows * g
-            k0 = band.k0 + (n - band.n0) * rows
-            qb, dob = t.q[u, rr].view(c, n2, d), t.do[u, rr].view(c, n2, dv1)
-            ka = _band_keys(t.k[u], k0, (c, w, d), rows)
-            p = work_p[: c * n2 * w].view(c, n2, w)
-            p.baddbmm_(qb, ka.transpose(1, 2), beta=0.0, alpha=t.alpha)
-            p.view(c, rows, g, w).add_(band.bias[0])
-            p.sub_(t.shift[u, rr].view(c, n2, 1)).exp2_()
-            ds = work_d[: c * n2 * w].view(c, n2, w)
-            torch.bmm(dob, _band_keys(t.v[u], k0, (c, w, dv1), rows).transpose(1, 2), out=ds)
-            ds.sub_(t.delta[u, rr].view(c, n2, 1)).mul_(p)
-            t.dq[u, rr].view(c, n2, d).baddbmm_(ds, ka, beta=0.0, alpha=t.scale)
-            dk_band = work_k[: c * w * d].view(c, w, d)
-            dv_band = work_k[c * w * d : c * w * (d + dv1)].view(c, w, dv1)
-            torch.bmm(ds.transpose(1, 2), qb, out=dk_band)
-            torch.bmm(p.transpose(1, 2), dob, out=dv_band)
-            _fold(t.dk[u], dk_band, k0, rows, t.scale)
-            _fold(t.dv[u], dv_band, k0, rows, 1.0)
-
-
-def _backward_rows(t: _Bwd, plan: Plan, visibility: Visibility, unit: _Unit) -> None:
+def _backward_rows(t: _Bwd, plan: Plan, opts: _Opts, unit: _Unit) -> None:
     """Every row block's contributions to one unit's dq, dk, dv."""
+    visibility = opts.visibility
     nu = t.q.shape[0]
     g = t.q.shape[1] // max(1, plan.geo.tq)
     size = nu * plan.rows * g * plan.piece_max
@@ -323,43 +205,12 @@ def _backward_rows(t: _Bwd, plan: Plan, visibility: Visibility, unit: _Unit) -> 
             torch.empty(size, device=t.dq.device, dtype=t.dq.dtype))
     for blk in plan.blocks:
         _backward_block(t, blk, g, jobs)
-    if plan.band is not None and t.fused and _fused(t.q, t.v):
-        _band_backward_fused(t, plan)
-    elif plan.band is not None:
-        _band_backward(t, plan)
-
-
-def _band_backward_fused(t: _Bwd, plan: Plan) -> None:
-    """:func:`_band_backward` in PyTorch's fused CPU kernel (see :func:`_band_forward_fused`);
-    band rows see at least one key each, so their lse is finite."""
-    nu, _, d = t.q.shape
-    g = t.q.shape[1] // plan.geo.tq
-    band, rows, n2 = plan.band, plan.rows, plan.rows * g
-    dv1, w = t.do.shape[-1], band.width
-    mask = _band_mask(plan, g, t.q.dtype)
-    for u in range(nu):
-        for n, c in _band_chunks(plan, g):
-            rr = slice(n * n2, (n + c) * n2)
-            k0 = band.k0 + (n - band.n0) * rows
-            qb = t.q[u, rr].view(c, 1, n2, d)
-            kb = _band_keys(t.k[u], k0, (c, w, d), rows)[:, None]
-            vb = _band_keys(t.v[u], k0, (c, w, dv1), rows)[:, None]
-            lse = t.shift[u, rr].view(c, 1, n2) * math.log(2.0)
-            dq, dk, dv = _FLASH_BACKWARD(t.do[u, rr].view(c, 1, n2, dv1), qb, kb, vb,
-                                         t.o[u, rr].view(c, 1, n2, dv1), lse, 0.0, False,
-                                         attn_mask=mask, scale=t.scale)
-            t.dq[u, rr].view(c, n2, d).copy_(dq[:, 0])
-            _fold(t.dk[u], dk[:, 0], k0, rows, 1.0)
-            _fold(t.dv[u], dv[:, 0], k0, rows, 1.0)
-
-
-def _fold(dst: torch.Tensor, band_grad: torch.Tensor, k0: int, rows: int, alpha: float) -> None:
-    """``dst [Tk, C] += alpha * band_grad [c, width, C]`` folded back onto the key axis (block
-    ``n``'s keys start at ``k0 + n * rows``), ``rows`` keys of every block at a time."""
-    c, w, _ = band_grad.shape
-    for j in range(0, w, rows):
-        dst[k0 + j : k0 + j + c * rows].view(c, rows, -1).add_(band_grad[:, j : j + rows],
-                                                                alpha=alpha)
+    if plan.band is None:
+        return
+    if t.fused and _band.fused(t.q, t.v):
+        _band.backward_fused(t, plan)
+    else:
+        _band.backward(t, plan)
 
 
 def _backward_block(t: _Bwd, blk: Block, g: int, jobs: tuple[_Job, torch.Tensor]) -> None:
@@ -503,7 +354,7 @@ def _backward_unit(ins: tuple, grads_in: tuple, opts: _Opts, plan: Plan, bufs: t
     t = _Bwd(_rows(q, unit, g, cd), _rows(k, unit, 1, cd), _rows(v, unit, 1, cd), doh,
              torch.where(torch.isneginf(l2), float("inf"), l2), delta, *grads,
              opts.scale * _LOG2E, opts.scale, oh, opts.fused and d_lse is None)
-    _backward_rows(t, plan, opts.visibility, unit)
+    _backward_rows(t, plan, opts, unit)
     for x, gx, buf in zip((dq, dk, dv), (g, 1, 1), grads, strict=True):
         _put(x, unit, gx, buf)
 
