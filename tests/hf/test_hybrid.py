@@ -13,6 +13,7 @@ errs.
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -193,6 +194,11 @@ def test_detach_gives_the_models_own_outputs_and_other_models_are_untouched(hybr
     assert torch.equal(other(ids).logits, before)
     copied = copy.deepcopy(model)
     assert torch.equal(copied(ids).logits, bidir)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert torch.equal(loaded(ids).logits, bidir)
     cmhf.detach(model)
     assert not any("forward" in m.__dict__ for m in hybrid.mixers(model))
     assert torch.equal(model(ids).logits, before)
@@ -262,7 +268,7 @@ def test_a_cache_written_by_the_models_own_path_is_accepted_under_causal_only(hy
 # ================================================================== the spec reaches every layer
 
 
-@pytest.mark.parametrize("arch", ["bamba", "qwen3_next"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_a_spec_reaches_the_attention_and_the_hybrid_layers_alike(arch, hybrid):
     """Whether the first three tokens' logits depend on the fourth token, spec by spec."""
     model = cmhf.attach(hybrid.model(arch))
@@ -275,3 +281,28 @@ def test_a_spec_reaches_the_attention_and_the_hybrid_layers_alike(arch, hybrid):
         a = model(ids, visibility=spec).logits[0, :3]
         b = model(changed, visibility=spec).logits[0, :3]
         assert bool((a - b).abs().max() > 1e-6) == sees, spec
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gradient_checkpointing_recomputes_under_the_same_spec(arch, hybrid):
+    """Checkpointed layers run again in the backward pass, after the model call has returned:
+    the documents (and the spec) still reach them, so the gradients are those without
+    checkpointing."""
+    ours = cmhf.attach(hybrid.model(arch))
+    ids, pos = hybrid.ids(1, sum(LENGTHS)), _positions(LENGTHS)
+    ours.train()
+    plain = _run(ours, ids, position_ids=pos, visibility=Prefix(7))
+    ours.activation_checkpointing_enable()
+    again = _run(ours, ids, position_ids=pos, visibility=Prefix(7))
+    for name, g in plain[1].items():
+        assert_close(again[1][name], g, g, name=name)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_errs_like_the_models_own_bf16_path(arch, hybrid):
+    own = hybrid.model(arch, torch.bfloat16)
+    ours = cmhf.attach(copy.deepcopy(own))
+    ids = hybrid.ids(2, 19)
+    ref = cmhf.attach(hybrid.model(arch, torch.float64))(ids).logits
+    assert_close(ours(ids).logits.float(), ref, own(ids).logits.float(), name=arch,
+                 dtype=torch.bfloat16)

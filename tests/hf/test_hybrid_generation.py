@@ -98,3 +98,21 @@ def test_the_cache_holds_the_models_own_layout_and_numbers(arch, hybrid):
     assert_close(packed.get_conv_state(0), alone.get_conv_state(0), alone.get_conv_state(0))
     assert_close(packed.get_recurrent_state(0), alone.get_recurrent_state(0),
                  alone.get_recurrent_state(0))
+
+
+@pytest.mark.parametrize("arch", ["mamba2", "bamba", "qwen3_next"])
+@pytest.mark.parametrize("spec", [Causal(), Prefix(3)], ids=repr)
+def test_a_prompt_split_in_two_calls_equals_the_whole(arch, spec, hybrid):
+    """Chunked prefill: a second multi-token call continues the first call's cache (state,
+    convolution window and positions) exactly."""
+    ours = cmhf.attach(hybrid.model(arch))
+    ours64 = cmhf.attach(hybrid.model(arch, torch.float64))
+    ids = hybrid.ids(2, 13, seed=4)
+    with torch.no_grad():
+        first = ours(ids[:, :5], use_cache=True, visibility=spec)
+        pos = torch.arange(5, 13)[None]  # Bamba would restart them at 0 in the second call
+        second = ours(ids[:, 5:], cache=first.cache, use_cache=True, visibility=spec,
+                      position_ids=pos).logits
+        ref = ours64(ids, visibility=spec).logits[:, 5:]
+        base = ours(ids, visibility=spec).logits[:, 5:]
+    assert_close(second, ref, base, name=f"{arch} {spec!r}")

@@ -31,11 +31,20 @@ What a spec means per attention kind:
   ``Segments & those``; judged from the spec at every step, anything else raises
   ``ValueError`` before a stale number is returned (``use_cache=False`` recomputes instead).
 
+**Hybrid and state-space layers** (:mod:`causalmix.hf.hybrid`): :func:`attach` also runs the
+model's Mamba-2 layers (Mamba-2, Bamba, Granite 4 hybrids, Nemotron-H, Zamba2, Falcon-H1) and
+Gated DeltaNet layers (Qwen3-Next, Qwen3.5, OLMo-Hybrid) through causalmix's linear and delta
+families, per instance, under the same spec: documents restart the state and the short
+convolution, padding is exact anywhere, ``Full`` / ``Prefix`` / ``Chunked`` add the reverse
+scan (the convolution stays causal), generation carries both states in transformers' own
+cache. Kimi Linear's KDA layers are refused by name (they keep their own causal path).
+
 What the bridge cannot honour -- logit soft-capping, attention sinks, attention dropout in
 training, ``output_attentions=True``, a spec for another batch size, a prepared 4-D mask, mask
 overlays (image tokens, ``block_sequence_ids``), chunked attention layers, static caches, a spec
-other than ``Causal()`` on a model whose hybrid / state-space layers causalmix does not run
-(:func:`check_spec_reaches_every_layer`) -- raises ``ValueError`` naming it. A ``visibility=``
+other than ``Causal()`` or packed documents on a model whose hybrid / state-space layers
+causalmix does not run (:func:`check_spec_reaches_every_layer`,
+:func:`check_documents_stay_apart`) -- raises ``ValueError`` naming it. A ``visibility=``
 passed to a model that does not run causalmix is ignored by transformers itself;
 :mod:`causalmix.hf.model` says what is checked instead.
 
@@ -49,6 +58,7 @@ from causalmix.hf.attention import (
     SERVED_LAYER_TYPES,
     causalmix_attention,
     check_cache_is_exact,
+    check_documents_stay_apart,
     check_spec_reaches_every_layer,
     layer_visibility,
     packed_segments,
@@ -76,6 +86,7 @@ __all__ = [
     "causalmix_attention",
     "causalmix_mask",
     "check_cache_is_exact",
+    "check_documents_stay_apart",
     "check_spec_reaches_every_layer",
     "detach",
     "layer_visibility",

@@ -45,6 +45,9 @@ SERVED_ATTR = "causalmix_served_layer_types"
 #: Attribute holding, on each module of an attached model, the keywords of the model call in
 #: progress (``causalmix.hf.hybrid.context.CallContext``: ``top()`` gives them as a dict).
 CONTEXT_ATTR = "causalmix_hybrid_context"
+#: The keyword under which an attached model's decoder layers pass those keywords down (a
+#: gradient-checkpointed layer runs again in the backward pass, after the model call).
+CALL_KEYWORD = "causalmix_call"
 
 #: Why only some specs can be generated with a cache (said by every refusal).
 CACHE_RULE = (
@@ -313,8 +316,13 @@ def _keyword(module, kwargs: dict, name: str):
     """A keyword of the call, else of the attached model's call in progress (some models do not
     hand ``position_ids`` to their attention layers, e.g. GraniteMoeHybrid)."""
     value = kwargs.get(name)
-    ctx = module.__dict__.get(CONTEXT_ATTR) if value is None else None
-    return ctx.top().get(name) if ctx is not None else value
+    if value is not None:
+        return value
+    frame = kwargs.get(CALL_KEYWORD)
+    if frame is None:
+        ctx = module.__dict__.get(CONTEXT_ATTR)
+        frame = ctx.top() if ctx is not None else {}
+    return frame.get(name)
 
 
 def _model_rule(module, mask: LayerMask, is_causal: bool | None) -> bool:

@@ -194,9 +194,11 @@ class GenerationInputs:
 def attach(model: PreTrainedModel, visibility: Visibility | None = None) -> PreTrainedModel:
     """Switch ``model`` (and its sub-models) to ``attn_implementation="causalmix"``, set its
     default spec (see :func:`set_visibility`), let ``model.generate(..., visibility=spec)``
-    accept the keyword (:class:`GenerationInputs`) and check at every forward that a spec in
-    effect reaches causalmix layers only. Raises ``ValueError`` if a part of the model cannot
-    switch. Returns ``model``."""
+    accept the keyword (:class:`GenerationInputs`), run its hybrid layers through causalmix
+    (:mod:`causalmix.hf.hybrid`: an instance ``forward`` on each served layer, the call's
+    keywords carried to them) and check at every forward that a spec in effect reaches
+    causalmix layers only. Raises ``ValueError`` if a part of the model cannot switch.
+    Returns ``model``."""
     register()
     if BEFORE_ATTR not in model.__dict__:
         model.__dict__[BEFORE_ATTR] = backends(model).get("")
@@ -219,8 +221,9 @@ def attach(model: PreTrainedModel, visibility: Visibility | None = None) -> PreT
 
 def detach(model: PreTrainedModel) -> PreTrainedModel:
     """Undo :func:`attach`: no default spec, ``generate`` without the ``visibility`` keyword,
-    and the attention implementation the model had before (the forward check stays: a spec
-    passed later to a model that no longer runs causalmix raises). Returns ``model``."""
+    the hybrid layers' own forwards, and the attention implementation the model had before
+    (the forward check stays: a spec passed later to a model that no longer runs causalmix
+    raises). Returns ``model``."""
     set_visibility(model, None)
     _uninstall_hybrid(model)
     if isinstance(model.__dict__.get("prepare_inputs_for_generation"), GenerationInputs):

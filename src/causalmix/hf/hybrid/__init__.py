@@ -32,17 +32,25 @@ documents are refused on their model by the layer-type check of :mod:`causalmix.
 
 from __future__ import annotations
 
-import types
+import inspect
 from collections.abc import Callable
 
 import torch
+from transformers.modeling_layers import GradientCheckpointingLayer
 
-from causalmix.hf.hybrid.context import CONTEXT_ATTR, CallContext, enter_call, leave_call
+from causalmix.hf.hybrid.context import (
+    CONTEXT_ATTR,
+    CallContext,
+    carry_call,
+    enter_call,
+    leave_call,
+)
 from causalmix.hf.hybrid.gated_deltanet import gated_deltanet_forward
 from causalmix.hf.hybrid.mamba2 import mamba2_forward
 
-__all__ = ["NO_MIXER_LAYER_TYPES", "REFUSED", "SERVED", "enter_call", "hybrid_layers",
-           "install", "leave_call", "refusals", "served_layer_types", "uninstall"]
+__all__ = ["NO_MIXER_LAYER_TYPES", "REFUSED", "SERVED", "HybridForward", "enter_call",
+           "hybrid_layers", "install", "leave_call", "refusals", "served_layer_types",
+           "uninstall"]
 
 #: (transformers model folder, layer class) -> the instance forward that serves it.
 SERVED: dict[tuple[str, str], Callable] = {
@@ -67,6 +75,20 @@ REFUSED: dict[tuple[str, str], str] = {
 
 #: model_type -> layer types (``config.layer_types``) whose layers mix no tokens (MLP / MoE).
 NO_MIXER_LAYER_TYPES: dict[str, frozenset[str]] = {"nemotron_h": frozenset({"mlp", "moe"})}
+
+
+class HybridForward:
+    """A served layer's instance ``forward``: ``fn`` bound to ``module``, and picklable
+    (``torch.save`` of an attached model, ``copy.deepcopy``) by reference to ``fn``."""
+
+    def __init__(self, fn: Callable, module: torch.nn.Module):
+        self.__func__, self.__self__ = fn, module
+
+    def __call__(self, *args, **kwargs):
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    def __reduce__(self):
+        return (HybridForward, (self.__func__, self.__self__))
 
 
 def _key(module: torch.nn.Module) -> tuple[str, str] | None:
@@ -111,11 +133,32 @@ def install(model: torch.nn.Module, context: CallContext) -> list[torch.nn.Modul
                 f"causalmix.hf.attach: {path} ({type(m).__name__}) already has its forward "
                 f"replaced on the instance (accelerate device-map hooks?); causalmix would "
                 f"bypass it. Load the model without a device map")
-        m.forward = types.MethodType(fn, m)
+        m.forward = HybridForward(fn, m)
         served.append(m)
+    if served:
+        _carry_through(model)
     for m in model.modules():
         m.__dict__[CONTEXT_ATTR] = context
     return served
+
+
+#: Marks a layer whose :func:`carry_call` pre-hook is installed (it stays: a no-op once detached).
+CARRY_ATTR = "causalmix_carries_call"
+
+
+def _carry_through(model: torch.nn.Module) -> None:
+    """Install :func:`carry_call` on the gradient-checkpointing layers of ``model`` whose
+    ``forward`` takes extra keywords (transformers' decoder layers pass them on)."""
+    for layer in model.modules():
+        if (isinstance(layer, GradientCheckpointingLayer) and not layer.__dict__.get(CARRY_ATTR)
+                and _takes_keywords(layer)):
+            layer.register_forward_pre_hook(carry_call, with_kwargs=True)
+            layer.__dict__[CARRY_ATTR] = True
+
+
+def _takes_keywords(layer: torch.nn.Module) -> bool:
+    params = inspect.signature(layer.forward).parameters.values()
+    return any(p.kind is p.VAR_KEYWORD for p in params)
 
 
 def uninstall(model: torch.nn.Module) -> None:

@@ -9,7 +9,10 @@ call in ``**kwargs`` -- but never ``position_ids`` (the decoder layers consume t
 keywords of the call (``visibility``, ``position_ids``, ``cu_seq_lens_q`` / ``_k``, inherited by
 nested parts) and a forward hook that runs even when the forward raises pops them; a layer reads
 its keyword first, then the context, then the model's default spec. The context holds nothing
-between calls, per thread; ``copy.deepcopy`` and pickling give a fresh one.
+between calls, per thread; ``copy.deepcopy`` and pickling give a fresh one. Under gradient
+checkpointing a decoder layer runs again in the backward pass, when the context is empty: the
+decoder layers above a served layer therefore also pass the keywords down in their own call
+(:func:`carry_call`), which the recomputation repeats.
 
 **Positions.** A linear-attention cache layer of transformers does not count tokens, so each
 layer counts its own in the cache object (``causalmix_positions``: layer index -> tokens seen),
@@ -27,6 +30,7 @@ from typing import Any, NamedTuple
 import torch
 
 from causalmix.hf.attention import (
+    CALL_KEYWORD,
     CONTEXT_ATTR,
     DEFAULT_ATTR,
     check_cache_is_exact,
@@ -36,8 +40,8 @@ from causalmix.hf.mask import LayerMask
 from causalmix.ops.factor import Factorisation, factorise
 from causalmix.visibility import And, Causal, Segments, ValidKeys, Visibility
 
-__all__ = ["CONTEXT_ATTR", "CallContext", "LayerCall", "enter_call", "layer_call",
-           "leave_call", "record_positions"]
+__all__ = ["CALL_KEYWORD", "CONTEXT_ATTR", "CallContext", "LayerCall", "carry_call",
+           "enter_call", "layer_call", "leave_call", "record_positions"]
 
 #: Attribute of a transformers cache object: layer index -> tokens that layer has seen.
 POSITIONS_ATTR = "causalmix_positions"
@@ -48,7 +52,7 @@ KEYWORDS = ("visibility", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k")
 HARMLESS = frozenset({"output_attentions", "output_hidden_states", "use_cache", "return_dict",
                       "max_length_q", "max_length_k", "position_ids", "position_embeddings",
                       "cache_position", "visibility", "cu_seq_lens_q", "cu_seq_lens_k",
-                      "is_causal", "output_router_logits"})
+                      "is_causal", "output_router_logits", CALL_KEYWORD})
 
 
 class CallContext:
@@ -109,6 +113,18 @@ def leave_call(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) 
     ctx = module.__dict__.get(CONTEXT_ATTR)
     if ctx is not None:
         ctx.pop()
+
+
+def carry_call(module: torch.nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook of an attached hybrid model's (gradient-checkpointing) decoder layers:
+    hand the model call's keywords down as ``causalmix_call=`` (to its hybrid and attention
+    layers). A checkpointed layer is run again in the backward pass, after the model's forward
+    has returned, with the keywords it was first called with: this one included, so the
+    recomputation runs the same spec."""
+    ctx = module.__dict__.get(CONTEXT_ATTR)
+    if ctx is None or CALL_KEYWORD in kwargs:
+        return None
+    return args, {**kwargs, CALL_KEYWORD: dict(ctx.top())}
 
 
 class LayerCall(NamedTuple):
@@ -237,7 +253,8 @@ def layer_call(module: torch.nn.Module, hidden_states: torch.Tensor, cache, atte
     name = f"{_name(module)}, {kind}"
     _check_keywords(module, kwargs)
     ctx = module.__dict__.get(CONTEXT_ATTR)
-    frame = ctx.top() if ctx is not None else {}
+    frame = kwargs.get(CALL_KEYWORD)
+    frame = (ctx.top() if ctx is not None else {}) if frame is None else frame
     visibility = _visibility(module, kwargs, frame)
     rule, padding = _split_padding(visibility) if visibility is not None else (None, [])
     b, t = hidden_states.shape[:2]
