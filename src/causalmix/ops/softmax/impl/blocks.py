@@ -1,4 +1,5 @@
-"""Block-sparse softmax attention in plain PyTorch, forward and backward, CPU (and GPU: untested).
+"""Block-sparse softmax attention in PyTorch ops (bands in its fused CPU kernel), forward and
+backward, CPU (and GPU: untested).
 
 The plan (:mod:`causalmix.ops.softmax._plan`) lists, per block of query rows, the non-empty key
 tiles in cache-sized *pieces*, with a cached 0 / -inf mask for the partial ones; empty tiles get
