@@ -1,5 +1,9 @@
 """An experiment: a task, a composed model config, a visibility scheme and a train config.
 
+The visibility of each layer is either a named scheme (:data:`SCHEMES`) or any visibility
+spec: one for every layer (``scheme=Chunked(4, lookahead=1)``) or one per layer
+(``scheme=(Chunked(1, lookahead=2), Causal())``), as long as the model's mixer serves it.
+
 :class:`Experiment` is a plain typed config: it holds a :class:`~causalmix.nn.ModelConfig`
 (built once by the finding that defines it, from a preset and the task's input/output sizes)
 and a :class:`~causalmix.lab.trainer.TrainConfig`; :meth:`Experiment.run` fits it with the
@@ -9,18 +13,18 @@ lab's one trainer (:func:`~causalmix.lab.trainer.fit`) and the task's own metric
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from causalmix.lab.tasks import IGNORE, TASKS, TaskData
+from causalmix.checks import ArgumentTypeError
+from causalmix.lab.protocol import IGNORE, TaskData, check_task, plain, task_config, task_name
 from causalmix.lab.trainer import FitResult, TrainConfig, fit, take
-from causalmix.nn import MIXERS, ModelConfig, SequenceModel, mix, spec_to_dict
+from causalmix.nn import MIXERS, ModelConfig, SequenceModel, mix
 from causalmix.nn.config import check_servable
 from causalmix.visibility import Causal, Full, Prefix, Visibility, Window
 
-__all__ = ["POSITIONS", "SCHEMES", "Experiment", "TrainConfig", "latency_frames",
+__all__ = ["POSITIONS", "SCHEMES", "Experiment", "Scheme", "TrainConfig", "latency_frames",
            "mixer_available", "plain", "scheme_visibility"]
 
 #: Visibility schemes an experiment can name (applied per batch, per layer):
@@ -29,6 +33,10 @@ __all__ = ["POSITIONS", "SCHEMES", "Experiment", "TrainConfig", "latency_frames"
 #:   "full"          every layer Full() (a bidirectional encoder)
 #:   "lookahead-L"   the first layer Causal() | Window(0, L) (L frames ahead), causal above
 SCHEMES = ("causal", "prefix", "full", "lookahead-L")
+
+#: What :attr:`Experiment.scheme` takes: a name of :data:`SCHEMES`, a spec for every layer, or
+#: one spec per layer.
+Scheme = str | Visibility | tuple[Visibility, ...]
 
 #: Positional encodings: "rope" (the model's rotary positions) or "none" (every token at
 #: rotary angle 0, i.e. no positional encoding at all; the softmax mixer then sees order only
@@ -41,9 +49,20 @@ def mixer_available(name: str) -> bool:
     return name in MIXERS
 
 
-def scheme_visibility(scheme: str, n_layers: int,
+def scheme_visibility(scheme: Scheme, n_layers: int,
                       prefix_len: torch.Tensor | None = None) -> tuple[Visibility, ...]:
-    """Per-layer specs for ``scheme`` (see :data:`SCHEMES`); ``prefix_len: [B]`` for "prefix"."""
+    """Per-layer specs for ``scheme`` (a name of :data:`SCHEMES`, a spec for every layer, or
+    ``n_layers`` specs); ``prefix_len: [B]`` for "prefix"."""
+    if isinstance(scheme, Visibility):
+        return (scheme,) * n_layers
+    if isinstance(scheme, (tuple, list)):
+        if len(scheme) != n_layers or not all(isinstance(v, Visibility) for v in scheme):
+            raise ValueError(f"a per-layer scheme must hold {n_layers} visibility specs (one "
+                             f"per layer), got {scheme!r}")
+        return tuple(scheme)
+    if not isinstance(scheme, str):
+        raise ArgumentTypeError(f"scheme must be a scheme name ({list(SCHEMES)}), a visibility "
+                                f"spec or a tuple of specs, got {type(scheme).__name__}")
     causal = (Causal(),) * n_layers
     if scheme == "causal":
         return causal
@@ -64,9 +83,10 @@ def scheme_visibility(scheme: str, n_layers: int,
     raise ValueError(f"unknown visibility scheme {scheme!r}; schemes: {list(SCHEMES)}")
 
 
-def latency_frames(scheme: str, n_layers: int) -> int | None:
-    """Frames a stream waits per output (the per-layer lookaheads add up); None if unbounded."""
-    if scheme in ("prefix", "full"):
+def latency_frames(scheme: Scheme, n_layers: int) -> int | None:
+    """Frames a stream waits per output at most (the per-layer lookaheads add up); None if
+    unbounded."""
+    if isinstance(scheme, str) and scheme in ("prefix", "full"):
         return None
     total = 0
     for spec in scheme_visibility(scheme, n_layers):
@@ -76,50 +96,40 @@ def latency_frames(scheme: str, n_layers: int) -> int | None:
     return total
 
 
-def plain(x: Any) -> Any:
-    """``x`` as JSON-ready values (dicts, lists, numbers, strings; a visibility spec in its
-    tagged form, :func:`~causalmix.nn.spec_to_dict`; anything else its repr)."""
-    if isinstance(x, Visibility):
-        return spec_to_dict(x)
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return {f.name: plain(getattr(x, f.name)) for f in dataclasses.fields(x) if f.init}
-    if isinstance(x, dict):
-        return {str(k): plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [plain(v) for v in x]
-    if isinstance(x, (int, float, str, bool)) or x is None:
-        return x
-    return repr(x)
-
-
 @dataclasses.dataclass(frozen=True)
 class Experiment:
-    """One trainable setting: ``task`` (a config of :data:`~causalmix.lab.tasks.TASKS`),
-    ``model`` (its :class:`~causalmix.nn.ModelConfig`, input/output sizes those of the task;
-    its ``visibility`` fixes the number of layers, ``scheme`` replaces the specs per batch),
-    ``scheme`` (:data:`SCHEMES`), ``positions`` (:data:`POSITIONS`) and ``train``.
-    ``finding`` and ``arm`` name what the report groups it under."""
+    """One trainable setting: ``task`` (any object following the task protocol,
+    :class:`~causalmix.lab.Task`), ``model`` (its :class:`~causalmix.nn.ModelConfig`,
+    input/output sizes those of the task's ``io()``; its ``visibility`` fixes the number of
+    layers, ``scheme`` replaces the specs per batch), ``scheme`` (:data:`Scheme`: a name of
+    :data:`SCHEMES`, a spec for every layer, or one spec per layer; a list is kept as a
+    tuple), ``positions`` (:data:`POSITIONS`) and ``train``. ``finding`` and ``arm`` name
+    what the report groups it under.
+
+    The run key hashes :meth:`to_json`: a named scheme is written as its name (as before
+    specs were accepted, so existing keys hold), specs in their tagged form."""
 
     finding: str
     arm: str
     task: object
     model: ModelConfig
-    scheme: str = "causal"
+    scheme: Scheme = "causal"
     positions: str = "rope"
     train: TrainConfig = TrainConfig()
 
     def __post_init__(self):
-        if type(self.task) not in TASKS.values():
-            raise TypeError(f"Experiment.task must be a lab task config ({sorted(TASKS)}), got "
-                            f"{type(self.task).__name__}")
+        check_task(self.task, "Experiment.task")
+        if isinstance(self.scheme, list):
+            object.__setattr__(self, "scheme", tuple(self.scheme))
         if not isinstance(self.model, ModelConfig):
             raise TypeError(f"Experiment.model must be a ModelConfig, got "
                             f"{type(self.model).__name__}")
         n_layers = len(self.model.blocks)
         specs = scheme_visibility(self.scheme, n_layers, torch.zeros(1, dtype=torch.int64))
         for n, spec in enumerate(specs):  # refused here, not at the first forward
+            what = self.scheme if isinstance(self.scheme, str) else spec
             check_servable(self.model.mixer, spec, f"Experiment {self.name}: scheme "
-                                                   f"{self.scheme!r}, layer {n}")
+                                                   f"{what!r}, layer {n}")
         if self.positions not in POSITIONS:
             raise ValueError(f"Experiment.positions must be one of {list(POSITIONS)}, got "
                              f"{self.positions!r}")
@@ -133,12 +143,15 @@ class Experiment:
 
     @property
     def task_name(self) -> str:
-        return next(k for k, v in TASKS.items() if type(self.task) is v)
+        """The task's registered name (:func:`~causalmix.lab.register_task`), else its class
+        name."""
+        return task_name(self.task)
 
     def to_json(self) -> dict:
         return {"finding": self.finding, "arm": self.arm, "task": self.task_name,
-                "task_config": plain(self.task), "model": plain(self.model),
-                "scheme": self.scheme, "positions": self.positions, "train": plain(self.train)}
+                "task_config": task_config(self.task), "model": plain(self.model),
+                "scheme": plain(self.scheme), "positions": self.positions,
+                "train": plain(self.train)}
 
     def forward(self, model: SequenceModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The model's outputs on ``batch["inputs"]`` under the scheme's per-layer specs."""
@@ -182,7 +195,7 @@ class Experiment:
                   name=desc or self.name, progress=progress)
         res.metrics.update(data.extra)
         res.metrics["latency_frames"] = latency_frames(self.scheme, len(model.blocks))
-        if self.task_name == "lookahead":
+        if self.task_name == "lookahead" and isinstance(self.scheme, str):
             lat = res.metrics["latency_frames"]
             ahead = self.task.seq_len - 1 if lat is None else lat
             res.metrics["best_possible_accuracy"] = self.task.best_accuracy(ahead)

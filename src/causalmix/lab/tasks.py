@@ -1,7 +1,9 @@
 """Lab tasks as typed configs; ``build(seed)`` returns train and test tensors, ``metrics``
 scores a model's outputs.
 
-Every task produces a :class:`TaskData` whose tensors are indexed by example along dim 0:
+Every task follows the lab's task protocol (:class:`causalmix.lab.Task`, in
+:mod:`causalmix.lab.protocol`) and registers its name in :data:`TASKS`. Every task produces a
+:class:`TaskData` whose tensors are indexed by example along dim 0:
 ``inputs`` (int64 tokens ``[N, T]`` or float features ``[N, T, F]``), ``targets`` (``[N, T]``
 class ids with -100 where there is no label, or ``[N, T]`` floats with ``mask`` marking the
 scored positions), and per-example ``prefix_len: [N]`` (the length of the part a prefix model
@@ -23,21 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from causalmix.checks import check_int
+from causalmix.lab.protocol import IGNORE, TASKS, TaskData, register_task
 
 __all__ = ["IGNORE", "FirstToken", "ICLRegression", "Lookahead", "MQAR", "SetDisjointness",
            "TaskData", "TASKS", "classification_metrics"]
-
-IGNORE = -100  # target of an unscored position (torch cross_entropy's ignore_index)
-
-
-@dataclasses.dataclass
-class TaskData:
-    """``train`` / ``test`` dicts of tensors with equal dim 0: ``inputs``, ``targets``,
-    ``prefix_len`` and, for regression, ``mask``; ``extra`` holds per-task test metadata."""
-
-    train: dict[str, torch.Tensor]
-    test: dict[str, torch.Tensor]
-    extra: dict = dataclasses.field(default_factory=dict)
 
 
 def _check_pos(obj, *names):
@@ -547,5 +538,7 @@ class Lookahead:
     group_key = "delay"
 
 
-TASKS = {"mqar": MQAR, "set_disjointness": SetDisjointness, "icl_regression": ICLRegression,
-         "first_token": FirstToken, "lookahead": Lookahead}
+for _name, _cls in (("mqar", MQAR), ("set_disjointness", SetDisjointness),
+                   ("icl_regression", ICLRegression), ("first_token", FirstToken),
+                   ("lookahead", Lookahead)):
+    register_task(_name, _cls)

@@ -12,13 +12,13 @@ from causalmix.stream import latency as latency_maths
 from causalmix.stream._buffers import FrameBuffer, PositionLog
 from causalmix.stream._common import MixerStream
 from causalmix.stream.latency import LatencyStats
-from causalmix.visibility import Visibility
+from causalmix.visibility import Visibility, check_layer_specs
 
 __all__ = ["STREAMABLE_MIXERS", "ModelStream", "StreamableLayer", "StreamableModel",
            "layer_frames", "mixer_stream"]
 
 #: the mixers :func:`mixer_stream` (hence :class:`ModelStream`) can stream
-STREAMABLE_MIXERS = ("softmax", "linear")
+STREAMABLE_MIXERS = ("softmax", "linear", "delta")
 
 
 @runtime_checkable
@@ -32,7 +32,7 @@ class StreamableLayer(Protocol):
     frame ``t`` of their inputs.
     """
 
-    mixer: str  # "softmax" | "linear"
+    mixer: str  # "softmax" | "linear" | "delta" (STREAMABLE_MIXERS)
     visibility: Visibility
 
     def mixer_kwargs(self) -> dict:
@@ -61,7 +61,8 @@ class StreamableLayer(Protocol):
 
 def mixer_stream(mixer: str, visibility: Visibility, **kwargs) -> MixerStream:
     """The stream of one mixer call: ``"softmax"`` -> :class:`SoftmaxStream`, ``"linear"`` ->
-    :class:`LinearStream`, with ``kwargs`` passed to its constructor."""
+    :class:`LinearStream`, ``"delta"`` -> :class:`DeltaStream`, with ``kwargs`` passed to its
+    constructor."""
     if mixer == "softmax":
         from causalmix.stream.softmax import SoftmaxStream
 
@@ -72,6 +73,11 @@ def mixer_stream(mixer: str, visibility: Visibility, **kwargs) -> MixerStream:
 
         cls = LinearStream
         allowed = ("decay", "impl", "chunk_size")
+    elif mixer == "delta":
+        from causalmix.stream.delta import DeltaStream
+
+        cls = DeltaStream
+        allowed = ("impl", "chunk_size")
     else:
         raise ValueError(f"mixer must be one of {list(STREAMABLE_MIXERS)}, got {mixer!r}")
     bad = sorted(set(kwargs) - set(allowed))
@@ -148,22 +154,27 @@ class _LayerState:
         return y
 
 
+def model_and_layers(owner: str, layers: Any, kind: str) -> tuple[Any, list]:
+    """A stream's ``layers`` argument: a :class:`StreamableModel` (its blocks) or a non-empty
+    sequence of layers of ``kind``; returns ``(model or None, the layers)``."""
+    model = None
+    if isinstance(layers, StreamableModel):
+        model, layers = layers, layers.blocks
+    if not isinstance(layers, Iterable) or isinstance(layers, torch.Tensor):
+        raise ArgumentTypeError(f"{owner}: layers must be a sequence of {kind}s or a "
+                                f"StreamableModel, got {type(layers).__name__}")
+    layers = list(layers)
+    if not layers:
+        raise ValueError(f"{owner}: layers must hold at least one {kind}")
+    return model, layers
+
+
 def _per_layer_specs(visibility: Any, n: int) -> list[Visibility | None]:
     """``visibility`` of :class:`ModelStream`: ``None`` (each layer's own) or one spec per
     layer."""
     if visibility is None:
         return [None] * n
-    if isinstance(visibility, Visibility) or not isinstance(visibility, (tuple, list)):
-        raise ArgumentTypeError(f"ModelStream: visibility must be a tuple with one spec per "
-                                f"layer ({n}) or None, got {type(visibility).__name__}")
-    if len(visibility) != n:
-        raise ValueError(f"ModelStream: visibility must give one spec per layer ({n}), got "
-                         f"{len(visibility)}")
-    for i, spec in enumerate(visibility):
-        if not isinstance(spec, Visibility):
-            raise ArgumentTypeError(f"ModelStream: visibility[{i}] must be a "
-                                    f"causalmix.visibility spec, got {type(spec).__name__}")
-    return list(visibility)
+    return list(check_layer_specs("ModelStream", visibility, n))
 
 
 @runtime_checkable
@@ -210,15 +221,7 @@ class ModelStream:
 
     def __init__(self, layers: Iterable[StreamableLayer] | StreamableModel, *,
                  visibility: Sequence[Visibility] | None = None):
-        self.model: StreamableModel | None = None
-        if isinstance(layers, StreamableModel):
-            self.model, layers = layers, layers.blocks
-        if not isinstance(layers, Iterable) or isinstance(layers, torch.Tensor):
-            raise ArgumentTypeError(f"ModelStream: layers must be a sequence of StreamableLayer "
-                                    f"or a StreamableModel, got {type(layers).__name__}")
-        layers = list(layers)
-        if not layers:
-            raise ValueError("ModelStream: layers must hold at least one StreamableLayer")
+        self.model, layers = model_and_layers("ModelStream", layers, "StreamableLayer")
         specs = _per_layer_specs(visibility, len(layers))
         self.layers = [_LayerState(i, layer, spec)
                        for i, (layer, spec) in enumerate(zip(layers, specs, strict=True))]
