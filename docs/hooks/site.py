@@ -3,8 +3,8 @@
 At every build, nothing of it checked in:
 
 - one API reference page per public module (``public_api.MODULES``), an entry for every name of
-  its ``__all__`` (so a new public name appears, and a name without a docstring fails the strict
-  build with a warning);
+  its ``__all__`` (so a new public name appears by itself, and a name without a docstring fails
+  the strict build with a warning saying which name, which page and where to write it);
 - the figures of ``figures.FIGURES`` (mask and weight pictures drawn from the code with
   matplotlib), written as SVG under ``figures/`` of the site;
 - the lab page's findings (title, paper, claim, rule: ``causalmix.lab.findings.FINDINGS``), each
@@ -31,30 +31,6 @@ import figures  # noqa: E402
 import public_api  # noqa: E402
 
 log = logging.getLogger("mkdocs.plugins.causalmix")
-
-_GUIDE = {
-    "causalmix": "Guides: [Concepts](../concepts.md), [softmax](../mixers/softmax.md), "
-                 "[linear](../mixers/linear.md).",
-    "causalmix.stream": "Guide: [Modes](../modes.md).",
-    "causalmix.distributed": "Guide: [Modes](../modes.md#sequence-parallel).",
-    "causalmix.nn": "Guide: [Layers and models](../models.md).",
-    "causalmix.hf": "Guide: [the Hugging Face bridge](../hf.md) (needs the `hf` extra).",
-}
-
-
-def reference_page(module: str, entries: list[public_api.Entry]) -> str:
-    """The Markdown of one reference page: the module docstring, then every public name."""
-    lines = [f"# `{module}`", "", _GUIDE.get(module, ""), "",
-             f"::: {module}", "    options:", "      members: false",
-             "      show_root_heading: false", "      show_root_toc_entry: false", ""]
-    for e in entries:
-        if e.first is None:
-            lines += [f"::: {e.module}.{e.name}", ""]
-        else:
-            lines += [f"## `{e.module}.{e.name}` {{ #{e.module}.{e.name} }}", "",
-                      f"The same object as [`{e.first}`][{e.first}], re-exported here.", ""]
-    return "\n".join(lines)
-
 
 LAB_MARK = "<!-- findings: written by docs/hooks/site.py -->"
 
@@ -100,15 +76,14 @@ def on_page_markdown(markdown, page, config, files):
 def on_files(files, config):
     """Add the generated reference pages and figures to the build."""
     start = time.perf_counter()
-    missing = public_api.undocumented()
-    for name in missing:
-        log.warning("public name without a docstring of its own: %s", name)
+    for problem in public_api.problems():
+        log.warning("public name: %s", problem)
     by_module: dict[str, list[public_api.Entry]] = {}
     for e in public_api.entries():
         by_module.setdefault(e.module, []).append(e)
     for module, page in public_api.MODULES.items():
-        files.append(File.generated(config, page,
-                                    content=reference_page(module, by_module.get(module, []))))
+        content = public_api.reference_page(module, by_module.get(module, []))
+        files.append(File.generated(config, page, content=content))
     for name, draw in figures.FIGURES.items():
         files.append(File.generated(config, f"figures/{name}.svg", content=draw()))
     lab_figures = _lab_out(config) / "figures"
