@@ -7,6 +7,7 @@ At every build, nothing of it checked in:
   the strict build with a warning saying which name, which page and where to write it);
 - the figures of ``figures.FIGURES`` (mask and weight pictures drawn from the code with
   matplotlib), written as SVG under ``figures/`` of the site;
+- the benchmarks page's table of measured figures, from the README's (said in one place);
 - the lab page's findings (title, paper, claim, rule: ``causalmix.lab.findings.FINDINGS``), each
   with its latest figure when a lab report exists (``$CAUSALMIX_LAB_OUT``, default ``lab_out/``:
   what ``make lab`` writes), else the command that makes it.
@@ -65,7 +66,30 @@ def findings_markdown(lab_out: pathlib.Path) -> str:
     return "\n".join(lines)
 
 
+MEASURED_MARK = "<!-- measured: the README's table, inserted by docs/hooks/site.py -->"
+MEASURED_HEADING = "### Measured on the 2-core CPU"
+
+
+def measured_table(readme: pathlib.Path) -> str | None:
+    """The table under the README's ``Measured on the 2-core CPU`` heading (one place for the
+    measured figures while the README still carries them), or None if it has none."""
+    text = readme.read_text()
+    if MEASURED_HEADING not in text:
+        return None
+    rows = text[text.index(MEASURED_HEADING):].splitlines()[1:]
+    rows = rows[next(k for k, r in enumerate(rows) if r.startswith("|")):]
+    return "\n".join(r for r in rows[:next((k for k, r in enumerate(rows)
+                                             if not r.startswith("|")), len(rows))])
+
+
 def on_page_markdown(markdown, page, config, files):
+    if page.file.src_uri == "benchmarks.md":
+        table = measured_table(pathlib.Path(config.config_file_path).parent / "README.md")
+        if table is None or MEASURED_MARK not in markdown:
+            log.warning("benchmarks.md: the README's %r table or the page's mark is gone: move "
+                        "the table into docs/benchmarks.md", MEASURED_HEADING)
+            return markdown
+        return markdown.replace(MEASURED_MARK, table)
     if page.file.src_uri == "lab.md":
         if LAB_MARK not in markdown:
             log.warning("lab.md has lost its findings mark %r", LAB_MARK)
