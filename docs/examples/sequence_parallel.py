@@ -48,17 +48,33 @@ for layout in ("contiguous", "zigzag"):
         ref = causalmix.linear_attention(q, k, v, spec, decay=decay)
         worst = max(worst, (out - cmd.shard(ref, layout, rank, world)).abs().max().item())
 
+    kn = torch.nn.functional.normalize(k, dim=-1)  # the delta rule: unit keys, beta, a gate
+    beta = torch.rand(B, T, H, generator=g, dtype=torch.float64) * 0.9 + 0.1
+    gate = -torch.rand(B, T, H, generator=g, dtype=torch.float64)
+    for spec in (docs, Chunked(8, lookahead=1)):  # sharded delta: every spec of the family
+        full = (q, kn, v, beta, gate)
+        mine = [cmd.shard(x, layout, rank, world).requires_grad_() for x in full]
+        out = cmd.delta_attention(*mine[:3], spec, beta=mine[3], log_gate=mine[4], layout=layout)
+        out.sum().backward()
+        whole = [x.clone().requires_grad_() for x in full]
+        ref = causalmix.delta_attention(*whole[:3], spec, beta=whole[3], log_gate=whole[4])
+        ref.sum().backward()
+        for a, b in [(out, ref)] + [(x.grad, y.grad) for x, y in zip(mine, whole, strict=True)]:
+            worst = max(worst, (a - cmd.shard(b, layout, rank, world)).abs().max().item())
+
 
 def model_step_difference() -> float:
     """One training step of a whole model sequence-parallel: the largest difference of the
     loss and of every parameter gradient from the same step in one process."""
-    # a softmax layer under Chunked(4, 1), then a linear one over packed documents
+    # a softmax layer under Chunked(4, 1), a linear one over packed documents, a delta
+    # (Gated DeltaNet) one under Prefix(40)
     torch.manual_seed(0)  # the same parameters on every rank
     cfg = ModelConfig(vocab_size=32, d_model=32, n_heads=4, mixer="softmax",
                       visibility=(Chunked(4, lookahead=1),))
     model = SequenceModel(cfg)
-    model.blocks.append(Block(ModelConfig(vocab_size=32, d_model=32, n_heads=4, mixer="linear",
-                                          visibility=(docs,)).blocks[0]))
+    for mixer, spec in [("linear", docs), ("delta", Prefix(40))]:
+        layer = ModelConfig(vocab_size=32, d_model=32, n_heads=4, mixer=mixer, visibility=(spec,))
+        model.blocks.append(Block(layer.blocks[0]))
     model = model.to(torch.float64)
     one = copy.deepcopy(model)  # the one-process reference
     ids = torch.randint(0, 32, (B, T), generator=g)
