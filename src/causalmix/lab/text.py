@@ -47,8 +47,8 @@ from causalmix.checks import check_int
 from causalmix.lab.protocol import IGNORE, TaskData, register_task
 
 __all__ = ["CAPS", "MIN_WORDS", "PUNCTUATION", "PunctuationRestoration", "TextWord",
-           "extract_modules", "is_test_module", "label_words", "prose_words", "split_token", "stdlib_modules",
-           "text_metrics"]
+           "extract_modules", "is_test_module", "label_words", "prose_words", "split_token",
+           "stdlib_modules", "text_metrics"]
 
 #: The punctuation classes of a word (what follows it): none, comma, period (``.!?``), colon
 #: (``:;``).

@@ -59,7 +59,7 @@ class TextExperiment(Experiment):
         tgt = data.test["targets"]
         lat = compounded_latency(scheme_visibility(self.scheme, len(self.model.blocks)),
                                  tgt.shape[1])
-        res.metrics.update(_latency_stats(lat[None].expand_as(tgt), tgt))
+        res.metrics.update(_latency_stats(lat.expand_as(tgt), tgt))
         return res
 
 
