@@ -230,7 +230,7 @@ def _rises(results, mixer: str) -> tuple[bool, str]:
     gain = mean_se(ahead[-1])[0] - mean_se(causal)[0]
     ok = gain >= 0.01 and all(mean_se(a)[0] > mean_se(causal)[0] and disjoint(a, causal)
                               for a in ahead)
-    return ok, f"{mixer}: causal {fmt(causal)}, lookahead-{F8_K} {fmt(ahead[-1])} (+{gain:.3f})"
+    return ok, f"{mixer}: causal {fmt(causal)}, lookahead-{F8_K} {fmt(ahead[-1])} ({gain:+.3f})"
 
 
 def _best_adaptive(results) -> tuple[str, float, float, float, float] | None:
@@ -263,14 +263,14 @@ def _f8_judge(results) -> Judgement:
     on = margin >= -se
     holds = all(ok for ok, _ in rises.values()) and on
     numbers = ("; ".join(text for _, text in rises.values())
-               + f"; best adaptive {arm}: {acc:.3f} ± {se:.3f} at {lat:.2f} words, "
+               + f"; best adaptive {arm}: {fmt(_accs(results, arm))} at {lat:.2f} words, "
                  f"{margin:+.3f} against the softmax fixed frontier there")
     notes = [f"Accuracy rises with lookahead ({', '.join(f'lookahead 1..{F8_K}')} each above "
              f"causal, disjoint intervals, lookahead-{F8_K} +0.01 or more): "
              + ", ".join(f"{m} {'yes' if ok else 'no'}" for m, (ok, _) in rises.items()) + ".",
              f"Best adaptive point {arm}: {'on or above' if on else 'below'} the softmax "
-             f"fixed-lookahead frontier (margin {margin:+.4f}, tolerance one standard error "
-             f"{se:.4f}).",
+             f"fixed-lookahead frontier (margin {margin:+.4f}, tolerance one standard error: "
+             f"{fmt(_accs(results, arm), 4).split(' ', 1)[1].lstrip('± ')}).",
              "The adaptive arm runs on softmax only: causalmix.nn.adaptive mixes over "
              "lookaheads for the softmax and the ungated linear op (ADAPTIVE_MIXERS), not for "
              "the gated one."]
