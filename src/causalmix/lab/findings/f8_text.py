@@ -265,8 +265,8 @@ def _f8_judge(results) -> Judgement:
     numbers = ("; ".join(text for _, text in rises.values())
                + f"; best adaptive {arm}: {fmt(_accs(results, arm))} at {lat:.2f} words, "
                  f"{margin:+.3f} against the softmax fixed frontier there")
-    notes = [f"Accuracy rises with lookahead ({', '.join(f'lookahead 1..{F8_K}')} each above "
-             f"causal, disjoint intervals, lookahead-{F8_K} +0.01 or more): "
+    notes = [f"Accuracy rises with lookahead (lookahead 1..{F8_K} each above causal, "
+             f"disjoint intervals, lookahead-{F8_K} +0.01 or more): "
              + ", ".join(f"{m} {'yes' if ok else 'no'}" for m, (ok, _) in rises.items()) + ".",
              f"Best adaptive point {arm}: {'on or above' if on else 'below'} the softmax "
              f"fixed-lookahead frontier (margin {margin:+.4f}, tolerance one standard error: "
