@@ -105,6 +105,10 @@ def test_f7_arms_share_one_state_size():
     assert [getattr(arms[a], "rule", None) for a in F7_ARMS[:3]] == ["delta", "gated-delta",
                                                                      None]
     assert arms[F7_ARMS[3]].model.d_model == rec[0].d_model
+    nn = arms[F7_ARMS[4]].model.blocks[0].attention  # causalmix.nn's Gated DeltaNet
+    lab = rec[0].blocks[0].attention
+    assert nn.mixer == "delta" and (nn.n_heads, nn.feature_dim, nn.head_dim) == \
+        (lab.n_heads, lab.feature_dim, lab.head_dim)  # the same state per layer
 
 
 def _mqar_runs(accs: dict[int, float]) -> list[dict]:
@@ -115,10 +119,12 @@ def _mqar_runs(accs: dict[int, float]) -> list[dict]:
 def test_f7_rule():
     judge = FINDINGS["F7"].judge
     good = {F7_ARMS[0]: _mqar_runs({4: 1.0, 32: 0.7}), F7_ARMS[1]: _mqar_runs({4: 1.0, 32: 0.62}),
-            F7_ARMS[2]: _mqar_runs({4: 1.0, 32: 0.4}), F7_ARMS[3]: _mqar_runs({4: 1.0, 32: 0.95})}
+            F7_ARMS[2]: _mqar_runs({4: 1.0, 32: 0.4}), F7_ARMS[3]: _mqar_runs({4: 1.0, 32: 0.95}),
+            F7_ARMS[4]: _mqar_runs({4: 1.0, 32: 0.65})}
     j = judge(good)
     assert j.holds is True and "32 pairs" in j.numbers
-    assert judge({**good, F7_ARMS[1]: _mqar_runs({4: 1.0, 32: 0.59})}).holds is False
+    for arm in (F7_ARMS[0], F7_ARMS[1], F7_ARMS[4]):  # every delta arm must clear 0.2
+        assert judge({**good, arm: _mqar_runs({4: 1.0, 32: 0.59})}).holds is False
     assert judge({**good, F7_ARMS[3]: _mqar_runs({4: 1.0, 32: 0.88})}).holds is False
     assert judge({**good, F7_ARMS[0]: []}).holds is None
 
