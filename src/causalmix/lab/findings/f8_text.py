@@ -299,6 +299,9 @@ def _f8_plot(results, ax):
         xs = [min(m, edge) for m, _ in lat]
         ax.errorbar(xs, [m for m, _ in acc], yerr=[s for _, s in acc], fmt=style, capsize=3,
                     label=f"{mixer}: causal, lookahead 1..{F8_K}, full (at the edge)")
+        if arms[-1].endswith(" full"):
+            ax.annotate(f"full ({lat[-1][0]:.1f} →)", (xs[-1], acc[-1][0]), fontsize=7,
+                        textcoords="offset points", xytext=(-30, 8))
     ad = [f"softmax adaptive w={w:g}" for w in F8_WEIGHTS]
     ad = [a for a in ad if results.get(a)]
     if ad:
