@@ -20,8 +20,11 @@ __all__ = [
     "check_bool",
     "check_decay",
     "check_int",
+    "check_log_gate",
+    "check_per_position",
     "check_qkv",
     "check_scale",
+    "check_state",
     "compute_dtype",
 ]
 
@@ -151,3 +154,61 @@ def check_qkv(fn: str, q: Any, k: Any, v: Any, *, same_head_count: bool = False,
         raise ValueError(
             f"{fn}: q heads ({hq}) must be a multiple of k/v heads ({hkv}) (GQA/MQA)")
     return b, tq, tk, hq, hkv, d, dv
+
+
+def check_per_position(fn: str, name: str, x: Any, shape: tuple, q: torch.Tensor,
+                       *, per_dim: int | None = None) -> None:
+    """``x``: a floating tensor of ``shape`` (``[B, Tk, H]``: one value per key position and
+    output head; with ``per_dim``, ``[B, Tk, H, per_dim]`` too) on q's device, of q's dtype or
+    the compute dtype."""
+    want = "[B, Tk, H]" if per_dim is None else "[B, Tk, H] or [B, Tk, H, D]"
+    if not isinstance(x, torch.Tensor):
+        raise ArgumentTypeError(f"{fn}: {name} must be a {want} float tensor, got "
+                                f"{type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"{fn}: {name} must be a floating tensor, got dtype {x.dtype}")
+    shapes = [tuple(shape)] + ([] if per_dim is None else [(*shape, per_dim)])
+    if tuple(x.shape) not in shapes:
+        got = " or ".join(str(list(s)) for s in shapes)
+        per = "" if per_dim is None else " (and key dimension)"
+        raise ValueError(f"{fn}: {name} must have shape {want} = {got} (one value per key "
+                         f"position and output head{per}), got {list(x.shape)}")
+    if x.device != q.device:
+        raise ValueError(f"{fn}: {name} must be on q's device {q.device}, got {x.device}")
+    ok = {q.dtype, compute_dtype(q)}
+    if x.dtype not in ok:
+        raise ValueError(f"{fn}: {name} must have dtype {sorted(map(str, ok))} (q's or the "
+                         f"compute dtype), got {x.dtype}")
+
+
+def check_log_gate(fn: str, name: str, gate: Any, shape: tuple, q: torch.Tensor,
+                   *, per_dim: int | None = None) -> None:
+    """``gate``: a log-space gate, :func:`check_per_position` of ``shape`` (``per_dim``: a
+    per-key-dimension gate ``[B, Tk, H, per_dim]`` is served too) with values ``<= 0`` and not
+    ``-inf`` (NaN passes: NaN in, NaN out)."""
+    check_per_position(fn, name, gate, shape, q, per_dim=per_dim)
+    gd = gate.detach()
+    if bool((gd > 0).any()) or bool((gd == float("-inf")).any()):
+        raise ValueError(f"{fn}: {name} values must be <= 0 and finite (a log-space gate, "
+                         f"e.g. dt * A with A < 0), got max {float(gd.max()):.6g}, min "
+                         f"{float(gd.min()):.6g}")
+
+
+def check_state(fn: str, initial_state: Any, shape: list, q: torch.Tensor) -> None:
+    """``initial_state``: None or a ``[B, H, D, Dv]`` tensor of ``shape`` in the compute dtype
+    of q, on q's device."""
+    if initial_state is None:
+        return
+    if not isinstance(initial_state, torch.Tensor):
+        raise ArgumentTypeError(f"{fn}: initial_state must be a [B, H, D, Dv] tensor or None, "
+                                f"got {type(initial_state).__name__}")
+    if list(initial_state.shape) != list(shape):
+        raise ValueError(f"{fn}: initial_state must have shape [B, H, D, Dv] = {list(shape)}, "
+                         f"got {list(initial_state.shape)}")
+    sd = compute_dtype(q)
+    if initial_state.dtype != sd:
+        raise ValueError(f"{fn}: initial_state must be {sd} (the state dtype for q of dtype "
+                         f"{q.dtype}), got {initial_state.dtype}")
+    if initial_state.device != q.device:
+        raise ValueError(f"{fn}: initial_state must be on q's device {q.device}, got "
+                         f"{initial_state.device}")

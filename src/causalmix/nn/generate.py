@@ -59,7 +59,7 @@ import torch
 from causalmix.checks import ArgumentTypeError, UnboundedHorizonError, check_bool, check_int
 from causalmix.nn.layers import check_inputs
 from causalmix.stream import ModelStream
-from causalmix.visibility import Visibility
+from causalmix.visibility import Visibility, check_layer_specs
 
 if TYPE_CHECKING:  # pragma: no cover
     from causalmix.nn.layers import SequenceModel
@@ -173,23 +173,9 @@ def _check_lengths(prompt_lengths: Any, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _check_specs(model: SequenceModel, visibility: Any, batch: int) -> tuple[Visibility, ...]:
-    n = len(model.blocks)
     if visibility is None:
         return tuple(block.visibility for block in model.blocks)
-    if isinstance(visibility, Visibility) or not isinstance(visibility, (tuple, list)):
-        raise ArgumentTypeError(f"generate: visibility must be a tuple with one spec per layer "
-                                f"({n}) or None, got {type(visibility).__name__}")
-    if len(visibility) != n:
-        raise ValueError(f"generate: visibility must give one spec per layer ({n}), got "
-                         f"{len(visibility)}")
-    for i, spec in enumerate(visibility):
-        if not isinstance(spec, Visibility):
-            raise ArgumentTypeError(f"generate: visibility[{i}] must be a causalmix.visibility "
-                                    f"spec, got {type(spec).__name__}")
-        if spec.batch_size is not None and spec.batch_size != batch:
-            raise ValueError(f"generate: visibility[{i}] {spec!r} is for batch size "
-                             f"{spec.batch_size} but ids has batch size {batch}")
-    return tuple(visibility)
+    return check_layer_specs("generate", visibility, len(model.blocks), batch=batch)
 
 
 def _plan(model: SequenceModel, ids: Any, max_new_tokens: Any, prompt_lengths: Any,

@@ -10,6 +10,8 @@
 
     g = LinearStream(Causal())                         # per-frame inputs: named arguments
     out = g.push(q, k, v, log_gate=lg)                 # lg: [B, n, H], checked with the frames
+    d = DeltaStream(Chunked(16, lookahead=1))          # the delta rule: beta per frame too
+    out = d.push(q, k, v, beta=b, log_gate=lg)         # b: [B, n, H] in (0, 2]
 
     m = ModelStream(layers)                            # layers implement StreamableLayer
     y = m.push(x)                                      # x: [B, n, C] -> [B, m, C']
@@ -29,7 +31,8 @@ counted from the first pushed frame).
   the stream raises ``ValueError``. ``Prefix(n)`` is bounded: its first ``n`` outputs wait for
   frame ``n - 1``, then it runs causally.
 * **Memory**: the softmax KV cache evicts keys older than the spec's ``lookback`` (bounded for
-  ``Window`` and ``... & Window``); the linear stream holds one state plus the in-flight frames.
+  ``Window`` and ``... & Window``); the linear and delta streams hold one state plus the
+  in-flight frames.
 * **Decode**: ``step()`` pushes frames whose outputs must all be final at once (generation:
   ``Causal``, ``Window(left)``, ``Prefix`` with the prefix as the first step, ``Chunked`` a chunk
   per step) and raises otherwise.
@@ -55,6 +58,7 @@ Streams are for inference: they run under ``torch.no_grad()``.
 """
 
 from causalmix.stream._common import Frames, MixerStream
+from causalmix.stream.delta import DeltaFrames, DeltaStream
 from causalmix.stream.latency import (
     LatencyStats,
     Spread,
@@ -74,6 +78,8 @@ from causalmix.stream.softmax import SoftmaxStream
 
 __all__ = [
     "STREAMABLE_MIXERS",
+    "DeltaFrames",
+    "DeltaStream",
     "Frames",
     "GateFrames",
     "LatencyStats",

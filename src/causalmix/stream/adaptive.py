@@ -27,7 +27,7 @@ from causalmix.checks import ArgumentTypeError
 from causalmix.ops.linear import linear_attention
 from causalmix.ops.softmax import softmax_attention
 from causalmix.stream._buffers import FrameBuffer
-from causalmix.stream.model import StreamableModel, layer_frames
+from causalmix.stream.model import StreamableModel, layer_frames, model_and_layers
 from causalmix.visibility import AdaptiveLookahead, Causal
 
 __all__ = ["AdaptiveStream", "AdaptiveStreamableLayer", "Emitted"]
@@ -191,15 +191,7 @@ class AdaptiveStream:
     """
 
     def __init__(self, layers: Iterable[AdaptiveStreamableLayer] | StreamableModel):
-        self.model: StreamableModel | None = None
-        if isinstance(layers, StreamableModel):
-            self.model, layers = layers, layers.blocks
-        if not isinstance(layers, Iterable) or isinstance(layers, torch.Tensor):
-            raise ArgumentTypeError(f"AdaptiveStream: layers must be a sequence of adaptive "
-                                    f"layers or a StreamableModel, got {type(layers).__name__}")
-        self._layers = list(layers)
-        if not self._layers:
-            raise ValueError("AdaptiveStream: layers must hold at least one layer")
+        self.model, self._layers = model_and_layers("AdaptiveStream", layers, "adaptive layer")
         for i, layer in enumerate(self._layers):
             _LayerStream(layer, i)  # checks the protocol now, not at the first push
         self.rows: list[_Sequence] | None = None

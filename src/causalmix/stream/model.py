@@ -12,13 +12,13 @@ from causalmix.stream import latency as latency_maths
 from causalmix.stream._buffers import FrameBuffer, PositionLog
 from causalmix.stream._common import MixerStream
 from causalmix.stream.latency import LatencyStats
-from causalmix.visibility import Visibility
+from causalmix.visibility import Visibility, check_layer_specs
 
 __all__ = ["STREAMABLE_MIXERS", "ModelStream", "StreamableLayer", "StreamableModel",
            "layer_frames", "mixer_stream"]
 
 #: the mixers :func:`mixer_stream` (hence :class:`ModelStream`) can stream
-STREAMABLE_MIXERS = ("softmax", "linear")
+STREAMABLE_MIXERS = ("softmax", "linear", "delta")
 
 
 @runtime_checkable
@@ -29,10 +29,13 @@ class StreamableLayer(Protocol):
     A layer computes ``y = stream_out(x, mixer(*stream_qkv(x, pos), visibility, **mixer_kwargs()),
     pos)`` where everything except the mixer is pointwise in time (projections, norms, position
     encodings, residuals, MLPs): frame ``t`` of ``stream_qkv`` / ``stream_out`` depends only on
-    frame ``t`` of their inputs.
+    frame ``t`` of their inputs. A layer with a short causal convolution before its mixer
+    may also define ``stream_context(visibility)``: when that returns a carry (not None), the
+    stream calls ``stream_qkv(x, pos, context)``, which returns ``(inputs, next context)``,
+    and keeps the next context once the mixer took the frames.
     """
 
-    mixer: str  # "softmax" | "linear"
+    mixer: str  # "softmax" | "linear" | "delta" (STREAMABLE_MIXERS)
     visibility: Visibility
 
     def mixer_kwargs(self) -> dict:
@@ -61,7 +64,8 @@ class StreamableLayer(Protocol):
 
 def mixer_stream(mixer: str, visibility: Visibility, **kwargs) -> MixerStream:
     """The stream of one mixer call: ``"softmax"`` -> :class:`SoftmaxStream`, ``"linear"`` ->
-    :class:`LinearStream`, with ``kwargs`` passed to its constructor."""
+    :class:`LinearStream`, ``"delta"`` -> :class:`DeltaStream`, with ``kwargs`` passed to its
+    constructor."""
     if mixer == "softmax":
         from causalmix.stream.softmax import SoftmaxStream
 
@@ -72,6 +76,11 @@ def mixer_stream(mixer: str, visibility: Visibility, **kwargs) -> MixerStream:
 
         cls = LinearStream
         allowed = ("decay", "impl", "chunk_size")
+    elif mixer == "delta":
+        from causalmix.stream.delta import DeltaStream
+
+        cls = DeltaStream
+        allowed = ("impl", "chunk_size")
     else:
         raise ValueError(f"mixer must be one of {list(STREAMABLE_MIXERS)}, got {mixer!r}")
     bad = sorted(set(kwargs) - set(allowed))
@@ -122,14 +131,22 @@ class _LayerState:
         self.visibility = layer.visibility if visibility is None else visibility
         self.mixer = mixer_stream(layer.mixer, self.visibility, **kwargs)
         self.x = FrameBuffer()  # layer inputs waiting for their mixed output (residual)
+        make = getattr(layer, "stream_context", None)
+        # a layer's carry between pushes (e.g. a short convolution's last inputs), or None
+        self.context = None if make is None else make(self.visibility)
 
     def push(self, x: torch.Tensor) -> torch.Tensor | None:
         p0 = self.mixer.frames_in
         positions = torch.arange(p0, p0 + x.shape[1], device=x.device)
-        inputs = layer_frames(f"ModelStream: layers[{self.index}]",
-                              self.layer.stream_qkv(x, positions),
+        if self.context is None:
+            result, context = self.layer.stream_qkv(x, positions), None
+        else:
+            result, context = self.layer.stream_qkv(x, positions, self.context)
+        inputs = layer_frames(f"ModelStream: layers[{self.index}]", result,
                               self.mixer.frames_type.names())
         mixed = self.mixer.push(**inputs)
+        if context is not None:
+            self.context = context
         self.x.append(x)
         return self._finish(mixed)
 
@@ -148,22 +165,36 @@ class _LayerState:
         return y
 
 
+def _tensor_nbytes(value: Any) -> int:
+    """Bytes of the tensors in ``value`` (a tensor, or a tuple / list of values; else 0)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_tensor_nbytes(v) for v in value)
+    return 0
+
+
+def model_and_layers(owner: str, layers: Any, kind: str) -> tuple[Any, list]:
+    """A stream's ``layers`` argument: a :class:`StreamableModel` (its blocks) or a non-empty
+    sequence of layers of ``kind``; returns ``(model or None, the layers)``."""
+    model = None
+    if isinstance(layers, StreamableModel):
+        model, layers = layers, layers.blocks
+    if not isinstance(layers, Iterable) or isinstance(layers, torch.Tensor):
+        raise ArgumentTypeError(f"{owner}: layers must be a sequence of {kind}s or a "
+                                f"StreamableModel, got {type(layers).__name__}")
+    layers = list(layers)
+    if not layers:
+        raise ValueError(f"{owner}: layers must hold at least one {kind}")
+    return model, layers
+
+
 def _per_layer_specs(visibility: Any, n: int) -> list[Visibility | None]:
     """``visibility`` of :class:`ModelStream`: ``None`` (each layer's own) or one spec per
     layer."""
     if visibility is None:
         return [None] * n
-    if isinstance(visibility, Visibility) or not isinstance(visibility, (tuple, list)):
-        raise ArgumentTypeError(f"ModelStream: visibility must be a tuple with one spec per "
-                                f"layer ({n}) or None, got {type(visibility).__name__}")
-    if len(visibility) != n:
-        raise ValueError(f"ModelStream: visibility must give one spec per layer ({n}), got "
-                         f"{len(visibility)}")
-    for i, spec in enumerate(visibility):
-        if not isinstance(spec, Visibility):
-            raise ArgumentTypeError(f"ModelStream: visibility[{i}] must be a "
-                                    f"causalmix.visibility spec, got {type(spec).__name__}")
-    return list(visibility)
+    return list(check_layer_specs("ModelStream", visibility, n))
 
 
 @runtime_checkable
@@ -210,15 +241,7 @@ class ModelStream:
 
     def __init__(self, layers: Iterable[StreamableLayer] | StreamableModel, *,
                  visibility: Sequence[Visibility] | None = None):
-        self.model: StreamableModel | None = None
-        if isinstance(layers, StreamableModel):
-            self.model, layers = layers, layers.blocks
-        if not isinstance(layers, Iterable) or isinstance(layers, torch.Tensor):
-            raise ArgumentTypeError(f"ModelStream: layers must be a sequence of StreamableLayer "
-                                    f"or a StreamableModel, got {type(layers).__name__}")
-        layers = list(layers)
-        if not layers:
-            raise ValueError("ModelStream: layers must hold at least one StreamableLayer")
+        self.model, layers = model_and_layers("ModelStream", layers, "StreamableLayer")
         specs = _per_layer_specs(visibility, len(layers))
         self.layers = [_LayerState(i, layer, spec)
                        for i, (layer, spec) in enumerate(zip(layers, specs, strict=True))]
@@ -290,8 +313,10 @@ class ModelStream:
         return LatencyStats.of(self.latency, self.compute_seconds, frame_seconds=frame_seconds)
 
     def cache_nbytes(self) -> int:
-        """Bytes held by every layer's mixer state / cache and pending-frame buffers."""
-        return sum(st.mixer.cache_nbytes() + st.x.nbytes() for st in self.layers)
+        """Bytes held by every layer's mixer state / cache, pending-frame buffers and carried
+        context (the tensors in it, e.g. a short convolution's last inputs)."""
+        return sum(st.mixer.cache_nbytes() + st.x.nbytes() + _tensor_nbytes(st.context)
+                   for st in self.layers)
 
     def __repr__(self) -> str:
         what = "" if self.model is None else f"{type(self.model).__name__}: "

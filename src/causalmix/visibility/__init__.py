@@ -106,6 +106,7 @@ from causalmix.visibility.base import (
     PARTIAL,
     KeyRange,
     Visibility,
+    check_layer_specs,
     check_spec,
     check_visibility,
 )
@@ -141,6 +142,7 @@ __all__ = [
     "Visibility",
     "Window",
     "check_int",
+    "check_layer_specs",
     "check_spec",
     "check_visibility",
 ]

@@ -17,11 +17,11 @@ import torch
 
 from causalmix.checks import MAX_POSITION
 from causalmix.visibility.base import KeyRange
-from causalmix.visibility.tensor_spec import TensorSpec, snapshot, tensor_key
+from causalmix.visibility.tensor_spec import PositionTensorSpec, snapshot, tensor_key
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class AdaptiveLookahead(TensorSpec):
+class AdaptiveLookahead(PositionTensorSpec):
     """``j <= i + a[b, i]``: causal, plus a per-query lookahead ``a`` (in frames).
 
     ``a`` is an int ``[B, T]`` (or ``[T]``) tensor >= 0 (copied) indexed by **absolute** query
@@ -56,13 +56,7 @@ class AdaptiveLookahead(TensorSpec):
         a = self.a.to(i.device)
         return KeyRange(None, i + (a[i] if a.dim() == 1 else a[:, i]))
 
-    @property
-    def covered_length(self) -> int:
-        return self.a.shape[-1]
 
-    @property
-    def batch_size(self) -> int | None:
-        return self.a.shape[0] if self.a.dim() == 2 else None
 
     @property
     def lookahead_frames(self) -> int:

@@ -17,7 +17,7 @@ import torch
 from causalmix.checks import MAX_POSITION, ArgumentTypeError, UnboundedHorizonError, check_int
 from causalmix.visibility.tiling import NEG_INF, POS_INF, Tiling
 
-__all__ = ["EMPTY", "FULL", "PARTIAL", "KeyRange", "Visibility", "check_spec",
+__all__ = ["EMPTY", "FULL", "PARTIAL", "KeyRange", "Visibility", "check_layer_specs", "check_spec",
            "check_visibility"]
 
 #: Tile kinds in :meth:`Visibility.block_map`.
@@ -355,3 +355,22 @@ def check_visibility(fn: str, visibility: Any, batch: int, q_len: int, k_len: in
             f"batch size {batch}"
         )
     visibility.check_positions(q_len, k_len, q_offset, k_offset)
+
+
+def check_layer_specs(where: str, visibility: Any, n_layers: int, *,
+                      batch: int | None = None) -> tuple[Visibility, ...]:
+    """``visibility``: one spec per layer (a tuple or list of ``n_layers`` specs, each for the
+    batch size ``batch`` when given); returns it as a tuple, else ``ValueError`` (an
+    :class:`ArgumentTypeError` for wrong types) naming ``where`` and the layer."""
+    if isinstance(visibility, Visibility) or not isinstance(visibility, (tuple, list)):
+        raise ArgumentTypeError(f"{where}: visibility must be a tuple with one spec per layer "
+                                f"({n_layers}) or None, got {type(visibility).__name__}")
+    if len(visibility) != n_layers:
+        raise ValueError(f"{where}: visibility must give one spec per layer ({n_layers}), got "
+                         f"{len(visibility)}")
+    for i, spec in enumerate(visibility):
+        check_spec(f"{where}: visibility[{i}]", spec)
+        if batch is not None and spec.batch_size is not None and spec.batch_size != batch:
+            raise ValueError(f"{where}: visibility[{i}] {spec!r} is for batch size "
+                             f"{spec.batch_size} but the inputs have batch size {batch}")
+    return tuple(visibility)

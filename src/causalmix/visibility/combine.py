@@ -36,6 +36,8 @@ class _Combined(Visibility):
 
     __slots__ = ()
     _symbol = "?"
+    #: how the two sides' frame counts combine (``&``: min, an upper bound; ``|``: max)
+    _frames = staticmethod(frames_max)
 
     def __post_init__(self):
         check_spec("a", self.a)
@@ -49,6 +51,14 @@ class _Combined(Visibility):
     @property
     def covered_length(self) -> int | None:
         return frames_min(self.a.covered_length, self.b.covered_length)
+
+    @property
+    def lookahead_frames(self) -> int | None:
+        return self._frames(self.a.lookahead_frames, self.b.lookahead_frames)
+
+    @property
+    def lookback_frames(self) -> int | None:
+        return self._frames(self.a.lookback_frames, self.b.lookback_frames)
 
     def check_unmodified(self) -> None:
         self.a.check_unmodified()
@@ -79,6 +89,7 @@ class And(_Combined):
     a: Visibility
     b: Visibility
     _symbol = "&"
+    _frames = staticmethod(frames_min)
 
     def visible(self, b: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         return self.a.visible(b, i, j) & self.b.visible(b, i, j)
@@ -107,13 +118,6 @@ class And(_Combined):
         out = torch.where(cb == size, ca, out)
         return torch.where((ca == 0) | (cb == 0), torch.zeros_like(out), out)
 
-    @property
-    def lookahead_frames(self) -> int | None:
-        return frames_min(self.a.lookahead_frames, self.b.lookahead_frames)
-
-    @property
-    def lookback_frames(self) -> int | None:
-        return frames_min(self.a.lookback_frames, self.b.lookback_frames)
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -142,10 +146,3 @@ class Or(_Combined):
         out = torch.where(cb == 0, ca, out)
         return torch.where((ca == size) | (cb == size), size.expand_as(out), out)
 
-    @property
-    def lookahead_frames(self) -> int | None:
-        return frames_max(self.a.lookahead_frames, self.b.lookahead_frames)
-
-    @property
-    def lookback_frames(self) -> int | None:
-        return frames_max(self.a.lookback_frames, self.b.lookback_frames)

@@ -18,11 +18,11 @@ from typing import Any
 import torch
 
 from causalmix.visibility.base import KeyRange
-from causalmix.visibility.tensor_spec import TensorSpec, int_vector, snapshot, tensor_key
+from causalmix.visibility.tensor_spec import PositionTensorSpec, int_vector, snapshot, tensor_key
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Segments(TensorSpec):
+class Segments(PositionTensorSpec):
     """``ids[i] == ids[j]``: documents packed in one sequence, hash buckets, modalities.
 
     ``ids`` is an integer ``[T]`` or ``[B, T]`` tensor (copied) indexed by **absolute** position,
@@ -117,13 +117,7 @@ class Segments(TensorSpec):
         lo, hi = start[:, i].to(dev), end[:, i].to(dev)
         return KeyRange(lo, hi) if self.ids.dim() == 2 else KeyRange(lo[0], hi[0])
 
-    @property
-    def covered_length(self) -> int:
-        return self.ids.shape[-1]
 
-    @property
-    def batch_size(self) -> int | None:
-        return self.ids.shape[0] if self.ids.dim() == 2 else None
 
     def _content(self):
         return tensor_key(self.ids)

@@ -115,3 +115,20 @@ class TensorSpec(Visibility):
     def mask(self, *args, **kwargs) -> torch.Tensor:
         self._check_unmodified()
         return super().mask(*args, **kwargs)
+
+
+class PositionTensorSpec(TensorSpec):
+    """A tensor-holding spec whose tensor is indexed by absolute position, ``[T]`` or ``[B, T]``
+    (``Segments``, ``ValidKeys``, ``AdaptiveLookahead``): it defines positions ``[0, T)``, and a
+    ``[B, T]`` tensor ties it to batch size ``B``."""
+
+    __slots__ = ()
+
+    @property
+    def covered_length(self) -> int:
+        return self._tensor().shape[-1]
+
+    @property
+    def batch_size(self) -> int | None:
+        t = self._tensor()
+        return t.shape[0] if t.dim() == 2 else None

@@ -17,11 +17,11 @@ import dataclasses
 import torch
 
 from causalmix.visibility.base import KeyRange
-from causalmix.visibility.tensor_spec import TensorSpec, tensor_key
+from causalmix.visibility.tensor_spec import PositionTensorSpec, tensor_key
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class ValidKeys(TensorSpec):
+class ValidKeys(PositionTensorSpec):
     """``valid[b, j]``: a query may see key ``j`` of example ``b`` iff it is not padding.
 
     ``valid`` is a bool (or 0/1 integer) ``[B, T]`` tensor (copied) indexed by **absolute** key
@@ -77,13 +77,7 @@ class ValidKeys(TensorSpec):
         return KeyRange(first.to(i.device)[:, None].expand(shape),
                         last.to(i.device)[:, None].expand(shape))
 
-    @property
-    def covered_length(self) -> int:
-        return self.valid.shape[1]
 
-    @property
-    def batch_size(self) -> int:
-        return self.valid.shape[0]
 
     def _content(self):
         return tensor_key(self.valid)

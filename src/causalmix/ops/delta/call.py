@@ -24,7 +24,15 @@ from typing import Any, NamedTuple
 
 import torch
 
-from causalmix.checks import ArgumentTypeError, check_bool, check_int, compute_dtype
+from causalmix.checks import (
+    check_bool,
+    check_int,
+    check_log_gate,
+    check_per_position,
+    check_qkv,
+    compute_dtype,
+)
+from causalmix.checks import check_state as check_state_tensor
 from causalmix.ops.factor import Factorisation, factorise
 from causalmix.ops.heads import Heads, head_layout
 from causalmix.visibility import Visibility, check_visibility
@@ -74,57 +82,14 @@ class DeltaCall(NamedTuple):
         return ScanGates(self.log_gate, rev, True)
 
 
-def _check_tensor(fn: str, name: str, x: Any) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise ArgumentTypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{fn}: {name} must be 4-D [batch, seq, heads, dim], got shape "
-                         f"{list(x.shape)}")
-    if not x.dtype.is_floating_point:
-        raise ValueError(f"{fn}: {name} must be a floating tensor, got dtype {x.dtype}")
-
-
 def check_inputs(fn: str, *, q: Any, k: Any, v: Any) -> Heads:
     """``q: [B, Tq, Hq, D]``, ``k: [B, Tk, Hk, D]``, ``v: [B, Tk, Hv, Dv]`` of one dtype and
     device with ``Tk >= Tq``, heads in a served grouping; their :class:`Heads`."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(fn, name, x)
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"{fn}: q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, "
-                         f"v {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"{fn}: q, k, v must be on one device, got q {q.device}, k {k.device}, "
-                         f"v {v.device}")
-    if not (q.shape[0] == k.shape[0] == v.shape[0]):
-        raise ValueError(f"{fn}: batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, "
-                         f"v {v.shape[0]}")
-    if k.shape[1] != v.shape[1]:
-        raise ValueError(f"{fn}: k and v must have the same length, got k {k.shape[1]}, "
-                         f"v {v.shape[1]}")
-    if q.shape[3] != k.shape[3]:
-        raise ValueError(f"{fn}: q and k head dims differ: q {q.shape[3]}, k {k.shape[3]}")
-    if k.shape[1] < q.shape[1]:
+    _b, tq, tk, *_ = check_qkv(fn, q, k, v, heads=False)
+    if tk < tq:
         raise ValueError(f"{fn}: k and v must be at least as long as q (queries are a prefix of "
-                         f"the keys' positions), got q {q.shape[1]}, k {k.shape[1]}")
+                         f"the keys' positions), got q {tq}, k {tk}")
     return head_layout(fn, q, k, v)
-
-
-def _check_per_head(fn: str, name: str, x: Any, shape: tuple, q: torch.Tensor) -> None:
-    """``x``: a floating ``[B, Tk, H]`` tensor on q's device, dtype q's or the compute dtype."""
-    if not isinstance(x, torch.Tensor):
-        raise ArgumentTypeError(f"{fn}: {name} must be a [B, Tk, H] float tensor, got "
-                                f"{type(x).__name__}")
-    if not x.dtype.is_floating_point:
-        raise ValueError(f"{fn}: {name} must be a floating tensor, got dtype {x.dtype}")
-    if tuple(x.shape) != shape:
-        raise ValueError(f"{fn}: {name} must have shape [B, Tk, H] = {list(shape)} (one value "
-                         f"per key position and output head), got {list(x.shape)}")
-    if x.device != q.device:
-        raise ValueError(f"{fn}: {name} must be on q's device {q.device}, got {x.device}")
-    ok = {q.dtype, compute_dtype(q)}
-    if x.dtype not in ok:
-        raise ValueError(f"{fn}: {name} must have dtype {sorted(map(str, ok))} (q's or the "
-                         f"compute dtype), got {x.dtype}")
 
 
 def check_beta_gates(fn: str, *, q: torch.Tensor, k: torch.Tensor, heads: Heads, beta: Any,
@@ -132,7 +97,7 @@ def check_beta_gates(fn: str, *, q: torch.Tensor, k: torch.Tensor, heads: Heads,
     """``beta`` in (0, 2], ``log_gate`` / ``reverse_log_gate`` ``<= 0`` and finite, each
     ``[B, Tk, H]`` (NaN passes: NaN in, NaN out)."""
     shape = (q.shape[0], k.shape[1], heads.out)
-    _check_per_head(fn, "beta", beta, shape, q)
+    check_per_position(fn, "beta", beta, shape, q)
     bd = beta.detach()
     if bool(((bd <= 0) | (bd > 2)).any()):
         raise ValueError(f"{fn}: beta values must lie in (0, 2] (the delta rule's write "
@@ -143,33 +108,13 @@ def check_beta_gates(fn: str, *, q: torch.Tensor, k: torch.Tensor, heads: Heads,
     for name, gate in (("log_gate", log_gate), ("reverse_log_gate", reverse_log_gate)):
         if gate is None:
             continue
-        _check_per_head(fn, name, gate, shape, q)
-        gd = gate.detach()
-        if bool((gd > 0).any()) or bool((gd == float("-inf")).any()):
-            raise ValueError(f"{fn}: {name} values must be <= 0 and finite (a log-space gate, "
-                             f"e.g. dt * A with A < 0), got max {float(gd.max()):.6g}, min "
-                             f"{float(gd.min()):.6g}")
+        check_log_gate(fn, name, gate, shape, q)
 
 
 def check_state(fn: str, *, q: torch.Tensor, v: torch.Tensor, heads: Heads,
                 initial_state: Any) -> None:
     """``initial_state``: None or ``[B, H, D, Dv]`` in the compute dtype on q's device."""
-    if initial_state is None:
-        return
-    if not isinstance(initial_state, torch.Tensor):
-        raise ArgumentTypeError(f"{fn}: initial_state must be a [B, H, D, Dv] tensor or None, "
-                                f"got {type(initial_state).__name__}")
-    want = [q.shape[0], heads.out, q.shape[-1], v.shape[-1]]
-    if list(initial_state.shape) != want:
-        raise ValueError(f"{fn}: initial_state must have shape [B, H, D, Dv] = {want}, got "
-                         f"{list(initial_state.shape)}")
-    sd = compute_dtype(q)
-    if initial_state.dtype != sd:
-        raise ValueError(f"{fn}: initial_state must be {sd} (the state dtype for q of dtype "
-                         f"{q.dtype}), got {initial_state.dtype}")
-    if initial_state.device != q.device:
-        raise ValueError(f"{fn}: initial_state must be on q's device {q.device}, got "
-                         f"{initial_state.device}")
+    check_state_tensor(fn, initial_state, [q.shape[0], heads.out, q.shape[-1], v.shape[-1]], q)
 
 
 def _factorise(visibility: Visibility) -> tuple[Factorisation | None, str | None]:

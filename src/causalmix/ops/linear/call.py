@@ -31,7 +31,15 @@ from typing import Any, NamedTuple
 
 import torch
 
-from causalmix.checks import ArgumentTypeError, check_decay, check_int, check_qkv, compute_dtype
+from causalmix.checks import (
+    ArgumentTypeError,
+    check_decay,
+    check_int,
+    check_qkv,
+    compute_dtype,
+)
+from causalmix.checks import check_log_gate as check_gate
+from causalmix.checks import check_state as check_state_tensor
 from causalmix.ops.factor import Factorisation, factorise
 from causalmix.ops.heads import Heads, head_layout
 from causalmix.visibility import Visibility, check_visibility
@@ -77,6 +85,20 @@ class LinearCall(NamedTuple):
     return_final_state: bool
     chunk_size: int
 
+    def scan_refusal(self) -> str | None:
+        """Why the scan forms (chunk, recurrent) cannot serve this call by its positions or
+        its spec (queries and keys at different positions, a spec that does not factorise, keys
+        without queries);
+        None when they can."""
+        if self.q_offset != self.k_offset:
+            return (f"q_offset ({self.q_offset}) != k_offset ({self.k_offset}); the chunk and "
+                    f"recurrent forms need queries and keys at the same positions")
+        if self.factor is None:
+            return self.factor_error
+        if self.q.shape[1] == 0 and self.k.shape[1] > 0:
+            return "no queries"
+        return None
+
     def scan_gates(self) -> ScanGates:
         """The forward and reverse log-gates of this call, :class:`ScanGates`."""
         if self.log_gate is not None:
@@ -91,30 +113,6 @@ class LinearCall(NamedTuple):
         g = torch.log(self.decay.to(cd))
         g = (g.to(torch.float64) if wide else g).view(1, 1, h).expand(1, tk, h)
         return ScanGates(g, g, True, wide)
-
-
-def check_gate(fn: str, name: str, gate: Any, shape: tuple, q: torch.Tensor) -> None:
-    """``gate``: a floating ``[B, Tk, H]`` tensor on q's device, dtype q's or the compute dtype,
-    values ``<= 0`` and not ``-inf`` (NaN passes: NaN in, NaN out)."""
-    if not isinstance(gate, torch.Tensor):
-        raise ArgumentTypeError(f"{fn}: {name} must be a [B, T, H] float tensor, got "
-                                f"{type(gate).__name__}")
-    if not gate.dtype.is_floating_point:
-        raise ValueError(f"{fn}: {name} must be a floating tensor, got dtype {gate.dtype}")
-    if tuple(gate.shape) != shape:
-        raise ValueError(f"{fn}: {name} must have shape [B, Tk, H] = {list(shape)} (one value per "
-                         f"key position and output head), got {list(gate.shape)}")
-    if gate.device != q.device:
-        raise ValueError(f"{fn}: {name} must be on q's device {q.device}, got {gate.device}")
-    ok = {q.dtype, compute_dtype(q)}
-    if gate.dtype not in ok:
-        raise ValueError(f"{fn}: {name} must have dtype {sorted(map(str, ok))} (q's or the "
-                         f"compute dtype), got {gate.dtype}")
-    gd = gate.detach()
-    if bool((gd > 0).any()) or bool((gd == float("-inf")).any()):
-        raise ValueError(f"{fn}: {name} values must be <= 0 and finite (a log-space gate, "
-                         f"e.g. dt * A with A < 0), got max {float(gd.max()):.6g}, min "
-                         f"{float(gd.min()):.6g}")
 
 
 def check_inputs(fn: str, *, q: Any, k: Any, v: Any) -> Heads:
@@ -161,21 +159,7 @@ def check_state(fn: str, *, q: torch.Tensor, v: torch.Tensor, heads: Heads,
     if not isinstance(return_final_state, bool):
         raise ArgumentTypeError(f"{fn}: return_final_state must be a bool, got "
                                 f"{return_final_state!r}")
-    sd = compute_dtype(q)
-    if initial_state is not None:
-        if not isinstance(initial_state, torch.Tensor):
-            raise ArgumentTypeError(f"{fn}: initial_state must be a [B, H, D, Dv] tensor or "
-                                    f"None, got {type(initial_state).__name__}")
-        want = [q.shape[0], heads.out, q.shape[-1], v.shape[-1]]
-        if list(initial_state.shape) != want:
-            raise ValueError(f"{fn}: initial_state must have shape [B, H, D, Dv] = {want}, got "
-                             f"{list(initial_state.shape)}")
-        if initial_state.dtype != sd:
-            raise ValueError(f"{fn}: initial_state must be {sd} (the state dtype for q of dtype "
-                             f"{q.dtype}), got {initial_state.dtype}")
-        if initial_state.device != q.device:
-            raise ValueError(f"{fn}: initial_state must be on q's device {q.device}, got "
-                             f"{initial_state.device}")
+    check_state_tensor(fn, initial_state, [q.shape[0], heads.out, q.shape[-1], v.shape[-1]], q)
     if (initial_state is not None or return_final_state) and offsets[0] != offsets[1]:
         raise ValueError(f"{fn}: initial_state / return_final_state need q_offset == k_offset "
                          f"(got {offsets[0]} and {offsets[1]}): the state sits at one position")

@@ -51,15 +51,11 @@ from causalmix.ops.linear.call import LinearCall
 def can_serve(call: LinearCall) -> str | None:
     """Queries and keys at the same positions and a spec that factorises; keys past the last
     query only for specs without a reverse scan and without a final state."""
-    if call.q_offset != call.k_offset:
-        return (f"q_offset ({call.q_offset}) != k_offset ({call.k_offset}); the chunk and "
-                f"recurrent forms need queries and keys at the same positions")
-    if call.factor is None:
-        return call.factor_error
+    refusal = call.scan_refusal()
+    if refusal is not None:
+        return refusal
     tq, tk = call.q.shape[1], call.k.shape[1]
     if tk != tq:
-        if tq == 0:
-            return "no queries"
         if call.factor.has_reverse:
             return (f"keys past the last query (q {tq}, k {tk}) are served only for specs "
                     f"without a reverse scan (Causal, Chunked(size, lookahead > 0), with "

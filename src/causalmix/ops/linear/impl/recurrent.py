@@ -38,15 +38,11 @@ from causalmix.ops.linear.call import LinearCall
 def can_serve(call: LinearCall) -> str | None:
     """Queries and keys at the same positions, a spec that factorises, as many keys as
     queries."""
-    if call.q_offset != call.k_offset:
-        return (f"q_offset ({call.q_offset}) != k_offset ({call.k_offset}); the chunk and "
-                f"recurrent forms need queries and keys at the same positions")
-    if call.factor is None:
-        return call.factor_error
+    refusal = call.scan_refusal()
+    if refusal is not None:
+        return refusal
     tq, tk = call.q.shape[1], call.k.shape[1]
     if tk != tq:
-        if tq == 0:
-            return "no queries"
         return f"recurrent needs as many keys as queries (got q {tq}, k {tk})"
     return None
 
