@@ -28,7 +28,7 @@ from causalmix.checks import check_int
 from causalmix.lab.protocol import IGNORE, TASKS, TaskData, register_task
 
 __all__ = ["IGNORE", "FirstToken", "ICLRegression", "Lookahead", "MQAR", "SetDisjointness",
-           "TaskData", "TASKS", "classification_metrics"]
+           "Split", "TaskData", "TASKS", "classification_metrics"]
 
 
 def _check_pos(obj, *names):
@@ -65,7 +65,18 @@ def _sizes(obj, name: str) -> tuple[int, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
-class MQAR:
+class Split:
+    """How many examples a task draws: ``num_train`` for training (the trainer holds out its
+    last ``TrainConfig.num_val`` for validation) and ``num_test`` per test set (every task's
+    first two fields; the lab's suites set both)."""
+
+    num_train: int = 20000
+    num_test: int = 512
+
+
+
+@dataclasses.dataclass(frozen=True)
+class MQAR(Split):
     """Multi-query associative recall (zoology's MQAR) over several numbers of key-value pairs,
     with an optional repeated prompt (JRT-Prompt); one input vector per key-value pair.
 
@@ -104,8 +115,6 @@ class MQAR:
     num_queries: int = 4
     query_len: int = 4
     num_passes: int = 1
-    num_train: int = 20000
-    num_test: int = 512
 
     group_key = "pairs"
     kind = "classification"
@@ -185,7 +194,7 @@ class MQAR:
 
 
 @dataclasses.dataclass(frozen=True)
-class SetDisjointness:
+class SetDisjointness(Split):
     """Set disjointness by order (JRT, Arora et al. 2024): two sets; for every element of the
     second, is it also in the first? (The sets are disjoint when every answer is no.)
 
@@ -220,8 +229,6 @@ class SetDisjointness:
     small: int = 4
     large: int = 16
     shared: int = 2
-    num_train: int = 20000
-    num_test: int = 512
     label_first: bool = False
 
     group_key = "order"
@@ -316,7 +323,7 @@ class SetDisjointness:
 
 
 @dataclasses.dataclass(frozen=True)
-class FirstToken:
+class FirstToken(Split):
     """Positional information: name the first content token (Haviv et al. 2022, "Transformer
     language models without positional encodings still learn positional information").
 
@@ -338,8 +345,6 @@ class FirstToken:
 
     vocab_size: int = 34
     length: int = 16
-    num_train: int = 20000
-    num_test: int = 512
 
     kind = "classification"
     group_key = None
@@ -386,7 +391,7 @@ class FirstToken:
 
 
 @dataclasses.dataclass(frozen=True)
-class ICLRegression:
+class ICLRegression(Split):
     """In-context linear regression (Garg et al. 2022; prefix vs causal as in Ding et al.).
 
     Each sequence draws ``w ~ N(0, I / dim)`` and ``n`` examples (``n`` uniform in
@@ -415,8 +420,6 @@ class ICLRegression:
     seq_len: int = 24
     noise_std: float = 0.1
     test_examples: tuple[int, ...] = (1, 2, 4, 6, 8, 12, 16)
-    num_train: int = 20000
-    num_test: int = 500
 
     def __post_init__(self):
         _check_pos(self, "dim", "max_examples", "seq_len", "num_train", "num_test")
@@ -486,7 +489,7 @@ class ICLRegression:
 
 
 @dataclasses.dataclass(frozen=True)
-class Lookahead:
+class Lookahead(Split):
     """A streaming labelling task whose label at frame t sometimes needs frames after t.
 
     Frame t carries a symbol ``s_t`` in ``[0, num_symbols)`` and a delay ``d_t`` in
@@ -508,8 +511,6 @@ class Lookahead:
     num_symbols: int = 8
     max_delay: int = 4
     seq_len: int = 64
-    num_train: int = 20000
-    num_test: int = 1000
 
     def __post_init__(self):
         _check_pos(self, "num_symbols", "seq_len", "num_train", "num_test")
