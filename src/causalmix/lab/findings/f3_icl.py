@@ -12,18 +12,18 @@ the largest count to the largest) causal-LM's per-seed fall in MSE is smaller th
 again with disjoint intervals; measured at >= 5 counts of examples.
 
 Knobs: x in R^4, w ~ N(0, I/4), noise 0.1; up to 16 examples then queries to 24 tokens; softmax
-attention, d_model 64, 2 layers; one model per arm trained on 1..16 examples, tested at 1, 2, 4,
-8, 12, 16 (the last doubling: 8 to 16). 600 steps, batch 32, lr 2e-3 (validation every 75 steps,
-stop after 4 without progress).
+attention, d_model 64, 2 layers; one model per arm trained on 1..16 examples, tested at 1, 2,
+4, 8, 12, 16 (the last doubling: 8 to 16). 600 steps, batch 32, lr 2e-3 (validation every 75
+steps, stop after 4 without progress).
 
 History: The plateau condition was added in round three, before any run it judges. 600 steps (3
-seeds): at 16 examples prefix 0.0440 ± 0.0004, causal 0.069 ± 0.008 (the Bayes-optimal 0.014);
-MSE fall from 8 to 16 examples prefix 0.062 ± 0.001, causal 0.082 ± 0.007. 1800 steps (3 seeds,
-to bring both nearer to convergence): at 16 examples prefix 0.032 ± 0.001, causal 0.040 ±
-0.000; falls prefix 0.045 ± 0.001, causal 0.053 ± 0.001: prefix stays lower, but the causal model
-does not plateau at these counts (it falls more over the last doubling, from a higher error, in
-both), so the condition fails either way; the default keeps 600 steps (1800 cost about 150 s
-more CPU time).
+seeds): at 16 examples prefix 0.044 (s.e. below 0.001), causal 0.069 ± 0.008 (the Bayes-optimal
+0.014); MSE fall from 8 to 16 examples prefix 0.062 ± 0.001, causal 0.082 ± 0.007. 1800 steps
+(3 seeds, to bring both nearer to convergence): at 16 examples prefix 0.032 ± 0.001, causal
+0.040 (s.e. below 0.001); falls prefix 0.045 ± 0.001, causal 0.053 ± 0.001: prefix stays lower,
+but the causal model does not plateau at these counts (it falls more over the last doubling,
+from a higher error, in both), so the condition fails either way; the default keeps 600 steps
+(1800 cost about 150 s more CPU time).
 """
 
 from __future__ import annotations

@@ -83,8 +83,9 @@ def _f5_judge(results) -> fb.Judgement:
               "an adaptive point within 1 point of the best fixed accuracy at <= 50% of the "
               "reference's latency and <= 1.2 x the oracle's": chk["holds"]}
     ref = (f"Best fixed lookahead: {chk['best_fixed']} at {acc:.3f}; the reference (least "
-           f"latency within 1 point of it): {chk['reference']}, {lat:.3f} frames. Oracle gate: "
-           f"{orc:.3f} frames ({_ratio(orc, lat)} of the reference's). Latency bound: "
+           f"latency within 1 point of it): {chk['reference']}, {lat:.3f} frames; the oracle "
+           f"gate (each frame waits exactly for its label): {orc:.3f} frames "
+           f"({_ratio(orc, lat)} of the reference's). Latency bound: "
            f"{chk['latency_bound']:.3f} frames.")
     per_point = [f"{p}: accuracy {a:.3f} ({a - acc + 0.01:+.3f} over the accuracy bound), "
                f"latency {t:.3f} frames ({_ratio(t, lat)} of {chk['reference']}'s, "
