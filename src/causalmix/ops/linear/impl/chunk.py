@@ -36,6 +36,12 @@ from torch.autograd.function import once_differentiable
 from causalmix.checks import compute_dtype
 from causalmix.ops.heads import Heads
 from causalmix.ops.linear._chunk_band import BandFunction, BandPlan
+from causalmix.ops.linear._chunk_vector import (
+    VectorBandFunction,
+    VectorBandPlan,
+    VectorPlan,
+    VectorScanFunction,
+)
 from causalmix.ops.linear._chunk_geometry import (
     ChunkMasks,
     Geometry,
@@ -473,11 +479,21 @@ def run(call: LinearCall) -> tuple[torch.Tensor, torch.Tensor | None]:
     c = max(1, min(call.chunk_size, t))
     cd = compute_dtype(q)
     geo = geometry(f.arrays(t, call.q_offset, q.device), t, c, f.has_reverse)
-    plan = ScanPlan(geo, torch.float64 if gates.wide_states else cd, gates.constant, call.heads)
     ks, vs = (k, v) if k.shape[1] == t else (k[:, :t], v[:, :t])
-    o, s, _ = ScanFunction.apply(plan, q, ks, vs, gates.log_gate[:, :t],
-                                 gates.reverse_log_gate[:, :t], call.initial_state)
-    if f.band:
+    if gates.vector:  # per key dimension (GLA): secondary chunking, blocks recomputed
+        rev = gates.reverse_log_gate[:, :t] if f.has_reverse else None
+        o, s, _ = VectorScanFunction.apply(VectorPlan(geo, cd, call.heads), q, ks, vs,
+                                           gates.log_gate[:, :t], rev, call.initial_state)
+    else:
+        plan = ScanPlan(geo, torch.float64 if gates.wide_states else cd, gates.constant,
+                        call.heads)
+        o, s, _ = ScanFunction.apply(plan, q, ks, vs, gates.log_gate[:, :t],
+                                     gates.reverse_log_gate[:, :t], call.initial_state)
+    if f.band and gates.vector:
+        o = o + VectorBandFunction.apply(
+            VectorBandPlan(f.spec, call.q_offset, f.band, c, call.heads, cd), q, k, v,
+            gates.reverse_log_gate)
+    elif f.band:
         o = o + BandFunction.apply(BandPlan(f.spec, call.q_offset, f.band, c, call.heads), q,
                                    k, v, gates.reverse_log_gate)
     return o.to(q.dtype), (s if call.return_final_state else None)
