@@ -192,7 +192,8 @@ def test_broadcast_vector_gate_equals_scalar_gate(impl, name):
     scalar = run(lambda x: x, lambda x: x)
     for f, fr in ((wide, wide), (wide, lambda x: x), (lambda x: x, wide)):
         for i, (a, r) in enumerate(zip(run(f, fr), scalar, strict=True)):
-            torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12 * (1 + float(r.detach().abs().max())),
+            scale = 1 + float(r.detach().abs().max())
+            torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12 * scale,
                                        msg=lambda m, i=i: f"#{i}: {m}")
 
 

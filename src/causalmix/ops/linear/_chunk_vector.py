@@ -5,8 +5,10 @@ Gates ``g, r: [B', T, H, D]`` (``<= 0``). Inside chunk n, with the chunk-local c
 
     tile     A_rj = sum_d q_rd k_jd exp(b_rd - b_jd)   (j <= r, same segment)
                     sum_d q_rd k_jd exp(e_jd - e_rd)   (j > r, reverse pairs)
-    forward  S_{n+1} = diag(exp(B)) S_n + sum_j (k_j * exp(B - b_j)) v_j^T,  read (q_r * exp(b_r)) S_n
-    reverse  R_{n-1} = diag(exp(E)) R_n + sum_j (k_j * exp(e_j)) v_j^T,      read (q_r * exp(E - e_r)) R_n
+    forward  S_{n+1} = diag(exp(B)) S_n + sum_j (k_j * exp(B - b_j)) v_j^T
+             read    (q_r * exp(b_r)) S_n
+    reverse  R_{n-1} = diag(exp(E)) R_n + sum_j (k_j * exp(e_j)) v_j^T
+             read    (q_r * exp(E - e_r)) R_n
 
 The tile is not a matrix product of ``q`` and ``k`` scaled by one factor per pair: it is built by
 :func:`_lower` with GLA's secondary chunking. The chunk is cut into sub-chunks of ``SUB``

@@ -36,12 +36,6 @@ from torch.autograd.function import once_differentiable
 from causalmix.checks import compute_dtype
 from causalmix.ops.heads import Heads
 from causalmix.ops.linear._chunk_band import BandFunction, BandPlan
-from causalmix.ops.linear._chunk_vector import (
-    VectorBandFunction,
-    VectorBandPlan,
-    VectorPlan,
-    VectorScanFunction,
-)
 from causalmix.ops.linear._chunk_geometry import (
     ChunkMasks,
     Geometry,
@@ -50,6 +44,12 @@ from causalmix.ops.linear._chunk_geometry import (
     chunk_weights,
     geometry,
     tile,
+)
+from causalmix.ops.linear._chunk_vector import (
+    VectorBandFunction,
+    VectorBandPlan,
+    VectorPlan,
+    VectorScanFunction,
 )
 from causalmix.ops.linear.call import LinearCall
 

@@ -2,7 +2,8 @@
 
 Per-position log-gates ``g_t`` (forward) and ``r_t`` (reverse), ``[B', T, H]``; a constant decay
 is ``g_t = r_t = log(lambda)``. Per key dimension gates (``[B', T, H, D]``, GLA) multiply the
-state's rows, ``exp(g_t) S`` read as ``diag(exp(g_t)) S``. Forward recurrence (the causal part), reset at segment starts::
+state's rows, ``exp(g_t) S`` read as ``diag(exp(g_t)) S``. Forward recurrence (the causal
+part), reset at segment starts::
 
     S_t = [t continues its segment] * exp(g_t) * S_{t-1} + k_t v_t^T,      o_t = q_t S_t
 
