@@ -10,12 +10,15 @@ Gates ``g, r: [B', T, H, D]`` (``<= 0``). Inside chunk n, with the chunk-local c
     reverse  R_{n-1} = diag(exp(E)) R_n + sum_j (k_j * exp(e_j)) v_j^T
              read    (q_r * exp(E - e_r)) R_n
 
-The tile is not a matrix product of ``q`` and ``k`` scaled by one factor per pair: it is built by
-:func:`_lower` with GLA's secondary chunking. The chunk is cut into sub-chunks of ``SUB``
-positions; a pair of sub-chunks I > J is a matrix product of ``q * exp(b - b_first(I))`` and
-``k * exp(b_last(J) - b)`` with ``exp(b_first(I) - b_last(J))`` between them, the diagonal
-sub-chunks are computed per dimension (``[SUB, SUB, D]``). Every exponent is a difference of
-chunk-local cumulative log-gates that is ``<= 0``: nothing overflows at any gate strength.
+The tile is not a matrix product of ``q`` and ``k`` scaled by one factor per pair; :func:`_lower`
+builds it. Where a chunk decays by at most :data:`LIMIT` (``max_d -b_{C-1,d}``, the usual case)
+it is one product of ``q * exp(b)`` and ``k * exp(-b)``: every factor lies within
+``exp(+-LIMIT)``, so nothing overflows or underflows and each term keeps its relative precision.
+Stronger chunks use GLA's secondary chunking: sub-chunks of ``SUB`` positions; a pair of
+sub-chunks I > J is a matrix product of ``q * exp(b - b_first(I))`` and ``k * exp(b_last(J) -
+b)`` with ``exp(b_first(I) - b_last(J))`` between them (exponents ``<= 0``), the diagonal
+sub-chunks are products again where they decay by at most LIMIT, else computed per dimension
+(``[SUB, SUB, D]``, exponents ``<= 0``). Nothing overflows at any gate strength.
 
 Execution: blocks of chunks (about :data:`BLOCK` positions) are the unit. Forward (no graph):
 the reverse states at the block boundaries, then the blocks in order, keeping the forward state
@@ -40,6 +43,9 @@ from causalmix.ops.linear._chunk_geometry import Geometry, _block_masks
 SUB = 16
 #: positions per block of chunks (the unit recomputed in backward)
 BLOCK = 256
+#: largest decay (sum of -log-gates) a stretch may have for its tile to be one matrix product
+#: of ``q * exp(b - b_0)`` and ``k * exp(b_0 - b)``: ``exp(+-40)`` is far inside fp32's range
+LIMIT = 40.0
 
 
 class VectorPlan(NamedTuple):
@@ -71,7 +77,9 @@ def _blocks(geo: Geometry) -> list[Block]:
 def _chunks(x: torch.Tensor, blk: Block, geo: Geometry, heads: Heads, dtype) -> torch.Tensor:
     """``[B, a1 - a0, Hx, D]`` -> ``[B, K, Hx / K, nb, C, D]`` in ``dtype`` (zero padded)."""
     nb = blk.n1 - blk.n0
-    x = torch.nn.functional.pad(x.to(dtype), (0, 0, 0, 0, 0, nb * geo.c - x.shape[1]))
+    x = x.to(dtype)
+    if nb * geo.c != x.shape[1]:
+        x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, nb * geo.c - x.shape[1]))
     x = x.view(x.shape[0], nb, geo.c, x.shape[2], x.shape[3]).permute(0, 3, 1, 2, 4)
     return x.unflatten(1, (heads.k, x.shape[1] // heads.k))
 
@@ -96,11 +104,29 @@ def _exp(x: torch.Tensor, cd, flag: torch.Tensor | None) -> torch.Tensor:
     return y if flag is None else torch.where(flag, y, torch.zeros((), dtype=cd, device=y.device))
 
 
+def _span(b: torch.Tensor, first: torch.Tensor) -> float:
+    """The largest decay ``first - b`` (``>= 0``) over a stretch; NaN counts as unbounded."""
+    span = float((first - b).detach().max()) if b.numel() else 0.0
+    return span if span == span else float("inf")
+
+
+def _factored(x, y, b, ref, cd) -> torch.Tensor:
+    """``(x * exp(b - ref)) (y * exp(ref - b))^T``: exact where ``|b - ref| <= LIMIT``."""
+    return (x * torch.exp((b - ref).to(cd))) @ (y * torch.exp((ref - b).to(cd))).transpose(-1, -2)
+
+
 def _lower(x: torch.Tensor, y: torch.Tensor, b: torch.Tensor, cd) -> torch.Tensor:
-    """``L_rj = sum_d x_rd y_jd exp(b_rd - b_jd)`` for ``j <= r`` (0 above the diagonal):
-    ``x, y: [..., C, D]``, ``b: [..., C, D]`` fp64 cumulative sums (non-increasing along C)
-    -> ``[..., C, C]``, by secondary chunking (module docstring)."""
+    """``L_rj = sum_d x_rd y_jd exp(b_rd - b_jd)`` for ``j <= r`` (anything finite above the
+    diagonal): ``x, y: [..., C, D]``, ``b: [..., C, D]`` fp64 cumulative sums (non-increasing
+    along C) -> ``[..., C, C]``.
+
+    When the whole stretch decays by at most :data:`LIMIT` in every dimension, one matrix
+    product ``(x * exp(b - b_0)) (y * exp(b_0 - b))^T`` (every factor within ``exp(+-LIMIT)``:
+    no overflow, no underflow); otherwise secondary chunking (module docstring)."""
     c = x.shape[-2]
+    ref = b[..., :1, :]
+    if _span(b, ref) <= LIMIT:
+        return _factored(x, y, b, ref, cd)
     sub = min(SUB, c)
     m = -(-c // sub)
     pad = m * sub - c
@@ -110,15 +136,16 @@ def _lower(x: torch.Tensor, y: torch.Tensor, b: torch.Tensor, cd) -> torch.Tenso
         b = torch.cat([b, b[..., -1:, :].expand(*b.shape[:-2], pad, b.shape[-1])], dim=-2)
     x, y, b = (z.unflatten(-2, (m, sub)) for z in (x, y, b))  # [..., m, sub, D]
     first, last = b[..., :, :1, :], b[..., :, -1:, :]
-    low = torch.ones(sub, sub, dtype=torch.bool, device=x.device).tril()
     minus_inf = torch.tensor(float("-inf"), dtype=cd, device=x.device)
-    # diagonal sub-chunks, per dimension: [..., m, sub, sub, D]
-    logits = torch.where(low[..., None], (b[..., :, None, :] - b[..., None, :, :]).to(cd),
-                         minus_inf)
-    diag = torch.einsum("...rd,...jd,...rjd->...rj", x, y, torch.exp(logits))
+    if _span(b, first) <= LIMIT:  # diagonal sub-chunks as products too
+        diag = _factored(x, y, b, first, cd)
+    else:  # per dimension: [..., m, sub, sub, D]
+        low = torch.ones(sub, sub, dtype=torch.bool, device=x.device).tril()
+        logits = torch.where(low[..., None], (b[..., :, None, :] - b[..., None, :, :]).to(cd),
+                             minus_inf)
+        diag = torch.einsum("...rd,...jd,...rjd->...rj", x, y, torch.exp(logits))
     if m == 1:
-        out = diag[..., 0, :, :]
-        return out[..., :c, :c]
+        return diag[..., 0, :c, :c]
     xq = x * torch.exp((b - first).to(cd))  # [..., m, sub, D]
     yk = y * torch.exp((last - b).to(cd))
     before = torch.ones(m, m, dtype=torch.bool, device=x.device).tril(-1)  # I > J
@@ -132,35 +159,55 @@ def _lower(x: torch.Tensor, y: torch.Tensor, b: torch.Tensor, cd) -> torch.Tenso
     return full[..., :c, :c]
 
 
-class Gates(NamedTuple):
-    """Weights of a block, ``[B', K, G, nb, C, D]`` (carries ``[B', K, G, nb, D]``)."""
+class Side(NamedTuple):
+    """One direction's weights of a block's chunks, ``[B', K, G, nb, C, D]`` (totals ``[B', K,
+    G, nb, D]``): forward ``read = exp(b)``, ``key = exp(B - b)``, ``carry = exp(B)``; reverse
+    ``read = exp(E - e)``, ``key = exp(e)``, ``carry = exp(E)``. ``cum``: the local cumulative
+    sums (fp64, for the tile's secondary chunking); ``inv``: ``exp(-B)`` (or ``exp(-E)``) when
+    every chunk of the block decays by at most :data:`LIMIT` (the tile is then ``(q * read *
+    inv) (k * key)^T``), else None. ``read`` and ``key`` are not masked by the geometry's
+    flags (the tile uses them too), ``carry`` is."""
 
-    b: torch.Tensor
-    read_f: torch.Tensor
-    key_f: torch.Tensor
-    carry_f: torch.Tensor
-    e: torch.Tensor | None
-    read_r: torch.Tensor | None
-    key_r: torch.Tensor | None
-    carry_r: torch.Tensor | None
+    cum: torch.Tensor
+    read: torch.Tensor
+    key: torch.Tensor
+    carry: torch.Tensor
+    inv: torch.Tensor | None
 
 
-def _gates(plan: VectorPlan, blk: Block, g: torch.Tensor, r: torch.Tensor | None) -> Gates:
-    """Chunk-local cumulative sums (fp64) and the state weights of a block's chunks."""
+def _side(cum: torch.Tensor, tot: torch.Tensor, cd, carry_flag) -> Side:
+    """The forward :class:`Side` from the local sums ``b`` (``cum``, fp64) and the chunk totals
+    ``B`` (``tot``, ``[..., 1, D]`` fp64)."""
+    span = _span(tot, torch.zeros((), dtype=tot.dtype, device=tot.device))
+    c32, t32 = cum.to(cd), tot.to(cd)
+    carry = _exp(tot[..., 0, :], cd, carry_flag)
+    return Side(cum, torch.exp(c32), torch.exp(t32 - c32), carry,
+                torch.exp(-t32) if span <= LIMIT else None)
+
+
+def _gates(plan: VectorPlan, blk: Block, g: torch.Tensor, r: torch.Tensor | None):
+    """The forward and reverse :class:`Side` of a block (reverse None without a reverse
+    scan)."""
     geo, cd, fl = plan.geo, plan.cd, plan.geo.flags
     b = _chunks(g, blk, geo, plan.heads, torch.float64).cumsum(-2)
-    tot = b[..., -1:, :]
-    read_f = _exp(b, cd, _flag(fl.read_f, blk, True))
-    key_f = _exp(tot - b, cd, _flag(fl.key_f, blk, True))
-    carry_f = _exp(tot[..., 0, :], cd, _flag(fl.carry_f, blk, False))
+    fwd = _side(b, b[..., -1:, :], cd, _flag(fl.carry_f, blk, False))
     if r is None:
-        return Gates(b, read_f, key_f, carry_f, None, None, None, None)
+        return fwd, None
     rr = _chunks(r, blk, geo, plan.heads, torch.float64)
     e = torch.cat([torch.zeros_like(rr[..., :1, :]), rr[..., :-1, :]], dim=-2).cumsum(-2)
     etot = e[..., -1:, :] + rr[..., -1:, :]
-    return Gates(b, read_f, key_f, carry_f, e, _exp(etot - e, cd, _flag(fl.read_r, blk, True)),
-                 _exp(e, cd, _flag(fl.key_r, blk, True)),
-                 _exp(etot[..., 0, :], cd, _flag(fl.carry_r, blk, False)))
+    # reverse: read exp(E - e), key exp(e), carry exp(E) (exponents <= 0: e is non-increasing
+    # from 0, E <= e)
+    span = _span(etot, torch.zeros((), dtype=etot.dtype, device=etot.device))
+    e32, et32 = e.to(cd), etot.to(cd)
+    rev = Side(e, torch.exp(et32 - e32), torch.exp(e32), _exp(etot[..., 0, :], cd,
+               _flag(fl.carry_r, blk, False)), torch.exp(-et32) if span <= LIMIT else None)
+    return fwd, rev
+
+
+def _masked(x: torch.Tensor, flag: torch.Tensor | None) -> torch.Tensor:
+    return x if flag is None else torch.where(flag, x, torch.zeros((), dtype=x.dtype,
+                                                                   device=x.device))
 
 
 def _scan(carry: torch.Tensor, upd: torch.Tensor, s: torch.Tensor, backwards: bool):
@@ -191,23 +238,28 @@ class BlockIn(NamedTuple):
 def _block(plan: VectorPlan, blk: Block, x: BlockIn):
     """A block's output ``[B, a1 - a0, H, Dv]``, the forward state leaving it and the reverse
     state leaving it to the left (differentiable)."""
-    geo, cd, heads = plan.geo, plan.cd, plan.heads
+    geo, cd, heads, fl = plan.geo, plan.cd, plan.heads, plan.geo.flags
     q, k, v = (_chunks(t, blk, geo, heads, cd) for t in (x.q, x.k, x.v))
-    w = _gates(plan, blk, x.g, x.r)
-    fmask = _masks(geo, blk, "fmask")
-    zero = torch.zeros((), dtype=cd, device=q.device)
-    att = torch.where(fmask, _lower(q, k, w.b, cd), zero)
-    upd = (k * w.key_f).transpose(-1, -2) @ v  # [B, K, G, nb, D, Dv]
-    s_in, s_out = _scan(w.carry_f, upd, x.s, False)
-    out = (q * w.read_f) @ s_in  # [B, K, G, nb, C, Dv]
+    fwd, rev = _gates(plan, blk, x.g, x.r)
+    qf, kf = q * fwd.read, k * fwd.key  # [B, K, G, nb, C, D]
+    # tile, forward pairs (j <= r): exp(b_r - b_j) = read_r * exp(-B) * key_j
+    tile = (qf * fwd.inv) @ kf.transpose(-1, -2) if fwd.inv is not None \
+        else _lower(q, k, fwd.cum, cd)
+    att = _masked(tile, _masks(geo, blk, "fmask"))
+    upd = _masked(kf, _flag(fl.key_f, blk, True)).transpose(-1, -2) @ v  # [B, K, G, nb, D, Dv]
+    s_in, s_out = _scan(fwd.carry, upd, x.s, False)
+    out = _masked(qf @ s_in, _flag(fl.read_f, blk, True))  # [B, K, G, nb, C, Dv]
     rs_out = None
-    if w.e is not None:
+    if rev is not None:
+        qr, kr = q * rev.read, k * rev.key
         bmask = _masks(geo, blk, "bmask")
-        if bmask is not None:
-            att = torch.where(bmask, _lower(k, q, w.e, cd).transpose(-1, -2), att)
-        upd_r = (k * w.key_r).transpose(-1, -2) @ v
-        r_in, rs_out = _scan(w.carry_r, upd_r, x.rs, True)
-        out = out + (q * w.read_r) @ r_in
+        if bmask is not None:  # reverse pairs (j > r): exp(e_j - e_r) = read_r exp(-E) key_j
+            tile = (qr * rev.inv) @ kr.transpose(-1, -2) if rev.inv is not None \
+                else _lower(k, q, rev.cum, cd).transpose(-1, -2)
+            att = torch.where(bmask, tile, att)
+        upd_r = _masked(kr, _flag(fl.key_r, blk, True)).transpose(-1, -2) @ v
+        r_in, rs_out = _scan(rev.carry, upd_r, x.rs, True)
+        out = out + _masked(qr @ r_in, _flag(fl.read_r, blk, True))
     out = out + att @ v  # [B, K, G, nb, C, Dv]
     out = out.flatten(1, 2).permute(0, 2, 3, 1, 4).flatten(1, 2)  # [B, nb * C, H, Dv]
     return out[:, :blk.a1 - blk.a0], s_out, rs_out
@@ -225,9 +277,10 @@ def _reverse_states(plan: VectorPlan, blocks: list, inputs: tuple, zero) -> list
     for i in range(len(blocks) - 1, -1, -1):
         blk = blocks[i]
         out[i] = rs
-        w = _gates(plan, blk, _tiles(g, blk), _tiles(r, blk))
+        _, rev = _gates(plan, blk, _tiles(g, blk), _tiles(r, blk))
         kt, vt = (_chunks(_tiles(t, blk), blk, plan.geo, plan.heads, plan.cd) for t in (k, v))
-        _, rs = _scan(w.carry_r, (kt * w.key_r).transpose(-1, -2) @ vt, rs, True)
+        kr = _masked(kt * rev.key, _flag(plan.geo.flags.key_r, blk, True))
+        _, rs = _scan(rev.carry, kr.transpose(-1, -2) @ vt, rs, True)
     return out
 
 
@@ -239,11 +292,12 @@ def _reverse_grads(plan: VectorPlan, blocks: list, inputs: tuple, do, zero) -> l
     h = zero
     for i, blk in enumerate(blocks):
         out[i] = h
-        w = _gates(plan, blk, _tiles(g, blk), _tiles(r, blk))
+        _, rev = _gates(plan, blk, _tiles(g, blk), _tiles(r, blk))
         qt, dot = (_chunks(_tiles(t, blk), blk, plan.geo, plan.heads, plan.cd) for t in (q, do))
-        p = (qt * w.read_r).transpose(-1, -2) @ dot  # [B, K, G, nb, D, Dv]
+        dot = _masked(dot, _flag(plan.geo.flags.read_r, blk, True))
+        p = (qt * rev.read).transpose(-1, -2) @ dot  # [B, K, G, nb, D, Dv]
         for n in range(blk.n1 - blk.n0):
-            h = p[..., n, :, :] + w.carry_r[..., n, :, None] * h
+            h = p[..., n, :, :] + rev.carry[..., n, :, None] * h
     return out
 
 
