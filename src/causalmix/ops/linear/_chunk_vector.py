@@ -346,10 +346,15 @@ class VectorScanFunction(torch.autograd.Function):
                  want else None for t, want in zip((q, k, v, g, r), need, strict=True)]
         ds = zero if ds_final is None else ds_final.to(plan.cd).unflatten(1, (plan.heads.k, -1))
         rs = zero if r is not None else None
+        from causalmix.ops.linear._chunk_vector_grad import fast_block_grads
+
         for i in range(len(blocks) - 1, -1, -1):
-            blk = blocks[i]
-            ds, rs = _block_grads(plan, blk, (q, k, v, g, r, starts[i], rs),
-                                  (do, ds, hs[i]), grads)
+            saved, flowing = (q, k, v, g, r, starts[i], rs), (do, ds, hs[i])
+            fast = fast_block_grads(plan, blocks[i], saved, flowing, grads)
+            if fast is not None:  # hand-written (forward scan only, every chunk within LIMIT)
+                ds = fast
+            else:  # recomputed under autograd
+                ds, rs = _block_grads(plan, blocks[i], saved, flowing, grads)
         dq, dk, dv, dg, dr = (None if x is None else x.to(t.dtype)
                               for x, t in zip(grads, (q, k, v, g, r), strict=False))
         return None, dq, dk, dv, dg, dr, ds.flatten(1, 2) if ctx.has_initial_state else None
