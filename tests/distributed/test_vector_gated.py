@@ -98,3 +98,21 @@ def test_vector_gated_sharded_checks(tmp_path):
         torch.testing.assert_close(out, ref)
     finally:
         dist.destroy_process_group()
+
+
+def _model_job(rank, world):
+    from causalmix.testing import sequence_parallel_check
+    out = {}
+    for layout in ("contiguous", "zigzag"):
+        out[layout] = sequence_parallel_check(rank, world, mixers=("gla", "gla"),
+                                              visibility=(Full(), Causal()), layout=layout,
+                                              seq_len=16)
+    return out
+
+
+def test_gla_model_sequence_parallel_equals_one_process(tmp_path):
+    """A two-layer GLA model (Full, then Causal): a few Adam steps sequence-parallel == one
+    process (loss, every parameter gradient, the parameters after the steps) to 1e-10."""
+    for rank, per_layout in run_process_group(_model_job, 2, str(tmp_path)).items():
+        for layout, worst in per_layout.items():
+            assert max(worst.values()) <= 1e-10, (rank, layout, worst)
