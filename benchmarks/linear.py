@@ -323,13 +323,15 @@ def peer_chunk_gla_vector(q, k, v, g, c: int, stack: bool = False):
     return o.reshape(b, h, t, d).transpose(1, 2)
 
 
-GLA_KINDS = ("gla causal", "scalar causal", "peer gla", "peer gla (stack)")
+GLA_KINDS = ("gla causal", "scalar causal", "peer gla", "peer gla (stack)", "gla full")
 
 
 def gla_step(kind: str, data, c: int) -> None:
     q, k, v, do, lg, gv = data
     if kind == "gla causal":
         o = linear_attention(q, k, v, Causal(), log_gate=gv, chunk_size=c)
+    elif kind == "gla full":  # reverse gate = log_gate
+        o = linear_attention(q, k, v, Full(), log_gate=gv, chunk_size=c)
     elif kind == "scalar causal":
         o = linear_attention(q, k, v, Causal(), log_gate=lg, chunk_size=c)
     else:
@@ -385,6 +387,8 @@ def gla_section(reps: int, c: int, quick: bool) -> None:
     print(f"  peer gla / gla causal, T={t}: {_ratio(res['peer gla'], g)}  (goal >= 2.5)")
     print(f"  peer gla (stack) / gla causal, T={t}: {_ratio(res['peer gla (stack)'], g)}  "
           f"(context: the peer without in-place state writes)")
+    print(f"  gla full / gla causal, T={t}: {_ratio(res['gla full'], g)}  (context: Full's "
+          f"backward recomputes blocks under autograd)")
     ts = [2048, 8192] if quick else [2048, 32768]
     sc = time_gla_scaling(ts, reps, c)
     lo, hi = ts[0], ts[-1]

@@ -346,6 +346,7 @@ class VectorScanFunction(torch.autograd.Function):
                  want else None for t, want in zip((q, k, v, g, r), need, strict=True)]
         ds = zero if ds_final is None else ds_final.to(plan.cd).unflatten(1, (plan.heads.k, -1))
         rs = zero if r is not None else None
+        # imported here: that module builds on this one's stages
         from causalmix.ops.linear._chunk_vector_grad import fast_block_grads
 
         for i in range(len(blocks) - 1, -1, -1):

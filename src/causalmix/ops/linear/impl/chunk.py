@@ -20,6 +20,10 @@ Stages: forward ``_reverse_scan`` -> ``_forward_scan``; backward ``_reverse_grad
 (dL/dR) -> ``_backward_scan`` (per chunk ``_tile_grads``, ``_forward_state_grads``,
 ``_reverse_state_grads``) -> ``_gate_grads`` (chunk-local reverse cumulative sums).
 
+Per key dimension gates (``[B', T, H, D]``, GLA) run in
+:mod:`causalmix.ops.linear._chunk_vector` (secondary chunking, blocks of chunks recomputed or
+differentiated by hand in backward); this module dispatches to it.
+
 Memory: forward saves q, k, v, the gates and one ``[B, H, D, Dv]`` state per chunk (``T / C``
 states, no per-token state, no ``[T, T]`` tensor); backward recomputes the weights and tiles
 and keeps one more state per chunk for the reverse scan. States are fp64 when a constant decay
