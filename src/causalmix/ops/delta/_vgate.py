@@ -1,0 +1,130 @@
+"""Per-key-dimension decays inside a chunk (KDA's vector gates): the gated products of the
+chunked delta scan, with only factors ``<= 1`` ever exponentiated.
+
+With chunk-local cumulative log-gates ``b_r`` (``[C, D]``, fp64, non-increasing in r) a vector
+gate turns every pair weight ``exp(b_r - b_j)`` (j <= r) of the scalar scan into a vector over
+the key dimension. The three products the scan needs, over the lower triangle ``j <= r``::
+
+    gram(X, Y)_rj = sum_d X_rd Y_jd exp(b_rd - b_jd)            [C, C]
+    lmul(M, Y)_r  = sum_j M_rj exp(b_r - b_j) * Y_j              [C, D]   (d gram / d X)
+    rmul(M, X)_j  = sum_r M_rj exp(b_r - b_j) * X_r              [C, D]   (d gram / d Y)
+
+``exp(b_r) exp(-b_j)`` would overflow (``-b_j`` reaches ``30 C`` for gates of -30): instead the
+chunk is cut into sub-chunks of ``s`` positions (secondary chunking, as in the GLA paper) with
+the reference ``a_R = b`` at the first position of sub-chunk R. For r in sub-chunk R and j in
+an earlier sub-chunk J::
+
+    exp(b_r - b_j) = exp(b_r - a_R) * exp(a_R - a_{J+1}) * exp(a_{J+1} - b_j)
+
+three factors ``<= 1`` (``xr``, ``mid``, ``yr`` below): the off-diagonal blocks are batched
+matmuls of rescaled tiles. Pairs inside one sub-chunk use the explicit ``[s, s, D]`` weights
+``exp(b_r - b_j)`` (``diag``). The exponents are formed in fp64 and exponentiated in the
+compute dtype; an underflowing factor only ever stands for a smaller product.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+__all__ = ["SUB", "VGate", "gram", "lmul", "rmul", "vgate"]
+
+#: Largest sub-chunk length (the one used is the largest divisor of C up to it).
+SUB = 16
+
+_NEG_INF = float("-inf")
+
+
+class VGate(NamedTuple):
+    """The decay factors of one block's chunks, sub-chunks of ``s`` (``n = C / s``):
+    ``xr [.., n, s, D]`` exp(b_r - a_R); ``yr [.., n, s, D]`` exp(a_{J+1} - b_j) (the last
+    sub-chunk's against b at the chunk end, never used); ``mid [.., n, n, 1, D]``
+    exp(a_R - a_{J+1}) for R > J, else 0; ``diag [.., n, s, s, D]`` exp(b_r - b_j) for j <= r
+    in one sub-chunk, else 0."""
+
+    s: int
+    xr: torch.Tensor
+    yr: torch.Tensor
+    mid: torch.Tensor
+    diag: torch.Tensor
+
+
+def sub_size(c: int) -> int:
+    """The sub-chunk length for chunks of ``c``: the largest divisor of c up to :data:`SUB`."""
+    return max(d for d in range(1, min(c, SUB) + 1) if c % d == 0)
+
+
+def vgate(b: torch.Tensor, cd: torch.dtype) -> VGate:
+    """:class:`VGate` of chunk-local cumulative log-gates ``b [.., C, D]`` (fp64), factors in
+    ``cd``."""
+    c, d = b.shape[-2:]
+    s = sub_size(c)
+    n = c // s
+    bs = b.reshape(*b.shape[:-2], n, s, d)
+    ref = bs[..., :, 0, :]  # a_R: [.., n, D]
+    nxt = torch.cat([ref[..., 1:, :], b[..., -1:, :]], -2)  # a_{J+1}
+    xr = (bs - ref[..., :, None, :]).to(cd).exp_()
+    yr = (nxt[..., :, None, :] - bs).to(cd).exp_()
+    idx = torch.arange(n, device=b.device)
+    later = (idx[:, None] > idx[None, :])[..., None]  # [R, J, 1]: R > J
+    mid = (ref[..., :, None, :] - nxt[..., None, :, :]).masked_fill_(~later, _NEG_INF)
+    r = torch.arange(s, device=b.device)
+    low = (r[:, None] >= r[None, :])[..., None]  # [r, j, 1]
+    diag = (bs[..., :, :, None, :] - bs[..., :, None, :, :]).masked_fill_(~low, _NEG_INF)
+    return VGate(s, xr, yr, mid.to(cd).exp_()[..., None, :], diag.to(cd).exp_())
+
+
+def _subs(x: torch.Tensor, s: int) -> torch.Tensor:
+    """``[.., C, F]`` -> ``[.., n, s, F]``."""
+    return x.reshape(*x.shape[:-2], x.shape[-2] // s, s, x.shape[-1])
+
+
+def _blocks(m: torch.Tensor, s: int) -> torch.Tensor:
+    """``[.., C, C]`` -> ``[.., n (rows), n (columns), s, s]``."""
+    n = m.shape[-1] // s
+    return m.reshape(*m.shape[:-2], n, s, n, s).transpose(-3, -2)
+
+
+def gram(x: torch.Tensor, y: torch.Tensor, vg: VGate) -> torch.Tensor:
+    """``sum_d x_rd y_jd exp(b_rd - b_jd)`` on ``j <= r``, 0 above: ``[.., C, C]``."""
+    s = vg.s
+    xs, ys = _subs(x, s), _subs(y, s)
+    off = ((xs * vg.xr)[..., :, None, :, :] * vg.mid) @ \
+        (ys * vg.yr)[..., None, :, :, :].transpose(-1, -2)  # [.., R, J, s, s]
+    dg = (xs[..., :, :, None, :] * ys[..., :, None, :, :] * vg.diag).sum(-1)  # [.., n, s, s]
+    n = off.shape[-3]
+    idx = torch.arange(n, device=x.device)
+    off[..., idx, idx, :, :] += dg
+    c = n * s
+    return off.transpose(-3, -2).reshape(*off.shape[:-4], c, c)
+
+
+def lmul(m: torch.Tensor, y: torch.Tensor, vg: VGate) -> torch.Tensor:
+    """``sum_{j <= r} m_rj exp(b_r - b_j) * y_j``: ``[.., C, D]`` (``m`` zero above the
+    diagonal is read only on and below it)."""
+    s = vg.s
+    mb = _blocks(m, s)
+    ys = _subs(y, s)
+    n = mb.shape[-3]
+    idx = torch.arange(n, device=y.device)
+    off = ((mb @ (ys * vg.yr)[..., None, :, :, :]) * vg.mid).sum(-3)  # [.., R, s, D]
+    dm = mb[..., idx, idx, :, :]  # [.., n, s, s]
+    dg = (dm[..., None] * vg.diag * ys[..., :, None, :, :]).sum(-2)
+    out = vg.xr * off + dg
+    return out.reshape(*out.shape[:-3], n * s, out.shape[-1])
+
+
+def rmul(m: torch.Tensor, x: torch.Tensor, vg: VGate) -> torch.Tensor:
+    """``sum_{r >= j} m_rj exp(b_r - b_j) * x_r``: ``[.., C, D]``."""
+    s = vg.s
+    mb = _blocks(m, s)
+    xs = _subs(x, s)
+    n = mb.shape[-3]
+    idx = torch.arange(n, device=x.device)
+    t = (xs * vg.xr)[..., :, None, :, :] * vg.mid  # [.., R, J, s, D]
+    off = (mb.transpose(-1, -2) @ t).sum(-4)  # [.., J, s, D]
+    dm = mb[..., idx, idx, :, :]
+    dg = (dm[..., None] * vg.diag * xs[..., :, :, None, :]).sum(-3)
+    out = vg.yr * off + dg
+    return out.reshape(*out.shape[:-3], n * s, out.shape[-1])
