@@ -20,6 +20,13 @@ three factors ``<= 1`` (``xr``, ``mid``, ``yr`` below): the off-diagonal blocks 
 matmuls of rescaled tiles. Pairs inside one sub-chunk use the explicit ``[s, s, D]`` weights
 ``exp(b_r - b_j)`` (``diag``). The exponents are formed in fp64 and exponentiated in the
 compute dtype; an underflowing factor only ever stands for a smaller product.
+
+Moderate gates take a shortcut: when every ``|b_r - m|`` of a block stays within
+:data:`SHORTCUT` (``m`` = b at the middle of the chunk, so the chunk's total decay may reach
+twice that in any dimension), ``exp(b_r - b_j) = exp(b_r - m) exp(m - b_j)`` with both factors
+in ``[e^-30, e^30]``: no overflow, no underflow, each term of a product as accurate as with the
+exact weight, and every product is one matmul of rescaled tiles (``s = C``, ``mid`` and
+``diag`` None). Stronger gates always take the sub-chunked form.
 """
 
 from __future__ import annotations
@@ -32,6 +39,9 @@ __all__ = ["SUB", "VGate", "gram", "lmul", "rmul", "vgate"]
 
 #: Largest sub-chunk length (the one used is the largest divisor of C up to it).
 SUB = 16
+
+#: Largest ``|b_r - m|`` (chunk-local log-gates against the chunk's middle) of the shortcut.
+SHORTCUT = 30.0
 
 _NEG_INF = float("-inf")
 
@@ -46,8 +56,14 @@ class VGate(NamedTuple):
     s: int
     xr: torch.Tensor
     yr: torch.Tensor
-    mid: torch.Tensor
-    diag: torch.Tensor
+    mid: torch.Tensor | None
+    diag: torch.Tensor | None
+
+    @property
+    def shortcut(self) -> bool:
+        """The moderate-gate shortcut (module docstring): ``xr = exp(b - m)``, ``yr = exp(m -
+        b)``, ``[.., C, D]``."""
+        return self.mid is None
 
 
 def sub_size(c: int) -> int:
@@ -59,6 +75,9 @@ def vgate(b: torch.Tensor, cd: torch.dtype) -> VGate:
     """:class:`VGate` of chunk-local cumulative log-gates ``b [.., C, D]`` (fp64), factors in
     ``cd``."""
     c, d = b.shape[-2:]
+    rel = b - b[..., c // 2:c // 2 + 1, :]
+    if bool(rel.abs().amax() <= SHORTCUT):  # NaN fails this test: the sub-chunked form
+        return VGate(c, rel.to(cd).exp(), rel.neg_().to(cd).exp_(), None, None)
     s = sub_size(c)
     n = c // s
     bs = b.reshape(*b.shape[:-2], n, s, d)
@@ -88,6 +107,8 @@ def _blocks(m: torch.Tensor, s: int) -> torch.Tensor:
 
 def gram(x: torch.Tensor, y: torch.Tensor, vg: VGate) -> torch.Tensor:
     """``sum_d x_rd y_jd exp(b_rd - b_jd)`` on ``j <= r``, 0 above: ``[.., C, C]``."""
+    if vg.shortcut:
+        return ((x * vg.xr) @ (y * vg.yr).transpose(-1, -2)).tril_()
     s = vg.s
     xs, ys = _subs(x, s), _subs(y, s)
     off = ((xs * vg.xr)[..., :, None, :, :] * vg.mid) @ \
@@ -101,8 +122,10 @@ def gram(x: torch.Tensor, y: torch.Tensor, vg: VGate) -> torch.Tensor:
 
 
 def lmul(m: torch.Tensor, y: torch.Tensor, vg: VGate) -> torch.Tensor:
-    """``sum_{j <= r} m_rj exp(b_r - b_j) * y_j``: ``[.., C, D]`` (``m`` zero above the
-    diagonal is read only on and below it)."""
+    """``sum_{j <= r} m_rj exp(b_r - b_j) * y_j``: ``[.., C, D]`` (``m`` is read only on
+    and below the diagonal)."""
+    if vg.shortcut:
+        return vg.xr * (m.tril() @ (y * vg.yr))
     s = vg.s
     mb = _blocks(m, s)
     ys = _subs(y, s)
@@ -117,6 +140,8 @@ def lmul(m: torch.Tensor, y: torch.Tensor, vg: VGate) -> torch.Tensor:
 
 def rmul(m: torch.Tensor, x: torch.Tensor, vg: VGate) -> torch.Tensor:
     """``sum_{r >= j} m_rj exp(b_r - b_j) * x_r``: ``[.., C, D]``."""
+    if vg.shortcut:
+        return vg.yr * (m.tril().transpose(-1, -2) @ (x * vg.xr))
     s = vg.s
     mb = _blocks(m, s)
     xs = _subs(x, s)
