@@ -32,8 +32,8 @@ import torch
 
 from causalmix.checks import compute_dtype
 from causalmix.ops.delta._chunk_math import Block, Intra, gather_block, intra, pmat, replay_states
-from causalmix.ops.delta._vgate import lmul, rmul
 from causalmix.ops.delta._tiles import Frame, Geometry
+from causalmix.ops.delta._vgate import lmul, rmul
 
 if TYPE_CHECKING:
     from causalmix.ops.delta._scan import ScanOptions
