@@ -45,8 +45,9 @@ def scan_forward(q, k, v, bg, s0, opts: ScanOptions):
     """``q [B, Tq, Hq, D]``, ``k [B, Tk, Hk, D]``, ``v [B, Tk, Hv, Dv]``, ``bg [B, Tk, H, 2]``
     (beta, log-gate; ``[B, Tk, H, 1 + D]``: per-key-dimension log-gates; compute dtype),
     ``s0 [B, H, D, Dv]`` or None -> ``(o [B, Tq, H, Dv], final state [B, H, D, Dv], the
-    states entering each block [blocks + 1, B, Hk, H / Hk, D, Dv], the values written [N, B, Hk, H / Hk, C, Dv])`` in the compute dtype (the backward
-    replays the states inside a block from the last two)."""
+    states entering each block [blocks + 1, B, Hk, H / Hk, D, Dv], the values written [N, B,
+    Hk, H / Hk, C, Dv])`` in the compute dtype (the backward replays the states inside a block
+    from the last two)."""
     cd = compute_dtype(q)
     b, tq, _, d = q.shape
     tk, h, dv, hk = k.shape[1], bg.shape[2], v.shape[-1], opts.hk
