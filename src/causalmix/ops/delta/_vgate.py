@@ -38,7 +38,7 @@ import torch
 __all__ = ["SUB", "VGate", "gram", "lmul", "rmul", "vgate"]
 
 #: Largest sub-chunk length (the one used is the largest divisor of C up to it).
-SUB = 16
+SUB = 8
 
 #: Largest ``|b_r - m|`` (chunk-local log-gates against the chunk's middle) of the shortcut.
 SHORTCUT = 30.0
@@ -48,22 +48,20 @@ _NEG_INF = float("-inf")
 
 class VGate(NamedTuple):
     """The decay factors of one block's chunks, sub-chunks of ``s`` (``n = C / s``):
-    ``xr [.., n, s, D]`` exp(b_r - a_R); ``yr [.., n, s, D]`` exp(a_{J+1} - b_j) (the last
-    sub-chunk's against b at the chunk end, never used); ``mid [.., n, n, 1, D]``
-    exp(a_R - a_{J+1}) for R > J, else 0; ``diag [.., n, s, s, D]`` exp(b_r - b_j) for j <= r
-    in one sub-chunk, else 0."""
+    ``xr [.., n, s, D]`` exp(b_r - a_R); ``ks [.., n, C, D]`` exp(a_R - b_j) for j before
+    sub-chunk R (as ``exp(a_R - a_{J+1}) exp(a_{J+1} - b_j)``), else 0; ``diag [.., n, s, s,
+    D]`` exp(b_r - b_j) for j <= r in one sub-chunk, else 0. The shortcut: ``xr = exp(b - m)``,
+    ``ks = exp(m - b)``, ``[.., C, D]``, ``diag`` None."""
 
     s: int
     xr: torch.Tensor
-    yr: torch.Tensor
-    mid: torch.Tensor | None
+    ks: torch.Tensor
     diag: torch.Tensor | None
 
     @property
     def shortcut(self) -> bool:
-        """The moderate-gate shortcut (module docstring): ``xr = exp(b - m)``, ``yr = exp(m -
-        b)``, ``[.., C, D]``."""
-        return self.mid is None
+        """The moderate-gate shortcut (module docstring)."""
+        return self.diag is None
 
 
 def sub_size(c: int) -> int:
@@ -77,21 +75,22 @@ def vgate(b: torch.Tensor, cd: torch.dtype) -> VGate:
     c, d = b.shape[-2:]
     rel = b - b[..., c // 2:c // 2 + 1, :]
     if bool(rel.abs().amax() <= SHORTCUT):  # NaN fails this test: the sub-chunked form
-        return VGate(c, rel.to(cd).exp(), rel.neg_().to(cd).exp_(), None, None)
+        return VGate(c, rel.to(cd).exp(), rel.neg_().to(cd).exp_(), None)
     s = sub_size(c)
     n = c // s
     bs = b.reshape(*b.shape[:-2], n, s, d)
     ref = bs[..., :, 0, :]  # a_R: [.., n, D]
     nxt = torch.cat([ref[..., 1:, :], b[..., -1:, :]], -2)  # a_{J+1}
     xr = (bs - ref[..., :, None, :]).to(cd).exp_()
-    yr = (nxt[..., :, None, :] - bs).to(cd).exp_()
+    yr = (nxt[..., :, None, :] - bs).to(cd).exp_()  # [.., J, s, D]
     idx = torch.arange(n, device=b.device)
     later = (idx[:, None] > idx[None, :])[..., None]  # [R, J, 1]: R > J
-    mid = (ref[..., :, None, :] - nxt[..., None, :, :]).masked_fill_(~later, _NEG_INF)
+    mid = (ref[..., :, None, :] - nxt[..., None, :, :]).to(cd).masked_fill_(~later, _NEG_INF)
+    ks = (mid.exp_()[..., None, :] * yr[..., None, :, :, :]).reshape(*b.shape[:-2], n, c, d)
     r = torch.arange(s, device=b.device)
     low = (r[:, None] >= r[None, :])[..., None]  # [r, j, 1]
-    diag = (bs[..., :, :, None, :] - bs[..., :, None, :, :]).masked_fill_(~low, _NEG_INF)
-    return VGate(s, xr, yr, mid.to(cd).exp_()[..., None, :], diag.to(cd).exp_())
+    diag = (bs[..., :, :, None, :] - bs[..., :, None, :, :]).to(cd).masked_fill_(~low, _NEG_INF)
+    return VGate(s, xr, ks, diag.exp_())
 
 
 def _subs(x: torch.Tensor, s: int) -> torch.Tensor:
@@ -99,57 +98,51 @@ def _subs(x: torch.Tensor, s: int) -> torch.Tensor:
     return x.reshape(*x.shape[:-2], x.shape[-2] // s, s, x.shape[-1])
 
 
-def _blocks(m: torch.Tensor, s: int) -> torch.Tensor:
-    """``[.., C, C]`` -> ``[.., n (rows), n (columns), s, s]``."""
+def _diag_blocks(m: torch.Tensor, s: int) -> torch.Tensor:
+    """The ``[.., n, s, s]`` diagonal blocks of ``m [.., C, C]``."""
     n = m.shape[-1] // s
-    return m.reshape(*m.shape[:-2], n, s, n, s).transpose(-3, -2)
+    idx = torch.arange(n, device=m.device)
+    return m.reshape(*m.shape[:-2], n, s, n, s)[..., idx, :, idx, :].movedim(0, -3)
 
 
 def gram(x: torch.Tensor, y: torch.Tensor, vg: VGate) -> torch.Tensor:
     """``sum_d x_rd y_jd exp(b_rd - b_jd)`` on ``j <= r``, 0 above: ``[.., C, C]``."""
     if vg.shortcut:
-        return ((x * vg.xr) @ (y * vg.yr).transpose(-1, -2)).tril_()
+        return ((x * vg.xr) @ (y * vg.ks).transpose(-1, -2)).tril_()
     s = vg.s
-    xs, ys = _subs(x, s), _subs(y, s)
-    off = ((xs * vg.xr)[..., :, None, :, :] * vg.mid) @ \
-        (ys * vg.yr)[..., None, :, :, :].transpose(-1, -2)  # [.., R, J, s, s]
-    dg = (xs[..., :, :, None, :] * ys[..., :, None, :, :] * vg.diag).sum(-1)  # [.., n, s, s]
-    n = off.shape[-3]
+    xs = _subs(x, s)
+    c = x.shape[-2]
+    n = c // s
+    off = (xs * vg.xr) @ (y[..., None, :, :] * vg.ks).transpose(-1, -2)  # [.., R, s, C]
+    dg = (xs[..., :, :, None, :] * _subs(y, s)[..., :, None, :, :] * vg.diag).sum(-1)
+    off = off.reshape(*off.shape[:-3], n, s, n, s)
     idx = torch.arange(n, device=x.device)
-    off[..., idx, idx, :, :] += dg
-    c = n * s
-    return off.transpose(-3, -2).reshape(*off.shape[:-4], c, c)
+    off[..., idx, :, idx, :] += dg.movedim(-3, 0)
+    return off.reshape(*off.shape[:-4], c, c)
 
 
 def lmul(m: torch.Tensor, y: torch.Tensor, vg: VGate) -> torch.Tensor:
     """``sum_{j <= r} m_rj exp(b_r - b_j) * y_j``: ``[.., C, D]`` (``m`` is read only on
     and below the diagonal)."""
     if vg.shortcut:
-        return vg.xr * (m.tril() @ (y * vg.yr))
+        return vg.xr * (m.tril() @ (y * vg.ks))
     s = vg.s
-    mb = _blocks(m, s)
-    ys = _subs(y, s)
-    n = mb.shape[-3]
-    idx = torch.arange(n, device=y.device)
-    off = ((mb @ (ys * vg.yr)[..., None, :, :, :]) * vg.mid).sum(-3)  # [.., R, s, D]
-    dm = mb[..., idx, idx, :, :]  # [.., n, s, s]
-    dg = (dm[..., None] * vg.diag * ys[..., :, None, :, :]).sum(-2)
+    c = m.shape[-1]
+    mr = m.reshape(*m.shape[:-2], c // s, s, c)  # rows by sub-chunk
+    off = mr @ (y[..., None, :, :] * vg.ks)  # [.., R, s, D]
+    dg = (_diag_blocks(m, s)[..., None] * vg.diag * _subs(y, s)[..., :, None, :, :]).sum(-2)
     out = vg.xr * off + dg
-    return out.reshape(*out.shape[:-3], n * s, out.shape[-1])
+    return out.reshape(*out.shape[:-3], c, out.shape[-1])
 
 
 def rmul(m: torch.Tensor, x: torch.Tensor, vg: VGate) -> torch.Tensor:
     """``sum_{r >= j} m_rj exp(b_r - b_j) * x_r``: ``[.., C, D]``."""
     if vg.shortcut:
-        return vg.yr * (m.tril().transpose(-1, -2) @ (x * vg.xr))
+        return vg.ks * (m.tril().transpose(-1, -2) @ (x * vg.xr))
     s = vg.s
-    mb = _blocks(m, s)
+    c = m.shape[-1]
     xs = _subs(x, s)
-    n = mb.shape[-3]
-    idx = torch.arange(n, device=x.device)
-    t = (xs * vg.xr)[..., :, None, :, :] * vg.mid  # [.., R, J, s, D]
-    off = (mb.transpose(-1, -2) @ t).sum(-4)  # [.., J, s, D]
-    dm = mb[..., idx, idx, :, :]
-    dg = (dm[..., None] * vg.diag * xs[..., :, :, None, :]).sum(-3)
-    out = vg.yr * off + dg
-    return out.reshape(*out.shape[:-3], n * s, out.shape[-1])
+    mr = m.reshape(*m.shape[:-2], c // s, s, c)
+    off = ((mr.transpose(-1, -2) @ (xs * vg.xr)) * vg.ks).sum(-3)  # [.., C, D]
+    dg = (_diag_blocks(m, s)[..., None] * vg.diag * xs[..., :, :, None, :]).sum(-3)
+    return off + dg.reshape(*dg.shape[:-3], c, dg.shape[-1])
