@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 
 from causalmix.ops.delta._tiles import BlockGeometry, Frame
-from causalmix.ops.delta._vgate import VGate, gram, vgate
+from causalmix.ops.delta._vgate import KeySide, VGate, gram, keyside, vgate
 
 _NEG_INF = float("-inf")
 
@@ -54,7 +54,7 @@ class Intra(NamedTuple):
     ``[.., C, 1]`` and ``c`` (exp(B_tot) [carries]) ``[.., 1, 1]``; ``vg`` the
     :class:`~causalmix.ops.delta._vgate.VGate` of a per-key-dimension gate (then ``gamma``,
     ``pg`` are the masks, ``wq``, ``wk``, ``wu`` ``[.., C, D]`` and ``c`` ``[.., D, 1]``), else
-    None."""
+    None, and ``kside`` the keys' :class:`~causalmix.ops.delta._vgate.KeySide`."""
 
     gamma: torch.Tensor
     pg: torch.Tensor
@@ -67,6 +67,7 @@ class Intra(NamedTuple):
     wu: torch.Tensor
     c: torch.Tensor
     vg: VGate | None = None
+    kside: KeySide | None = None
 
     @property
     def vector(self) -> bool:
@@ -128,15 +129,16 @@ def _low(geo: BlockGeometry, c: int, dev) -> torch.Tensor:
     return geo.low
 
 
-def _solve(blk: Block, mats: tuple, weights: tuple, values: bool, vg: VGate | None = None):
-    """The :class:`Intra` from ``mats = (gamma, pg, kg, tinv)`` and ``weights = (wq, wk, wu,
-    c)``: ``W`` (and ``U0`` when ``values``) by the one product with ``tinv``."""
+def _solve(blk: Block, mats: tuple, weights: tuple, values: bool, vec: tuple = (None, None)):
+    """The :class:`Intra` from ``mats = (gamma, pg, kg, tinv)``, ``weights = (wq, wk, wu,
+    c)`` and ``vec = (vg, kside)``: ``W`` (and ``U0`` when ``values``) by the one product with
+    ``tinv``."""
     tinv, wk = mats[3], weights[1]
     if not values:
-        return Intra(*mats, None, tinv @ (wk * blk.k), *weights, vg)
+        return Intra(*mats, None, tinv @ (wk * blk.k), *weights, *vec)
     dv = blk.v.shape[-1]
     sol = tinv @ torch.cat([blk.beta[..., None] * blk.v, wk * blk.k], -1)  # [.., C, Dv + D]
-    return Intra(*mats, sol[..., :dv], sol[..., dv:], *weights, vg)
+    return Intra(*mats, sol[..., :dv], sol[..., dv:], *weights, *vec)
 
 
 def _intra_vector(blk: Block, geo: BlockGeometry, strict: bool, values: bool) -> Intra:
@@ -145,9 +147,10 @@ def _intra_vector(blk: Block, geo: BlockGeometry, strict: bool, values: bool) ->
     c = blk.k.shape[-2]
     b = blk.b
     vg = vgate(b, cd)
+    ks = keyside(blk.k, vg)
     gamma = _low(geo, c, dev).to(cd)
     pg = gamma * (1 - _eye(c, cd, dev)) if strict else gamma
-    kg = gram(blk.k, blk.k, vg) * gamma
+    kg = gram(blk.k, ks, vg) * gamma
     tinv = torch.linalg.solve_triangular(blk.beta[..., :, None] * kg, _eye(c, cd, dev),
                                          upper=False, unitriangular=True)
     tot = b[..., -1:, :]  # [.., 1, D]
@@ -155,14 +158,14 @@ def _intra_vector(blk: Block, geo: BlockGeometry, strict: bool, values: bool) ->
     wk = blk.beta[..., None] * wq
     wu = _mask((tot - b).to(cd).exp(), None if geo.keyf is None else geo.keyf[..., None])
     cc = _mask(tot[..., 0, :].to(cd).exp(), None if geo.carry is None else geo.carry[..., None])
-    return _solve(blk, (gamma, pg, kg, tinv), (wq, wk, wu, cc[..., None]), values, vg)
+    return _solve(blk, (gamma, pg, kg, tinv), (wq, wk, wu, cc[..., None]), values, (vg, ks))
 
 
 def pmat(blk: Block, it: Intra) -> torch.Tensor:
     """``P = (Q K^T) * Gamma'`` (the gated product for a per-key-dimension gate), ``[.., C,
     C]``."""
     if it.vector:
-        return gram(blk.q, blk.k, it.vg) * it.pg
+        return gram(blk.q, it.kside, it.vg) * it.pg
     return (blk.q @ blk.k.transpose(-1, -2)) * it.pg
 
 

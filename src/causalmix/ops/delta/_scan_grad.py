@@ -142,8 +142,8 @@ def _input_grads_vector(r: Recomputed, du: torch.Tensor, dsn: torch.Tensor) -> B
     it, blk, s = r.it, r.blk, r.s
     x, dpm, da, (dos, xs), uds = _common_grads(r, du, dsn)
     m = blk.beta[..., :, None] * (da * it.gamma)  # d L / d gram(K, K)
-    gq, gkp = lmul(dpm, blk.k, it.vg), rmul(dpm, blk.q, it.vg)
-    gka, gkb = lmul(m, blk.k, it.vg), rmul(m, blk.k, it.vg)
+    gq, gkp = lmul(dpm, it.kside, it.vg), rmul(dpm, blk.q, it.vg)
+    gka, gkb = lmul(m, it.kside, it.vg), rmul(m, blk.k, it.vg)
     dq = it.wq * dos + gq
     dk = gkp + gka + gkb + it.wu * uds - it.wk * xs
     dv = blk.beta[..., None] * x

@@ -5,7 +5,7 @@ With chunk-local cumulative log-gates ``b_r`` (``[C, D]``, fp64, non-increasing 
 gate turns every pair weight ``exp(b_r - b_j)`` (j <= r) of the scalar scan into a vector over
 the key dimension. The three products the scan needs, over the lower triangle ``j <= r``::
 
-    gram(X, Y)_rj = sum_d X_rd Y_jd exp(b_rd - b_jd)            [C, C]
+    gram(X, Y)_rj = sum_d X_rd Y_jd exp(b_rd - b_jd)            [C, C]   (Y as a KeySide)
     lmul(M, Y)_r  = sum_j M_rj exp(b_r - b_j) * Y_j              [C, D]   (d gram / d X)
     rmul(M, X)_j  = sum_r M_rj exp(b_r - b_j) * X_r              [C, D]   (d gram / d Y)
 
@@ -35,7 +35,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["SUB", "VGate", "gram", "lmul", "rmul", "vgate"]
+__all__ = ["SUB", "KeySide", "VGate", "gram", "keyside", "lmul", "rmul", "vgate"]
 
 #: Largest sub-chunk length (the one used is the largest divisor of C up to it).
 SUB = 8
@@ -105,32 +105,48 @@ def _diag_blocks(m: torch.Tensor, s: int) -> torch.Tensor:
     return m.reshape(*m.shape[:-2], n, s, n, s)[..., idx, :, idx, :].movedim(0, -3)
 
 
-def gram(x: torch.Tensor, y: torch.Tensor, vg: VGate) -> torch.Tensor:
+class KeySide(NamedTuple):
+    """A right operand ``y`` with its decays applied once, for every product that reads it:
+    ``yk = y_j * ks`` (``[.., n, C, D]``; the shortcut's ``[.., C, D]``) and ``yd = diag *
+    y_j`` (``[.., n, s, s, D]``; None for the shortcut)."""
+
+    yk: torch.Tensor
+    yd: torch.Tensor | None
+
+
+def keyside(y: torch.Tensor, vg: VGate) -> KeySide:
+    """:class:`KeySide` of ``y [.., C, D]``."""
+    if vg.shortcut:
+        return KeySide(y * vg.ks, None)
+    return KeySide(y[..., None, :, :] * vg.ks, vg.diag * _subs(y, vg.s)[..., :, None, :, :])
+
+
+def gram(x: torch.Tensor, y: KeySide, vg: VGate) -> torch.Tensor:
     """``sum_d x_rd y_jd exp(b_rd - b_jd)`` on ``j <= r``, 0 above: ``[.., C, C]``."""
     if vg.shortcut:
-        return ((x * vg.xr) @ (y * vg.ks).transpose(-1, -2)).tril_()
+        return ((x * vg.xr) @ y.yk.transpose(-1, -2)).tril_()
     s = vg.s
     xs = _subs(x, s)
     c = x.shape[-2]
     n = c // s
-    off = (xs * vg.xr) @ (y[..., None, :, :] * vg.ks).transpose(-1, -2)  # [.., R, s, C]
-    dg = (xs[..., :, :, None, :] * _subs(y, s)[..., :, None, :, :] * vg.diag).sum(-1)
+    off = (xs * vg.xr) @ y.yk.transpose(-1, -2)  # [.., R, s, C]
+    dg = (xs[..., :, :, None, :] * y.yd).sum(-1)  # [.., n, s, s]
     off = off.reshape(*off.shape[:-3], n, s, n, s)
     idx = torch.arange(n, device=x.device)
     off[..., idx, :, idx, :] += dg.movedim(-3, 0)
     return off.reshape(*off.shape[:-4], c, c)
 
 
-def lmul(m: torch.Tensor, y: torch.Tensor, vg: VGate) -> torch.Tensor:
+def lmul(m: torch.Tensor, y: KeySide, vg: VGate) -> torch.Tensor:
     """``sum_{j <= r} m_rj exp(b_r - b_j) * y_j``: ``[.., C, D]`` (``m`` is read only on
     and below the diagonal)."""
     if vg.shortcut:
-        return vg.xr * (m.tril() @ (y * vg.ks))
+        return vg.xr * (m.tril() @ y.yk)
     s = vg.s
     c = m.shape[-1]
     mr = m.reshape(*m.shape[:-2], c // s, s, c)  # rows by sub-chunk
-    off = mr @ (y[..., None, :, :] * vg.ks)  # [.., R, s, D]
-    dg = (_diag_blocks(m, s)[..., None] * vg.diag * _subs(y, s)[..., :, None, :, :]).sum(-2)
+    off = mr @ y.yk  # [.., R, s, D]
+    dg = (_diag_blocks(m, s)[..., None] * y.yd).sum(-2)
     out = vg.xr * off + dg
     return out.reshape(*out.shape[:-3], c, out.shape[-1])
 
