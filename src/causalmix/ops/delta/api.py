@@ -10,9 +10,9 @@ DeltaNet, ``g = 0``) and write strengths ``beta`` in (0, 2]::
 No scale, no normalisation inside the op: L2-normalising q and k and any scale belong to the
 layer. A gate ``[B, T, H, D]`` (one log-gate per key dimension: Kimi Delta Attention, KDA)
 makes the decay diagonal, ``S_t = diag(exp(g_t)) S_{t-1}``, everywhere below (the reverse
-part's ``exp(r_j)`` likewise); a ``[B, T, H]`` gate is the same with ``g_t`` repeated over D. The recurrence is stable when ``beta_t ||k_t||^2 <= 2`` (unit keys: the transition
-``I - beta k k^T`` has eigenvalues 1 and ``1 - beta`` in [-1, 1); ``beta > 1`` allows the
-negative one).
+part's ``exp(r_j)`` likewise); a ``[B, T, H]`` gate is the same with ``g_t`` repeated over D.
+The recurrence is stable when ``beta_t ||k_t||^2 <= 2`` (unit keys: the transition ``I - beta k
+k^T`` has eigenvalues 1 and ``1 - beta`` in [-1, 1); ``beta > 1`` allows the negative one).
 
 * **Forward part** of query i: ``S_i^T q_i``, the recurrence over the keys visible to i from the
   start of i's segment (restarted at every ``Segments`` start) up to i itself.
