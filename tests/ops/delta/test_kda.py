@@ -63,10 +63,11 @@ def test_recurrent_matches_reference_vector_gate(delta, name, t):
 
 
 @pytest.mark.parametrize("c", [1, 3, 64, 128, 10**9])
-@pytest.mark.parametrize("strength", [1.0, 30.0])
+@pytest.mark.parametrize("strength", [1.0, 4.0, 30.0])
 def test_chunk_sizes_vector_gate(delta, c, strength):
-    """Chunk sizes that do and do not divide T, larger than T, sub-chunk lengths 1, 3, 16 and
-    113; moderate and strong gates."""
+    """Chunk sizes that do and do not divide T and larger than T, under the three forms of the
+    within-chunk decays: gates to -1 (the shortcut), -4 (sub-chunks of 16 split at their
+    middle; of 113 for C = T = 113) and -30 (explicit sub-chunks of 8, of 1 for C = 113)."""
     for name in ("causal", "full", "seg_chunked", "chunked_la"):
         delta.check("chunk", delta.Inputs(113, 3, vector=True, strength=strength),
                     delta.specs(200)[name], dtype=torch.float32, off=5, c=c)
@@ -113,8 +114,18 @@ def test_bf16_strong_vector_gates_finite_short():
 @pytest.mark.parametrize("strength", [1.0, 30.0])
 def test_gradcheck_chunk_vector_gate_fp64(spec, strength):
     """The hand-written backward with vector gates (q, k, v, beta, both gates, the state)
-    against finite differences, chunks of 8 (sub-chunks of 8 or the shortcut)."""
-    t = 11
+    against finite differences, chunks of 8 (the shortcut, or explicit sub-chunks of 8)."""
+    _gradcheck(spec, 11, strength, 8)
+
+
+@pytest.mark.parametrize("spec", [Causal(), Full()])
+def test_gradcheck_chunk_vector_gate_split_subchunks(spec):
+    """The same with gates to -4 and chunks of 32: sub-chunks of 16 split at their middle (for
+    these inputs, forward and reverse; the shortcut does not hold)."""
+    _gradcheck(spec, 40, 4.0, 32)
+
+
+def _gradcheck(spec, t: int, strength: float, c: int) -> None:
     g = torch.Generator().manual_seed(7)
     q, k = torch.randn(1, t, 2, 3, generator=g), torch.randn(1, t, 2, 3, generator=g)
     k = torch.nn.functional.normalize(k, dim=-1)
@@ -127,7 +138,7 @@ def test_gradcheck_chunk_vector_gate_fp64(spec, strength):
     def f(q, k, v, beta, lg, lgr, s0):
         return tuple(delta_attention(q, k, v, spec, beta=beta, log_gate=lg, reverse_log_gate=lgr,
                                      initial_state=s0, return_final_state=True, impl="chunk",
-                                     chunk_size=8))
+                                     chunk_size=c))
 
     assert torch.autograd.gradcheck(f, xs)
 
