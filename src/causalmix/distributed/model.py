@@ -36,6 +36,13 @@ Which mixers shard which specs with which layouts (refused at construction, on e
     mixer              layouts                      specs
     softmax            contiguous, zigzag, striped  any
     linear, gated      contiguous, zigzag           Causal, Full, Prefix, Segments & Causal
+    delta              contiguous, zigzag           Causal, Full, Prefix, Chunked(s, L),
+                                                    Segments & any of these
+
+A layer with a short causal convolution (the delta layer) takes the ``K - 1`` positions before
+each of its runs from the ranks that hold them (:func:`halos`: one differentiable
+``all_gather`` of every run's last positions per layer); the layer masks the taps that would
+cross a ``Segments`` boundary.
 """
 
 from __future__ import annotations
@@ -49,12 +56,14 @@ from torch import nn
 
 from causalmix.checks import ArgumentTypeError, check_int
 from causalmix.distributed._agree import checked_on_every_rank
-from causalmix.distributed.layout import LAYOUTS, check_layout, positions, shard
+from causalmix.distributed._ring import Ring
+from causalmix.distributed.delta import _AllGather, delta_attention, sharded_delta_reason
+from causalmix.distributed.layout import LAYOUTS, Span, check_layout, positions, shard, spans
 from causalmix.distributed.linear import linear_attention, sharded_linear_reason
 from causalmix.distributed.softmax import softmax_attention
 from causalmix.visibility import Visibility
 
-__all__ = ["SequenceParallel", "Sharding", "fsdp_sums_gradients", "sharded_mix"]
+__all__ = ["SequenceParallel", "Sharding", "fsdp_sums_gradients", "halos", "sharded_mix"]
 
 
 class Sharding(NamedTuple):
@@ -74,7 +83,8 @@ class Sharding(NamedTuple):
 
 def sharded_mix(op: str, sharding: Sharding, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 visibility: Visibility, **kwargs: Any) -> torch.Tensor:
-    """The sharded op of family ``op`` (``"softmax"`` / ``"linear"``) on this rank's shards
+    """The sharded op of family ``op`` (``"softmax"`` / ``"linear"`` / ``"delta"``) on this
+    rank's shards
     ``q, k: [B, n, H, D]``, ``v: [B, n, Hkv, Dv]``; ``kwargs`` as for
     :func:`causalmix.nn.mix` (``scale``; ``decay``, gates, ``impl``, ``chunk_size``)."""
     where = {"layout": sharding.layout, "group": sharding.group}
@@ -83,7 +93,41 @@ def sharded_mix(op: str, sharding: Sharding, q: torch.Tensor, k: torch.Tensor, v
         return softmax_attention(q, k, v, visibility, **where, **kwargs)
     if op == "linear":
         return linear_attention(q, k, v, visibility, **where, **kwargs)
-    raise ValueError(f"sharded_mix: op must be 'softmax' or 'linear', got {op!r}")
+    if op == "delta":
+        return delta_attention(q, k, v, visibility, **where, **kwargs)
+    raise ValueError(f"sharded_mix: op must be 'softmax', 'linear' or 'delta', got {op!r}")
+
+
+def halos(x: torch.Tensor, sharding: Sharding, width: int) -> list[tuple[Span, torch.Tensor]]:
+    """For each run (:class:`~causalmix.distributed.layout.Span`) of this rank's shard ``x:
+    [B, n, C]`` (local order), the run and the ``width`` positions just before it, ``[B,
+    width, C]`` (oldest first; zeros before position 0), taken from the ranks that hold them
+    with one ``all_gather`` of every run's last ``min(width, run length)`` positions.
+    Differentiable: in backward the gradient of a halo reaches the rank that holds it (one
+    ``all_reduce``; every rank must backpropagate through its result). Collective."""
+    ring = Ring.of("halos", sharding.group)
+    mine = spans(sharding.layout, sharding.seq_len, sharding.rank, sharding.world)
+    every = [r for rk in range(sharding.world)
+             for r in spans(sharding.layout, sharding.seq_len, rk, sharding.world)]
+    m = min(width, mine[0].length)
+    tails = torch.stack([x[:, r.local + r.length - m:r.local + r.length] for r in mine])
+    gathered = _AllGather.apply(tails, ring).flatten(0, 1)  # [W * R, B, m, C]
+    # every rank's result depends on the gather (a where that never selects it), so every rank
+    # joins its backward all_reduce
+    never = torch.zeros((), dtype=torch.bool, device=x.device)
+    zero = torch.where(never, gathered[0, :, :1], 0.0)
+    out = []
+    for r in mine:
+        cols = []
+        for p in range(r.start - width, r.start):
+            owner = [i for i, c in enumerate(every) if c.start <= p < c.start + c.length]
+            if p < 0 or not owner:
+                cols.append(x.new_zeros(x.shape[0], 1, x.shape[2]))
+                continue
+            c = every[owner[0]]
+            cols.append(gathered[owner[0], :, m - (c.start + c.length - p)][:, None])
+        out.append((r, (torch.cat(cols, 1) if cols else x[:, :0]) + zero))
+    return out
 
 
 def _group_of(group: Any, mesh_dim: Any) -> Any:
@@ -110,8 +154,10 @@ def _layer_reason(block: nn.Module, layout: str) -> str | None:
         return None
     if op == "linear":
         return sharded_linear_reason(block.visibility, layout)
-    return (f"its mixer {type(attn).__name__} has no sharded op (softmax and linear-family "
-            f"layers shard)")
+    if op == "delta":
+        return sharded_delta_reason(block.visibility, layout)
+    return (f"its mixer {type(attn).__name__} has no sharded op (softmax, linear-family and "
+            f"delta layers shard)")
 
 
 class SequenceParallel(nn.Module):

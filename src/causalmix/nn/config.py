@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from causalmix.checks import ArgumentTypeError, check_int
+from causalmix.ops.delta import api as delta_api
 from causalmix.ops.factor import factorise
 from causalmix.ops.linear import api as linear_api
 from causalmix.ops.softmax import api as softmax_api
@@ -32,23 +33,24 @@ from causalmix.visibility import (
 )
 
 #: The kinds of mixing layer :class:`AttentionConfig` builds: softmax attention, linear
-#: attention, and the gated linear layer (:mod:`causalmix.nn.gated`, the linear op with gates).
-MIXERS = ("softmax", "linear", "gated")
+#: attention, the gated linear layer (:mod:`causalmix.nn.gated`, the linear op with gates) and
+#: the Gated DeltaNet layer (:mod:`causalmix.nn.delta`, the delta-rule op).
+MIXERS = ("softmax", "linear", "gated", "delta")
 FEATURE_MAPS = ("taylor", "elu")
 
 
 def op_of(mixer: str) -> str:
-    """The op family a layer of kind ``mixer`` (:data:`MIXERS`) mixes with: ``"softmax"`` or
-    ``"linear"`` (a gated layer runs the linear op with its gates)."""
+    """The op family a layer of kind ``mixer`` (:data:`MIXERS`) mixes with: ``"softmax"``,
+    ``"linear"`` (a gated layer runs the linear op with its gates) or ``"delta"``."""
     if mixer not in MIXERS:
         raise ValueError(f"mixer must be one of {list(MIXERS)}, got {mixer!r}")
-    return "softmax" if mixer == "softmax" else "linear"
+    return {"softmax": "softmax", "delta": "delta"}.get(mixer, "linear")
 
 
 def impl_choices(mixer: str) -> tuple[str, ...]:
     """The ``impl=`` values a layer of kind ``mixer`` accepts, from its op family's registry
     (``"auto"`` first)."""
-    api = softmax_api if op_of(mixer) == "softmax" else linear_api
+    api = {"softmax": softmax_api, "linear": linear_api, "delta": delta_api}[op_of(mixer)]
     return tuple(api.REGISTRY.choices)
 
 
@@ -163,6 +165,10 @@ class AttentionConfig:
     same visibility-and-decay-weighted sum of ``phi(q).phi(k)`` (a ones column appended to v).
     gated: per-token gates from the input (Mamba-2 style, :mod:`causalmix.nn.gated`), run by the
     linear mixer; bidirectional (Hydra style) under ``Full()`` / ``Prefix`` / ``Chunked``.
+    delta: Gated DeltaNet (:mod:`causalmix.nn.delta`): short causal convolution, L2-normalised
+    q / k of ``feature_dim`` per head, the delta-rule op; bidirectional under the same specs.
+    Its ``n_kv_heads`` are the q / k heads and ``n_heads`` the value (output) heads: the value
+    grouping of Gated DeltaNet.
     ``decay``: per-head decay in (0, 1] (``None``: no decay); its length must equal ``n_heads``.
     ``impl``: the mixer implementation :meth:`Block.forward` asks for (``"auto"``, or e.g.
     ``"reference"`` to run the dense definition; passed on as ``impl=``).
@@ -364,6 +370,7 @@ PRESETS: dict[str, dict] = {
                         feature_map="taylor", decay=head_decays(4)),
     "tiny-gqa": dict(d_model=64, n_heads=4, n_kv_heads=2, mixer="softmax"),
     "tiny-gated": dict(d_model=64, n_heads=4, mixer="gated", feature_dim=16),
+    "tiny-delta": dict(d_model=64, n_heads=4, mixer="delta", feature_dim=16),
     "small-softmax": dict(d_model=128, n_heads=4, mixer="softmax",
                           visibility=(Causal(),) * 4),
     "small-linear": dict(d_model=128, n_heads=4, mixer="linear", feature_dim=16,

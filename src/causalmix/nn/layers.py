@@ -29,6 +29,7 @@ from torch import nn
 from causalmix.checks import ArgumentTypeError, check_int, compute_dtype
 from causalmix.nn import checkpoint
 from causalmix.nn.config import AttentionConfig, BlockConfig, ModelConfig
+from causalmix.nn.delta import DeltaMixer
 from causalmix.nn.gated import GatedMixer
 from causalmix.nn.mixing import MixingLayer, mix
 from causalmix.visibility import Visibility
@@ -136,8 +137,9 @@ class Attention(MixingLayer):
 class Block(nn.Module):
     """Pre-norm block ``y = h + mlp(norm2(h))``, ``h = x + attn(norm1(x))`` under ``visibility``.
 
-    ``x: [B, T, C]`` -> ``[B, T, C]``; ``attn`` is an :class:`Attention` or, for
-    ``mixer="gated"``, a :class:`~causalmix.nn.gated.GatedMixer`. Implements the
+    ``x: [B, T, C]`` -> ``[B, T, C]``; ``attn`` is an :class:`Attention`, for
+    ``mixer="gated"`` a :class:`~causalmix.nn.gated.GatedMixer`, for ``mixer="delta"`` a
+    :class:`~causalmix.nn.delta.DeltaMixer` (``mixer == "delta"``). Implements the
     :class:`causalmix.stream.StreamableLayer` protocol (``mixer``, ``visibility``,
     ``mixer_kwargs``, ``stream_qkv``, ``stream_out``), where ``mixer`` is the op family that
     streams the layer, ``"softmax"`` or ``"linear"`` (a gated layer: ``"linear"``, with its
@@ -150,8 +152,8 @@ class Block(nn.Module):
         self.visibility: Visibility = cfg.visibility
         c = cfg.attention.d_model
         self.norm1 = nn.LayerNorm(c)
-        gated = cfg.attention.mixer == "gated"
-        self.attn: MixingLayer = GatedMixer(cfg.attention) if gated else Attention(cfg.attention)
+        kind = {"gated": GatedMixer, "delta": DeltaMixer}.get(cfg.attention.mixer, Attention)
+        self.attn: MixingLayer = kind(cfg.attention)
         self.mixer: str = self.attn.op
         self.norm2 = nn.LayerNorm(c)
         self.mlp = nn.Sequential(
@@ -162,10 +164,22 @@ class Block(nn.Module):
         """Keyword arguments for the mixer: ``{"scale": s}`` or ``{"decay": [H] tensor}``."""
         return self.attn.mixer_kwargs()
 
-    def stream_qkv(self, x: torch.Tensor, positions: torch.Tensor) -> dict[str, torch.Tensor]:
+    def stream_qkv(self, x: torch.Tensor, positions: torch.Tensor,
+                   context: Any = None) -> Any:
         """``x: [B, n, C]`` at absolute ``positions: [n]`` -> the mixer's per-frame inputs by
-        name: ``{"q", "k", "v"}`` (gated: also ``"log_gate"``, ``"reverse_log_gate"``)."""
-        return self.attn.qkv(self.norm1(x), positions)
+        name: ``{"q", "k", "v"}`` (gated: also ``"log_gate"``, ``"reverse_log_gate"``). A layer
+        with a stream context (:meth:`stream_context`, the delta layer's convolution carry)
+        takes it as ``context`` and returns ``(inputs, next context)``."""
+        if context is None:
+            return self.attn.qkv(self.norm1(x), positions)
+        return self.attn.stream_qkv(self.norm1(x), positions, context)
+
+    def stream_context(self, visibility: Visibility) -> Any:
+        """The carry a model stream keeps for this layer under ``visibility`` between pushes
+        (the delta layer: its convolution's last inputs), or None (the layer is pointwise in
+        time around its mixer)."""
+        make = getattr(self.attn, "stream_context", None)
+        return None if make is None else make(visibility)
 
     def stream_out(self, x: torch.Tensor, mixed: torch.Tensor,
                    positions: torch.Tensor) -> torch.Tensor:

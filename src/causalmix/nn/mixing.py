@@ -10,6 +10,7 @@ from torch import nn
 
 from causalmix.distributed.model import Sharding, sharded_mix
 from causalmix.nn.config import AttentionConfig
+from causalmix.ops.delta import delta_attention
 from causalmix.ops.linear import linear_attention
 from causalmix.ops.softmax import softmax_attention
 from causalmix.visibility import Visibility
@@ -20,10 +21,11 @@ __all__ = ["MixingLayer", "mix"]
 def mix(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibility: Visibility,
         *, q_offset: int = 0, k_offset: int = 0, sharding: Sharding | None = None,
         **kwargs: Any) -> torch.Tensor:
-    """Run the op family ``op``: ``"softmax"`` (:func:`~causalmix.ops.softmax_attention`) or
-    ``"linear"`` (:func:`~causalmix.ops.linear_attention`). ``q, k: [B, Tq|Tk, H, D]``,
-    ``v: [B, Tk, Hkv, Dv]`` -> ``[B, Tq, H, Dv]``; ``kwargs`` are the layer's
-    ``mixer_kwargs()`` (and ``impl``, per-frame gates). With ``sharding`` (a
+    """Run the op family ``op``: ``"softmax"`` (:func:`~causalmix.ops.softmax_attention`),
+    ``"linear"`` (:func:`~causalmix.ops.linear_attention`) or ``"delta"``
+    (:func:`~causalmix.ops.delta_attention`, with ``beta`` and the gates in ``kwargs``).
+    ``q, k: [B, Tq|Tk, H, D]``, ``v: [B, Tk, Hkv, Dv]`` -> ``[B, Tq, H, Dv]``; ``kwargs`` are
+    the layer's ``mixer_kwargs()`` (and ``impl``, per-frame gates). With ``sharding`` (a
     :class:`causalmix.distributed.Sharding`) the inputs are this rank's shard of a
     sequence-parallel call and the family's sharded op runs (offsets must be 0)."""
     if sharding is not None:
@@ -37,7 +39,10 @@ def mix(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibility: 
     if op == "linear":
         return linear_attention(q, k, v, visibility, q_offset=q_offset, k_offset=k_offset,
                                 **kwargs)
-    raise ValueError(f"op must be 'softmax' or 'linear', got {op!r}")
+    if op == "delta":
+        return delta_attention(q, k, v, visibility, q_offset=q_offset, k_offset=k_offset,
+                               **kwargs)
+    raise ValueError(f"op must be 'softmax', 'linear' or 'delta', got {op!r}")
 
 
 class MixingLayer(nn.Module):
@@ -45,7 +50,8 @@ class MixingLayer(nn.Module):
     :class:`~causalmix.nn.gated.GatedMixer`):
     ``forward(x) == out(mix(op, **qkv(x, pos), visibility=...), x)``.
 
-    A subclass sets ``op`` (``"softmax"`` or ``"linear"``, the op family it mixes with) and
+    A subclass sets ``op`` (``"softmax"``, ``"linear"`` or ``"delta"``, the op family it mixes
+    with) and
     ``cfg`` (its :class:`AttentionConfig`) and defines ``qkv(x, positions)`` -> the op's
     per-frame inputs by name (``{"q", "k", "v"}``, plus the gates ``"log_gate"`` and
     ``"reverse_log_gate"`` of a gated layer: the names of the op's and of its stream's

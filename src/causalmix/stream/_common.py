@@ -176,6 +176,9 @@ class MixerStream:
     frames_type: type[Frames] = Frames
     #: constructor options shown by ``repr`` (those the stream has)
     _REPR_OPTIONS = ("scale", "decay", "impl", "chunk_size")
+    #: True: the family checks its own head groupings in ``_check_extras`` (the delta family's
+    #: value grouping, ``v`` with more heads than ``k``); else ``k`` and ``v`` share their heads
+    family_heads = False
 
     def __init__(self, visibility: Visibility):
         name = type(self).__name__
@@ -189,7 +192,7 @@ class MixerStream:
         self._pending_q = FrameBuffer()
         self._ready_log = PositionLog()  # ready_at of every emitted output (clipped at flush)
         self._compute_log = PositionLog("d")  # seconds of the push that released each output
-        self._shapes: tuple | None = None  # (B, H, Hkv, D, Dv, dtype, device) of the first push
+        self._shapes: tuple | None = None  # (B, H, Hk, Hv, D, Dv, dtype, device), first push
         self.frames_in = 0
         self.frames_out = 0
         self.closed = False
@@ -345,9 +348,9 @@ class MixerStream:
         return out
 
     def _emit(self, m: int, direct: Frames | None = None) -> torch.Tensor:
-        b, hq, _, _, dv, dtype, device = self._shapes
-        if m == 0:
-            return torch.empty(b, 0, hq, dv, dtype=dtype, device=device)
+        b, hq, _, hv, _, dv, dtype, device = self._shapes
+        if m == 0:  # output heads: q's, or v's under the delta family's value grouping
+            return torch.empty(b, 0, max(hq, hv), dv, dtype=dtype, device=device)
         p0 = self.frames_out
         last = self.frames_in - 1
         ready = self._tracker.take(p0, m)
@@ -376,18 +379,19 @@ class MixerStream:
         if self.closed:
             raise ValueError(f"{name}: the stream was flushed (closed); start a new stream")
         q, k, v = frames.q, frames.k, frames.v
-        _, tq, tk, hq, hkv, d, dv = check_qkv(name, q, k, v)
+        _, tq, tk, hq, hkv, d, dv = check_qkv(name, q, k, v, heads=not self.family_heads)
         if tq != tk:
             raise ValueError(
                 f"{name}: q, k, v must hold the same frames, got q {tq}, k/v {tk} frames"
             )
         if tq < 1:
             raise ValueError(f"{name}: push at least one frame, got q of shape {list(q.shape)}")
-        shapes = (q.shape[0], hq, hkv, d, dv, q.dtype, q.device)
+        shapes = (q.shape[0], hq, hkv, v.shape[2], d, dv, q.dtype, q.device)
         if self._shapes is None:
             self._check_first(name, frames)
         elif shapes != self._shapes:
-            names = ("batch", "q heads", "kv heads", "head dim", "value dim", "dtype", "device")
+            names = ("batch", "q heads", "kv heads", "v heads", "head dim", "value dim", "dtype",
+                     "device")
             diff = [
                 f"{n} {new} (was {old})"
                 for n, new, old in zip(names, shapes, self._shapes, strict=True)

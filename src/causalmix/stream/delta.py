@@ -23,8 +23,9 @@ Decode: ``step()`` (``Causal``, ``Prefix`` once the prefix was pushed, ``Chunked
 step) with one frame runs the ``recurrent`` implementation (``impl="auto"``), one delta update
 from the carried state. Unbounded lookahead (``Full()``) is refused, as for every stream;
 specs the family does not serve (``Window``, ``|``) raise ``ValueError`` naming the spec.
-Heads: GQA (``k``, ``v`` with ``Hkv`` heads dividing q's ``H``); beta and the gates have
-``H`` heads.
+Heads: GQA (``k``, ``v`` with ``Hkv`` heads dividing q's ``H``) or value grouping (``q``, ``k``
+with ``Hk`` heads dividing v's ``H``), as the op; beta and the gates have the output's ``H``
+heads.
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ class DeltaStream(MixerStream):
 
     mixer = "delta"
     frames_type = DeltaFrames
+    family_heads = True  # GQA or value grouping: checked by check_inputs in _check_extras
 
     def __init__(self, visibility: Visibility, *, impl: str = "auto", chunk_size: int = 64):
         super().__init__(visibility)

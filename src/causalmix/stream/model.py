@@ -29,7 +29,10 @@ class StreamableLayer(Protocol):
     A layer computes ``y = stream_out(x, mixer(*stream_qkv(x, pos), visibility, **mixer_kwargs()),
     pos)`` where everything except the mixer is pointwise in time (projections, norms, position
     encodings, residuals, MLPs): frame ``t`` of ``stream_qkv`` / ``stream_out`` depends only on
-    frame ``t`` of their inputs.
+    frame ``t`` of their inputs. A layer with a short causal convolution before its mixer
+    may also define ``stream_context(visibility)``: when that returns a carry (not None), the
+    stream calls ``stream_qkv(x, pos, context)``, which returns ``(inputs, next context)``,
+    and keeps the next context once the mixer took the frames.
     """
 
     mixer: str  # "softmax" | "linear" | "delta" (STREAMABLE_MIXERS)
@@ -128,14 +131,22 @@ class _LayerState:
         self.visibility = layer.visibility if visibility is None else visibility
         self.mixer = mixer_stream(layer.mixer, self.visibility, **kwargs)
         self.x = FrameBuffer()  # layer inputs waiting for their mixed output (residual)
+        make = getattr(layer, "stream_context", None)
+        # a layer's carry between pushes (e.g. a short convolution's last inputs), or None
+        self.context = None if make is None else make(self.visibility)
 
     def push(self, x: torch.Tensor) -> torch.Tensor | None:
         p0 = self.mixer.frames_in
         positions = torch.arange(p0, p0 + x.shape[1], device=x.device)
-        inputs = layer_frames(f"ModelStream: layers[{self.index}]",
-                              self.layer.stream_qkv(x, positions),
+        if self.context is None:
+            result, context = self.layer.stream_qkv(x, positions), None
+        else:
+            result, context = self.layer.stream_qkv(x, positions, self.context)
+        inputs = layer_frames(f"ModelStream: layers[{self.index}]", result,
                               self.mixer.frames_type.names())
         mixed = self.mixer.push(**inputs)
+        if context is not None:
+            self.context = context
         self.x.append(x)
         return self._finish(mixed)
 
