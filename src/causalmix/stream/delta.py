@@ -154,7 +154,8 @@ class DeltaStream(MixerStream):
                              f"got log_gate {mode[0]}, reverse_log_gate {mode[1]}")
         heads = check_inputs(name, q=frames.q, k=frames.k, v=frames.v)
         check_beta_gates(name, q=frames.q, k=frames.k, heads=heads, beta=frames.beta,
-                         log_gate=frames.log_gate, reverse_log_gate=frames.reverse_log_gate)
+                         log_gate=frames.log_gate, reverse_log_gate=frames.reverse_log_gate,
+                         vector=True)
 
     def _start(self, frames):
         self._gates = _gate_mode(frames)

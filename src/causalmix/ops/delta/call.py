@@ -95,10 +95,10 @@ def check_inputs(fn: str, *, q: Any, k: Any, v: Any) -> Heads:
 
 
 def check_beta_gates(fn: str, *, q: torch.Tensor, k: torch.Tensor, heads: Heads, beta: Any,
-                     log_gate: Any, reverse_log_gate: Any) -> None:
+                     log_gate: Any, reverse_log_gate: Any, vector: bool = False) -> None:
     """``beta [B, Tk, H]`` in (0, 2], ``log_gate`` / ``reverse_log_gate`` ``<= 0`` and finite,
-    each ``[B, Tk, H]`` or ``[B, Tk, H, D]`` (per key dimension; NaN passes: NaN in, NaN
-    out)."""
+    each ``[B, Tk, H]`` (or ``[B, Tk, H, D]``, per key dimension, for a caller that serves
+    them: ``vector``; NaN passes: NaN in, NaN out)."""
     shape = (q.shape[0], k.shape[1], heads.out)
     check_per_position(fn, "beta", beta, shape, q)
     bd = beta.detach()
@@ -111,7 +111,7 @@ def check_beta_gates(fn: str, *, q: torch.Tensor, k: torch.Tensor, heads: Heads,
     for name, gate in (("log_gate", log_gate), ("reverse_log_gate", reverse_log_gate)):
         if gate is None:
             continue
-        check_log_gate(fn, name, gate, shape, q, per_dim=q.shape[-1])
+        check_log_gate(fn, name, gate, shape, q, per_dim=q.shape[-1] if vector else None)
 
 
 def check_state(fn: str, *, q: torch.Tensor, v: torch.Tensor, heads: Heads,
@@ -143,7 +143,7 @@ def validate(fn: str, q: Any, k: Any, v: Any, visibility: Any, *, beta: Any,
                          f"positions of the call, the queries being its first Tq")
     chunk_size = check_int("chunk_size", chunk_size, 1)
     check_beta_gates(fn, q=q, k=k, heads=heads, beta=beta, log_gate=log_gate,
-                     reverse_log_gate=reverse_log_gate)
+                     reverse_log_gate=reverse_log_gate, vector=True)
     check_state(fn, q=q, v=v, heads=heads, initial_state=initial_state)
     check_bool(fn, "return_final_state", return_final_state)
     factor, factor_error = _factorise(visibility)
