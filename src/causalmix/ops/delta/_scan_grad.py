@@ -22,6 +22,11 @@ Then:
    ``db_r`` and subtracts from ``db_j``; the reads ``wq``, ``wk`` add ``d log w`` to ``db_r``,
    the writes ``wu`` move theirs from ``db_j`` to the chunk total, and so does the carry
    ``c``; then ``dg_s = sum_{r >= s} db_r + d B_tot`` (chunk-local, fp64).
+
+A per-key-dimension gate (``_input_grads_vector``) follows the same steps per dimension: the
+pair terms of ``P = gram(Q, K)`` and ``A = beta_r gram(K, K)`` (:mod:`causalmix.ops.delta._vgate`)
+give ``dX = lmul(M, Y)``, ``dY = rmul(M, X)`` and ``db += X * dX - Y * dY`` for a cotangent M,
+the row scales ``wq``, ``wk``, ``wu``, ``c`` add their ``d log w`` to ``db`` ``[C, D]``.
 """
 
 from __future__ import annotations
