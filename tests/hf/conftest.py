@@ -109,10 +109,15 @@ HYBRID_ARCHS = {
     "qwen3_next": ("Qwen3NextForCausalLM", "Qwen3NextGatedDeltaNet"),
     "qwen3_5": ("Qwen3_5ForCausalLM", "Qwen3_5GatedDeltaNet"),
     "olmo_hybrid": ("OlmoHybridForCausalLM", "OlmoHybridGatedDeltaNet"),
+    "kimi_linear": ("KimiLinearForCausalLM", "KimiLinearDeltaAttention"),
 }
 MAMBA2_ARCHS = ["mamba2", "bamba", "granitemoehybrid", "nemotron_h", "zamba2", "falcon_h1",
                 "falcon_h1_no_norm"]
 GDN_ARCHS = ["qwen3_next", "qwen3_5", "olmo_hybrid"]
+#: Kimi Linear: one KDA layer and one MLA attention layer.
+KIMI = dict(num_hidden_layers=2, linear_num_heads=4, linear_head_dim=16, linear_conv_kernel_dim=4,
+            num_experts=0, mlp_layer_types=["dense", "dense"],
+            layer_types=["linear_attention", "full_attention"])
 
 
 class HybridTiny:
@@ -159,17 +164,9 @@ class HybridTiny:
         if arch == "olmo_hybrid":
             return t.OlmoHybridConfig(**c, **GDN, num_hidden_layers=2, eos_token_id=None,
                                       linear_allow_neg_eigval=True)
+        if arch == "kimi_linear":
+            return t.KimiLinearConfig(**{**c, "num_key_value_heads": 4}, **KIMI)
         raise AssertionError(arch)
-
-    @staticmethod
-    def kimi(impl: str = "sdpa"):
-        """A tiny Kimi Linear (KDA layer + MLA layer): a hybrid causalmix does not serve yet."""
-        cfg = transformers.KimiLinearConfig(
-            **{**HYBRID_COMMON, "num_key_value_heads": 4}, num_hidden_layers=2,
-            linear_num_heads=4, linear_head_dim=16, linear_conv_kernel_dim=4, num_experts=0,
-            mlp_layer_types=["dense", "dense"], layer_types=["linear_attention", "full_attention"])
-        torch.manual_seed(0)
-        return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl).eval()
 
     @staticmethod
     def close(name: str, actual, ref, baselines) -> None:
@@ -197,9 +194,10 @@ class HybridTiny:
         g = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
             for mixer in self.mixers(m):
-                h = mixer.A_log.shape[0]
-                mixer.A_log.copy_(torch.empty(h).uniform_(0.1, 1.0, generator=g).log())
-                mixer.dt_bias.copy_(torch.randn(h, generator=g) * 0.5 - 1.5)
+                gates = getattr(mixer, "forget_gate", mixer)  # KDA keeps them in its gate
+                a_log, dt_bias = gates.A_log, gates.dt_bias
+                a_log.copy_(torch.empty(a_log.shape).uniform_(0.1, 1.0, generator=g).log())
+                dt_bias.copy_(torch.randn(dt_bias.shape, generator=g) * 0.5 - 1.5)
                 if hasattr(mixer, "D"):
                     mixer.D.copy_(torch.randn(h, generator=g))
                 for lin in mixer.modules():

@@ -25,7 +25,7 @@ from causalmix import Causal, Chunked, Full, Prefix, Segments, Window  # noqa: E
 from causalmix.testing import assert_close  # noqa: E402
 
 ARCHS = ["mamba2", "bamba", "granitemoehybrid", "nemotron_h", "zamba2", "falcon_h1",
-         "falcon_h1_no_norm", "qwen3_next", "qwen3_5", "olmo_hybrid"]
+         "falcon_h1_no_norm", "qwen3_next", "qwen3_5", "olmo_hybrid", "kimi_linear"]
 LENGTHS = [5, 1, 9, 8]  # packed documents (23 tokens, chunk boundaries of the tiny configs at 8)
 
 

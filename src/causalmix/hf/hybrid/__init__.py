@@ -17,16 +17,17 @@ layer class (transformers module)      architectures                   causalmix
 ``Qwen3NextGatedDeltaNet``             Qwen3-Next                      delta, value grouping
 ``Qwen3_5GatedDeltaNet``               Qwen3.5 (and ``Qwen3_5Moe...``) delta, value grouping
 ``OlmoHybridGatedDeltaNet``            OLMo-Hybrid                     delta, value grouping
+``KimiLinearDeltaAttention``           Kimi Linear (KDA)               delta, per-channel gates
 =====================================  ==============================  ======================
 
 Each Mamba-2 forward was diffed line by line against ``Mamba2Mixer.forward``, each Gated
 DeltaNet forward against ``Qwen3NextGatedDeltaNet.forward`` (they differ only in the input
 projections and OLMo-Hybrid's beta x 2), and every one is checked against the model's own torch
 path in the tests (Falcon-H1's differs from Mamba-2's in its input scales and its optional norm
-only, both mirrored). Refused by name (``REFUSED``), with the reason: Kimi Linear's
-``KimiLinearDeltaAttention`` (KDA: per-channel gates, not served by causalmix's delta family
-yet). Layers in neither table (e.g. other
-architectures' linear layers) keep their own code, and a spec other than ``Causal()`` or packed
+only, both mirrored); Kimi Linear's KDA forward was diffed against
+``KimiLinearDeltaAttention.forward`` (Gated DeltaNet's with per-channel gates, kda.py).
+``REFUSED`` names layers refused by name, with the reason (none today). Layers in neither
+table (e.g. other architectures' linear layers) keep their own code, and a spec other than ``Causal()`` or packed
 documents are refused on their model by the layer-type check of :mod:`causalmix.hf.attention`.
 """
 
@@ -46,6 +47,7 @@ from causalmix.hf.hybrid.context import (
     leave_call,
 )
 from causalmix.hf.hybrid.gated_deltanet import gated_deltanet_forward
+from causalmix.hf.hybrid.kda import kda_forward
 from causalmix.hf.hybrid.mamba2 import mamba2_forward
 
 __all__ = ["NO_MIXER_LAYER_TYPES", "REFUSED", "SERVED", "HybridForward", "enter_call",
@@ -64,14 +66,11 @@ SERVED: dict[tuple[str, str], Callable] = {
     ("qwen3_5", "Qwen3_5GatedDeltaNet"): gated_deltanet_forward,
     ("qwen3_5_moe", "Qwen3_5MoeGatedDeltaNet"): gated_deltanet_forward,
     ("olmo_hybrid", "OlmoHybridGatedDeltaNet"): gated_deltanet_forward,
+    ("kimi_linear", "KimiLinearDeltaAttention"): kda_forward,
 }
 
-_KDA = ("needs the delta-rule family with per-channel gates (KDA), not served by causalmix.hf "
-        "yet")
-#: (transformers model folder, layer class) -> why causalmix does not run it.
-REFUSED: dict[tuple[str, str], str] = {
-    ("kimi_linear", "KimiLinearDeltaAttention"): _KDA,
-}
+#: (transformers model folder, layer class) -> why causalmix does not run it (none today).
+REFUSED: dict[tuple[str, str], str] = {}
 
 #: model_type -> layer types (``config.layer_types``) whose layers mix no tokens (MLP / MoE).
 NO_MIXER_LAYER_TYPES: dict[str, frozenset[str]] = {"nemotron_h": frozenset({"mlp", "moe"})}
