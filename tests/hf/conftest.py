@@ -199,7 +199,7 @@ class HybridTiny:
                 a_log.copy_(torch.empty(a_log.shape).uniform_(0.1, 1.0, generator=g).log())
                 dt_bias.copy_(torch.randn(dt_bias.shape, generator=g) * 0.5 - 1.5)
                 if hasattr(mixer, "D"):
-                    mixer.D.copy_(torch.randn(h, generator=g))
+                    mixer.D.copy_(torch.randn(mixer.D.shape, generator=g))
                 for lin in mixer.modules():
                     if isinstance(lin, (torch.nn.Linear, torch.nn.Conv1d)):
                         lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.2)
@@ -219,3 +219,15 @@ _HYBRID = HybridTiny()
 @pytest.fixture
 def hybrid() -> HybridTiny:
     return _HYBRID
+
+
+@pytest.fixture
+def kda_refused(monkeypatch):
+    """Kimi Linear's KDA layers as a layer refused by name (``causalmix.hf.hybrid.REFUSED``):
+    the refusal machinery, exercised now that no layer is refused for real."""
+    from causalmix.hf import hybrid as hy
+
+    key = ("kimi_linear", "KimiLinearDeltaAttention")
+    monkeypatch.delitem(hy.SERVED, key)
+    monkeypatch.setitem(hy.REFUSED, key, "refused for this test")
+    return key

@@ -233,17 +233,26 @@ def test_what_the_family_cannot_serve_is_refused_naming_the_layer(hybrid):
     gdn = cmhf.attach(hybrid.model("qwen3_next"))
     with pytest.raises(ValueError, match="Qwen3NextGatedDeltaNet.*Gated DeltaNet layer.*Window"):
         gdn(ids, visibility=Window(3, 1))
+    kda = cmhf.attach(hybrid.model("kimi_linear"))
+    for spec in (Window(3, 1), Window(2)):
+        with pytest.raises(ValueError, match="KimiLinearDeltaAttention.*KDA.*Window"):
+            kda(ids, visibility=spec)
+    with pytest.raises(ValueError, match="KimiLinearDeltaAttention.*seq_idx"):
+        kda(ids, seq_idx=torch.zeros(1, 9, dtype=torch.int32))
     with pytest.raises(ValueError, match="visibility must be a causalmix spec"):
         mamba(ids, visibility="full")
 
 
-def test_layers_causalmix_does_not_run_are_named_and_keep_their_own_causal_path(hybrid):
-    """Kimi Linear's KDA (not served yet): attach works for the causal rule (the model's own
-    numbers), a spec or packed documents are refused naming the layer class."""
-    model = hybrid.kimi()
+def test_layers_causalmix_does_not_run_are_named_and_keep_their_own_causal_path(hybrid,
+                                                                                kda_refused):
+    """A layer refused by name (``REFUSED``; Kimi's KDA made one here): attach works for the
+    causal rule (the model's own numbers), a spec or packed documents are refused naming the
+    layer class."""
+    model = hybrid.model("kimi_linear")
     ids = torch.randint(1, 97, (1, 9))
     before = model(ids).logits
     cmhf.attach(model)
+    assert "forward" not in hybrid.mixers(model)[0].__dict__
     assert torch.allclose(model(ids).logits, before, atol=1e-5)
     with pytest.raises(ValueError, match="KimiLinearDeltaAttention.*'linear_attention'"):
         model(ids, visibility=Prefix(4))

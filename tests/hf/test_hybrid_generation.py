@@ -1,4 +1,4 @@
-"""Generation with the model's own cache through the Mamba-2 layers causalmix runs: under
+"""Generation with the model's own cache through the hybrid layers causalmix runs: under
 ``Causal()`` and ``Prefix(n <= prompt)`` every step equals a recompute without a cache (fp64
 reference, fp32 baseline), with the conv and recurrent states carried in transformers' own cache
 object and layout; specs that a cache cannot serve exactly raise before anything is returned."""
@@ -43,7 +43,9 @@ CASES = [("mamba2", Causal()), ("mamba2", Prefix(P)), ("mamba2", Prefix(4)),
          ("mamba2", Segments(DOCS) & Causal()), ("bamba", Causal()), ("bamba", Prefix(P)),
          ("zamba2", Prefix(P)), ("nemotron_h", Causal()), ("qwen3_next", Causal()),
          ("qwen3_next", Prefix(P)), ("qwen3_5", Segments(DOCS) & Causal()),
-         ("olmo_hybrid", Prefix(4)), ("falcon_h1_no_norm", Prefix(P))]
+         ("olmo_hybrid", Prefix(4)), ("falcon_h1_no_norm", Prefix(P)),
+         ("kimi_linear", Causal()), ("kimi_linear", Prefix(P)), ("kimi_linear", Prefix(4)),
+         ("kimi_linear", Segments(DOCS) & Causal())]
 
 
 @pytest.mark.parametrize(("arch", "spec"), CASES, ids=lambda c: repr(c))
@@ -55,7 +57,7 @@ def test_generate_with_the_cache_equals_recompute(arch, spec, hybrid):
         _assert_equals_recompute(ours, ours64, _generate(ours, ids, spec), spec)
 
 
-@pytest.mark.parametrize("arch", ["mamba2", "bamba", "qwen3_next"])
+@pytest.mark.parametrize("arch", ["mamba2", "bamba", "qwen3_next", "kimi_linear"])
 def test_generate_with_left_padding_and_a_prefix(arch, hybrid):
     ours = cmhf.attach(hybrid.model(arch))
     ours64 = cmhf.attach(hybrid.model(arch, torch.float64))
@@ -68,7 +70,7 @@ def test_generate_with_left_padding_and_a_prefix(arch, hybrid):
     assert not torch.allclose(causal.logits[0], out.logits[0], atol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["mamba2", "qwen3_next"])
+@pytest.mark.parametrize("arch", ["mamba2", "qwen3_next", "kimi_linear"])
 @pytest.mark.parametrize("spec", [Full(), Chunked(4), Prefix(P + 2), Segments(DOCS)], ids=repr)
 def test_specs_a_cache_cannot_serve_are_refused(arch, spec, hybrid):
     model = cmhf.attach(hybrid.model(arch))
@@ -76,7 +78,7 @@ def test_specs_a_cache_cannot_serve_are_refused(arch, spec, hybrid):
         _generate(model, hybrid.ids(1, P), spec)
 
 
-@pytest.mark.parametrize("arch", ["bamba", "qwen3_next"])
+@pytest.mark.parametrize("arch", ["bamba", "qwen3_next", "kimi_linear"])
 def test_the_cache_holds_the_models_own_layout_and_numbers(arch, hybrid):
     """After a causal prefill, the conv and recurrent states causalmix wrote equal those the
     model's own path writes (same object type, shapes, dtypes); under packed documents the
@@ -100,7 +102,7 @@ def test_the_cache_holds_the_models_own_layout_and_numbers(arch, hybrid):
                  alone.get_recurrent_state(0))
 
 
-@pytest.mark.parametrize("arch", ["mamba2", "bamba", "qwen3_next"])
+@pytest.mark.parametrize("arch", ["mamba2", "bamba", "qwen3_next", "kimi_linear"])
 @pytest.mark.parametrize("spec", [Causal(), Prefix(3)], ids=repr)
 def test_a_prompt_split_in_two_calls_equals_the_whole(arch, spec, hybrid):
     """Chunked prefill: a second multi-token call continues the first call's cache (state,

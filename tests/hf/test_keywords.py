@@ -164,12 +164,13 @@ def _qwen3_next(impl="causalmix"):
     return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl).eval()
 
 
-def test_a_spec_on_a_hybrid_model_whose_linear_layers_would_ignore_it_raises(tiny, hybrid):
+def test_a_spec_on_a_hybrid_model_whose_linear_layers_would_ignore_it_raises(tiny, hybrid,
+                                                                             kda_refused):
     """Without attach, Qwen3-Next's Gated DeltaNet layers do not run through causalmix: a spec
     other than Causal() would reach the attention layers only, so it is refused. Attached, they
-    do (tests/hf/test_hybrid.py); Kimi Linear's KDA layers still do not, and a spec is refused
-    on an attached Kimi model -- on a forward, through the base model, as a default, and in
-    generate."""
+    do (tests/hf/test_hybrid.py); a layer refused by name (Kimi Linear's KDA made one here)
+    does not, and a spec is refused on such an attached model -- on a forward, through the
+    base model, as a default, and in generate."""
     model = _qwen3_next()
     ids = tiny.ids(1, 9)
     for spec in (Full(), Prefix(4), Segments(torch.tensor([0] * 4 + [1] * 5))):
@@ -178,7 +179,7 @@ def test_a_spec_on_a_hybrid_model_whose_linear_layers_would_ignore_it_raises(tin
     assert torch.equal(model(ids, visibility=Causal()).logits, model(ids).logits)
     cmhf.attach(model)
     model.model(ids, visibility=Full())
-    kimi = cmhf.attach(hybrid.kimi("causalmix"))
+    kimi = cmhf.attach(hybrid.model("kimi_linear", impl="causalmix"))
     with pytest.raises(ValueError, match="KimiLinearDeltaAttention.*linear_attention"):
         kimi.model(ids, visibility=Full())
     with pytest.raises(ValueError, match="KimiLinearDeltaAttention"):
