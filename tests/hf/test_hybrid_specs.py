@@ -5,7 +5,9 @@ each query, then the layer's norm and output projection. Mamba-2 (linear family)
 scan includes the query's own key, so its diagonal is counted once. Gated DeltaNet (delta
 family): the reverse part is strict -- ``(exp(g_i) R_{i+1})^T q_i`` with ``R`` the delta
 recurrence run from ``hi(i)`` down to ``i + 1`` -- so the flipped scan runs over keys
-``hi(i) .. i + 1`` with each key read by the query just before it, scaled by its gate.
+``hi(i) .. i + 1`` with each key read by the query just before it, scaled by its gate. Kimi
+Linear's KDA (delta family, per-channel gates): the same, the gate of that query per key channel
+so it scales the query (``(diag(exp(g_i)) R)^T q_i = R^T (exp(g_i) q_i)``).
 
 For a query ``i`` with last visible key ``hi(i)`` (``Full``: the document's end; ``Prefix(n)``:
 ``n - 1`` for ``i < n``; ``Chunked(s, L)``: the end of chunk ``i // s + L``; all clipped to the
@@ -80,6 +82,8 @@ def _document(mixer, xbc, dt, spec, a: int, b: int) -> torch.Tensor:
 
 
 def _formula(mixer, hidden, spec) -> torch.Tensor:
+    if hasattr(mixer, "forget_gate"):
+        return _kda_formula(mixer, hidden, spec)
     if hasattr(mixer, "head_k_dim"):
         return _gdn_formula(mixer, hidden, spec)
     z, xbc, dt = mixer.in_proj(hidden).split(
@@ -152,6 +156,46 @@ def _gdn_formula(mixer, hidden, spec) -> torch.Tensor:
     return proj(o.reshape(hidden.shape[0], hidden.shape[1], -1))
 
 
+def _kda_unit(x):
+    x = x.float()
+    return x / torch.sqrt((x * x).sum(-1, keepdim=True) + 1e-6)
+
+
+def _kda_document(mixer, mixed, beta, g, spec, a: int, b: int) -> torch.Tensor:
+    """The KDA scan output ``[1, b - a, H, D]`` of one document of one row: as
+    :func:`_gdn_document`, the gate of the query before each key now per channel, so it scales
+    that query (``(diag(exp(g_i)) R)^T q_i = R^T (exp(g_i) q_i)``)."""
+    mod = importlib.import_module(type(mixer).__module__)
+    conv = mod.causal_conv1d_fn(mixed[:, a:b].transpose(1, 2), mixer.conv1d.weight.squeeze(1),
+                                mixer.conv1d.bias, activation=mixer.activation).transpose(1, 2)
+    q, k, v = (x.unflatten(-1, (-1, mixer.head_dim)) for x in conv.split([mixer.qkv_dim] * 3, -1))
+    beta, g = beta[:, a:b], g[:, a:b]
+    rule = mod.chunk_kimi_delta_attention
+    y = rule(q, k, v, g=g, beta=beta, use_qk_l2norm_in_kernel=True)[0]
+    for qa, qb, kb in _regions(spec, a, b):
+        last = min(qb, kb - 1)  # the last query that sees a later key
+        if last <= qa:
+            continue
+        keys, reads = slice(qa + 1 - a, kb - a), slice(qa - a, kb - 1 - a)
+        f = _flip
+        rev = f(rule(f(_kda_unit(q[:, reads]) * g[:, reads].exp()), f(_kda_unit(k[:, keys])),
+                     f(v[:, keys]), g=f(g[:, keys]), beta=f(beta[:, keys]))[0])
+        rev = rev[:, : last - qa]
+        y = y + torch.nn.functional.pad(rev, (0, 0, 0, 0, qa - a, b - last)).to(y.dtype)
+    return y
+
+
+def _kda_formula(mixer, hidden, spec) -> torch.Tensor:
+    mixed = torch.cat([mixer.q_proj(hidden), mixer.k_proj(hidden), mixer.v_proj(hidden)], -1)
+    beta, g = mixer.b_proj(hidden).sigmoid(), mixer.forget_gate(hidden)
+    rows = [torch.cat([_kda_document(mixer, mixed[r:r + 1], beta[r:r + 1], g[r:r + 1], spec, a,
+                                     b) for a, b in DOCS[r]], dim=1)
+            for r in range(hidden.shape[0])]
+    gate = mixer.g_b_proj(mixer.g_a_proj(hidden)).unflatten(-1, (-1, mixer.head_dim))
+    o = mixer.o_norm(torch.cat(rows, 0), gate)
+    return mixer.o_proj(o.reshape(hidden.shape[0], hidden.shape[1], -1))
+
+
 def _outputs(fn, mixer, dtype):
     g = torch.Generator().manual_seed(3)
     hidden = torch.randn(2, T, 64, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
@@ -166,7 +210,8 @@ SPECS = [Causal(), Full(), Segments(IDS), Prefix(6), Prefix(12), Chunked(4), Chu
          Chunked(5, 2)]
 
 
-@pytest.mark.parametrize("arch", ["mamba2", "bamba", "qwen3_next", "qwen3_5", "olmo_hybrid"])
+@pytest.mark.parametrize("arch", ["mamba2", "bamba", "qwen3_next", "qwen3_5", "olmo_hybrid",
+                                  "kimi_linear"])
 @pytest.mark.parametrize("spec", SPECS, ids=repr)
 def test_a_spec_on_a_hybrid_layer_equals_forward_plus_flipped_scans(arch, spec, hybrid):
     names = ["output", "d hidden"] + [f"d {n}" for n, _ in
@@ -182,10 +227,13 @@ def test_a_spec_on_a_hybrid_layer_equals_forward_plus_flipped_scans(arch, spec, 
     (ours, theirs), (ours64, theirs64) = results[torch.float32], results[torch.float64]
     for name, a, a64, b, b64 in zip(names, ours, ours64, theirs, theirs64, strict=True):
         hybrid.close(f"{arch} {spec!r} {name}: formula fp64", b64, a64, [(b, a64)])
-        hybrid.close(f"{arch} {spec!r} {name}: causalmix fp32", a, a64, [(b, a64)])
+        # Kimi's forget gate and KDA kernel cast to fp32 whatever the model's dtype, so its
+        # formula "in fp64" is one more fp32 run of the model's own functions: a baseline too
+        extra = [(b64, a64)] if arch == "kimi_linear" else []
+        hybrid.close(f"{arch} {spec!r} {name}: causalmix fp32", a, a64, [(b, a64)] + extra)
 
 
-@pytest.mark.parametrize("arch", ["mamba2", "qwen3_next"])
+@pytest.mark.parametrize("arch", ["mamba2", "qwen3_next", "kimi_linear"])
 def test_the_reverse_part_is_really_there(arch, hybrid):
     """Full() differs from Causal() on every position but the last of each document."""
     mixer = hybrid.mixers(cmhf.attach(hybrid.model(arch)))[0]
