@@ -82,7 +82,7 @@ def test_causal_logits_and_every_gradient_equal_the_models_own_path(arch, hybrid
     _check(hybrid, arch, _run(ours, ids), _run(ours64, ids), _run(own, ids), _run(own64, ids))
 
 
-@pytest.mark.parametrize("arch", ["mamba2", "bamba", "qwen3_next", "olmo_hybrid"])
+@pytest.mark.parametrize("arch", ["mamba2", "bamba", "qwen3_next", "olmo_hybrid", "kimi_linear"])
 def test_left_padding_equals_the_models_own_path(arch, hybrid):
     """Left padding is where transformers' multiply-by-mask is exact: same numbers."""
     own, own64, ours, ours64 = _pair(hybrid, arch)
@@ -161,7 +161,7 @@ def test_padding_anywhere_equals_the_row_without_it(hybrid):
     assert (leaked[0, am[0].bool()] - alone[0]).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("arch", ["bamba", "qwen3_5"])
+@pytest.mark.parametrize("arch", ["bamba", "qwen3_5", "kimi_linear"])
 def test_padding_anywhere_in_a_hybrid_layer_equals_the_row_without_it(arch, hybrid):
     """The same at the hybrid layer of an attention hybrid (its attention layers move RoPE
     positions with a hole, so the layer is called directly)."""

@@ -33,11 +33,11 @@ What a spec means per attention kind:
 
 **Hybrid and state-space layers** (:mod:`causalmix.hf.hybrid`): :func:`attach` also runs the
 model's Mamba-2 layers (Mamba-2, Bamba, Granite 4 hybrids, Nemotron-H, Zamba2, Falcon-H1) and
-Gated DeltaNet layers (Qwen3-Next, Qwen3.5, OLMo-Hybrid) through causalmix's linear and delta
-families, per instance, under the same spec: documents restart the state and the short
-convolution, padding is exact anywhere, ``Full`` / ``Prefix`` / ``Chunked`` add the reverse
-scan (the convolution stays causal), generation carries both states in transformers' own
-cache. Kimi Linear's KDA layers are refused by name (they keep their own causal path).
+Gated DeltaNet layers (Qwen3-Next, Qwen3.5, OLMo-Hybrid) and Kimi Linear's KDA layers through
+causalmix's linear and delta families, per instance, under the same spec: documents restart the
+state and the short convolution, padding is exact anywhere, ``Full`` / ``Prefix`` / ``Chunked``
+add the reverse scan (the convolution stays causal), generation carries both states in
+transformers' own cache.
 
 What the bridge cannot honour -- logit soft-capping, attention sinks, attention dropout in
 training, ``output_attentions=True``, a spec for another batch size, a prepared 4-D mask, mask

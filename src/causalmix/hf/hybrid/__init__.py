@@ -27,8 +27,9 @@ path in the tests (Falcon-H1's differs from Mamba-2's in its input scales and it
 only, both mirrored); Kimi Linear's KDA forward was diffed against
 ``KimiLinearDeltaAttention.forward`` (Gated DeltaNet's with per-channel gates, kda.py).
 ``REFUSED`` names layers refused by name, with the reason (none today). Layers in neither
-table (e.g. other architectures' linear layers) keep their own code, and a spec other than ``Causal()`` or packed
-documents are refused on their model by the layer-type check of :mod:`causalmix.hf.attention`.
+table (e.g. other architectures' linear layers) keep their own code, and a spec other than
+``Causal()`` or packed documents are refused on their model by the layer-type check of
+:mod:`causalmix.hf.attention`.
 """
 
 from __future__ import annotations
