@@ -120,11 +120,11 @@ def test_packed_documents_equal_each_document_alone(arch, hybrid):
     assert (leaked - alone(own)[0]).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("arch", ["bamba", "qwen3_next"])
+@pytest.mark.parametrize("arch", ["bamba", "qwen3_next", "kimi_linear"])
 def test_cu_seq_lens_give_the_documents_too(arch, hybrid):
     """``cu_seq_lens_q`` / ``_k`` (as ``DataCollatorWithFlattening`` makes them) == packed
-    ``position_ids``; transformers' own path drops them in Bamba's Mamba layers and raises in
-    Gated DeltaNet's torch rule (5.24)."""
+    ``position_ids``; transformers' own path drops them in Bamba's Mamba layers and Kimi's KDA
+    layers and raises in Gated DeltaNet's torch rule (5.24)."""
     own, _, ours, _ = _pair(hybrid, arch)
     ids, pos = hybrid.ids(1, sum(LENGTHS)), _positions(LENGTHS)
     cu = torch.tensor([0, 5, 6, 15, 23], dtype=torch.int32)
