@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import torch
 
-from causalmix.checks import compute_dtype
+from causalmix.checks import compute_dtype, values_checked
 from causalmix.ops.delta.call import DeltaCall, validate
 from causalmix.ops.delta.impl import chunk, recurrent, reference
 from causalmix.ops.linear import LinearOutput
@@ -74,9 +74,15 @@ __all__ = ["REGISTRY", "available_impls", "chunk_delta_attention", "delta_attent
 
 
 def _auto(call: DeltaCall) -> str:
-    """``recurrent`` for one query and one key (a decode step), else ``chunk``; never the
-    quadratic reference."""
-    return "recurrent" if call.q.shape[1] == call.k.shape[1] == 1 else "chunk"
+    """``recurrent`` for one query and one key, else ``chunk``; when chunk cannot serve the call,
+    ``impl='auto'`` raises with every impl's reason (never a quiet switch to the quadratic
+    reference). Where values cannot be read on the host (``torch.compile``, ``torch.func``: see
+    :func:`~causalmix.checks.values_checked`) a call that chunk serves runs on the traceable
+    reference instead."""
+    name = "recurrent" if call.q.shape[1] == call.k.shape[1] == 1 else "chunk"
+    if name == "chunk" and not values_checked(call.q) and chunk.can_serve(call) is None:
+        return "reference"
+    return name
 
 
 #: The delta family's implementations (:mod:`causalmix.ops.registry`).

@@ -82,7 +82,7 @@ from typing import NamedTuple
 
 import torch
 
-from causalmix.checks import compute_dtype
+from causalmix.checks import compute_dtype, values_checked
 from causalmix.ops.linear.call import LinearCall, check_gate, validate
 from causalmix.ops.linear.impl import chunk, recurrent, reference
 from causalmix.ops.registry import Registry
@@ -93,9 +93,15 @@ __all__ = ["REGISTRY", "LinearOutput", "available_impls", "check_gate", "chunk_l
 
 
 def _auto(call: LinearCall) -> str:
-    """``recurrent`` for one query and one key, else ``chunk``; never the quadratic reference
-    (when chunk cannot serve the call, ``impl='auto'`` raises with every impl's reason)."""
-    return "recurrent" if call.q.shape[1] == call.k.shape[1] == 1 else "chunk"
+    """``recurrent`` for one query and one key, else ``chunk``; when chunk cannot serve the call,
+    ``impl='auto'`` raises with every impl's reason (never a quiet switch to the quadratic
+    reference). Where values cannot be read on the host (``torch.compile``, ``torch.func``: see
+    :func:`~causalmix.checks.values_checked`) a call that chunk serves runs on the traceable
+    reference instead."""
+    name = "recurrent" if call.q.shape[1] == call.k.shape[1] == 1 else "chunk"
+    if name == "chunk" and not values_checked(call.q) and chunk.can_serve(call) is None:
+        return "reference"
+    return name
 
 
 #: The linear family's implementations (:mod:`causalmix.ops.registry`).
