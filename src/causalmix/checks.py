@@ -32,6 +32,7 @@ __all__ = [
     "check_scale",
     "check_state",
     "compute_dtype",
+    "under_transform",
     "values_checked",
 ]
 
@@ -86,12 +87,16 @@ def values_checked(*tensors: torch.Tensor | None) -> bool:
     >>> values_checked(torch.zeros(2)), values_checked(torch.zeros(2, device="meta"))
     (True, False)
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or under_transform(*tensors):
         return False
-    for t in tensors:
-        if t is not None and (t.is_meta or torch._C._functorch.is_functorch_wrapped_tensor(t)):
-            return False
-    return True
+    return not any(t is not None and t.is_meta for t in tensors)
+
+
+def under_transform(*tensors: torch.Tensor | None) -> bool:
+    """Whether a tensor is wrapped by a ``torch.func`` transform (``vmap``, ``grad``,
+    ``jacrev``, ...)."""
+    return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t)
+               for t in tensors)
 
 
 def check_bool(fn: str, name: str, value: Any) -> bool:

@@ -66,7 +66,7 @@ from causalmix.checks import compute_dtype, values_checked
 from causalmix.ops.delta.call import DeltaCall, validate
 from causalmix.ops.delta.impl import chunk, recurrent, reference
 from causalmix.ops.linear import LinearOutput
-from causalmix.ops.registry import Registry
+from causalmix.ops.registry import Registry, call_tensors
 from causalmix.visibility import Visibility
 
 __all__ = ["REGISTRY", "available_impls", "chunk_delta_attention", "delta_attention",
@@ -80,14 +80,14 @@ def _auto(call: DeltaCall) -> str:
     :func:`~causalmix.checks.values_checked`) a call that chunk serves runs on the traceable
     reference instead."""
     name = "recurrent" if call.q.shape[1] == call.k.shape[1] == 1 else "chunk"
-    if name == "chunk" and not values_checked(call.q) and chunk.can_serve(call) is None:
+    if name == "chunk" and not values_checked(*call_tensors(call)) and chunk.can_serve(call) is None:
         return "reference"
     return name
 
 
 #: The delta family's implementations (:mod:`causalmix.ops.registry`).
 REGISTRY = Registry("delta", {"reference": reference, "chunk": chunk, "recurrent": recurrent},
-                    auto=_auto)
+                    auto=_auto, traceable=("reference", "recurrent"))
 
 
 def _empty(call: DeltaCall):

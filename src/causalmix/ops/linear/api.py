@@ -85,7 +85,7 @@ import torch
 from causalmix.checks import compute_dtype, values_checked
 from causalmix.ops.linear.call import LinearCall, check_gate, validate
 from causalmix.ops.linear.impl import chunk, recurrent, reference
-from causalmix.ops.registry import Registry
+from causalmix.ops.registry import Registry, call_tensors
 from causalmix.visibility import Visibility
 
 __all__ = ["REGISTRY", "LinearOutput", "available_impls", "check_gate", "chunk_linear_attention",
@@ -99,14 +99,14 @@ def _auto(call: LinearCall) -> str:
     :func:`~causalmix.checks.values_checked`) a call that chunk serves runs on the traceable
     reference instead."""
     name = "recurrent" if call.q.shape[1] == call.k.shape[1] == 1 else "chunk"
-    if name == "chunk" and not values_checked(call.q) and chunk.can_serve(call) is None:
+    if name == "chunk" and not values_checked(*call_tensors(call)) and chunk.can_serve(call) is None:
         return "reference"
     return name
 
 
 #: The linear family's implementations (:mod:`causalmix.ops.registry`).
 REGISTRY = Registry("linear", {"reference": reference, "chunk": chunk, "recurrent": recurrent},
-                    auto=_auto)
+                    auto=_auto, traceable=("reference", "recurrent"))
 
 
 class LinearOutput(NamedTuple):

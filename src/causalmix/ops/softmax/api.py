@@ -32,7 +32,7 @@ from causalmix.checks import (
     compute_dtype,
     values_checked,
 )
-from causalmix.ops.registry import Registry
+from causalmix.ops.registry import Registry, call_tensors
 from causalmix.ops.softmax import _nonfinite
 from causalmix.ops.softmax._call import Call
 from causalmix.ops.softmax.impl import blocks, flex, reference, sdpa
@@ -45,12 +45,12 @@ def _auto(call: Call) -> str:
     traceable reference instead of blocks."""
     if sdpa.can_serve(call) is None:
         return "sdpa"
-    return "blocks" if values_checked(call.q) else "reference"
+    return "blocks" if values_checked(*call_tensors(call)) else "reference"
 
 
 #: The softmax family's implementations (:mod:`causalmix.ops.registry`).
 REGISTRY = Registry("softmax", {"reference": reference, "sdpa": sdpa, "blocks": blocks,
-                                "flex": flex}, auto=_auto)
+                                "flex": flex}, auto=_auto, traceable=("reference", "sdpa"))
 
 
 class AttentionOutput(NamedTuple):
