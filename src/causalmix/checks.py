@@ -94,7 +94,9 @@ def values_checked(*tensors: torch.Tensor | None) -> bool:
 
 def under_transform(*tensors: torch.Tensor | None) -> bool:
     """Whether a tensor is wrapped by a ``torch.func`` transform (``vmap``, ``grad``,
-    ``jacrev``, ...)."""
+    ``jacrev``, ...); ``False`` while ``torch.compile`` traces."""
+    if torch.compiler.is_compiling():
+        return False
     return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t)
                for t in tensors)
 

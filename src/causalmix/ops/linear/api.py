@@ -99,7 +99,8 @@ def _auto(call: LinearCall) -> str:
     :func:`~causalmix.checks.values_checked`) a call that chunk serves runs on the traceable
     reference instead."""
     name = "recurrent" if call.q.shape[1] == call.k.shape[1] == 1 else "chunk"
-    if name == "chunk" and not values_checked(*call_tensors(call)) and chunk.can_serve(call) is None:
+    if name == "chunk" and not values_checked(*call_tensors(call)) \
+            and chunk.can_serve(call) is None:
         return "reference"
     return name
 

@@ -30,6 +30,7 @@ from causalmix.checks import (
     check_qkv,
     check_scale,
     compute_dtype,
+    under_transform,
     values_checked,
 )
 from causalmix.ops.registry import Registry, call_tensors
@@ -41,16 +42,20 @@ from causalmix.visibility import Visibility, check_visibility
 
 def _auto(call: Call) -> str:
     """sdpa where it serves the call exactly (scale > 0, no possible overflow, no lse), else
-    blocks; where values cannot be read (``torch.compile``, ``torch.func``, meta tensors) the
-    traceable reference instead of blocks."""
+    blocks; where values cannot be read (``torch.compile``, meta tensors) the traceable
+    reference instead of blocks, and inside ``torch.func`` transforms the reference (SDPA has no
+    batching rule: vmap would loop over it)."""
+    tensors = call_tensors(call)
+    if under_transform(*tensors):
+        return "reference"
     if sdpa.can_serve(call) is None:
         return "sdpa"
-    return "blocks" if values_checked(*call_tensors(call)) else "reference"
+    return "blocks" if values_checked(*tensors) else "reference"
 
 
 #: The softmax family's implementations (:mod:`causalmix.ops.registry`).
 REGISTRY = Registry("softmax", {"reference": reference, "sdpa": sdpa, "blocks": blocks,
-                                "flex": flex}, auto=_auto, traceable=("reference", "sdpa"))
+                                "flex": flex}, auto=_auto, traceable=("reference",))
 
 
 class AttentionOutput(NamedTuple):
