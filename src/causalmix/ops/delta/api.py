@@ -92,12 +92,12 @@ REGISTRY = Registry("delta", {"reference": reference, "chunk": chunk, "recurrent
 
 
 def _empty(call: DeltaCall):
-    """No key (and so no query): output ``[B, 0, H, Dv]``, the state unchanged; the graph stays
-    connected to every input."""
+    """No key (and so no query), or meta tensors (shapes without values): output zeros
+    ``[B, Tq, H, Dv]``, the state unchanged; the graph stays connected to every input."""
     zero = sum(x.sum() * 0 for x in (call.q, call.k, call.v, call.beta, call.log_gate,
                                      call.reverse_log_gate) if x is not None)
     b, h, dv = call.q.shape[0], call.heads.out, call.v.shape[-1]
-    out = call.q.new_zeros(b, 0, h, dv) + zero.to(call.q.dtype)
+    out = call.q.new_zeros(b, call.q.shape[1], h, dv) + zero.to(call.q.dtype)
     s = call.initial_state
     if s is None:
         s = torch.zeros(b, h, call.q.shape[-1], dv, dtype=compute_dtype(call.q),
@@ -163,10 +163,11 @@ def delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibilit
     REGISTRY.check_name(fn, impl)
     if call.factor is None:
         raise ValueError(f"{fn}: {call.factor_error}")
-    if call.k.shape[1] == 0:
+    name = REGISTRY.resolve(fn, impl, call)
+    if call.k.shape[1] == 0 or call.q.is_meta:
         out, state = _empty(call)
     else:
-        out, state = REGISTRY.run(fn, impl, call)
+        out, state = REGISTRY[name].run(call)
     return LinearOutput(out, state) if return_final_state else out
 
 

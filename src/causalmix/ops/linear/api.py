@@ -118,8 +118,9 @@ class LinearOutput(NamedTuple):
 
 
 def _empty(call: LinearCall) -> torch.Tensor | LinearOutput:
-    """Nothing to compute (no batch row, or no query and no key): a right-shaped empty output
-    (and the initial state, or zeros, as the final state), connected to the inputs' graph."""
+    """Nothing to compute (no batch row, or no query and no key) or nothing to read (meta
+    tensors): a right-shaped output of zeros (and the initial state, or zeros, as the final
+    state), connected to the inputs' graph."""
     q, h = call.q, call.heads.out
     b, d, dv = q.shape[0], q.shape[-1], call.v.shape[-1]
     zero = (q.sum() + call.k.sum() + call.v.sum()) * 0
@@ -190,8 +191,8 @@ def linear_attention(
                     initial_state=initial_state, return_final_state=return_final_state,
                     chunk_size=chunk_size)
     name = REGISTRY.resolve(fn, impl, call)
-    if q.shape[0] == 0 or q.shape[1] == k.shape[1] == 0:
-        return _empty(call)
+    if q.shape[0] == 0 or q.shape[1] == k.shape[1] == 0 or q.is_meta:
+        return _empty(call)  # meta tensors: the right shapes, nothing computed
     out, state = REGISTRY[name].run(call)
     return LinearOutput(out, state) if return_final_state else out
 
