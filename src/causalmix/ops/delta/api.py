@@ -73,17 +73,25 @@ __all__ = ["REGISTRY", "available_impls", "chunk_delta_attention", "delta_attent
            "recurrent_delta_attention"]
 
 
+#: ``impl="auto"`` runs the dense reference up to this many keys: below it the reference's
+#: O(T^2) work costs less than chunk's per-tile overhead (fwd+bwd, B=2, H=4, D=32: reference
+#: 1.6-1.9x faster than chunk at T = 8..64, even at 128, chunk ahead from 256;
+#: ``benchmarks/auto.py``).
+AUTO_REFERENCE_MAX_T = 128
+
+
 def _auto(call: DeltaCall) -> str:
-    """``recurrent`` for one query and one key, else ``chunk``; when chunk cannot serve the call,
-    ``impl='auto'`` raises with every impl's reason (never a quiet switch to the quadratic
-    reference). Where values cannot be read on the host (``torch.compile``, ``torch.func``: see
-    :func:`~causalmix.checks.values_checked`) a call that chunk serves runs on the traceable
-    reference instead."""
-    name = "recurrent" if call.q.shape[1] == call.k.shape[1] == 1 else "chunk"
-    if name == "chunk" and not values_checked(*call_tensors(call)) \
-            and chunk.can_serve(call) is None:
+    """By cost: ``recurrent`` for one query and one key; for a call ``chunk`` serves, the
+    reference up to :data:`AUTO_REFERENCE_MAX_T` keys, else ``chunk``; where values cannot be
+    read on the host (``torch.compile``, ``torch.func``: :func:`~causalmix.checks.values_checked`)
+    the traceable reference at every length. A call chunk cannot serve goes to chunk, which
+    raises with every impl's reason: ``auto`` serves exactly the specs ``chunk`` serves."""
+    if call.q.shape[1] == call.k.shape[1] == 1:
+        return "recurrent"
+    if chunk.can_serve(call) is None and (call.k.shape[1] <= AUTO_REFERENCE_MAX_T
+                                          or not values_checked(*call_tensors(call))):
         return "reference"
-    return name
+    return "chunk"
 
 
 #: The delta family's implementations (:mod:`causalmix.ops.registry`).
@@ -135,7 +143,9 @@ def delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibilit
         q_offset, k_offset: absolute position of the first query and key (equal).
         initial_state: ``[B, H, D, Dv]`` causal state before the call (compute dtype) or None.
         return_final_state: also return the causal state at the last key.
-        impl: ``"auto"`` (``recurrent`` for one token, else ``chunk``), ``"reference"`` (dense,
+        impl: ``"auto"`` (``recurrent`` for one token, the reference up to
+            ``AUTO_REFERENCE_MAX_T`` = 128 keys and under compile / torch.func, else ``chunk``;
+            it serves the specs ``chunk`` serves), ``"reference"`` (dense,
             the definition), ``"chunk"`` (WY / UT chunked, memory linear in T) or
             ``"recurrent"``; one that cannot serve the call raises, listing those that can.
         chunk_size: tile length of ``chunk`` (>= 1; clamped to Tk).
