@@ -203,6 +203,64 @@ def gated_weights_figure() -> bytes:
     return _weights_figure(panels)
 
 
+def delta_parts_figure() -> bytes:
+    """The two parts of a delta-rule query, from ``spec.mask`` and ``spec.horizon``: the forward
+    recurrence runs over the visible keys up to the query's own, the reverse one down from the
+    horizon ``hi(i)`` to the key after the query."""
+    n = 8
+    specs = [(cm.Chunked(2, lookahead=1), None), (cm.Prefix(3), None),
+             (cm.Segments.from_lengths([3, 5]) & cm.Full(),
+              "Segments.from_lengths([3, 5])\n& Full()")]
+    colours = ListedColormap([PAPER, INK, "#212121", "#ff8f00"])
+    fig, axes = plt.subplots(1, len(specs), figsize=(2.9 * len(specs), 3.3))
+    for ax, (spec, title) in zip(axes, specs, strict=True):
+        m = spec.mask(n, n)[0].numpy()
+        i, j = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+        parts = np.where(m & (j < i), 1, 0) + np.where(i == j, 2, 0) + np.where(m & (j > i), 3, 0)
+        _grid(ax, parts.astype(float), colours, vmin=0, vmax=3)
+        hi = spec.horizon(torch.arange(n)).numpy()
+        ax.plot(hi, np.arange(n), "o", color="#424242", markersize=3, fillstyle="none")
+        ax.set_title(title or repr(spec), pad=28, fontsize=8)
+    fig.legend(handles=[Patch(facecolor=c, edgecolor="#9e9e9e", label=lbl) for lbl, c in
+                        [("forward part", INK), ("the query's own key", "#212121"),
+                         ("reverse part", "#ff8f00")]]
+               + [plt.Line2D([], [], marker="o", color="#424242", fillstyle="none", ls="",
+                             label="horizon hi(i)")],
+               loc="lower center", ncol=4, fontsize=7, bbox_to_anchor=(0.5, 0.02))
+    return _svg(fig)
+
+
+def _delta_weights(spec, n, d=4, seed=0, **kw) -> np.ndarray:
+    """``W`` with ``o = W v``: the delta rule is linear in v, so with one-hot values ``v_j =
+    e_j`` (``Dv == T``) output row ``i`` is the row of weights of query ``i``."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, n, 1, d, generator=g, dtype=torch.float64)
+    k = torch.nn.functional.normalize(torch.randn(1, n, 1, d, generator=g, dtype=torch.float64),
+                                      dim=-1)
+    v = torch.eye(n, dtype=torch.float64)[None, :, None, :]
+    beta = torch.full((1, n, 1), 0.9, dtype=torch.float64)
+    out = cm.delta_attention(q, k, v, spec, beta=beta, impl="reference", **kw)
+    return out[0, :, 0, :].numpy()
+
+
+def delta_weights_figure() -> bytes:
+    """The delta rule's weights (random q, unit keys of dimension 4, beta 0.9) under three
+    specs, drawn on a diverging scale: they can be negative."""
+    n = 12
+    panels = [(f"{s!r}", _delta_weights(s, n))
+              for s in [cm.Causal(), cm.Full(), cm.Chunked(4, lookahead=1)]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.3))
+    top = max(float(np.abs(w).max()) for _, w in panels)
+    for ax, (title, w) in zip(axes, panels, strict=True):
+        _grid(ax, w, "RdBu_r", vmin=-top, vmax=top)
+        ax.tick_params(labelsize=7)
+        ax.set_ylabel("query i", labelpad=1)
+        ax.set_title(title, pad=28, fontsize=8)
+    fig.subplots_adjust(wspace=0.3)
+    fig.colorbar(axes[0].collections[0], ax=list(axes), shrink=0.7, label="weight of v_j")
+    return _svg(fig)
+
+
 def _specs() -> dict[str, tuple[vis.Visibility, str | None]]:
     pad = torch.tensor([[True] * 9 + [False] * 3])
     adaptive = torch.tensor([0, 0, 2, 0, 0, 0, 3, 0, 0, 1, 0, 0])
@@ -244,4 +302,6 @@ FIGURES: dict[str, Callable[[], bytes]] = {
     "softmax-weights": softmax_weights_figure,
     "linear-weights": linear_weights_figure,
     "gated-weights": gated_weights_figure,
+    "delta-parts": delta_parts_figure,
+    "delta-weights": delta_weights_figure,
 }

@@ -1,8 +1,10 @@
-"""The public names the API reference documents, and whether each one is documented.
+"""The public names the API reference documents, the reference pages, and whether each name is
+documented.
 
-Used by the site build (``docs/hooks/site.py`` writes one reference page per module from these
-lists) and by ``tests/test_docs.py`` (which needs nothing but causalmix): both fail when a name of
-an ``__all__`` below has no docstring of its own.
+Used by the site build (``docs/hooks/site.py`` writes the reference pages of
+:func:`reference_page`, one per module of ``MODULES``) and by ``tests/test_docs.py`` (which needs
+nothing but causalmix): both fail when a name of an ``__all__`` below has no docstring of its own
+or no entry on its page, and :func:`problems` says which name, which page and where to write it.
 
 A class or function is documented by its own docstring (not one that Python writes itself, as for
 a NamedTuple or a dataclass without a docstring). Any other value (a constant) is documented by
@@ -16,6 +18,7 @@ import ast
 import importlib
 import inspect
 import pathlib
+import re
 from typing import NamedTuple
 
 #: The modules whose ``__all__`` the reference documents, with the page each one gets.
@@ -25,6 +28,17 @@ MODULES = {
     "causalmix.distributed": "reference/distributed.md",
     "causalmix.nn": "reference/nn.md",
     "causalmix.hf": "reference/hf.md",
+}
+
+
+#: The guide pages each reference page links to (paths relative to ``docs/reference/``).
+GUIDES = {
+    "causalmix": "Guides: [Concepts](../concepts.md), [softmax](../mixers/softmax.md), "
+                 "[linear](../mixers/linear.md), [delta rule](../mixers/delta.md).",
+    "causalmix.stream": "Guide: [Modes](../modes.md#streaming-and-latency-causalmixstream).",
+    "causalmix.distributed": "Guide: [Modes](../modes.md#sequence-parallel).",
+    "causalmix.nn": "Guide: [Layers and models](../models.md).",
+    "causalmix.hf": "Guide: [the Hugging Face bridge](../hf.md) (needs the `hf` extra).",
 }
 
 
@@ -104,18 +118,84 @@ def _written_by_python(obj: type, doc: str) -> bool:
         and "\n" not in doc.strip()
 
 
+def _documented(e: Entry) -> bool:
+    obj = getattr(importlib.import_module(e.module), e.name)
+    if inspect.isclass(obj):
+        doc = vars(obj).get("__doc__") or ""
+        return bool(doc.strip()) and not _written_by_python(obj, doc)
+    if inspect.isroutine(obj):
+        return bool((obj.__doc__ or "").strip())
+    try:
+        return bool(constant_doc(e.module, e.name))
+    except LookupError:  # assigned by code the source does not show (no comment possible)
+        return False
+
+
 def undocumented() -> list[str]:
     """``module.name`` of every public name without a docstring of its own."""
-    missing = []
+    return [f"{e.module}.{e.name}" for e in entries() if not _documented(e)]
+
+
+def _where(e: Entry) -> str:
+    """``path:line`` (relative to ``src/`` when inside it) of the definition of a public name."""
+    obj = getattr(importlib.import_module(e.module), e.name)
+    try:
+        if not (inspect.isclass(obj) or inspect.isroutine(obj)):
+            raise TypeError
+        path, line = inspect.getsourcefile(obj), inspect.getsourcelines(obj)[1]
+    except (TypeError, OSError):
+        try:
+            module, tree, _, k = _source_of(e.module, e.name)
+        except LookupError:
+            return f"its definition (no assignment of {e.name} found in {e.module}'s source)"
+        path, line = importlib.import_module(module).__file__, tree.body[k].lineno
+    parts = pathlib.Path(path).resolve().parts
+    shown = pathlib.Path(*parts[parts.index("src"):]) if "src" in parts else pathlib.Path(path)
+    return f"{shown}:{line}"
+
+
+def _anchors(markdown: str) -> set[str]:
+    """The names a reference page has an entry for (``::: name`` or ``{ #name }``)."""
+    return set(re.findall(r"^::: ([\w.]+)$", markdown, flags=re.M)) \
+        | set(re.findall(r"\{ #([\w.]+) \}", markdown))
+
+
+def problems() -> list[str]:
+    """One line per public name the reference does not document, saying which name, the page
+    its entry is on and what to write where; ``[]`` when every name is documented."""
+    out = []
+    by_module: dict[str, list[Entry]] = {}
     for e in entries():
-        obj = getattr(importlib.import_module(e.module), e.name)
-        if inspect.isclass(obj):
-            doc = vars(obj).get("__doc__") or ""
-            ok = bool(doc.strip()) and not _written_by_python(obj, doc)
-        elif inspect.isroutine(obj):
-            ok = bool((obj.__doc__ or "").strip())
+        by_module.setdefault(e.module, []).append(e)
+    for module, page in MODULES.items():
+        listed = by_module.get(module, [])
+        present = _anchors(reference_page(module, listed))
+        for e in listed:
+            full = f"{e.module}.{e.name}"
+            where = f"docs/{page} (the reference page of {module}, written from its __all__ by " \
+                    f"docs/hooks/site.py)"
+            if full not in present:
+                out.append(f"{full}: no entry on {where}: docs/hooks/public_api.py "
+                           f"reference_page lost it")
+            elif not _documented(e):
+                obj = getattr(importlib.import_module(e.module), e.name)
+                what = "a docstring" if inspect.isclass(obj) or inspect.isroutine(obj) else \
+                    "'#:' comment lines right above its assignment"
+                out.append(f"{full}: undocumented: its entry on {where} is empty. Write {what} "
+                           f"at {_where(e)}")
+    return out
+
+
+def reference_page(module: str, listed: list[Entry]) -> str:
+    """The Markdown of one reference page: the module docstring, then every public name (an
+    object already documented under an earlier name gets a pointer to it)."""
+    lines = [f"# `{module}`", "", GUIDES.get(module, ""), "",
+             f"::: {module}", "    options:", "      members: false",
+             "      show_root_heading: false", "      show_root_toc_entry: false", ""]
+    for e in listed:
+        if e.first is None:
+            lines += [f"::: {e.module}.{e.name}", ""]
         else:
-            ok = bool(constant_doc(e.module, e.name))
-        if not ok:
-            missing.append(f"{e.module}.{e.name}")
-    return missing
+            lines += [f"## `{e.module}.{e.name}` {{ #{e.module}.{e.name} }}", "",
+                      f"The same object as [`{e.first}`][{e.first}], re-exported here.", ""]
+    return "\n".join(lines)

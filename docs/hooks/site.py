@@ -3,10 +3,11 @@
 At every build, nothing of it checked in:
 
 - one API reference page per public module (``public_api.MODULES``), an entry for every name of
-  its ``__all__`` (so a new public name appears, and a name without a docstring fails the strict
-  build with a warning);
+  its ``__all__`` (so a new public name appears by itself, and a name without a docstring fails
+  the strict build with a warning saying which name, which page and where to write it);
 - the figures of ``figures.FIGURES`` (mask and weight pictures drawn from the code with
   matplotlib), written as SVG under ``figures/`` of the site;
+- the benchmarks page's table of measured figures, from the README's (said in one place);
 - the lab page's findings (title, paper, claim, rule: ``causalmix.lab.findings.FINDINGS``), each
   with its latest figure when a lab report exists (``$CAUSALMIX_LAB_OUT``, default ``lab_out/``:
   what ``make lab`` writes), else the command that makes it.
@@ -31,30 +32,6 @@ import figures  # noqa: E402
 import public_api  # noqa: E402
 
 log = logging.getLogger("mkdocs.plugins.causalmix")
-
-_GUIDE = {
-    "causalmix": "Guides: [Concepts](../concepts.md), [softmax](../mixers/softmax.md), "
-                 "[linear](../mixers/linear.md).",
-    "causalmix.stream": "Guide: [Modes](../modes.md).",
-    "causalmix.distributed": "Guide: [Modes](../modes.md#sequence-parallel).",
-    "causalmix.nn": "Guide: [Layers and models](../models.md).",
-    "causalmix.hf": "Guide: [the Hugging Face bridge](../hf.md) (needs the `hf` extra).",
-}
-
-
-def reference_page(module: str, entries: list[public_api.Entry]) -> str:
-    """The Markdown of one reference page: the module docstring, then every public name."""
-    lines = [f"# `{module}`", "", _GUIDE.get(module, ""), "",
-             f"::: {module}", "    options:", "      members: false",
-             "      show_root_heading: false", "      show_root_toc_entry: false", ""]
-    for e in entries:
-        if e.first is None:
-            lines += [f"::: {e.module}.{e.name}", ""]
-        else:
-            lines += [f"## `{e.module}.{e.name}` {{ #{e.module}.{e.name} }}", "",
-                      f"The same object as [`{e.first}`][{e.first}], re-exported here.", ""]
-    return "\n".join(lines)
-
 
 LAB_MARK = "<!-- findings: written by docs/hooks/site.py -->"
 
@@ -89,7 +66,30 @@ def findings_markdown(lab_out: pathlib.Path) -> str:
     return "\n".join(lines)
 
 
+MEASURED_MARK = "<!-- measured: the README's table, inserted by docs/hooks/site.py -->"
+MEASURED_HEADING = "### Measured on the 2-core CPU"
+
+
+def measured_table(readme: pathlib.Path) -> str | None:
+    """The table under the README's ``Measured on the 2-core CPU`` heading (one place for the
+    measured figures while the README still carries them), or None if it has none."""
+    text = readme.read_text()
+    if MEASURED_HEADING not in text:
+        return None
+    rows = text[text.index(MEASURED_HEADING):].splitlines()[1:]
+    rows = rows[next(k for k, r in enumerate(rows) if r.startswith("|")):]
+    return "\n".join(r for r in rows[:next((k for k, r in enumerate(rows)
+                                             if not r.startswith("|")), len(rows))])
+
+
 def on_page_markdown(markdown, page, config, files):
+    if page.file.src_uri == "benchmarks.md":
+        table = measured_table(pathlib.Path(config.config_file_path).parent / "README.md")
+        if table is None or MEASURED_MARK not in markdown:
+            log.warning("benchmarks.md: the README's %r table or the page's mark is gone: move "
+                        "the table into docs/benchmarks.md", MEASURED_HEADING)
+            return markdown
+        return markdown.replace(MEASURED_MARK, table)
     if page.file.src_uri == "lab.md":
         if LAB_MARK not in markdown:
             log.warning("lab.md has lost its findings mark %r", LAB_MARK)
@@ -100,15 +100,14 @@ def on_page_markdown(markdown, page, config, files):
 def on_files(files, config):
     """Add the generated reference pages and figures to the build."""
     start = time.perf_counter()
-    missing = public_api.undocumented()
-    for name in missing:
-        log.warning("public name without a docstring of its own: %s", name)
+    for problem in public_api.problems():
+        log.warning("public name: %s", problem)
     by_module: dict[str, list[public_api.Entry]] = {}
     for e in public_api.entries():
         by_module.setdefault(e.module, []).append(e)
     for module, page in public_api.MODULES.items():
-        files.append(File.generated(config, page,
-                                    content=reference_page(module, by_module.get(module, []))))
+        content = public_api.reference_page(module, by_module.get(module, []))
+        files.append(File.generated(config, page, content=content))
     for name, draw in figures.FIGURES.items():
         files.append(File.generated(config, f"figures/{name}.svg", content=draw()))
     lab_figures = _lab_out(config) / "figures"

@@ -8,6 +8,7 @@ rank."""
 from __future__ import annotations
 
 import datetime
+import re
 
 import pytest
 import torch
@@ -104,13 +105,13 @@ def _gather(x, layout, world):
     return unshard(parts, layout)
 
 
-def _case(rank, world, name, unit, layout, gates, heads, init):
+def _case(rank, world, name, unit, layout, gates, heads, init, chunk_size=4):
     x, w, wf = _inputs(unit, world, heads, gates, init)
     spec = _spec(name, world * unit)
     truth, base = _single(x, w, wf, spec, torch.float64), _single(x, w, wf, spec, torch.float32)
     local = {n: (t.float() if n == "initial_state" else shard(t, layout, rank, world))
              .requires_grad_() for n, t in x.items()}
-    o, s = _call(delta_attention, local, spec, layout=layout, chunk_size=4)
+    o, s = _call(delta_attention, local, spec, layout=layout, chunk_size=chunk_size)
     loss = (o * shard(w, layout, rank, world)).sum() + (s * wf).sum() / world
     grads = dict(zip(local, torch.autograd.grad(loss, list(local.values())), strict=True))
     got = [_gather(o, layout, world), s]
@@ -139,6 +140,23 @@ def test_sharded_equals_single_process(tmp_path, world):
     assert done == dict.fromkeys(range(world), len(cases))
 
 
+LONG_CASES = [  # awkward long lengths, default chunk size (64: does not divide the spans)
+    ("docs_full_rows", 250, "contiguous", "reverse", "value", True),
+    ("chunked_la", 250, "zigzag", "gated", "gqa", True),
+]
+
+
+def _long_job(rank, world):
+    for case in LONG_CASES:
+        _case(rank, world, *case, chunk_size=64)
+    return True
+
+
+@pytest.mark.slow
+def test_sharded_equals_single_process_at_500(tmp_path):
+    run_process_group(_long_job, 2, str(tmp_path))
+
+
 def _nan_job(rank, world):
     """NaN in, NaN out: a NaN value and a NaN gate reach every output that reads them (their
     document, from them on under Causal, all of it under Full), on every layout."""
@@ -164,35 +182,40 @@ def test_nan_stays_in_its_document(tmp_path):
     run_process_group(_nan_job, 2, str(tmp_path))
 
 
-def _refusal_job(rank, world, which):
-    x = torch.randn(1, 4, 2, 3)
-    beta = torch.full((1, 4, 2), 0.5)
-    spec, layout = Causal(), "contiguous"
-    if which == "window":
-        spec = Window(2, 1)
-    elif which == "striped":
-        layout = "striped"
-    elif which == "beta" and rank == 1:
-        beta = beta * 5
-    elif which == "spec" and rank == 1:
-        spec = Full()
-    try:
-        delta_attention(x, x, x, spec, beta=beta, layout=layout)
-    except ValueError as e:
-        return str(e)
-    return None
+REFUSALS = {  # case: what the one message every rank raises must name
+    "window": r"Window\(left=2, right=1\)", "striped": "striped",
+    "beta": r"beta values must lie in \(0, 2\]", "spec": "visibility"}
 
 
-@pytest.mark.parametrize("which,match", [
-    ("window", r"Window\(left=2, right=1\)"), ("striped", "striped"),
-    ("beta", r"beta values must lie in \(0, 2\]"), ("spec", "visibility")])
-def test_every_rank_raises_the_same_error(tmp_path, which, match):
-    results = run_process_group(_refusal_job, 2, str(tmp_path), which=which)
-    messages = set(results.values())
-    assert len(messages) == 1 and None not in messages, results
-    msg = messages.pop()
-    assert "delta" in msg
-    assert __import__("re").search(match, msg), msg
+def _refusal_job(rank, world):
+    out = {}
+    for which in REFUSALS:
+        x = torch.randn(1, 4, 2, 3)
+        beta = torch.full((1, 4, 2), 0.5)
+        spec, layout = Causal(), "contiguous"
+        if which == "window":
+            spec = Window(2, 1)
+        elif which == "striped":
+            layout = "striped"
+        elif which == "beta" and rank == 1:  # one rank's bad argument
+            beta = beta * 5
+        elif which == "spec" and rank == 1:  # ranks that disagree
+            spec = Full()
+        try:
+            delta_attention(x, x, x, spec, beta=beta, layout=layout)
+            out[which] = None
+        except ValueError as e:
+            out[which] = str(e)
+    return out
+
+
+def test_every_rank_raises_the_same_error(tmp_path):
+    results = run_process_group(_refusal_job, 2, str(tmp_path))
+    for which, match in REFUSALS.items():
+        messages = {r[which] for r in results.values()}
+        assert len(messages) == 1 and None not in messages, (which, results)
+        msg = messages.pop()
+        assert "delta" in msg and re.search(match, msg), (which, msg)
 
 
 def test_world_of_one_is_the_single_process_op(tmp_path):

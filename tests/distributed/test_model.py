@@ -32,7 +32,8 @@ CASES = {
     "hybrid": (("softmax", "linear", "gated"), (Chunked(4, 1), DOCS, Prefix(7)),
                ("zigzag",)),
     # Gated DeltaNet layers: the conv halo crosses ranks (and runs of 2 at world 4, zigzag)
-    "delta": (("delta", "delta"), (Causal(), Chunked(3, 1)), ("contiguous", "zigzag")),
+    "delta": (("delta", "delta", "delta"), (Causal(), Chunked(3, 1), Prefix(torch.tensor([5, 11]))),
+              ("contiguous", "zigzag")),
     "delta_docs": (("delta", "delta", "softmax"), (DOCS, ROW_DOCS & Full(), Prefix(6)),
                    ("contiguous", "zigzag")),
 }

@@ -124,6 +124,20 @@ def test_model_stream_equals_parallel(t, push, spec):
     assert_close(got, ref, base, name=f"{spec} T={t} stream")
 
 
+def test_stream_memory_is_bounded():
+    """A causal delta model streams in constant memory: the carried state, the convolution's
+    last inputs (counted by cache_nbytes) and nothing that grows with the stream."""
+    model = _model((Causal(), Causal()))
+    s = ModelStream(model)
+    sizes = []
+    with torch.no_grad():
+        for _ in range(6):
+            s.push(torch.randint(0, V, (1, 16)))
+            sizes.append(s.cache_nbytes())
+    conv = sum(b.attn.conv_size - 1 for b in model.blocks) * sum(model.blocks[0].attn.widths) * 4
+    assert len(set(sizes)) == 1 and sizes[0] >= conv
+
+
 @pytest.mark.parametrize("spec", ["causal", "docs_causal"])
 def test_step_decode_equals_parallel(spec):
     t = 23

@@ -165,6 +165,15 @@ class _LayerState:
         return y
 
 
+def _tensor_nbytes(value: Any) -> int:
+    """Bytes of the tensors in ``value`` (a tensor, or a tuple / list of values; else 0)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_tensor_nbytes(v) for v in value)
+    return 0
+
+
 def model_and_layers(owner: str, layers: Any, kind: str) -> tuple[Any, list]:
     """A stream's ``layers`` argument: a :class:`StreamableModel` (its blocks) or a non-empty
     sequence of layers of ``kind``; returns ``(model or None, the layers)``."""
@@ -304,8 +313,10 @@ class ModelStream:
         return LatencyStats.of(self.latency, self.compute_seconds, frame_seconds=frame_seconds)
 
     def cache_nbytes(self) -> int:
-        """Bytes held by every layer's mixer state / cache and pending-frame buffers."""
-        return sum(st.mixer.cache_nbytes() + st.x.nbytes() for st in self.layers)
+        """Bytes held by every layer's mixer state / cache, pending-frame buffers and carried
+        context (the tensors in it, e.g. a short convolution's last inputs)."""
+        return sum(st.mixer.cache_nbytes() + st.x.nbytes() + _tensor_nbytes(st.context)
+                   for st in self.layers)
 
     def __repr__(self) -> str:
         what = "" if self.model is None else f"{type(self.model).__name__}: "

@@ -7,7 +7,7 @@ run), ``judge(results)`` applies the rule to the finished runs' metrics and retu
 :class:`Judgement`, ``plot(results, ax)`` draws its figure. The rules below are the ones in
 the report; they were fixed when the findings were written, before the default suite ran.
 
-One finding a file (``f1_recall.py`` ... ``f6_hydra.py``), what they share in ``base.py``
+One finding a file (``f1_recall.py`` ... ``f8_text.py``), what they share in ``base.py``
 (suite sizes, the records, statistics, table cells, model configs, plots); this face holds
 :data:`FINDINGS`, every finding by key in report order.
 """
@@ -28,9 +28,11 @@ from causalmix.lab.findings.f3_icl import F3
 from causalmix.lab.findings.f4_positions import F4
 from causalmix.lab.findings.f5_lookahead import F5
 from causalmix.lab.findings.f6_hydra import F6
+from causalmix.lab.findings.f7_delta import F7
+from causalmix.lab.findings.f8_text import F8
 
 __all__ = ["FINDINGS", "GATED_MISSING", "GATED_MIXER", "SUITES", "Arm", "Finding", "Judgement",
            "SuiteSize", "mean_se"]
 
 #: Every finding of the lab, by key, in report order.
-FINDINGS: dict[str, Finding] = {f.key: f for f in (F1, F2, F3, F4, F5, F6)}
+FINDINGS: dict[str, Finding] = {f.key: f for f in (F1, F2, F3, F4, F5, F6, F7, F8)}

@@ -1,4 +1,5 @@
-"""Block-sparse softmax attention in plain PyTorch, forward and backward, CPU (and GPU: untested).
+"""Block-sparse softmax attention in PyTorch ops (bands in its fused CPU kernel), forward and
+backward, CPU (and GPU: untested).
 
 The plan (:mod:`causalmix.ops.softmax._plan`) lists, per block of query rows, the non-empty key
 tiles in cache-sized *pieces*, with a cached 0 / -inf mask for the partial ones; empty tiles get
@@ -9,19 +10,25 @@ keys fit one piece takes an exact softmax; longer rows merge their pieces online
 (FlashAttention's running max ``m``, sum ``l`` and rescaled accumulator). Backward
 (``_backward_block``) recomputes each piece (FlashAttention-2): with ``P = exp(S - lse)``,
 ``dV += P^T dO``, ``dS = P * (dO V^T - delta + dlse)`` where ``delta = rowsum(dO * O)``,
-``dQ = scale * dS K``, ``dK += scale * dS^T Q``. Memory is O(T * D) plus one piece of scores.
-Band row blocks (``Window``-like specs) run as batched matmuls over a strided view of the keys
-(``_band_forward`` / ``_band_backward``).
+``dQ = scale * dS K``, ``dK += scale * dS^T Q``. Memory is O(T * D) plus one piece of scores:
+nothing but the output and the lse is saved for the backward besides the inputs.
+Band row blocks (``Window``-like specs) run as batched products over a strided view of the keys
+(:mod:`causalmix.ops.softmax._band`), in PyTorch's fused CPU attention kernel where queries and
+values share a head size.
 
-On a multi-threaded CPU the (batch, kv head) axis is split into slices computed by worker
-threads whose own ops run single-threaded (``_run_units``, :mod:`causalmix.ops.softmax._workers`):
-one fork/join per call rather than one per small op, which matters most on a loaded machine. No
-process-wide setting is touched (``torch.set_num_threads`` is never called).
+Work is split into *units* (one example, some kv heads). On a multi-threaded CPU the units run in
+worker threads whose own ops run single-threaded (``_run_units``,
+:mod:`causalmix.ops.softmax._workers`): one fork/join per call rather than one per small op, which
+matters most on a loaded machine. No process-wide setting is touched (``torch.set_num_threads``
+is never called). Each unit reads its heads of ``q``, ``k``, ``v`` in place (strided head views:
+no head-major copies when the inputs are already in the compute dtype and each kv head serves one
+query head) and writes its slices of the outputs and gradients directly.
 
-Scores are kept in base 2 (``q`` is scaled by ``scale * log2(e)`` once, so exponentials are
-``exp2``, several times cheaper than ``exp`` on CPU); the lse is returned in natural log. Math is
-fp32 inside (fp64 for fp64 inputs); results are cast back to the input dtype. A ``+inf`` or NaN
-score makes its row NaN, as in the reference; a row that sees no key gets 0 and lse ``-inf``.
+Scores are kept in base 2 (the matmuls carry ``scale * log2(e)`` as their ``alpha``, so
+exponentials are ``exp2``, several times cheaper than ``exp`` on CPU); the lse is returned in
+natural log. Math is fp32 inside (fp64 for fp64 inputs); results are cast back to the input
+dtype. A ``+inf`` or NaN score makes its row NaN, as in the reference; a row that sees no key gets
+0 and lse ``-inf``.
 """
 
 from __future__ import annotations
@@ -32,9 +39,9 @@ from typing import NamedTuple
 import torch
 
 from causalmix.checks import compute_dtype
-from causalmix.ops.softmax import _plan, _workers
-from causalmix.ops.softmax._call import Call
-from causalmix.ops.softmax._plan import Band, Block, Geometry, Heads, Piece, Plan, Rect, Sizes
+from causalmix.ops.softmax import _band, _plan, _workers
+from causalmix.ops.softmax._call import Call, overflow_reason
+from causalmix.ops.softmax._plan import Block, Geometry, Heads, Piece, Plan, Rect, Sizes
 from causalmix.visibility import Visibility
 
 _LOG2E = 1.0 / math.log(2.0)
@@ -45,22 +52,25 @@ def can_serve(call: Call) -> str | None:
 
 
 class _Unit(NamedTuple):
-    """A slice ``[u0, u1)`` of the flattened (batch, kv head) axis that one worker computes;
-    ``b`` is its example's index in the spec's masks (0 when the spec has no batch)."""
+    """What one worker computes: kv heads ``[h0, h1)`` of example ``e``; ``b`` is its example's
+    index in the spec's masks (0 when the spec has no batch)."""
 
-    u0: int
-    u1: int
+    e: int
+    h0: int
+    h1: int
     b: int
 
 
 class _Job(NamedTuple):
     """What one worker computes with: the plan, the call's spec (masks not cached in the plan
-    are rebuilt from it), its unit, and a scratch buffer for one piece of scores."""
+    are rebuilt from it), its unit, a scratch buffer for one piece of scores, and the scores'
+    factor ``scale * log2(e)`` (base-2 scores from unscaled ``q . k``)."""
 
     plan: Plan
     visibility: Visibility
     unit: _Unit
     work: torch.Tensor
+    alpha: float
 
 
 def _mask(s: torch.Tensor, job: _Job, blk: Block, pc: Piece) -> None:
@@ -80,7 +90,7 @@ def _scores(qb: torch.Tensor, kf: torch.Tensor, job: _Job, blk: Block, pc: Piece
     bh, n, _ = qb.shape
     w = pc.c1 - pc.c0
     s = job.work[: bh * n * w].view(bh, n, w)
-    torch.bmm(qb, kf[:, pc.c0 : pc.c1].transpose(1, 2), out=s)
+    s.baddbmm_(qb, kf[:, pc.c0 : pc.c1].transpose(1, 2), beta=0.0, alpha=job.alpha)
     _mask(s, job, blk, pc)
     return s
 
@@ -133,203 +143,123 @@ def _row_block_online(x: _Rows, job: _Job, blk: Block) -> torch.Tensor:
 
 
 class _Fwd(NamedTuple):
-    q: torch.Tensor  # [BH, Tq, G, D]: base-2 scaled queries
-    k: torch.Tensor  # [BH, Tk, D]
-    v: torch.Tensor  # [BH, Tk, Dv]
-    out: torch.Tensor  # [BH, Tq, G, Dv], written
-    lse2: torch.Tensor  # [BH, Tq, G], written
+    """One unit's forward operands, rows ``i * G + g`` (query row ``i``, head ``g`` of its
+    group): any strides, last dim contiguous or not."""
+
+    q: torch.Tensor  # [nh, Tq * G, D]
+    k: torch.Tensor  # [nh, Tk, D]
+    v: torch.Tensor  # [nh, Tk, Dv]
+    out: torch.Tensor  # [nh, Tq * G, Dv], written
+    lse2: torch.Tensor  # [nh, Tq * G], written (base 2)
 
 
-def _forward_unit(t: _Fwd, plan: Plan, visibility: Visibility, unit: _Unit) -> None:
-    """Every row block of one unit (a slice of the flattened batch x kv-head axis)."""
-    sl = slice(unit.u0, unit.u1)
-    q, kf, vf, out, lse2 = t.q[sl], t.k[sl], t.v[sl], t.out[sl], t.lse2[sl]
-    nu, _, g, d = q.shape
-    dv = vf.shape[-1]
+def _forward_rows(t: _Fwd, plan: Plan, opts: _Opts, unit: _Unit) -> None:
+    """Every row block of one unit."""
+    q, kf, vf, out, lse2 = t
+    visibility, alpha = opts.visibility, opts.scale * _LOG2E
+    nu = q.shape[0]
+    g = q.shape[1] // max(1, plan.geo.tq)
     work = torch.empty(nu * plan.rows * g * plan.piece_max, dtype=q.dtype, device=q.device)
-    job = _Job(plan, visibility, unit, work)
+    job = _Job(plan, visibility, unit, work, alpha)
     for blk in plan.blocks:
+        rs = slice(blk.r0 * g, blk.r1 * g)
         if not blk.pieces:  # rows that see no key
-            out[:, blk.r0 : blk.r1] = 0.0
-            lse2[:, blk.r0 : blk.r1] = float("-inf")
+            out[:, rs] = 0.0
+            lse2[:, rs] = float("-inf")
             continue
-        n = (blk.r1 - blk.r0) * g
-        x = _Rows(q[:, blk.r0 : blk.r1].reshape(nu, n, d), kf, vf,
-                  out[:, blk.r0 : blk.r1].view(nu, n, dv))
         run_rows = _row_block_one if len(blk.pieces) == 1 else _row_block_online
-        lse2[:, blk.r0 : blk.r1] = run_rows(x, job, blk).view(nu, blk.r1 - blk.r0, g)
-    if plan.band is not None:
-        _band_forward(_Fwd(q, kf, vf, out, lse2), plan.band, plan.rows)
-
-
-def _band_keys(x: torch.Tensor, k0: int, shape: tuple[int, int, int], rows: int):
-    """``x: [Tk, C]`` (a row-contiguous view) -> overlapping ``shape = [nblk, width, C]`` view:
-    block ``n`` holds rows ``[k0 + n * rows, k0 + n * rows + width)``."""
-    st = x.stride(0)
-    return x.as_strided(shape, (rows * st, st, 1), x.storage_offset() + k0 * st)
-
-
-def _band_chunks(band: Band, rows: int, g: int):
-    """Groups of band blocks ``(n, count)`` whose scores fit one piece."""
-    per = max(1, _plan.PIECE_FLOATS // (rows * g * band.width))
-    for n in range(band.n0, band.n1, per):
-        yield n, min(per, band.n1 - n)
-
-
-def _band_forward(t: _Fwd, band: Band, rows: int) -> None:
-    """Band blocks of one unit: ``t.q: [nu, Tq, G, D]``, ``t.k`` / ``t.v``: ``[nu, Tk, .]``."""
-    nu, _, g, d = t.q.shape
-    dv, w = t.v.shape[-1], band.width
-    work = torch.empty(max(1, _plan.PIECE_FLOATS // (rows * g * w)) * rows * g * w,
-                       dtype=t.q.dtype, device=t.q.device)
-    for u in range(nu):
-        for n, c in _band_chunks(band, rows, g):
-            r0, k0 = n * rows, band.k0 + (n - band.n0) * rows
-            qb = t.q[u, r0 : r0 + c * rows].reshape(c, rows * g, d)
-            s = work[: c * rows * g * w].view(c, rows * g, w)
-            torch.bmm(qb, _band_keys(t.k[u], k0, (c, w, d), rows).transpose(1, 2), out=s)
-            s.view(c, rows, g, w).add_(band.bias[0])
-            m = s.amax(dim=-1, keepdim=True).clamp_min_(-torch.finfo(s.dtype).max)
-            s.sub_(m).exp2_()
-            l = s.sum(dim=-1, keepdim=True)
-            ob = t.out[u, r0 : r0 + c * rows].view(c, rows * g, dv)
-            torch.bmm(s, _band_keys(t.v[u], k0, (c, w, dv), rows), out=ob)
-            ob.div_(l.clamp_min(torch.finfo(s.dtype).tiny))
-            t.lse2[u, r0 : r0 + c * rows] = (m + l.log2()).view(c * rows, g)
+        lse2[:, rs] = run_rows(_Rows(q[:, rs], kf, vf, out[:, rs]), job, blk)[..., 0]
+    if plan.band is None:
+        return
+    if opts.fused and _band.fused(q, vf):
+        _band.forward_fused(t, plan, opts.scale)
+    else:
+        _band.forward(t, plan, alpha)
 
 
 class _Bwd(NamedTuple):
-    q_aug: torch.Tensor  # [BH, Tq, G, D+1]: [q scaled, -lse2]
-    do_aug: torch.Tensor  # [BH, Tq, G, Dv+1]: [dO, -delta]
-    k_aug: torch.Tensor  # [BH, Tk, D+1]: [k, 1]
-    v_aug: torch.Tensor  # [BH, Tk, Dv+1]: [v, 1]
-    dq: torch.Tensor  # [BH, Tq, G, D], accumulated
-    dk: torch.Tensor  # [BH, Tk, D], accumulated
-    dv: torch.Tensor  # [BH, Tk, Dv], accumulated
+    """One unit's backward operands (rows as in :class:`_Fwd`)."""
+
+    q: torch.Tensor  # [nh, Tq * G, D]
+    k: torch.Tensor  # [nh, Tk, D]
+    v: torch.Tensor  # [nh, Tk, Dv]
+    do: torch.Tensor  # [nh, Tq * G, Dv]
+    shift: torch.Tensor  # [nh, Tq * G, 1]: lse2 (+inf for rows that see nothing: P = 0)
+    delta: torch.Tensor  # [nh, Tq * G, 1]: rowsum(dO * O) - dlse
+    dq: torch.Tensor  # [nh, Tq * G, D], accumulated
+    dk: torch.Tensor  # [nh, Tk, D], accumulated
+    dv: torch.Tensor  # [nh, Tk, Dv], accumulated
+    alpha: float  # scale * log2(e)
+    scale: float
+    o: torch.Tensor  # [nh, Tq * G, Dv]: the output
+    fused: bool  # the fused kernel's backward may serve the band (no dlse, no overflow)
 
 
-def _band_backward(t: _Bwd, band: Band, rows: int) -> None:
-    """Band blocks of one unit (``t`` already sliced to it): dq rows are written once; dk/dv
-    fold each block's ``width`` keys back onto the key axis, ``rows`` at a time."""
-    nu, _, g, d1 = t.q_aug.shape
-    dv1, w = t.do_aug.shape[-1], band.width
-    size = max(1, _plan.PIECE_FLOATS // (rows * g * w)) * rows * g * w
-    work_p = torch.empty(size, dtype=t.q_aug.dtype, device=t.q_aug.device)
-    work_d = torch.empty_like(work_p)
-    for u in range(nu):
-        dq, dk, dv = t.dq[u], t.dk[u], t.dv[u]
-        for n, c in _band_chunks(band, rows, g):
-            r0, k0 = n * rows, band.k0 + (n - band.n0) * rows
-            qa = t.q_aug[u, r0 : r0 + c * rows].reshape(c, rows * g, d1)
-            doa = t.do_aug[u, r0 : r0 + c * rows].reshape(c, rows * g, dv1)
-            ka = _band_keys(t.k_aug[u], k0, (c, w, d1), rows)
-            va = _band_keys(t.v_aug[u], k0, (c, w, dv1), rows)
-            p = work_p[: c * rows * g * w].view(c, rows * g, w)
-            torch.bmm(qa, ka.transpose(1, 2), out=p)  # s - lse, base 2
-            p.view(c, rows, g, w).add_(band.bias[0])
-            p.exp2_()
-            ds = work_d[: c * rows * g * w].view(c, rows * g, w)
-            torch.bmm(doa, va.transpose(1, 2), out=ds)  # dO v^T - delta
-            ds.mul_(p)
-            torch.bmm(ds, ka[..., : d1 - 1], out=dq[r0 : r0 + c * rows].view(c, rows * g, -1))
-            dk_band = torch.bmm(ds.transpose(1, 2), qa[..., : d1 - 1])  # [c, w, D]
-            dv_band = torch.bmm(p.transpose(1, 2), doa[..., : dv1 - 1])  # [c, w, Dv]
-            for j in range(0, w, rows):
-                dst = slice(k0 + j, k0 + j + c * rows)
-                dk[dst].view(c, rows, -1).add_(dk_band[:, j : j + rows])
-                dv[dst].view(c, rows, -1).add_(dv_band[:, j : j + rows])
-
-
-def _backward_unit(t: _Bwd, plan: Plan, visibility: Visibility, unit: _Unit) -> None:
-    sl = slice(unit.u0, unit.u1)
-    t = _Bwd(*(x[sl] for x in t))
-    nu, _, g, _ = t.q_aug.shape
+def _backward_rows(t: _Bwd, plan: Plan, opts: _Opts, unit: _Unit) -> None:
+    """Every row block's contributions to one unit's dq, dk, dv."""
+    visibility = opts.visibility
+    nu = t.q.shape[0]
+    g = t.q.shape[1] // max(1, plan.geo.tq)
     size = nu * plan.rows * g * plan.piece_max
-    jobs = (_Job(plan, visibility, unit, torch.empty(size, device=t.dq.device, dtype=t.dq.dtype)),
+    jobs = (_Job(plan, visibility, unit, torch.empty(size, device=t.dq.device, dtype=t.dq.dtype),
+                 t.alpha),
             torch.empty(size, device=t.dq.device, dtype=t.dq.dtype))
     for blk in plan.blocks:
-        _backward_block(t, blk, jobs)
-    if plan.band is not None:
-        _band_backward(t, plan.band, plan.rows)
+        _backward_block(t, blk, g, jobs)
+    if plan.band is None:
+        return
+    if t.fused and _band.fused(t.q, t.v):
+        _band.backward_fused(t, plan)
+    else:
+        _band.backward(t, plan)
 
 
-def _backward_block(t: _Bwd, blk: Block, jobs: tuple[_Job, torch.Tensor]) -> None:
-    """Accumulate one row block's contributions to dq, dk, dv (every update in place); ``t`` is
-    sliced to the unit, ``jobs`` holds the job (scores of P in its buffer) and dS's buffer."""
-    nu, _, g, d1 = t.q_aug.shape
-    d, dv = d1 - 1, t.do_aug.shape[-1] - 1
-    n = (blk.r1 - blk.r0) * g
-    rows = slice(blk.r0, blk.r1)
-    qa = t.q_aug[:, rows].reshape(nu, n, d + 1)
-    doa = t.do_aug[:, rows].reshape(nu, n, dv + 1)
-    qb, dob = qa[..., :d], doa[..., :dv]
-    dq_blk = t.dq[:, rows].view(nu, n, d)
+def _backward_block(t: _Bwd, blk: Block, g: int, jobs: tuple[_Job, torch.Tensor]) -> None:
+    """Accumulate one row block's contributions to dq, dk, dv (every update in place); ``jobs``
+    holds the job (scores of P in its buffer) and dS's buffer."""
+    rs = slice(blk.r0 * g, blk.r1 * g)
+    qb, dob, dq_blk = t.q[:, rs], t.do[:, rs], t.dq[:, rs]
+    shift, delta = t.shift[:, rs], t.delta[:, rs]
+    nu, n, _ = qb.shape
     job, work_d = jobs
     for pc in blk.pieces:
-        p = _scores(qa, t.k_aug, job, blk, pc)  # s - lse, base 2
-        p.exp2_()
+        p = _scores(qb, t.k, job, blk, pc)  # s, base 2
+        p.sub_(shift).exp2_()
         w = pc.c1 - pc.c0
         ds = work_d[: nu * n * w].view(nu, n, w)
-        torch.bmm(doa, t.v_aug[:, pc.c0 : pc.c1].transpose(1, 2), out=ds)  # dO v^T - delta
-        ds.mul_(p)
-        dq_blk.baddbmm_(ds, t.k_aug[:, pc.c0 : pc.c1, :d])
+        torch.bmm(dob, t.v[:, pc.c0 : pc.c1].transpose(1, 2), out=ds)
+        ds.sub_(delta).mul_(p)
+        dq_blk.baddbmm_(ds, t.k[:, pc.c0 : pc.c1], alpha=t.scale)
         t.dv[:, pc.c0 : pc.c1].baddbmm_(p.transpose(1, 2), dob)
-        t.dk[:, pc.c0 : pc.c1].baddbmm_(ds.transpose(1, 2), qb)
+        t.dk[:, pc.c0 : pc.c1].baddbmm_(ds.transpose(1, 2), qb, alpha=t.scale)
 
 
-def _units(bh: int, hkv: int, per_example: bool, workers: int) -> list[_Unit]:
-    """Split the flattened (batch, kv head) axis into about ``workers`` slices; a spec with a
-    batch (per-example masks) gets slices within one example each."""
-    if not per_example:
-        step = -(-bh // max(1, workers))
-        return [_Unit(u, min(bh, u + step), 0) for u in range(0, bh, step)]
-    nb = bh // hkv
-    step = -(-hkv // max(1, -(-workers // nb)))
-    return [_Unit(b * hkv + h, b * hkv + min(hkv, h + step), b)
-            for b in range(nb) for h in range(0, hkv, step)]
+def _units(b: int, hkv: int, per_example: bool, workers: int) -> list[_Unit]:
+    """About ``workers`` units (at least one per example) covering every (example, kv head)."""
+    step = -(-hkv // max(1, -(-workers // max(1, b))))  # heads per unit
+    return [_Unit(e, h, min(hkv, h + step), e if per_example else 0)
+            for e in range(b) for h in range(0, hkv, step)]
 
 
-def _run_units(fn, t, plan: Plan, visibility: Visibility, hkv: int) -> None:
-    """Run ``fn(t, plan, visibility, unit)`` over the units of ``t``'s (batch, kv head) axis:
-    on a multi-threaded CPU, in the single-threaded workers of :mod:`causalmix.ops.softmax.
-    _workers` (one unit each; one fork and join per call), else in the calling thread. No
-    process-wide setting changes either way."""
-    per_example = visibility.batch_size is not None
-    bh, device = t[0].shape[0], t[0].device
+def _run_units(fn, args: tuple, units: list[_Unit], device: torch.device) -> None:
+    """``fn(*args, unit)`` for every unit: on a multi-threaded CPU in the single-threaded workers
+    of :mod:`causalmix.ops.softmax._workers` (one fork and join per call), else in the calling
+    thread. No process-wide setting changes either way."""
     threads = torch.get_num_threads()
-    pool = _workers.pool(threads) if device.type == "cpu" and threads > 1 and bh > 1 else None
+    pool = None
+    if device.type == "cpu" and threads > 1 and len(units) > 1:
+        pool = _workers.pool(threads)
     if pool is None:
-        for unit in _units(bh, hkv, per_example, 1):
-            fn(t, plan, visibility, unit)
-        return
-    pool.map(fn, [(t, plan, visibility, unit) for unit in _units(bh, hkv, per_example, threads)])
-
-
-def _augmented(x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """``[..., D]`` -> a new ``[..., D + 1]`` buffer holding ``x`` (times ``scale``) and a last
-    column of ones (the backward's row-shift trick); the caller reads ``[..., :D]``."""
-    out = torch.empty(*x.shape[:-1], x.shape[-1] + 1, dtype=x.dtype, device=x.device)
-    if scale is None:
-        out[..., :-1].copy_(x)
+        for unit in units:
+            fn(*args, unit)
     else:
-        torch.mul(x, scale, out=out[..., :-1])
-    out[..., -1] = 1.0
-    return out
+        pool.map(_without_grad, [(fn, *args, unit) for unit in units])
 
 
-def _head_major(q, k, v, scale: float):
-    """fp32/fp64 head-major augmented copies: ``q_aug [B*Hkv, Tq, G, D+1]`` (q scaled to base-2
-    scores; query rows carry their head group innermost so that a row block of all group heads
-    is one contiguous-row ``[rows * G, D]`` matrix per kv head), ``k_aug [B*Hkv, Tk, D+1]``,
-    ``v_aug [B*Hkv, Tk, Dv+1]``."""
-    b, tq, hq, d = q.shape
-    tk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
-    cd = compute_dtype(q)
-    qv = q.view(b, tq, hkv, hq // hkv, d).permute(0, 2, 1, 3, 4)
-    q_aug = _augmented(qv.to(cd), scale * _LOG2E).view(b * hkv, tq, hq // hkv, d + 1)
-    k_aug = _augmented(k.transpose(1, 2).to(cd)).view(b * hkv, tk, d + 1)
-    v_aug = _augmented(v.transpose(1, 2).to(cd)).view(b * hkv, tk, dv + 1)
-    return q_aug, k_aug, v_aug
+def _without_grad(fn, *args) -> None:
+    """``fn(*args)`` with autograd off (grad mode is per thread; a worker's is on)."""
+    with torch.no_grad():
+        fn(*args)
 
 
 class _Opts(NamedTuple):
@@ -339,6 +269,7 @@ class _Opts(NamedTuple):
     q_offset: int
     k_offset: int
     scale: float
+    fused: bool  # the fused CPU kernel may serve the band: scale > 0 and no score can overflow
 
 
 def _plan_for(q: torch.Tensor, k: torch.Tensor, opts: _Opts) -> Plan:
@@ -353,82 +284,131 @@ def _plan_for(q: torch.Tensor, k: torch.Tensor, opts: _Opts) -> Plan:
     return _plan.plan(opts.visibility, geo, sizes)
 
 
-def _to_token_major(x: torch.Tensor, b: int, factor: float | None = None) -> torch.Tensor:
-    """``[B*Hkv, T, G, C]`` -> ``[B, T, Hkv*G, C]`` (times ``factor``), a new tensor."""
-    bh, t, g, c = x.shape
-    xv = x.view(b, bh // b, t, g, c).permute(0, 2, 1, 3, 4)
-    if factor is None:
-        return xv.reshape(b, t, -1, c)
-    out = torch.empty(b, t, bh // b, g, c, dtype=x.dtype, device=x.device)
-    torch.mul(xv, factor, out=out)
-    return out.view(b, t, -1, c)
+def _heads(x: torch.Tensor, unit: _Unit, g: int) -> torch.Tensor:
+    """The unit's heads of a token-major ``[B, T, Hkv * g, C]`` tensor: a view ``[T, nh, g, C]``."""
+    return x[unit.e, :, unit.h0 * g : unit.h1 * g].unflatten(1, (unit.h1 - unit.h0, g))
+
+
+def _rows(x: torch.Tensor, unit: _Unit, g: int, dtype: torch.dtype) -> torch.Tensor:
+    """The unit's heads of ``x: [B, T, Hkv * g, C]`` as ``[nh, T * g, C]`` in ``dtype``: a view
+    of ``x`` where its layout and dtype allow (always when ``g == 1`` and ``x.dtype == dtype``),
+    else a copy."""
+    xh = _heads(x, unit, g)
+    return xh.permute(1, 0, 2, 3).reshape(xh.shape[1], -1, xh.shape[-1]).to(dtype)
+
+
+def _target(x: torch.Tensor, unit: _Unit, g: int, dtype: torch.dtype) -> torch.Tensor:
+    """Where a unit computes its slice of the output ``x`` (see :func:`_rows`): a view of ``x``
+    where possible, else a new buffer that :func:`_put` copies back."""
+    r = _rows(x, unit, g, dtype)
+    if x.dtype == dtype and r.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        return r
+    return torch.empty(r.shape, dtype=dtype, device=x.device)
+
+
+def _put(x: torch.Tensor, unit: _Unit, g: int, buf: torch.Tensor) -> None:
+    """Copy a unit's ``buf [nh, T * g, C]`` into its heads of ``x`` unless ``buf`` is a view of
+    ``x`` (from :func:`_target`)."""
+    if buf.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        return
+    xh = _heads(x, unit, g)
+    xh.copy_(buf.view(xh.shape[1], xh.shape[0], g, -1).transpose(0, 1))
+
+
+def _forward_unit(ins: tuple, opts: _Opts, plan: Plan, bufs: tuple, unit: _Unit) -> None:
+    """One unit's whole forward. ``ins = (q, k, v)``; ``bufs = (o [B, Tq, Hq, Dv] in q.dtype,
+    lse [B, Tq, Hq], out_c, lse2 [B, Hkv, Tq * G])``, written in the unit's slices; ``out_c`` is
+    the compute-dtype output the backward reads, ``o`` itself or ``[B, Tq, Hq, Dv]``."""
+    q, k, v = ins
+    o, lse, out_c, lse2 = bufs
+    g, cd = q.shape[2] // k.shape[2], lse2.dtype
+    oh = _target(out_c, unit, g, cd)
+    l2 = lse2[unit.e, unit.h0 : unit.h1]
+    _forward_rows(_Fwd(_rows(q, unit, g, cd), _rows(k, unit, 1, cd), _rows(v, unit, 1, cd), oh,
+                       l2), plan, opts, unit)
+    _put(out_c, unit, g, oh)
+    if out_c is not o:
+        _heads(o, unit, g).copy_(_heads(out_c, unit, g))
+    lh = _heads(lse[..., None], unit, g)[..., 0]  # [Tq, nh, g]
+    torch.mul(l2.view(lh.shape[1], lh.shape[0], g).transpose(0, 1), math.log(2.0), out=lh)
+
+
+def _backward_unit(ins: tuple, grads_in: tuple, opts: _Opts, plan: Plan, bufs: tuple,
+                   unit: _Unit) -> None:
+    """One unit's whole backward. ``ins = (q, k, v)``; ``grads_in = (d_out [B, Tq, Hq, Dv] or
+    None, d_lse [B, Tq, Hq] or None)``; ``bufs = (out_c, lse2, dq, dk, dv)`` (the gradients in
+    the inputs' shapes and dtypes, written in the unit's slices)."""
+    q, k, v = ins
+    d_out, d_lse = grads_in
+    out_c, lse2, dq, dk, dv = bufs
+    g, cd = q.shape[2] // k.shape[2], lse2.dtype
+    l2 = lse2[unit.e, unit.h0 : unit.h1, :, None]
+    oh = _rows(out_c, unit, g, cd)
+    if d_out is None:
+        doh = torch.zeros_like(oh)
+    else:
+        doh = _rows(d_out, unit, g, cd)
+    delta = torch.linalg.vecdot(doh, oh)[..., None]  # [nh, Tq * G, 1]
+    if d_lse is not None:
+        delta.sub_(_rows(d_lse[..., None], unit, g, cd))
+    grads = [_target(x, unit, gx, cd).zero_() for x, gx in ((dq, g), (dk, 1), (dv, 1))]
+    t = _Bwd(_rows(q, unit, g, cd), _rows(k, unit, 1, cd), _rows(v, unit, 1, cd), doh,
+             torch.where(torch.isneginf(l2), float("inf"), l2), delta, *grads,
+             opts.scale * _LOG2E, opts.scale, oh, opts.fused and d_lse is None)
+    _backward_rows(t, plan, opts, unit)
+    for x, gx, buf in zip((dq, dk, dv), (g, 1, 1), grads, strict=True):
+        _put(x, unit, gx, buf)
+
+
+def _direct(q: torch.Tensor) -> bool:
+    """Whether the output ``o`` itself is the compute-dtype output the backward reads."""
+    return q.dtype == compute_dtype(q)
 
 
 class _BlockAttention(torch.autograd.Function):
-    """``(q, k, v, opts) -> (out, lse, *saved)``; ``saved`` (the augmented copies, the fp32
-    output and lse2) are outputs so that ``setup_context`` can keep them for the backward."""
+    """``(q, k, v, opts) -> (out, lse, out_c, lse2)``: ``out_c`` (the output in the compute
+    dtype when ``q``'s is another, else empty) and ``lse2`` (base 2, head-major) are outputs so
+    that ``setup_context`` can keep them for the backward. Every tensor op runs inside the units
+    (:func:`_forward_unit`, :func:`_backward_unit`); the calling thread only allocates."""
 
     @staticmethod
     def forward(q, k, v, opts: _Opts):
         plan = _plan_for(q, k, opts)
-        b = q.shape[0]
-        q_aug, k_aug, v_aug = _head_major(q, k, v, opts.scale)
-        bh, tq, g, d1 = q_aug.shape
-        d, dv = d1 - 1, v.shape[-1]
-        out = torch.empty(bh, tq, g, dv, dtype=q_aug.dtype, device=q.device)
-        lse2 = torch.empty(bh, tq, g, dtype=q_aug.dtype, device=q.device)
-        fwd = _Fwd(q_aug[..., :d], k_aug[..., :d], v_aug[..., :dv], out, lse2)
-        _run_units(_forward_unit, fwd, plan, opts.visibility, k.shape[2])
-        # The backward's row shift (see there); rows that see nothing are shifted by -inf so
-        # that exp2(s - lse2) = 0 for them.
-        q_aug[..., -1] = torch.where(torch.isneginf(lse2), float("-inf"), -lse2)
-        o = _to_token_major(out, b).to(q.dtype)
-        lse = _to_token_major(lse2[..., None], b, math.log(2.0))[..., 0]
-        return o, lse, q_aug, k_aug, v_aug, out, lse2
+        b, tq, hq, _ = q.shape
+        hkv, dv = k.shape[2], v.shape[3]
+        cd, dev = compute_dtype(q), q.device
+        o = torch.empty(b, tq, hq, dv, dtype=q.dtype, device=dev)
+        lse = torch.empty(b, tq, hq, dtype=cd, device=dev)
+        out_c = o if _direct(q) else torch.empty(b, tq, hq, dv, dtype=cd, device=dev)
+        lse2 = torch.empty(b, hkv, tq * (hq // hkv), dtype=cd, device=dev)
+        units = _units(b, hkv, opts.visibility.batch_size is not None, torch.get_num_threads())
+        _run_units(_forward_unit, ((q, k, v), opts, plan, (o, lse, out_c, lse2)), units, dev)
+        return o, lse, (o.new_empty(0) if out_c is o else out_c), lse2
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         q, k, v, opts = inputs
-        saved = output[2:]
-        ctx.save_for_backward(*saved)
-        ctx.mark_non_differentiable(*saved)
-        ctx.opts, ctx.hkv = opts, k.shape[2]
-        ctx.dtypes = (q.dtype, k.dtype, v.dtype)
+        o, _, out_c, lse2 = output
+        ctx.mark_non_differentiable(out_c, lse2)
+        ctx.save_for_backward(q, k, v, o if _direct(q) else out_c, lse2)
+        ctx.opts = opts
         ctx.plan = _plan_for(q, k, opts)
 
     @staticmethod
     def backward(ctx, d_out, d_lse, *_):
-        q_aug, k_aug, v_aug, out, lse2 = ctx.saved_tensors
-        bh, tq, g, d1 = q_aug.shape
-        b = bh // ctx.hkv
-        tk, dv = k_aug.shape[1], v_aug.shape[-1] - 1
-        cd, dev = q_aug.dtype, q_aug.device
-        if d_out is None:
-            d_out = torch.zeros(b, tq, ctx.hkv * g, dv, device=dev, dtype=cd)
-        # Fold the row shifts into the matmuls with the extra column (q's is set by forward):
-        #   [q, -lse2] . [k, 1] = s - lse2        (then exp2 gives P directly)
-        #   [dO, -delta] . [v, 1] = dO v - delta  (then times P gives dS)
-        do = d_out.to(cd).view(b, tq, ctx.hkv, g, dv).permute(0, 2, 1, 3, 4)
-        do_aug = _augmented(do).view(bh, tq, g, dv + 1)
-        delta = torch.linalg.vecdot(do_aug[..., :dv], out)  # [BH, Tq, G]
-        if d_lse is not None:
-            delta = delta - d_lse.to(cd).view(b, tq, ctx.hkv, g).permute(0, 2, 1, 3).reshape(
-                bh, tq, g)
-        do_aug[..., -1] = -delta
-        t = _Bwd(q_aug, do_aug, k_aug, v_aug,
-                 torch.zeros(bh, tq, g, d1 - 1, dtype=cd, device=dev),
-                 torch.zeros(bh, tk, d1 - 1, dtype=cd, device=dev),
-                 torch.zeros(bh, tk, dv, dtype=cd, device=dev))
-        _run_units(_backward_unit, t, ctx.plan, ctx.opts.visibility, ctx.hkv)
-        # The scores were scale * log2(e) * q.k: dq = scale * dS k, dk = ln 2 * dS^T (q scaled).
-        dq = _to_token_major(t.dq, b, ctx.opts.scale)
-        dk = _to_token_major(t.dk[:, :, None], b, math.log(2.0))
-        dvv = _to_token_major(t.dv[:, :, None], b)
-        return dq.to(ctx.dtypes[0]), dk.to(ctx.dtypes[1]), dvv.to(ctx.dtypes[2]), None
+        q, k, v, out_c, lse2 = ctx.saved_tensors
+        dq, dk, dv = (torch.empty_like(x, memory_format=torch.contiguous_format)
+                      for x in (q, k, v))
+        units = _units(q.shape[0], k.shape[2], ctx.opts.visibility.batch_size is not None,
+                       torch.get_num_threads())
+        _run_units(_backward_unit, ((q, k, v), (d_out, d_lse), ctx.opts, ctx.plan,
+                                    (out_c, lse2, dq, dk, dv)), units, q.device)
+        return dq, dk, dv, None
 
 
 def _apply(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
-    opts = _Opts(call.visibility, call.q_offset, call.k_offset, call.scale)
+    opts = _Opts(call.visibility, call.q_offset, call.k_offset, call.scale,
+                 overflow_reason(call, "blocks") is None)
     out, lse, *_ = _BlockAttention.apply(call.q, call.k, call.v, opts)
     return out, lse
 
