@@ -55,20 +55,19 @@ def _f7_arms(suite: str) -> list[Arm]:
                                                        model=rec, train=tr)),
         Arm(F7_ARMS[3], Experiment(finding="F7", arm=F7_ARMS[3], task=task, model=soft,
                                    train=tr)),
-        _nn_delta_arm(task, tr),
+        _nn_delta_arm(task, tr, rec),
     ]
 
 
-def _nn_delta_arm(task: MQAR, tr) -> Arm:
-    """causalmix.nn's Gated DeltaNet layer (short convolution, SiLU, its own projections) at
-    the same state: feature_dim x head_dim per head, the same heads and width."""
+def _nn_delta_arm(task: MQAR, tr, rec: ModelConfig) -> Arm:
+    """causalmix.nn's Gated DeltaNet layer (short convolution, SiLU values, its own
+    projections) at the same state: feature_dim x head_dim per head, the same heads and width;
+    keys without SiLU and the convolution starting as the identity (with the layer's defaults
+    it stays near chance here: see the knobs)."""
     if not mixer_available(NN_DELTA):
         return Arm(F7_ARMS[4], None, "not run: causalmix.nn has no delta mixer")
-    model = ModelConfig.from_name(f"tiny-{NN_DELTA}", **task.io(), d_model=F7_WIDTH,
-                                  n_heads=F7_HEADS, feature_dim=F7_FEATURE_DIM,
-                                  impl="reference")
-    return Arm(F7_ARMS[4], Experiment(finding="F7", arm=F7_ARMS[4], task=task, model=model,
-                                      train=tr))
+    return Arm(F7_ARMS[4], DeltaExperiment(finding="F7", arm=F7_ARMS[4], task=task, model=rec,
+                                           train=tr, rule="nn-gated-delta"))
 
 
 def _f7_judge(results) -> Judgement:
