@@ -19,6 +19,13 @@ a round alike). transformers' chunk form and the naive recurrence are timed up t
 (default 8192: at T=32768 transformers' backward alone takes minutes, its in-place per-chunk
 writes costing O(T^2 / C)).
 
+KDA (``--section kda`` runs only this part): the per-key-dimension gate ``log_gate [B, T, H, D]``
+(Kimi Delta Attention) against the scalar-gated chunk, causal fwd+bwd at T=8192, interleaved:
+``kda`` with gates in [-0.1, 0] per token and dimension (the scalar contender's distribution:
+the chunk's moderate-gate shortcut), ``kda strong`` with gates in [-2, 0] (chunks decay by
+more than e^60 in some dimension: the sub-chunked form); and KDA's per-token time T=32768 /
+T=2048.
+
 Per-token scaling: causal fwd+bwd at every T, interleaved; a short T runs max(T) / T times
 back to back and its total is taken, so every T of a round sees the host for the same wall
 time. Memory: as ``benchmarks/linear.py`` (a fresh subprocess per case, ``VmHWM`` minus the
@@ -27,6 +34,7 @@ gradients.
 
     python benchmarks/delta.py --threads 1          # T in 2048, 8192, 32768 (several minutes)
     python benchmarks/delta.py --quick --threads 1  # T in 2048, 8192, fewer rounds
+    python benchmarks/delta.py --section kda --threads 1  # the KDA part only
 """
 
 from __future__ import annotations
@@ -46,9 +54,10 @@ B, H, D = 1, 4, 64
 QWEN = (2, 2, 4)  # heads of q, k, v: Qwen3-Next's value grouping (16, 16, 32), scaled down
 
 
-def inputs(t: int, heads=(H, H, H), seed: int = 0, ours: bool = True):
+def inputs(t: int, heads=(H, H, H), seed: int = 0, ours: bool = True, gate: float = 0.0):
     """``(q, k, v, beta, log_gate)`` leaves (grad) and ``do``; q pre-scaled by ``D^-1/2`` for
-    causalmix and the naive loop (``ours``), as transformers' function scales it inside."""
+    causalmix and the naive loop (``ours``), as transformers' function scales it inside.
+    ``gate > 0``: a KDA gate ``[B, T, H, D]`` in ``[-gate, 0]``."""
     g = torch.Generator().manual_seed(seed)
     hq, hk, hv = heads
     q = torch.randn(B, t, hq, D, generator=g) * (D ** -0.5 if ours else 1.0)
@@ -56,6 +65,8 @@ def inputs(t: int, heads=(H, H, H), seed: int = 0, ours: bool = True):
     v = torch.randn(B, t, hv, D, generator=g)
     beta = torch.sigmoid(torch.randn(B, t, hv, generator=g))
     lg = -0.1 * torch.rand(B, t, hv, generator=g)
+    if gate:
+        lg = -gate * torch.rand(B, t, hv, D, generator=g)
     do = torch.randn(B, t, hv, D, generator=g)
     return [x.requires_grad_() for x in (q, k, v, beta, lg)], do
 
@@ -107,9 +118,14 @@ def _time(fn) -> float:
     return time.perf_counter() - t0
 
 
+#: The KDA contenders' gate strengths (``inputs(gate=...)``).
+KDA = {"kda": 0.1, "kda strong": 2.0}
+
+
 def time_round_robin(t: int, kinds, reps: int, c: int) -> dict:
     """fwd+bwd seconds of every kind at length t, round by round: {kind: [per round]}."""
-    data = {kind: inputs(t, QWEN if "qwen" in kind else (H, H, H), ours="hf" not in kind)
+    data = {kind: inputs(t, QWEN if "qwen" in kind else (H, H, H), ours="hf" not in kind,
+                         gate=KDA.get(kind, 0.0))
             for kind in kinds}
     for kind in kinds:
         step(kind, data[kind], c)  # warm-up
@@ -120,16 +136,17 @@ def time_round_robin(t: int, kinds, reps: int, c: int) -> dict:
     return out
 
 
-def time_scaling(ts, reps: int, c: int) -> dict:
-    """Causal fwd+bwd us/token at every T, round by round ({T: [per round]})."""
-    data = {t: inputs(t) for t in ts}
+def time_scaling(ts, reps: int, c: int, kind: str = "causal") -> dict:
+    """Causal fwd+bwd us/token at every T, round by round ({T: [per round]}); ``kind``:
+    ``causal`` or a KDA one."""
+    data = {t: inputs(t, gate=KDA.get(kind, 0.0)) for t in ts}
     for t in ts:
-        step("causal", data[t], c)
+        step(kind, data[t], c)
     out: dict = {t: [] for t in ts}
     for rnd in range(reps):
         for t in ts if rnd % 2 == 0 else ts[::-1]:
             runs = max(1, max(ts) // t)
-            total = _time(lambda t=t, runs=runs: [step("causal", data[t], c)
+            total = _time(lambda t=t, runs=runs: [step(kind, data[t], c)
                                                   for _ in range(runs)])
             out[t].append(total / (runs * t) * 1e6)
     return out
@@ -202,12 +219,32 @@ def timing_section(ts, reps: int, c: int, peer_max: int) -> dict:
     return res
 
 
+def kda_section(ts, reps: int, c: int) -> None:
+    """KDA (vector gate) against the scalar-gated chunk at T=8192, and KDA's per-token
+    scaling."""
+    print(f"\nKDA: causal fwd+bwd, per-key-dimension gate vs scalar gate, T=8192 ({reps} "
+          f"interleaved rounds); load before: {_load()}")
+    r = time_round_robin(8192, ["causal", "kda", "kda strong"], reps, c)
+    cells = "  ".join(f"{k} {statistics.median(v) / 8192 * 1e6:.1f}" for k, v in r.items())
+    print(f"  us/token: {cells}")
+    print(f"  kda / causal (scalar gate): {_ratio(r['kda'], r['causal'])}  (goal <= 2)")
+    print(f"  kda strong / causal (scalar gate): {_ratio(r['kda strong'], r['causal'])}")
+    lo, hi = ts[0], ts[-1]
+    sc = time_scaling([lo, hi], reps, c, kind="kda")
+    print(f"  kda per-token T={hi} / T={lo} (interleaved): {_ratio(sc[hi], sc[lo])}  (goal "
+          f"<= 1.25) [median us/token {statistics.median(sc[lo]):.1f} -> "
+          f"{statistics.median(sc[hi]):.1f}]")
+    print(f"  load after: {_load()}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="T in 2048, 8192; fewer rounds")
     ap.add_argument("--reps", type=int, default=None, help="interleaved rounds")
     ap.add_argument("--chunk-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--section", choices=["all", "kda"], default="all",
+                    help="kda: only the KDA (vector gate) part")
     ap.add_argument("--peer-max", type=int, default=8192,
                     help="longest T at which transformers' chunk and the naive loop run")
     args = ap.parse_args()
@@ -219,6 +256,9 @@ def main() -> None:
     print(f"delta attention benchmark: B={B} H={H} D=Dv={D} fp32, chunk_size={c}, torch "
           f"threads={torch.get_num_threads()}, transformers "
           f"{'present' if _hf() is not None else 'absent'}")
+    if args.section == "kda":
+        kda_section(ts, reps, c)
+        return
     check_agreement(c)
     res = timing_section(ts, reps, c, args.peer_max)
     sc = time_scaling([ts[0], ts[-1]], reps, c)
@@ -240,6 +280,7 @@ def main() -> None:
     print(f"  causal per-token T={hi} / T={lo}: {_ratio(sc[hi], sc[lo])}  (goal <= 1.25)")
     print(f"  full / causal: {_ratio(r8['full'], r8['causal'])}  (goal <= 2.2)")
     print(f"  peak memory causal / tensors: {mem['causal']['ratio']:.2f}  (goal <= 2)")
+    kda_section(ts, reps, c)
 
 
 if __name__ == "__main__":

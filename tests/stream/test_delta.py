@@ -33,17 +33,20 @@ SPECS = [
 ]
 
 
-def inputs(t, seed, *, heads=(2, 2), gated=True, reverse=False, beta_max=1.95, b=2, d=8):
+def inputs(t, seed, *, heads=(2, 2), gated=True, reverse=False, beta_max=1.95, b=2, d=8,
+           vector=False):
+    """``vector``: per-key-dimension gates ``[b, t, H, d]`` (KDA)."""
     g = torch.Generator().manual_seed(seed)
     h, hkv = heads
+    gate = (b, t, h, d) if vector else (b, t, h)
     q = torch.randn(b, t, h, d, generator=g)
     k = torch.nn.functional.normalize(torch.randn(b, t, hkv, d, generator=g), dim=-1)
     v = torch.randn(b, t, hkv, 6, generator=g)
     extra = {"beta": 0.05 + (beta_max - 0.05) * torch.rand(b, t, h, generator=g)}
     if gated:
-        extra["log_gate"] = -1.5 * torch.rand(b, t, h, generator=g)
+        extra["log_gate"] = -1.5 * torch.rand(*gate, generator=g)
     if reverse:
-        extra["reverse_log_gate"] = -1.5 * torch.rand(b, t, h, generator=g)
+        extra["reverse_log_gate"] = -1.5 * torch.rand(*gate, generator=g)
     return (q, k, v), extra
 
 
@@ -95,6 +98,38 @@ def test_delta_stream_equals_parallel(vis, t):
     if isinstance(vis, (Causal, Chunked, Prefix)):
         assert torch.equal(s.latency, analytic_ready(vis, t) - torch.arange(t))
     assert s.latency_stats(frame_seconds=0.01).measured is not None
+
+
+@pytest.mark.parametrize("vis", SPECS, ids=repr)
+@pytest.mark.parametrize("t", [1, 7, 63, 113])
+def test_delta_stream_vector_gates_equal_parallel(vis, t):
+    """KDA's per-key-dimension gates ``[B, n, H, D]`` (and a reverse one for odd T), pushed in
+    awkward pieces, chunks of 16 (the chunk's shortcut and sub-chunks)."""
+    qkv, extra = inputs(t, t + 100, reverse=t % 2 == 1, vector=True)
+    s = DeltaStream(vis, chunk_size=16)
+    out = push_all(s, rand_sizes(t + 5), qkv, extra)
+    assert_close(out, parallel(qkv, extra, vis, torch.float64),
+                 parallel(qkv, extra, vis, torch.float32), name=f"{vis!r} T={t}")
+
+
+def test_delta_decode_steps_vector_gates():
+    """``step()`` with a per-key-dimension gate, one token at a time == one recurrent op call
+    with the carried state, and the parallel op over the whole sequence."""
+    qkv, extra = inputs(30, 8, vector=True)
+    s = DeltaStream(Causal())
+    state, outs = None, []
+    for t in range(30):
+        frame = [x[:, t:t + 1] for x in qkv]
+        kw = {n: x[:, t:t + 1] for n, x in extra.items()}
+        got = s.step(*frame, **kw)
+        one, state = recurrent_delta_attention(*frame, Causal(), **kw, q_offset=t, k_offset=t,
+                                               initial_state=state, return_final_state=True)
+        torch.testing.assert_close(got, one, rtol=0, atol=0)
+        outs.append(got)
+    assert_close(torch.cat(outs, 1), parallel(qkv, extra, Causal(), torch.float64),
+                 parallel(qkv, extra, Causal(), torch.float32), name="decode vector")
+    with pytest.raises(ValueError, match="same gates as the first one"):
+        s.step(*frame, beta=kw["beta"], log_gate=kw["log_gate"][..., 0])
 
 
 @pytest.mark.parametrize("vis", [Causal(), Chunked(8, lookahead=1), Prefix(20)], ids=repr)

@@ -34,8 +34,9 @@ from causalmix.visibility import (
 
 #: The kinds of mixing layer :class:`AttentionConfig` builds: softmax attention, linear
 #: attention, the gated linear layer (:mod:`causalmix.nn.gated`, the linear op with gates) and
-#: the Gated DeltaNet layer (:mod:`causalmix.nn.delta`, the delta-rule op).
-MIXERS = ("softmax", "linear", "gated", "delta")
+#: the Gated DeltaNet layer (:mod:`causalmix.nn.delta`, the delta-rule op) and the GLA layer
+#: (:mod:`causalmix.nn.gla`, the linear op with per key dimension gates).
+MIXERS = ("softmax", "linear", "gated", "delta", "gla")
 FEATURE_MAPS = ("taylor", "elu")
 
 
@@ -169,6 +170,9 @@ class AttentionConfig:
     q / k of ``feature_dim`` per head, the delta-rule op; bidirectional under the same specs.
     Its ``n_kv_heads`` are the q / k heads and ``n_heads`` the value (output) heads: the value
     grouping of Gated DeltaNet.
+    gla: gated linear attention (:mod:`causalmix.nn.gla`): per key dimension gates from a
+    low-rank projection (logsigmoid / temperature), ``feature_dim`` keys per head, run by the
+    linear mixer; bidirectional under the same specs.
     ``decay``: per-head decay in (0, 1] (``None``: no decay); its length must equal ``n_heads``.
     ``impl``: the mixer implementation :meth:`Block.forward` asks for (``"auto"``, or e.g.
     ``"reference"`` to run the dense definition; passed on as ``impl=``).
@@ -371,6 +375,7 @@ PRESETS: dict[str, dict] = {
     "tiny-gqa": dict(d_model=64, n_heads=4, n_kv_heads=2, mixer="softmax"),
     "tiny-gated": dict(d_model=64, n_heads=4, mixer="gated", feature_dim=16),
     "tiny-delta": dict(d_model=64, n_heads=4, mixer="delta", feature_dim=16),
+    "tiny-gla": dict(d_model=64, n_heads=4, mixer="gla", feature_dim=16),
     "small-softmax": dict(d_model=128, n_heads=4, mixer="softmax",
                           visibility=(Causal(),) * 4),
     "small-linear": dict(d_model=128, n_heads=4, mixer="linear", feature_dim=16,

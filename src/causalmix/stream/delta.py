@@ -49,11 +49,20 @@ __all__ = ["DeltaFrames", "DeltaStream"]
 class DeltaFrames(Frames):
     """The frames of a delta-stream push: :class:`~causalmix.stream.Frames` plus the write
     strengths ``beta: [B, n, H]`` in (0, 2] (required) and the log-gates ``log_gate,
-    reverse_log_gate: [B, n, H]`` (``<= 0``) or ``None``."""
+    reverse_log_gate: [B, n, H]`` or ``[B, n, H, D]`` (per key dimension, KDA; ``<= 0``) or
+    ``None``."""
 
     beta: torch.Tensor | None = None
     log_gate: torch.Tensor | None = None
     reverse_log_gate: torch.Tensor | None = None
+
+
+def _gate_mode(frames: DeltaFrames) -> tuple[str, str]:
+    """The kinds of the frames' gates: ``"none"``, ``"[B, n, H]"`` (scalar) or ``"[B, n, H,
+    D]"`` (per key dimension), for ``log_gate`` and ``reverse_log_gate``."""
+    kinds = {3: "[B, n, H]", 4: "[B, n, H, D]"}
+    return tuple("none" if x is None else kinds.get(x.dim(), f"{x.dim()}-D")
+                 for x in (frames.log_gate, frames.reverse_log_gate))
 
 
 class DeltaStream(MixerStream):
@@ -67,8 +76,10 @@ class DeltaStream(MixerStream):
             single-frame steps, ``chunk`` otherwise).
 
     Shapes: ``push(q [B, n, H, D], k [B, n, Hkv, D], v [B, n, Hkv, Dv], *, beta [B, n, H],
-    log_gate [B, n, H], reverse_log_gate [B, n, H]) -> [B, m, H, Dv]``. The first push decides
-    whether the stream is gated (and has a reverse gate); every later push must do the same.
+    log_gate [B, n, H] or [B, n, H, D], reverse_log_gate likewise) -> [B, m, H, Dv]`` (a
+    ``[B, n, H, D]`` gate: per key dimension, KDA). The first push decides whether the stream
+    is gated, with which gate shapes (and whether it has a reverse gate); every later push must
+    do the same.
 
     Examples:
         >>> import torch
@@ -104,7 +115,7 @@ class DeltaStream(MixerStream):
         self.state: torch.Tensor | None = None  # causal state of the keys before the buffer
         self._bufs = {name: FrameBuffer() for name in ("k", "v", "beta", "log_gate",
                                                        "reverse_log_gate")}
-        self._gates: tuple[bool, bool] | None = None  # (gated, reverse gate) from the first push
+        self._gates: tuple[str, str] | None = None  # the gates' kinds from the first push
 
     @property
     def buffer_len(self) -> int:
@@ -121,8 +132,8 @@ class DeltaStream(MixerStream):
              log_gate: torch.Tensor | None = None,
              reverse_log_gate: torch.Tensor | None = None) -> torch.Tensor:
         """Take the next frames with their ``beta`` (and gates, for a gated stream), return the
-        outputs now final. ``beta, log_gate, reverse_log_gate: [B, n, H]``; see
-        :meth:`MixerStream.push`."""
+        outputs now final. ``beta: [B, n, H]``, ``log_gate, reverse_log_gate: [B, n, H]`` or
+        ``[B, n, H, D]``; see :meth:`MixerStream.push`."""
         return self._push("push", DeltaFrames(q, k, v, beta, log_gate, reverse_log_gate))
 
     def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, beta: torch.Tensor,
@@ -136,17 +147,18 @@ class DeltaStream(MixerStream):
         if frames.beta is None:
             raise ValueError(f"{name}: beta is required (the delta rule's write strengths, "
                              f"[B, n, H] in (0, 2])")
-        mode = (frames.log_gate is not None, frames.reverse_log_gate is not None)
+        mode = _gate_mode(frames)
         if self._gates is not None and mode != self._gates:
             raise ValueError(f"{name}: every push must give the same gates as the first one "
                              f"(log_gate {self._gates[0]}, reverse_log_gate {self._gates[1]}), "
                              f"got log_gate {mode[0]}, reverse_log_gate {mode[1]}")
         heads = check_inputs(name, q=frames.q, k=frames.k, v=frames.v)
         check_beta_gates(name, q=frames.q, k=frames.k, heads=heads, beta=frames.beta,
-                         log_gate=frames.log_gate, reverse_log_gate=frames.reverse_log_gate)
+                         log_gate=frames.log_gate, reverse_log_gate=frames.reverse_log_gate,
+                         vector=True)
 
     def _start(self, frames):
-        self._gates = (frames.log_gate is not None, frames.reverse_log_gate is not None)
+        self._gates = _gate_mode(frames)
 
     def _accept(self, frames):
         for name, buf in self._bufs.items():
@@ -156,8 +168,8 @@ class DeltaStream(MixerStream):
 
     def _window(self, p0: int, k_end: int) -> dict[str, torch.Tensor | None]:
         """The buffered frames ``[p0, k_end)`` by name (views; None for an absent gate)."""
-        present = {"k": True, "v": True, "beta": True, "log_gate": self._gates[0],
-                   "reverse_log_gate": self._gates[1]}
+        present = {"k": True, "v": True, "beta": True, "log_gate": self._gates[0] != "none",
+                   "reverse_log_gate": self._gates[1] != "none"}
         return {name: buf.view(p0, k_end) if present[name] else None
                 for name, buf in self._bufs.items()}
 

@@ -43,12 +43,13 @@ def specs(total: int) -> dict:
 
 class Inputs:
     """Random inputs of one call: unit keys (stable transitions), beta in ``beta_range``,
-    log-gates in ``[-strength, 0]``; ``do`` / ``ds`` weigh the output and the final state in the
-    loss whose gradients are compared."""
+    log-gates in ``[-strength, 0]`` (``vector``: per key dimension, ``[B, Tk, H, D]``, KDA);
+    ``do`` / ``ds`` weigh the output and the final state in the loss whose gradients are
+    compared."""
 
     def __init__(self, t: int, seed: int, *, heads=(H, H, H), tk: int | None = None,
                  strength: float = 1.5, beta_range=(0.05, 1.95), gated: bool = True,
-                 reverse: bool = True, state: bool = True) -> None:
+                 reverse: bool = True, state: bool = True, vector: bool = False) -> None:
         g = torch.Generator().manual_seed(seed)
         tk = t if tk is None else tk
         hq, hk, hv = heads
@@ -58,8 +59,9 @@ class Inputs:
         self.v = torch.randn(B, tk, hv, DV, generator=g)
         lo, hi = beta_range
         self.beta = lo + (hi - lo) * torch.rand(B, tk, hout, generator=g)
-        self.log_gate = -strength * torch.rand(B, tk, hout, generator=g) if gated else None
-        self.reverse_log_gate = -strength * torch.rand(B, tk, hout, generator=g) \
+        gate = (B, tk, hout, D) if vector else (B, tk, hout)
+        self.log_gate = -strength * torch.rand(*gate, generator=g) if gated else None
+        self.reverse_log_gate = -strength * torch.rand(*gate, generator=g) \
             if gated and reverse else None
         self.initial_state = torch.randn(B, hout, D, DV, generator=g) if state else None
         self.do = torch.randn(B, t, hout, DV, generator=g)

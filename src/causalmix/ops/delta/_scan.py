@@ -17,7 +17,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from causalmix.checks import compute_dtype
-from causalmix.ops.delta._chunk_math import chunk_states, gather_block, intra
+from causalmix.ops.delta._chunk_math import chunk_states, gather_block, intra, pmat
 from causalmix.ops.delta._scan_grad import scan_backward
 from causalmix.ops.delta._tiles import Frame, Geometry
 
@@ -43,10 +43,11 @@ class ScanOptions(NamedTuple):
 
 def scan_forward(q, k, v, bg, s0, opts: ScanOptions):
     """``q [B, Tq, Hq, D]``, ``k [B, Tk, Hk, D]``, ``v [B, Tk, Hv, Dv]``, ``bg [B, Tk, H, 2]``
-    (beta, log-gate; compute dtype), ``s0 [B, H, D, Dv]`` or None -> ``(o [B, Tq, H, Dv],
-    final state [B, H, D, Dv], the states entering each block [blocks + 1, B, Hk, H / Hk, D,
-    Dv], the values written [N, B, Hk, H / Hk, C, Dv])`` in the compute dtype (the backward
-    replays the states inside a block from the last two)."""
+    (beta, log-gate; ``[B, Tk, H, 1 + D]``: per-key-dimension log-gates; compute dtype),
+    ``s0 [B, H, D, Dv]`` or None -> ``(o [B, Tq, H, Dv], final state [B, H, D, Dv], the
+    states entering each block [blocks + 1, B, Hk, H / Hk, D, Dv], the values written [N, B,
+    Hk, H / Hk, C, Dv])`` in the compute dtype (the backward replays the states inside a block
+    from the last two)."""
     cd = compute_dtype(q)
     b, tq, _, d = q.shape
     tk, h, dv, hk = k.shape[1], bg.shape[2], v.shape[-1], opts.hk
@@ -64,7 +65,7 @@ def scan_forward(q, k, v, bg, s0, opts: ScanOptions):
         it = intra(blk, geo.block(n0, n1), opts.strict)
         u = values[n0:n1]
         states, s = chunk_states(it, it.wu * blk.k, s, u)
-        ob = (it.wq * blk.q) @ states + ((blk.q @ blk.k.transpose(-1, -2)) * it.pg) @ u
+        ob = (it.wq * blk.q) @ states + pmat(blk, it) @ u
         frame.scatter(o, ob, n0, n1)
     saved[-1] = s
     return o, s.reshape(b, h, d, dv), saved, values

@@ -22,6 +22,11 @@ Then:
    ``db_r`` and subtracts from ``db_j``; the reads ``wq``, ``wk`` add ``d log w`` to ``db_r``,
    the writes ``wu`` move theirs from ``db_j`` to the chunk total, and so does the carry
    ``c``; then ``dg_s = sum_{r >= s} db_r + d B_tot`` (chunk-local, fp64).
+
+A per-key-dimension gate (``_input_grads_vector``) follows the same steps per dimension: the
+pair terms of ``P = gram(Q, K)`` and ``A = beta_r gram(K, K)`` (:mod:`causalmix.ops.delta._vgate`)
+give ``dX = lmul(M, Y)``, ``dY = rmul(M, X)`` and ``db += X * dX - Y * dY`` for a cotangent M,
+the row scales ``wq``, ``wk``, ``wu``, ``c`` add their ``d log w`` to ``db`` ``[C, D]``.
 """
 
 from __future__ import annotations
@@ -31,8 +36,9 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from causalmix.checks import compute_dtype
-from causalmix.ops.delta._chunk_math import Block, Intra, gather_block, intra, replay_states
+from causalmix.ops.delta._chunk_math import Block, Intra, gather_block, intra, pmat, replay_states
 from causalmix.ops.delta._tiles import Frame, Geometry
+from causalmix.ops.delta._vgate import lmul, rmul
 
 if TYPE_CHECKING:
     from causalmix.ops.delta._scan import ScanOptions
@@ -86,6 +92,8 @@ def _fold(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 def _input_grads(r: Recomputed, du: torch.Tensor, dsn: torch.Tensor) -> BlockGrads:
     """Steps 2 and 3 for one block."""
+    if r.it.vector:
+        return _input_grads_vector(r, du, dsn)
     it, blk, s, u = r.it, r.blk, r.s, r.u
     c = u.shape[-2]
     x = it.tinv.transpose(-1, -2) @ du
@@ -117,6 +125,46 @@ def _input_grads(r: Recomputed, du: torch.Tensor, dsn: torch.Tensor) -> BlockGra
                       _fold(dv, blk.v.shape[3]), dbg)
 
 
+def _common_grads(r: Recomputed, du: torch.Tensor, dsn: torch.Tensor):
+    """What steps 2 and 3 share for a per-key-dimension gate: ``X``, ``dP * Gamma'``,
+    ``dA``, ``(dO S^T, X S^T)`` and ``U dS'^T``."""
+    it, s, u = r.it, r.s, r.u
+    c = u.shape[-2]
+    x = it.tinv.transpose(-1, -2) @ du
+    both = torch.cat([r.dot, x], -2)  # [.., 2C, Dv]: dO and X share their right factors
+    dpa = both @ u.transpose(-1, -2)
+    dp, da = dpa[..., :c, :], dpa[..., c:, :].neg_()
+    da.diagonal(dim1=-2, dim2=-1).zero_()  # A has no diagonal (it is the identity's)
+    bs = both @ s.transpose(-1, -2)
+    return x, dp * it.pg, da, (bs[..., :c, :], bs[..., c:, :]), u @ dsn.transpose(-1, -2)
+
+
+def _input_grads_vector(r: Recomputed, du: torch.Tensor, dsn: torch.Tensor) -> BlockGrads:
+    """Steps 2 and 3 for a per-key-dimension gate: the pair terms through the gated products
+    (``P = gram(Q, K)``, ``A = beta_r gram(K, K)``): for a cotangent ``M`` of ``gram(X, Y)``,
+    ``dX = lmul(M, Y)``, ``dY = rmul(M, X)``, ``db += X * dX - Y * dY``; the row scales add
+    their ``d log w`` per dimension."""
+    it, blk, s = r.it, r.blk, r.s
+    x, dpm, da, (dos, xs), uds = _common_grads(r, du, dsn)
+    m = blk.beta[..., :, None] * (da * it.gamma)  # d L / d gram(K, K)
+    gq, gkp = lmul(dpm, it.kside, it.vg), rmul(dpm, blk.q, it.vg)
+    gka, gkb = lmul(m, it.kside, it.vg), rmul(m, blk.k, it.vg)
+    dq = it.wq * dos + gq
+    dk = gkp + gka + gkb + it.wu * uds - it.wk * xs
+    dv = blk.beta[..., None] * x
+    kxs = blk.k * xs
+    dbeta = (x * blk.v).sum(-1) - (it.wq * kxs).sum(-1) + (da * it.kg).sum(-1)
+    wuk = it.wu * blk.k * uds
+    db = it.wq * blk.q * dos - it.wk * kxs - wuk + blk.q * gq - blk.k * gkp \
+        + blk.k * (gka - gkb)
+    dtot = wuk.sum(-2) + it.c[..., 0] * (dsn * s).sum(-1)  # [.., D]
+    db = db.to(torch.float64)
+    dg = db.flip(-2).cumsum(-2).flip(-2) + dtot[..., None, :].to(torch.float64)
+    dbg = torch.cat([dbeta[..., None], dg.to(dbeta.dtype)], -1)
+    return BlockGrads(_fold(dq, blk.q.shape[3]), dk.sum(3, keepdim=True),
+                      _fold(dv, blk.v.shape[3]), dbg)
+
+
 def _recompute(frame: Frame, geo: Geometry, inputs: tuple, saved: tuple, do,
                span: tuple[int, int, bool]) -> Recomputed:
     """A block's tiles and intra-chunk quantities, and its chunk states replayed from ``saved
@@ -126,7 +174,7 @@ def _recompute(frame: Frame, geo: Geometry, inputs: tuple, saved: tuple, do,
     it = intra(blk, geo.block(n0, n1), strict, values=False)
     u = saved[1]
     s = replay_states(it, it.wu * blk.k, saved[0], u)
-    p = (blk.q @ blk.k.transpose(-1, -2)) * it.pg
+    p = pmat(blk, it)
     return Recomputed(blk, it, s, u, p, frame.gather(do, n0, n1))
 
 

@@ -8,9 +8,11 @@ DeltaNet, ``g = 0``) and write strengths ``beta`` in (0, 2]::
     S_t = exp(g_t) S_{t-1};   S_t = S_t + k_t (beta_t (v_t - S_t^T k_t))^T;   o_t = S_t^T q_t
 
 No scale, no normalisation inside the op: L2-normalising q and k and any scale belong to the
-layer. The recurrence is stable when ``beta_t ||k_t||^2 <= 2`` (unit keys: the transition
-``I - beta k k^T`` has eigenvalues 1 and ``1 - beta`` in [-1, 1); ``beta > 1`` allows the
-negative one).
+layer. A gate ``[B, T, H, D]`` (one log-gate per key dimension: Kimi Delta Attention, KDA)
+makes the decay diagonal, ``S_t = diag(exp(g_t)) S_{t-1}``, everywhere below (the reverse
+part's ``exp(r_j)`` likewise); a ``[B, T, H]`` gate is the same with ``g_t`` repeated over D.
+The recurrence is stable when ``beta_t ||k_t||^2 <= 2`` (unit keys: the transition ``I - beta k
+k^T`` has eigenvalues 1 and ``1 - beta`` in [-1, 1); ``beta > 1`` allows the negative one).
 
 * **Forward part** of query i: ``S_i^T q_i``, the recurrence over the keys visible to i from the
   start of i's segment (restarted at every ``Segments`` start) up to i itself.
@@ -123,8 +125,9 @@ def delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibilit
         visibility: ``Causal()``, ``Full()``, ``Prefix(n)`` (int or ``[B]``), ``Chunked(size,
             lookahead)``, ``Segments(ids) & any of these``; others raise ``ValueError``.
         beta: ``[B, Tk, H]`` write strengths in (0, 2] (``H``: output heads).
-        log_gate: ``[B, Tk, H]`` log-gates ``<= 0`` (Gated DeltaNet), or None (DeltaNet).
-        reverse_log_gate: ``[B, Tk, H]`` log-gates of the reverse part, default ``log_gate``.
+        log_gate: ``[B, Tk, H]`` log-gates ``<= 0`` (Gated DeltaNet), ``[B, Tk, H, D]`` (one
+            per key dimension, KDA: ``S_t = diag(exp(g_t)) S_{t-1}``), or None (DeltaNet).
+        reverse_log_gate: log-gates of the reverse part (either shape), default ``log_gate``.
         q_offset, k_offset: absolute position of the first query and key (equal).
         initial_state: ``[B, H, D, Dv]`` causal state before the call (compute dtype) or None.
         return_final_state: also return the causal state at the last key.

@@ -8,9 +8,10 @@ each implementation in ``impl/`` answers ``can_serve(call)`` and ``run(call)`` f
   :class:`~causalmix.ops.heads.Heads` (``heads.out`` heads of the output, states, beta, gates);
 * ``visibility`` the spec, ``factor`` its :class:`~causalmix.ops.factor.Factorisation` (or None
   and ``factor_error`` the reason: then no implementation serves the call);
-* ``beta: [B, Tk, H]`` the write strengths in (0, 2]; ``log_gate: [B, Tk, H]`` the forward
-  log-gates (``<= 0``; None: DeltaNet, no gate) and ``reverse_log_gate`` those of the reverse
-  part (None: ``log_gate``'s); :meth:`DeltaCall.scan_gates` gives both as tensors;
+* ``beta: [B, Tk, H]`` the write strengths in (0, 2]; ``log_gate: [B, Tk, H]`` (scalar, Gated
+  DeltaNet) or ``[B, Tk, H, D]`` (per key dimension, KDA) the forward log-gates (``<= 0``;
+  None: DeltaNet, no gate) and ``reverse_log_gate`` those of the reverse part (either shape;
+  None: ``log_gate``'s); :meth:`DeltaCall.scan_gates` gives both as tensors;
 * ``initial_state`` / final state: ``[B, H, D, Dv]`` in the compute dtype (fp32; fp64 for fp64).
 
 Queries and keys sit at the same positions (``q_offset == k_offset``; beta and the gates are
@@ -44,8 +45,9 @@ MIXER = "delta attention"
 
 
 class ScanGates(NamedTuple):
-    """The log-gates the scans run on, ``[B, Tk, H]``: forward (zeros for DeltaNet) and
-    reverse (the forward ones when no reverse gate was given); ``gated``: a gate was given."""
+    """The log-gates the scans run on, ``[B, Tk, H]`` or ``[B, Tk, H, D]`` (per key
+    dimension): forward (zeros ``[B, Tk, H]`` for DeltaNet) and reverse (the forward ones when
+    no reverse gate was given); ``gated``: a gate was given."""
 
     log_gate: torch.Tensor
     reverse_log_gate: torch.Tensor
@@ -93,9 +95,10 @@ def check_inputs(fn: str, *, q: Any, k: Any, v: Any) -> Heads:
 
 
 def check_beta_gates(fn: str, *, q: torch.Tensor, k: torch.Tensor, heads: Heads, beta: Any,
-                     log_gate: Any, reverse_log_gate: Any) -> None:
-    """``beta`` in (0, 2], ``log_gate`` / ``reverse_log_gate`` ``<= 0`` and finite, each
-    ``[B, Tk, H]`` (NaN passes: NaN in, NaN out)."""
+                     log_gate: Any, reverse_log_gate: Any, vector: bool = False) -> None:
+    """``beta [B, Tk, H]`` in (0, 2], ``log_gate`` / ``reverse_log_gate`` ``<= 0`` and finite,
+    each ``[B, Tk, H]`` (or ``[B, Tk, H, D]``, per key dimension, for a caller that serves
+    them: ``vector``; NaN passes: NaN in, NaN out)."""
     shape = (q.shape[0], k.shape[1], heads.out)
     check_per_position(fn, "beta", beta, shape, q)
     bd = beta.detach()
@@ -108,7 +111,7 @@ def check_beta_gates(fn: str, *, q: torch.Tensor, k: torch.Tensor, heads: Heads,
     for name, gate in (("log_gate", log_gate), ("reverse_log_gate", reverse_log_gate)):
         if gate is None:
             continue
-        check_log_gate(fn, name, gate, shape, q)
+        check_log_gate(fn, name, gate, shape, q, per_dim=q.shape[-1] if vector else None)
 
 
 def check_state(fn: str, *, q: torch.Tensor, v: torch.Tensor, heads: Heads,
@@ -140,7 +143,7 @@ def validate(fn: str, q: Any, k: Any, v: Any, visibility: Any, *, beta: Any,
                          f"positions of the call, the queries being its first Tq")
     chunk_size = check_int("chunk_size", chunk_size, 1)
     check_beta_gates(fn, q=q, k=k, heads=heads, beta=beta, log_gate=log_gate,
-                     reverse_log_gate=reverse_log_gate)
+                     reverse_log_gate=reverse_log_gate, vector=True)
     check_state(fn, q=q, v=v, heads=heads, initial_state=initial_state)
     check_bool(fn, "return_final_state", return_final_state)
     factor, factor_error = _factorise(visibility)

@@ -17,6 +17,11 @@ reads the state before its own key's update), one scan per reverse pass
 (:mod:`causalmix.ops.delta.regions`): ``Full`` / ``Prefix`` / ``Chunked(s, 0)`` one scan with
 restarts, ``Chunked(s, L > 0)`` up to ``L + 1``.
 
+A per-key-dimension gate (KDA, ``log_gate [B, T, H, D]``, ``S_t = diag(exp(g_t)) S_{t-1}``) runs
+the same scan with the decays as diagonals: row scales of Q, K and S, and the two gated
+products of :mod:`causalmix.ops.delta._vgate` (secondary chunking inside a chunk, every
+exponentiated factor ``<= 1``) in place of the Gamma-weighted ones.
+
 Memory: the forward saves the inputs and one ``[B, H, D, Dv]`` state per chunk (``T / C``
 states); the backward recomputes the intra-chunk quantities block by block. No ``[T, T]``
 tensor, no per-token state, no repeated heads.
@@ -60,6 +65,12 @@ def _reverse_pass(q, k, v, bg, p: ReversePass, sizes: tuple[int, int, int]) -> t
     return rev
 
 
+def _beta_gate(beta: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``[B, Tk, H, 2]`` (beta, scalar log-gate) or ``[B, Tk, H, 1 + D]`` (beta, the log-gates
+    of each key dimension)."""
+    return torch.cat([beta[..., None], gate.reshape(*gate.shape[:3], -1)], -1)
+
+
 def run(call: DeltaCall) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(output [B, Tq, H, Dv] in q's dtype, final state [B, H, D, Dv] or None)``."""
     q, k, v = call.q, call.k, call.v
@@ -70,11 +81,11 @@ def run(call: DeltaCall) -> tuple[torch.Tensor, torch.Tensor | None]:
     reg = regions(call.factor, tk, call.k_offset, q.device)
     gates = call.scan_gates()
     beta = call.beta.to(cd)
-    bg = torch.stack([beta, gates.log_gate.to(cd)], -1)
+    bg = _beta_gate(beta, gates.log_gate.to(cd))
     opts = ScanOptions(reg.start, False, False, c, block, call.heads.k)
     o, final = DeltaScan.apply(q, k, v, bg, call.initial_state, opts)[:2]
     if reg.passes:
-        bgr = torch.stack([beta, gates.reverse_log_gate.to(cd)], -1)
+        bgr = _beta_gate(beta, gates.reverse_log_gate.to(cd))
     for p in reg.passes:
         o = o + _reverse_pass(q, k, v, bgr, p, (c, block, call.heads.k))
     return o.to(q.dtype), (final if call.return_final_state else None)

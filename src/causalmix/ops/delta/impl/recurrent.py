@@ -3,7 +3,7 @@
 Forward recurrence over the keys (local t; restarts at segment starts,
 :mod:`causalmix.ops.delta.regions`)::
 
-    S_t = [t continues its segment] exp(g_t) S_{t-1}
+    S_t = [t continues its segment] exp(g_t) S_{t-1}     (diag(exp(g_t)) for a [B, T, H, D] gate)
     S_t = S_t + k_t (beta_t (v_t - S_t^T k_t))^T,        o_t = S_t^T q_t
 
 Each reverse pass (restarts where its regions end)::
@@ -44,6 +44,12 @@ def _step(s, kt, vt, bt):
     return s + kt[..., :, None] * (bt[..., None] * (vt - pred))[..., None, :]
 
 
+def _decay(gt):
+    """``exp(g_t)`` against ``s [B, Hk, G, D, Dv]``: ``gt [B, Hk, G]`` (scalar) or ``[B, Hk,
+    G, D]`` (per key dimension: ``diag(exp(g_t)) S``)."""
+    return torch.exp(gt)[..., None] if gt.dim() == 4 else torch.exp(gt)[..., None, None]
+
+
 def _read(s, qt):
     return (qt[..., None, :] @ s)[..., 0, :]  # S^T q: [B, Hk, G, Dv]
 
@@ -68,14 +74,14 @@ def run(call: DeltaCall) -> tuple[torch.Tensor, torch.Tensor | None]:
     outs = []
     for t in range(tk):
         keep = (reg.start[:, t] < t).to(cd).view(-1, 1, 1, 1, 1)  # 0 at a segment start
-        s = _step(keep * torch.exp(g[t])[..., None, None] * s, k[t], v[t], beta[t])
+        s = _step(keep * _decay(g[t]) * s, k[t], v[t], beta[t])
         if t < tq:
             outs.append(_read(s, q[t]))
     for p in reg.passes:
         rs = torch.zeros_like(s)
         for t in range(tk - 1, -1, -1):
             cont = (p.end[:, t] >= t + 1).to(cd).view(-1, 1, 1, 1, 1)
-            rs = cont * torch.exp(r[t])[..., None, None] * rs
+            rs = cont * _decay(r[t]) * rs
             if t < tq:
                 take = 1.0 if p.queries is None else p.queries[:, t].to(cd).view(-1, 1, 1, 1)
                 outs[t] = outs[t] + take * _read(rs, q[t])

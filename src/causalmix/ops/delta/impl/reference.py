@@ -12,7 +12,10 @@ factorisation is consulted: the fast implementations read the same regions from 
 ``u_t = beta_t (v_t - (exp(g_t) S_{t-1})^T k_t)`` for the value the forward step actually adds,
 ``S_t = sum_{j <= t} exp(G_t - G_j) k_j u_j^T`` (``G`` the cumulative log-gate), so the ``u`` solve
 a unit lower-triangular system; the reverse part likewise with ``E_m = r_0 + .. + r_{m-1}`` and
-a unit upper-triangular one. Steps:
+a unit upper-triangular one. A per-key-dimension gate (``[B, T, H, D]``, KDA:
+``S_t = diag(exp(g_t)) S_{t-1}``) makes every ``exp(G_t - G_j)`` a diagonal matrix: products
+``a . b`` below become ``sum_d a_d b_d exp(G_td - G_jd)`` and ``exp(G) K S0`` is ``(exp(G) * K)
+S0``. Steps:
 
     (1) M = visible(t, j) over the keys; G_t = g_0 + .. + g_t, E_t = r_0 + .. + r_{t-1}
     (2) forward values: (I + L) U = beta (V - [reads S0] exp(G) K S0),
@@ -65,36 +68,45 @@ class Dense(NamedTuple):
     beta: torch.Tensor
 
 
+def _gram(x, y, decay):
+    """``sum_d x_td y_jd decay_tjd`` ``[.., T, J]``; ``decay [.., T, J, Dg]`` (``Dg = 1``: a
+    scalar gate, the plain product)."""
+    if decay.shape[-1] == 1:
+        return (x @ y.transpose(-1, -2)) * decay[..., 0]
+    return torch.einsum("...td,...jd,...tjd->...tj", x, y, decay)
+
+
 def _forward(x: Dense, g, m, reads, s0):
-    """(2), (3), (5): forward outputs ``[B, H, Tk, Dv]`` and the final state. ``g: [B, H, Tk]``,
-    ``m: [B', Tk, Tk]``, ``reads: [B', Tk]`` (bool), ``s0: [B, H, D, Dv]`` or None."""
+    """(2), (3), (5): forward outputs ``[B, H, Tk, Dv]`` and the final state. ``g: [B, H, Tk,
+    Dg]`` (``Dg``: 1 or D), ``m: [B', Tk, Tk]``, ``reads: [B', Tk]`` (bool), ``s0: [B, H, D,
+    Dv]`` or None."""
     q, k, v, beta = x
     tk = k.shape[2]
     idx = torch.arange(tk, device=k.device)
     low = m & (idx[None, :, None] >= idx[None, None, :])  # visible, j <= t
     strict = low & (idx[None, :, None] > idx[None, None, :])
-    gc = g.cumsum(-1)  # G: [B, H, Tk]
-    decay = torch.where(low[:, None], gc[..., :, None] - gc[..., None, :], _NEG_INF).exp()
-    lmat = torch.where(strict[:, None], beta[..., :, None] * (k @ k.transpose(-1, -2)) * decay,
-                       0.0)
+    gc = g.cumsum(-2)  # G: [B, H, Tk, Dg]
+    decay = torch.where(low[:, None, ..., None], gc[..., :, None, :] - gc[..., None, :, :],
+                        _NEG_INF).exp()  # [B, H, Tk, Tk, Dg]
+    lmat = torch.where(strict[:, None], beta[..., :, None] * _gram(k, k, decay), 0.0)
     rhs = v
     if s0 is not None:
-        w0 = torch.where(reads[:, None], gc.exp(), 0.0)[..., None]  # [B, H, Tk, 1]
-        rhs = v - w0 * (k @ s0)
+        w0 = torch.where(reads[:, None, :, None], gc.exp(), 0.0)  # [B, H, Tk, Dg]
+        rhs = v - (w0 * k) @ s0
     u = torch.linalg.solve_triangular(lmat, beta[..., None] * rhs, upper=False,
                                       unitriangular=True)
-    o = ((q @ k.transpose(-1, -2)) * decay) @ u
-    row = decay[..., -1, :, None]  # exp(G_l - G_j) on visible pairs of the last key
+    o = _gram(q, k, decay) @ u
+    row = decay[..., -1, :, :]  # exp(G_l - G_j) on visible pairs of the last key
     final = (k * row).transpose(-1, -2) @ u
     if s0 is not None:
-        o = o + w0 * (q @ s0)
+        o = o + (w0 * q) @ s0
         final = final + w0[:, :, -1, :, None] * s0
     return o, final
 
 
 def _reverse_group(x: Dense, e, qs, hi: int):
     """(4) for the queries ``qs`` (indices) whose reverse part reads keys ``(i, hi]``: their
-    reverse outputs ``[B, H, len(qs), Dv]``. ``e: [B, H, Tk]`` (E)."""
+    reverse outputs ``[B, H, len(qs), Dv]``. ``e: [B, H, Tk, Dg]`` (E)."""
     q, k, v, beta = x
     lo = int(qs[0])
     ks, vs, bs, es = k[:, :, lo + 1:hi + 1], v[:, :, lo + 1:hi + 1], beta[:, :, lo + 1:hi + 1], \
@@ -102,21 +114,20 @@ def _reverse_group(x: Dense, e, qs, hi: int):
     n = hi - lo
     idx = torch.arange(n, device=k.device)
     upper = idx[None, :] > idx[:, None]  # n > m
-    lr = torch.where(upper, bs[..., :, None] * (ks @ ks.transpose(-1, -2))
-                     * torch.where(upper, es[..., None, :] - es[..., :, None], _NEG_INF).exp(),
-                     0.0)
+    dec = torch.where(upper[..., None], es[..., None, :, :] - es[..., :, None, :], _NEG_INF)
+    lr = torch.where(upper, bs[..., :, None] * _gram(ks, ks, dec.exp()), 0.0)
     w = torch.linalg.solve_triangular(lr, bs[..., None] * vs, upper=True, unitriangular=True)
     keys = torch.arange(lo + 1, hi + 1, device=k.device)
     seen = keys[None, :] > qs[:, None]  # [len(qs), n]: key m > i
     eq = e[:, :, qs]
-    wgt = torch.where(seen, es[..., None, :] - eq[..., :, None], _NEG_INF).exp()
-    return ((q[:, :, qs] @ ks.transpose(-1, -2)) * wgt) @ w
+    wgt = torch.where(seen[..., None], es[..., None, :, :] - eq[..., :, None, :], _NEG_INF)
+    return _gram(q[:, :, qs], ks, wgt.exp()) @ w
 
 
 def _reverse(o, x: Dense, r, m, tq: int):
     """(4): adds the reverse parts of the first ``tq`` queries to ``o [B, H, Tk, Dv]``."""
     tk = x.k.shape[2]
-    e = torch.nn.functional.pad(r[..., :-1], (1, 0)).cumsum(-1)  # E (exclusive)
+    e = torch.nn.functional.pad(r[..., :-1, :], (0, 0, 1, 0)).cumsum(-2)  # E (exclusive)
     idx = torch.arange(tk, device=x.k.device)
     hi = torch.where(m, idx, -1).amax(-1)  # [B', Tk]: last visible key of each query
     parts = []
@@ -139,8 +150,10 @@ def run(call: DeltaCall) -> tuple[torch.Tensor, torch.Tensor | None]:
     q, k, v = (x.transpose(1, 2) for x in _heads(call, cd))  # [B, H, T, *]
     q = torch.nn.functional.pad(q, (0, 0, 0, tk - tq))  # every key position read as a query
     gates = call.scan_gates()
-    beta, g, r = (x.to(cd).transpose(1, 2) for x in (call.beta, gates.log_gate,
-                                                      gates.reverse_log_gate))
+    beta = call.beta.to(cd).transpose(1, 2)
+    # gates as [B, H, Tk, Dg]: Dg = 1 (scalar) or D (per key dimension)
+    g, r = (x.to(cd).reshape(*x.shape[:3], -1).transpose(1, 2) for x in
+            (gates.log_gate, gates.reverse_log_gate))
     # (1) the spec's mask over the keys (each key position also read as a query)
     m = call.visibility.mask(tk, tk, q_offset=off, k_offset=off, device=dev)  # [B', Tk, Tk]
     nb = m.shape[0]
