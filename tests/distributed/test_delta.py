@@ -64,6 +64,17 @@ CASES = [  # (spec, positions per world unit, layout, gates, heads, initial stat
     ("docs_prefix", 9, "contiguous", "gated", "same", True),
 ]
 
+VECTOR_CASES = [  # KDA: per-key-dimension gates [B, T, H, D] (vreverse: both gates vector;
+    # mixed: a vector forward gate with a scalar reverse one)
+    ("causal", 7, "contiguous", "vector", "gqa", True),
+    ("docs_causal", 8, "zigzag", "vector", "value", True),
+    ("full", 7, "contiguous", "vreverse", "value", True),
+    ("chunked_la", 8, "zigzag", "vreverse", "same", False),
+    ("docs_full_rows", 6, "zigzag", "vector", "gqa", True),
+    ("docs_chunked_la", 7, "contiguous", "mixed", "same", False),
+    ("prefix_batch", 10, "zigzag", "vreverse", "value", True),
+]
+
 
 def _inputs(unit, world, heads, gates, init, b=2, d=5, dv=4):
     seq_len = world * unit
@@ -74,10 +85,12 @@ def _inputs(unit, world, heads, gates, init, b=2, d=5, dv=4):
          "k": torch.nn.functional.normalize(torch.randn(b, seq_len, hk, d, generator=g), dim=-1),
          "v": torch.randn(b, seq_len, hv, dv, generator=g),
          "beta": 0.05 + 1.9 * torch.rand(b, seq_len, h, generator=g)}  # (1, 2] included
+    per_dim = (d,) if gates in ("vector", "vreverse", "mixed") else ()
     if gates != "none":
-        x["log_gate"] = -2 * torch.rand(b, seq_len, h, generator=g)
-    if gates == "reverse":
-        x["reverse_log_gate"] = -2 * torch.rand(b, seq_len, h, generator=g)
+        x["log_gate"] = -2 * torch.rand(b, seq_len, h, *per_dim, generator=g)
+    if gates in ("reverse", "vreverse", "mixed"):
+        rev_dim = () if gates == "mixed" else per_dim
+        x["reverse_log_gate"] = -2 * torch.rand(b, seq_len, h, *rev_dim, generator=g)
     if init:
         x["initial_state"] = torch.randn(b, h, d, dv, generator=g, dtype=torch.float64)
     w = torch.randn(b, seq_len, h, dv, generator=g)
@@ -136,6 +149,15 @@ def _job(rank, world, cases):
 @pytest.mark.parametrize("world", [2, 4])
 def test_sharded_equals_single_process(tmp_path, world):
     cases = CASES if world == 2 else CASES[::2]
+    done = run_process_group(_job, world, str(tmp_path), cases=cases)
+    assert done == dict.fromkeys(range(world), len(cases))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_vector_gates_equal_single_process(tmp_path, world):
+    """KDA's per-key-dimension gates: the cross-rank transitions become ``(I - beta k k^T)
+    diag(exp(g))`` products, the reverse reads scale the queries per dimension."""
+    cases = VECTOR_CASES if world == 2 else VECTOR_CASES[1::2]
     done = run_process_group(_job, world, str(tmp_path), cases=cases)
     assert done == dict.fromkeys(range(world), len(cases))
 
