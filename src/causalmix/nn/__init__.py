@@ -1,6 +1,6 @@
-"""nn.Modules: attention layers (softmax / linear / gated linear / Gated DeltaNet mixers) under
-a visibility spec, pre-norm blocks, and a small sequence model with per-layer visibility; typed
-configs with presets, and the tagged dict form of a spec (:func:`spec_to_dict` /
+"""nn.Modules: attention layers (softmax / linear / gated linear / Gated DeltaNet / KDA
+mixers) under a visibility spec, pre-norm blocks, and a small sequence model with per-layer
+visibility; typed configs with presets, and the tagged dict form of a spec (:func:`spec_to_dict` /
 :func:`spec_from_dict`); ``SequenceModel.generate`` decodes on the model stream
 (:mod:`causalmix.nn.generate`)."""
 
@@ -18,6 +18,7 @@ from causalmix.nn.config import (
 from causalmix.nn.delta import DeltaMixer
 from causalmix.nn.gated import GatedMixer
 from causalmix.nn.generate import Generation
+from causalmix.nn.kda import KDAMixer
 from causalmix.nn.layers import (
     Attention,
     Block,
@@ -38,6 +39,7 @@ __all__ = [
     "DeltaMixer",
     "GatedMixer",
     "Generation",
+    "KDAMixer",
     "MixingLayer",
     "ModelBase",
     "ModelConfig",

@@ -97,11 +97,15 @@ class DeltaMixer(MixingLayer):
     the next context); ``out(mixed [B, n, H, hd], x [B, n, C]) -> [B, n, C]``.
     """
 
+    #: the ``AttentionConfig.mixer`` this class builds
+    kind = "delta"
+
     def __init__(self, cfg: AttentionConfig, *, conv_size: int = 4, dt_min: float = 1e-3,
                  dt_max: float = 1e-1):
         super().__init__()
-        if cfg.mixer != "delta":
-            raise ValueError(f"DeltaMixer: mixer must be 'delta', got {cfg.mixer!r}")
+        if cfg.mixer != self.kind:
+            raise ValueError(f"{type(self).__name__}: mixer must be {self.kind!r}, got "
+                             f"{cfg.mixer!r}")
         self.cfg, self.op, self.conv_size = cfg, "delta", conv_size
         h, hk, hd, f = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.feature_dim
         self.widths = (hk * f, hk * f, h * hd)  # q, k, v channels of the convolution
