@@ -27,6 +27,7 @@ summed; a 4-head [4, T, T] fp32 graph would need several GB on a machine shared 
     python benchmarks/linear.py --quick         # T in 2048, 8192; memory at 8192 only
     python benchmarks/linear.py --threads 1     # torch threads (default: torch's own)
     python benchmarks/linear.py --gated-only --threads 1   # only the gated section
+    python benchmarks/linear.py --gla-only --threads 1     # only the GLA section
 
 Gated section (issue 12): per-token log-gates ``log_gate`` (differentiated) against the
 constant decay, ``Full()`` with a reverse gate, and a straightforward PyTorch chunked form with
@@ -35,6 +36,16 @@ libraries ship, e.g. flash-linear-attention's ``torch_simple_gla``: chunk-local 
 ``exp(g_i - g_j)`` tiles, per-chunk states written into a preallocated tensor; and, for
 context, the same with the states appended to a list and stacked). Contenders are interleaved
 round by round; ratios are per round, reported as median [min, max].
+
+GLA section (issue 21): per key dimension log-gates ``log_gate: [B, T, H, D]`` (gated linear
+attention, differentiated) against the scalar gate ``[B, T, H]`` (both causal, fwd+bwd), and
+against a plain PyTorch chunked GLA with autograd (the peer, written here in the form
+gated-linear libraries ship as their CPU reference, e.g. flash-linear-attention's naive chunk
+GLA: chunk-local cumulative sums, ``q * exp(b)`` and ``k * exp(-b)`` inside a chunk -- which
+overflows for strong gates, harmless for the mild ones measured here --, ``k * exp(B - b)``
+into per-chunk states written into a preallocated tensor; and, for context, the same with the
+states appended to a list and stacked). Rounds interleaved; per-token T=32768 / T=2048 as for
+the gated rows.
 """
 
 from __future__ import annotations
@@ -274,6 +285,119 @@ def time_gated_scaling(ts, reps: int, c: int,
     return out
 
 
+# ------------------------------------------------------------------------------- GLA rows
+
+
+def gla_inputs(t: int):
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(B, t, H, D, generator=g).requires_grad_() for _ in range(3))
+    do = torch.randn(B, t, H, D, generator=g)
+    lg = (-0.1 * torch.rand(B, t, H, generator=g)).requires_grad_()  # scalar, [-0.1, 0]
+    gv = (-0.1 * torch.rand(B, t, H, D, generator=g)).requires_grad_()  # per key dimension
+    return q, k, v, do, lg, gv
+
+
+def peer_chunk_gla_vector(q, k, v, g, c: int, stack: bool = False):
+    """The GLA peer: plain PyTorch chunked gated linear attention with autograd, ``q, k, v:
+    [B, T, H, D]``, ``g: [B, T, H, D]`` (T a multiple of c) -> ``[B, T, H, D]``."""
+    b, t, h, d = q.shape
+    n = t // c
+    q, k, v, g = (x.transpose(1, 2).reshape(b, h, n, c, d) for x in (q, k, v, g))
+    g = g.cumsum(-2)  # chunk-local b_r, [B, H, N, C, D]
+    qg, kg = q * g.exp(), k * (-g).exp()
+    kv = (k * (g[..., -1:, :] - g).exp()).transpose(-1, -2) @ v  # [B, H, N, D, D]
+    decay = g[..., -1, :].exp()  # [B, H, N, D]
+    if stack:
+        s = [torch.zeros_like(kv[:, :, 0])]
+        for i in range(1, n):
+            s.append(s[-1] * decay[:, :, i - 1, :, None] + kv[:, :, i - 1])
+        states = torch.stack(s, dim=2)
+    else:
+        states = torch.zeros_like(kv)
+        for i in range(1, n):
+            states[:, :, i] = states[:, :, i - 1].clone() * decay[:, :, i - 1, :, None] \
+                + kv[:, :, i - 1]
+    mask = torch.triu(torch.ones(c, c, dtype=torch.bool), diagonal=1)
+    att = (qg @ kg.transpose(-1, -2)).masked_fill(mask, 0.0)
+    o = qg @ states + att @ v
+    return o.reshape(b, h, t, d).transpose(1, 2)
+
+
+GLA_KINDS = ("gla causal", "scalar causal", "peer gla", "peer gla (stack)", "gla full")
+
+
+def gla_step(kind: str, data, c: int) -> None:
+    q, k, v, do, lg, gv = data
+    if kind == "gla causal":
+        o = linear_attention(q, k, v, Causal(), log_gate=gv, chunk_size=c)
+    elif kind == "gla full":  # reverse gate = log_gate
+        o = linear_attention(q, k, v, Full(), log_gate=gv, chunk_size=c)
+    elif kind == "scalar causal":
+        o = linear_attention(q, k, v, Causal(), log_gate=lg, chunk_size=c)
+    else:
+        o = peer_chunk_gla_vector(q, k, v, gv, c, stack=kind == "peer gla (stack)")
+    o.backward(do)
+    for x in (q, k, v, lg, gv):
+        x.grad = None
+
+
+def time_gla(t: int, reps: int, c: int, kinds=GLA_KINDS) -> dict:
+    """fwd+bwd seconds of every GLA kind at length t, round by round: {kind: [per-round]}."""
+    data = gla_inputs(t)
+    for kind in kinds:
+        gla_step(kind, data, c)  # warm-up
+    out: dict = {kind: [] for kind in kinds}
+    for rnd in range(reps):
+        for kind in kinds if rnd % 2 == 0 else kinds[::-1]:
+            out[kind].append(_time(lambda kind=kind: gla_step(kind, data, c)))
+    return out
+
+
+def time_gla_scaling(ts, reps: int, c: int) -> dict:
+    """fwd+bwd us/token of GLA causal at every T, round by round, as
+    :func:`time_gated_scaling`. Returns {T: [us/token per round]}."""
+    data = {t: gla_inputs(t) for t in ts}
+    for t in ts:
+        gla_step("gla causal", data[t], c)
+    out: dict = {t: [] for t in ts}
+    for rnd in range(reps):
+        for t in ts if rnd % 2 == 0 else ts[::-1]:
+            runs = max(1, max(ts) // t)
+            total = _time(lambda t=t, runs=runs: [gla_step("gla causal", data[t], c)
+                                                  for _ in range(runs)])
+            out[t].append(total / (runs * t) * 1e6)
+    return out
+
+
+def gla_section(reps: int, c: int, quick: bool) -> None:
+    print("\nGLA rows (issue 21): fwd+bwd, gates differentiated, median [min, max] of "
+          f"per-round ratios over {reps} interleaved rounds; loadavg: {_uptime()}")
+    t = 8192
+    res = time_gla(t, reps, c)
+    print(f"{'T':>6} {'contender':>17} {'us/token (median)':>18}")
+    for kind, secs in res.items():
+        print(f"{t:>6} {kind:>17} {statistics.median(secs) / t * 1e6:18.2f}")
+    g = res["gla causal"]
+    per = [round(a / b, 2) for a, b in zip(g, res["scalar causal"], strict=True)]
+    print(f"  per round gla / scalar: {per}")
+    per = [round(a / b, 2) for a, b in zip(res["peer gla"], g, strict=True)]
+    print(f"  per round peer / gla: {per}")
+    print(f"  gla causal / scalar-gated causal, T={t}: {_ratio(g, res['scalar causal'])}  "
+          f"(goal <= 2)")
+    print(f"  peer gla / gla causal, T={t}: {_ratio(res['peer gla'], g)}  (goal >= 2.5)")
+    print(f"  peer gla (stack) / gla causal, T={t}: {_ratio(res['peer gla (stack)'], g)}  "
+          f"(context: the peer without in-place state writes)")
+    print(f"  gla full / gla causal, T={t}: {_ratio(res['gla full'], g)}  (context: Full's "
+          f"backward recomputes blocks under autograd)")
+    ts = [2048, 8192] if quick else [2048, 32768]
+    sc = time_gla_scaling(ts, reps, c)
+    lo, hi = ts[0], ts[-1]
+    print(f"  gla causal per-token T={hi} / T={lo}: per round {_ratio(sc[hi], sc[lo])}, min "
+          f"over rounds {min(sc[hi]) / min(sc[lo]):.2f}  [median us/token: "
+          f"{statistics.median(sc[lo]):.2f} -> {statistics.median(sc[hi]):.2f}]  (goal <= 1.25)")
+    print(f"  loadavg: {_uptime()}")
+
+
 def _ratio(a: list, b: list) -> str:
     r = sorted(x / y for x, y in zip(a, b, strict=True))
     return f"{statistics.median(r):.2f} [{r[0]:.2f}, {r[-1]:.2f}]"
@@ -320,10 +444,16 @@ def main() -> None:
     ap.add_argument("--chunk-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--gated-only", action="store_true", help="only the gated section")
+    ap.add_argument("--gla-only", action="store_true", help="only the GLA section")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
+    if args.gla_only:
+        print(f"GLA benchmark: B={B} H={H} D=Dv={D} fp32, chunk_size={args.chunk_size}, torch "
+              f"threads={threads}")
+        gla_section(args.reps or 5, args.chunk_size, args.quick)
+        return
     if args.gated_only:
         print(f"gated linear attention benchmark: B={B} H={H} D=Dv={D} fp32, chunk_size="
               f"{args.chunk_size}, torch threads={threads}")
@@ -390,6 +520,7 @@ def main() -> None:
     print(f"  peak memory causal fwd+bwd T={t_mem} / memory of q,k,v,o and grads: "
           f"{mem[(t_mem, 'causal')]['ratio']:.2f}  (goal <= 2)")
     gated_section(max(reps, 5), c, args.quick)
+    gla_section(max(reps, 5), c, args.quick)
 
 
 if __name__ == "__main__":

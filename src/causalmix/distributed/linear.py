@@ -25,7 +25,9 @@ decay is ``g = r = log(lambda)`` -- and ``o_i = sum over visible j of w_ij (q_i 
       R(e) = sum over blocks c starting at or after e of  exp(sum of Ar_m between) F_c,
       o_i += exp(r_i + .. + r_{e-1}) q_i R(e)
 
-Only sums of log-gates (<= 0) are exponentiated. Backward is autograd through these few products
+Per key dimension gates (``[B, n, H, D]``, GLA) run the same formulas with every total and
+weight a vector over the key dimension, multiplying the states' rows. Only sums of log-gates
+(<= 0) are exponentiated. Backward is autograd through these few products
 and the local op, with the ``all_gather`` of the states and totals made differentiable (its
 backward sums each gradient over the ranks with one ``all_reduce``). Every rank's result depends
 on the gathered states, so every rank joins that ``all_reduce`` when it backpropagates.
@@ -79,7 +81,7 @@ class Shard(NamedTuple):
     k: torch.Tensor  # [B, n, H, D]: kv heads repeated for the state computation
     v: torch.Tensor
     visibility: Visibility
-    gf: torch.Tensor  # [B', n, H] forward log-gates of the shard
+    gf: torch.Tensor  # [B', n, H, 1 | D] forward log-gates of the shard (D: per key dimension)
     gr: torch.Tensor
     reverse: bool
     mine: list
@@ -140,7 +142,7 @@ def _check_arguments(fn: str, a: LinearArgs, world: int | None) -> None:
         raise ValueError(f"{fn}: decay and log_gate are mutually exclusive; pass one of them")
     for name in ("log_gate", "reverse_log_gate"):
         if (gate := getattr(a, name)) is not None:
-            check_gate(fn, name, gate, (bsz, n, h), a.q)
+            check_gate(fn, name, gate, (bsz, n, h), a.q, per_dim=a.q.shape[-1])
     check_int("chunk_size", a.chunk_size, 1)
     REGISTRY.check_name(fn, a.impl)
     if world is not None:
@@ -195,42 +197,54 @@ def _check_impl(fn: str, a: LinearArgs, world: int) -> None:
 
 
 def _gates(q, decay, log_gate, reverse_log_gate, sd):
-    """Forward / reverse log-gates ``[B', n, H]`` in ``sd`` (a decay broadcast over time)."""
+    """Forward / reverse log-gates ``[B', n, H, 1]`` in ``sd`` (a decay broadcast over time),
+    or ``[B', n, H, D]`` when one of them is per key dimension (the other broadcast)."""
     if log_gate is not None:
         gr = log_gate if reverse_log_gate is None else reverse_log_gate
-        return log_gate.to(sd), gr.to(sd)
+        width = q.shape[-1] if 4 in (log_gate.dim(), gr.dim()) else 1
+        return tuple((x if x.dim() == 4 else x[..., None]).to(sd).expand(*x.shape[:3], width)
+                     for x in (log_gate, gr))
     h, n = q.shape[2], q.shape[1]
     if decay is None:
-        g = torch.zeros(1, n, h, dtype=sd, device=q.device)
+        g = torch.zeros(1, n, h, 1, dtype=sd, device=q.device)
     else:
-        g = torch.log(decay.to(sd)).view(1, 1, h).expand(1, n, h)
+        g = torch.log(decay.to(sd)).view(1, 1, h, 1).expand(1, n, h, 1)
     return g, g
+
+
+def _weighted(coef: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """``sum_c coef_c * S_c``: ``coef [c, B', H, 1 | D]`` (one factor per state, or per state
+    row), ``states [c, B, H, D, Dv]`` -> ``[B, H, D, Dv]``."""
+    if coef.shape[-1] == 1:
+        return torch.einsum("cbh,cbhde->bhde", coef[..., 0], states)
+    return torch.einsum("cbhd,cbhde->bhde", coef, states)
 
 
 def _local_states(x: Shard) -> tuple[torch.Tensor, torch.Tensor]:
     """Per span: the causal state anchored at its last position and, for Full/Prefix, the keys a
     query before the span sees, anchored at its first position; and the spans' total log-gates.
-    Returns ``states [R, 1 or 2, B, H, D, Dv]`` and ``totals [R, 2, B', H]``."""
+    Returns ``states [R, 1 or 2, B, H, D, Dv]`` and ``totals [R, 2, B', H, 1 | D]``."""
     local, totals = [], []
     for r in x.mine:
         kf, vf = x.k[:, _sl(r)].to(x.sd), x.v[:, _sl(r)].to(x.sd)
-        g, gr = x.gf[:, _sl(r)], x.gr[:, _sl(r)]  # [B', m, H]
+        g, gr = x.gf[:, _sl(r)], x.gr[:, _sl(r)]  # [B', m, H, 1 | D]
         cum = g.to(torch.float64).cumsum(1)
         w_end = torch.exp((cum[:, -1:] - cum).to(x.sd))  # prod_{s=t+1..end} exp(g_s)
         if x.starts is not None:  # keys of earlier documents of the span reach no later query
             st = x.starts[:, r.start:r.start + r.length]
             later = st.flip(1).cumsum(1).flip(1) - st.to(torch.int64)  # starts after t
-            w_end = torch.where((later == 0)[:, :, None], w_end, 0)
-        run_states = [torch.einsum("bthd,bthe->bhde", kf * w_end[..., None], vf)]
+            w_end = torch.where((later == 0)[:, :, None, None], w_end, 0)
+        run_states = [torch.einsum("bthd,bthe->bhde", kf * w_end, vf)]
         if x.reverse:
-            e = torch.nn.functional.pad(gr[:, :-1], (0, 0, 1, 0)).to(torch.float64).cumsum(1)
+            e = torch.nn.functional.pad(gr[:, :-1], (0, 0, 0, 0, 1, 0)).to(torch.float64)
+            e = e.cumsum(1)
             w_start = torch.exp(e.to(x.sd))  # prod_{s=start..t-1} exp(r_s)
             if isinstance(x.visibility, Prefix):
                 t = torch.arange(r.length, device=x.q.device)
                 seen = (r.start + t)[None, :] < _prefix_end(x)  # [B'', m]: keys before n
                 # where, not a product: a NaN gate on an unseen key must not reach anything
-                w_start = torch.where(seen[:, :, None], w_start, 0)
-            run_states.append(torch.einsum("bthd,bthe->bhde", kf * w_start[..., None], vf))
+                w_start = torch.where(seen[:, :, None, None], w_start, 0)
+            run_states.append(torch.einsum("bthd,bthe->bhde", kf * w_start, vf))
         local.append(torch.stack(run_states))
         totals.append(torch.stack([g.sum(1), gr.sum(1)]))
     return torch.stack(local), torch.stack(totals)
@@ -247,21 +261,21 @@ def _between(x: Shard, totals, lo: int, hi: int, which: int, before: bool):
     """``exp(sum of the totals of the spans strictly inside the gap)`` for every gathered span c,
     zero for spans on the wrong side: ``before`` -- spans ending by ``lo`` (the gap from their end
     to ``lo``); else spans starting at or after ``hi`` (the gap from ``hi`` to their start).
-    Returns it, ``[R_all, B', H]``, and the side mask ``[R_all]``. Sums and states of spans
+    Returns it, ``[R_all, B', H, 1 | D]``, and the side mask ``[R_all]``. Sums and states of spans
     outside are masked out with ``where`` (never multiplied by 0), so a NaN there reaches no
     query that cannot see it."""
     dev = x.q.device
     starts = torch.tensor([r.start for r in x.every], device=dev)
     ends = torch.tensor([r.start + r.length for r in x.every], device=dev)  # exclusive
-    tot = totals[:, which]  # [R_all, B', H]
+    tot = totals[:, which]  # [R_all, B', H, 1 | D]
     if before:
         side = ends <= lo
         inside = (starts[None, :] >= ends[:, None]) & (starts[None, :] < lo)  # [c, m]
     else:
         side = starts >= hi
         inside = (starts[None, :] >= hi) & (starts[None, :] < starts[:, None])
-    gap = torch.where(inside[:, :, None, None], tot[None], 0).sum(1)  # [c, B', H]
-    gap = torch.where(side[:, None, None], gap, torch.full_like(gap, -torch.inf))
+    gap = torch.where(inside[:, :, None, None, None], tot[None], 0).sum(1)  # [c, B', H, .]
+    gap = torch.where(side[:, None, None, None], gap, torch.full_like(gap, -torch.inf))
     return torch.exp(gap), side
 
 
@@ -275,9 +289,9 @@ def _incoming_state(x: Shard, states, totals, r: Span) -> torch.Tensor:
         pos = torch.arange(x.starts.shape[1], device=x.q.device)
         gap = (pos[None, :] >= ends[:, None]) & (pos[None, :] < r.start)  # [c, T]
         cut = (gap[:, None, :] & x.starts[None]).any(-1)  # [c, B']
-        coef = torch.where(cut[:, :, None], 0, coef)
+        coef = torch.where(cut[:, :, None, None], 0, coef)
     s = torch.where(side[:, None, None, None, None], states[:, 0], 0)
-    return torch.einsum("cbh,cbhde->bhde", coef, s)
+    return _weighted(coef, s)
 
 
 def _reverse_part(x: Shard, states, totals, r: Span) -> torch.Tensor:
@@ -289,11 +303,11 @@ def _reverse_part(x: Shard, states, totals, r: Span) -> torch.Tensor:
         starts = torch.tensor([c.start for c in x.every], device=x.q.device)
         used = used & (starts[:, None] < _prefix_end(x)[:, 0][None, :])
     s = torch.where(used[:, :, None, None, None], states[:, 1], 0)
-    f = torch.einsum("cbh,cbhde->bhde", torch.where(used[:, :, None], coef, 0), s)
+    f = _weighted(torch.where(used[:, :, None, None], coef, 0), s)
     gr = x.gr[:, _sl(r)].to(torch.float64)
     suffix = gr.flip(1).cumsum(1).flip(1)  # r_i + .. + r_{e-1}
-    w_q = torch.exp(suffix.to(x.sd))  # [B', m, H]
-    part = torch.einsum("bthd,bhde->bthe", x.q[:, _sl(r)].to(x.sd) * w_q[..., None], f)
+    w_q = torch.exp(suffix.to(x.sd))  # [B', m, H, 1 | D]
+    part = torch.einsum("bthd,bhde->bthe", x.q[:, _sl(r)].to(x.sd) * w_q, f)
     # rows with no later key to see: exactly zero (their gates past the prefix stay unused)
     return torch.where(used.any(0)[:, None, None, None], part, 0)
 
@@ -339,8 +353,9 @@ def linear_attention(
             under these specs, so the layout does not change the balance; zigzag is there so
             that a model mixing softmax and linear layers keeps one layout.
         decay: ``[H]`` float tensor in (0, 1], or None; identical on every rank. Differentiable.
-        log_gate, reverse_log_gate: ``[B, n, H]`` this rank's per-token log-gates (``<= 0``, in
-            the shard's local order), as for the single-process op; exclusive with ``decay``.
+        log_gate, reverse_log_gate: ``[B, n, H]`` (or per key dimension ``[B, n, H, D]``,
+            GLA) this rank's per-token log-gates (``<= 0``, in the shard's local order), as for
+            the single-process op; exclusive with ``decay``.
             Differentiable (each rank's gradient is that of its own shard).
         group: the ``torch.distributed`` process group (default: the world).
         impl, chunk_size: passed to the local ``causalmix.ops.linear.linear_attention``.

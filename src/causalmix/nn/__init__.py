@@ -1,8 +1,8 @@
-"""nn.Modules: attention layers (softmax / linear / gated linear / Gated DeltaNet / KDA
+"""nn.Modules: attention layers (softmax / linear / gated linear / Gated DeltaNet / GLA / KDA
 mixers) under a visibility spec, pre-norm blocks, and a small sequence model with per-layer
-visibility; typed configs with presets, and the tagged dict form of a spec (:func:`spec_to_dict` /
-:func:`spec_from_dict`); ``SequenceModel.generate`` decodes on the model stream
-(:mod:`causalmix.nn.generate`)."""
+visibility; typed configs with presets, and the tagged dict form of a spec
+(:func:`spec_to_dict` / :func:`spec_from_dict`); ``SequenceModel.generate`` decodes on the
+model stream (:mod:`causalmix.nn.generate`)."""
 
 from causalmix.nn.config import (
     MIXERS,
@@ -18,6 +18,7 @@ from causalmix.nn.config import (
 from causalmix.nn.delta import DeltaMixer
 from causalmix.nn.gated import GatedMixer
 from causalmix.nn.generate import Generation
+from causalmix.nn.gla import GLAMixer
 from causalmix.nn.kda import KDAMixer
 from causalmix.nn.layers import (
     Attention,
@@ -37,6 +38,7 @@ __all__ = [
     "Block",
     "BlockConfig",
     "DeltaMixer",
+    "GLAMixer",
     "GatedMixer",
     "Generation",
     "KDAMixer",

@@ -34,9 +34,10 @@ from causalmix.visibility import (
 
 #: The kinds of mixing layer :class:`AttentionConfig` builds: softmax attention, linear
 #: attention, the gated linear layer (:mod:`causalmix.nn.gated`, the linear op with gates) and
-#: the Gated DeltaNet layer (:mod:`causalmix.nn.delta`, the delta-rule op) and the Kimi Delta
-#: Attention layer (:mod:`causalmix.nn.kda`, the delta-rule op with per-key-dimension gates).
-MIXERS = ("softmax", "linear", "gated", "delta", "kda")
+#: the Gated DeltaNet layer (:mod:`causalmix.nn.delta`, the delta-rule op), the GLA layer
+#: (:mod:`causalmix.nn.gla`, the linear op with per key dimension gates) and the Kimi Delta
+#: Attention layer (:mod:`causalmix.nn.kda`, the delta-rule op with per key dimension gates).
+MIXERS = ("softmax", "linear", "gated", "delta", "gla", "kda")
 FEATURE_MAPS = ("taylor", "elu")
 
 
@@ -171,6 +172,9 @@ class AttentionConfig:
     q / k of ``feature_dim`` per head, the delta-rule op; bidirectional under the same specs.
     Its ``n_kv_heads`` are the q / k heads and ``n_heads`` the value (output) heads: the value
     grouping of Gated DeltaNet.
+    gla: gated linear attention (:mod:`causalmix.nn.gla`): per key dimension gates from a
+    low-rank projection (logsigmoid / temperature), ``feature_dim`` keys per head, run by the
+    linear mixer; bidirectional under the same specs.
     kda: Kimi Delta Attention (:mod:`causalmix.nn.kda`): the delta layer with a log-gate per
     key dimension (``[B, T, n_heads, feature_dim]``) from a low-rank projection.
     ``decay``: per-head decay in (0, 1] (``None``: no decay); its length must equal ``n_heads``.
@@ -375,6 +379,7 @@ PRESETS: dict[str, dict] = {
     "tiny-gqa": dict(d_model=64, n_heads=4, n_kv_heads=2, mixer="softmax"),
     "tiny-gated": dict(d_model=64, n_heads=4, mixer="gated", feature_dim=16),
     "tiny-delta": dict(d_model=64, n_heads=4, mixer="delta", feature_dim=16),
+    "tiny-gla": dict(d_model=64, n_heads=4, mixer="gla", feature_dim=16),
     "tiny-kda": dict(d_model=64, n_heads=4, mixer="kda", feature_dim=16),
     "small-softmax": dict(d_model=128, n_heads=4, mixer="softmax",
                           visibility=(Causal(),) * 4),

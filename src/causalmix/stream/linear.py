@@ -50,7 +50,7 @@ def fold_state(
 @dataclasses.dataclass(frozen=True)
 class GateFrames(Frames):
     """The frames of a linear-stream push: :class:`~causalmix.stream.Frames` plus the per-token
-    gates, ``log_gate, reverse_log_gate: [B, n, H]`` or ``None``."""
+    gates, ``log_gate, reverse_log_gate: [B, n, H]`` (or ``[B, n, H, D]``) or ``None``."""
 
     log_gate: torch.Tensor | None = None
     reverse_log_gate: torch.Tensor | None = None
@@ -62,7 +62,8 @@ class LinearStream(MixerStream):
 
     Output ``i`` is ``sum_{j visible} w_ij (q_i . k_j) v_j`` with ``w_ij = lambda^|i-j|``, or
     with per-token gates pushed with their frames (``push(q, k, v, log_gate=g)``, ``g: [B, n,
-    H]``, optional ``reverse_log_gate``; see ``causalmix.ops.linear``). Every spec linear
+    H]``, or per key dimension ``[B, n, H, D]`` (GLA; every push of one kind), optional
+    ``reverse_log_gate``; see ``causalmix.ops.linear``). Every spec linear
     attention supports (``Causal()``, ``Prefix(n)``, ``Chunked(size, lookahead)``,
     ``Segments(ids) & ...``) lets a query see every earlier key of its segment, so the keys
     before the first pending output live in one carried causal state (``[B, H, D, Dv]``, fp32;
@@ -88,8 +89,8 @@ class LinearStream(MixerStream):
         impl, chunk_size: passed to ``linear_attention`` (``impl="auto"``: ``recurrent`` for
             single-frame steps, ``chunk`` otherwise).
 
-    Shapes: ``push(q [B, n, H, D], k [B, n, Hkv, D], v [B, n, Hkv, Dv], *, log_gate [B, n, H],
-    reverse_log_gate [B, n, H]) -> [B, m, H, Dv]``.
+    Shapes: ``push(q [B, n, H, D], k [B, n, Hkv, D], v [B, n, Hkv, Dv], *, log_gate [B, n, H]
+    or [B, n, H, D], reverse_log_gate likewise) -> [B, m, H, Dv]``.
     """
 
     mixer = "linear"
@@ -127,7 +128,8 @@ class LinearStream(MixerStream):
         self._v = FrameBuffer()
         self._g = FrameBuffer()  # gates of the buffered frames (gated streams)
         self._gr = FrameBuffer()
-        self._gates: tuple[bool, bool] | None = None  # (gated, reverse gate) from the first push
+        # (gated, reverse gate, their dims) from the first push
+        self._gates: tuple[bool, bool, int, int] | None = None
 
     @property
     def buffer_len(self) -> int:
@@ -144,7 +146,8 @@ class LinearStream(MixerStream):
              log_gate: torch.Tensor | None = None,
              reverse_log_gate: torch.Tensor | None = None) -> torch.Tensor:
         """Take the next frames (and their gates, for a gated stream), return the outputs now
-        final. ``log_gate, reverse_log_gate: [B, n, H]``; see :meth:`MixerStream.push`."""
+        final. ``log_gate, reverse_log_gate: [B, n, H]`` or ``[B, n, H, D]``; see
+        :meth:`MixerStream.push`."""
         return self._push("push", GateFrames(q, k, v, log_gate, reverse_log_gate))
 
     def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -161,15 +164,20 @@ class LinearStream(MixerStream):
                              f"with it")
         if mode[1] and not mode[0]:
             raise ValueError(f"{name}: reverse_log_gate needs log_gate")
-        if self._gates is not None and mode != self._gates:
+        if self._gates is not None and mode != self._gates[:2]:
             raise ValueError(f"{name}: every push must give the same gates as the first one "
                              f"(log_gate {self._gates[0]}, reverse_log_gate {self._gates[1]}), "
                              f"got log_gate {mode[0]}, reverse_log_gate {mode[1]}")
         q = frames.q
-        for gname in ("log_gate", "reverse_log_gate"):
+        for i, gname in enumerate(("log_gate", "reverse_log_gate")):
             gate = getattr(frames, gname)
             if gate is not None:
-                check_gate(name, gname, gate, tuple(q.shape[:3]), q)
+                check_gate(name, gname, gate, tuple(q.shape[:3]), q, per_dim=q.shape[-1])
+                if self._gates is not None and gate.dim() != self._gates[2 + i]:
+                    kind = ("[B, n, H]", "[B, n, H, D]")
+                    raise ValueError(f"{name}: every push must give {gname} of the first one's "
+                                     f"kind, {kind[self._gates[2 + i] - 3]} (per key dimension "
+                                     f"or not), got shape {list(gate.shape)}")
 
     def _check_first(self, name, frames):
         super()._check_first(name, frames)
@@ -178,7 +186,10 @@ class LinearStream(MixerStream):
             raise ValueError(f"{name}: decay has {self.decay.shape[0]} heads but q has {h}")
 
     def _start(self, frames):
-        self._gates = (frames.log_gate is not None, frames.reverse_log_gate is not None)
+        # (log_gate given, reverse_log_gate given, their dims: 3 scalar, 4 per key dimension)
+        self._gates = (frames.log_gate is not None, frames.reverse_log_gate is not None,
+                       *(0 if g is None else g.dim()
+                         for g in (frames.log_gate, frames.reverse_log_gate)))
 
     def _accept(self, frames):
         self._k.append(frames.k)
@@ -190,7 +201,7 @@ class LinearStream(MixerStream):
 
     def _window(self, p0: int, k_end: int) -> GateFrames:
         """The buffered frames ``[p0, k_end)`` (queries from the pending ones), views."""
-        gated, reverse = self._gates
+        gated, reverse = self._gates[:2]
         return GateFrames(
             self._pending_q.view(p0, k_end), self._k.view(p0, k_end), self._v.view(p0, k_end),
             self._g.view(p0, k_end) if gated else None,

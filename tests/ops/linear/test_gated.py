@@ -325,7 +325,9 @@ def test_bad_gates():
         linear_attention(q, k, v, Causal(), log_gate=torch.full((1, 8, 2), -float("inf")))
     with pytest.raises(ValueError, match=r"reverse_log_gate must have shape \[B, Tk, H\]"):
         linear_attention(q, k, v, Full(), log_gate=lg, reverse_log_gate=lg[:, :5])
-    with pytest.raises(ValueError, match=r"log_gate must have shape \[B, Tk, H\] = \[1, 8, 2\]"):
+    # per key dimension gates are served too: the message names both shapes
+    with pytest.raises(ValueError, match=r"log_gate must have shape \[B, Tk, H\] or "
+                                         r"\[B, Tk, H, D\] = \[1, 8, 2\] or \[1, 8, 2, 4\]"):
         linear_attention(q, k, v, Causal(), log_gate=lg[..., :1])
     with pytest.raises(ValueError, match="mutually exclusive"):
         linear_attention(q, k, v, Causal(), log_gate=lg, decay=torch.ones(2))

@@ -225,7 +225,8 @@ def test_heads_layout_of_a_call():
     assert call.heads == Heads(out=4, q=2, k=2, v=4)
     x = _inputs(5, "gqa", 0)
     assert validate("t", x["q"], x["k"], x["v"], Causal()).heads == Heads(4, 4, 2, 2)
-    with pytest.raises(ValueError, match=r"log_gate must have shape \[B, Tk, H\] = \[2, 5, 4\]"):
+    with pytest.raises(ValueError, match=r"log_gate must have shape \[B, Tk, H\] or "
+                                         r"\[B, Tk, H, D\] = \[2, 5, 4\] or \[2, 5, 4, 4\]"):
         linear_attention(x["q"], x["k"], x["v"], Causal(), log_gate=x["log_gate"][..., :2])
     with pytest.raises(ValueError, match=r"initial_state must have shape \[B, H, D, Dv\] = "
                                          r"\[2, 4, 4, 3\]"):

@@ -30,6 +30,11 @@ down to -30 per token at any length stay finite. Weights for ``Full()`` on 4 pos
 ``Segments(ids) & spec`` restarts both products at document boundaries (no information crosses
 a boundary in either direction); other specs zero the invisible entries.
 
+**Per key dimension gates** (gated linear attention, GLA): either gate may be ``[B, T, H, D]``;
+then ``w_ij`` is a vector over the key dimension, from the products of ``exp(g_s[..., d])``, and
+``o_i = sum over visible j of ((q_i * w_ij) . k_j) v_j``: ``S_t = diag(exp(g_t)) S_{t-1} + k_t
+v_t^T``. A ``[B, T, H]`` gate broadcast over D gives the scalar numbers.
+
 No softmax, no normaliser, no feature map (those belong to the layer). GQA / multi-value heads:
 ``k, v: [B, Tk, Hkv, ...]`` with ``H % Hkv == 0`` (query head h reads kv head
 ``h // (H / Hkv)``); decay, gates and states are per query head.
@@ -157,11 +162,11 @@ def linear_attention(
             ``Chunked(size, lookahead)``, ``Segments(ids) & any of these``; other specs raise
             ``ValueError`` for ``chunk``/``recurrent`` (the reference takes any spec).
         decay: ``[H]`` float tensor with values in (0, 1], or None (no decay). Differentiable.
-        log_gate: ``[B, Tk, H]`` per-token forward log-gates ``<= 0`` (q's dtype or fp32; fp64
-            for fp64 inputs), or None. Exclusive with ``decay``; needs ``q_offset ==
-            k_offset``. Differentiable.
-        reverse_log_gate: ``[B, Tk, H]`` log-gates of the reverse (j > i) part, default
-            ``log_gate``. Differentiable.
+        log_gate: ``[B, Tk, H]`` per-token forward log-gates ``<= 0``, or ``[B, Tk, H, D]``
+            per key dimension (GLA) (q's dtype or fp32; fp64 for fp64 inputs), or None.
+            Exclusive with ``decay``; needs ``q_offset == k_offset``. Differentiable.
+        reverse_log_gate: ``[B, Tk, H]`` or ``[B, Tk, H, D]`` log-gates of the reverse (j > i)
+            part, default ``log_gate``. Differentiable.
         q_offset, k_offset: absolute positions of the first query / key. ``chunk`` and
             ``recurrent`` need them equal.
         initial_state: ``[B, H, D, Dv]`` fp32 causal state of the keys before the call (see the

@@ -11,7 +11,9 @@ One name per quantity, from the public op to the kernels:
 * ``visibility`` the spec, ``factor`` its :class:`~causalmix.ops.factor.Factorisation` (or None
   and ``factor_error`` the reason: then only ``reference`` serves the call);
 * ``decay: [H]`` a constant per-head decay, or ``log_gate: [B, Tk, H]`` the forward log-gates
-  (``<= 0``) and ``reverse_log_gate`` those of the reverse part (None: ``log_gate``'s);
+  (``<= 0``) and ``reverse_log_gate`` those of the reverse part (None: ``log_gate``'s); either
+  gate may also be per key dimension, ``[B, Tk, H, D]`` (gated linear attention, GLA): then
+  :meth:`LinearCall.scan_gates` gives both as ``[B, Tk, H, D]`` (a scalar one broadcast);
   :meth:`LinearCall.scan_gates` gives both as log-gates for the scans (a decay is ``log_gate =
   log(decay)`` broadcast over time);
 * ``initial_state / final state: [B, H, D, Dv]`` in the compute dtype (fp32; fp64 for fp64).
@@ -63,6 +65,11 @@ class ScanGates(NamedTuple):
     constant: bool
     wide_states: bool
 
+    @property
+    def vector(self) -> bool:
+        """Per key dimension gates, ``[B', Tk, H, D]`` (GLA)."""
+        return self.log_gate.dim() == 4
+
 
 class LinearCall(NamedTuple):
     """A checked call of :func:`~causalmix.ops.linear.linear_attention` (see the module
@@ -99,10 +106,22 @@ class LinearCall(NamedTuple):
             return "no queries"
         return None
 
+    @property
+    def vector_gates(self) -> bool:
+        """Whether a gate is per key dimension (``[B, Tk, H, D]``, GLA)."""
+        return any(x is not None and x.dim() == 4
+                   for x in (self.log_gate, self.reverse_log_gate))
+
     def scan_gates(self) -> ScanGates:
-        """The forward and reverse log-gates of this call, :class:`ScanGates`."""
+        """The forward and reverse log-gates of this call, :class:`ScanGates`; with a per key
+        dimension gate both are ``[B, Tk, H, D]`` (a scalar one broadcast over D, a view)."""
         if self.log_gate is not None:
             rev = self.log_gate if self.reverse_log_gate is None else self.reverse_log_gate
+            if self.vector_gates:
+                d = self.q.shape[-1]
+                g, rev = (x if x.dim() == 4 else x[..., None].expand(*x.shape, d)
+                          for x in (self.log_gate, rev))
+                return ScanGates(g, rev, False, False)
             return ScanGates(self.log_gate, rev, False, False)
         q, tk, h = self.q, self.k.shape[1], self.heads.out
         cd = compute_dtype(q)
@@ -132,8 +151,8 @@ def check_inputs(fn: str, *, q: Any, k: Any, v: Any) -> Heads:
 def check_gates(fn: str, *, q: torch.Tensor, k: torch.Tensor, heads: Heads,
                 decay: Any, log_gate: Any, reverse_log_gate: Any,
                 offsets: tuple[int, int]) -> None:
-    """``decay`` (``[H]`` in (0, 1]) or ``log_gate`` / ``reverse_log_gate`` (``[B, Tk, H]``),
-    exclusive; gates need ``q_offset == k_offset``."""
+    """``decay`` (``[H]`` in (0, 1]) or ``log_gate`` / ``reverse_log_gate`` (``[B, Tk, H]`` or,
+    per key dimension, ``[B, Tk, H, D]``), exclusive; gates need ``q_offset == k_offset``."""
     check_decay(fn, decay, heads.out, q.device)
     if log_gate is None:
         if reverse_log_gate is not None:
@@ -145,7 +164,7 @@ def check_gates(fn: str, *, q: torch.Tensor, k: torch.Tensor, heads: Heads,
     shape = (q.shape[0], k.shape[1], heads.out)
     for name, gate in (("log_gate", log_gate), ("reverse_log_gate", reverse_log_gate)):
         if gate is not None:
-            check_gate(fn, name, gate, shape, q)
+            check_gate(fn, name, gate, shape, q, per_dim=q.shape[-1])
     if offsets[0] != offsets[1]:
         raise ValueError(f"{fn}: log_gate needs q_offset == k_offset (got {offsets[0]} and "
                          f"{offsets[1]}): gates are indexed by the positions of the call")

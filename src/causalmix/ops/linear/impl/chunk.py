@@ -20,6 +20,10 @@ Stages: forward ``_reverse_scan`` -> ``_forward_scan``; backward ``_reverse_grad
 (dL/dR) -> ``_backward_scan`` (per chunk ``_tile_grads``, ``_forward_state_grads``,
 ``_reverse_state_grads``) -> ``_gate_grads`` (chunk-local reverse cumulative sums).
 
+Per key dimension gates (``[B', T, H, D]``, GLA) run in
+:mod:`causalmix.ops.linear._chunk_vector` (secondary chunking, blocks of chunks recomputed or
+differentiated by hand in backward); this module dispatches to it.
+
 Memory: forward saves q, k, v, the gates and one ``[B, H, D, Dv]`` state per chunk (``T / C``
 states, no per-token state, no ``[T, T]`` tensor); backward recomputes the weights and tiles
 and keeps one more state per chunk for the reverse scan. States are fp64 when a constant decay
@@ -44,6 +48,12 @@ from causalmix.ops.linear._chunk_geometry import (
     chunk_weights,
     geometry,
     tile,
+)
+from causalmix.ops.linear._chunk_vector import (
+    VectorBandFunction,
+    VectorBandPlan,
+    VectorPlan,
+    VectorScanFunction,
 )
 from causalmix.ops.linear.call import LinearCall
 
@@ -473,11 +483,21 @@ def run(call: LinearCall) -> tuple[torch.Tensor, torch.Tensor | None]:
     c = max(1, min(call.chunk_size, t))
     cd = compute_dtype(q)
     geo = geometry(f.arrays(t, call.q_offset, q.device), t, c, f.has_reverse)
-    plan = ScanPlan(geo, torch.float64 if gates.wide_states else cd, gates.constant, call.heads)
     ks, vs = (k, v) if k.shape[1] == t else (k[:, :t], v[:, :t])
-    o, s, _ = ScanFunction.apply(plan, q, ks, vs, gates.log_gate[:, :t],
-                                 gates.reverse_log_gate[:, :t], call.initial_state)
-    if f.band:
+    if gates.vector:  # per key dimension (GLA): secondary chunking, blocks recomputed
+        rev = gates.reverse_log_gate[:, :t] if f.has_reverse else None
+        o, s, _ = VectorScanFunction.apply(VectorPlan(geo, cd, call.heads), q, ks, vs,
+                                           gates.log_gate[:, :t], rev, call.initial_state)
+    else:
+        plan = ScanPlan(geo, torch.float64 if gates.wide_states else cd, gates.constant,
+                        call.heads)
+        o, s, _ = ScanFunction.apply(plan, q, ks, vs, gates.log_gate[:, :t],
+                                     gates.reverse_log_gate[:, :t], call.initial_state)
+    if f.band and gates.vector:
+        o = o + VectorBandFunction.apply(
+            VectorBandPlan(f.spec, call.q_offset, f.band, c, call.heads, cd), q, k, v,
+            gates.reverse_log_gate)
+    elif f.band:
         o = o + BandFunction.apply(BandPlan(f.spec, call.q_offset, f.band, c, call.heads), q,
                                    k, v, gates.reverse_log_gate)
     return o.to(q.dtype), (s if call.return_final_state else None)

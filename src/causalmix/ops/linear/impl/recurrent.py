@@ -1,7 +1,9 @@
 """Recurrent linear attention: one position at a time (decode, and a second oracle).
 
 Per-position log-gates ``g_t`` (forward) and ``r_t`` (reverse), ``[B', T, H]``; a constant decay
-is ``g_t = r_t = log(lambda)``. Forward recurrence (the causal part), reset at segment starts::
+is ``g_t = r_t = log(lambda)``. Per key dimension gates (``[B', T, H, D]``, GLA) multiply the
+state's rows, ``exp(g_t) S`` read as ``diag(exp(g_t)) S``. Forward recurrence (the causal
+part), reset at segment starts::
 
     S_t = [t continues its segment] * exp(g_t) * S_{t-1} + k_t v_t^T,      o_t = q_t S_t
 
@@ -63,6 +65,12 @@ def _outer(kt: torch.Tensor, vt: torch.Tensor) -> torch.Tensor:
     return kt[..., :, None] * vt[..., None, :]
 
 
+def _factor(x: torch.Tensor, vector: bool) -> torch.Tensor:
+    """``exp`` of gates ``[..., K, G]`` (or ``[..., K, G, D]`` per key dimension) as a factor
+    of the states ``[..., K, G, D, Dv]``: scalar per state, or one per state row."""
+    return x[..., None] if vector else x[..., None, None]
+
+
 def _flags(x: torch.Tensor, dtype) -> torch.Tensor:
     """A per-row flag ``[B']`` as a factor ``[B', 1, 1, 1, 1]`` of the states."""
     return x.to(dtype).view(-1, 1, 1, 1, 1)
@@ -72,9 +80,10 @@ def _decode_step(qkv: tuple, log_gate, initial_state, cd):
     """T == 1: ``S = exp(g_0) S0 + k v^T``, ``o = q S`` (nothing in the future of one token)."""
     q, k, v = (x.to(cd)[:, 0] for x in qkv)  # [B, K, Gx, D]
     s = _outer(k, v)
+    vector = log_gate.dim() == 5
     if initial_state is not None:
-        s = torch.exp(log_gate.to(cd)[:, 0])[..., None, None] * initial_state.to(cd) + s
-    s = s.expand(*s.shape[:2], log_gate.shape[-1], *s.shape[3:])  # every output head's state
+        s = _factor(torch.exp(log_gate.to(cd)[:, 0]), vector) * initial_state.to(cd) + s
+    s = s.expand(*s.shape[:2], log_gate.shape[3], *s.shape[3:])  # every output head's state
     return _read(q, s)[:, None], s
 
 
@@ -82,9 +91,10 @@ def _band(outs: list, qf, reverse_log_gate, where: tuple, chunk_states: dict) ->
     """Chunked(s, L > 0): query t reads the chunk states ``W`` of the next L chunks.
     ``where``: the call's factorisation, position arrays and offset."""
     f, arr, offset = where
-    t = qf.shape[1]
-    # E_t = r_0 + .. + r_{t-1}, [B', T, K, G]
-    e = torch.nn.functional.pad(reverse_log_gate[:, :-1], (0, 0, 0, 0, 1, 0)).cumsum(1)
+    t, vector = qf.shape[1], reverse_log_gate.dim() == 5
+    # E_t = r_0 + .. + r_{t-1}, [B', T, K, G(, D)]
+    e = torch.cat([torch.zeros_like(reverse_log_gate[:, :1]), reverse_log_gate[:, :-1]],
+                  dim=1).cumsum(1)
     for i in range(t):
         c = (i + offset) // f.chunk
         for m in range(1, f.lookahead_chunks + 1):
@@ -92,7 +102,7 @@ def _band(outs: list, qf, reverse_log_gate, where: tuple, chunk_states: dict) ->
             if start >= t:
                 break
             reach = _flags(arr.seg_end[:, i] >= start, qf.dtype)
-            w = torch.exp(e[:, start] - e[:, i])[..., None, None]  # exponent <= 0
+            w = _factor(torch.exp(e[:, start] - e[:, i]), vector)  # exponent <= 0
             outs[i] = outs[i] + _read(qf[:, i], reach * w * chunk_states[c + m])
 
 
@@ -120,7 +130,7 @@ def _reverse(outs: list, qkv: tuple, reverse_log_gate, f: Factorisation, arr: Po
         end = torch.minimum(arr.seg_end, chunk_end[None])
     if end is None:
         return
-    rlam = torch.exp(reverse_log_gate)[..., None, None]  # [B', T, K, G, 1, 1]
+    rlam = _factor(torch.exp(reverse_log_gate), reverse_log_gate.dim() == 5)
     r = torch.zeros(qf.shape[0], *rlam.shape[2:4], kf.shape[-1], vf.shape[-1], dtype=cd,
                     device=dev)
     chunk_states = {}
@@ -153,8 +163,8 @@ def run(call: LinearCall) -> tuple[torch.Tensor, torch.Tensor | None]:
         cd = torch.float64
         arr = f.arrays(t, call.q_offset, q.device)
         qkv = tuple(_grouped(x.to(cd), heads.k) for x in (q, call.k, call.v))
-        lam = torch.exp(lg.to(cd))[..., None, None]  # [B', T, K, G, 1, 1]
-        s = torch.zeros(b, *lg.shape[2:], q.shape[-1], call.v.shape[-1], dtype=cd,
+        lam = _factor(torch.exp(lg.to(cd)), gates.vector)  # [B', T, K, G, D or 1, 1]
+        s = torch.zeros(b, *lg.shape[2:4], q.shape[-1], call.v.shape[-1], dtype=cd,
                         device=q.device) if s0 is None else s0.to(cd)
         outs: list = []
         s = _forward(outs, qkv, lam, arr, s)

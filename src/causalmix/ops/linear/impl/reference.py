@@ -8,7 +8,9 @@ Constant decay ``lambda_h`` (1 when no decay is given):
     (1)  w_ij = lambda_h ** |i - j|               if visible(i, j), else 0
 
 Data-dependent gates (``log_gate`` ``g``, ``reverse_log_gate`` ``r``, both ``[B, Tk, H]`` at the
-key positions, ``<= 0``; queries and keys at the same positions)::
+key positions, ``<= 0``; queries and keys at the same positions; or per key dimension,
+``[B, Tk, H, D]``, GLA: then every weight below is a vector over the key dimension d, from the
+cumulative sums of ``g[..., d]``, and (2) reads ``sum_d q_id w_ijd k_jd``)::
 
     (1') w_ij = exp(G_i - G_j)     j <= i,  G_t = g_0 + ... + g_t   (prod_{s=j+1..i} exp(g_s))
          w_ij = exp(E_j - E_i)     j >  i,  E_t = r_0 + ... + r_{t-1} (prod_{s=i..j-1} exp(r_s))
@@ -16,7 +18,8 @@ key positions, ``<= 0``; queries and keys at the same positions)::
          exponentiated, so every exponent is <= 0. A gate whose exp is 0 in the compute dtype
          (e.g. -1e30) is a hard reset: every weight across it is 0, and it enters no sum.
 
-    (2)  o_i  = sum_j w_ij (q_i . k_j) v_j         (no softmax, normaliser or feature map)
+    (2)  o_i  = sum_j w_ij (q_i . k_j) v_j         (no softmax, normaliser or feature map;
+                                                    per key dimension: (q_i * w_ij) . k_j)
     (3)  with an initial state S0 (the causal state of the keys before the call, anchored at
          position a = k_offset - 1):  o_i += lambda_h ** (i - a) * q_i S0 (gates: exp(G_i))
          if visible(i, a') where a' = max(a, 0)
@@ -62,33 +65,43 @@ def _cumulative(gate: torch.Tensor, cd, *, exclusive: bool):
     g = gate.to(cd)
     reset = torch.exp(g) == 0
     g = torch.where(reset, torch.zeros_like(g), g)
-    if exclusive:
-        g = torch.nn.functional.pad(g[:, :-1], (0, 0, 1, 0))
-        reset = torch.nn.functional.pad(reset[:, :-1], (0, 0, 1, 0))
+    if exclusive:  # shift by one position (dim 1), for [B', Tk, H] and [B', Tk, H, D]
+        g = torch.cat([torch.zeros_like(g[:, :1]), g[:, :-1]], dim=1)
+        reset = torch.cat([torch.zeros_like(reset[:, :1]), reset[:, :-1]], dim=1)
     return g.cumsum(1), reset.cumsum(1)
 
 
+def _per_dim(x: torch.Tensor, vector: bool) -> torch.Tensor:
+    """A ``[..., Tq, Tk]`` mask broadcast against per key dimension weights (``[..., D]``)."""
+    return x[..., None] if vector else x
+
+
 def _log_weights(cum: tuple, visible, tq: int, cd) -> torch.Tensor:
-    """(1') ``cum``: ``(G, E)`` with their reset counts, each ``[B', Tk, H]``; ``visible:
-    [B', Tq, Tk]`` -> ``log w: [B'', H, Tq, Tk]`` (``-inf`` where invisible or across a
-    reset)."""
-    (gc, nf), (e, nr) = ((x.transpose(1, 2) for x in pair) for pair in cum)  # [B', H, Tk]
-    tk, dev = gc.shape[-1], gc.device
+    """(1') ``cum``: ``(G, E)`` with their reset counts, each ``[B', Tk, H]`` (or ``[B', Tk, H,
+    D]``); ``visible: [B', Tq, Tk]`` -> ``log w: [B'', H, Tq, Tk]`` (or ``[B'', H, Tq, Tk, D]``;
+    ``-inf`` where invisible or across a reset)."""
+    (gc, nf), (e, nr) = ((x.transpose(1, 2) for x in pair) for pair in cum)  # [B', H, Tk(, D)]
+    vector = gc.dim() == 4
+    tk, dev = gc.shape[2], gc.device
     i = torch.arange(tq, device=dev)[:, None]
     j = torch.arange(tk, device=dev)[None, :]
     fwd = gc[:, :, :tq, None] - gc[:, :, None, :]  # G_i - G_j
     fwd = fwd.masked_fill(nf[:, :, :tq, None] != nf[:, :, None, :], -torch.inf)
     rev = e[:, :, None, :] - e[:, :, :tq, None]  # E_j - E_i
     rev = rev.masked_fill(nr[:, :, None, :] != nr[:, :, :tq, None], -torch.inf)
-    logw = torch.where(j <= i, fwd, rev)
-    return torch.where(visible[:, None], logw, torch.tensor(-torch.inf, dtype=cd, device=dev))
+    logw = torch.where(_per_dim(j <= i, vector), fwd, rev)
+    return torch.where(_per_dim(visible[:, None], vector), logw,
+                       torch.tensor(-torch.inf, dtype=cd, device=dev))
 
 
 def _gated_weights(call: LinearCall, visible: torch.Tensor, cd) -> _Weights:
     """(1') and the state weights of (3)-(4) from the cumulative log-gates; a hard reset (a
     gate whose ``exp`` is 0 in ``cd``, e.g. ``-1e30``) zeroes every weight across it."""
-    g = call.log_gate
-    gr = g if call.reverse_log_gate is None else call.reverse_log_gate
+    if call.vector_gates:  # both [B', Tk, H, D] (a scalar one broadcast over D)
+        g, gr = call.scan_gates()[:2]
+    else:
+        g = call.log_gate
+        gr = g if call.reverse_log_gate is None else call.reverse_log_gate
     tq, h = call.q.shape[1], call.heads.out
     gcum, nf = _cumulative(g, cd, exclusive=False)  # G
     pair = torch.exp(_log_weights(((gcum, nf), _cumulative(gr, cd, exclusive=True)), visible,
@@ -96,7 +109,8 @@ def _gated_weights(call: LinearCall, visible: torch.Tensor, cd) -> _Weights:
     zero = torch.zeros((), dtype=cd, device=g.device)
     init = torch.where(nf[:, :tq] == 0, torch.exp(gcum[:, :tq]), zero)  # no reset in [0, i]
     last = torch.where(nf[:, -1:] == nf, torch.exp(gcum[:, -1:] - gcum), zero)
-    last_init = torch.where(nf[:, -1] == 0, torch.exp(gcum[:, -1]), zero).view(-1, h, 1, 1)
+    last_init = torch.where(nf[:, -1] == 0, torch.exp(gcum[:, -1]), zero)
+    last_init = last_init.view(-1, h, 1, 1) if g.dim() == 3 else last_init[..., None]
     return _Weights(pair, init, last, last_init)
 
 
@@ -125,7 +139,8 @@ def _final_state(call: LinearCall, w: _Weights, kf, vf, cd) -> torch.Tensor:
     last = torch.tensor(call.k_offset + tk - 1, device=dev)
     j = torch.arange(call.k_offset, call.k_offset + tk, device=dev)
     row = vis.visible(bidx, last, j[None, :]).expand(nb, tk).to(cd)  # [B', Tk]
-    final = torch.einsum("bjhd,bjhe->bhde", kf * (w.last * row[..., None])[..., None], vf)
+    wl = w.last * (row[..., None] if w.last.dim() == 3 else row[..., None, None])
+    final = torch.einsum("bjhd,bjhe->bhde", kf * (wl[..., None] if wl.dim() == 3 else wl), vf)
     if call.initial_state is not None:
         seen = vis.visible(bidx, last, torch.tensor(max(call.k_offset - 1, 0), device=dev))
         final = final + call.initial_state.to(cd) * w.last_init * seen.reshape(nb, 1, 1, 1).to(cd)
@@ -145,7 +160,10 @@ def run(call: LinearCall) -> tuple[torch.Tensor, torch.Tensor | None]:
     # (1) weights where visible: lambda ** |i - j|, or (1') the gated ones
     w = (_gated_weights if call.log_gate is not None else _decay_weights)(call, visible, cd)
     # (2) masked, decayed scores times values
-    s = torch.einsum("bihd,bjhd->bhij", qf, kf) * w.pair
+    if call.log_gate is not None and call.vector_gates:  # (2) per key dimension
+        s = torch.einsum("bihd,bjhd,bhijd->bhij", qf, kf, w.pair)
+    else:
+        s = torch.einsum("bihd,bjhd->bhij", qf, kf) * w.pair
     o = torch.einsum("bhij,bjhd->bihd", s, vf)
     if call.initial_state is not None:
         # (3) the carried causal state, seen where the spec lets query i see position a'
@@ -154,7 +172,11 @@ def run(call: LinearCall) -> tuple[torch.Tensor, torch.Tensor | None]:
         a = torch.tensor(max(call.k_offset - 1, 0), device=dev)
         seen = vis.visible(torch.arange(nb, device=dev).view(nb, 1), i[None, :], a)
         seen = seen.expand(nb, tq).to(cd)  # [B', Tq]
-        o = o + torch.einsum("bihd,bhde->bihe", qf, call.initial_state.to(cd)) * \
-            (w.init * seen[..., None])[..., None]
+        if w.init.dim() == 4:  # per key dimension: the weight enters before the sum over d
+            qw = qf * (w.init * seen[..., None, None])
+            o = o + torch.einsum("bihd,bhde->bihe", qw, call.initial_state.to(cd))
+        else:
+            o = o + torch.einsum("bihd,bhde->bihe", qf, call.initial_state.to(cd)) * \
+                (w.init * seen[..., None])[..., None]
     final = _final_state(call, w, kf, vf, cd) if call.return_final_state else None
     return o.to(q.dtype), final
