@@ -8,6 +8,7 @@ rank."""
 from __future__ import annotations
 
 import datetime
+import itertools
 import re
 
 import pytest
@@ -180,15 +181,18 @@ def test_sharded_equals_single_process_at_500(tmp_path):
 
 
 def _nan_job(rank, world):
-    """NaN in, NaN out: a NaN value and a NaN gate reach every output that reads them (their
-    document, from them on under Causal, all of it under Full), on every layout."""
+    """NaN in, NaN out: a NaN value and a NaN gate (scalar, or one key dimension of a vector
+    gate) reach every output that reads them (their document, from them on under Causal, all
+    of it under Full), on every layout."""
     seq_len = 4 * world
     ids = _docs(seq_len, False)  # documents [0, 2), [2, 4), [4, T)
-    for spec, reached in ((Segments(ids) & Full(), ([0, 1], [2, 3])),
-                          (Segments(ids) & Causal(), ([1], [2, 3]))):
-        x, _, _ = _inputs(4, world, "same", "reverse", True)
+    for (spec, reached), gates in itertools.product(
+            ((Segments(ids) & Full(), ([0, 1], [2, 3])),
+             (Segments(ids) & Causal(), ([1], [2, 3]))), ("reverse", "vreverse")):
+        x, _, _ = _inputs(4, world, "same", gates, True)
         x["v"][:, 1, 0, 0] = float("nan")
-        x["log_gate"][:, 2, 1] = float("nan")
+        x["log_gate"][(slice(None), 2, 1) + ((0,) if gates == "vreverse" else ())] = \
+            float("nan")
         x["initial_state"] = x["initial_state"].float()
         for layout in ("contiguous", "zigzag"):
             local = {n: (t if n == "initial_state" else shard(t, layout, rank, world))
