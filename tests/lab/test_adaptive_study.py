@@ -153,3 +153,38 @@ def test_adaptive_learns_to_wait_only_when_needed(tmp_path):
     fixed = compounded_latency([Causal() | Window(0, 3), Causal()], 24).double().mean()
     assert metrics["accuracy"] >= 0.95, metrics
     assert metrics["latency_mean"] <= 0.7 * float(fixed), metrics
+
+
+def _point(acc: float, lat: float, oracle: float = 0.7) -> list[dict]:
+    return [{"accuracy": acc + d, "latency_mean": lat, "latency_p90": lat, "latency_max": lat,
+             "oracle_latency": oracle} for d in (-0.001, 0.0, 0.001)]
+
+
+def _skewed(adaptive: dict[str, tuple[float, float]], la3: float = 0.91) -> dict:
+    fixed = {"causal": (0.74, 0.0), "lookahead-1": (0.83, 0.98), "lookahead-2": (0.86, 1.94),
+             "lookahead-3": (la3, 2.9), "lookahead-4": (1.0, 3.8), "full": (1.0, 23.5)}
+    return {p: _point(a, t) for p, (a, t) in {**fixed, **adaptive}.items()}
+
+
+def test_f5_rule_compares_with_the_fixed_lookahead_reaching_the_accuracy_and_the_oracle():
+    judge = FINDINGS["F5"].judge
+    assert judge(_skewed({"adaptive-w=0.05": (0.995, 0.8)})).holds is True
+    assert judge(_skewed({"adaptive-w=0.05": (0.985, 0.8)})).holds is False  # > 1 point below
+    # at half of lookahead-4's latency but far from the oracle's 0.7 frames: does not hold
+    assert judge(_skewed({"adaptive-w=0.05": (0.995, 1.5)})).holds is False
+    # the reference is the cheapest fixed lookahead within 1 point of the best one: with
+    # lookahead-3 as accurate as lookahead-4, the bound is half of lookahead-3's 2.9 frames
+    summary = adaptive_summary(_skewed({"adaptive-w=0.2": (0.995, 0.8)}, la3=0.995), 4)
+    chk = summary["check"]
+    assert (chk["best_fixed"], chk["reference"]) == ("lookahead-4", "lookahead-3")
+    assert chk["latency_bound"] == pytest.approx(min(0.5 * 2.9, 1.2 * 0.7))
+    assert chk["oracle_ratio"] == pytest.approx(0.7 / 2.9) and chk["holds"]
+    assert summary["points"]["lookahead-4"]["accuracy"][1] == pytest.approx(0.001 / 3 ** 0.5)
+    j = judge(_skewed({"adaptive-w=0.05": (0.995, 0.8), "adaptive-w=0.2": (0.9, 0.1)}))
+    assert "passing: adaptive-w=0.05" in j.numbers and "oracle latency 0.700" in j.numbers
+    assert any(n.startswith("adaptive-w=0.2: accuracy 0.900") for n in j.notes)
+    # accuracy must also rise with lookahead
+    flat = _skewed({"adaptive-w=0.05": (0.995, 0.8)})
+    flat["causal"] = _point(0.95, 0.0)
+    assert judge(flat).holds is False
+    assert judge({"causal": _point(0.7, 0.0)}).holds is None

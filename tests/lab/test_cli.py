@@ -63,10 +63,26 @@ def test_smoke_report(smoke, capsys):
     # the findings table opens the report, one section and plot per finding
     assert md.index("## Findings") < md.index("## F1")
     assert "| finding | paper | arms | measured | verdict |" in md
+    appendix = md.index("## Appendix: how the knobs were chosen")
     for key, f in FINDINGS.items():
         assert f"## {key} {f.title}" in md and f.rule in md and f.title in page
         png = (smoke / "figures" / f"{key}.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and f"figures/{key}.png" in md
+        # each section reads claim -> rule -> measured -> verdict -> plot, then table, knobs
+        start = md.index(f"## {key} {f.title}")
+        end = md.find("\n## ", start + 1)
+        sec = md[start:end]
+        marks = ["**Claim.**", "**Rule.**", "**Measured.**", "**Verdict.**",
+                 f"![{key}](figures/{key}.png)", "| arm |" if key != "F5" else "| point |",
+                 "**Knobs.**"]
+        at = [sec.find(m) for m in marks]
+        assert -1 not in at and at == sorted(at), (key, list(zip(marks, at, strict=True)))
+        assert f.knobs in sec and (not f.history or f.history not in sec)
+        # the pilots' history sits in the appendix
+        assert f"- **{key}.** {f.history or 'No pilots recorded.'}" in md[appendix:]
+        for tag in ("Claim.", "Rule.", "Measured.", "Verdict.", "Knobs."):
+            assert page.count(f"<b>{tag}</b>") == len(FINDINGS)
+    assert md.index("## F1") < appendix < md.index("## Closing note")
     if mixer_available("gated"):  # the gated arms ran
         assert "not run: gated mixer not available" not in md and "F6/causal gated" in md
     else:
@@ -75,6 +91,33 @@ def test_smoke_report(smoke, capsys):
     # one seed: said so, no standard error of 0 printed, no "1 seeds"
     assert "Suite `smoke`: 1 seed per arm." in md and "standard error is undefined" in md
     assert "(1 seed: no s.e.)" in md and "± 0.000" not in md and "1 seeds" not in md
+
+
+def test_smoke_plots_name_axes_with_units_and_draw_error_bars(smoke):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.container import ErrorbarContainer
+
+    from causalmix.lab.db import RunDB, run_key
+
+    db = RunDB(smoke, create=False)
+    try:
+        done = {r["key"]: r["metrics"] for r in db.runs(status="done")}
+    finally:
+        db.close()
+    for key, f in FINDINGS.items():
+        results = {a.name: [done[run_key(a.job, 0)]] for a in f.arms("smoke")
+                   if a.job is not None and run_key(a.job, 0) in done}
+        fig, ax = plt.subplots()
+        try:
+            f.plot(results, ax)
+            for label in (ax.get_xlabel(), ax.get_ylabel()):
+                assert label and "(" in label, (key, label)  # a name and its unit / scale
+            assert any(isinstance(c, ErrorbarContainer) for c in ax.containers), key
+        finally:
+            plt.close(fig)
 
 
 def test_smoke_export_csv_and_jsonl(smoke, tmp_path, capsys):

@@ -74,6 +74,27 @@ def test_set_disjointness_labels_match_brute_force():
     assert 0.3 < float(d.train["order"].float().mean()) < 0.7
 
 
+def test_set_disjointness_label_first_labels_both_sets_in_training_only():
+    t = SetDisjointness(num_elements=12, small=3, large=6, shared=2, num_train=80, num_test=20,
+                        label_first=True)
+    d = t.build(1)
+    plain = SetDisjointness(num_elements=12, small=3, large=6, shared=2, num_train=80,
+                            num_test=20).build(1)
+    assert torch.equal(d.train["inputs"], plain.train["inputs"])  # the same examples
+    assert torch.equal(d.test["targets"], plain.test["targets"])  # the test is unchanged
+    for i in range(d.train["inputs"].shape[0]):
+        x, y = d.train["inputs"][i].tolist(), d.train["targets"][i].tolist()
+        assert y == t.solve(x, label_first=True)
+        assert y.count(IGNORE) == 1 and sum(v == 1 for v in y) == 4  # SEP; shared in both sets
+    # the metrics score the second set only: a model wrong on every first-set label is perfect
+    out = torch.nn.functional.one_hot(d.train["targets"].clamp(min=0), 2).float()
+    sep = torch.where(d.train["order"] == 0, 3, 6)
+    first = torch.arange(t.seq_len)[None, :] < sep[:, None]
+    out[first] = out[first].flip(-1)
+    m = t.metrics(out, d.train)
+    assert m["balanced_accuracy"] == 1.0 and m["balanced_accuracy_by_order"] == {0: 1.0, 1: 1.0}
+
+
 def test_set_disjointness_balanced_accuracy():
     t = SetDisjointness(num_elements=12, small=3, large=6, shared=1, num_train=4, num_test=8)
     data = t.build(0).test
@@ -335,25 +356,55 @@ def test_f1_rule():
 
 
 def test_f2_to_f4_rules():
-    def sd(gaps, base=0.9):
+    def sd(gaps, base=0.8):
         return [{"balanced_accuracy_by_order": {"0": base + g / 2, "1": base - g / 2}}
                 for g in gaps]
 
     f2 = FINDINGS["F2"].judge
-    assert f2({"causal linear": sd([0.2, 0.22, 0.18]),
-               "prefix linear (JRT-RNN)": sd([0.01, -0.02, 0.0])}).holds is True
-    assert f2({"causal linear": sd([0.2, 0.22, 0.18]),
-               "prefix linear (JRT-RNN)": sd([0.1, 0.05, 0.08])}).holds is False
-    assert f2({"causal linear": sd([0.3, -0.3, 0.1]),  # not beyond its standard error
-               "prefix linear (JRT-RNN)": sd([0.0, 0.0, 0.0])}).holds is False
+    cau, pre = "causal linear", "prefix linear (JRT-RNN)"
+    assert f2({cau: sd([0.2, 0.22, 0.18]), pre: sd([0.01, -0.02, 0.0])}).holds is True
+    assert f2({cau: sd([0.2, 0.22, 0.18]), pre: sd([0.1, 0.05, 0.08])}).holds is False
+    assert f2({cau: sd([0.3, -0.3, 0.1]),  # not 3 standard errors above 0
+               pre: sd([0.0, 0.0, 0.0])}).holds is False
+    assert f2({cau: sd([0.12, 0.13, 0.14]),  # beyond its errors, but below 0.15
+               pre: sd([0.01, -0.02, 0.0])}).holds is False
+    assert f2({cau: sd([0.2, 0.22, 0.18]),  # prefix below 0.03, but clearly not 0
+               pre: sd([0.02, 0.021, 0.019])}).holds is False
+    assert f2({cau: sd([0.2, 0.22, 0.18]),  # within 2 standard errors of 0, but too large
+               pre: sd([0.12, -0.02, 0.0])}).holds is False
+    j = f2({cau: sd([0.2, 0.22, 0.18]), pre: sd([0.01, -0.02, 0.0])})
+    assert j.notes[0].startswith("Conditions:") and ": no" not in j.notes[0]
+    assert j.notes[1] == ("Margins (positive: met): causal over 0.15 +0.0500; causal over 3 "
+                          "standard errors +0.1654; prefix within 2 standard errors +0.0143; "
+                          "prefix under 0.03 +0.0267.")
+    assert f2({cau: sd([0.2])}).holds is None
 
-    def icl(vals):
-        return [{"mse_by_examples": {"16": v}, "least_squares_mse": {"16": 0.01},
-                 "bayes_mse": {"16": 0.01}} for v in vals]
+    def icl(curve_by_seed):
+        return [{"mse_by_examples": {str(k): v for k, v in curve.items()},
+                 "least_squares_mse": {str(k): 0.01 for k in curve},
+                 "bayes_mse": {str(k): 0.01 for k in curve}} for curve in curve_by_seed]
+
+    def curve(at8, at16, jitter=(0.0, 0.002, -0.002)):
+        return [{1: 1.0, 2: 0.8, 4: 0.5, 8: at8 + d, 12: (at8 + at16) / 2 + d, 16: at16 + d}
+                for d in jitter]
 
     f3 = FINDINGS["F3"].judge
-    assert f3({"prefix-LM": icl([0.05, 0.06]), "causal-LM": icl([0.09, 0.1])}).holds is True
-    assert f3({"prefix-LM": icl([0.05, 0.1]), "causal-LM": icl([0.07, 0.11])}).holds is False
+    # prefix keeps improving (0.2 -> 0.05), causal plateaus (0.12 -> 0.1): holds
+    assert f3({"prefix-LM": icl(curve(0.2, 0.05)),
+               "causal-LM": icl(curve(0.12, 0.1))}).holds is True
+    # lower at 16, but causal improves as much as prefix over the last doubling: no plateau
+    assert f3({"prefix-LM": icl(curve(0.2, 0.05)),
+               "causal-LM": icl(curve(0.25, 0.09))}).holds is False
+    # plateau, but the intervals at 16 overlap
+    assert f3({"prefix-LM": icl(curve(0.2, 0.05, (0.0, 0.05, -0.05))),
+               "causal-LM": icl(curve(0.08, 0.07, (0.0, 0.05, -0.05)))}).holds is False
+    # fewer than 5 counts of examples
+    def two(at8, at16):
+        return [{"mse_by_examples": {"8": at8 + d, "16": at16 + d},
+                 "least_squares_mse": {"8": 0.01, "16": 0.01},
+                 "bayes_mse": {"8": 0.01, "16": 0.01}} for d in (0.0, 0.002, -0.002)]
+
+    assert f3({"prefix-LM": two(0.2, 0.05), "causal-LM": two(0.12, 0.1)}).holds is False
 
     def acc(vals, chance=0.15):
         return [{"accuracy": v, "chance": chance} for v in vals]
@@ -503,3 +554,29 @@ def test_a_database_from_before_the_tagged_specs_is_resumed_by_retraining(tmp_pa
         db.close()
     assert set(rows) == {old_key, run_key(exp, 0)}
     assert rows[old_key]["metrics"] == {"score": 0.5} and rows[old_key]["git_rev"] == "old"
+
+
+def test_finding_from_its_docstring():
+    from causalmix.lab.findings import Finding
+
+    doc = """F9: A title.
+
+    Paper: Someone 2024
+
+    Claim: One thing
+    holds.
+
+    Rule: Check it.
+
+    Knobs: Small.
+    """
+    f = Finding.from_doc(doc, arms=list, judge=dict, plot=print)
+    assert (f.key, f.title, f.paper, f.claim, f.rule, f.knobs, f.history) == \
+        ("F9", "A title", "Someone 2024", "One thing holds.", "Check it.", "Small.", "")
+    with pytest.raises(ValueError, match=r"finding F9: its docstring lacks \['rule'\]"):
+        Finding.from_doc(doc.replace("Rule:", "Knobs:"), arms=list, judge=dict, plot=print)
+    with pytest.raises(ValueError, match="must start with one of"):
+        Finding.from_doc(doc + "\n\nNotes: more", arms=list, judge=dict, plot=print)
+    for finding in FINDINGS.values():  # every finding's words come whole from its docstring
+        assert finding.title and finding.paper and finding.claim and finding.rule
+        assert finding.knobs and "History" not in finding.knobs

@@ -3,9 +3,12 @@ to a self-contained HTML page (plots inlined as base64 PNG) and to Markdown (plo
 ``figures/``).
 
 It opens with the findings table (finding, paper, arms, measured numbers, verdict), then one
-section per finding: the paper's claim, the rule the verdict applies (fixed before the suite
-ran), the knobs chosen and why, a table of mean ± standard error over seeds, and the plot.
-A closing note gives the suite's wall time and the machine's load.
+section per finding in the order a reader checks it: the paper's claim, the rule the verdict
+applies (fixed before the suite ran), the measured numbers with each condition's margin, the
+verdict, the plot (mean ± standard error over seeds, axes named with their units), the table
+of mean ± standard error over seeds, and the knobs chosen. An appendix gives each finding's
+pilot history (how the knobs were chosen); a closing note the suite's wall time and the
+machine's load.
 """
 
 from __future__ import annotations
@@ -30,18 +33,24 @@ VERDICT = {True: "holds", False: "does not hold", None: "not run"}
 
 @dataclasses.dataclass(frozen=True)
 class Section:
-    key: str
-    title: str
-    paper: str
-    claim: str
-    rule: str
-    knobs: str
+    """One finding's part of the report: the :class:`Finding` (its words) and what its
+    runs gave (arms, verdict, measured numbers, table, plot, notes)."""
+
+    finding: Finding
     arms: list[str]
     verdict: str
     numbers: str
     table: tuple[list[str], list[list[str]]]
     figure: bytes  # PNG
     notes: list[str]
+
+    @property
+    def key(self) -> str:
+        return self.finding.key
+
+    @property
+    def heading(self) -> str:
+        return f"{self.finding.key} {self.finding.title}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +71,7 @@ def _png(finding: Finding, results: dict[str, list[dict]]) -> bytes:
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     try:
         finding.plot(results, ax)
+        ax.set_title(f"{finding.key} {finding.title}", fontsize=9)
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
         return buf.getvalue()
@@ -74,9 +84,8 @@ def _section(finding: Finding, suite: str, results: dict[str, list[dict]],
     j: Judgement = finding.judge(results)
     notes = list(j.notes) + [f"{arm}: {why}." for arm, why in missing.items()
                              if not any(why in n for n in j.notes)]
-    return Section(finding.key, finding.title, finding.paper, finding.claim, finding.rule,
-                   finding.knobs, finding.arm_names(suite), VERDICT[j.holds], j.numbers,
-                   j.table, _png(finding, results), notes)
+    return Section(finding, finding.arm_names(suite), VERDICT[j.holds], j.numbers, j.table,
+                   _png(finding, results), notes)
 
 
 def build_report(out: str | Path, suite: str | None = None) -> Report:
@@ -154,7 +163,7 @@ def _intro(suite: str, rows: list[dict], keys: dict[str, tuple[str, str]]) -> st
 
 
 def _findings_rows(rep: Report) -> list[list[str]]:
-    return [[f"{s.key} {s.title}", s.paper, "; ".join(s.arms), s.numbers, s.verdict]
+    return [[s.heading, s.finding.paper, "; ".join(s.arms), s.numbers, s.verdict]
             for s in rep.sections]
 
 
@@ -177,11 +186,14 @@ def render_markdown(rep: Report, figures: Path) -> str:
           *_md_table(FINDINGS_HEADER, _findings_rows(rep))]
     for s in rep.sections:
         (figures / f"{s.key}.png").write_bytes(s.figure)
-        md += ["", f"## {s.key} {s.title}: {s.verdict}", "", f"**Paper.** {s.paper}", "",
-               f"**Claim.** {s.claim}", "", f"**Rule.** {s.rule}", "",
-               f"**Knobs.** {s.knobs}", "", f"**Measured.** {s.numbers}", "",
-               *_md_table(*s.table), "", f"![{s.key}]({figures.name}/{s.key}.png)"]
-        md += [""] + [f"- {n}" for n in s.notes] if s.notes else []
+        f = s.finding
+        md += ["", f"## {s.heading}: {s.verdict}", "", f"**Claim.** {f.claim} ({f.paper})", "",
+               f"**Rule.** {f.rule}", "", f"**Measured.** {s.numbers}", ""]
+        md += [f"- {n}" for n in s.notes] + [""] if s.notes else []
+        md += [f"**Verdict.** {s.verdict}.", "", f"![{s.key}]({figures.name}/{s.key}.png)", "",
+               *_md_table(*s.table), "", f"**Knobs.** {f.knobs}"]
+    md += ["", "## Appendix: how the knobs were chosen", ""]
+    md += [f"- **{s.key}.** {s.finding.history or 'No pilots recorded.'}" for s in rep.sections]
     md += ["", "## Closing note", "", *[f"- {c}" for c in rep.closing], "", "## Runs", "",
            *_md_table(*rep.runs)]
     return "\n".join(md) + "\n"
@@ -209,13 +221,18 @@ def render_html(rep: Report) -> str:
     for s in rep.sections:
         b64 = base64.b64encode(s.figure).decode()
         cls = "v-" + s.verdict.replace(" ", "-")
-        h += [f"<h2>{e(s.key)} {e(s.title)}: <span class='{cls}'>{e(s.verdict)}</span></h2>",
-              f"<p><b>Paper.</b> {e(s.paper)}</p><p><b>Claim.</b> {e(s.claim)}</p>",
-              f"<p><b>Rule.</b> {e(s.rule)}</p><p><b>Knobs.</b> {e(s.knobs)}</p>",
-              f"<p><b>Measured.</b> {e(s.numbers)}</p>", _html_table(*s.table),
-              f"<p><img alt='{e(s.key)}' src='data:image/png;base64,{b64}'></p>"]
+        f = s.finding
+        h += [f"<h2>{e(s.heading)}: <span class='{cls}'>{e(s.verdict)}</span></h2>",
+              f"<p><b>Claim.</b> {e(f.claim)} ({e(f.paper)})</p>",
+              f"<p><b>Rule.</b> {e(f.rule)}</p><p><b>Measured.</b> {e(s.numbers)}</p>"]
         if s.notes:
             h.append("<ul>" + "".join(f"<li>{e(n)}</li>" for n in s.notes) + "</ul>")
+        h += [f"<p><b>Verdict.</b> <span class='{cls}'>{e(s.verdict)}</span>.</p>",
+              f"<p><img alt='{e(s.key)}' src='data:image/png;base64,{b64}'></p>",
+              _html_table(*s.table), f"<p><b>Knobs.</b> {e(f.knobs)}</p>"]
+    h.append("<h2>Appendix: how the knobs were chosen</h2><ul>" + "".join(
+        f"<li><b>{e(s.key)}.</b> {e(s.finding.history or 'No pilots recorded.')}</li>"
+        for s in rep.sections) + "</ul>")
     h += ["<h2>Closing note</h2><ul>" + "".join(f"<li>{e(c)}</li>" for c in rep.closing)
           + "</ul>", "<h2>Runs</h2>", _html_table(*rep.runs), "</body></html>"]
     return "\n".join(h)

@@ -17,7 +17,8 @@ Build one from plain metrics dicts (a test, a notebook) with :meth:`Results.of`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections import UserDict
+from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
 __all__ = ["Results", "Run"]
@@ -41,13 +42,14 @@ def _group(key: str) -> int | float | str:
     return key
 
 
-class Results(Mapping[str, tuple[Run, ...]]):
+class Results(UserDict[str, tuple[Run, ...]]):
     """Arm name -> its finished runs in seed order (see the module docstring)."""
 
     def __init__(self, runs: Mapping[str, Iterable[Run]] | None = None):
-        self._runs = {arm: tuple(sorted(rs, key=lambda r: r.seed))
-                      for arm, rs in (runs or {}).items()}
-        self._runs = {arm: rs for arm, rs in self._runs.items() if rs}
+        by_seed = {arm: tuple(sorted(rs, key=lambda r: r.seed)) for arm, rs in
+                   (runs or {}).items()}
+        super().__init__({arm: rs for arm, rs in by_seed.items() if rs})
+        self._runs = self.data
 
     @classmethod
     def of(cls, metrics: Mapping[str, Iterable[dict]]) -> Results:
@@ -58,15 +60,6 @@ class Results(Mapping[str, tuple[Run, ...]]):
 
         return cls({arm: [Run(i, js(m)) for i, m in enumerate(ms)]
                     for arm, ms in metrics.items()})
-
-    def __getitem__(self, arm: str) -> tuple[Run, ...]:
-        return self._runs[arm]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._runs)
-
-    def __len__(self) -> int:
-        return len(self._runs)
 
     def __repr__(self) -> str:
         return "Results(" + ", ".join(f"{a!r}: {len(r)} runs" for a, r in self._runs.items()) \

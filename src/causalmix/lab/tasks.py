@@ -28,7 +28,7 @@ from causalmix.checks import check_int
 from causalmix.lab.protocol import IGNORE, TASKS, TaskData, register_task
 
 __all__ = ["IGNORE", "FirstToken", "ICLRegression", "Lookahead", "MQAR", "SetDisjointness",
-           "TaskData", "TASKS", "classification_metrics"]
+           "Split", "TaskData", "TASKS", "classification_metrics"]
 
 
 def _check_pos(obj, *names):
@@ -65,7 +65,18 @@ def _sizes(obj, name: str) -> tuple[int, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
-class MQAR:
+class Split:
+    """How many examples a task draws: ``num_train`` for training (the trainer holds out its
+    last ``TrainConfig.num_val`` for validation) and ``num_test`` per test set (every task's
+    first two fields; the lab's suites set both)."""
+
+    num_train: int = 20000
+    num_test: int = 512
+
+
+
+@dataclasses.dataclass(frozen=True)
+class MQAR(Split):
     """Multi-query associative recall (zoology's MQAR) over several numbers of key-value pairs,
     with an optional repeated prompt (JRT-Prompt); one input vector per key-value pair.
 
@@ -104,8 +115,6 @@ class MQAR:
     num_queries: int = 4
     query_len: int = 4
     num_passes: int = 1
-    num_train: int = 20000
-    num_test: int = 512
 
     group_key = "pairs"
     kind = "classification"
@@ -185,7 +194,7 @@ class MQAR:
 
 
 @dataclasses.dataclass(frozen=True)
-class SetDisjointness:
+class SetDisjointness(Split):
     """Set disjointness by order (JRT, Arora et al. 2024): two sets; for every element of the
     second, is it also in the first? (The sets are disjoint when every answer is no.)
 
@@ -203,6 +212,12 @@ class SetDisjointness:
     the small set whichever comes first (JRT's argument). ``prefix_len`` is the whole
     sequence. Token 0 is ``SEP`` (1 is unused).
 
+    ``label_first=True`` also labels, in the training split only, every element of the first
+    set with its membership in the second (a causal reader cannot know it, a bidirectional
+    one can: it tells a bidirectional model which elements are shared on either side, the
+    first step of answering when the large set comes first). The metrics score the second
+    set only, in every split.
+
     Worked example (num_elements 8: large-set tokens 2..9, small-set tokens 10..17; small 2,
     large 3, shared 1, order 0, sets {1, 4} and {4, 6, 0})::
 
@@ -214,8 +229,7 @@ class SetDisjointness:
     small: int = 4
     large: int = 16
     shared: int = 2
-    num_train: int = 20000
-    num_test: int = 512
+    label_first: bool = False
 
     group_key = "order"
     kind = "classification"
@@ -239,7 +253,8 @@ class SetDisjointness:
     def vocab_size(self) -> int:
         return 2 + 2 * self.num_elements
 
-    def _make(self, order: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
+    def _make(self, order: torch.Tensor, g: torch.Generator,
+              label_first: bool = False) -> dict[str, torch.Tensor]:
         n, s, big, c, e = order.shape[0], self.small, self.large, self.shared, self.num_elements
         pick = torch.argsort(torch.rand(n, e, generator=g), dim=1)[:, :s + big - c]
         small, large = pick[:, :s], torch.cat([pick[:, :c], pick[:, s:]], dim=1)
@@ -252,8 +267,10 @@ class SetDisjointness:
         no = torch.full((n, 1), IGNORE, dtype=torch.int64)
         sf = torch.cat([small + 2 + e, sep, large + 2], dim=1)
         lf = torch.cat([large + 2, sep, small + 2 + e], dim=1)
-        sf_y = torch.cat([torch.full((n, s), IGNORE), no, in_small], dim=1)
-        lf_y = torch.cat([torch.full((n, big), IGNORE), no, in_large], dim=1)
+        sf_y = torch.cat([in_large if label_first else torch.full((n, s), IGNORE), no,
+                          in_small], dim=1)
+        lf_y = torch.cat([in_small if label_first else torch.full((n, big), IGNORE), no,
+                          in_large], dim=1)
         first = order[:, None] == 0
         return {"inputs": torch.where(first, sf, lf), "targets": torch.where(first, sf_y, lf_y),
                 "prefix_len": torch.full((n,), self.seq_len, dtype=torch.int64),
@@ -263,11 +280,12 @@ class SetDisjointness:
         g = torch.Generator().manual_seed(seed)
         train = torch.randint(0, 2, (self.num_train,), generator=g)
         test = torch.arange(2).repeat_interleave(self.num_test)
-        return TaskData(self._make(train, g), self._make(test, g))
+        return TaskData(self._make(train, g, self.label_first), self._make(test, g))
 
-    def solve(self, inputs: list[int]) -> list[int]:
+    def solve(self, inputs: list[int], *, label_first: bool = False) -> list[int]:
         """Brute force: decode both sets of one example, label each element of the second
-        with its membership in the first."""
+        with its membership in the first (and, with ``label_first``, each element of the
+        first with its membership in the second)."""
         sep = inputs.index(self.SEP)
         e = self.num_elements
 
@@ -275,12 +293,17 @@ class SetDisjointness:
             return tok - 2 - e if tok >= 2 + e else tok - 2
 
         first = {decode(t) for t in inputs[:sep]}
-        return [IGNORE] * (sep + 1) + [int(decode(t) in first) for t in inputs[sep + 1:]]
+        second = {decode(t) for t in inputs[sep + 1:]}
+        head = ([int(decode(t) in second) for t in inputs[:sep]] if label_first
+                else [IGNORE] * sep)
+        return head + [IGNORE] + [int(decode(t) in first) for t in inputs[sep + 1:]]
 
     def metrics(self, out: torch.Tensor, data: dict[str, torch.Tensor]) -> dict:
-        """Balanced accuracy (mean over the labels 0 and 1 of the accuracy on that label),
-        overall (also ``score``) and per order."""
-        tgt = data["targets"]
+        """Balanced accuracy (mean over the labels 0 and 1 of the accuracy on that label) on
+        the elements of the second set, overall (also ``score``) and per order."""
+        sep = torch.where(data["order"] == 0, self.small, self.large)
+        tgt = data["targets"].masked_fill(torch.arange(self.seq_len)[None, :] <= sep[:, None],
+                                          IGNORE)
         hit = out.argmax(-1) == tgt
         grp = data["order"][:, None].expand_as(tgt)
 
@@ -300,7 +323,7 @@ class SetDisjointness:
 
 
 @dataclasses.dataclass(frozen=True)
-class FirstToken:
+class FirstToken(Split):
     """Positional information: name the first content token (Haviv et al. 2022, "Transformer
     language models without positional encodings still learn positional information").
 
@@ -322,8 +345,6 @@ class FirstToken:
 
     vocab_size: int = 34
     length: int = 16
-    num_train: int = 20000
-    num_test: int = 512
 
     kind = "classification"
     group_key = None
@@ -370,7 +391,7 @@ class FirstToken:
 
 
 @dataclasses.dataclass(frozen=True)
-class ICLRegression:
+class ICLRegression(Split):
     """In-context linear regression (Garg et al. 2022; prefix vs causal as in Ding et al.).
 
     Each sequence draws ``w ~ N(0, I / dim)`` and ``n`` examples (``n`` uniform in
@@ -399,8 +420,6 @@ class ICLRegression:
     seq_len: int = 24
     noise_std: float = 0.1
     test_examples: tuple[int, ...] = (1, 2, 4, 6, 8, 12, 16)
-    num_train: int = 20000
-    num_test: int = 500
 
     def __post_init__(self):
         _check_pos(self, "dim", "max_examples", "seq_len", "num_train", "num_test")
@@ -470,7 +489,7 @@ class ICLRegression:
 
 
 @dataclasses.dataclass(frozen=True)
-class Lookahead:
+class Lookahead(Split):
     """A streaming labelling task whose label at frame t sometimes needs frames after t.
 
     Frame t carries a symbol ``s_t`` in ``[0, num_symbols)`` and a delay ``d_t`` in
@@ -492,8 +511,6 @@ class Lookahead:
     num_symbols: int = 8
     max_delay: int = 4
     seq_len: int = 64
-    num_train: int = 20000
-    num_test: int = 1000
 
     def __post_init__(self):
         _check_pos(self, "num_symbols", "seq_len", "num_train", "num_test")

@@ -85,7 +85,15 @@ class GatedMixer(MixingLayer):
     def out(self, mixed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``mixed: [B, n, H, hd]``, ``x: [B, n, C]`` (the normalised layer input, for the output
         gate) -> ``[B, n, C]``."""
-        b, n = mixed.shape[:2]
-        y = mixed * torch.rsqrt(mixed.pow(2).mean(-1, keepdim=True) + 1e-6) * self.norm_weight
-        z = self.z_proj(x).view(b, n, self.cfg.n_heads, -1)
-        return self.o_proj((y * F.silu(z)).reshape(b, n, -1))
+        z = self.z_proj(x).view(*mixed.shape[:3], -1)
+        return gated_norm_out(mixed, z, self.norm_weight, self.o_proj)
+
+
+def gated_norm_out(mixed: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor,
+                   o_proj: nn.Module) -> torch.Tensor:
+    """The output of the gated layers: per-head RMSNorm of ``mixed: [B, n, H, hd]`` scaled by
+    ``norm_weight``, times ``silu(z)`` (``z: [B, n, H, hd]``, the output gate), projected by
+    ``o_proj`` -> ``[B, n, C]``."""
+    b, n = mixed.shape[:2]
+    y = mixed * torch.rsqrt(mixed.pow(2).mean(-1, keepdim=True) + 1e-6) * norm_weight
+    return o_proj((y * F.silu(z)).reshape(b, n, -1))

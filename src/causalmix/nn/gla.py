@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from causalmix.nn.config import AttentionConfig
+from causalmix.nn.gated import gated_norm_out
 from causalmix.nn.mixing import MixingLayer
 
 __all__ = ["GLAMixer"]
@@ -86,7 +87,5 @@ class GLAMixer(MixingLayer):
     def out(self, mixed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``mixed: [B, n, H, hd]``, ``x: [B, n, C]`` (the normalised layer input, for the output
         gate) -> ``[B, n, C]``."""
-        b, n = mixed.shape[:2]
-        y = mixed * torch.rsqrt(mixed.pow(2).mean(-1, keepdim=True) + 1e-6) * self.norm_weight
-        r = self.r_proj(x).view(b, n, self.cfg.n_heads, -1)
-        return self.o_proj((y * F.silu(r)).reshape(b, n, -1))
+        r = self.r_proj(x).view(*mixed.shape[:3], -1)
+        return gated_norm_out(mixed, r, self.norm_weight, self.o_proj)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from causalmix.checks import ArgumentTypeError, check_int, compute_dtype
+from causalmix.checks import ArgumentTypeError, check_int, compute_dtype, values_checked
 from causalmix.nn import checkpoint
 from causalmix.nn.config import AttentionConfig, BlockConfig, ModelConfig
 from causalmix.nn.delta import DeltaMixer
@@ -218,7 +218,8 @@ def check_inputs(cfg: ModelConfig, inputs: Any, where: str = "") -> None:
         if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2 \
                 or inputs.dtype != torch.int64:
             raise ValueError(f"{pre}inputs must be int64 tokens [B, T], got {got}")
-        if inputs.numel() and (int(inputs.min()) < 0 or int(inputs.max()) >= cfg.vocab_size):
+        if inputs.numel() and values_checked(inputs) and (
+                int(inputs.min()) < 0 or int(inputs.max()) >= cfg.vocab_size):
             raise ValueError(
                 f"{pre}inputs must be token ids in [0, vocab_size={cfg.vocab_size}), got min "
                 f"{int(inputs.min())}, max {int(inputs.max())}")

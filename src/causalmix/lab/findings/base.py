@@ -16,8 +16,9 @@ from causalmix.nn import ModelConfig
 from causalmix.nn.config import PRESETS
 
 __all__ = ["GATED_MISSING", "GATED_MIXER", "ONE_SEED", "SUITES", "Arm", "Finding", "Judgement",
-           "SuiteSize", "bars", "by_group", "disjoint", "fmt", "gated_arm", "gated_model",
-           "line_plot", "linear_model", "mean_se", "not_run", "softmax_model"]
+           "SuiteSize", "bars", "by_group", "conditions", "disjoint", "fmt", "gated_arm",
+           "gated_model", "judged", "line_plot", "linear_model", "mean_se", "not_run",
+           "softmax_model", "values"]
 
 #: The name :mod:`causalmix.nn` gives the gated linear mixer (Mamba-2-style per-token gates;
 #: with ``Full()`` its reverse scan makes it Hydra-style bidirectional). The arms that need it
@@ -74,6 +75,11 @@ class Judgement(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Finding:
+    """One finding: its words (``title``, ``paper``, ``claim``, ``rule``, ``knobs``: the
+    settings and why; ``history``: the pilots that led to them, for the report's appendix) and
+    its three functions (``arms(suite)``, ``judge(results)``, ``plot(results, ax)``; the report
+    titles the plot ``"<key> <title>"``)."""
+
     key: str
     title: str
     paper: str
@@ -83,9 +89,34 @@ class Finding:
     arms: Callable[[str], list[Arm]]
     judge: Callable[[dict[str, list[dict]]], Judgement]
     plot: Callable[[dict[str, list[dict]], object], None]
+    history: str = ""
 
     def arm_names(self, suite: str) -> list[str]:
         return [a.name for a in self.arms(suite)]
+
+    @classmethod
+    def from_doc(cls, doc: str, *, arms, judge, plot) -> Finding:
+        """The finding a module docstring describes: its first line ``"<key>: <title>"``,
+        then paragraphs (separated by blank lines) that start ``Paper:``, ``Claim:``,
+        ``Rule:``, ``Knobs:`` and ``History:`` (each field's text; lines joined by spaces)."""
+        head, *paras = [" ".join(p.split()) for p in doc.strip().split("\n\n")]
+        key, _, title = head.partition(": ")
+        fields = {}
+        for p in paras:
+            label, _, text = p.partition(": ")
+            if label.lower() not in DOC_FIELDS:
+                raise ValueError(f"finding {key}: a docstring paragraph must start with one of "
+                                 f"{[f.capitalize() + ':' for f in DOC_FIELDS]}, got {p[:40]!r}")
+            fields[label.lower()] = text
+        missing = [f for f in DOC_FIELDS[:-1] if f not in fields]
+        if missing or not title:
+            raise ValueError(f"finding {key}: its docstring lacks {missing or ['a title']}")
+        return cls(key=key, title=title.rstrip("."), arms=arms, judge=judge, plot=plot,
+                   **fields)
+
+
+#: The paragraphs of a finding's docstring (:meth:`Finding.from_doc`); ``history`` optional.
+DOC_FIELDS = ("paper", "claim", "rule", "knobs", "history")
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -115,6 +146,11 @@ def fmt(xs: list[float], digits: int = 3) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def values(results: dict[str, list[dict]], arm: str, metric: str) -> list[float]:
+    """``metric`` of every finished run of ``arm`` (none: an empty list)."""
+    return [r[metric] for r in results.get(arm) or [] if metric in r]
+
+
 def by_group(runs: list[dict], metric: str, group) -> list[float]:
     return [r[metric][str(group)] for r in runs if str(group) in r.get(metric, {})]
 
@@ -128,6 +164,22 @@ def gated_arm(finding: str, arm: str, make: Callable[[], Experiment]) -> Arm:
 def not_run(results: dict[str, list[dict]], needed: list[str]) -> str | None:
     empty = [a for a in needed if not results.get(a)]
     return None if not empty else "not run: no finished runs of " + ", ".join(empty)
+
+
+def conditions(checks: dict[str, bool]) -> str:
+    """A note listing each condition of a rule and whether the runs meet it."""
+    return "Conditions: " + "; ".join(f"{what}: {'yes' if ok else 'no'}"
+                                      for what, ok in checks.items()) + "."
+
+
+def judged(checks: dict[str, bool], numbers: str, table, margins: dict[str, float],
+           *notes: str) -> Judgement:
+    """The verdict of a rule whose ``checks`` (condition -> met) must all hold. The notes: the
+    conditions; the ``margins`` (bound -> how far the measured number is past it, positive
+    when met); then ``notes``."""
+    past = "; ".join(f"{what} {m:+.4f}" for what, m in margins.items())
+    return Judgement(all(checks.values()), numbers, table,
+                     [conditions(checks), f"Margins (positive: met): {past}.", *notes])
 
 
 def disjoint(a: list[float], b: list[float]) -> bool:
@@ -157,6 +209,7 @@ def gated_model(task, d_model: int = 64) -> ModelConfig:
 
 
 def line_plot(ax, results, arms, metric, xlabel, ylabel, *, log=False):
+    """Mean ± standard error over seeds of the per-group ``metric`` of each arm."""
     for arm in arms:
         rs = results.get(arm) or []
         if not rs:
@@ -187,6 +240,7 @@ def bars(ax, results, groups: list[tuple[str, Callable[[dict], float]]], arms, y
             ax.scatter([xs[-1]] * len(vals), vals, color="k", s=8, zorder=3)
         ax.bar(xs, ms, width=width, yerr=ss, capsize=3, alpha=0.75, label=gname)
     ax.set_xticks(range(len(arms)), [a.replace(" (", "\n(") for a in arms], fontsize=7)
+    ax.set_xlabel("arm (bars: mean ± standard error over seeds; dots: seeds)")
     ax.set_ylabel(ylabel)
     if len(groups) > 1:
         ax.legend(fontsize=7)

@@ -102,8 +102,9 @@ def _f7_judge(results) -> Judgement:
 
 
 def _f7_plot(results, ax):
-    line_plot(ax, results, F7_ARMS, "accuracy_by_pairs", "key-value pairs in the context",
-              "query accuracy (test)")
+    line_plot(ax, results, F7_ARMS, "accuracy_by_pairs",
+              "key-value pairs in the context (count, log scale)",
+              "query accuracy, test (fraction correct)")
     ax.set_xscale("log", base=2)
     ax.set_ylim(0, 1.05)
     ax.set_title(f"F7 MQAR: recall at one state size ({F7_FEATURE_DIM} x "
