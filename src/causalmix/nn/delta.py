@@ -114,16 +114,20 @@ class DeltaMixer(MixingLayer):
     the next context); ``out(mixed [B, n, H, hd], x [B, n, C]) -> [B, n, C]``.
     """
 
+    #: the ``AttentionConfig.mixer`` this class builds
+    kind = "delta"
+
     def __init__(self, cfg: AttentionConfig, *, conv_size: int = 4, dt_min: float = 1e-3,
                  dt_max: float = 1e-1, qk_activation: str = "silu", conv_init: str = "random"):
         super().__init__()
-        if cfg.mixer != "delta":
-            raise ValueError(f"DeltaMixer: mixer must be 'delta', got {cfg.mixer!r}")
+        if cfg.mixer != self.kind:
+            raise ValueError(f"{type(self).__name__}: mixer must be {self.kind!r}, got "
+                             f"{cfg.mixer!r}")
         if qk_activation not in QK_ACTIVATIONS:
-            raise ValueError(f"DeltaMixer: qk_activation must be one of {list(QK_ACTIVATIONS)}, "
+            raise ValueError(f"{type(self).__name__}: qk_activation must be one of {list(QK_ACTIVATIONS)}, "
                              f"got {qk_activation!r}")
         if conv_init not in CONV_INITS:
-            raise ValueError(f"DeltaMixer: conv_init must be one of {list(CONV_INITS)}, got "
+            raise ValueError(f"{type(self).__name__}: conv_init must be one of {list(CONV_INITS)}, got "
                              f"{conv_init!r}")
         self.cfg, self.op, self.conv_size = cfg, "delta", conv_size
         self.qk_activation = qk_activation
