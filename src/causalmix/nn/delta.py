@@ -124,11 +124,11 @@ class DeltaMixer(MixingLayer):
             raise ValueError(f"{type(self).__name__}: mixer must be {self.kind!r}, got "
                              f"{cfg.mixer!r}")
         if qk_activation not in QK_ACTIVATIONS:
-            raise ValueError(f"{type(self).__name__}: qk_activation must be one of {list(QK_ACTIVATIONS)}, "
-                             f"got {qk_activation!r}")
+            raise ValueError(f"{type(self).__name__}: qk_activation must be one of "
+                             f"{list(QK_ACTIVATIONS)}, got {qk_activation!r}")
         if conv_init not in CONV_INITS:
-            raise ValueError(f"{type(self).__name__}: conv_init must be one of {list(CONV_INITS)}, got "
-                             f"{conv_init!r}")
+            raise ValueError(f"{type(self).__name__}: conv_init must be one of "
+                             f"{list(CONV_INITS)}, got {conv_init!r}")
         self.cfg, self.op, self.conv_size = cfg, "delta", conv_size
         self.qk_activation = qk_activation
         h, hk, hd, f = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.feature_dim
