@@ -3,6 +3,12 @@
 Every public function of the package checks its arguments at its boundary with these and raises
 ``ValueError`` naming the argument and what was expected (wrong types raise
 :class:`ArgumentTypeError`, both a ``TypeError`` and a ``ValueError``).
+
+Checks of a tensor's *values* (token ranges, decay ranges, gate signs, beta ranges, the softmax
+family's NaN scan) read the tensor on the host. They run in eager mode and are off where no
+host read is possible (:func:`values_checked`): while ``torch.compile`` traces, inside a
+``torch.func`` transform (``vmap``, ``grad``, ``jacrev``, ...), and on the meta device. Shapes,
+dtypes, devices and specs are checked everywhere.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ __all__ = [
     "check_scale",
     "check_state",
     "compute_dtype",
+    "under_transform",
+    "values_checked",
 ]
 
 #: Every position (offset + length) an operation asks about must be below this: exact in fp64,
@@ -47,7 +55,9 @@ def check_int(name: str, value: Any, minimum: int | None = None,
     """``value`` as an ``int`` (Python, numpy or 0-d integer tensor; never ``bool`` or float) in
     ``[minimum, maximum]``; else ``ValueError`` naming ``name``. The one integer check of the
     package."""
-    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and (
+    if type(value) is int or isinstance(value, torch.SymInt):
+        value_ok = value  # no operator.index / int(): they would specialise a traced length
+    elif isinstance(value, bool) or (isinstance(value, torch.Tensor) and (
             value.dim() != 0 or value.dtype.is_floating_point or value.dtype == torch.bool)):
         value_ok = None
     else:
@@ -62,7 +72,33 @@ def check_int(name: str, value: Any, minimum: int | None = None,
         raise ValueError(f"{name} must be >= {minimum}, got {value_ok}")
     if maximum is not None and value_ok > maximum:
         raise ValueError(f"{name} must be <= {maximum}, got {value_ok}")
-    return int(value_ok)
+    return value_ok if type(value_ok) is int or isinstance(value_ok, torch.SymInt) \
+        else int(value_ok)
+
+
+def values_checked(*tensors: torch.Tensor | None) -> bool:
+    """Whether value checks (and value-dependent dispatch) may read these tensors on the host:
+    ``False`` while ``torch.compile`` traces, when a tensor is wrapped by a ``torch.func``
+    transform (``vmap``, ``grad``, ``jacrev``, ...) or lies on the meta device; else ``True``.
+
+    Where it is ``False`` a value check is skipped (its bad input is not refused: NaN still gives
+    NaN) and the ops take their traceable path (each family's ``auto`` says which).
+
+    >>> values_checked(torch.zeros(2)), values_checked(torch.zeros(2, device="meta"))
+    (True, False)
+    """
+    if torch.compiler.is_compiling() or under_transform(*tensors):
+        return False
+    return not any(t is not None and t.is_meta for t in tensors)
+
+
+def under_transform(*tensors: torch.Tensor | None) -> bool:
+    """Whether a tensor is wrapped by a ``torch.func`` transform (``vmap``, ``grad``,
+    ``jacrev``, ...); ``False`` while ``torch.compile`` traces."""
+    if torch.compiler.is_compiling():
+        return False
+    return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t)
+               for t in tensors)
 
 
 def check_bool(fn: str, name: str, value: Any) -> bool:
@@ -103,7 +139,7 @@ def check_decay(fn: str, decay: Any, heads: int, device: torch.device) -> torch.
     if decay.device != device:
         raise ValueError(f"{fn}: decay must be on q's device {device}, got {decay.device}")
     dd = decay.detach()
-    if not bool(((dd > 0) & (dd <= 1)).all()):
+    if values_checked(dd) and not bool(((dd > 0) & (dd <= 1)).all()):
         raise ValueError(f"{fn}: decay values must lie in (0, 1], got min "
                          f"{float(dd.min()):.6g}, max {float(dd.max()):.6g}")
     return decay
@@ -188,6 +224,8 @@ def check_log_gate(fn: str, name: str, gate: Any, shape: tuple, q: torch.Tensor,
     ``-inf`` (NaN passes: NaN in, NaN out)."""
     check_per_position(fn, name, gate, shape, q, per_dim=per_dim)
     gd = gate.detach()
+    if not values_checked(gd):
+        return
     if bool((gd > 0).any()) or bool((gd == float("-inf")).any()):
         raise ValueError(f"{fn}: {name} values must be <= 0 and finite (a log-space gate, "
                          f"e.g. dt * A with A < 0), got max {float(gd.max()):.6g}, min "

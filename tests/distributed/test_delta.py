@@ -8,6 +8,7 @@ rank."""
 from __future__ import annotations
 
 import datetime
+import itertools
 import re
 
 import pytest
@@ -64,6 +65,17 @@ CASES = [  # (spec, positions per world unit, layout, gates, heads, initial stat
     ("docs_prefix", 9, "contiguous", "gated", "same", True),
 ]
 
+VECTOR_CASES = [  # KDA: per-key-dimension gates [B, T, H, D] (vreverse: both gates vector;
+    # mixed: a vector forward gate with a scalar reverse one)
+    ("causal", 7, "contiguous", "vector", "gqa", True),
+    ("docs_causal", 8, "zigzag", "vector", "value", True),
+    ("full", 7, "contiguous", "vreverse", "value", True),
+    ("chunked_la", 8, "zigzag", "vreverse", "same", False),
+    ("docs_full_rows", 6, "zigzag", "vector", "gqa", True),
+    ("docs_chunked_la", 7, "contiguous", "mixed", "same", False),
+    ("prefix_batch", 10, "zigzag", "vreverse", "value", True),
+]
+
 
 def _inputs(unit, world, heads, gates, init, b=2, d=5, dv=4):
     seq_len = world * unit
@@ -74,10 +86,12 @@ def _inputs(unit, world, heads, gates, init, b=2, d=5, dv=4):
          "k": torch.nn.functional.normalize(torch.randn(b, seq_len, hk, d, generator=g), dim=-1),
          "v": torch.randn(b, seq_len, hv, dv, generator=g),
          "beta": 0.05 + 1.9 * torch.rand(b, seq_len, h, generator=g)}  # (1, 2] included
+    per_dim = (d,) if gates in ("vector", "vreverse", "mixed") else ()
     if gates != "none":
-        x["log_gate"] = -2 * torch.rand(b, seq_len, h, generator=g)
-    if gates == "reverse":
-        x["reverse_log_gate"] = -2 * torch.rand(b, seq_len, h, generator=g)
+        x["log_gate"] = -2 * torch.rand(b, seq_len, h, *per_dim, generator=g)
+    if gates in ("reverse", "vreverse", "mixed"):
+        rev_dim = () if gates == "mixed" else per_dim
+        x["reverse_log_gate"] = -2 * torch.rand(b, seq_len, h, *rev_dim, generator=g)
     if init:
         x["initial_state"] = torch.randn(b, h, d, dv, generator=g, dtype=torch.float64)
     w = torch.randn(b, seq_len, h, dv, generator=g)
@@ -140,6 +154,15 @@ def test_sharded_equals_single_process(tmp_path, world):
     assert done == dict.fromkeys(range(world), len(cases))
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_vector_gates_equal_single_process(tmp_path, world):
+    """KDA's per-key-dimension gates: the cross-rank transitions become ``(I - beta k k^T)
+    diag(exp(g))`` products, the reverse reads scale the queries per dimension."""
+    cases = VECTOR_CASES if world == 2 else VECTOR_CASES[1::2]
+    done = run_process_group(_job, world, str(tmp_path), cases=cases)
+    assert done == dict.fromkeys(range(world), len(cases))
+
+
 LONG_CASES = [  # awkward long lengths, default chunk size (64: does not divide the spans)
     ("docs_full_rows", 250, "contiguous", "reverse", "value", True),
     ("chunked_la", 250, "zigzag", "gated", "gqa", True),
@@ -158,15 +181,18 @@ def test_sharded_equals_single_process_at_500(tmp_path):
 
 
 def _nan_job(rank, world):
-    """NaN in, NaN out: a NaN value and a NaN gate reach every output that reads them (their
-    document, from them on under Causal, all of it under Full), on every layout."""
+    """NaN in, NaN out: a NaN value and a NaN gate (scalar, or one key dimension of a vector
+    gate) reach every output that reads them (their document, from them on under Causal, all
+    of it under Full), on every layout."""
     seq_len = 4 * world
     ids = _docs(seq_len, False)  # documents [0, 2), [2, 4), [4, T)
-    for spec, reached in ((Segments(ids) & Full(), ([0, 1], [2, 3])),
-                          (Segments(ids) & Causal(), ([1], [2, 3]))):
-        x, _, _ = _inputs(4, world, "same", "reverse", True)
+    for (spec, reached), gates in itertools.product(
+            ((Segments(ids) & Full(), ([0, 1], [2, 3])),
+             (Segments(ids) & Causal(), ([1], [2, 3]))), ("reverse", "vreverse")):
+        x, _, _ = _inputs(4, world, "same", gates, True)
         x["v"][:, 1, 0, 0] = float("nan")
-        x["log_gate"][:, 2, 1] = float("nan")
+        x["log_gate"][(slice(None), 2, 1) + ((0,) if gates == "vreverse" else ())] = \
+            float("nan")
         x["initial_state"] = x["initial_state"].float()
         for layout in ("contiguous", "zigzag"):
             local = {n: (t if n == "initial_state" else shard(t, layout, rank, world))

@@ -1,6 +1,6 @@
 """Whole-model sequence parallel on real gloo groups: a few Adam steps of a tiny fp64 model,
 sequence-parallel (with and without FSDP2) == one process -- loss, every parameter gradient and
-the parameters after the steps, to 1e-10 -- for softmax, linear, gated, delta and hybrid stacks
+the parameters after the steps, to 1e-10 -- for softmax, linear, gated, delta, KDA and hybrid stacks
 under the specs and layouts each mixer shards; what cannot shard raises on every rank."""
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ CASES = {
               ("contiguous", "zigzag")),
     "delta_docs": (("delta", "delta", "softmax"), (DOCS, ROW_DOCS & Full(), Prefix(6)),
                    ("contiguous", "zigzag")),
+    # KDA layers (per-key-dimension gates) next to a Gated DeltaNet one
+    "kda": (("kda", "delta", "kda"), (DOCS, Chunked(3, 1), ROW_DOCS & Full()),
+            ("contiguous", "zigzag")),
 }
 
 

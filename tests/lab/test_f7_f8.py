@@ -24,7 +24,7 @@ from causalmix.lab.findings.f8_text import (
 )
 from causalmix.lab.protocol import IGNORE
 from causalmix.lab.tasks import MQAR
-from causalmix.nn import AttentionConfig, ModelConfig
+from causalmix.nn import AttentionConfig, DeltaMixer, ModelConfig
 from causalmix.testing import assert_close
 from causalmix.visibility import Causal, Chunked
 
@@ -105,10 +105,16 @@ def test_f7_arms_share_one_state_size():
     assert [getattr(arms[a], "rule", None) for a in F7_ARMS[:3]] == ["delta", "gated-delta",
                                                                      None]
     assert arms[F7_ARMS[3]].model.d_model == rec[0].d_model
-    nn = arms[F7_ARMS[4]].model.blocks[0].attention  # causalmix.nn's Gated DeltaNet
+    # causalmix.nn's Gated DeltaNet, with plain keys and an identity-initialised convolution
+    assert arms[F7_ARMS[4]].model == rec[0] and arms[F7_ARMS[4]].rule == "nn-gated-delta"
     lab = rec[0].blocks[0].attention
-    assert nn.mixer == "delta" and (nn.n_heads, nn.feature_dim, nn.head_dim) == \
-        (lab.n_heads, lab.feature_dim, lab.head_dim)  # the same state per layer
+    for block in delta_model(arms[F7_ARMS[4]], "nn-gated-delta").blocks:
+        nn, w = block.attn, block.attn.conv_weight
+        assert isinstance(nn, DeltaMixer) and block.mixer == "delta"
+        assert (nn.cfg.n_heads, nn.cfg.feature_dim, nn.cfg.head_dim) == \
+            (lab.n_heads, lab.feature_dim, lab.head_dim)  # the same state per layer
+        assert nn.qk_activation == "identity" and bool((w[:, -1] == 1).all())
+        assert bool((w[:, :-1] == 0).all())
 
 
 def _mqar_runs(accs: dict[int, float]) -> list[dict]:

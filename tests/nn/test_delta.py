@@ -21,7 +21,7 @@ from causalmix.nn import (
     SequenceModel,
     impl_choices,
 )
-from causalmix.nn.delta import causal_conv
+from causalmix.nn.delta import CONV_INITS, QK_ACTIVATIONS, causal_conv
 from causalmix.stream import ModelStream
 from causalmix.testing import assert_close
 
@@ -51,7 +51,10 @@ def _eager_layer(m: DeltaMixer, x: torch.Tensor) -> torch.Tensor:
     k_size = m.conv_size
     conv = F.conv1d(F.pad(pre.transpose(1, 2), (k_size - 1, 0)), m.conv_weight[:, None],
                     groups=pre.shape[2]).transpose(1, 2)
-    q, k, v = F.silu(conv).split(m.widths, -1)
+    q, k, v = conv.split(m.widths, -1)
+    if m.qk_activation == "silu":
+        q, k = F.silu(q), F.silu(k)
+    v = F.silu(v)
     hk, h = cfg.n_kv_heads, cfg.n_heads
     q = F.normalize(q.view(b, t, hk, -1), dim=-1) / math.sqrt(cfg.feature_dim)
     k = F.normalize(k.view(b, t, hk, -1), dim=-1)
@@ -73,11 +76,15 @@ def _eager_layer(m: DeltaMixer, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("t", [1, 7, 63])
 @pytest.mark.parametrize("n_kv_heads", [None, 2])
-def test_layer_equals_its_eager_formula(t, n_kv_heads):
+@pytest.mark.parametrize("qk_activation", QK_ACTIVATIONS)
+def test_layer_equals_its_eager_formula(t, n_kv_heads, qk_activation):
+    # the option only changes the op's inputs: it runs on the recurrent op (the chunked op's
+    # gate gradients at T=63 sit 2-5x the eager fp32 error with such inputs; see the op's tests)
     torch.manual_seed(t)
+    impl = "auto" if qk_activation == "silu" else "recurrent"
     cfg = AttentionConfig(d_model=32, n_heads=4, n_kv_heads=n_kv_heads, mixer="delta",
-                          feature_dim=8)
-    layer = DeltaMixer(cfg)
+                          feature_dim=8, impl=impl)
+    layer = DeltaMixer(cfg, qk_activation=qk_activation)
     x = torch.randn(2, t, 32)
 
     def run(fn, mod, dtype):
@@ -238,3 +245,32 @@ def test_config_wiring():
         ModelConfig(vocab_size=V, mixer="delta", impl="blocks")
     with pytest.raises(ValueError, match="DeltaMixer: mixer must be 'delta'"):
         DeltaMixer(AttentionConfig(mixer="gated"))
+    with pytest.raises(ValueError, match="qk_activation must be one of"):
+        DeltaMixer(AttentionConfig(mixer="delta"), qk_activation="relu")
+    with pytest.raises(ValueError, match="conv_init must be one of"):
+        DeltaMixer(AttentionConfig(mixer="delta"), conv_init="zeros")
+
+
+# ------------------------------------------------------------------ initialisation
+@pytest.mark.parametrize("conv_init", CONV_INITS)
+def test_init(conv_init):
+    """The convolution's two starts: ``"identity"`` (newest tap 1, the others 0, so a frame's
+    q / k / v are exactly its own projections) and ``"random"``; with either the gates keep
+    between exp(-1.6) and exp(-1e-3) of the state per step at zero input (Mamba-2's dt in
+    [1e-3, 1e-1] and -A in [1, 16])."""
+    torch.manual_seed(0)
+    cfg = AttentionConfig(d_model=32, n_heads=4, mixer="delta", feature_dim=8)
+    layer = DeltaMixer(cfg, conv_init=conv_init)
+    w = layer.conv_weight.detach()
+    x = torch.randn(1, 4, 32)
+    pre = layer.qkv_proj(x)
+    conv = causal_conv(pre, pre.new_zeros(1, 3, pre.shape[2]), 0, layer.conv_weight, None)
+    if conv_init == "identity":
+        assert bool((w[:, -1] == 1).all()) and bool((w[:, :-1] == 0).all())
+        torch.testing.assert_close(conv, pre, rtol=0, atol=0)
+    else:
+        assert 0.7 < float(w.std() * math.sqrt(layer.conv_size)) < 1.3
+        assert not torch.allclose(conv, pre)
+    _, g = layer.gates(torch.zeros(1, 1, 32))
+    keep = g.exp().flatten()
+    assert bool(((keep >= math.exp(-1.6) - 1e-6) & (keep <= math.exp(-1e-3) + 1e-6)).all())

@@ -19,7 +19,7 @@ from causalmix.testing import assert_close
 from causalmix.visibility import Causal, Chunked, Full, Prefix, Segments, Window
 
 V = 13
-KINDS = ("tiny-softmax", "tiny-gqa", "tiny-linear", "tiny-gated", "tiny-delta")
+KINDS = ("tiny-softmax", "tiny-gqa", "tiny-linear", "tiny-gated", "tiny-delta", "tiny-kda")
 
 
 CAUSAL2 = (Causal(), Causal())
@@ -158,7 +158,8 @@ def _served(spec) -> bool:
 
 
 SWEEP_CASES = [pytest.param(preset, spec, exact, id=f"{preset}-{spec!r}")
-               for preset in ("tiny-softmax", "tiny-linear", "tiny-gated", "tiny-delta")
+               for preset in ("tiny-softmax", "tiny-linear", "tiny-gated", "tiny-delta",
+                              "tiny-kda")
                for spec, exact in SWEEP if preset == "tiny-softmax" or _served(spec)]
 
 

@@ -1,11 +1,18 @@
-"""Sequence-parallel delta attention (DeltaNet / Gated DeltaNet): states and their transitions,
-not keys, cross the ranks.
+"""Sequence-parallel delta attention (DeltaNet / Gated DeltaNet / KDA): states and their
+transitions, not keys, cross the ranks.
 
 **The recurrence is affine in the state.** Per head (:mod:`causalmix.ops.delta.api`), with
 ``M_t = exp(g_t) (I - beta_t k_t k_t^T)`` (``[D, D]``; the scalar gate commutes)::
 
     S_t = exp(g_t) S_{t-1} + k_t beta_t (v_t - exp(g_t) S_{t-1}^T k_t)^T
         = M_t S_{t-1} + beta_t k_t v_t^T
+
+A per-key-dimension gate ``g_t: [D]`` (KDA) makes ``M_t = (I - beta_t k_t k_t^T)
+diag(exp(g_t))``: the recurrence stays affine in the state and acts on each value column alone,
+so everything below holds with these ``M_t`` unchanged (the transitions are full ``[D, D]``
+matrices either way). Only the reverse read moves: ``(diag(exp(r_i)) R_{i+1})^T q_i = R_{i+1}^T
+(exp(r_i) * q_i)``, so a vector reverse gate scales the queries (repeated to the output heads
+under value grouping) before the reverse call instead of scaling its outputs after.
 
 so a run of positions ``a..e`` maps the state entering it to the state leaving it by ``S_e =
 A S_{a-1} + U`` with the *transition* ``A = M_e .. M_a`` (``[D, D]``, zero when a segment
@@ -157,7 +164,7 @@ def _check_arguments(fn: str, a: DeltaArgs, world: int | None) -> Factorisation:
         raise ValueError(f"{fn}: layout 'zigzag' needs an even number of positions per rank "
                          f"(two chunks of seq_len / (2 * world)), got {n}")
     check_beta_gates(fn, q=a.q, k=a.k, heads=heads, beta=a.beta, log_gate=a.log_gate,
-                     reverse_log_gate=a.reverse_log_gate)
+                     reverse_log_gate=a.reverse_log_gate, vector=True)
     check_state(fn, q=a.q, v=a.v, heads=heads, initial_state=a.initial_state)
     check_int("chunk_size", a.chunk_size, 1)
     REGISTRY.check_name(fn, a.impl)
@@ -247,6 +254,19 @@ def _mask(keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.where(keep[:, :, None, None], x, 0.0)
 
 
+def _gated_queries(x: dict, gate: torch.Tensor) -> dict:
+    """A vector gate's ``exp(r_i)`` moved onto the queries (``(diag(exp(r_i)) R)^T q_i = R^T
+    (exp(r_i) * q_i)``): q (and k, under value grouping, where q has fewer heads than the
+    gate) repeated to the gate's heads, then scaled per key dimension."""
+    x = dict(x)
+    g = gate.shape[2] // x["q"].shape[2]
+    if g > 1:  # value grouping: q and k share their heads, output head h reads head h // g
+        x["q"] = x["q"].repeat_interleave(g, dim=2)
+        x["k"] = x["k"].repeat_interleave(g, dim=2)
+    x["q"] = x["q"] * gate.exp()
+    return x
+
+
 def _reverse_span(a: DeltaArgs, plan: Plan, r: Span, x: dict, cols):
     """The reverse passes of span ``r``: per pass the masked reads ``(ro, rread)`` and the
     span's reverse pair (``[U' | A']``, the final state of the flipped run)."""
@@ -254,6 +274,9 @@ def _reverse_span(a: DeltaArgs, plan: Plan, r: Span, x: dict, cols):
     sl = slice(r.local, r.local + r.length)
     gate = a.log_gate if a.reverse_log_gate is None else a.reverse_log_gate
     gate = None if gate is None else gate[:, sl].to(sd)
+    vector = gate is not None and gate.dim() == 4
+    if vector:
+        x = _gated_queries(x, gate)
     e = r.start + r.length - 1
     rev, pairs = [], []
     for rid, take in zip(plan.rid, plan.take, strict=True):
@@ -262,7 +285,7 @@ def _reverse_span(a: DeltaArgs, plan: Plan, r: Span, x: dict, cols):
         ids = ids[0] if ids.shape[0] == 1 else ids
         ro, rf = _local(a, _flipped(x, gate), Segments(ids) & Causal(), 0, s0)
         ro = ro.flip(1)
-        if gate is not None:
+        if gate is not None and not vector:
             ro = ro * gate.exp()[..., None]
         tk = take[:, r.start:e + 1]
         beyond = tk & (rid[:, r.start:e + 1] > e)  # the query's region goes past the span
@@ -348,8 +371,9 @@ def delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibilit
             ``Segments(ids) & any of these`` over absolute positions ``[0, T)``; others raise
             ``ValueError`` naming the spec.
         beta: ``[B, n, H]`` this rank's write strengths in (0, 2] (``H``: output heads).
-        log_gate, reverse_log_gate: ``[B, n, H]`` this rank's log-gates ``<= 0`` or None, in
-            the shard's local order, as for the single-process op.
+        log_gate, reverse_log_gate: ``[B, n, H]`` (scalar, Gated DeltaNet) or ``[B, n, H,
+            D]`` (per key dimension, KDA) this rank's log-gates ``<= 0`` or None, in the
+            shard's local order, as for the single-process op.
         layout: ``"contiguous"`` or ``"zigzag"`` (``"striped"`` raises ``ValueError``).
         initial_state: ``[B, H, D, Dv]`` causal state before position 0 (compute dtype), the
             same on every rank, or None.

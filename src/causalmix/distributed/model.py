@@ -36,13 +36,13 @@ Which mixers shard which specs with which layouts (refused at construction, on e
     mixer              layouts                      specs
     softmax            contiguous, zigzag, striped  any
     linear, gated      contiguous, zigzag           Causal, Full, Prefix, Segments & Causal
-    delta              contiguous, zigzag           Causal, Full, Prefix, Chunked(s, L),
+    delta, kda         contiguous, zigzag           Causal, Full, Prefix, Chunked(s, L),
                                                     Segments & any of these
 
-A layer with a short causal convolution (the delta layer) takes the ``K - 1`` positions before
-each of its runs from the ranks that hold them (:func:`halos`: one differentiable
-``all_gather`` of every run's last positions per layer); the layer masks the taps that would
-cross a ``Segments`` boundary.
+A layer with a short causal convolution (the delta and KDA layers) takes the ``K - 1``
+positions before each of its runs from the ranks that hold them (:func:`halos`: one
+differentiable ``all_gather`` of every run's last positions per layer); the layer masks the taps
+that would cross a ``Segments`` boundary.
 """
 
 from __future__ import annotations

@@ -24,15 +24,20 @@ from torch import nn
 from causalmix.lab.experiments import Experiment, latency_frames
 from causalmix.lab.protocol import TaskData
 from causalmix.lab.trainer import FitResult, fit
-from causalmix.nn import AttentionConfig, GatedMixer, SequenceModel
+from causalmix.nn import AttentionConfig, DeltaMixer, GatedMixer, SequenceModel
 from causalmix.ops.delta import delta_attention
 from causalmix.visibility import Visibility
 
-__all__ = ["DELTA_RULES", "DeltaExperiment", "DeltaRuleMixer", "delta_model"]
+__all__ = ["DELTA_RULES", "MODEL_RULES", "DeltaExperiment", "DeltaRuleMixer", "delta_model"]
 
 #: The update rules :class:`DeltaRuleMixer` runs: ``"delta"`` (DeltaNet) and
 #: ``"gated-delta"`` (Gated DeltaNet).
 DELTA_RULES = ("delta", "gated-delta")
+#: What :class:`DeltaExperiment` runs: the :data:`DELTA_RULES` of :class:`DeltaRuleMixer`, and
+#: ``"nn-gated-delta"``: causalmix.nn's Gated DeltaNet layer (:class:`~causalmix.nn.DeltaMixer`)
+#: with plain L2-normalised keys and an identity-initialised short convolution (its
+#: ``qk_activation="identity"``, ``conv_init="identity"``), at the config's heads and state.
+MODEL_RULES = (*DELTA_RULES, "nn-gated-delta")
 
 
 class DeltaRuleMixer(GatedMixer):
@@ -70,10 +75,16 @@ class DeltaRuleMixer(GatedMixer):
 
 def delta_model(exp: Experiment, rule: str) -> SequenceModel:
     """The model of ``exp`` (a gated-mixer config) with every block's mixer a
-    :class:`DeltaRuleMixer` of ``rule``."""
+    :class:`DeltaRuleMixer` of ``rule``, or for ``"nn-gated-delta"`` the nn layer
+    (:data:`MODEL_RULES`)."""
     model = SequenceModel(exp.model)
     for block in model.blocks:
-        block.attn = DeltaRuleMixer(block.cfg.attention, rule)
+        cfg = block.cfg.attention
+        if rule == "nn-gated-delta":
+            block.attn = DeltaMixer(dataclasses.replace(cfg, mixer="delta"),
+                                    qk_activation="identity", conv_init="identity")
+        else:
+            block.attn = DeltaRuleMixer(cfg, rule)
         block.mixer = "delta"
     return model
 
@@ -88,8 +99,8 @@ class DeltaExperiment(Experiment):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.rule not in DELTA_RULES:
-            raise ValueError(f"DeltaExperiment.rule must be one of {list(DELTA_RULES)}, got "
+        if self.rule not in MODEL_RULES:
+            raise ValueError(f"DeltaExperiment.rule must be one of {list(MODEL_RULES)}, got "
                              f"{self.rule!r}")
         if self.model.mixer != "gated" or self.positions != "rope":
             raise ValueError("DeltaExperiment: the model config must be a gated one "

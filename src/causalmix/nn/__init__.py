@@ -1,4 +1,4 @@
-"""nn.Modules: attention layers (softmax / linear / gated linear / Gated DeltaNet / GLA
+"""nn.Modules: attention layers (softmax / linear / gated linear / Gated DeltaNet / GLA / KDA
 mixers) under a visibility spec, pre-norm blocks, and a small sequence model with per-layer
 visibility; typed configs with presets, and the tagged dict form of a spec
 (:func:`spec_to_dict` / :func:`spec_from_dict`); ``SequenceModel.generate`` decodes on the
@@ -19,6 +19,7 @@ from causalmix.nn.delta import DeltaMixer
 from causalmix.nn.gated import GatedMixer
 from causalmix.nn.generate import Generation
 from causalmix.nn.gla import GLAMixer
+from causalmix.nn.kda import KDAMixer
 from causalmix.nn.layers import (
     Attention,
     Block,
@@ -40,6 +41,7 @@ __all__ = [
     "GLAMixer",
     "GatedMixer",
     "Generation",
+    "KDAMixer",
     "MixingLayer",
     "ModelBase",
     "ModelConfig",

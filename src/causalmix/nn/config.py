@@ -34,18 +34,20 @@ from causalmix.visibility import (
 
 #: The kinds of mixing layer :class:`AttentionConfig` builds: softmax attention, linear
 #: attention, the gated linear layer (:mod:`causalmix.nn.gated`, the linear op with gates) and
-#: the Gated DeltaNet layer (:mod:`causalmix.nn.delta`, the delta-rule op) and the GLA layer
-#: (:mod:`causalmix.nn.gla`, the linear op with per key dimension gates).
-MIXERS = ("softmax", "linear", "gated", "delta", "gla")
+#: the Gated DeltaNet layer (:mod:`causalmix.nn.delta`, the delta-rule op), the GLA layer
+#: (:mod:`causalmix.nn.gla`, the linear op with per key dimension gates) and the Kimi Delta
+#: Attention layer (:mod:`causalmix.nn.kda`, the delta-rule op with per key dimension gates).
+MIXERS = ("softmax", "linear", "gated", "delta", "gla", "kda")
 FEATURE_MAPS = ("taylor", "elu")
 
 
 def op_of(mixer: str) -> str:
     """The op family a layer of kind ``mixer`` (:data:`MIXERS`) mixes with: ``"softmax"``,
-    ``"linear"`` (a gated layer runs the linear op with its gates) or ``"delta"``."""
+    ``"linear"`` (a gated layer runs the linear op with its gates) or ``"delta"`` (Gated
+    DeltaNet and KDA layers)."""
     if mixer not in MIXERS:
         raise ValueError(f"mixer must be one of {list(MIXERS)}, got {mixer!r}")
-    return {"softmax": "softmax", "delta": "delta"}.get(mixer, "linear")
+    return {"softmax": "softmax", "delta": "delta", "kda": "delta"}.get(mixer, "linear")
 
 
 def impl_choices(mixer: str) -> tuple[str, ...]:
@@ -173,6 +175,8 @@ class AttentionConfig:
     gla: gated linear attention (:mod:`causalmix.nn.gla`): per key dimension gates from a
     low-rank projection (logsigmoid / temperature), ``feature_dim`` keys per head, run by the
     linear mixer; bidirectional under the same specs.
+    kda: Kimi Delta Attention (:mod:`causalmix.nn.kda`): the delta layer with a log-gate per
+    key dimension (``[B, T, n_heads, feature_dim]``) from a low-rank projection.
     ``decay``: per-head decay in (0, 1] (``None``: no decay); its length must equal ``n_heads``.
     ``impl``: the mixer implementation :meth:`Block.forward` asks for (``"auto"``, or e.g.
     ``"reference"`` to run the dense definition; passed on as ``impl=``).
@@ -376,6 +380,7 @@ PRESETS: dict[str, dict] = {
     "tiny-gated": dict(d_model=64, n_heads=4, mixer="gated", feature_dim=16),
     "tiny-delta": dict(d_model=64, n_heads=4, mixer="delta", feature_dim=16),
     "tiny-gla": dict(d_model=64, n_heads=4, mixer="gla", feature_dim=16),
+    "tiny-kda": dict(d_model=64, n_heads=4, mixer="kda", feature_dim=16),
     "small-softmax": dict(d_model=128, n_heads=4, mixer="softmax",
                           visibility=(Causal(),) * 4),
     "small-linear": dict(d_model=128, n_heads=4, mixer="linear", feature_dim=16,

@@ -9,6 +9,16 @@ Per layer, from the (normalised) input ``x: [B, T, C]``::
     o       = delta_attention(q, k, v, visibility, beta=beta, log_gate=g)
     y       = W_o (rmsnorm(o) * silu(W_z x))                            # per head norm, gate
 
+Two options (keyword arguments of :class:`DeltaMixer`; the defaults are Gated DeltaNet's):
+``qk_activation="identity"`` drops the SiLU of ``q`` and ``k`` (the L2 norm alone: SiLU keeps
+each key near the positive orthant, where the keys of a narrow head are far from orthogonal),
+and ``conv_init="identity"`` starts the convolution as the identity (newest tap 1, older taps
+0) instead of a random kernel whose every tap is as strong as the newest (a blur of ``K``
+frames at initialisation). Lab finding F7 (MQAR, one key-value pair per frame, an 8 x 16
+state per head) runs the layer with both: with the defaults it stays near chance there.
+Gates at initialisation as Mamba-2: ``dt`` log-uniform in ``[dt_min, dt_max]``, ``-A``
+evenly in ``[1, 16]`` over the heads.
+
 The delta-rule op (:mod:`causalmix.ops.delta`) gives the recurrence ``S_t = exp(g_t) (I -
 beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``, ``o_t = S_t^T q_t`` under a causal spec, plus
 its reverse part wherever the spec shows later keys (``Full()``, ``Prefix(n)``,
@@ -44,7 +54,14 @@ from causalmix.nn.mixing import MixingLayer, mix
 from causalmix.ops.factor import factorise
 from causalmix.visibility import Visibility
 
-__all__ = ["ConvState", "DeltaMixer", "causal_conv"]
+__all__ = ["CONV_INITS", "ConvState", "DeltaMixer", "QK_ACTIVATIONS", "causal_conv"]
+
+#: How :class:`DeltaMixer` initialises its short convolution: ``"random"`` (``N(0, 1 / K)`` per
+#: tap) or ``"identity"`` (newest tap 1, the others 0: q, k, v start as the frame's own).
+CONV_INITS = ("random", "identity")
+#: What :class:`DeltaMixer` applies to ``q`` and ``k`` before their L2 norm: ``"silu"`` (Gated
+#: DeltaNet, Qwen3-Next) or ``"identity"`` (the norm alone: keys over the whole sphere).
+QK_ACTIVATIONS = ("silu", "identity")
 
 
 def _segment_ids(visibility: Visibility) -> torch.Tensor | None:
@@ -97,17 +114,31 @@ class DeltaMixer(MixingLayer):
     the next context); ``out(mixed [B, n, H, hd], x [B, n, C]) -> [B, n, C]``.
     """
 
+    #: the ``AttentionConfig.mixer`` this class builds
+    kind = "delta"
+
     def __init__(self, cfg: AttentionConfig, *, conv_size: int = 4, dt_min: float = 1e-3,
-                 dt_max: float = 1e-1):
+                 dt_max: float = 1e-1, qk_activation: str = "silu", conv_init: str = "random"):
         super().__init__()
-        if cfg.mixer != "delta":
-            raise ValueError(f"DeltaMixer: mixer must be 'delta', got {cfg.mixer!r}")
+        if cfg.mixer != self.kind:
+            raise ValueError(f"{type(self).__name__}: mixer must be {self.kind!r}, got "
+                             f"{cfg.mixer!r}")
+        if qk_activation not in QK_ACTIVATIONS:
+            raise ValueError(f"{type(self).__name__}: qk_activation must be one of "
+                             f"{list(QK_ACTIVATIONS)}, got {qk_activation!r}")
+        if conv_init not in CONV_INITS:
+            raise ValueError(f"{type(self).__name__}: conv_init must be one of "
+                             f"{list(CONV_INITS)}, got {conv_init!r}")
         self.cfg, self.op, self.conv_size = cfg, "delta", conv_size
+        self.qk_activation = qk_activation
         h, hk, hd, f = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.feature_dim
         self.widths = (hk * f, hk * f, h * hd)  # q, k, v channels of the convolution
         self.qkv_proj = nn.Linear(cfg.d_model, sum(self.widths), bias=False)
-        self.conv_weight = nn.Parameter(torch.randn(sum(self.widths), conv_size)
-                                        / math.sqrt(conv_size))
+        weight = torch.randn(sum(self.widths), conv_size) / math.sqrt(conv_size)
+        if conv_init == "identity":  # q, k, v start as the frame's own projections
+            weight = torch.zeros_like(weight)
+            weight[:, -1] = 1.0
+        self.conv_weight = nn.Parameter(weight)
         self.b_proj = nn.Linear(cfg.d_model, h, bias=False)
         self.a_proj = nn.Linear(cfg.d_model, h, bias=False)
         self.z_proj = nn.Linear(cfg.d_model, h * hd, bias=False)
@@ -133,7 +164,10 @@ class DeltaMixer(MixingLayer):
         layer input ``x [B, n, C]``."""
         cfg = self.cfg
         b, n, _ = x.shape
-        q, k, v = F.silu(conv).split(self.widths, -1)
+        q, k, v = conv.split(self.widths, -1)
+        if self.qk_activation == "silu":
+            q, k = F.silu(q), F.silu(k)
+        v = F.silu(v)
         q = F.normalize(q.view(b, n, cfg.n_kv_heads, -1), dim=-1) / math.sqrt(cfg.feature_dim)
         k = F.normalize(k.view(b, n, cfg.n_kv_heads, -1), dim=-1)
         beta, g = self.gates(x)

@@ -26,12 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from causalmix.checks import ArgumentTypeError, check_int, compute_dtype
+from causalmix.checks import ArgumentTypeError, check_int, compute_dtype, values_checked
 from causalmix.nn import checkpoint
 from causalmix.nn.config import AttentionConfig, BlockConfig, ModelConfig
 from causalmix.nn.delta import DeltaMixer
 from causalmix.nn.gated import GatedMixer
 from causalmix.nn.gla import GLAMixer
+from causalmix.nn.kda import KDAMixer
 from causalmix.nn.mixing import MixingLayer, mix
 from causalmix.visibility import Visibility
 
@@ -141,7 +142,8 @@ class Block(nn.Module):
     ``x: [B, T, C]`` -> ``[B, T, C]``; ``attn`` is an :class:`Attention`, for
     ``mixer="gated"`` a :class:`~causalmix.nn.gated.GatedMixer`, for ``mixer="delta"`` a
     :class:`~causalmix.nn.delta.DeltaMixer` (``mixer == "delta"``), for ``mixer="gla"`` a
-    :class:`~causalmix.nn.gla.GLAMixer`. Implements the
+    :class:`~causalmix.nn.gla.GLAMixer`, for ``mixer="kda"`` a
+    :class:`~causalmix.nn.kda.KDAMixer` (``mixer == "delta"``). Implements the
     :class:`causalmix.stream.StreamableLayer` protocol (``mixer``, ``visibility``,
     ``mixer_kwargs``, ``stream_qkv``, ``stream_out``), where ``mixer`` is the op family that
     streams the layer, ``"softmax"`` or ``"linear"`` (a gated layer: ``"linear"``, with its
@@ -154,7 +156,8 @@ class Block(nn.Module):
         self.visibility: Visibility = cfg.visibility
         c = cfg.attention.d_model
         self.norm1 = nn.LayerNorm(c)
-        kind = {"gated": GatedMixer, "delta": DeltaMixer, "gla": GLAMixer}.get(
+        kind = {"gated": GatedMixer, "delta": DeltaMixer, "gla": GLAMixer,
+                "kda": KDAMixer}.get(
             cfg.attention.mixer, Attention)
         self.attn: MixingLayer = kind(cfg.attention)
         self.mixer: str = self.attn.op
@@ -215,7 +218,8 @@ def check_inputs(cfg: ModelConfig, inputs: Any, where: str = "") -> None:
         if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2 \
                 or inputs.dtype != torch.int64:
             raise ValueError(f"{pre}inputs must be int64 tokens [B, T], got {got}")
-        if inputs.numel() and (int(inputs.min()) < 0 or int(inputs.max()) >= cfg.vocab_size):
+        if inputs.numel() and values_checked(inputs) and (
+                int(inputs.min()) < 0 or int(inputs.max()) >= cfg.vocab_size):
             raise ValueError(
                 f"{pre}inputs must be token ids in [0, vocab_size={cfg.vocab_size}), got min "
                 f"{int(inputs.min())}, max {int(inputs.max())}")

@@ -12,6 +12,11 @@
 3. The family holds **one** :class:`Registry` (its ``REGISTRY``), mapping each name to its
    module. ``impl="auto"`` asks the family's ``auto`` rule for a name; an explicit ``impl`` that
    cannot serve the call raises ``ValueError`` listing every implementation's reason.
+4. ``traceable`` names the implementations that run inside ``torch.func`` transforms (``vmap``,
+   ``grad``, ``jacrev``): plain tensor code, no host read of a value. Inside a transform every
+   other implementation refuses (its plan reads values on the host, and its autograd Function
+   has no vmap rule), and ``auto`` picks a traceable one -- as it does under ``torch.compile``
+   (:func:`causalmix.checks.values_checked`).
 
 Example (a family of two implementations)::
 
@@ -26,7 +31,16 @@ from collections.abc import Callable, Iterator, Mapping
 from types import ModuleType
 from typing import Any
 
-__all__ = ["Registry"]
+import torch
+
+from causalmix.checks import under_transform
+
+__all__ = ["Registry", "call_tensors"]
+
+
+def call_tensors(call: Any) -> list[torch.Tensor]:
+    """The tensors a ``Call`` (a NamedTuple) holds, in field order."""
+    return [x for x in call if isinstance(x, torch.Tensor)]
 
 
 class Registry(Mapping[str, ModuleType]):
@@ -37,17 +51,22 @@ class Registry(Mapping[str, ModuleType]):
         impls: name -> module with ``can_serve(call)`` and ``run(call)``.
         auto: ``auto(call) -> name`` picks the implementation for ``impl="auto"``; it may raise
             ``ValueError`` when no implementation it would pick can serve the call.
+        traceable: the names that run inside ``torch.func`` transforms (contract item 4).
     """
 
     def __init__(self, family: str, impls: Mapping[str, ModuleType], *,
-                 auto: Callable[[Any], str]) -> None:
+                 auto: Callable[[Any], str], traceable: tuple[str, ...] = ()) -> None:
         for name, mod in impls.items():
             missing = [f for f in ("can_serve", "run") if not callable(getattr(mod, f, None))]
             if missing:
                 raise TypeError(f"{family} impl {name!r} ({mod.__name__}) lacks {missing}")
         self.family = family
+        unknown = sorted(set(traceable) - set(impls))
+        if unknown:
+            raise TypeError(f"{family}: traceable names {unknown} are not implementations")
         self._impls = dict(impls)
         self._auto = auto
+        self.traceable = tuple(traceable)
 
     def __getitem__(self, name: str) -> ModuleType:
         return self._impls[name]
@@ -74,13 +93,20 @@ class Registry(Mapping[str, ModuleType]):
 
     def reasons(self, call: Any) -> dict[str, str | None]:
         """For each implementation: ``None`` if it can serve ``call``, else why not."""
-        return {name: mod.can_serve(call) for name, mod in self._impls.items()}
+        return {name: self._reason(name, call) for name in self._impls}
+
+    def _reason(self, name: str, call: Any) -> str | None:
+        if name not in self.traceable and under_transform(*call_tensors(call)):
+            return (f"{name} plans its work from values read on the host, which a torch.func "
+                    f"transform (vmap, grad, jacrev) cannot trace; traceable: "
+                    f"{list(self.traceable)} (impl='auto' picks one)")
+        return self._impls[name].can_serve(call)
 
     def resolve(self, fn: str, impl: str, call: Any) -> str:
         """The name of the implementation that runs ``call`` for this ``impl`` argument."""
         self.check_name(fn, impl)
         name = self._auto(call) if impl == "auto" else impl
-        reason = self._impls[name].can_serve(call)
+        reason = self._reason(name, call)
         if reason is None:
             return name
         reasons = self.reasons(call)

@@ -64,35 +64,50 @@ from __future__ import annotations
 
 import torch
 
-from causalmix.checks import compute_dtype
+from causalmix.checks import compute_dtype, values_checked
 from causalmix.ops.delta.call import DeltaCall, validate
 from causalmix.ops.delta.impl import chunk, recurrent, reference
 from causalmix.ops.linear import LinearOutput
-from causalmix.ops.registry import Registry
+from causalmix.ops.registry import Registry, call_tensors
 from causalmix.visibility import Visibility
 
 __all__ = ["REGISTRY", "available_impls", "chunk_delta_attention", "delta_attention",
            "recurrent_delta_attention"]
 
 
+#: ``impl="auto"`` runs the dense reference up to this many keys: below it the reference's
+#: O(T^2) work costs less than chunk's per-tile overhead (fwd+bwd, B=2, H=4, D=32: reference
+#: 1.6-1.9x faster than chunk at T = 8..64, even at 128, chunk ahead from 256;
+#: ``benchmarks/auto.py``).
+AUTO_REFERENCE_MAX_T = 128
+
+
 def _auto(call: DeltaCall) -> str:
-    """``recurrent`` for one query and one key (a decode step), else ``chunk``; never the
-    quadratic reference."""
-    return "recurrent" if call.q.shape[1] == call.k.shape[1] == 1 else "chunk"
+    """By cost: ``recurrent`` for one query and one key; for a call ``chunk`` serves, the
+    reference up to :data:`AUTO_REFERENCE_MAX_T` keys, else ``chunk``; where values cannot be
+    read on the host (``torch.compile``, ``torch.func``: :func:`~causalmix.checks.values_checked`)
+    the traceable reference at every length. A call chunk cannot serve goes to chunk, which
+    raises with every impl's reason: ``auto`` serves exactly the specs ``chunk`` serves."""
+    if call.q.shape[1] == call.k.shape[1] == 1:
+        return "recurrent"
+    if chunk.can_serve(call) is None and (call.k.shape[1] <= AUTO_REFERENCE_MAX_T
+                                          or not values_checked(*call_tensors(call))):
+        return "reference"
+    return "chunk"
 
 
 #: The delta family's implementations (:mod:`causalmix.ops.registry`).
 REGISTRY = Registry("delta", {"reference": reference, "chunk": chunk, "recurrent": recurrent},
-                    auto=_auto)
+                    auto=_auto, traceable=("reference", "recurrent"))
 
 
 def _empty(call: DeltaCall):
-    """No key (and so no query): output ``[B, 0, H, Dv]``, the state unchanged; the graph stays
-    connected to every input."""
+    """No key (and so no query), or meta tensors (shapes without values): output zeros
+    ``[B, Tq, H, Dv]``, the state unchanged; the graph stays connected to every input."""
     zero = sum(x.sum() * 0 for x in (call.q, call.k, call.v, call.beta, call.log_gate,
                                      call.reverse_log_gate) if x is not None)
     b, h, dv = call.q.shape[0], call.heads.out, call.v.shape[-1]
-    out = call.q.new_zeros(b, 0, h, dv) + zero.to(call.q.dtype)
+    out = call.q.new_zeros(b, call.q.shape[1], h, dv) + zero.to(call.q.dtype)
     s = call.initial_state
     if s is None:
         s = torch.zeros(b, h, call.q.shape[-1], dv, dtype=compute_dtype(call.q),
@@ -131,7 +146,9 @@ def delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibilit
         q_offset, k_offset: absolute position of the first query and key (equal).
         initial_state: ``[B, H, D, Dv]`` causal state before the call (compute dtype) or None.
         return_final_state: also return the causal state at the last key.
-        impl: ``"auto"`` (``recurrent`` for one token, else ``chunk``), ``"reference"`` (dense,
+        impl: ``"auto"`` (``recurrent`` for one token, the reference up to
+            ``AUTO_REFERENCE_MAX_T`` = 128 keys and under compile / torch.func, else ``chunk``;
+            it serves the specs ``chunk`` serves), ``"reference"`` (dense,
             the definition), ``"chunk"`` (WY / UT chunked, memory linear in T) or
             ``"recurrent"``; one that cannot serve the call raises, listing those that can.
         chunk_size: tile length of ``chunk`` (>= 1; clamped to Tk).
@@ -159,10 +176,11 @@ def delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibilit
     REGISTRY.check_name(fn, impl)
     if call.factor is None:
         raise ValueError(f"{fn}: {call.factor_error}")
-    if call.k.shape[1] == 0:
+    name = REGISTRY.resolve(fn, impl, call)
+    if call.k.shape[1] == 0 or call.q.is_meta:
         out, state = _empty(call)
     else:
-        out, state = REGISTRY.run(fn, impl, call)
+        out, state = REGISTRY[name].run(call)
     return LinearOutput(out, state) if return_final_state else out
 
 

@@ -32,6 +32,7 @@ from causalmix.checks import (
     check_per_position,
     check_qkv,
     compute_dtype,
+    values_checked,
 )
 from causalmix.checks import check_state as check_state_tensor
 from causalmix.ops.factor import Factorisation, factorise
@@ -102,7 +103,7 @@ def check_beta_gates(fn: str, *, q: torch.Tensor, k: torch.Tensor, heads: Heads,
     shape = (q.shape[0], k.shape[1], heads.out)
     check_per_position(fn, "beta", beta, shape, q)
     bd = beta.detach()
-    if bool(((bd <= 0) | (bd > 2)).any()):
+    if values_checked(bd) and bool(((bd <= 0) | (bd > 2)).any()):
         raise ValueError(f"{fn}: beta values must lie in (0, 2] (the delta rule's write "
                          f"strength; above 1 the transition has a negative eigenvalue), got "
                          f"min {float(bd.min()):.6g}, max {float(bd.max()):.6g}")

@@ -87,25 +87,40 @@ from typing import NamedTuple
 
 import torch
 
-from causalmix.checks import compute_dtype
+from causalmix.checks import compute_dtype, values_checked
 from causalmix.ops.linear.call import LinearCall, check_gate, validate
 from causalmix.ops.linear.impl import chunk, recurrent, reference
-from causalmix.ops.registry import Registry
+from causalmix.ops.registry import Registry, call_tensors
 from causalmix.visibility import Visibility
 
 __all__ = ["REGISTRY", "LinearOutput", "available_impls", "check_gate", "chunk_linear_attention",
            "linear_attention", "recurrent_linear_attention"]
 
 
+#: ``impl="auto"`` runs the dense reference up to this many keys: below it the reference's
+#: O(T^2) work costs less than chunk's per-tile overhead (fwd+bwd, B=2, H=4, D=32: reference
+#: 1.6-1.9x faster than chunk at T = 8..64, even at 128, chunk ahead from 256;
+#: ``benchmarks/auto.py``).
+AUTO_REFERENCE_MAX_T = 128
+
+
 def _auto(call: LinearCall) -> str:
-    """``recurrent`` for one query and one key, else ``chunk``; never the quadratic reference
-    (when chunk cannot serve the call, ``impl='auto'`` raises with every impl's reason)."""
-    return "recurrent" if call.q.shape[1] == call.k.shape[1] == 1 else "chunk"
+    """By cost: ``recurrent`` for one query and one key; for a call ``chunk`` serves, the
+    reference up to :data:`AUTO_REFERENCE_MAX_T` keys, else ``chunk``; where values cannot be
+    read on the host (``torch.compile``, ``torch.func``: :func:`~causalmix.checks.values_checked`)
+    the traceable reference at every length. A call chunk cannot serve goes to chunk, which
+    raises with every impl's reason: ``auto`` serves exactly the specs ``chunk`` serves."""
+    if call.q.shape[1] == call.k.shape[1] == 1:
+        return "recurrent"
+    if chunk.can_serve(call) is None and (call.k.shape[1] <= AUTO_REFERENCE_MAX_T
+                                          or not values_checked(*call_tensors(call))):
+        return "reference"
+    return "chunk"
 
 
 #: The linear family's implementations (:mod:`causalmix.ops.registry`).
 REGISTRY = Registry("linear", {"reference": reference, "chunk": chunk, "recurrent": recurrent},
-                    auto=_auto)
+                    auto=_auto, traceable=("reference", "recurrent"))
 
 
 class LinearOutput(NamedTuple):
@@ -116,8 +131,9 @@ class LinearOutput(NamedTuple):
 
 
 def _empty(call: LinearCall) -> torch.Tensor | LinearOutput:
-    """Nothing to compute (no batch row, or no query and no key): a right-shaped empty output
-    (and the initial state, or zeros, as the final state), connected to the inputs' graph."""
+    """Nothing to compute (no batch row, or no query and no key) or nothing to read (meta
+    tensors): a right-shaped output of zeros (and the initial state, or zeros, as the final
+    state), connected to the inputs' graph."""
     q, h = call.q, call.heads.out
     b, d, dv = q.shape[0], q.shape[-1], call.v.shape[-1]
     zero = (q.sum() + call.k.sum() + call.v.sum()) * 0
@@ -172,10 +188,12 @@ def linear_attention(
         initial_state: ``[B, H, D, Dv]`` fp32 causal state of the keys before the call (see the
             module docstring for what it means under each spec), or None (zeros).
         return_final_state: also return the causal state at the last position.
-        impl: ``"auto"`` (``recurrent`` for T == 1, else ``chunk``), ``"reference"`` (dense,
-            O(T^2), the definition), ``"chunk"`` or ``"recurrent"``. An explicit impl that cannot
-            serve the call raises ``ValueError`` listing those that can; ``auto`` never falls
-            back to the quadratic reference: it raises when the spec is not supported.
+        impl: ``"auto"`` (``recurrent`` for T == 1, the reference up to
+            ``AUTO_REFERENCE_MAX_T`` = 128 keys, else ``chunk``; the reference under compile and
+            torch.func), ``"reference"`` (dense, O(T^2), the definition), ``"chunk"`` or
+            ``"recurrent"``. An explicit impl that cannot serve the call raises ``ValueError``
+            listing those that can; ``auto`` serves exactly the specs ``chunk`` serves (it
+            raises for others, never a quiet switch to the quadratic reference).
         chunk_size: tile length of ``chunk`` (>= 1; 64-256 are fast on CPU); clamped to T.
 
     Returns:
@@ -188,8 +206,8 @@ def linear_attention(
                     initial_state=initial_state, return_final_state=return_final_state,
                     chunk_size=chunk_size)
     name = REGISTRY.resolve(fn, impl, call)
-    if q.shape[0] == 0 or q.shape[1] == k.shape[1] == 0:
-        return _empty(call)
+    if q.shape[0] == 0 or q.shape[1] == k.shape[1] == 0 or q.is_meta:
+        return _empty(call)  # meta tensors: the right shapes, nothing computed
     out, state = REGISTRY[name].run(call)
     return LinearOutput(out, state) if return_final_state else out
 

@@ -141,10 +141,6 @@ def check_inputs(fn: str, *, q: Any, k: Any, v: Any) -> Heads:
     if tk < tq:
         raise ValueError(f"{fn}: k and v must be at least as long as q (queries are a prefix of "
                          f"the keys' span), got q {tq}, k {tk}")
-    if q.is_meta:
-        raise ValueError(f"{fn}: q, k, v are on the meta device (shapes without data); linear "
-                         f"attention reads values (gate signs, the spec's positions): run it on "
-                         f"a device with data (e.g. 'cpu')")
     return head_layout(fn, q, k, v)
 
 

@@ -69,6 +69,21 @@ def poison(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibility: Visibi
     return Poison(bad_q | seen_kv, bad_q | seen_k)
 
 
+def poison_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibility: Visibility,
+                 q_offset: int, k_offset: int) -> Poison:
+    """:func:`poison` without a host read (for ``torch.compile`` and ``torch.func``): the spec's
+    dense mask times the bad keys, ``O(Tq * Tk)``; call it whatever the inputs hold."""
+    group = q.shape[2] // k.shape[2]
+    bad_k = _bad_rows(k).float()
+    bad_kv = (_bad_rows(k) | _bad_rows(v)).float()
+    vis = visibility.mask(q.shape[1], k.shape[1], q_offset=q_offset, k_offset=k_offset,
+                          device=q.device).float()  # [B', Tq, Tk]
+    seen_k = (vis @ bad_k > 0).repeat_interleave(group, 2)
+    seen_kv = (vis @ bad_kv > 0).repeat_interleave(group, 2)
+    bad_q = _bad_rows(q)
+    return Poison(bad_q | seen_kv, bad_q | seen_k)
+
+
 def apply(p: Poison, out: torch.Tensor, lse: torch.Tensor | None
           ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``out: [B, Tq, Hq, Dv]``, ``lse: [B, Tq, Hq]`` or None, with the poisoned rows NaN."""

@@ -25,8 +25,15 @@ from typing import NamedTuple
 
 import torch
 
-from causalmix.checks import ArgumentTypeError, check_qkv, check_scale, compute_dtype
-from causalmix.ops.registry import Registry
+from causalmix.checks import (
+    ArgumentTypeError,
+    check_qkv,
+    check_scale,
+    compute_dtype,
+    under_transform,
+    values_checked,
+)
+from causalmix.ops.registry import Registry, call_tensors
 from causalmix.ops.softmax import _nonfinite
 from causalmix.ops.softmax._call import Call
 from causalmix.ops.softmax.impl import blocks, flex, reference, sdpa
@@ -35,13 +42,20 @@ from causalmix.visibility import Visibility, check_visibility
 
 def _auto(call: Call) -> str:
     """sdpa where it serves the call exactly (scale > 0, no possible overflow, no lse), else
-    blocks."""
-    return "sdpa" if sdpa.can_serve(call) is None else "blocks"
+    blocks; where values cannot be read (``torch.compile``, meta tensors) the traceable
+    reference instead of blocks, and inside ``torch.func`` transforms the reference (SDPA has no
+    batching rule: vmap would loop over it)."""
+    tensors = call_tensors(call)
+    if under_transform(*tensors):
+        return "reference"
+    if sdpa.can_serve(call) is None:
+        return "sdpa"
+    return "blocks" if values_checked(*tensors) else "reference"
 
 
 #: The softmax family's implementations (:mod:`causalmix.ops.registry`).
 REGISTRY = Registry("softmax", {"reference": reference, "sdpa": sdpa, "blocks": blocks,
-                                "flex": flex}, auto=_auto)
+                                "flex": flex}, auto=_auto, traceable=("reference",))
 
 
 class AttentionOutput(NamedTuple):
@@ -62,9 +76,16 @@ def _absmax(x: torch.Tensor) -> torch.Tensor:
 def _prepare(q, k, v, visibility, *, q_offset: int, k_offset: int, scale: float,
              needs_lse: bool):
     """The checked :class:`Call` (non-finite entries replaced) and its :class:`Poison` or None.
-    Meta tensors hold no values: their score bound is taken as 0 (shapes only)."""
+    Meta tensors hold no values: their score bound is taken as 0 (shapes only). Where values
+    cannot be read on the host (:func:`~causalmix.checks.values_checked`: compile, torch.func)
+    the NaN rule runs on device whatever the inputs hold, and the score bound is not measured
+    (taken as 0)."""
     if q.device.type == "meta":
         return Call(q, k, v, visibility, q_offset, k_offset, scale, needs_lse, 0.0), None
+    if not values_checked(q, k, v):
+        poisoned = _nonfinite.poison_dense(q, k, v, visibility, q_offset, k_offset)
+        q, k, v = _nonfinite.clean(q), _nonfinite.clean(k), _nonfinite.clean(v)
+        return Call(q, k, v, visibility, q_offset, k_offset, scale, needs_lse, 0.0), poisoned
     m = torch.stack([_absmax(q), _absmax(k), _absmax(v)]).tolist()
     poisoned = None
     if not all(math.isfinite(x) for x in m):

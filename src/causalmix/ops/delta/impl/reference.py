@@ -164,6 +164,7 @@ def run(call: DeltaCall) -> tuple[torch.Tensor, torch.Tensor | None]:
     s0 = None if call.initial_state is None else call.initial_state.to(cd)
     x = Dense(q, k, v, beta)
     o, final = _forward(x, g, m, reads, s0)
-    o = _reverse(o, x, r, m, tq)
+    if call.factor is None or call.factor.base != "causal":  # a causal spec has no future
+        o = _reverse(o, x, r, m, tq)  # (a data-dependent loop: not traceable by compile)
     out = o[:, :, :tq].transpose(1, 2).to(call.q.dtype)
     return out, (final if call.return_final_state else None)
