@@ -4,9 +4,9 @@ For the linear family (per-head decay) and the delta family (beta, log-gates), `
 fp32, B=2, H=4, D=32, Dv=16, forward+backward (loss = sum(o * do)), T from 8 to 8192: the time
 of ``reference`` (dense; skipped above --max-ref), ``chunk`` and ``auto``, and auto's ratio to
 the best of them. Cases of one T are interleaved round by round; the minimum over rounds is
-reported (the host is shared, and its load only ever adds time). The crossover lengths that
-``auto`` uses (``AUTO_REFERENCE_MAX_T`` in ``ops/linear/api.py`` and ``ops/delta/api.py``) were
-read off this table.
+reported (the host is shared, and its load only ever adds time). The crossover length that
+``auto`` uses (``AUTO_REFERENCE_MAX_T`` in ``ops/registry.py``, for the linear and delta
+families) was read off this table.
 
     python benchmarks/auto.py                  # T in 8 .. 8192
     python benchmarks/auto.py --t 8 16 64 256  # chosen lengths

@@ -14,7 +14,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["assert_all_close", "assert_close", "check_softmax_impl", "grads_of", "make_qkv",
+__all__ = ["assert_all_close", "assert_close", "assert_decode_equals_parallel",
+           "assert_layer_matches", "assert_sharded_linear_matches",
+           "assert_stream_equals_parallel", "check_softmax_impl",
+           "grads_of", "layer_outputs_and_grads", "make_qkv",
            "build_hybrid_model", "max_error", "run_process_group", "sequence_parallel_check",
            "softmax_eager"]
 
@@ -67,6 +70,106 @@ def assert_close(
             f"{name}: max error {err:.3g} exceeds {factor} x baseline error {base:.3g} + floor "
             f"({tol:.3g} in all)"
         )
+
+
+def layer_outputs_and_grads(fn: Any, layer: torch.nn.Module, x: torch.Tensor,
+                            dtype: torch.dtype, *, seed: int = 1):
+    """``fn(layer', x')`` on copies of ``layer`` and ``x`` in ``dtype``: ``([output, *the
+    gradient of every parameter], parameter names)``, the gradients of ``(output * w).sum()``
+    for a fixed random ``w`` (``seed``)."""
+    import copy
+
+    mod = copy.deepcopy(layer).to(dtype)
+    out = fn(mod, x.to(dtype))
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    names, params = zip(*mod.named_parameters(), strict=True)
+    return [out, *torch.autograd.grad((out * w).sum(), params)], list(names)
+
+
+def assert_layer_matches(fast: Any, eager: Any, layer: torch.nn.Module, x: torch.Tensor, *,
+                         label: str = "", fast_layer: torch.nn.Module | None = None) -> list[str]:
+    """A layer's forward ``fast(layer, x)`` (on ``fast_layer`` if given: the same weights with
+    another config) against its eager formula ``eager(layer, x)`` in fp64: the output and every
+    parameter's gradient, each within :func:`assert_close` of the fp32 eager run's own error.
+    Returns the parameter names."""
+    got, names = layer_outputs_and_grads(fast, fast_layer or layer, x, torch.float32)
+    ref, _ = layer_outputs_and_grads(eager, layer, x, torch.float64)
+    base, _ = layer_outputs_and_grads(eager, layer, x, torch.float32)
+    for name, a, r, bl in zip(["out", *names], got, ref, base, strict=True):
+        assert_close(a, r, bl, name=f"{label} {name}".strip())
+    return names
+
+
+def assert_stream_equals_parallel(model: torch.nn.Module, ids: torch.Tensor, push: int, *,
+                                  name: str = "stream") -> None:
+    """A :class:`causalmix.nn.SequenceModel` streamed through
+    :class:`~causalmix.stream.ModelStream` in pushes of ``push`` tokens (then flushed) equals
+    its parallel forward on ``ids: [B, T]``, within :func:`assert_close` of the fp32 parallel
+    run's own error against fp64."""
+    import copy
+
+    from causalmix.stream import ModelStream
+
+    with torch.no_grad():
+        ref = copy.deepcopy(model).double()(ids)
+        base = model(ids)
+        s = ModelStream(model)
+        got = torch.cat([s.push(ids[:, a:a + push]) for a in range(0, ids.shape[1], push)]
+                        + [s.flush()], 1)
+    assert_close(got, ref, base, name=name)
+
+
+def assert_decode_equals_parallel(model: torch.nn.Module, ids: torch.Tensor, prompt: int, *,
+                                  name: str = "decode") -> None:
+    """``ModelStream.step`` over a prompt of ``prompt`` tokens, then one token at a time, equals
+    the parallel forward on ``ids: [B, T]`` (tolerance as :func:`assert_stream_equals_parallel`)."""
+    import copy
+
+    from causalmix.stream import ModelStream
+
+    with torch.no_grad():
+        ref, base = copy.deepcopy(model).double()(ids), model(ids)
+        s = ModelStream(model)
+        got = torch.cat([s.step(ids[:, :prompt])]
+                        + [s.step(ids[:, i:i + 1]) for i in range(prompt, ids.shape[1])], 1)
+    assert_close(got, ref, base, name=name)
+
+
+def assert_sharded_linear_matches(rank: int, world: int, spec: Any, layout: str,
+                                  inputs: Sequence[torch.Tensor | None], *, name: str = "",
+                                  chunk_size: int = 4) -> None:
+    """Inside a process group: :func:`causalmix.distributed.linear_attention` on this rank's
+    shards of ``inputs = (q, k, v, log_gate, reverse_log_gate or None)`` (the whole sequences,
+    the same on every rank) equals the single-process op -- the output and the gradients of
+    every input, gathered from every rank, each within :func:`assert_close` of the fp32
+    reference's own error against fp64."""
+    import torch.distributed as dist
+
+    from causalmix.distributed import linear_attention, shard, unshard
+    from causalmix.ops.linear import linear_attention as single
+
+    full = [x for x in inputs if x is not None]
+    reverse = len(full) == 5
+    out_shape = (*inputs[0].shape[:3], inputs[2].shape[-1])
+    w = torch.randn(out_shape, generator=torch.Generator().manual_seed(world))
+
+    def run(fn, xs, weight, **kw):
+        o = fn(*xs[:3], spec, log_gate=xs[3], reverse_log_gate=xs[4] if reverse else None,
+               **kw)
+        return [o, *torch.autograd.grad((o * weight.to(o.dtype)).sum(), xs)]
+
+    truth, base = (run(single, [x.to(dt).requires_grad_() for x in full], w, impl="reference")
+                   for dt in (torch.float64, torch.float32))
+    local = [shard(x, layout, rank, world).requires_grad_() for x in full]
+    got = []
+    for x in run(linear_attention, local, shard(w, layout, rank, world), layout=layout,
+                 chunk_size=chunk_size):  # gather every rank's shard before asserting
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        got.append(unshard(parts, layout))
+    names = ["out", "dq", "dk", "dv", "dlog_gate", "dreverse"]
+    for nm, a, r, bl in zip(names, got, truth, base, strict=False):
+        assert_close(a, r, bl, name=f"{layout} {name} W={world} {nm}")
 
 
 def assert_all_close(

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from causalmix.distributed import linear_attention, shard, unshard
+from causalmix.distributed import linear_attention
 from causalmix.ops.linear import linear_attention as single_linear
-from causalmix.testing import assert_close, run_process_group
+from causalmix.testing import assert_sharded_linear_matches, run_process_group
 from causalmix.visibility import Causal, Full, Prefix, Segments
 
 pytestmark = pytest.mark.distributed
@@ -46,28 +46,7 @@ def _case(rank, world, name, unit, layout, reverse, hkv, b=2, h=3, d=8, dv=6):
     lg = -2 * torch.rand(b, seq_len, h, d, generator=g)
     lgr = None if reverse is None else -2 * torch.rand(
         b, seq_len, h, *((d,) if reverse == "vector" else ()), generator=g)
-    w = torch.randn(b, seq_len, h, dv, generator=g)
-    full = [x for x in (q, k, v, lg, lgr) if x is not None]
-
-    def single(dtype):
-        xs = [x.to(dtype).requires_grad_() for x in full]
-        o = single_linear(*xs[:3], spec, log_gate=xs[3],
-                          reverse_log_gate=xs[4] if reverse else None, impl="reference")
-        return [o, *torch.autograd.grad((o * w.to(dtype)).sum(), xs)]
-
-    truth, base = single(torch.float64), single(torch.float32)
-    local = [shard(x, layout, rank, world).requires_grad_() for x in full]
-    o = linear_attention(*local[:3], spec, layout=layout, log_gate=local[3],
-                         reverse_log_gate=local[4] if reverse else None, chunk_size=4)
-    grads = torch.autograd.grad((o * shard(w, layout, rank, world)).sum(), local)
-    got = []
-    for x in (o, *grads):  # gather every rank's shard before asserting
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous())
-        got.append(unshard(parts, layout))
-    names = ["out", "dq", "dk", "dv", "dlog_gate", "dreverse"]
-    for nm, a, r, bl in zip(names, got, truth, base, strict=False):
-        assert_close(a, r, bl, name=f"{layout} {name} W={world} {nm}")
+    assert_sharded_linear_matches(rank, world, spec, layout, (q, k, v, lg, lgr), name=name)
 
 
 def _job(rank, world):

@@ -6,7 +6,6 @@ through the short convolution, in either direction), the convolution's restarts 
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -23,7 +22,11 @@ from causalmix.nn import (
 )
 from causalmix.nn.delta import CONV_INITS, QK_ACTIVATIONS, causal_conv
 from causalmix.stream import ModelStream
-from causalmix.testing import assert_close
+from causalmix.testing import (
+    assert_decode_equals_parallel,
+    assert_layer_matches,
+    assert_stream_equals_parallel,
+)
 
 V = 13
 
@@ -87,22 +90,10 @@ def test_layer_equals_its_eager_formula(t, n_kv_heads, qk_activation):
     layer = DeltaMixer(cfg, qk_activation=qk_activation)
     x = torch.randn(2, t, 32)
 
-    def run(fn, mod, dtype):
-        mod = copy.deepcopy(mod).to(dtype)
-        o = fn(mod, x.to(dtype))
-        w = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
-        params = list(mod.parameters())
-        return [o, *torch.autograd.grad((o * w).sum(), params)], [n for n, _ in
-                                                                  mod.named_parameters()]
-
     def fast(mod, xx):
         return mod(xx, visibility=Causal())
 
-    got, names = run(fast, layer, torch.float32)
-    ref, _ = run(_eager_layer, layer, torch.float64)
-    base, _ = run(_eager_layer, layer, torch.float32)
-    for name, a, r, bl in zip(["out", *names], got, ref, base, strict=True):
-        assert_close(a, r, bl, name=f"T={t} {name}")
+    assert_layer_matches(fast, _eager_layer, layer, x, label=f"T={t}")
 
 
 # ------------------------------------------------------------------ stream, decode
@@ -122,13 +113,7 @@ def test_model_stream_equals_parallel(t, push, spec):
     vis = SPECS[spec](t)
     model = _model((vis, Causal()), n_kv_heads=2 if t % 2 else None)
     ids = torch.randint(0, V, (2, t), generator=torch.Generator().manual_seed(t))
-    with torch.no_grad():
-        ref = copy.deepcopy(model).double()(ids)
-        base = model(ids)
-        s = ModelStream(model)
-        got = torch.cat([s.push(ids[:, a:a + push]) for a in range(0, t, push)] + [s.flush()],
-                        1)
-    assert_close(got, ref, base, name=f"{spec} T={t} stream")
+    assert_stream_equals_parallel(model, ids, push, name=f"{spec} T={t} stream")
 
 
 def test_stream_memory_is_bounded():
@@ -150,11 +135,7 @@ def test_step_decode_equals_parallel(spec):
     t = 23
     model = _model((SPECS[spec](t),) * 2)
     ids = torch.randint(0, V, (2, t), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        ref, base = copy.deepcopy(model).double()(ids), model(ids)
-        s = ModelStream(model)
-        got = torch.cat([s.step(ids[:, :5])] + [s.step(ids[:, i:i + 1]) for i in range(5, t)], 1)
-    assert_close(got, ref, base, name=f"{spec} step decode")
+    assert_decode_equals_parallel(model, ids, 5, name=f"{spec} step decode")
 
 
 # ------------------------------------------------------------------ documents

@@ -4,7 +4,6 @@ training reaches both gates, documents never leak, the config wiring."""
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -13,8 +12,10 @@ import torch.nn.functional as F
 
 from causalmix import Causal, Chunked, Full, Prefix, Segments
 from causalmix.nn import GLAMixer, ModelConfig, SequenceModel
-from causalmix.stream import ModelStream
-from causalmix.testing import assert_close
+from causalmix.testing import (
+    assert_decode_equals_parallel,
+    assert_stream_equals_parallel,
+)
 
 V = 13
 
@@ -72,23 +73,14 @@ def test_model_stream_equals_parallel(vis, push):
     t = 23
     model = _model(vis, n_kv_heads=2)
     ids = torch.randint(0, V, (2, t), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref, base = copy.deepcopy(model).double()(ids), model(ids)
-        s = ModelStream(model)
-        got = torch.cat([s.push(ids[:, a:a + push]) for a in range(0, t, push)] + [s.flush()],
-                        1)
-    assert_close(got, ref, base, name=f"{vis} push {push} stream")
+    assert_stream_equals_parallel(model, ids, push, name=f"{vis} push {push} stream")
 
 
 def test_step_decode_equals_parallel():
     t = 23
     model = _model((Causal(),) * 2)
     ids = torch.randint(0, V, (2, t), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        ref, base = copy.deepcopy(model).double()(ids), model(ids)
-        s = ModelStream(model)
-        got = torch.cat([s.step(ids[:, :5])] + [s.step(ids[:, i:i + 1]) for i in range(5, t)], 1)
-    assert_close(got, ref, base, name="gla step decode")
+    assert_decode_equals_parallel(model, ids, 5, name="gla step decode")
 
 
 def test_bidirectional_trains_both_gates():

@@ -18,7 +18,11 @@ import torch.nn.functional as F
 from causalmix import Causal, Chunked, Full, Prefix, Segments, Window
 from causalmix.nn import AttentionConfig, KDAMixer, ModelConfig, SequenceModel
 from causalmix.stream import ModelStream
-from causalmix.testing import assert_close
+from causalmix.testing import (
+    assert_decode_equals_parallel,
+    assert_layer_matches,
+    assert_stream_equals_parallel,
+)
 
 V = 13
 
@@ -78,14 +82,6 @@ def test_layer_equals_its_eager_formula(t, n_kv_heads):
         layer.dt_bias.add_(torch.randn(layer.dt_bias.shape))
     x = torch.randn(2, t, 32)
 
-    def run(fn, mod, dtype):
-        mod = copy.deepcopy(mod).to(dtype)
-        o = fn(mod, x.to(dtype))
-        w = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
-        params = list(mod.parameters())
-        return [o, *torch.autograd.grad((o * w).sum(), params)], [n for n, _ in
-                                                                  mod.named_parameters()]
-
     def layer_call(mod, xx):
         return mod(xx, visibility=Causal())
 
@@ -93,12 +89,9 @@ def test_layer_equals_its_eager_formula(t, n_kv_heads):
     # (every gradient, fp32 / bf16, value grouping) is tests/ops/delta/test_kda.py's
     on_recurrent = copy.deepcopy(layer)
     on_recurrent.cfg = dataclasses.replace(cfg, impl="recurrent")
-    got, names = run(layer_call, on_recurrent, torch.float32)
-    ref, _ = run(_eager_layer, layer, torch.float64)
-    base, _ = run(_eager_layer, layer, torch.float32)
+    names = assert_layer_matches(layer_call, _eager_layer, layer, x, label=f"T={t}",
+                                 fast_layer=on_recurrent)
     assert "a_proj.0.weight" in names and "dt_bias" in names
-    for name, a, r, bl in zip(["out", *names], got, ref, base, strict=True):
-        assert_close(a, r, bl, name=f"T={t} {name}")
 
 
 def test_gate_is_per_key_dimension():
@@ -127,13 +120,7 @@ def test_model_stream_equals_parallel(t, push, spec):
     vis = SPECS[spec](t)
     model = _model((vis, Causal()), n_kv_heads=2 if t % 2 else None)
     ids = torch.randint(0, V, (2, t), generator=torch.Generator().manual_seed(t))
-    with torch.no_grad():
-        ref = copy.deepcopy(model).double()(ids)
-        base = model(ids)
-        s = ModelStream(model)
-        got = torch.cat([s.push(ids[:, a:a + push]) for a in range(0, t, push)] + [s.flush()],
-                        1)
-    assert_close(got, ref, base, name=f"{spec} T={t} stream")
+    assert_stream_equals_parallel(model, ids, push, name=f"{spec} T={t} stream")
 
 
 @pytest.mark.parametrize("spec", ["causal", "docs_causal"])
@@ -141,11 +128,7 @@ def test_step_decode_equals_parallel(spec):
     t = 23
     model = _model((SPECS[spec](t),) * 2, n_kv_heads=2)
     ids = torch.randint(0, V, (2, t), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        ref, base = copy.deepcopy(model).double()(ids), model(ids)
-        s = ModelStream(model)
-        got = torch.cat([s.step(ids[:, :5])] + [s.step(ids[:, i:i + 1]) for i in range(5, t)], 1)
-    assert_close(got, ref, base, name=f"{spec} step decode")
+    assert_decode_equals_parallel(model, ids, 5, name=f"{spec} step decode")
 
 
 LEAK_SPECS = {"causal": Causal(), "full": Full(), "chunked_la": Chunked(3, 1)}

@@ -27,7 +27,7 @@ from causalmix.checks import ArgumentTypeError
 from causalmix.distributed._ring import Ring
 from causalmix.visibility import Visibility
 
-__all__ = ["checked_on_every_rank", "signature"]
+__all__ = ["agreed_fields", "checked_on_every_rank", "signature"]
 
 T = TypeVar("T")
 
@@ -89,6 +89,20 @@ def signature(x: Any) -> str:
     shape = ", ".join(f"{n} {s}" for n, s in zip(dims, x.shape, strict=True)) \
         if x.dim() == 4 else f"shape {list(x.shape)}"
     return f"{x.dtype} [{shape}] on {x.device.type}"
+
+
+def agreed_fields(args: tuple, *, by_content: tuple[str, ...] = ()) -> dict[str, object]:
+    """What of a sharded op's arguments (a NamedTuple ``args``) must be equal on every rank:
+    every field, tensors by :func:`signature` (those named in ``by_content`` by value), ``None``
+    as ``None``; and ``requires_grad``: whether autograd records the call on this rank (every
+    rank must take part in the backward's exchanges, or none)."""
+    out: dict[str, object] = {}
+    for name, x in zip(args._fields, args, strict=True):
+        out[name] = x if x is None or not isinstance(x, torch.Tensor) or name in by_content \
+            else signature(x)
+    out["requires_grad"] = torch.is_grad_enabled() and any(
+        getattr(x, "requires_grad", False) for x in args if isinstance(x, torch.Tensor))
+    return out
 
 
 def _describe(value) -> str:

@@ -67,7 +67,7 @@ import torch
 import torch.distributed as dist
 
 from causalmix.checks import check_bool, check_int, compute_dtype
-from causalmix.distributed._agree import checked_on_every_rank, signature
+from causalmix.distributed._agree import agreed_fields, checked_on_every_rank
 from causalmix.distributed._ring import Ring
 from causalmix.distributed.layout import LAYOUTS, Span, spans
 from causalmix.ops.delta import REGISTRY
@@ -117,20 +117,6 @@ class DeltaArgs(NamedTuple):
     initial_state: torch.Tensor | None
     impl: str
     chunk_size: int
-
-
-def _agreed(a: DeltaArgs) -> dict[str, object]:
-    """What must be equal on every rank (tensors by signature)."""
-    def sig(x):
-        return None if x is None else signature(x)
-
-    grad = torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (
-        a.q, a.k, a.v, a.beta, a.log_gate, a.reverse_log_gate, a.initial_state))
-    return {"visibility": a.visibility, "layout": a.layout, "q": sig(a.q), "k": sig(a.k),
-            "v": sig(a.v), "beta": sig(a.beta), "log_gate": sig(a.log_gate),
-            "reverse_log_gate": sig(a.reverse_log_gate),
-            "initial_state": sig(a.initial_state), "impl": a.impl,
-            "chunk_size": a.chunk_size, "requires_grad": grad}
 
 
 def sharded_delta_reason(visibility: Visibility, layout: str) -> str | None:
@@ -404,7 +390,7 @@ def delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibilit
         check_bool(fn, "return_final_state", return_final_state)
         return _check_arguments(fn, a, world)
 
-    ring, f = checked_on_every_rank(fn, group, _agreed(a), check)
+    ring, f = checked_on_every_rank(fn, group, agreed_fields(a), check)
     if q.shape[1] == 0:
         return _empty(a, return_final_state)
     out, final = _sharded(a, _plan(a, f, ring), ring)

@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from causalmix.checks import check_decay, check_int, check_qkv, compute_dtype
-from causalmix.distributed._agree import checked_on_every_rank, signature
+from causalmix.distributed._agree import agreed_fields, checked_on_every_rank
 from causalmix.distributed._ring import Ring
 from causalmix.distributed.layout import LAYOUTS, Span, spans
 from causalmix.ops.factor import factorise
@@ -107,19 +107,6 @@ class LinearArgs(NamedTuple):
     reverse_log_gate: torch.Tensor | None
     impl: str
     chunk_size: int
-
-
-def _agreed(a: LinearArgs) -> dict[str, object]:
-    """What must be equal on every rank (tensors by signature; the decay by content)."""
-    def sig(x):
-        return None if x is None else signature(x)
-
-    grad = torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (
-        a.q, a.k, a.v, a.decay, a.log_gate, a.reverse_log_gate))
-    return {"visibility": a.visibility, "layout": a.layout, "q": sig(a.q), "k": sig(a.k),
-            "v": sig(a.v), "decay": a.decay, "log_gate": sig(a.log_gate),
-            "reverse_log_gate": sig(a.reverse_log_gate), "impl": a.impl,
-            "chunk_size": a.chunk_size, "requires_grad": grad}
 
 
 def _check_arguments(fn: str, a: LinearArgs, world: int | None) -> None:
@@ -372,7 +359,7 @@ def linear_attention(
     fn = "causalmix.distributed.linear_attention"
     a = LinearArgs(q, k, v, visibility, layout, decay, log_gate, reverse_log_gate, impl,
                    chunk_size)
-    ring, _ = checked_on_every_rank(fn, group, _agreed(a),
+    ring, _ = checked_on_every_rank(fn, group, agreed_fields(a, by_content=("decay",)),
                                     lambda world: _check_arguments(fn, a, world))
     if q.shape[1] == 0:
         return _local_linear(q, k, v, visibility, log_gate=log_gate,

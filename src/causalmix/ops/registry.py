@@ -33,14 +33,41 @@ from typing import Any
 
 import torch
 
-from causalmix.checks import under_transform
+from causalmix.checks import under_transform, values_checked
 
-__all__ = ["Registry", "call_tensors"]
+__all__ = ["AUTO_REFERENCE_MAX_T", "Registry", "by_cost", "call_tensors"]
+
+#: ``impl="auto"`` of a recurrent family (:func:`by_cost`) runs the dense reference up to this
+#: many keys: below it the reference's O(T^2) work costs less than chunk's per-tile overhead
+#: (fwd+bwd, B=2, H=4, D=32: reference 1.6-1.9x faster than chunk at T = 8..64, even at 128,
+#: chunk ahead from 256; ``benchmarks/auto.py``).
+AUTO_REFERENCE_MAX_T = 128
 
 
 def call_tensors(call: Any) -> list[torch.Tensor]:
     """The tensors a ``Call`` (a NamedTuple) holds, in field order."""
     return [x for x in call if isinstance(x, torch.Tensor)]
+
+
+def by_cost(fast: ModuleType) -> Callable[[Any], str]:
+    """The ``auto`` rule of a family with ``reference``, ``recurrent`` and a chunked ``fast``
+    implementation (linear, delta), by cost: ``recurrent`` for one query and one key; for a
+    call ``fast`` serves, the reference up to :data:`AUTO_REFERENCE_MAX_T` keys, else ``fast``;
+    where values cannot be read on the host (``torch.compile``, ``torch.func``:
+    :func:`~causalmix.checks.values_checked`) the traceable reference at every length. A call
+    ``fast`` cannot serve goes to ``fast``, which raises with every impl's reason: ``auto``
+    serves exactly the specs ``fast`` serves."""
+    name = fast.__name__.rpartition(".")[2]
+
+    def auto(call: Any) -> str:
+        if call.q.shape[1] == call.k.shape[1] == 1:
+            return "recurrent"
+        if fast.can_serve(call) is None and (call.k.shape[1] <= AUTO_REFERENCE_MAX_T
+                                             or not values_checked(*call_tensors(call))):
+            return "reference"
+        return name
+
+    return auto
 
 
 class Registry(Mapping[str, ModuleType]):

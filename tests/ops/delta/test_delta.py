@@ -152,12 +152,13 @@ def test_no_gate_is_deltanet(delta):
 # ------------------------------------------------------------------ states and boundaries
 @pytest.mark.parametrize("impl", ["reference", "chunk", "recurrent"])
 @pytest.mark.parametrize("name,cuts", [("causal", [1, 20, 33]), ("seg_causal", [9, 30, 31])])
-def test_split_and_carry_equals_whole(delta, impl, name, cuts):
-    """Causal specs: calls chained through the carried state equal one call (outputs, state,
-    every gradient)."""
+@pytest.mark.parametrize("gate", ["scalar", "vector"])
+def test_split_and_carry_equals_whole(delta, impl, name, cuts, gate):
+    """Causal specs, scalar gates ``[B, T, H]`` and per key dimension ``[B, T, H, D]``: calls
+    chained through the carried state equal one call (outputs, state, every gradient)."""
     t, off = 50, 11
     spec = delta.specs(off + t + 8)[name]
-    x = delta.Inputs(t, 8)
+    x = delta.Inputs(t, 8, vector=gate == "vector")
     leaves = [y.clone().requires_grad_() for y in (x.q, x.k, x.v, x.beta, x.log_gate,
                                                   x.initial_state)]
 

@@ -233,35 +233,6 @@ def test_mixed_scalar_and_vector_gates(delta):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name,cuts", [("causal", [1, 20, 33]), ("seg_causal", [9, 30, 31])])
-def test_split_and_carry_vector_gate(delta, impl, name, cuts):
-    """Causal specs with vector gates: calls chained through the carried state equal one call
-    (outputs, state, every gradient)."""
-    t, off = 50, 11
-    spec = delta.specs(off + t + 8)[name]
-    x = delta.Inputs(t, 8, vector=True)
-    leaves = [y.clone().requires_grad_() for y in (x.q, x.k, x.v, x.beta, x.log_gate,
-                                                  x.initial_state)]
-
-    def chained(bounds):
-        outs, state = [], leaves[5]
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-            res = delta_attention(*(y[:, a:b] for y in leaves[:3]), spec,
-                                  beta=leaves[3][:, a:b], log_gate=leaves[4][:, a:b],
-                                  q_offset=off + a, k_offset=off + a, initial_state=state,
-                                  return_final_state=True, impl=impl, chunk_size=8)
-            outs.append(res.output)
-            state = res.final_state
-        out = torch.cat(outs, 1)
-        loss = (out * x.do).sum() + (state * x.ds).sum()
-        return [out, state, *torch.autograd.grad(loss, leaves)]
-
-    whole, split = chained([0, t]), chained([0, *cuts, t])
-    for a, b in zip(split, whole, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("impl", IMPLS)
 def test_nan_in_vector_gate_nan_out(delta, impl):
     """A NaN in one dimension of one position's gate reaches the outputs that read it."""
     t, pos = 20, 9

@@ -23,6 +23,9 @@ from causalmix.visibility import Causal, Chunked, Full, Prefix, Segments
 B, H, D, DV = 2, 4, 8, 6
 LENGTHS = (1, 7, 63, 113, 500)
 DIVISOR = {1: 1, 7: 7, 63: 21, 113: 113, 500: 50}
+#: Gate shapes of the tests both serve: ``[B, T, H]`` and per key dimension ``[B, T, H, D]``
+#: (GLA; the tests of that shape alone are in test_vector_gates.py).
+GATES = ["scalar", "vector"]
 
 
 def _ids(total: int, seed: int, batch: bool) -> torch.Tensor:
@@ -53,13 +56,17 @@ def _specs(total: int):
 SPEC_NAMES = list(_specs(10))
 
 
-def _inputs(t, seed, *, strength=1.5, hkv=H, reverse=True):
+def _inputs(t, seed, *, strength=1.5, hkv=H, reverse=True, gate="scalar"):
+    """q, k, v (``hkv`` key / value heads), gates ``[B, t, H]`` (``gate="vector"``: per key
+    dimension, ``[B, t, H, D]``) in ``[-strength, 0]``, an initial state, and the weights of
+    the output and final state in the compared loss."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, t, H, D, generator=g)
     k = torch.randn(B, t, hkv, D, generator=g)
     v = torch.randn(B, t, hkv, DV, generator=g)
-    lg = -strength * torch.rand(B, t, H, generator=g)
-    lgr = -strength * torch.rand(B, t, H, generator=g) if reverse else None
+    shape = (B, t, H, D) if gate == "vector" else (B, t, H)
+    lg = -strength * torch.rand(*shape, generator=g)
+    lgr = -strength * torch.rand(*shape, generator=g) if reverse else None
     s0 = torch.randn(B, H, D, DV, generator=g)
     do = torch.randn(B, t, H, DV, generator=g)
     ds = torch.randn(B, H, D, DV, generator=g)
@@ -188,12 +195,13 @@ def test_gqa_equals_repeated_heads():
 
 @pytest.mark.parametrize("impl", ["chunk", "recurrent"])
 @pytest.mark.parametrize("name,cuts", [("causal", [1, 50, 63]), ("seg_causal", [17, 40, 41])])
-def test_gated_split_and_carry_equals_whole(impl, name, cuts):
+@pytest.mark.parametrize("gate", GATES)
+def test_gated_split_and_carry_equals_whole(impl, name, cuts, gate):
     """Causal specs: the carried state, with each call's own gates, equals the whole call
     (outputs, final state, gradients of q, k, v and the gates)."""
     t, off = 113, 11
     spec = _specs(off + t + 8)[name]
-    q, k, v, lg, _, s0, do, ds = _inputs(t, 6)
+    q, k, v, lg, _, s0, do, ds = _inputs(t, 6, gate=gate)
     leaves = [x.requires_grad_() for x in (q, k, v, lg)]
 
     def split(impl_, xs):
@@ -223,13 +231,16 @@ def test_gated_split_and_carry_equals_whole(impl, name, cuts):
 
 @pytest.mark.parametrize("spec", [Causal(), Full(), Chunked(3, lookahead=1),
                                   Segments(torch.tensor([0] * 5 + [1] * 6)) & Prefix(7)])
-def test_gradcheck_chunk_fp64(spec):
-    """The hand-written backward (incl. both gates and the state) against finite differences."""
+@pytest.mark.parametrize("gate", GATES)
+def test_gradcheck_chunk_fp64(spec, gate):
+    """The hand-written backward (incl. both gates and the state) against finite differences
+    (vector gates: the recomputed blocks' backward)."""
     t = 11
     g = torch.Generator().manual_seed(7)
     q, k = torch.randn(1, t, 2, 3, generator=g), torch.randn(1, t, 2, 3, generator=g)
     v = torch.randn(1, t, 2, 2, generator=g)
-    lg, lgr = -torch.rand(1, t, 2, generator=g), -torch.rand(1, t, 2, generator=g)
+    shape = (1, t, 2, 3) if gate == "vector" else (1, t, 2)
+    lg, lgr = -torch.rand(*shape, generator=g), -torch.rand(*shape, generator=g)
     s0 = torch.randn(1, 2, 3, 2, generator=g)
     xs = [x.double().requires_grad_() for x in (q, k, v, lg, lgr, s0)]
 
@@ -274,40 +285,52 @@ def test_fp64_is_computed_in_fp64(impl):
 
 @pytest.mark.parametrize("impl", ["reference", "chunk", "recurrent"])
 @pytest.mark.parametrize("where", ["q", "k", "v", "log_gate"])
-def test_nan_in_nan_out(impl, where):
-    """A NaN anywhere reaches the outputs that read it, whichever impl (never a silent 0)."""
-    t, pos = 20, 9
-    q, k, v, lg, *_ = _inputs(t, 9)
+@pytest.mark.parametrize("gate", GATES)
+def test_nan_in_nan_out(impl, where, gate):
+    """A NaN anywhere (in one key dimension of a vector gate too) reaches the outputs that read
+    it, whichever impl (never a silent 0)."""
+    t, pos = 40, 19
+    q, k, v, lg, *_ = _inputs(t, 9, gate=gate)
     xs = {"q": q, "k": k, "v": v, "log_gate": lg}
     xs[where] = xs[where].clone()
-    xs[where][:, pos] = float("nan")
-    for spec, gated in ((Causal(), True), (Full(), True), (Causal(), False)):
-        if not gated and where == "log_gate":
+    if where == "log_gate" and gate == "vector":
+        xs[where][:, pos, :, 2] = float("nan")
+    else:
+        xs[where][:, pos] = float("nan")
+    for spec, gated in ((Causal(), True), (Full(), True), (Chunked(8, lookahead=1), True),
+                        (Causal(), False)):
+        if not gated and (where == "log_gate" or gate == "vector"):
             continue
         kw = {"log_gate": xs["log_gate"]} if gated else {"decay": torch.full((H,), 0.9)}
-        out = linear_attention(xs["q"], xs["k"], xs["v"], spec, impl=impl, **kw)
+        out = linear_attention(xs["q"], xs["k"], xs["v"], spec, impl=impl, chunk_size=16, **kw)
         assert torch.isnan(out[:, pos]).all(), (spec, gated)
         assert not torch.isnan(out[:, :pos]).any() or where != "q"
 
 
-def test_bf16_long_strong_gates_finite():
-    """bf16, gates from 0 down to -30 per token: outputs and every gradient finite (the
-    T = 1M case is test_bf16_million_finite, slow)."""
-    _finite(16384)
+@pytest.mark.parametrize("gate,t", [("scalar", 16384), ("vector", 8192)])
+def test_bf16_long_strong_gates_finite(gate, t):
+    """bf16, gates from 0 down to -30 per token (and key dimension): outputs and every
+    gradient finite (T = 1M scalar and 65536 vector in test_bf16_very_long_finite, slow)."""
+    _finite(t, gate)
 
 
 @pytest.mark.slow
-def test_bf16_million_finite():
-    _finite(1 << 20)
+@pytest.mark.parametrize("gate,t", [("scalar", 1 << 20), ("vector", 1 << 16)])
+def test_bf16_very_long_finite(gate, t):
+    _finite(t, gate)
 
 
-def _finite(t):
+def _finite(t, gate):
     g = torch.Generator().manual_seed(10)
     q, k, v = (torch.randn(1, t, 2, 16, generator=g).bfloat16().requires_grad_()
                for _ in range(3))
-    lg = (-30 * torch.rand(1, t, 2, generator=g) ** 4).requires_grad_()
+    if gate == "vector":  # a bf16 gate: its own dtype rule
+        lg = (-30 * torch.rand(1, t, 2, 16, generator=g) ** 4).bfloat16().requires_grad_()
+    else:
+        lg = (-30 * torch.rand(1, t, 2, generator=g) ** 4).requires_grad_()
     for spec in (Causal(), Full()):
-        out = chunk_linear_attention(q, k, v, spec, log_gate=lg, chunk_size=256)
+        out = chunk_linear_attention(q, k, v, spec, log_gate=lg,
+                                     chunk_size=64 if gate == "vector" else 256)
         grads = torch.autograd.grad(out.float().sum(), [q, k, v, lg])
         assert torch.isfinite(out).all()
         assert all(torch.isfinite(x).all() for x in grads)
@@ -351,10 +374,11 @@ def test_bad_gates():
 
 
 @pytest.mark.parametrize("name", ["causal", "chunked", "chunked_la", "prefix", "seg_chunked_la"])
-def test_gated_stream_equals_parallel(name):
+@pytest.mark.parametrize("gate", GATES)
+def test_gated_stream_equals_parallel(name, gate):
     t = 61
     spec = _specs(t)[name]
-    q, k, v, lg, lgr, *_ = _inputs(t, 11, hkv=2)
+    q, k, v, lg, lgr, *_ = _inputs(t, 11, hkv=2, gate=gate)
     par = linear_attention(q, k, v, spec, log_gate=lg, reverse_log_gate=lgr, impl="reference")
     for sizes in ([1] * t, [3, 7, 20, 31], [t]):
         s = LinearStream(spec, chunk_size=8)
@@ -371,9 +395,10 @@ def test_gated_stream_equals_parallel(name):
         assert s.buffer_len <= max(sizes) + 16
 
 
-def test_gated_decode_step_equals_parallel():
+@pytest.mark.parametrize("gate", GATES)
+def test_gated_decode_step_equals_parallel(gate):
     t, pre = 30, 17
-    q, k, v, lg, *_ = _inputs(t, 12)
+    q, k, v, lg, *_ = _inputs(t, 12, gate=gate)
     par = linear_attention(q, k, v, Causal(), log_gate=lg)
     s = LinearStream(Causal())
     outs = [s.step(q[:, :pre], k[:, :pre], v[:, :pre], log_gate=lg[:, :pre])]

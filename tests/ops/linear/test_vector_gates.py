@@ -5,8 +5,9 @@ chunk and recurrent against the reference over every spec, awkward lengths, chun
 offsets, fp32 / bf16, with all gradients (q, k, v, both gates, initial state); tolerances from
 the reference run in the input dtype against the reference in fp64. Plus: the reference against
 its definition (a sum of D rank-one scalar-gated calls), a scalar gate broadcast over D == the
-scalar gate, strong gates, head grouping, split-and-carry, gradcheck, NaN propagation, bad
-input, stream and decode.
+scalar gate, strong gates, head grouping, bad input, a stream that refuses a change of gate
+kind. Split-and-carry, gradcheck, NaN propagation, bf16 at long lengths, stream and decode are
+run for both gate shapes in test_gated.py.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from causalmix.ops.linear import chunk_linear_attention, linear_attention
+from causalmix.ops.linear import linear_attention
 from causalmix.stream import LinearStream
-from causalmix.testing import assert_all_close, assert_close
+from causalmix.testing import assert_all_close
 from causalmix.visibility import Causal, Chunked, Full, Prefix, Segments
 
 B, H, D, DV = 2, 4, 8, 6
@@ -200,104 +201,6 @@ def test_broadcast_vector_gate_equals_scalar_gate(impl, name):
                                        msg=lambda m, i=i: f"#{i}: {m}")
 
 
-@pytest.mark.parametrize("impl", ["chunk", "recurrent"])
-@pytest.mark.parametrize("name,cuts", [("causal", [1, 50, 63]), ("seg_causal", [17, 40, 41])])
-def test_vector_split_and_carry_equals_whole(impl, name, cuts):
-    """Causal specs: the carried state, with each call's own gates, equals the whole call
-    (outputs, final state, gradients of q, k, v and the gate)."""
-    t, off = 113, 11
-    spec = _specs(off + t + 8)[name]
-    q, k, v, lg, _, s0, do, ds = _inputs(t, 6)
-    leaves = [x.requires_grad_() for x in (q, k, v, lg)]
-
-    def split(impl_, xs):
-        outs, state = [], s0.to(xs[0].dtype)
-        bounds = [0, *cuts, t]
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-            res = linear_attention(*(x[:, a:b] for x in xs[:3]), spec, log_gate=xs[3][:, a:b],
-                                   q_offset=off + a, k_offset=off + a, initial_state=state,
-                                   return_final_state=True, impl=impl_, chunk_size=16)
-            outs.append(res.output)
-            state = res.final_state
-        out = torch.cat(outs, 1)
-        loss = (out * do.to(out.dtype)).sum() + (state * ds.to(state.dtype)).sum()
-        return [out, state, *torch.autograd.grad(loss, xs)]
-
-    truth = split("reference", [x.double() for x in leaves])
-    whole = linear_attention(*[x.double() for x in leaves[:3]], spec, log_gate=leaves[3].double(),
-                             q_offset=off, k_offset=off, initial_state=s0.double(),
-                             return_final_state=True, impl="reference")
-    torch.testing.assert_close(whole.output, truth[0])  # split == whole for the definition
-    base = split("reference", leaves)
-    got = split(impl, leaves)
-    for nm, a, r, bl in zip(("out", "state", "dq", "dk", "dv", "dg"), got, truth, base,
-                            strict=True):
-        assert_close(a, r, bl, name=f"{impl} split {nm}", dtype=torch.float32)
-
-
-@pytest.mark.parametrize("spec", [Causal(), Full(), Chunked(3, lookahead=1),
-                                  Segments(torch.tensor([0] * 5 + [1] * 6)) & Prefix(7)])
-def test_vector_gradcheck_chunk_fp64(spec):
-    """The chunk backward (recomputed blocks, incl. both gates and the state) against finite
-    differences."""
-    t = 11
-    g = torch.Generator().manual_seed(7)
-    q, k = torch.randn(1, t, 2, 3, generator=g), torch.randn(1, t, 2, 3, generator=g)
-    v = torch.randn(1, t, 2, 2, generator=g)
-    lg, lgr = -torch.rand(1, t, 2, 3, generator=g), -torch.rand(1, t, 2, 3, generator=g)
-    s0 = torch.randn(1, 2, 3, 2, generator=g)
-    xs = [x.double().requires_grad_() for x in (q, k, v, lg, lgr, s0)]
-
-    def f(q, k, v, lg, lgr, s0):
-        return tuple(linear_attention(q, k, v, spec, log_gate=lg, reverse_log_gate=lgr,
-                                      initial_state=s0, return_final_state=True,
-                                      impl="chunk", chunk_size=4))
-
-    assert torch.autograd.gradcheck(f, xs)
-
-
-@pytest.mark.parametrize("impl", ["reference", "chunk", "recurrent"])
-@pytest.mark.parametrize("where", ["q", "k", "v", "log_gate"])
-def test_vector_nan_in_nan_out(impl, where):
-    """A NaN anywhere (one dimension of one gate too) reaches the outputs that read it."""
-    t, pos = 40, 19
-    q, k, v, lg, *_ = _inputs(t, 9)
-    xs = {"q": q, "k": k, "v": v, "log_gate": lg}
-    xs[where] = xs[where].clone()
-    if where == "log_gate":
-        xs[where][:, pos, :, 2] = float("nan")
-    else:
-        xs[where][:, pos] = float("nan")
-    for spec in (Causal(), Full(), Chunked(8, lookahead=1)):
-        out = linear_attention(xs["q"], xs["k"], xs["v"], spec, log_gate=xs["log_gate"],
-                               impl=impl, chunk_size=16)
-        assert torch.isnan(out[:, pos]).all(), spec
-        assert not torch.isnan(out[:, :pos]).any() or where != "q"
-
-
-def test_vector_bf16_long_strong_gates_finite():
-    """bf16, per-dimension gates from 0 down to -30 per token: outputs and every gradient
-    finite (T = 65536 in test_vector_bf16_65536_finite, slow)."""
-    _finite(8192)
-
-
-@pytest.mark.slow
-def test_vector_bf16_65536_finite():
-    _finite(1 << 16)
-
-
-def _finite(t):
-    g = torch.Generator().manual_seed(10)
-    q, k, v = (torch.randn(1, t, 2, 16, generator=g).bfloat16().requires_grad_()
-               for _ in range(3))
-    lg = (-30 * torch.rand(1, t, 2, 16, generator=g) ** 4).bfloat16().requires_grad_()
-    for spec in (Causal(), Full()):
-        out = chunk_linear_attention(q, k, v, spec, log_gate=lg, chunk_size=64)
-        grads = torch.autograd.grad(out.float().sum(), [q, k, v, lg])
-        assert torch.isfinite(out).all()
-        assert all(torch.isfinite(x).all() for x in grads)
-
-
 def test_bad_vector_gates():
     q, k, v = torch.randn(1, 8, 2, 4), torch.randn(1, 8, 2, 4), torch.randn(1, 8, 2, 3)
     lg = -torch.rand(1, 8, 2, 4)
@@ -322,38 +225,6 @@ def test_bad_vector_gates():
 
 
 # ------------------------------------------------------------------------ stream and decode
-
-
-@pytest.mark.parametrize("name", ["causal", "chunked", "chunked_la", "prefix", "seg_chunked_la"])
-def test_vector_stream_equals_parallel(name):
-    t = 61
-    spec = _specs(t)[name]
-    q, k, v, lg, lgr, *_ = _inputs(t, 11, heads=(H, 2, 2))
-    par = linear_attention(q, k, v, spec, log_gate=lg, reverse_log_gate=lgr, impl="reference")
-    for sizes in ([1] * t, [3, 7, 20, 31], [t]):
-        s = LinearStream(spec, chunk_size=8)
-        outs, a = [], 0
-        for n in sizes:
-            outs.append(s.push(q[:, a:a + n], k[:, a:a + n], v[:, a:a + n],
-                               log_gate=lg[:, a:a + n], reverse_log_gate=lgr[:, a:a + n]))
-            a += n
-        outs.append(s.flush())
-        base = linear_attention(q, k, v, spec, log_gate=lg, reverse_log_gate=lgr,
-                                impl="chunk" if spec.lookahead_frames == 0 else "reference")
-        assert_close(torch.cat(outs, 1), par, base, name=f"stream {sizes[:3]}",
-                     factor=4.0, ulps=64)
-        assert s.buffer_len <= max(sizes) + 16
-
-
-def test_vector_decode_step_equals_parallel():
-    t, pre = 30, 17
-    q, k, v, lg, *_ = _inputs(t, 12)
-    par = linear_attention(q, k, v, Causal(), log_gate=lg)
-    s = LinearStream(Causal())
-    outs = [s.step(q[:, :pre], k[:, :pre], v[:, :pre], log_gate=lg[:, :pre])]
-    for i in range(pre, t):
-        outs.append(s.step(q[:, i:i + 1], k[:, i:i + 1], v[:, i:i + 1], log_gate=lg[:, i:i + 1]))
-    torch.testing.assert_close(torch.cat(outs, 1), par, rtol=1e-5, atol=1e-5)
 
 
 def test_vector_stream_refuses_a_change_of_gate_kind():

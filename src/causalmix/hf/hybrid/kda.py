@@ -27,15 +27,13 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from causalmix.checks import compute_dtype
-from causalmix.hf.hybrid.context import LayerCall, layer_call, record_positions
+from causalmix.hf.hybrid.context import LayerCall, layer_call
 from causalmix.hf.hybrid.conv import short_conv
-from causalmix.ops.delta import delta_attention
+from causalmix.hf.hybrid.scan import delta_scan
 
 __all__ = ["KIND", "kda_forward"]
 
 KIND = "a Kimi Delta Attention (KDA) layer"
-#: Tile length of the delta scan (transformers' torch path tiles by 64 too).
-CHUNK = 64
 
 
 def _l2norm(x: torch.Tensor) -> torch.Tensor:
@@ -74,18 +72,8 @@ def kda_forward(self, hidden_states: torch.Tensor, cache=None, attention_mask=No
     conv = short_conv(mixed, self.conv1d.weight[:, 0], self.conv1d.bias, past=call.conv_state,
                       valid=call.valid, segments=call.segments)
     mixed = ACT2FN[self.activation](conv.output).to(h.dtype)
-    q, k, v, beta, log_gate = _scan_inputs(self, mixed, h, call)
-    state = call.recurrent_state
-    out = delta_attention(q, k, v, call.spec, beta=beta, log_gate=log_gate,
-                          q_offset=call.offset, k_offset=call.offset,
-                          initial_state=None if state is None else state.to(v.dtype),
-                          return_final_state=cache is not None, chunk_size=CHUNK)
-    if cache is not None:
-        out, final = out
-        cache.update_conv_state(conv.window.to(mixed.dtype), self.layer_idx,
-                                conv_kernel_size=self.conv_kernel_size)
-        cache.update_recurrent_state(final, self.layer_idx)
-        record_positions(self, cache, call, t)
+    inputs = _scan_inputs(self, mixed, h, call)
+    out = delta_scan(self, call, cache, conv, inputs, t=t, dtype=mixed.dtype)
     gate = self.g_b_proj(self.g_a_proj(h)).reshape(bs, t, -1, self.head_dim)
     o = self.o_norm(out.to(h.dtype), gate)
     return self.o_proj(o.reshape(bs, t, -1))

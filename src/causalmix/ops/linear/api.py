@@ -87,40 +87,19 @@ from typing import NamedTuple
 
 import torch
 
-from causalmix.checks import compute_dtype, values_checked
+from causalmix.checks import compute_dtype
 from causalmix.ops.linear.call import LinearCall, check_gate, validate
 from causalmix.ops.linear.impl import chunk, recurrent, reference
-from causalmix.ops.registry import Registry, call_tensors
+from causalmix.ops.registry import AUTO_REFERENCE_MAX_T, Registry, by_cost  # noqa: F401 (re-exported)
 from causalmix.visibility import Visibility
 
 __all__ = ["REGISTRY", "LinearOutput", "available_impls", "check_gate", "chunk_linear_attention",
            "linear_attention", "recurrent_linear_attention"]
 
 
-#: ``impl="auto"`` runs the dense reference up to this many keys: below it the reference's
-#: O(T^2) work costs less than chunk's per-tile overhead (fwd+bwd, B=2, H=4, D=32: reference
-#: 1.6-1.9x faster than chunk at T = 8..64, even at 128, chunk ahead from 256;
-#: ``benchmarks/auto.py``).
-AUTO_REFERENCE_MAX_T = 128
-
-
-def _auto(call: LinearCall) -> str:
-    """By cost: ``recurrent`` for one query and one key; for a call ``chunk`` serves, the
-    reference up to :data:`AUTO_REFERENCE_MAX_T` keys, else ``chunk``; where values cannot be
-    read on the host (``torch.compile``, ``torch.func``: :func:`~causalmix.checks.values_checked`)
-    the traceable reference at every length. A call chunk cannot serve goes to chunk, which
-    raises with every impl's reason: ``auto`` serves exactly the specs ``chunk`` serves."""
-    if call.q.shape[1] == call.k.shape[1] == 1:
-        return "recurrent"
-    if chunk.can_serve(call) is None and (call.k.shape[1] <= AUTO_REFERENCE_MAX_T
-                                          or not values_checked(*call_tensors(call))):
-        return "reference"
-    return "chunk"
-
-
 #: The linear family's implementations (:mod:`causalmix.ops.registry`).
 REGISTRY = Registry("linear", {"reference": reference, "chunk": chunk, "recurrent": recurrent},
-                    auto=_auto, traceable=("reference", "recurrent"))
+                    auto=by_cost(chunk), traceable=("reference", "recurrent"))
 
 
 class LinearOutput(NamedTuple):
