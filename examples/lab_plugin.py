@@ -6,7 +6,7 @@
 
 (``--plugin`` also takes a module name on the path, ``--plugin my_package.lab_findings``.)
 Importing this file registers the task ``next-same`` and the finding ``F9``; nothing else is
-needed. ``tests/lab/test_plugin.py`` runs exactly these commands.
+needed. ``tests/lab/test_plugin.py`` runs these commands (with ``--seeds 2``).
 
 The task: a row of symbols, and at every position but the last the question "is the next
 symbol the same as this one?". A causal model cannot see the next symbol, so the best it can

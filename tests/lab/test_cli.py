@@ -289,3 +289,6 @@ def test_resume_after_sigkill(tmp_path):
     for r in after:
         if r[0] in interrupted:
             assert r[4] == 2  # a second attempt of the killed run
+    # the report's header counts the seeds found (2), not the suite's own (1)
+    assert main(["lab", "report", "--out", str(out)]) == 0
+    assert "Suite `smoke`: 2 seeds per arm." in (out / "report.md").read_text()
