@@ -7,9 +7,8 @@ imported first, so that the findings and tasks it registers take part) and ``--f
 
 Every user error (a bad option value, ``--out`` that is a file, a corrupt database, a folder
 without runs, an export that would write no run, a plugin that fails to import, an unknown
-``--finding``) exits with status 2 and one line on stderr,
-never a traceback. Output piped into a reader that stops early (``causalmix lab list | head -1``)
-ends quietly with status 0.
+``--finding``) exits with status 2 and one line on stderr, never a traceback. Output piped
+into a reader that stops early (``causalmix lab list | head -1``) ends quietly with status 0.
 """
 
 from __future__ import annotations

@@ -114,6 +114,7 @@ def run_suite(name: str, out: str | Path, *, seeds: int | None = None, progress:
     no process-wide setting). Returns ``{"ran", "skipped", "wall_time_s"}``."""
     from causalmix.lab.findings import SUITES
 
+    findings = [findings] if isinstance(findings, str) else findings
     jobs = suite_jobs(name, findings)
     seeds = SUITES[name].seeds if seeds is None else seeds
     check_int("seeds", seeds, 1)
@@ -124,7 +125,9 @@ def run_suite(name: str, out: str | Path, *, seeds: int | None = None, progress:
             "cpus": os.cpu_count(), "load_start": load_start, "load_end": os.getloadavg()[0]}
     path = Path(out, f"suite_{name}.json")
     history = json.loads(path.read_text()).get("history", []) if path.exists() else []
-    meta["history"] = [*history, {k: meta[k] for k in ("wall_time_s", "ran", "skipped")}]
+    meta["findings"] = None if findings is None else list(findings)  # None: every one
+    meta["history"] = [*history, {k: meta[k] for k in ("wall_time_s", "ran", "skipped",
+                                                       "findings")}]
     path.write_text(json.dumps(meta, indent=1))
     log(f"suite {name}: {res['ran']} runs trained, {res['skipped']} already done, "
         f"{res['wall_time_s']:.1f}s")
