@@ -37,8 +37,9 @@ PAGES = sorted(p for p in DOCS.rglob("*.md") if "hooks" not in p.relative_to(DOC
 FENCE = re.compile(r"^```([\w-]*)[^\n]*\n(.*?)^```\s*$", flags=re.S | re.M)
 LANGUAGES = {"python", "pycon", "bash", "text"}
 INCLUDE = re.compile(r'^--8<-- "([^"]+)"$')
-#: The files pages include, each run by a test below.
-SCRIPTS = {"docs/examples/sequence_parallel.py"}
+#: The files pages include, each run by a test (below; ``examples/lab_plugin.py`` by
+#: ``tests/lab/test_plugin.py``, through the command line).
+SCRIPTS = {"docs/examples/sequence_parallel.py", "examples/lab_plugin.py"}
 
 
 def _blocks(page: pathlib.Path) -> list[tuple[str, str, int]]:

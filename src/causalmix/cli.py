@@ -1,10 +1,14 @@
 """Command line: ``causalmix --version``, ``causalmix lab run | report | list | export`` (also
 ``python -m causalmix ...``).
 
+Every lab command takes ``--plugin MODULE`` (a module name or a ``.py`` file, repeatable:
+imported first, so that the findings and tasks it registers take part) and ``--finding KEY``
+(repeatable or comma-separated: only those findings' arms, sections or runs).
+
 Every user error (a bad option value, ``--out`` that is a file, a corrupt database, a folder
-without runs, an export that would write no run) exits with status 2 and one line on stderr,
-never a traceback. Output piped into a reader that stops early (``causalmix lab list | head -1``)
-ends quietly with status 0.
+without runs, an export that would write no run, a plugin that fails to import, an unknown
+``--finding``) exits with status 2 and one line on stderr, never a traceback. Output piped
+into a reader that stops early (``causalmix lab list | head -1``) ends quietly with status 0.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from causalmix.lab.export import FORMATS
+from causalmix.lab.export import FORMATS, default_name
 
 __all__ = ["main"]
 
@@ -49,6 +53,18 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+PLUGIN_HELP = ("import MODULE first (a module name on the path, or a .py file; repeatable): "
+               "the findings and tasks it registers take part. A plugin's findings need it "
+               "on every command, `lab report` too (their judge and plot are code)")
+FINDING_HELP = "only these findings (keys, repeatable or comma-separated; default: all)"
+
+
+def _selection_options(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE", help=PLUGIN_HELP)
+    p.add_argument("--finding", action="append", default=None, metavar="KEY",
+                   help=FINDING_HELP.replace("these findings", f"these findings' {what}"))
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="causalmix", description="causalmix command line")
     p.add_argument("--version", action="version", version=f"causalmix {_version()}")
@@ -64,21 +80,51 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=_positive, default=None,
                      help="torch threads (default: 1; the models are tiny)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _selection_options(run, "arms")
     rep = labsub.add_parser("report", help="write report.html and report.md")
     rep.add_argument("--out", default="lab_out", help=out_help)
     rep.add_argument("--suite", default=None, choices=SUITE_NAMES,
                      help="suite to report on (default: that of the latest run)")
+    _selection_options(rep, "sections")
     lst = labsub.add_parser("list", help="list the suites and the runs recorded")
     lst.add_argument("--out", default="lab_out", help=out_help)
+    _selection_options(lst, "arms")
     exp = labsub.add_parser("export", help="write every run (config, seed, metrics, curves) "
-                                           "as CSV or JSON lines")
+                                           "as JSON lines or CSV, or its metrics as a long "
+                                           "CSV (one row per run and metric value)")
     exp.add_argument("--out", default="lab_out", help=out_help)
     exp.add_argument("--format", default="jsonl", choices=FORMATS)
     exp.add_argument("--to", default=None,
-                     help="file to write (default: <out>/runs.<format>; '-' for stdout)")
+                     help="file to write (default: <out>/runs.<format>, <out>/runs_long.csv "
+                          "for long; '-' for stdout)")
     exp.add_argument("--suite", default=None, choices=SUITE_NAMES,
                      help="only the runs of this suite")
+    _selection_options(exp, "runs")
     return p
+
+
+def _load_plugins(args) -> None:
+    from causalmix.lab.plugins import load_plugin
+
+    for plugin in args.plugin:
+        load_plugin(plugin)
+
+
+def _findings(args, recorded: set[str] = frozenset()) -> list[str] | None:
+    """The finding keys ``--finding`` names (None: every one); known are the registered ones
+    and ``recorded`` (those the database holds runs of, for export)."""
+    from causalmix.lab.findings import FINDINGS
+
+    if args.finding is None:
+        return None
+    keys = [k.strip() for arg in args.finding for k in arg.split(",") if k.strip()]
+    known = [*FINDINGS, *sorted(recorded - set(FINDINGS))]
+    unknown = [k for k in keys if k not in known]
+    if unknown or not keys:
+        raise _UserError(f"causalmix: --finding: unknown finding "
+                         f"{', '.join(map(repr, unknown)) or 'none given'}; findings: "
+                         f"{', '.join(known)} (a plugin's findings need --plugin)")
+    return list(dict.fromkeys(keys))
 
 
 def _run(args) -> int:
@@ -93,7 +139,8 @@ def _run(args) -> int:
     # is dominated by per-op overhead; on a loaded 2-core machine two threads made the smoke
     # suite 20x slower, 66 s against 3 s)
     torch.set_num_threads(1 if args.threads is None else args.threads)
-    run_suite(args.suite, out, seeds=args.seeds, progress=not args.no_progress)
+    run_suite(args.suite, out, seeds=args.seeds, progress=not args.no_progress,
+              findings=_findings(args))
     return 0
 
 
@@ -102,7 +149,7 @@ def _report(args) -> int:
     from causalmix.lab.report import write_report
 
     RunDB(args.out, create=False).close()  # says what is missing, creates nothing
-    paths = write_report(args.out, args.suite)
+    paths = write_report(args.out, args.suite, _findings(args))
     print(f"wrote {paths['html']} and {paths['markdown']}")
     return 0
 
@@ -119,8 +166,9 @@ def _list(args) -> int:
             done = {r["key"]: r for r in db.runs(status=None)}
         finally:
             db.close()
+    selected = _findings(args)
     for name, size in SUITES.items():
-        jobs = suite_jobs(name)
+        jobs = suite_jobs(name, selected)
         print(f"suite {name} ({len(jobs)} arms x {size.seeds} seed"
               f"{'' if size.seeds == 1 else 's'})")
         for job in jobs:
@@ -132,22 +180,26 @@ def _list(args) -> int:
 def _export(args) -> int:
     import tempfile
 
-    from causalmix.lab.db import RunDB
+    from causalmix.lab.db import RunDB, run_finding
     from causalmix.lab.export import export_runs
 
-    RunDB(args.out, create=False).close()  # says what is missing, creates nothing
+    db = RunDB(args.out, create=False)  # says what is missing, creates nothing
+    try:
+        selected = _findings(args, {run_finding(r) for r in db.runs(status=None)})
+    finally:
+        db.close()
     if args.to == "-":
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / f"runs.{args.format}"
-            n = export_runs(args.out, path, args.format, suite=args.suite)
+            path = Path(tmp) / default_name(args.format)
+            n = export_runs(args.out, path, args.format, suite=args.suite, findings=selected)
             sys.stdout.write(path.read_text())
         return 0
-    dest = Path(args.to) if args.to else Path(args.out) / f"runs.{args.format}"
+    dest = Path(args.to) if args.to else Path(args.out) / default_name(args.format)
     if dest.is_dir():
         raise _UserError(f"--to {dest} is a folder; give a file name")
     if not dest.parent.is_dir():
         raise _UserError(f"--to {dest}: folder {dest.parent} does not exist")
-    n = export_runs(args.out, dest, args.format, suite=args.suite)
+    n = export_runs(args.out, dest, args.format, suite=args.suite, findings=selected)
     print(f"wrote {n} runs to {dest}")
     return 0
 
@@ -168,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     stderr; 0 when stdout's reader stops early)."""
     try:
         args = _parser().parse_args(argv)
+        if args.command == "lab":
+            _load_plugins(args)
         command = {"run": _run, "report": _report, "list": _list, "export": _export}
         status = command[args.lab_command](args)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit

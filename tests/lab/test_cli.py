@@ -146,6 +146,40 @@ def test_smoke_export_csv_and_jsonl(smoke, tmp_path, capsys):
     assert f1["config"]["model"]["visibility"] == [{"type": "Causal"}, {"type": "Causal"}]
 
 
+def _leaves(x, path: str = "") -> list[tuple[str, object]]:
+    """Brute force: every scalar of nested metrics with its dotted path."""
+    if isinstance(x, (dict, list)):
+        items = x.items() if isinstance(x, dict) else enumerate(x)
+        return [leaf for k, v in items for leaf in _leaves(v, f"{path}{k}.")]
+    return [(path[:-1], x)]
+
+
+def test_smoke_export_long_has_one_row_per_metric_value(smoke, tmp_path):
+    from causalmix.lab.export import LONG_COLUMNS
+
+    dest = tmp_path / "long.csv"
+    assert main(["lab", "export", "--out", str(smoke), "--format", "long", "--to",
+                 str(dest)]) == 0
+    with open(dest, newline="") as f:
+        header, *rows = list(csv.reader(f))
+    assert tuple(header) == LONG_COLUMNS
+    want = {(key, p): v for key, m in ((r[0], json.loads(r[6])) for r in _rows(smoke))
+            for p, v in _leaves(m)}
+    assert len(rows) == len(want)  # one row per (run, metric value), no sparse columns
+    by = {(r[0], r[8]): r for r in rows}
+    assert set(by) == set(want)
+    for (key, path), v in want.items():
+        cell = by[key, path][9]
+        assert cell == ("" if v is None else str(int(v) if isinstance(v, bool) else v))
+    exp = {r[0]: r[3] for r in _rows(smoke)}
+    assert all(r[3] == exp[r[0]] and r[3] == f"{r[2]}/{r[4]}" for r in rows)
+    # --finding keeps that finding's runs only
+    assert main(["lab", "export", "--out", str(smoke), "--format", "long", "--finding",
+                 "F1,F4", "--to", str(dest)]) == 0
+    with open(dest, newline="") as f:
+        assert {r["finding"] for r in csv.DictReader(f)} == {"F1", "F4"}
+
+
 def test_export_of_a_suite_without_runs_is_refused_and_keeps_the_file(smoke, tmp_path, capsys):
     dest = tmp_path / "runs.jsonl"
     assert main(["lab", "export", "--out", str(smoke), "--to", str(dest)]) == 0
@@ -289,3 +323,6 @@ def test_resume_after_sigkill(tmp_path):
     for r in after:
         if r[0] in interrupted:
             assert r[4] == 2  # a second attempt of the killed run
+    # the report's header counts the seeds found (2), not the suite's own (1)
+    assert main(["lab", "report", "--out", str(out)]) == 0
+    assert "Suite `smoke`: 2 seeds per arm." in (out / "report.md").read_text()

@@ -18,7 +18,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunDB", "git_revision", "run_key"]
+__all__ = ["RunDB", "git_revision", "run_finding", "run_key"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -63,6 +63,19 @@ def run_key(job: Any, seed: int) -> str:
     changed config never reuses a stale result and the same config always finds its run."""
     blob = json.dumps({"experiment": job.to_json(), "seed": seed}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_finding(row: dict) -> str:
+    """The key of the finding a run (a row of :meth:`RunDB.runs`) belongs to: its
+    ``info["finding"]`` (recorded since findings could come from plugins), else its config's
+    ``"finding"``, else the part of its experiment name (``"<finding>/<arm>"``) before the
+    first ``/``."""
+    info, config = row.get("info") or {}, row.get("config") or {}
+    if isinstance(info, dict) and info.get("finding"):
+        return info["finding"]
+    if isinstance(config, dict) and isinstance(config.get("finding"), str):
+        return config["finding"]
+    return row["experiment"].partition("/")[0]
 
 
 def _now() -> str:

@@ -20,13 +20,14 @@ import io
 import json
 from pathlib import Path
 
-from causalmix.lab.db import RunDB, run_key
-from causalmix.lab.findings import FINDINGS, SUITES, Finding, Judgement
+from causalmix.lab.db import RunDB, run_finding, run_key
+from causalmix.lab.findings import FINDINGS, SUITES, Finding, Judgement, select_findings
 from causalmix.lab.findings.base import ONE_SEED
+from causalmix.lab.results import Results, Run
 from causalmix.lab.runner import suite_jobs
 
 __all__ = ["Report", "Section", "build_report", "render_html", "render_markdown",
-           "write_report"]
+           "results_by_finding", "write_report"]
 
 VERDICT = {True: "holds", False: "does not hold", None: "not run"}
 
@@ -62,7 +63,7 @@ class Report:
     runs: tuple[list[str], list[list[str]]]
 
 
-def _png(finding: Finding, results: dict[str, list[dict]]) -> bytes:
+def _png(finding: Finding, results: Results) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -79,7 +80,7 @@ def _png(finding: Finding, results: dict[str, list[dict]]) -> bytes:
         plt.close(fig)
 
 
-def _section(finding: Finding, suite: str, results: dict[str, list[dict]],
+def _section(finding: Finding, suite: str, results: Results,
              missing: dict[str, str]) -> Section:
     j: Judgement = finding.judge(results)
     notes = list(j.notes) + [f"{arm}: {why}." for arm, why in missing.items()
@@ -88,34 +89,85 @@ def _section(finding: Finding, suite: str, results: dict[str, list[dict]],
                    _png(finding, results), notes)
 
 
-def build_report(out: str | Path, suite: str | None = None) -> Report:
-    """The report of ``suite`` (default: the suite of the latest finished run) from the runs
-    in ``out/runs.sqlite``."""
-    out = Path(out)
+def _of(findings: dict[str, Finding]) -> str:
+    return "" if set(findings) == set(FINDINGS) else f" of {', '.join(findings)}"
+
+
+def _unloaded(rows: list[dict]) -> list[str]:
+    """The findings of ``rows`` that are not registered (a plugin's, not loaded)."""
+    return sorted({run_finding(r) for r in rows} - set(FINDINGS))
+
+
+def _hint(rows: list[dict]) -> str:
+    unloaded = _unloaded(rows)
+    return "" if not unloaded else (f" (it holds runs of {', '.join(unloaded)}, findings not "
+                                    f"loaded: pass the plugin that registers them with "
+                                    f"--plugin)")
+
+
+def _latest_suite(done: list[dict], findings: dict[str, Finding], path: Path) -> str:
+    mine = [r for r in done if r["suite"] in SUITES and run_finding(r) in findings]
+    if not mine:
+        raise ValueError(f"no finished runs{_of(findings) or ' of the loaded findings'} in "
+                         f"{path}{_hint(done)}; run `causalmix lab run` first")
+    return mine[-1]["suite"]
+
+
+def _runs(out: Path, suite: str | None, findings: dict[str, Finding]):
+    """The suite, the finished rows of its jobs (of ``findings``), the (finding, arm) of each
+    run key, and the finished runs of that suite that belong to no loaded finding."""
     db = RunDB(out)
     try:
-        if suite is None:
-            done = [r for r in db.runs(status="done") if r["suite"] in SUITES]
-            if not done:
-                raise ValueError(f"no finished runs in {db.path}; run `causalmix lab run` first")
-            suite = done[-1]["suite"]
-        jobs = suite_jobs(suite)
-        seeds = SUITES[suite].seeds
-        keys = {run_key(job, s): (job.finding, job.arm) for job in jobs
-                for s in range(max(seeds, 64))}
-        rows = db.runs(status="done", keys=list(keys))
+        done = db.runs(status="done")
+        path = db.path
     finally:
         db.close()
+    suite = _latest_suite(done, findings, path) if suite is None else suite
+    jobs = suite_jobs(suite, list(findings))
+    keys = {run_key(job, s): (job.finding, job.arm) for job in jobs
+            for s in range(max(SUITES[suite].seeds, 64))}
+    rows = [r for r in done if r["key"] in keys]
+    in_suite = [r for r in done if r["suite"] == suite]
     if not rows:
-        raise ValueError(f"no finished runs of suite {suite!r} in {out}")
-    by: dict[str, dict[str, list[dict]]] = {k: {} for k in FINDINGS}
+        raise ValueError(f"no finished runs of suite {suite!r}{_of(findings)} in "
+                         f"{out}{_hint(in_suite)}")
+    return suite, rows, keys, _unloaded(in_suite)
+
+
+def results_by_finding(rows: list[dict], keys: dict[str, tuple[str, str]]
+                       ) -> dict[str, Results]:
+    """The :class:`~causalmix.lab.Results` of each finding from finished ``rows`` of the run
+    database (``keys``: run key -> (finding, arm))."""
+    by: dict[str, dict[str, list[Run]]] = {}
     for r in rows:
         fk, arm = keys[r["key"]]
-        by[fk].setdefault(arm, []).append(r["metrics"])
+        by.setdefault(fk, {}).setdefault(arm, []).append(Run.from_row(r))
+    return {fk: Results(arms) for fk, arms in by.items()}
+
+
+def build_report(out: str | Path, suite: str | None = None,
+                 findings: list[str] | None = None) -> Report:
+    """The report of ``suite`` (default: the suite of the latest finished run) from the runs
+    in ``out/runs.sqlite``: a section for each registered finding, or for those whose keys
+    ``findings`` lists."""
+    out = Path(out)
+    selected = select_findings(findings)
+    suite, rows, keys, unloaded = _runs(out, suite, selected)
+    results = results_by_finding(rows, keys)
     sections = []
-    for fk, finding in FINDINGS.items():
+    for fk, finding in selected.items():
         missing = {a.name: a.missing for a in finding.arms(suite) if a.missing}
-        sections.append(_section(finding, suite, by[fk], missing))
+        sections.append(_section(finding, suite, results.get(fk, Results()), missing))
+    closing = _closing(out, suite, rows, unloaded)
+    run_rows = [[r["experiment"], str(r["seed"]), f"{r['metrics']['score']:.4f}",
+                 str(r["info"]["steps"]), r["info"]["stop_reason"], f"{r['wall_time_s']:.1f}"]
+                for r in rows]
+    intro = _intro(suite, rows, keys)
+    return Report(suite, intro, sections, closing,
+                  (["run", "seed", "score", "steps", "stop", "wall s"], run_rows))
+
+
+def _closing(out: Path, suite: str, rows: list[dict], unloaded: list[str]) -> list[str]:
     meta_path = out / f"suite_{suite}.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     closing = []
@@ -135,15 +187,14 @@ def build_report(out: str | Path, suite: str | None = None) -> Report:
     revs = sorted({r["git_rev"] for r in rows})
     closing.append(f"{len(rows)} runs, {train_s:.0f} s of training in total; git "
                    f"{', '.join(revs)}.")
+    if unloaded:
+        closing.append(f"The database also holds finished runs of {', '.join(unloaded)}, "
+                       f"findings this report did not load (a plugin's findings need "
+                       f"`--plugin` on `lab report` too).")
     closing.append("Verdicts apply the rules stated in each section; the rules were written "
                    "with the findings, before the default suite's numbers were seen, and a "
                    "finding that does not hold is reported as such.")
-    run_rows = [[r["experiment"], str(r["seed"]), f"{r['metrics']['score']:.4f}",
-                 str(r["info"]["steps"]), r["info"]["stop_reason"], f"{r['wall_time_s']:.1f}"]
-                for r in rows]
-    intro = _intro(suite, rows, keys)
-    return Report(suite, intro, sections, closing,
-                  (["run", "seed", "score", "steps", "stop", "wall s"], run_rows))
+    return closing
 
 
 def _intro(suite: str, rows: list[dict], keys: dict[str, tuple[str, str]]) -> str:
@@ -238,11 +289,13 @@ def render_html(rep: Report) -> str:
     return "\n".join(h)
 
 
-def write_report(out: str | Path, suite: str | None = None) -> dict[str, Path]:
+def write_report(out: str | Path, suite: str | None = None,
+                 findings: list[str] | None = None) -> dict[str, Path]:
     """Write ``out/report.html`` (self-contained) and ``out/report.md`` (+ ``out/figures``)
-    from the finished runs of ``suite`` (default: the suite of the latest run)."""
+    from the finished runs of ``suite`` (default: the suite of the latest run), with a
+    section for each registered finding or for those ``findings`` lists."""
     out = Path(out)
-    rep = build_report(out, suite)
+    rep = build_report(out, suite, findings)
     md_path, html_path = out / "report.md", out / "report.html"
     md_path.write_text(render_markdown(rep, out / "figures"))
     html_path.write_text(render_html(rep))

@@ -46,14 +46,25 @@ class Job(Protocol):
         """Train with ``seed``; test metrics (with ``"score"``) of the best checkpoint."""
 
 
-def suite_jobs(suite: str) -> list[Job]:
+def suite_jobs(suite: str, findings: Sequence[str] | None = None) -> list[Job]:
     """The jobs of every arm of suite ``suite`` that can run (arms whose mixer is missing are
-    left out; the report says why), finding by finding."""
-    from causalmix.lab.findings import FINDINGS, SUITES
+    left out; the report says why), finding by finding: of every registered finding, or of
+    those whose keys ``findings`` lists. A job whose ``finding`` is not the key of the finding
+    that lists it raises ``ValueError`` (its runs would be filed under another finding)."""
+    from causalmix.lab.findings import SUITES, select_findings
 
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}; suites: {sorted(SUITES)}")
-    return [arm.job for f in FINDINGS.values() for arm in f.arms(suite) if arm.job is not None]
+    jobs = []
+    for key, f in select_findings(findings).items():
+        for arm in f.arms(suite):
+            if arm.job is None:
+                continue
+            if arm.job.finding != key:
+                raise ValueError(f"finding {key}: arm {arm.name!r} has a job of finding "
+                                 f"{arm.job.finding!r}; give its jobs finding={key!r}")
+            jobs.append(arm.job)
+    return jobs
 
 
 def run_jobs(jobs: Sequence[Job], out: str | Path, *, suite: str, seeds: int,
@@ -82,7 +93,7 @@ def run_jobs(jobs: Sequence[Job], out: str | Path, *, suite: str, seeds: int,
             db.finish(key, metrics=res.metrics, curve=res.curve,
                       info={"steps": res.steps, "stop_reason": res.stop_reason,
                             "params": res.params, "threads": torch.get_num_threads(),
-                            "arm": job.arm},
+                            "arm": job.arm, "finding": job.finding},
                       wall_time_s=wall)
             ran += 1
             log(f"{head}: score {res.metrics['score']:.4f} after {res.steps} steps "
@@ -94,15 +105,17 @@ def run_jobs(jobs: Sequence[Job], out: str | Path, *, suite: str, seeds: int,
 
 
 def run_suite(name: str, out: str | Path, *, seeds: int | None = None, progress: bool = True,
-              log: Callable[[str], None] = print) -> dict:
-    """:func:`run_jobs` of suite ``name``'s jobs for seeds ``0 .. seeds-1`` (default: the
+              log: Callable[[str], None] = print, findings: Sequence[str] | None = None) -> dict:
+    """:func:`run_jobs` of suite ``name``'s jobs (of the findings ``findings`` lists, default
+    every registered one: :func:`suite_jobs`) for seeds ``0 .. seeds-1`` (default: the
     suite's own count); writes ``out/suite_<name>.json`` (this invocation's wall time and load,
     and the wall time of every invocation so far) for the report's closing note. Runs on the
     torch threads the process has (``causalmix lab run --threads`` sets them; this call changes
     no process-wide setting). Returns ``{"ran", "skipped", "wall_time_s"}``."""
     from causalmix.lab.findings import SUITES
 
-    jobs = suite_jobs(name)
+    findings = [findings] if isinstance(findings, str) else findings
+    jobs = suite_jobs(name, findings)
     seeds = SUITES[name].seeds if seeds is None else seeds
     check_int("seeds", seeds, 1)
     load_start = os.getloadavg()[0]
@@ -112,7 +125,9 @@ def run_suite(name: str, out: str | Path, *, seeds: int | None = None, progress:
             "cpus": os.cpu_count(), "load_start": load_start, "load_end": os.getloadavg()[0]}
     path = Path(out, f"suite_{name}.json")
     history = json.loads(path.read_text()).get("history", []) if path.exists() else []
-    meta["history"] = [*history, {k: meta[k] for k in ("wall_time_s", "ran", "skipped")}]
+    meta["findings"] = None if findings is None else list(findings)  # None: every one
+    meta["history"] = [*history, {k: meta[k] for k in ("wall_time_s", "ran", "skipped",
+                                                       "findings")}]
     path.write_text(json.dumps(meta, indent=1))
     log(f"suite {name}: {res['ran']} runs trained, {res['skipped']} already done, "
         f"{res['wall_time_s']:.1f}s")

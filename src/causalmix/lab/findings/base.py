@@ -11,14 +11,15 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from causalmix.lab.experiments import Experiment, mixer_available
+from causalmix.lab.results import Results, Run
 from causalmix.lab.trainer import TrainConfig
 from causalmix.nn import ModelConfig
 from causalmix.nn.config import PRESETS
 
 __all__ = ["GATED_MISSING", "GATED_MIXER", "ONE_SEED", "SUITES", "Arm", "Finding", "Judgement",
-           "SuiteSize", "bars", "by_group", "conditions", "disjoint", "fmt", "gated_arm",
-           "gated_model", "judged", "line_plot", "linear_model", "mean_se", "not_run",
-           "softmax_model", "values"]
+           "Results", "Run", "SuiteSize", "bars", "by_group", "conditions", "disjoint", "fmt",
+           "gated_arm", "gated_model", "judged", "line_plot", "linear_model", "mean_se",
+           "not_run", "softmax_model", "values"]
 
 #: The name :mod:`causalmix.nn` gives the gated linear mixer (Mamba-2-style per-token gates;
 #: with ``Full()`` its reverse scan makes it Hydra-style bidirectional). The arms that need it
@@ -67,6 +68,9 @@ class Arm(NamedTuple):
 
 
 class Judgement(NamedTuple):
+    """What a finding's ``judge`` returns: whether the rule holds (``None``: not run), the
+    measured numbers in one line, the table (header, rows of cells) and notes."""
+
     holds: bool | None  # None: not run (an arm the rule needs is missing)
     numbers: str  # the measured numbers the verdict rests on (for the findings table)
     table: tuple[list[str], list[list[str]]]  # header, rows
@@ -78,7 +82,15 @@ class Finding:
     """One finding: its words (``title``, ``paper``, ``claim``, ``rule``, ``knobs``: the
     settings and why; ``history``: the pilots that led to them, for the report's appendix) and
     its three functions (``arms(suite)``, ``judge(results)``, ``plot(results, ax)``; the report
-    titles the plot ``"<key> <title>"``)."""
+    titles the plot ``"<key> <title>"``).
+
+    ``arms(suite)`` gets a suite's name (a key of :data:`SUITES`; size the arms with
+    ``SUITES[suite]``, e.g. ``SUITES[suite].train(steps)``) and returns :class:`Arm` s whose
+    jobs carry ``finding=key``. ``judge`` and ``plot`` get the finished runs of the suite's
+    arms as :class:`~causalmix.lab.Results` (arm -> list of :class:`~causalmix.lab.Run`, each
+    the dict of one seed's metrics with ``seed`` / ``key`` / ``steps`` / ``stop_reason``
+    attributes; an arm without a finished run is absent). A finding from your own module joins
+    the lab with :func:`~causalmix.lab.register_finding`."""
 
     key: str
     title: str
@@ -87,8 +99,8 @@ class Finding:
     rule: str
     knobs: str
     arms: Callable[[str], list[Arm]]
-    judge: Callable[[dict[str, list[dict]]], Judgement]
-    plot: Callable[[dict[str, list[dict]], object], None]
+    judge: Callable[[Results], Judgement]
+    plot: Callable[[Results, object], None]
     history: str = ""
 
     def arm_names(self, suite: str) -> list[str]:
