@@ -79,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="seeds per arm (default: the suite's own, 3 for default)")
     run.add_argument("--threads", type=_positive, default=None,
                      help="torch threads (default: 1; the models are tiny)")
+    run.add_argument("--workers", type=_positive, default=None,
+                     help="runs trained at a time, each in its own process (default: the CPUs "
+                          "divided by --threads, at most 4; results do not depend on it)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     _selection_options(run, "arms")
     rep = labsub.add_parser("report", help="write report.html and report.md")
@@ -138,9 +141,11 @@ def _run(args) -> int:
     # the command owns its process: one thread by default (the models are so small that a step
     # is dominated by per-op overhead; on a loaded 2-core machine two threads made the smoke
     # suite 20x slower, 66 s against 3 s)
-    torch.set_num_threads(1 if args.threads is None else args.threads)
-    run_suite(args.suite, out, seeds=args.seeds, progress=not args.no_progress,
-              findings=_findings(args))
+    threads = 1 if args.threads is None else args.threads
+    torch.set_num_threads(threads)
+    workers = args.workers or max(1, min(4, (os.cpu_count() or 1) // threads))
+    run_suite(args.suite, out, seeds=args.seeds, progress=not args.no_progress and workers == 1,
+              findings=_findings(args), workers=workers, plugins=tuple(args.plugin))
     return 0
 
 

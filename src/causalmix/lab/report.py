@@ -179,7 +179,9 @@ def _closing(out: Path, suite: str, rows: list[dict], unloaded: list[str]) -> li
             f"`causalmix lab run --suite {suite}` took {total:.0f} s wall "
             f"({total / 60:.1f} min; {sum(h['ran'] for h in hist)} runs trained"
             + (f" over {len(trained)} invocations" if len(trained) > 1 else "")
-            + f") on {meta['cpus']} CPUs with torch threads {meta['threads']}; load average "
+            + f") on {meta['cpus']} CPUs with torch threads {meta['threads']}"
+            + f" in {meta.get('workers', 1)} worker process"
+            + ("es" if meta.get("workers", 1) > 1 else "") + "; load average "
             f"(1 min) {meta['load_start']:.2f} at the start of the last invocation, "
             f"{meta['load_end']:.2f} at its end (other work on the machine slows the runs "
             f"down).")
