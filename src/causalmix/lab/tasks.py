@@ -209,28 +209,23 @@ class SetDisjointness(Split):
     belongs to is in the token; *where* the set sits is the order). Token 0 is ``SEP`` (1 is
     unused). ``prefix_len`` is the whole sequence.
 
-    What is asked (``ask``):
-
-    - ``"second"``: every element of the second set is labelled 1 (also in the first set) or
-      0, and scored. A causal recurrent reader must hold the whole first set in its state to
-      answer (JRT's argument); the questions differ by order (the large set's elements when
-      the small set comes first, the small set's otherwise).
-    - ``"small"``: after both sets come ``small`` question tokens ``2 + 2 num_elements + e``,
-      the small set's elements again in a fresh random order, each labelled with its
-      membership in the large set; only they are scored. The questions are the same in both
-      orders (and so are the tokens, as a multiset: a reader without positions that sees the
-      whole sequence answers both orders alike), and a causal reader has seen both sets when
-      it answers, so the order changes only what it must store on the way: small set first,
-      the 4 small elements, then mark the shared ones of the large set as they pass; large
-      set first, the whole large set. The training split also labels the second set as in
-      ``"second"`` (a signal for the first step, marking the shared elements).
+    What is asked (``ask``): ``"second"``: every element of the second set, labelled 1 (also
+    in the first set) or 0; a causal recurrent reader must hold the whole first set in its
+    state to answer (JRT's argument), and the questions differ by order. ``"small"``: after
+    both sets, ``small`` question tokens ``2 + 2 num_elements + e`` (the small set's elements
+    again, in a fresh random order), each labelled with its membership in the large set; only
+    they are scored (the training split also labels the second set). The questions, and the
+    tokens as a multiset, are the same in both orders, so a reader without positions that
+    sees the whole sequence answers both alike; a causal one has seen both sets when it
+    answers, and the order changes only what it must store on the way (small first: the small
+    set, then a mark on each shared element of the large set as it passes; large first: the
+    large set).
 
     ``label_first=True`` also labels, in the training split only, every element of the first
     set with its membership in the second (a causal reader cannot know it, a bidirectional
-    one can: it tells a bidirectional model which elements are shared on either side). The
-    metric is the balanced accuracy on the scored positions (the mean of the accuracies on
-    1-labels and on 0-labels, chance 0.5 whatever the order) overall and per order
-    (``balanced_accuracy_by_order``), in every split.
+    one can). The metric is the balanced accuracy on the scored positions (the mean of the
+    accuracies on 1-labels and on 0-labels, chance 0.5 whatever the order) overall and per
+    order (``balanced_accuracy_by_order``), in every split.
 
     Worked example (num_elements 8: large-set tokens 2..9, small-set tokens 10..17, questions
     18..25; small 2, large 3, shared 1, order 0, sets {1, 4} and {4, 6, 0})::
@@ -246,7 +241,7 @@ class SetDisjointness(Split):
     large: int = 16
     shared: int = 2
     label_first: bool = False
-    ask: str = "second"
+    ask: str = "second"  # "second" or "small" (see above)
 
     group_key = "order"
     kind = "classification"
@@ -286,17 +281,12 @@ class SetDisjointness(Split):
 
     def _write(self, sets: dict[str, torch.Tensor], order: torch.Tensor,
                train: bool) -> dict[str, torch.Tensor]:
-        """The tokens and labels of ``sets`` (:meth:`_sets`) in ``order: [n]``; ``train``
-        adds the training-only labels."""
+        """Tokens and labels of ``sets`` in ``order: [n]`` (``train``: the training labels)."""
         small, large, asked, e = sets["small"], sets["large"], sets["asked"], self.num_elements
         n, s, big = small.shape[0], self.small, self.large
 
-        def member(a, b):
-            return (a[:, :, None] == b[:, None, :]).any(-1).long()
-
-        def ignore(k):
-            return torch.full((n, k), IGNORE, dtype=torch.int64)
-
+        member = lambda a, b: (a[:, :, None] == b[:, None, :]).any(-1).long()  # noqa: E731
+        ignore = lambda k: torch.full((n, k), IGNORE, dtype=torch.int64)  # noqa: E731
         in_small, in_large = member(large, small), member(small, large)
         second = train or self.ask == "second"
         sep = torch.full((n, 1), self.SEP, dtype=torch.int64)
@@ -329,12 +319,8 @@ class SetDisjointness(Split):
         (``ask="second"``, or ``train``), each element of the first with its membership in
         the second (``train`` with ``label_first``), each question with its membership in
         the large set (``ask="small"``)."""
-        sep, e = inputs.index(self.SEP), self.num_elements
-        n_sets = self.small + self.large + 1
-
-        def decode(tok: int) -> int:
-            return (tok - 2) % e
-
+        sep, e, n_sets = inputs.index(self.SEP), self.num_elements, self.small + self.large + 1
+        decode = lambda tok: (tok - 2) % e  # noqa: E731  (the element of any token)
         first = [decode(t) for t in inputs[:sep]]
         second = [decode(t) for t in inputs[sep + 1:n_sets]]
         large = set(first if inputs[0] < 2 + e else second)
@@ -346,8 +332,7 @@ class SetDisjointness(Split):
         return head + [IGNORE] + tail + asked
 
     def scored(self, data: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``[N, T]`` bool: the positions the metrics score (the second set, or the
-        questions)."""
+        """``[N, T]`` bool: the positions the metrics score (second set, or questions)."""
         t = torch.arange(self.seq_len)[None, :]
         if self.ask == "small":
             return (t >= self.small + self.large + 1).expand(data["order"].shape[0], -1)
