@@ -53,7 +53,10 @@ the two-step route small-set-first allows (mark the shared elements of the large
 pass, then answer from the marks), so identical questions show no order effect for it either.
 The prefix arm trained to saturation (ask "second", no early stop, 2000 steps, seed 0): 1.000 /
 0.999 with 32 elements and with 24, a difference of 0.001 that three seeds would not put within
-2 standard errors of 0. The default keeps ask "second" with the paired test set.
+2 standard errors of 0. The default keeps ask "second" with the paired test set: 3 seeds,
+small-first / large-first causal 0.997 / 0.642 (difference 0.356 ± 0.056), prefix 0.999 / 0.991
+(0.008 ± 0.002, 4 standard errors from 0: it still fails "within 2 standard errors"), softmax
+0.999 / 0.991; the same steps as before (226 s on a quiet machine).
 """
 
 from __future__ import annotations
