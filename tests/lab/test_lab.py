@@ -57,57 +57,6 @@ def test_mqar_labels_match_brute_force(passes):
     assert d.train["prefix_len"].eq(passes * one).all()
 
 
-def test_set_disjointness_labels_match_brute_force():
-    t = SetDisjointness(num_elements=12, small=3, large=6, shared=2, num_train=80, num_test=20)
-    d = t.build(1)
-    for part in (d.train, d.test):
-        x, y, order = part["inputs"], part["targets"], part["order"]
-        assert x.shape == y.shape == (x.shape[0], t.seq_len) and x.max() < t.vocab_size
-        for i in range(x.shape[0]):
-            assert y[i].tolist() == t.solve(x[i].tolist())
-            lab = y[i][y[i] != IGNORE]
-            assert len(lab) == (6 if order[i] == 0 else 3)  # the second set is labelled
-            assert int(lab.sum()) == 2  # the shared elements
-            first = x[i, :3 if order[i] == 0 else 6]
-            assert bool((first >= 2 + 12).all()) == bool(order[i] == 0)  # small-set alphabet
-    assert d.test["order"].tolist() == [0] * 20 + [1] * 20
-    assert 0.3 < float(d.train["order"].float().mean()) < 0.7
-
-
-def test_set_disjointness_label_first_labels_both_sets_in_training_only():
-    t = SetDisjointness(num_elements=12, small=3, large=6, shared=2, num_train=80, num_test=20,
-                        label_first=True)
-    d = t.build(1)
-    plain = SetDisjointness(num_elements=12, small=3, large=6, shared=2, num_train=80,
-                            num_test=20).build(1)
-    assert torch.equal(d.train["inputs"], plain.train["inputs"])  # the same examples
-    assert torch.equal(d.test["targets"], plain.test["targets"])  # the test is unchanged
-    for i in range(d.train["inputs"].shape[0]):
-        x, y = d.train["inputs"][i].tolist(), d.train["targets"][i].tolist()
-        assert y == t.solve(x, label_first=True)
-        assert y.count(IGNORE) == 1 and sum(v == 1 for v in y) == 4  # SEP; shared in both sets
-    # the metrics score the second set only: a model wrong on every first-set label is perfect
-    out = torch.nn.functional.one_hot(d.train["targets"].clamp(min=0), 2).float()
-    sep = torch.where(d.train["order"] == 0, 3, 6)
-    first = torch.arange(t.seq_len)[None, :] < sep[:, None]
-    out[first] = out[first].flip(-1)
-    m = t.metrics(out, d.train)
-    assert m["balanced_accuracy"] == 1.0 and m["balanced_accuracy_by_order"] == {0: 1.0, 1: 1.0}
-
-
-def test_set_disjointness_balanced_accuracy():
-    t = SetDisjointness(num_elements=12, small=3, large=6, shared=1, num_train=4, num_test=8)
-    data = t.build(0).test
-    tgt = data["targets"]
-    always_no = torch.zeros(*tgt.shape, 2)
-    always_no[..., 0] = 1
-    m = t.metrics(always_no, data)
-    assert m["balanced_accuracy"] == 0.5 and m["accuracy"] > 0.5  # chance, whatever the order
-    assert m["balanced_accuracy_by_order"] == {0: 0.5, 1: 0.5}
-    perfect = torch.nn.functional.one_hot(tgt.clamp(min=0), 2).float()
-    assert t.metrics(perfect, data)["score"] == 1.0
-
-
 def test_first_token_labels_and_chance():
     t = FirstToken(vocab_size=6, length=5, num_train=30, num_test=200)
     d = t.build(2)

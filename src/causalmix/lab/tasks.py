@@ -195,34 +195,45 @@ class MQAR(Split):
 
 @dataclasses.dataclass(frozen=True)
 class SetDisjointness(Split):
-    """Set disjointness by order (JRT, Arora et al. 2024): two sets; for every element of the
-    second, is it also in the first? (The sets are disjoint when every answer is no.)
+    """Set disjointness by order (JRT, Arora et al. 2024): two sets; which elements do they
+    share? (The sets are disjoint when none.)
 
     Elements are ``[0, num_elements)``; an example draws ``small + large - shared`` distinct
     elements and makes a set of ``small`` and one of ``large`` that have ``shared`` of them in
     common, written ``set_1 SEP set_2`` in a random order within each set. Order ``0`` (small
     first) puts the small set first, order ``1`` (large first) the large one; training mixes
-    both orders half and half, the test set has ``num_test`` examples of each. Every element
-    of the second set is labelled 1 (also in the first set) or 0. The metric is the balanced
-    accuracy (the mean of the accuracies on 1-labels and on 0-labels, chance 0.5 whatever the
-    order) overall and per order (``balanced_accuracy_by_order``). Elements of the large set
-    are written as tokens ``2 + e``, those of the small set ``2 + num_elements + e`` (which set
-    a token belongs to is in the token; *where* the set sits is the order): a causal recurrent
-    reader must hold the whole first set in its state to answer, a bidirectional one can hold
-    the small set whichever comes first (JRT's argument). ``prefix_len`` is the whole
-    sequence. Token 0 is ``SEP`` (1 is unused).
+    both orders half and half. The test set is ``num_test`` examples written in both orders
+    (the same sets, the same order within each set: only which set comes first changes), so
+    that the two orders are a paired comparison. Elements of the large set are written as
+    tokens ``2 + e``, those of the small set ``2 + num_elements + e`` (which set a token
+    belongs to is in the token; *where* the set sits is the order). Token 0 is ``SEP`` (1 is
+    unused). ``prefix_len`` is the whole sequence.
+
+    What is asked (``ask``): ``"second"``: every element of the second set, labelled 1 (also
+    in the first set) or 0; a causal recurrent reader must hold the whole first set in its
+    state to answer (JRT's argument), and the questions differ by order. ``"small"``: after
+    both sets, ``small`` question tokens ``2 + 2 num_elements + e`` (the small set's elements
+    again, in a fresh random order), each labelled with its membership in the large set; only
+    they are scored (the training split also labels the second set). The questions, and the
+    tokens as a multiset, are the same in both orders, so a reader without positions that
+    sees the whole sequence answers both alike; a causal one has seen both sets when it
+    answers, and the order changes only what it must store on the way (small first: the small
+    set, then a mark on each shared element of the large set as it passes; large first: the
+    large set).
 
     ``label_first=True`` also labels, in the training split only, every element of the first
     set with its membership in the second (a causal reader cannot know it, a bidirectional
-    one can: it tells a bidirectional model which elements are shared on either side, the
-    first step of answering when the large set comes first). The metrics score the second
-    set only, in every split.
+    one can). The metric is the balanced accuracy on the scored positions (the mean of the
+    accuracies on 1-labels and on 0-labels, chance 0.5 whatever the order) overall and per
+    order (``balanced_accuracy_by_order``), in every split.
 
-    Worked example (num_elements 8: large-set tokens 2..9, small-set tokens 10..17; small 2,
-    large 3, shared 1, order 0, sets {1, 4} and {4, 6, 0})::
+    Worked example (num_elements 8: large-set tokens 2..9, small-set tokens 10..17, questions
+    18..25; small 2, large 3, shared 1, order 0, sets {1, 4} and {4, 6, 0})::
 
-        inputs   11 14  0  6 8 2
-        targets   .  .  .  1 0 0
+        ask "second"   inputs   11 14  0  6 8 2
+                       targets   .  .  .  1 0 0
+        ask "small"    inputs   11 14  0  6 8 2  22 19
+                       test      .  .  .  . . .   1  0     (training: also 1 0 0 at 6 8 2)
     """
 
     num_elements: int = 32
@@ -230,10 +241,12 @@ class SetDisjointness(Split):
     large: int = 16
     shared: int = 2
     label_first: bool = False
+    ask: str = "second"  # "second" or "small" (see above)
 
     group_key = "order"
     kind = "classification"
     SEP = 0
+    ASKS = ("second", "small")
 
     def __post_init__(self):
         _check_pos(self, "num_elements", "small", "large", "shared", "num_train", "num_test")
@@ -244,66 +257,92 @@ class SetDisjointness(Split):
             raise ValueError(f"small + large - shared ({self.small + self.large - self.shared})"
                              f" distinct elements must fit in num_elements "
                              f"({self.num_elements})")
+        if self.ask not in self.ASKS:
+            raise ValueError(f"SetDisjointness.ask must be one of {list(self.ASKS)}, got "
+                             f"{self.ask!r}")
 
     @property
     def seq_len(self) -> int:
-        return self.small + self.large + 1
+        return self.small + self.large + 1 + (self.small if self.ask == "small" else 0)
 
     @property
     def vocab_size(self) -> int:
-        return 2 + 2 * self.num_elements
+        return 2 + (3 if self.ask == "small" else 2) * self.num_elements
 
-    def _make(self, order: torch.Tensor, g: torch.Generator,
-              label_first: bool = False) -> dict[str, torch.Tensor]:
-        n, s, big, c, e = order.shape[0], self.small, self.large, self.shared, self.num_elements
+    def _sets(self, n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+        s, big, c, e = self.small, self.large, self.shared, self.num_elements
         pick = torch.argsort(torch.rand(n, e, generator=g), dim=1)[:, :s + big - c]
         small, large = pick[:, :s], torch.cat([pick[:, :c], pick[:, s:]], dim=1)
         # shuffle within each set so that the shared elements sit anywhere
         small = small.gather(1, torch.argsort(torch.rand(n, s, generator=g), dim=1))
         large = large.gather(1, torch.argsort(torch.rand(n, big, generator=g), dim=1))
-        in_small = (large[:, :, None] == small[:, None, :]).any(-1).long()
-        in_large = (small[:, :, None] == large[:, None, :]).any(-1).long()
+        asked = small.gather(1, torch.argsort(torch.rand(n, s, generator=g), dim=1))
+        return {"small": small, "large": large, "asked": asked}
+
+    def _write(self, sets: dict[str, torch.Tensor], order: torch.Tensor,
+               train: bool) -> dict[str, torch.Tensor]:
+        """Tokens and labels of ``sets`` in ``order: [n]`` (``train``: the training labels)."""
+        small, large, asked, e = sets["small"], sets["large"], sets["asked"], self.num_elements
+        n, s, big = small.shape[0], self.small, self.large
+
+        member = lambda a, b: (a[:, :, None] == b[:, None, :]).any(-1).long()  # noqa: E731
+        ignore = lambda k: torch.full((n, k), IGNORE, dtype=torch.int64)  # noqa: E731
+        in_small, in_large = member(large, small), member(small, large)
+        second = train or self.ask == "second"
         sep = torch.full((n, 1), self.SEP, dtype=torch.int64)
-        no = torch.full((n, 1), IGNORE, dtype=torch.int64)
         sf = torch.cat([small + 2 + e, sep, large + 2], dim=1)
         lf = torch.cat([large + 2, sep, small + 2 + e], dim=1)
-        sf_y = torch.cat([in_large if label_first else torch.full((n, s), IGNORE), no,
-                          in_small], dim=1)
-        lf_y = torch.cat([in_small if label_first else torch.full((n, big), IGNORE), no,
-                          in_large], dim=1)
+        sf_y = torch.cat([in_large if train and self.label_first else ignore(s), ignore(1),
+                          in_small if second else ignore(big)], dim=1)
+        lf_y = torch.cat([in_small if train and self.label_first else ignore(big), ignore(1),
+                          in_large if second else ignore(s)], dim=1)
         first = order[:, None] == 0
-        return {"inputs": torch.where(first, sf, lf), "targets": torch.where(first, sf_y, lf_y),
+        inputs, targets = torch.where(first, sf, lf), torch.where(first, sf_y, lf_y)
+        if self.ask == "small":
+            inputs = torch.cat([inputs, asked + 2 + 2 * e], dim=1)
+            targets = torch.cat([targets, member(asked, large)], dim=1)
+        return {"inputs": inputs, "targets": targets,
                 "prefix_len": torch.full((n,), self.seq_len, dtype=torch.int64),
                 "order": order.clone()}
 
     def build(self, seed: int) -> TaskData:
         g = torch.Generator().manual_seed(seed)
-        train = torch.randint(0, 2, (self.num_train,), generator=g)
-        test = torch.arange(2).repeat_interleave(self.num_test)
-        return TaskData(self._make(train, g, self.label_first), self._make(test, g))
+        order = torch.randint(0, 2, (self.num_train,), generator=g)
+        train = self._write(self._sets(self.num_train, g), order, True)
+        sets = self._sets(self.num_test, g)
+        both = [self._write(sets, torch.full((self.num_test,), o), False) for o in (0, 1)]
+        return TaskData(train, {k: torch.cat([p[k] for p in both]) for k in both[0]})
 
-    def solve(self, inputs: list[int], *, label_first: bool = False) -> list[int]:
-        """Brute force: decode both sets of one example, label each element of the second
-        with its membership in the first (and, with ``label_first``, each element of the
-        first with its membership in the second)."""
-        sep = inputs.index(self.SEP)
-        e = self.num_elements
-
-        def decode(tok: int) -> int:
-            return tok - 2 - e if tok >= 2 + e else tok - 2
-
-        first = {decode(t) for t in inputs[:sep]}
-        second = {decode(t) for t in inputs[sep + 1:]}
-        head = ([int(decode(t) in second) for t in inputs[:sep]] if label_first
+    def solve(self, inputs: list[int], *, train: bool = False) -> list[int]:
+        """Brute force: decode both sets (and the questions) of one example and label what
+        the split asks: each element of the second set with its membership in the first
+        (``ask="second"``, or ``train``), each element of the first with its membership in
+        the second (``train`` with ``label_first``), each question with its membership in
+        the large set (``ask="small"``)."""
+        sep, e, n_sets = inputs.index(self.SEP), self.num_elements, self.small + self.large + 1
+        decode = lambda tok: (tok - 2) % e  # noqa: E731  (the element of any token)
+        first = [decode(t) for t in inputs[:sep]]
+        second = [decode(t) for t in inputs[sep + 1:n_sets]]
+        large = set(first if inputs[0] < 2 + e else second)
+        head = ([int(x in second) for x in first] if train and self.label_first
                 else [IGNORE] * sep)
-        return head + [IGNORE] + [int(decode(t) in first) for t in inputs[sep + 1:]]
+        tail = ([int(x in first) for x in second] if train or self.ask == "second"
+                else [IGNORE] * len(second))
+        asked = [int(decode(t) in large) for t in inputs[n_sets:]]
+        return head + [IGNORE] + tail + asked
+
+    def scored(self, data: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[N, T]`` bool: the positions the metrics score (second set, or questions)."""
+        t = torch.arange(self.seq_len)[None, :]
+        if self.ask == "small":
+            return (t >= self.small + self.large + 1).expand(data["order"].shape[0], -1)
+        sep = torch.where(data["order"] == 0, self.small, self.large)
+        return t > sep[:, None]
 
     def metrics(self, out: torch.Tensor, data: dict[str, torch.Tensor]) -> dict:
         """Balanced accuracy (mean over the labels 0 and 1 of the accuracy on that label) on
-        the elements of the second set, overall (also ``score``) and per order."""
-        sep = torch.where(data["order"] == 0, self.small, self.large)
-        tgt = data["targets"].masked_fill(torch.arange(self.seq_len)[None, :] <= sep[:, None],
-                                          IGNORE)
+        the scored positions (:meth:`scored`), overall (also ``score``) and per order."""
+        tgt = data["targets"].masked_fill(~self.scored(data), IGNORE)
         hit = out.argmax(-1) == tgt
         grp = data["order"][:, None].expand_as(tgt)
 
