@@ -13,17 +13,26 @@ import torch
 from causalmix.lab.db import run_key
 from causalmix.lab.deltamix import DeltaExperiment, DeltaRuleMixer, delta_model
 from causalmix.lab.findings import FINDINGS, SUITES
-from causalmix.lab.findings.f7_delta import F7_ARMS
+from causalmix.lab.findings.f7_delta import (
+    F7_ARMS,
+    F7_KEYS,
+    F7_LR,
+    F7_PAIRS,
+    F7_STEPS,
+    F7_WIDTH,
+)
 from causalmix.lab.findings.f8_text import (
     F8_K,
     F8_POINTS,
+    F8_RUNS,
+    F8_STEPS,
     F8_WEIGHTS,
     TextAdaptivePoint,
     TextExperiment,
     frontier,
 )
 from causalmix.lab.protocol import IGNORE
-from causalmix.lab.tasks import MQAR
+from causalmix.lab.tasks import MQAR, MQARReassign
 from causalmix.nn import AttentionConfig, DeltaMixer, ModelConfig
 from causalmix.testing import assert_close
 from causalmix.visibility import Causal, Chunked
@@ -117,6 +126,46 @@ def test_f7_arms_share_one_state_size():
         assert bool((w[:, :-1] == 0).all())
 
 
+def test_mqar_reassign_asks_the_latest_value():
+    task = MQARReassign(num_keys=4, num_values=6, num_kv_pairs=(2, 4, 9), num_queries=2,
+                        query_len=3, num_train=80, num_test=20)
+    d = task.build(0)
+    big, nk, nv = 9, 4, 6
+    for part in (d.train, d.test):
+        x, y = part["inputs"], part["targets"]
+        assert x.shape == (x.shape[0], big + 3, 2 * nk + nv) and task.seq_len == big + 3
+        for i in range(x.shape[0]):
+            assert y[i].tolist() == task.solve(x[i].tolist())
+            p = int(part["pairs"][i])
+            ctx = x[i, :big]
+            assert ctx[:big - p].abs().sum() == 0  # empty slots first
+            keys = ctx[big - p:, :nk].argmax(-1).tolist()
+            vals = ctx[big - p:, nk:nk + nv].argmax(-1).tolist()
+            assert len(set(keys)) == min(p, nk)  # min(p, num_keys) distinct keys
+            asked = [int(q[nk + nv:].argmax()) for q in x[i, big:] if q.sum() > 0]
+            assert len(set(asked)) == 2
+            for q, key in zip(x[i, big:], y[i, big:].tolist(), strict=True):
+                if q.sum() > 0:  # the value of the asked key's last write, scanned backwards
+                    k = int(q[nk + nv:].argmax())
+                    assert key == next(v for kk, v in zip(keys[::-1], vals[::-1],
+                                                          strict=True) if kk == k)
+    assert sorted(d.test["pairs"].unique().tolist()) == [2, 4, 9]
+    with pytest.raises(ValueError, match="num_queries"):
+        MQARReassign(num_keys=2, num_kv_pairs=(4, 8), num_queries=3)
+    with pytest.raises(ValueError, match="num_kv_pairs"):
+        MQAR(num_keys=4, num_kv_pairs=(4, 8), num_queries=2)  # plain MQAR: distinct keys
+
+
+def test_f7_knobs_state_the_constants():
+    f7 = FINDINGS["F7"]
+    for text in (f"{F7_KEYS} keys", f"{F7_STEPS} steps", f"lr {F7_LR:.0e}".replace("e-0", "e-"),
+                 "/".join(map(str, F7_PAIRS)) + " writes", f"d_model {F7_WIDTH}"):
+        assert text in f7.knobs, text
+    task = f7.arms("default")[0].job.task
+    assert isinstance(task, MQARReassign) and task.num_keys == F7_KEYS
+    assert task.num_kv_pairs == F7_PAIRS and max(F7_PAIRS) > F7_KEYS  # re-writes at the top
+
+
 def _mqar_runs(accs: dict[int, float]) -> list[dict]:
     return [{"accuracy_by_pairs": {str(p): a + d for p, a in accs.items()}}
             for d in (-0.01, 0.0, 0.01)]
@@ -182,6 +231,9 @@ def test_f8_arms_and_the_latency_they_record():
     arms = FINDINGS["F8"].arms("smoke")
     names = [a.name for a in arms]
     assert names[:len(F8_POINTS)] == [f"softmax {p}" for p in F8_POINTS]
+    assert "gated full" not in names and [f"gated {p}" for p in F8_RUNS["gated"]] == \
+        [n for n in names if n.startswith("gated")]  # the points the gated rule reads
+    assert f"{F8_STEPS} steps" in FINDINGS["F8"].knobs
     assert sum(isinstance(a.job, TextAdaptivePoint) for a in arms) == len(F8_WEIGHTS)
     fixed = {a.name: a.job for a in arms if isinstance(a.job, TextExperiment)}
     job = fixed[f"softmax lookahead-{F8_K}"]

@@ -4,6 +4,7 @@ task's tensors and metrics."""
 
 from __future__ import annotations
 
+import ast
 import sysconfig
 import textwrap
 
@@ -14,6 +15,7 @@ from causalmix.lab.protocol import IGNORE, check_task
 from causalmix.lab.text import (
     CAPS,
     PUNCTUATION,
+    SKIP_DIRS,
     PunctuationRestoration,
     TextWord,
     extract_modules,
@@ -102,6 +104,60 @@ def test_extractor_is_deterministic_and_reads_a_root(tmp_path):
     assert [w.word for w in mods["mod"]] == "a module with some prose here return none always " \
                                             "and for ever".split()
     assert extract_modules(lib) == mods and stdlib_modules(str(lib)) is mods  # cached
+
+
+def _walk_docstrings(source: str) -> list[str]:
+    """Every def's docstring by :func:`ast.walk` over every node (the plain reference)."""
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    nodes = sorted((n for n in ast.walk(ast.parse(source)) if isinstance(n, kinds)),
+                   key=lambda n: getattr(n, "lineno", 0))
+    return [d for d in (ast.get_docstring(n) for n in nodes) if d]
+
+
+NESTED = '''"""The module docstring, with enough words in it."""
+import sys
+if sys.platform:
+    def a():
+        """In an if block, with enough words here."""
+else:
+    class B:
+        """In an else block, with enough words here."""
+        async def c(self):
+            """An async method, with enough words here."""
+try:
+    def d():
+        """In a try block, with enough words here."""
+        def e():
+            """Nested in a function, with enough words."""
+except ImportError:
+    def f():
+        """In an except handler, with enough words."""
+finally:
+    def g():
+        """In a finally block, with enough words here."""
+for _ in ():
+    def h():
+        """In a for loop, with enough words here."""
+with open(__file__):
+    def i():
+        """In a with block, with enough words here."""
+match sys.platform:
+    case "x":
+        def j():
+            """In a match case, with enough words here."""
+x = [lambda: None for _ in ()]
+'''
+
+
+def test_extractor_finds_every_def_that_ast_walk_finds(tmp_path):
+    (tmp_path / "nested.py").write_text(NESTED)
+    want = [w for d in _walk_docstrings(NESTED) for w in prose_words(d)]
+    assert len(_walk_docstrings(NESTED)) == 11
+    assert extract_modules(tmp_path) == {"nested": want}
+    for skip in SKIP_DIRS:  # no folder named in SKIP_DIRS is read, at any depth
+        (tmp_path / "pkg" / skip).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "pkg" / skip / "m.py").write_text(NESTED)
+    assert extract_modules(tmp_path) == {"nested": want}
 
 
 def test_stdlib_extraction_is_deterministic():

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from causalmix.checks import check_int
 from causalmix.lab.protocol import IGNORE, TASKS, TaskData, register_task
 
-__all__ = ["IGNORE", "FirstToken", "ICLRegression", "Lookahead", "MQAR", "SetDisjointness",
-           "Split", "TaskData", "TASKS", "classification_metrics"]
+__all__ = ["IGNORE", "FirstToken", "ICLRegression", "Lookahead", "MQAR", "MQARReassign",
+           "SetDisjointness", "Split", "TaskData", "TASKS", "classification_metrics"]
 
 
 def _check_pos(obj, *names):
@@ -74,7 +74,6 @@ class Split:
     num_test: int = 512
 
 
-
 @dataclasses.dataclass(frozen=True)
 class MQAR(Split):
     """Multi-query associative recall (zoology's MQAR) over several numbers of key-value pairs,
@@ -118,17 +117,19 @@ class MQAR(Split):
 
     group_key = "pairs"
     kind = "classification"
+    rewrites = False  # keys distinct within an example (MQARReassign: written again)
 
     def __post_init__(self):
         _check_pos(self, "num_keys", "num_values", "num_queries", "query_len", "num_passes",
                    "num_train", "num_test")
         sizes = _sizes(self, "num_kv_pairs")
-        if max(sizes) > self.num_keys:
+        if max(sizes) > self.num_keys and not self.rewrites:
             raise ValueError(f"num_kv_pairs ({max(sizes)}) must be <= num_keys "
                              f"({self.num_keys}): keys are distinct within an example")
-        if self.num_queries > min(min(sizes), self.query_len):
+        if self.num_queries > min(min(sizes), self.query_len, self.num_keys):
             raise ValueError(f"num_queries ({self.num_queries}) must be <= every num_kv_pairs "
-                             f"({min(sizes)}) and <= query_len ({self.query_len})")
+                             f"({min(sizes)}), query_len ({self.query_len}) and num_keys "
+                             f"({self.num_keys})")
 
     @property
     def seq_len(self) -> int:
@@ -138,28 +139,31 @@ class MQAR(Split):
     def num_features(self) -> int:
         return 2 * self.num_keys + self.num_values
 
+    def _draw(self, pairs: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """Keys, values, used slots (left-aligned empties) ``[n, P]``; asked slots ``[n, q]``."""
+        n, big = pairs.shape[0], max(self.num_kv_pairs)
+        keys = torch.argsort(torch.rand(n, self.num_keys, generator=g), dim=1)[:, :big]
+        vals = torch.randint(0, self.num_values, (n, big), generator=g)
+        used = torch.arange(big)[None, :] >= (big - pairs)[:, None]
+        score = torch.rand(n, big, generator=g).masked_fill(~used, 2.0)
+        return keys, vals, used, torch.argsort(score, dim=1)[:, :self.num_queries]
+
     def _make(self, pairs: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
         n, big, q, ql = pairs.shape[0], max(self.num_kv_pairs), self.num_queries, self.query_len
         nk, nv = self.num_keys, self.num_values
-        keys = torch.argsort(torch.rand(n, nk, generator=g), dim=1)[:, :big]
-        vals = torch.randint(0, nv, (n, big), generator=g)
-        used = torch.arange(big)[None, :] >= (big - pairs)[:, None]  # left-aligned empties
-        score = torch.rand(n, big, generator=g).masked_fill(~used, 2.0)
-        asked = torch.argsort(score, dim=1)[:, :q]  # q distinct used pairs
+        keys, vals, used, asked = self._draw(pairs, g)
         slots = torch.argsort(torch.rand(n, ql, generator=g), dim=1)[:, :q]
         ctx = torch.cat([F.one_hot(keys, nk), F.one_hot(vals, nv),
                          torch.zeros(n, big, nk, dtype=torch.int64)], dim=2) * used[..., None]
         question = torch.zeros(n, ql, self.num_features, dtype=torch.int64)
-        rows = torch.arange(n)[:, None]
-        question[rows, slots, nk + nv + keys.gather(1, asked)] = 1
+        question[torch.arange(n)[:, None], slots, nk + nv + keys.gather(1, asked)] = 1
         answer = torch.full((n, ql), IGNORE, dtype=torch.int64)
         answer.scatter_(1, slots, vals.gather(1, asked))
         inputs = torch.cat([ctx, question], dim=1).repeat(1, self.num_passes, 1).float()
         targets = torch.full(inputs.shape[:2], IGNORE, dtype=torch.int64)
         targets[:, -ql:] = answer
         prefix = torch.full((n,), inputs.shape[1], dtype=torch.int64)
-        return {"inputs": inputs, "targets": targets, "prefix_len": prefix,
-                "pairs": pairs.clone()}
+        return {"inputs": inputs, "targets": targets, "prefix_len": prefix, "pairs": pairs.clone()}
 
     def build(self, seed: int) -> TaskData:
         g = torch.Generator().manual_seed(seed)
@@ -171,7 +175,7 @@ class MQAR(Split):
     def solve(self, inputs: list[list[float]]) -> list[int]:
         """Brute force: the labels of one example (``inputs``: its ``[T][features]`` lists):
         ``IGNORE`` except on the asked question slots of the last pass, where the value that
-        the context paired with the asked key."""
+        the context paired with the asked key (its latest, for :class:`MQARReassign`)."""
         nk, nv = self.num_keys, self.num_values
         table, labels = {}, []
         one = len(inputs) // self.num_passes
@@ -191,6 +195,41 @@ class MQAR(Split):
 
     def io(self) -> dict:
         return {"input_dim": self.num_features, "output_dim": self.num_values}
+
+
+@dataclasses.dataclass(frozen=True)
+class MQARReassign(MQAR):
+    """MQAR with keys written again (DeltaNet's case for the delta rule): a question asks
+    its key's *latest* value (:meth:`MQAR.solve` lets later writes replace earlier ones). As
+    :class:`MQAR`, except that an example with ``p`` pairs writes ``min(p, num_keys)`` distinct
+    keys once each and, for the other pairs, re-writes keys drawn uniformly from those, each
+    write with a value drawn afresh, in random order (``num_kv_pairs`` may exceed
+    ``num_keys``). E.g. num_keys 2, 3 pairs, key 1 re-written (1 -> 2, 0 -> 0, 1 -> 3)::
+
+        slot          0    1    2    3
+        key           1    0    1    -
+        value         2    0    3    -
+        question key  -    -    -    1
+        targets       .    .    .    3
+    """
+
+    rewrites = True
+
+    def _draw(self, pairs: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+        n, big, nk = pairs.shape[0], max(self.num_kv_pairs), self.num_keys
+        rank = torch.arange(big)[None, :] - (big - pairs)[:, None]  # 0.. on the used slots
+        used, m = rank >= 0, pairs.clamp(max=nk)[:, None]  # m: the distinct keys written
+        distinct = torch.argsort(torch.rand(n, nk, generator=g), dim=1)
+        again = (torch.rand(n, big, generator=g) * m).long()
+        which = torch.where(rank < m, rank, again).clamp(min=0)
+        order = torch.argsort(torch.rand(n, big, generator=g).masked_fill(~used, -1.0), dim=1)
+        keys = distinct.gather(1, which.gather(1, order))
+        vals = torch.randint(0, self.num_values, (n, big), generator=g)
+        score = torch.rand(n, nk, generator=g).masked_fill(torch.arange(nk)[None, :] >= m, 2.0)
+        want = distinct.gather(1, torch.argsort(score, dim=1)[:, :self.num_queries])
+        hit = (keys[:, None, :] == want[:, :, None]) & used[:, None, :]
+        last = torch.where(hit, torch.arange(big), -1).amax(-1)  # the latest write
+        return keys, vals, used, last
 
 
 @dataclasses.dataclass(frozen=True)
@@ -594,7 +633,7 @@ class Lookahead(Split):
     group_key = "delay"
 
 
-for _name, _cls in (("mqar", MQAR), ("set_disjointness", SetDisjointness),
-                   ("icl_regression", ICLRegression), ("first_token", FirstToken),
-                   ("lookahead", Lookahead)):
+for _name, _cls in (("mqar", MQAR), ("mqar_reassign", MQARReassign),
+                   ("set_disjointness", SetDisjointness), ("icl_regression", ICLRegression),
+                   ("first_token", FirstToken), ("lookahead", Lookahead)):
     register_task(_name, _cls)

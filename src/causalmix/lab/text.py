@@ -36,6 +36,7 @@ import ast
 import collections
 import dataclasses
 import hashlib
+import os
 import re
 import sysconfig
 from pathlib import Path
@@ -134,15 +135,38 @@ def _module_name(rel: Path) -> str:
     return ".".join(parts)
 
 
+#: The statements that hold statement lists (a def sits in one of these fields, or in an
+#: ``except`` handler's or ``case``'s body); expressions never hold a def.
+_BLOCKS = ("body", "orelse", "finalbody", "handlers", "cases")
+_DEFS = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+def _defs(node: ast.AST):
+    """``node`` and every def below it, visiting statements only (the same nodes as
+    filtering :func:`ast.walk`, without visiting every expression)."""
+    if isinstance(node, _DEFS):
+        yield node
+    for field in _BLOCKS:
+        for child in getattr(node, field, ()):
+            yield from _defs(child)
+
+
 def _docstrings(source: str) -> list[str]:
     try:
         tree = ast.parse(source)
     except (SyntaxError, ValueError):  # a file of a grammar test, say
         return []
-    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-    nodes = sorted((n for n in ast.walk(tree) if isinstance(n, kinds)),
-                   key=lambda n: getattr(n, "lineno", 0))
+    nodes = sorted(_defs(tree), key=lambda n: getattr(n, "lineno", 0))
     return [d for d in (ast.get_docstring(n) for n in nodes) if d]
+
+
+def _py_files(base: Path) -> list[Path]:
+    """The ``.py`` files under ``base``, sorted, not descending into :data:`SKIP_DIRS`."""
+    found = []
+    for top, dirs, files in os.walk(base):
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS]
+        found.extend(Path(top, f) for f in files if f.endswith(".py"))
+    return sorted(found)
 
 
 def extract_modules(root: str | Path) -> dict[str, list[TextWord]]:
@@ -150,10 +174,8 @@ def extract_modules(root: str | Path) -> dict[str, list[TextWord]]:
     order), for every ``.py`` file under ``root`` outside :data:`SKIP_DIRS` (files that do not
     parse or decode are skipped), modules with no prose left out; sorted by name."""
     base, mods = Path(root), {}
-    for path in sorted(base.rglob("*.py")):
+    for path in _py_files(base):
         rel = path.relative_to(base)
-        if SKIP_DIRS & set(rel.parts):
-            continue
         try:
             source = path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
