@@ -180,18 +180,18 @@ def test_smoke_export_long_has_one_row_per_metric_value(smoke, tmp_path):
         assert {r["finding"] for r in csv.DictReader(f)} == {"F1", "F4"}
 
 
-def test_export_of_a_suite_without_runs_is_refused_and_keeps_the_file(smoke, tmp_path, capsys):
+def test_export_of_a_suite_without_runs_is_refused_and_keeps_the_file(smoke, tmp_path, cli_error):
     dest = tmp_path / "runs.jsonl"
     assert main(["lab", "export", "--out", str(smoke), "--to", str(dest)]) == 0
     before = dest.read_bytes()
     assert before
     for fmt in ("jsonl", "csv"):
-        err = _err(["lab", "export", "--out", str(smoke), "--suite", "default", "--format", fmt,
-                    "--to", str(dest)], capsys)
+        err = cli_error(["lab", "export", "--out", str(smoke), "--suite", "default",
+                         "--format", fmt, "--to", str(dest)])
         assert "no runs of suite 'default'" in err and "nothing to export" in err
         assert dest.read_bytes() == before  # the file is kept as it was
-    assert "no runs of suite 'full'" in _err(["lab", "export", "--out", str(smoke), "--suite",
-                                              "full", "--to", "-"], capsys)
+    assert "no runs of suite 'full'" in cli_error(["lab", "export", "--out", str(smoke), "--suite",
+                                              "full", "--to", "-"])
 
 
 def test_smoke_list(smoke, capsys):
@@ -200,36 +200,28 @@ def test_smoke_list(smoke, capsys):
     assert "suite smoke" in listing and "suite default" in listing and "done" in listing
 
 
-def _err(argv, capsys) -> str:
-    assert main(argv) == 2
-    cap = capsys.readouterr()
-    lines = cap.err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in cap.err, cap.err
-    return lines[0]
-
-
-def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
+def test_user_errors_exit_2_with_one_line(tmp_path, cli_error):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
-    assert "threads" in _err(["lab", "run", "--threads", "0", "--out", str(tmp_path)], capsys)
-    assert "threads" in _err(["lab", "run", "--threads", "two"], capsys)
-    assert "seeds" in _err(["lab", "run", "--seeds", "-1"], capsys)
-    assert "suite" in _err(["lab", "run", "--suite", "enormous"], capsys)
-    assert "is a file" in _err(["lab", "run", "--suite", "smoke", "--out", str(a_file)], capsys)
-    assert "is a file" in _err(["lab", "report", "--out", str(a_file)], capsys)
-    assert "no lab runs" in _err(["lab", "report", "--out", str(tmp_path / "none")], capsys)
+    assert "threads" in cli_error(["lab", "run", "--threads", "0", "--out", str(tmp_path)])
+    assert "threads" in cli_error(["lab", "run", "--threads", "two"])
+    assert "seeds" in cli_error(["lab", "run", "--seeds", "-1"])
+    assert "suite" in cli_error(["lab", "run", "--suite", "enormous"])
+    assert "is a file" in cli_error(["lab", "run", "--suite", "smoke", "--out", str(a_file)])
+    assert "is a file" in cli_error(["lab", "report", "--out", str(a_file)])
+    assert "no lab runs" in cli_error(["lab", "report", "--out", str(tmp_path / "none")])
     assert not (tmp_path / "none").exists()  # nothing created
-    assert "no lab runs" in _err(["lab", "export", "--out", str(tmp_path / "none")], capsys)
+    assert "no lab runs" in cli_error(["lab", "export", "--out", str(tmp_path / "none")])
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "runs.sqlite").write_bytes(b"garbage" * 1000)
     for cmd in ("run", "report", "list", "export"):
         argv = ["lab", cmd, "--out", str(corrupt)] + (["--suite", "smoke"] if cmd == "run"
                                                       else [])
-        assert "not a lab run database" in _err(argv, capsys)
-    _err([], capsys)
-    _err(["lab"], capsys)
-    _err(["bogus"], capsys)
+        assert "not a lab run database" in cli_error(argv)
+    cli_error([])
+    cli_error(["lab"])
+    cli_error(["bogus"])
 
 
 def test_python_m_causalmix_and_a_closed_pipe(smoke):
@@ -274,12 +266,11 @@ def test_version(capsys):
     assert capsys.readouterr().out.startswith("causalmix ")
 
 
-def test_export_errors(smoke, tmp_path, capsys):
-    assert "folder" in _err(["lab", "export", "--out", str(smoke), "--to", str(tmp_path)],
-                            capsys)
-    assert "does not exist" in _err(["lab", "export", "--out", str(smoke), "--to",
-                                     str(tmp_path / "no" / "x.csv")], capsys)
-    assert "format" in _err(["lab", "export", "--format", "xml"], capsys)
+def test_export_errors(smoke, tmp_path, cli_error):
+    assert "folder" in cli_error(["lab", "export", "--out", str(smoke), "--to", str(tmp_path)])
+    assert "does not exist" in cli_error(["lab", "export", "--out", str(smoke), "--to",
+                                     str(tmp_path / "no" / "x.csv")])
+    assert "format" in cli_error(["lab", "export", "--format", "xml"])
 
 
 def test_resume_after_sigkill(tmp_path):

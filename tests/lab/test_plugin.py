@@ -36,14 +36,6 @@ PLUGIN = str(REPO / "examples" / "lab_plugin.py")
 SEL = ["--plugin", PLUGIN, "--finding", "F9"]
 
 
-def _err(argv, capsys) -> str:
-    assert main(argv) == 2
-    cap = capsys.readouterr()
-    lines = cap.err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in cap.err, cap.err
-    return lines[0]
-
-
 def _done(out: Path) -> list[dict]:
     db = RunDB(out, create=False)
     try:
@@ -105,8 +97,8 @@ def test_report_of_a_plugin_finding_says_the_real_seed_count(f9, plugin_loaded, 
     assert "| causal |" in md and md.count("| 0 1 |") == 2
 
 
-def test_report_without_the_plugin_names_what_to_load(f9, capsys):
-    err = _err(["lab", "report", "--out", str(f9)], capsys)
+def test_report_without_the_plugin_names_what_to_load(f9, cli_error):
+    err = cli_error(["lab", "report", "--out", str(f9)])
     assert "F9" in err and "--plugin" in err
 
 
@@ -141,7 +133,7 @@ def test_long_export_has_one_row_per_metric_value(f9, plugin_loaded, tmp_path):
     assert (f9 / "runs_long.csv").read_text() == dest.read_text()
 
 
-def test_finding_filters_list_and_export(f9, plugin_loaded, capsys, tmp_path):
+def test_finding_filters_list_and_export(f9, plugin_loaded, capsys, tmp_path, cli_error):
     assert main(["lab", "list", "--out", str(f9), *SEL]) == 0
     listing = capsys.readouterr().out
     assert "suite smoke (2 arms x 1 seed)" in listing and "F1/" not in listing
@@ -150,25 +142,24 @@ def test_finding_filters_list_and_export(f9, plugin_loaded, capsys, tmp_path):
     assert main(["lab", "export", "--out", str(f9), "--finding", "F9,F9", "--to",
                  str(dest)]) == 0
     assert len(dest.read_text().splitlines()) == 4
-    err = _err(["lab", "export", "--out", str(f9), "--finding", "F1", "--to", str(dest)],
-               capsys)
+    err = cli_error(["lab", "export", "--out", str(f9), "--finding", "F1", "--to", str(dest)])
     assert "no runs of F1" in err
 
 
-def test_unknown_finding_and_broken_plugins_exit_2_with_one_line(tmp_path, capsys):
+def test_unknown_finding_and_broken_plugins_exit_2_with_one_line(tmp_path, cli_error):
     for cmd in ("run", "report", "list", "export"):
-        err = _err(["lab", cmd, "--out", str(tmp_path), "--finding", "F1,F99"]
-                   + (["--suite", "smoke"] if cmd == "run" else []), capsys)
+        err = cli_error(["lab", cmd, "--out", str(tmp_path), "--finding", "F1,F99"]
+                   + (["--suite", "smoke"] if cmd == "run" else []))
         if cmd in ("run", "list"):  # report and export first say there are no runs
             assert "'F99'" in err and "F1, F2" in err and "--plugin" in err, err
     assert not (tmp_path / "runs.sqlite").exists()  # refused before anything was created
-    err = _err(["lab", "list", "--plugin", "no_such_module_xyz"], capsys)
+    err = cli_error(["lab", "list", "--plugin", "no_such_module_xyz"])
     assert "--plugin no_such_module_xyz failed to import" in err
     bad = tmp_path / "bad_plugin.py"
     bad.write_text("raise RuntimeError('boom\\nsecond line')\n")
-    err = _err(["lab", "list", "--plugin", str(bad)], capsys)
+    err = cli_error(["lab", "list", "--plugin", str(bad)])
     assert str(bad) in err and "RuntimeError: boom second line" in err
-    err = _err(["lab", "list", "--plugin", str(tmp_path / "missing.py")], capsys)
+    err = cli_error(["lab", "list", "--plugin", str(tmp_path / "missing.py")])
     assert "no such file" in err
     assert not any(n.startswith("causalmix_plugin_bad_plugin") for n in sys.modules)
 
