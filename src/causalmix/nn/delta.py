@@ -14,8 +14,9 @@ Two options (keyword arguments of :class:`DeltaMixer`; the defaults are Gated De
 each key near the positive orthant, where the keys of a narrow head are far from orthogonal),
 and ``conv_init="identity"`` starts the convolution as the identity (newest tap 1, older taps
 0) instead of a random kernel whose every tap is as strong as the newest (a blur of ``K``
-frames at initialisation). Lab finding F7 (MQAR, one key-value pair per frame, an 8 x 16
-state per head) runs the layer with both: with the defaults it stays near chance there.
+frames at initialisation). Lab finding F7 (MQAR with re-written keys, one write per frame,
+an 8 x 16 state per head) runs the layer with both: with the defaults it barely learned plain
+MQAR with 8-wide keys (see F7's history).
 Gates at initialisation as Mamba-2: ``dt`` log-uniform in ``[dt_min, dt_max]``, ``-A``
 evenly in ``[1, 16]`` over the heads.
 

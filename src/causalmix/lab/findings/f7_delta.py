@@ -56,7 +56,9 @@ re-writes the claim is about. First 3-seed run (8 keys, 400 steps, lr 3e-3; stop
 15 runs): delta 1.000 / 0.994 / 0.669 at 32 writes (seed 2 still rising at step 400), gated
 delta 1.000 / 0.997 / 0.228 (seed 2 stuck near 0.3 validation accuracy); seed 2 at 600 steps:
 delta 0.904, gated delta 0.343; at lr 5e-3: gated delta 1.000 after 300 steps (kept, with 600
-steps, for every arm).
+steps, for every arm). The 3-seed default suite from a clean clone (2026-12-02, e25238a),
+accuracy at 32 writes: delta 0.985, gated delta 1.000, nn Gated DeltaNet 0.999, gated linear
+0.769 (margins over the 0.2 asked: +0.016, +0.031, +0.030), softmax 0.986.
 """
 
 from __future__ import annotations

@@ -33,7 +33,10 @@ gated with d_model 32: 0.785 / 0.793 (not kept). Lookahead 4 gains nothing over 
 run per mixer and seed: k = 2. Until session 3 F8 ran 300 steps and a gated full arm: about 6
 of the default suite's 17-18 minutes (30 runs, and a walk of Lib/ that took 20-60 s of it);
 for the 15-minute budget it runs 180 steps and no gated full arm (27 runs), and the walk
-visits statements only and skips the test folders.
+visits statements only and skips the test folders. The 3-seed default suite from a clean clone
+(2026-12-02, e25238a): word accuracy causal to lookahead 2, softmax 0.789 to 0.799, gated 0.789
+to 0.802; the best adaptive point 0.795 at 0.54 words of mean lookahead, 0.0005 below the fixed
+frontier (within the one standard error the rule allows).
 """
 
 from __future__ import annotations
