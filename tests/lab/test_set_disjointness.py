@@ -84,6 +84,64 @@ def test_set_disjointness_bidirectional_reader_without_positions_is_order_invari
     assert not torch.allclose(c[:16, asked], c[16:, asked], atol=1e-3)
 
 
+@pytest.mark.parametrize("ask", ["second", "small"])
+def test_set_disjointness_same_tokens_write_both_sets_alike(ask):
+    """``same_tokens``: both sets from one alphabet ``[2, 2 + N)`` (a shared element is one
+    token twice), the questions after it; every label still matches the brute-force solver."""
+    t = SetDisjointness(num_elements=12, small=3, large=6, shared=2, num_train=80, num_test=20,
+                        ask=ask, label_first=True, same_tokens=True)
+    q = 3 if ask == "small" else 0
+    assert t.vocab_size == 2 + (2 if q else 1) * 12
+    d = t.build(1)
+    plain = SetDisjointness(num_elements=12, small=3, large=6, shared=2, num_train=80,
+                            num_test=20, ask=ask, label_first=True).build(1)
+    for part, ref, train in ((d.train, plain.train, True), (d.test, plain.test, False)):
+        x, y = part["inputs"], part["targets"]
+        assert torch.equal(y, ref["targets"]) and torch.equal(part["order"], ref["order"])
+        sets = x[:, :10][x[:, :10] != t.SEP].view(-1, 9)  # both sets, without SEP
+        assert bool(((sets >= 2) & (sets < 2 + 12)).all())
+        assert bool((x[:, 10:] >= 2 + 12).all()) and x.max() < t.vocab_size  # the questions
+        for i in range(x.shape[0]):
+            assert y[i].tolist() == t.solve(x[i].tolist(), train=train)
+            first, second = (x[i, :3], x[i, 4:10]) if part["order"][i] == 0 else (
+                x[i, :6], x[i, 7:10])
+            twice = torch.isin(second, first).long()  # label 1 where the token occurs twice
+            if train or ask == "second":
+                assert torch.equal(y[i, 10 - len(second):10], twice)
+            assert int(twice.sum()) == 2
+
+
+def test_set_disjointness_same_tokens_prefix_reader_answers_shared_elements_alike():
+    """What F2's prefix arm rests on with ``same_tokens``: a linear model without positional
+    encoding reading the whole sequence gives an element the same output in both orders, so
+    its predictions at the shared elements (the label-1 questions, the same elements in both
+    orders) are identical; a causal one's are not."""
+    t = SetDisjointness(num_elements=12, small=3, large=6, shared=2, num_train=8, num_test=16,
+                        same_tokens=True)
+    test = t.build(0).test
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_name("tiny-linear", **t.io(), d_model=16, feature_dim=2, decay=None,
+                                impl="reference")
+
+    def at_shared(scheme):
+        """``[2, 16, 2, 2]``: per order and example, the outputs at the shared elements of
+        the second set, sorted by token."""
+        exp = Experiment(finding="F2", arm=scheme, task=t, model=cfg, scheme=scheme)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            out = exp.forward(SequenceModel(cfg), test)
+        sel = t.scored(test) & (test["targets"] == 1)
+        tok = test["inputs"].masked_fill(~sel, 10 ** 6).sort(1)
+        return out.gather(1, tok.indices[:, :2, None].expand(-1, -1, 2)).view(2, 16, 2, 2), \
+            tok.values[:, :2].view(2, 16, 2)
+
+    pre, tokens = at_shared("prefix")
+    assert torch.equal(tokens[0], tokens[1])  # the same shared elements in both orders
+    torch.testing.assert_close(pre[0], pre[1], atol=1e-5, rtol=0)
+    cau, _ = at_shared("causal")
+    assert not torch.allclose(cau[0], cau[1], atol=1e-3)
+
+
 def test_set_disjointness_label_first_labels_both_sets_in_training_only():
     t = SetDisjointness(num_elements=12, small=3, large=6, shared=2, num_train=80, num_test=20,
                         label_first=True)

@@ -45,20 +45,31 @@ class SetDisjointness(Split):
     (the same sets, the same order within each set: only which set comes first changes), so
     that the two orders are a paired comparison. Elements of the large set are written as
     tokens ``2 + e``, those of the small set ``2 + num_elements + e`` (which set a token
-    belongs to is in the token; *where* the set sits is the order). Token 0 is ``SEP`` (1 is
-    unused). ``prefix_len`` is the whole sequence.
+    belongs to is in the token; *where* the set sits is the order). With ``same_tokens=True``
+    both sets are written ``2 + e`` (as in JRT's own task: two sets from one vocabulary
+    separated by ``SEP``): a shared element is then the same token twice, and a reader
+    without positions that sees the whole sequence gives an element the same output in both
+    orders. Token 0 is ``SEP`` (1 is unused). ``prefix_len`` is the whole sequence.
 
     What is asked (``ask``): ``"second"``: every element of the second set, labelled 1 (also
     in the first set) or 0; a causal recurrent reader must hold the whole first set in its
     state to answer (JRT's argument), and the questions differ by order. ``"small"``: after
     both sets, ``small`` question tokens ``2 + 2 num_elements + e`` (the small set's elements
-    again, in a fresh random order), each labelled with its membership in the large set; only
+    again, in a fresh random order; ``2 + num_elements + e`` with ``same_tokens``), each
+    labelled with its membership in the large set; only
     they are scored (the training split also labels the second set). The questions, and the
     tokens as a multiset, are the same in both orders, so a reader without positions that
     sees the whole sequence answers both alike; a causal one has seen both sets when it
     answers, and the order changes only what it must store on the way (small first: the small
     set, then a mark on each shared element of the large set as it passes; large first: the
     large set).
+
+    With ``same_tokens`` and ``ask="second"`` the order changes the questions but not their
+    kind: a label is 1 exactly where the element's token occurs twice. The label-1 positions
+    (the shared elements) are the same elements in both orders, and the label-0 ones (the
+    second set's once-only elements: 16 or 4 of them) are exchangeable given the tokens, so a
+    position-free bidirectional reader's expected order effect is 0 (only sampling noise
+    remains), while a causal one still stores the first set (4 or 16 elements).
 
     ``label_first=True`` also labels, in the training split only, every element of the first
     set with its membership in the second (a causal reader cannot know it, a bidirectional
@@ -73,6 +84,12 @@ class SetDisjointness(Split):
                        targets   .  .  .  1 0 0
         ask "small"    inputs   11 14  0  6 8 2  22 19
                        test      .  .  .  . . .   1  0     (training: also 1 0 0 at 6 8 2)
+
+    With ``same_tokens`` (set tokens 2..9, questions 10..17) the same example reads::
+
+        ask "second"   inputs    3  6  0  6 8 2
+                       targets   .  .  .  1 0 0
+        ask "small"    inputs    3  6  0  6 8 2  14 11
     """
 
     num_elements: int = 32
@@ -81,6 +98,7 @@ class SetDisjointness(Split):
     shared: int = 2
     label_first: bool = False
     ask: str = "second"  # "second" or "small" (see above)
+    same_tokens: bool = False  # both sets written 2 + e (see above)
 
     group_key = "order"
     kind = "classification"
@@ -106,7 +124,8 @@ class SetDisjointness(Split):
 
     @property
     def vocab_size(self) -> int:
-        return 2 + (3 if self.ask == "small" else 2) * self.num_elements
+        alphabets = (1 if self.same_tokens else 2) + (self.ask == "small")
+        return 2 + alphabets * self.num_elements
 
     def _sets(self, n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
         s, big, c, e = self.small, self.large, self.shared, self.num_elements
@@ -129,8 +148,9 @@ class SetDisjointness(Split):
         in_small, in_large = member(large, small), member(small, large)
         second = train or self.ask == "second"
         sep = torch.full((n, 1), self.SEP, dtype=torch.int64)
-        sf = torch.cat([small + 2 + e, sep, large + 2], dim=1)
-        lf = torch.cat([large + 2, sep, small + 2 + e], dim=1)
+        at = 2 if self.same_tokens else 2 + e  # the small set's first token
+        sf = torch.cat([small + at, sep, large + 2], dim=1)
+        lf = torch.cat([large + 2, sep, small + at], dim=1)
         sf_y = torch.cat([in_large if train and self.label_first else ignore(s), ignore(1),
                           in_small if second else ignore(big)], dim=1)
         lf_y = torch.cat([in_small if train and self.label_first else ignore(big), ignore(1),
@@ -138,7 +158,7 @@ class SetDisjointness(Split):
         first = order[:, None] == 0
         inputs, targets = torch.where(first, sf, lf), torch.where(first, sf_y, lf_y)
         if self.ask == "small":
-            inputs = torch.cat([inputs, asked + 2 + 2 * e], dim=1)
+            inputs = torch.cat([inputs, asked + self.vocab_size - e], dim=1)
             targets = torch.cat([targets, member(asked, large)], dim=1)
         return {"inputs": inputs, "targets": targets,
                 "prefix_len": torch.full((n,), self.seq_len, dtype=torch.int64),
@@ -162,7 +182,7 @@ class SetDisjointness(Split):
         decode = lambda tok: (tok - 2) % e  # noqa: E731  (the element of any token)
         first = [decode(t) for t in inputs[:sep]]
         second = [decode(t) for t in inputs[sep + 1:n_sets]]
-        large = set(first if inputs[0] < 2 + e else second)
+        large = set(first if sep == self.large else second)  # by its length
         head = ([int(x in second) for x in first] if train and self.label_first
                 else [IGNORE] * sep)
         tail = ([int(x in first) for x in second] if train or self.ask == "second"
