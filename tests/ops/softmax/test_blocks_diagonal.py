@@ -184,3 +184,25 @@ def test_fused_kernel_runs_only_in_worker_threads():
     finally:
         _diagonal.FLASH, _diagonal.FLASH_BACKWARD = real
         torch.set_num_threads(before)
+
+
+class _Gapped(Causal):
+    """A spec whose middle rows see nothing: queries [0, 100) and [200, 300) as ``Segments &
+    Causal`` with documents of 100, queries [100, 200) see no key (``key_range`` says so)."""
+
+    def visible(self, b, i, j):
+        mid = (i >= 100) & (i < 200)
+        return (j <= i) & (j // 100 == i // 100) & ~mid
+
+    def key_range(self, i):
+        lo = i // 100 * 100
+        mid = (i >= 100) & (i < 200)
+        return type(super().key_range(i))(lo, torch.where(mid, lo - 1, i))
+
+
+def test_equal_runs_apart_are_not_batched():
+    spec = _Gapped()
+    diag = _diag(spec, 300, 300)
+    assert diag is not None and [(c.r0, c.n) for c in diag.calls[0]] == [(0, 1), (200, 1)]
+    for with_lse in (False, True):
+        check_impl("blocks", spec, tq=300, tk=300, hq=2, hkv=2, d=16, dv=16, with_lse=with_lse)

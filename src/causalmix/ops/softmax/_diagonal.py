@@ -169,8 +169,8 @@ def _calls(runs, tq: int, *, split: bool) -> tuple[Call, ...]:
     groups: list[list] = []  # [r0, rows, n, parts]
     for r0, r1, parts in runs:
         last = groups[-1] if groups else None
-        if last is not None and last[1] == r1 - r0 and last[3] == parts \
-                and all(p.width <= r1 - r0 for p in parts):
+        if last is not None and last[0] + last[1] * last[2] == r0 and last[1] == r1 - r0 \
+                and last[3] == parts and all(p.width <= r1 - r0 for p in parts):
             last[2] += 1
         elif parts:
             groups.append([r0, r1 - r0, 1, parts])
