@@ -15,6 +15,10 @@ nothing but the output and the lse is saved for the backward besides the inputs.
 Band row blocks (``Window``-like specs) run as batched products over a strided view of the keys
 (:mod:`causalmix.ops.softmax._band`), in PyTorch's fused CPU attention kernel where queries and
 values share a head size.
+Specs whose rows are a few runs of rectangles and causal squares (``Causal``, ``Prefix``,
+``Segments & Causal``, ``Segments & Full``) run as a few calls of that fused kernel instead of
+tiles, where it can serve the call (:mod:`causalmix.ops.softmax._diagonal`): documents of one
+length are one call; partial results merge by log-sum-exp.
 
 Work is split into *units* (one example, some kv heads). On a multi-threaded CPU the units run in
 worker threads whose own ops run single-threaded (``_run_units``,
@@ -39,7 +43,7 @@ from typing import NamedTuple
 import torch
 
 from causalmix.checks import compute_dtype
-from causalmix.ops.softmax import _band, _plan, _workers
+from causalmix.ops.softmax import _band, _diagonal, _plan, _workers
 from causalmix.ops.softmax._call import Call, overflow_reason
 from causalmix.ops.softmax._plan import Block, Geometry, Heads, Piece, Plan, Rect, Sizes
 from causalmix.visibility import Visibility
@@ -153,8 +157,11 @@ class _Fwd(NamedTuple):
     lse2: torch.Tensor  # [nh, Tq * G], written (base 2)
 
 
-def _forward_rows(t: _Fwd, plan: Plan, opts: _Opts, unit: _Unit) -> None:
-    """Every row block of one unit."""
+def _forward_rows(t: _Fwd, plan: Plan | _diagonal.Diagonal, opts: _Opts, unit: _Unit) -> None:
+    """Every row block of one unit (or the diagonal plan's kernel calls)."""
+    if isinstance(plan, _diagonal.Diagonal):
+        _diagonal.forward(t, plan, unit.b, opts.scale)
+        return
     q, kf, vf, out, lse2 = t
     visibility, alpha = opts.visibility, opts.scale * _LOG2E
     nu = q.shape[0]
@@ -195,8 +202,11 @@ class _Bwd(NamedTuple):
     fused: bool  # the fused kernel's backward may serve the band (no dlse, no overflow)
 
 
-def _backward_rows(t: _Bwd, plan: Plan, opts: _Opts, unit: _Unit) -> None:
-    """Every row block's contributions to one unit's dq, dk, dv."""
+def _backward_rows(t: _Bwd, plan: Plan | _diagonal.Diagonal, opts: _Opts, unit: _Unit) -> None:
+    """Every row block's contributions to one unit's dq, dk, dv (or the diagonal plan's)."""
+    if isinstance(plan, _diagonal.Diagonal):
+        _diagonal.backward(t, plan, unit.b)
+        return
     visibility = opts.visibility
     nu = t.q.shape[0]
     g = t.q.shape[1] // max(1, plan.geo.tq)
@@ -245,15 +255,20 @@ def _run_units(fn, args: tuple, units: list[_Unit], device: torch.device) -> Non
     """``fn(*args, unit)`` for every unit: on a multi-threaded CPU in the single-threaded workers
     of :mod:`causalmix.ops.softmax._workers` (one fork and join per call), else in the calling
     thread. No process-wide setting changes either way."""
-    threads = torch.get_num_threads()
-    pool = None
-    if device.type == "cpu" and threads > 1 and len(units) > 1:
-        pool = _workers.pool(threads)
+    pool = _pool(units, device)
     if pool is None:
         for unit in units:
             fn(*args, unit)
     else:
         pool.map(_without_grad, [(fn, *args, unit) for unit in units])
+
+
+def _pool(units: list[_Unit], device: torch.device):
+    """The worker pool that runs ``units``, or None (they run in the calling thread)."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and threads > 1 and len(units) > 1:
+        return _workers.pool(threads)
+    return None
 
 
 def _without_grad(fn, *args) -> None:
@@ -282,6 +297,22 @@ def _plan_for(q: torch.Tensor, k: torch.Tensor, opts: _Opts) -> Plan:
     rows = _plan.row_size(opts.visibility, geo, heads, cols)
     sizes = Sizes(rows, cols, _plan.piece_keys(heads, rows, cols), compute_dtype(q), q.device)
     return _plan.plan(opts.visibility, geo, sizes)
+
+
+def _diagonal_for(ins: tuple, opts: _Opts, units: list[_Unit]) -> _diagonal.Diagonal | None:
+    """The call's diagonal plan where the fused kernel may serve it (CPU, fp32 / fp64 math, one
+    head size for queries and values, no score that may overflow) from worker threads or a
+    single-threaded caller (never from a caller with intra-op threads: see ``_band``), else
+    None."""
+    q, k, v = ins
+    if not (opts.fused and q.device.type == "cpu" and _band.FLASH is not None
+            and compute_dtype(q) in (torch.float32, torch.float64)
+            and q.shape[-1] == v.shape[-1]):
+        return None
+    if torch.get_num_threads() > 1 and _pool(units, q.device) is None:
+        return None
+    return _diagonal.plan(opts.visibility, Geometry(q.shape[1], k.shape[1], opts.q_offset,
+                                                    opts.k_offset))
 
 
 def _heads(x: torch.Tensor, unit: _Unit, g: int) -> torch.Tensor:
@@ -373,7 +404,6 @@ class _BlockAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v, opts: _Opts):
-        plan = _plan_for(q, k, opts)
         b, tq, hq, _ = q.shape
         hkv, dv = k.shape[2], v.shape[3]
         cd, dev = compute_dtype(q), q.device
@@ -382,6 +412,7 @@ class _BlockAttention(torch.autograd.Function):
         out_c = o if _direct(q) else torch.empty(b, tq, hq, dv, dtype=cd, device=dev)
         lse2 = torch.empty(b, hkv, tq * (hq // hkv), dtype=cd, device=dev)
         units = _units(b, hkv, opts.visibility.batch_size is not None, torch.get_num_threads())
+        plan = _diagonal_for((q, k, v), opts, units) or _plan_for(q, k, opts)
         _run_units(_forward_unit, ((q, k, v), opts, plan, (o, lse, out_c, lse2)), units, dev)
         return o, lse, (o.new_empty(0) if out_c is o else out_c), lse2
 
@@ -392,7 +423,6 @@ class _BlockAttention(torch.autograd.Function):
         ctx.mark_non_differentiable(out_c, lse2)
         ctx.save_for_backward(q, k, v, o if _direct(q) else out_c, lse2)
         ctx.opts = opts
-        ctx.plan = _plan_for(q, k, opts)
 
     @staticmethod
     def backward(ctx, d_out, d_lse, *_):
@@ -401,7 +431,11 @@ class _BlockAttention(torch.autograd.Function):
                       for x in (q, k, v))
         units = _units(q.shape[0], k.shape[2], ctx.opts.visibility.batch_size is not None,
                        torch.get_num_threads())
-        _run_units(_backward_unit, ((q, k, v), (d_out, d_lse), ctx.opts, ctx.plan,
+        # The fused kernel's backward takes no lse gradient: the tile plan serves one (its
+        # math needs only the output and the lse, whichever plan made them).
+        plan = (_diagonal_for((q, k, v), ctx.opts, units) if d_lse is None else None) \
+            or _plan_for(q, k, ctx.opts)
+        _run_units(_backward_unit, ((q, k, v), (d_out, d_lse), ctx.opts, plan,
                                     (out_c, lse2, dq, dk, dv)), units, q.device)
         return dq, dk, dv, None
 
