@@ -80,12 +80,12 @@ trained to saturation on the default knobs (no early stop before 0.9995, 2000 st
 a run): seeds 0 / 1 / 2 differences 0.0014 / 0.0009 / 0.0005, mean 0.0009 (standard error
 0.0003), still more than 2 standard errors from 0: the two orders ask different questions (is
 a large-set element in the small set, is a small-set element in the large set), and the second
-is a little harder for the trained reader, however long it trains. One alphabet with only the first 4
-elements of the second set scored in both orders (so that a causal reader holds 4 to 7
-elements when it answers small-first and 16 to 19 large-first; causal arm, seed 0, 2000 steps):
-32 elements 1.000 / 0.992, 64 0.993 / 0.940, 128 0.964 / 0.864; with a large set of 32 (64
-elements) 0.904 / 0.874, of 48 (128 elements) 0.655 / 0.667: the causal arm's difference stays
-below 0.1.
+is a little harder for the trained reader, however long it trains. One alphabet with only the
+first 4 elements of the second set scored in both orders (so that a causal reader holds 4 to 7
+elements when it answers small-first and 16 to 19 large-first; causal arm, seed 0, 2000
+steps): 32 elements 1.000 / 0.992, 64 0.993 / 0.940, 128 0.964 / 0.864; with a large set of
+32 (64 elements) 0.904 / 0.874, of 48 (128 elements) 0.655 / 0.667: the causal arm's
+difference stays below 0.1.
 """
 
 from __future__ import annotations
