@@ -206,3 +206,15 @@ def test_equal_runs_apart_are_not_batched():
     assert diag is not None and [(c.r0, c.n) for c in diag.calls[0]] == [(0, 1), (200, 1)]
     for with_lse in (False, True):
         check_impl("blocks", spec, tq=300, tk=300, hq=2, hkv=2, d=16, dv=16, with_lse=with_lse)
+
+
+def test_diagonal_plan_declined_for_tiny_calls():
+    """Many tiny kernel calls cost more than tiles: short per-example prefixes (in-context
+    regression at T = 24) and any call whose calls average under MIN_PAIRS_PER_CALL pairs."""
+    assert _diag(Prefix(torch.arange(1, 17)), 24, 24) is None
+    assert _diag(Causal(), 24, 24) is None
+    assert _diag(_docs((8, 9) * 8, Causal()), 136, 136) is None  # 16 calls of 8 or 9 squared
+    assert _diag(_docs((8,) * 16, Causal()), 128, 128) is not None  # one call: 16 x 8 x 8
+    assert _diag(_docs((64,) * 4, Causal()), 256, 256) is not None  # one call of 4 x 64 x 64
+    check_impl("blocks", Prefix(torch.arange(3, 19)[:2]), b=2, tq=24, tk=24, hq=2, hkv=2, d=16,
+               dv=16, with_lse=True)

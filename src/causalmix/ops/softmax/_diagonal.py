@@ -49,6 +49,10 @@ from causalmix.ops.softmax._plan import Geometry
 from causalmix.visibility import Visibility
 
 MAX_RUNS = 32  # more runs than this (chunks, windows): the tile plan serves the spec
+#: Score pairs a kernel call must compute on average for the plan to pay: one call costs about as
+#: much as this much work, so plans of many tiny calls (short sequences with a per-example
+#: prefix, e.g. in-context regression at T = 24: 2x slower than tiles) run as tiles.
+MIN_PAIRS_PER_CALL = 1024
 _LN2 = math.log(2.0)
 _PLANS: LRUCache = LRUCache(32)
 
@@ -98,7 +102,7 @@ def plan(visibility: Visibility, geo: Geometry) -> Diagonal | None:
 
 def _make(visibility: Visibility, geo: Geometry) -> Diagonal | bool:
     """The plan, or False (cached as a refusal)."""
-    if geo.tq == 0 or geo.tk == 0:
+    if geo.tq * geo.tk < MIN_PAIRS_PER_CALL:  # no call could average enough (and no planning)
         return False
     i = torch.arange(geo.q_offset, geo.q_offset + geo.tq)
     kr = visibility.key_range(i)
@@ -116,6 +120,9 @@ def _make(visibility: Visibility, geo: Geometry) -> Diagonal | bool:
             return False
         fwd.append(_calls(runs, geo.tq, split=False))
         bwd.append(_calls(runs, geo.tq, split=True))
+    calls = [c for example in fwd for c in example]
+    if sum(c.n * c.rows * c.width for c in calls) < MIN_PAIRS_PER_CALL * len(calls):
+        return False
     return Diagonal(tuple(fwd), tuple(bwd), geo.tq)
 
 
