@@ -85,10 +85,12 @@ def forward(t, plan: Plan, alpha: float) -> None:
             t.lse2[u, rr] = (m + l.log2()).view(-1)
 
 
-def fused(q: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the band runs in PyTorch's fused CPU attention kernel (device, dtype, and one head
-    size for queries and values)."""
-    return q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) \
+def fused(q: torch.Tensor, v: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether PyTorch's fused CPU attention kernel can run rows of ``q`` against values ``v``
+    computed in ``dtype`` (default ``q``'s): device, dtype, one head size for queries and
+    values. The band and the diagonal plan both ask it."""
+    dtype = q.dtype if dtype is None else dtype
+    return q.device.type == "cpu" and dtype in (torch.float32, torch.float64) \
         and q.shape[-1] == v.shape[-1] and FLASH is not None
 
 

@@ -46,6 +46,7 @@ from causalmix.caching import LRUCache
 from causalmix.ops.softmax._band import FLASH, FLASH_BACKWARD
 from causalmix.ops.softmax._call import SpecKey
 from causalmix.ops.softmax._plan import Geometry
+from causalmix.ops.softmax.merge import merge_softmax
 from causalmix.visibility import Visibility
 
 MAX_RUNS = 32  # more runs than this (chunks, windows): the tile plan serves the spec
@@ -286,13 +287,10 @@ def forward(t, diag: Diagonal, b: int, scale: float) -> None:
             o_p, l_p = FLASH(_q_view(t.q[u], c, g), _kv(t.k[u], c, g), _kv(t.v[u], c, g), 0.0,
                              c.causal, scale=scale)
             o_t, l_t = _q_view(t.out[u], c, g), _lse_view(lse, c, g)
-            if c.first:
-                o_t.copy_(o_p)
-                l_t.copy_(l_p)
-                continue
-            new = torch.logaddexp(l_t, l_p)
-            o_t.mul_((l_t - new).exp_()[..., None]).addcmul_(o_p, (l_p - new).exp_()[..., None])
-            l_t.copy_(new)
+            if not c.first:  # rows an earlier call saw: the union of both calls' keys
+                o_p, l_p = merge_softmax(o_t, l_t, o_p, l_p)
+            o_t.copy_(o_p)
+            l_t.copy_(l_p)
         lse.mul_(1.0 / _LN2)
 
 

@@ -305,9 +305,7 @@ def _diagonal_for(ins: tuple, opts: _Opts, units: list[_Unit]) -> _diagonal.Diag
     single-threaded caller (never from a caller with intra-op threads: see ``_band``), else
     None."""
     q, k, v = ins
-    if not (opts.fused and q.device.type == "cpu" and _band.FLASH is not None
-            and compute_dtype(q) in (torch.float32, torch.float64)
-            and q.shape[-1] == v.shape[-1]):
+    if not (opts.fused and _band.fused(q, v, compute_dtype(q))):
         return None
     if torch.get_num_threads() > 1 and _pool(units, q.device) is None:
         return None
