@@ -326,6 +326,8 @@ def test_f2_to_f4_rules():
     assert j.notes[1] == ("Margins (positive: met): causal over 0.15 +0.0500; causal over 3 "
                           "standard errors +0.1654; prefix within 2 standard errors +0.0143; "
                           "prefix under 0.03 +0.0267.")
+    # the ASK question: the prefix arm answers alike in both orders, a difference of exactly 0
+    assert f2({cau: sd([0.33, 0.285, 0.204]), pre: sd([0.0, 0.0, 0.0])}).holds is True
     assert f2({cau: sd([0.2])}).holds is None
 
     def icl(curve_by_seed):
@@ -341,9 +343,14 @@ def test_f2_to_f4_rules():
     # prefix keeps improving (0.2 -> 0.05), causal plateaus (0.12 -> 0.1): holds
     assert f3({"prefix-LM": icl(curve(0.2, 0.05)),
                "causal-LM": icl(curve(0.12, 0.1))}).holds is True
-    # lower at 16, but causal improves as much as prefix over the last doubling: no plateau
+    # lower at 16, but causal improves at prefix's rate over the last doubling (both fall by
+    # a factor of 4, causal from higher up, so more in absolute MSE): no plateau
     assert f3({"prefix-LM": icl(curve(0.2, 0.05)),
-               "causal-LM": icl(curve(0.25, 0.09))}).holds is False
+               "causal-LM": icl(curve(0.3, 0.075))}).holds is False
+    # the improvement is the fall in log MSE: causal 0.25 -> 0.09 falls more MSE than prefix
+    # 0.2 -> 0.05 but by a factor of 2.8 against 4, a slower rate: holds
+    j = f3({"prefix-LM": icl(curve(0.2, 0.05)), "causal-LM": icl(curve(0.25, 0.09))})
+    assert j.holds is True and "fall in log MSE" in j.numbers and "MSE falls" in j.numbers
     # plateau, but the intervals at 16 overlap
     assert f3({"prefix-LM": icl(curve(0.2, 0.05, (0.0, 0.05, -0.05))),
                "causal-LM": icl(curve(0.08, 0.07, (0.0, 0.05, -0.05)))}).holds is False

@@ -188,3 +188,64 @@ def test_set_disjointness_balanced_accuracy():
     assert m["balanced_accuracy_by_order"] == {0: 0.5, 1: 0.5}
     perfect = torch.nn.functional.one_hot(tgt.clamp(min=0), 2).float()
     assert t.metrics(perfect, data)["score"] == 1.0
+
+
+@pytest.mark.parametrize("label_first", [False, True])
+def test_set_disjointness_disjoint_question_matches_brute_force(label_first):
+    """``ask="disjoint"``: one ``ASK`` token after both sets, 1 when they share an element;
+    half the examples share ``shared`` elements, half none; the test scores ``ASK`` only,
+    training also labels the second set (and the first with ``label_first``)."""
+    t = SetDisjointness(num_elements=12, small=3, large=6, shared=2, num_train=200,
+                        num_test=40, ask="disjoint", label_first=label_first)
+    d = t.build(4)
+    assert t.seq_len == 3 + 6 + 2 and t.vocab_size == 2 + 2 * 12
+    for part, train in ((d.train, True), (d.test, False)):
+        x, y, order = part["inputs"], part["targets"], part["order"]
+        assert x.shape == y.shape == (x.shape[0], t.seq_len) and x.max() < t.vocab_size
+        assert bool((x[:, -1] == t.ASK).all()) and not bool((x[:, :-1] == t.ASK).any())
+        assert torch.equal(t.scored(part), (torch.arange(t.seq_len) == t.seq_len - 1)
+                           .expand_as(x))
+        for i in range(x.shape[0]):
+            assert y[i].tolist() == t.solve(x[i].tolist(), train=train)
+            n_first = 3 if order[i] == 0 else 6
+            a = set(((x[i, :n_first] - 2) % 12).tolist())
+            b = set(((x[i, n_first + 1:-1] - 2) % 12).tolist())
+            assert len(a) == n_first and len(b) == 9 - n_first
+            assert len(a & b) in (0, 2) and int(y[i, -1]) == int(bool(a & b))
+            lab = (y[i, :-1] != IGNORE)
+            expect = (9 - n_first if train else 0) + (n_first if train and label_first else 0)
+            assert int(lab.sum()) == expect
+        shares = float(y[:, -1].float().mean())
+        assert 0.3 < shares < 0.7
+    sf, lf = d.test["inputs"][:40], d.test["inputs"][40:]  # paired: the same sets
+    assert torch.equal(sf[:, :3], lf[:, 7:10]) and torch.equal(sf[:, 4:10], lf[:, :6])
+    assert torch.equal(d.test["targets"][:40, -1], d.test["targets"][40:, -1])
+    with pytest.raises(ValueError, match="num_elements"):
+        SetDisjointness(num_elements=8, small=3, large=6, shared=1, ask="disjoint")
+
+
+def test_set_disjointness_disjoint_question_prefix_reader_answers_alike():
+    """The question is one token, the same in both orders: a bidirectional reader without
+    positions gives it the same output in both orders (F2's prefix arm's difference is 0 by
+    construction); a causal reader does not; a perfect answer at ASK scores 1 whatever the
+    set positions hold."""
+    t = SetDisjointness(num_elements=12, small=3, large=6, shared=2, num_train=8, num_test=16,
+                        ask="disjoint")
+    test = t.build(0).test
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_name("tiny-linear", **t.io(), d_model=16, feature_dim=2, decay=None,
+                                impl="reference")
+    model = SequenceModel(cfg)
+    with torch.no_grad():
+        pre = Experiment(finding="F2", arm="p", task=t, model=cfg, scheme="prefix").forward(
+            model, test)
+        cau = Experiment(finding="F2", arm="c", task=t, model=cfg, scheme="causal").forward(
+            model, test)
+    torch.testing.assert_close(pre[16:, -1], pre[:16, -1], atol=1e-5, rtol=0)
+    assert not torch.allclose(cau[16:, -1], cau[:16, -1], atol=1e-3)
+    out = torch.nn.functional.one_hot(test["targets"].clamp(min=0), 2).float()
+    out[:, :-1] = out[:, :-1].flip(-1)
+    m = t.metrics(out, test)
+    assert m["balanced_accuracy"] == 1.0 and m["balanced_accuracy_by_order"] == {0: 1.0, 1: 1.0}
+    out[:, -1] = out[:, -1].flip(-1)
+    assert t.metrics(out, test)["balanced_accuracy"] == 0.0

@@ -49,7 +49,8 @@ class SetDisjointness(Split):
     both sets are written ``2 + e`` (as in JRT's own task: two sets from one vocabulary
     separated by ``SEP``): a shared element is then the same token twice, and a reader
     without positions that sees the whole sequence gives an element the same output in both
-    orders. Token 0 is ``SEP`` (1 is unused). ``prefix_len`` is the whole sequence.
+    orders. Token 0 is ``SEP``, 1 ``ASK`` (``ask="disjoint"`` only). ``prefix_len`` is the
+    whole sequence.
 
     What is asked (``ask``): ``"second"``: every element of the second set, labelled 1 (also
     in the first set) or 0; a causal recurrent reader must hold the whole first set in its
@@ -63,6 +64,15 @@ class SetDisjointness(Split):
     answers, and the order changes only what it must store on the way (small first: the small
     set, then a mark on each shared element of the large set as it passes; large first: the
     large set).
+
+    ``"disjoint"`` (JRT's own question): after both sets, one ``ASK`` token (token 1) labelled
+    1 if the sets share an element, 0 if they are disjoint; half the examples share
+    ``shared`` elements, the other half none (needs ``small + large <= num_elements``). Only
+    ``ASK`` is scored (the training split also labels the second set, as for ``"small"``). The
+    question is one token, the same in both orders: a reader without positions that sees the
+    whole sequence gives it the same answer in both; a causal one must have decided, while the
+    second set passed, whether any of its elements was in the first, and so must have held the
+    first set (4 elements small first, 16 large first).
 
     With ``same_tokens`` and ``ask="second"`` the order changes the questions but not their
     kind: a label is 1 exactly where the element's token occurs twice. The label-1 positions
@@ -84,6 +94,8 @@ class SetDisjointness(Split):
                        targets   .  .  .  1 0 0
         ask "small"    inputs   11 14  0  6 8 2  22 19
                        test      .  .  .  . . .   1  0     (training: also 1 0 0 at 6 8 2)
+        ask "disjoint" inputs   11 14  0  6 8 2  1
+                       test      .  .  .  . . .  1         (training: also 1 0 0 at 6 8 2)
 
     With ``same_tokens`` (set tokens 2..9, questions 10..17) the same example reads::
 
@@ -97,13 +109,13 @@ class SetDisjointness(Split):
     large: int = 16
     shared: int = 2
     label_first: bool = False
-    ask: str = "second"  # "second" or "small" (see above)
+    ask: str = "second"  # "second", "small" or "disjoint" (see above)
     same_tokens: bool = False  # both sets written 2 + e (see above)
 
     group_key = "order"
     kind = "classification"
-    SEP = 0
-    ASKS = ("second", "small")
+    SEP, ASK = 0, 1
+    ASKS = ("second", "small", "disjoint")
 
     def __post_init__(self):
         _check_pos(self, "num_elements", "small", "large", "shared", "num_train", "num_test")
@@ -117,10 +129,15 @@ class SetDisjointness(Split):
         if self.ask not in self.ASKS:
             raise ValueError(f"SetDisjointness.ask must be one of {list(self.ASKS)}, got "
                              f"{self.ask!r}")
+        if self.ask == "disjoint" and self.small + self.large > self.num_elements:
+            raise ValueError(f"ask='disjoint' draws disjoint sets: small + large "
+                             f"({self.small + self.large}) must fit in num_elements "
+                             f"({self.num_elements})")
 
     @property
     def seq_len(self) -> int:
-        return self.small + self.large + 1 + (self.small if self.ask == "small" else 0)
+        asked = {"second": 0, "small": self.small, "disjoint": 1}[self.ask]
+        return self.small + self.large + 1 + asked
 
     @property
     def vocab_size(self) -> int:
@@ -129,8 +146,15 @@ class SetDisjointness(Split):
 
     def _sets(self, n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
         s, big, c, e = self.small, self.large, self.shared, self.num_elements
-        pick = torch.argsort(torch.rand(n, e, generator=g), dim=1)[:, :s + big - c]
-        small, large = pick[:, :s], torch.cat([pick[:, :c], pick[:, s:]], dim=1)
+        if self.ask == "disjoint":  # half the examples share c elements, half none
+            pick = torch.argsort(torch.rand(n, e, generator=g), dim=1)[:, :s + big]
+            shares = torch.randint(0, 2, (n, 1), generator=g).bool()
+            small = pick[:, :s]
+            large = torch.where(shares, torch.cat([pick[:, :c], pick[:, s:s + big - c]], 1),
+                                pick[:, s:])
+        else:
+            pick = torch.argsort(torch.rand(n, e, generator=g), dim=1)[:, :s + big - c]
+            small, large = pick[:, :s], torch.cat([pick[:, :c], pick[:, s:]], dim=1)
         # shuffle within each set so that the shared elements sit anywhere
         small = small.gather(1, torch.argsort(torch.rand(n, s, generator=g), dim=1))
         large = large.gather(1, torch.argsort(torch.rand(n, big, generator=g), dim=1))
@@ -146,7 +170,7 @@ class SetDisjointness(Split):
         member = lambda a, b: (a[:, :, None] == b[:, None, :]).any(-1).long()  # noqa: E731
         ignore = lambda k: torch.full((n, k), IGNORE, dtype=torch.int64)  # noqa: E731
         in_small, in_large = member(large, small), member(small, large)
-        second = train or self.ask == "second"
+        second = train or self.ask == "second"  # the second set is labelled
         sep = torch.full((n, 1), self.SEP, dtype=torch.int64)
         at = 2 if self.same_tokens else 2 + e  # the small set's first token
         sf = torch.cat([small + at, sep, large + 2], dim=1)
@@ -160,6 +184,9 @@ class SetDisjointness(Split):
         if self.ask == "small":
             inputs = torch.cat([inputs, asked + self.vocab_size - e], dim=1)
             targets = torch.cat([targets, member(asked, large)], dim=1)
+        elif self.ask == "disjoint":
+            inputs = torch.cat([inputs, torch.full((n, 1), self.ASK, dtype=torch.int64)], 1)
+            targets = torch.cat([targets, in_large.amax(1, keepdim=True)], dim=1)
         return {"inputs": inputs, "targets": targets,
                 "prefix_len": torch.full((n,), self.seq_len, dtype=torch.int64),
                 "order": order.clone()}
@@ -177,7 +204,8 @@ class SetDisjointness(Split):
         the split asks: each element of the second set with its membership in the first
         (``ask="second"``, or ``train``), each element of the first with its membership in
         the second (``train`` with ``label_first``), each question with its membership in
-        the large set (``ask="small"``)."""
+        the large set (``ask="small"``), ``ASK`` with whether the sets share an element
+        (``ask="disjoint"``)."""
         sep, e, n_sets = inputs.index(self.SEP), self.num_elements, self.small + self.large + 1
         decode = lambda tok: (tok - 2) % e  # noqa: E731  (the element of any token)
         first = [decode(t) for t in inputs[:sep]]
@@ -187,13 +215,17 @@ class SetDisjointness(Split):
                 else [IGNORE] * sep)
         tail = ([int(x in first) for x in second] if train or self.ask == "second"
                 else [IGNORE] * len(second))
-        asked = [int(decode(t) in large) for t in inputs[n_sets:]]
+        if self.ask == "disjoint":
+            asked = [int(bool(set(first) & set(second)))]
+        else:
+            asked = [int(decode(t) in large) for t in inputs[n_sets:]]
         return head + [IGNORE] + tail + asked
 
     def scored(self, data: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``[N, T]`` bool: the positions the metrics score (second set, or questions)."""
+        """``[N, T]`` bool: the positions the metrics score (second set, or questions, or
+        ``ASK``)."""
         t = torch.arange(self.seq_len)[None, :]
-        if self.ask == "small":
+        if self.ask in ("small", "disjoint"):
             return (t >= self.small + self.large + 1).expand(data["order"].shape[0], -1)
         sep = torch.where(data["order"] == 0, self.small, self.large)
         return t > sep[:, None]

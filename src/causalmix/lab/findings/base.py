@@ -137,8 +137,8 @@ DOC_FIELDS = ("paper", "claim", "rule", "knobs", "history")
 def mean_se(xs: list[float]) -> tuple[float, float]:
     """Mean and standard error of the mean (``nan`` when empty; for one value the standard
     error is undefined and 0 is returned, so a rule comparing intervals compares the values:
-    :func:`fmt` and the report say so)."""
-    if not xs:
+    :func:`fmt` and the report say so; ``nan`` when a value is ``nan``)."""
+    if not xs or any(math.isnan(x) for x in xs):
         return math.nan, math.nan
     se = statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else 0.0
     return statistics.fmean(xs), se

@@ -11,21 +11,23 @@ Rule: Causal linear's mean per-seed balanced-accuracy difference (small-first mi
 large-first) is >= 0.15 and more than 3 standard errors above 0; prefix linear's is within 2
 standard errors of 0 and below 0.03 in size. Softmax is a control (not in the rule).
 
-Knobs: Sets of 4 and 16 elements out of 32 sharing 2; every element of the second set labelled
-with its membership in the first (ask "second"; balanced accuracy, chance 0.5 in both orders);
-which set an element belongs to is in its token, so the order is the only thing that changes.
-The test writes the same 512 pairs of sets in both orders (a paired comparison: the same seed's
-model, the same sets). Training also labels every element of the first set with its membership
-in the second (label_first: a causal reader cannot know it, a bidirectional one can, and it
-tells the bidirectional model which large-set elements are shared, the step that lets it answer
-for the small set without storing the large one); the test scores the second set only. The
-scored questions differ by order (the large set's 16 elements when the small set comes first,
-the small set's 4 otherwise), so the prefix arm's difference is not zero by construction: its
-answers are order-invariant (no positional encoding, a bidirectional read of the same tokens),
-and what remains is how much harder "is this small-set element in the large set" is than the
-converse for it. Linear arms: Taylor feature map of 2 dims (7 features), no decay, no positional
-encoding, d_model 32 (4 heads of 8: a state of 7 x 8 per head). Softmax d_model 32. One model per
-arm trained on both orders, tested on each. 2000 steps, batch 32, lr 3e-3, stop at 0.995.
+Knobs: Sets of 4 and 16 elements out of 32; half the examples share 2 elements, half none.
+The question is JRT's own: after both sets, one ASK token, labelled "the sets share an
+element" or "they are disjoint" (ask "disjoint"; balanced accuracy, chance 0.5 in both orders);
+only ASK is scored. It is the same token with the same answer in both orders, so a reader that
+sees the whole sequence without positions (prefix linear: no positional encoding, a
+bidirectional read of the same tokens) answers it alike in both orders, and its difference is
+exactly 0 (a test checks the invariance); a causal reader has no element to look up at ASK, so
+it must have decided while the second set passed whether any of its elements was in the first:
+it must have held the first set (4 elements or 16). Which set an element belongs to is in its
+token. The test writes the same 512 pairs of sets in both orders (a paired comparison: the same
+seed's model, the same sets). Training also labels every element of the second set with its
+membership in the first, and of the first with its membership in the second (label_first: a
+causal reader cannot know it, a bidirectional one can); without these the ASK answer is not
+learned in the steps here. Linear arms: Taylor feature map of 2 dims (7 features), no decay, no
+positional encoding, d_model 32 (4 heads of 8: a state of 7 x 8 per head). Softmax d_model 32.
+One model per arm trained on both orders, tested on each. 2000 steps, batch 32, lr 1e-2, stop
+at 0.995.
 
 History: Small-first / large-first balanced accuracy, 1 seed unless said. Labels on the second
 set only: answering with the shared element at the end, 600 steps: softmax 0.70 overall, causal
@@ -86,6 +88,19 @@ elements when it answers small-first and 16 to 19 large-first; causal arm, seed 
 steps): 32 elements 1.000 / 0.992, 64 0.993 / 0.940, 128 0.964 / 0.864; with a large set of
 32 (64 elements) 0.904 / 0.874, of 48 (128 elements) 0.655 / 0.667: the causal arm's
 difference stays below 0.1.
+Round five (session of 2026-12-03): JRT's own question, one ASK token after both sets (ask
+"disjoint", half the examples disjoint), the knobs above otherwise; seed 0 unless said,
+small-first / large-first. At lr 3e-3 (the old default): causal 0.831 / 0.700, prefix 0.969 /
+0.969 (the same in both orders, as it must be), softmax 0.982 / 0.996; seeds 1 and 2 causal
+0.603 / 0.543 and 0.907 / 0.724 (the ASK answer is learned late and unreliably); 4000 steps
+0.994 / 0.932 (the 16 elements fit once trained long enough); 40 or 48 elements 0.52 / 0.54
+and 0.50 / 0.50 (not learned); 64 elements 0.607 / 0.494; without label_first 0.617 / 0.576;
+1 shared element 0.548 / 0.557; the second set labelled with "a shared element so far"
+instead of per element 0.500 / 0.502. At lr 1e-2: causal seeds 0 / 1 / 2 0.996 / 0.666, 0.988
+/ 0.703, 0.972 / 0.769 (differences 0.330, 0.285, 0.204), prefix seeds 0 / 1 0.996 / 0.996 and
+1.000 / 1.000, softmax seed 0 1.000 / 0.990; 3 layers at lr 3e-3, seeds 0 / 1: causal 0.992 /
+0.576, 1.000 / 0.640. The default takes ask "disjoint" with lr 1e-2 (2 layers: the same cost as
+before, about 30 s a run).
 """
 
 from __future__ import annotations
@@ -100,14 +115,15 @@ F2_METRIC = "balanced_accuracy_by_order"
 F2_STEPS = 2000
 F2_WIDTH = 32
 F2_ELEMENTS = 32
+F2_LR = 1e-2
 
 
 def _f2_arms(suite: str) -> list[fb.Arm]:
     size = fb.SUITES[suite]
     task = SetDisjointness(num_elements=F2_ELEMENTS, small=4, large=16, shared=2,
-                           label_first=True, ask="second", num_train=size.num_train,
+                           label_first=True, ask="disjoint", num_train=size.num_train,
                            num_test=size.num_test)
-    tr = size.train(F2_STEPS, batch_size=32, lr=3e-3, target=0.995, patience=size.evals + 1)
+    tr = size.train(F2_STEPS, batch_size=32, lr=F2_LR, target=0.995, patience=size.evals + 1)
     lin = fb.linear_model(task, 2, F2_WIDTH)
 
     def exp(arm, model, scheme):
@@ -148,7 +164,7 @@ def _f2_judge(results) -> fb.Judgement:
 
 def _f2_plot(results, ax):
     groups = [(name, lambda r, o=o: r[F2_METRIC][str(o)]) for o, name in F2_ORDERS.items()]
-    fb.bars(ax, results, groups, F2_ARMS, "balanced accuracy on the questions, test "
+    fb.bars(ax, results, groups, F2_ARMS, "balanced accuracy on the question, test "
                                           "(fraction; chance 0.5)")
     ax.axhline(0.5, color="gray", ls=":", lw=1)
     ax.set_ylim(0.4, 1.05)
