@@ -193,9 +193,10 @@ def _closing(out: Path, suite: str, rows: list[dict], unloaded: list[str]) -> li
         closing.append(f"The database also holds finished runs of {', '.join(unloaded)}, "
                        f"findings this report did not load (a plugin's findings need "
                        f"`--plugin` on `lab report` too).")
-    closing.append("Verdicts apply the rules stated in each section; the rules were written "
-                   "with the findings, before the default suite's numbers were seen, and a "
-                   "finding that does not hold is reported as such.")
+    closing.append("Verdicts apply the rules stated in each section. Where a rule or its "
+                   "knobs were changed after runs it judges had been seen, the finding's rule "
+                   "or its history in the appendix says so; a finding that does not hold is "
+                   "reported as such.")
     return closing
 
 
