@@ -222,6 +222,15 @@ def test_set_disjointness_disjoint_question_matches_brute_force(label_first):
     assert torch.equal(d.test["targets"][:40, -1], d.test["targets"][40:, -1])
     with pytest.raises(ValueError, match="num_elements"):
         SetDisjointness(num_elements=8, small=3, large=6, shared=1, ask="disjoint")
+    one = SetDisjointness(num_elements=12, small=3, large=6, shared=2, num_train=40,
+                          num_test=10, ask="disjoint", label_first=label_first,
+                          same_tokens=True)  # one alphabet: every label still brute-forced
+    d1 = one.build(5)
+    assert one.vocab_size == 2 + 12 and int(d1.train["inputs"].max()) < one.vocab_size
+    for part, train in ((d1.train, True), (d1.test, False)):
+        for i in range(part["inputs"].shape[0]):
+            assert part["targets"][i].tolist() == one.solve(part["inputs"][i].tolist(),
+                                                            train=train)
 
 
 def test_set_disjointness_disjoint_question_prefix_reader_answers_alike():
