@@ -181,17 +181,18 @@ def test_sharded_equals_single_process_at_500(tmp_path):
 
 
 def _nan_job(rank, world):
-    """NaN in, NaN out: a NaN value and a NaN gate (scalar, or one key dimension of a vector
-    gate) reach every output that reads them (their document, from them on under Causal, all
-    of it under Full), on every layout."""
+    """NaN in, NaN out: a NaN value and a NaN forward gate (scalar, or one key dimension of a
+    vector gate) reach every output that reads them (a value: its document from it on under
+    Causal, all of it under Full; a forward gate at s: the queries i >= s that see a key before
+    s, here the query at s) and no other document, on every layout."""
     seq_len = 4 * world
     ids = _docs(seq_len, False)  # documents [0, 2), [2, 4), [4, T)
     for (spec, reached), gates in itertools.product(
-            ((Segments(ids) & Full(), ([0, 1], [2, 3])),
-             (Segments(ids) & Causal(), ([1], [2, 3]))), ("reverse", "vreverse")):
+            ((Segments(ids) & Full(), ([0, 1], [3])),
+             (Segments(ids) & Causal(), ([1], [3]))), ("reverse", "vreverse")):
         x, _, _ = _inputs(4, world, "same", gates, True)
         x["v"][:, 1, 0, 0] = float("nan")
-        x["log_gate"][(slice(None), 2, 1) + ((0,) if gates == "vreverse" else ())] = \
+        x["log_gate"][(slice(None), 3, 1) + ((0,) if gates == "vreverse" else ())] = \
             float("nan")
         x["initial_state"] = x["initial_state"].float()
         for layout in ("contiguous", "zigzag"):
@@ -201,6 +202,7 @@ def _nan_job(rank, world):
                         world)
             assert torch.isnan(o[:, reached[0], 0, 0]).all(), (spec, layout)
             assert torch.isnan(o[:, reached[1], 1]).all(), (spec, layout)
+            assert torch.isfinite(o[:, 4:]).all(), (spec, layout)  # the other document
     return True
 
 

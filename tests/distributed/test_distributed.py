@@ -629,10 +629,6 @@ def test_a_bad_argument_on_one_rank_raises_the_same_error_on_every_rank(group_re
 
 
 @pytest.mark.distributed
-@pytest.mark.xfail(strict=True, reason="the single-process linear op (chunk and reference) "
-                   "spreads a NaN reverse gate to later queries of its own call, whose weights do "
-                   "not hold it (issue 19.5, extreme gates: causalmix.ops.linear); the sharded "
-                   "op runs it per span. Nothing leaks across ranks (checked with forward gates).")
 def test_nan_reverse_gates_reach_exactly_the_outputs_that_hold_them(group_report):
     expect_section(group_report(2), "nan_reverse_gates")
 

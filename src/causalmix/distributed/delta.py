@@ -196,13 +196,15 @@ def _plan(a: DeltaArgs, f: Factorisation, ring: Ring) -> Plan:
 
 class SpanRun(NamedTuple):
     """One span's local results: the zero-state outputs ``o0 [B, m, H, Dv]``, the reads of
-    the entering state ``read [B, m, H, D]`` (zero for the queries that do not read it), and
-    per reverse pass the same (already scaled by ``exp(r_i)`` and masked to the queries that
-    take the pass)."""
+    the entering state ``read [B, m, H, D]`` (zero for the queries that do not read it, which
+    ``keep [B', m]`` marks), and per reverse pass the same (already scaled by ``exp(r_i)`` and
+    masked to the queries that take the pass, with the queries that read the entering reverse
+    state)."""
 
     o0: torch.Tensor
     read: torch.Tensor
-    rev: list[tuple[torch.Tensor, torch.Tensor]]
+    keep: torch.Tensor
+    rev: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def _columns(a: DeltaArgs, sd: torch.dtype):
@@ -275,7 +277,7 @@ def _reverse_span(a: DeltaArgs, plan: Plan, r: Span, x: dict, cols):
             ro = ro * gate.exp()[..., None]
         tk = take[:, r.start:e + 1]
         beyond = tk & (rid[:, r.start:e + 1] > e)  # the query's region goes past the span
-        rev.append((_mask(tk, ro[..., :dv]), _mask(beyond, ro[..., dv:])))
+        rev.append((_mask(tk, ro[..., :dv]), _mask(beyond, ro[..., dv:]), beyond))
         pairs.append(rf)
     return rev, pairs
 
@@ -292,7 +294,7 @@ def _run_span(a: DeltaArgs, plan: Plan, r: Span, cols) -> tuple[SpanRun, list[to
     out, fin = _local(a, x, plan.forward_spec, r.start, s0)
     reads = plan.start[:, r.start:r.start + r.length] < r.start  # segment began before r
     rev, rpairs = _reverse_span(a, plan, r, x, cols) if plan.rid else ([], [])
-    return SpanRun(out[..., :dv], _mask(reads, out[..., dv:]), rev), [fin, *rpairs]
+    return SpanRun(out[..., :dv], _mask(reads, out[..., dv:]), reads, rev), [fin, *rpairs]
 
 
 def _step(pair: torch.Tensor, through: torch.Tensor, s: torch.Tensor, dv: int) -> torch.Tensor:
@@ -325,9 +327,11 @@ def _chains(plan: Plan, pairs: torch.Tensor, s0: torch.Tensor, dv: int):
     return s_in, r_in, final
 
 
-def _read(part: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-    """``part [B, m, H, D]`` read against ``state [B, H, D, Dv]``."""
-    return torch.einsum("bthd,bhde->bthe", part, state)
+def _read(part: torch.Tensor, state: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``part [B, m, H, D]`` read against ``state [B, H, D, Dv]`` by the queries ``keep [B',
+    m]`` marks, 0 for the others (a ``where``, not the zero rows of ``part``: a NaN state of
+    another document stays out of them)."""
+    return _mask(keep, torch.einsum("bthd,bhde->bthe", part, state))
 
 
 def _empty(a: DeltaArgs, return_final_state: bool):
@@ -411,8 +415,8 @@ def _sharded(a: DeltaArgs, plan: Plan, ring: Ring) -> tuple[torch.Tensor, torch.
     s_in, r_in, final = _chains(plan, gathered, s0, a.v.shape[-1])
     outs = []
     for r, run in zip(plan.mine, runs, strict=True):
-        o = run.o0 + _read(run.read, s_in[r.start])
-        for p, (ro, rread) in enumerate(run.rev):
-            o = o + ro + _read(rread, r_in[r.start, p])
+        o = run.o0 + _read(run.read, s_in[r.start], run.keep)
+        for p, (ro, rread, keep) in enumerate(run.rev):
+            o = o + ro + _read(rread, r_in[r.start, p], keep)
         outs.append(o.to(a.q.dtype))
     return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)), final

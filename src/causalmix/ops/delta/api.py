@@ -68,6 +68,7 @@ from causalmix.checks import compute_dtype
 from causalmix.ops.delta.call import DeltaCall, validate
 from causalmix.ops.delta.impl import chunk, recurrent, reference
 from causalmix.ops.linear import LinearOutput
+from causalmix.ops.nonfinite import run_guarded
 from causalmix.ops.registry import AUTO_REFERENCE_MAX_T, Registry, by_cost  # noqa: F401 (re-exported)
 from causalmix.visibility import Visibility
 
@@ -159,7 +160,7 @@ def delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibilit
     if call.k.shape[1] == 0 or call.q.is_meta:
         out, state = _empty(call)
     else:
-        out, state = REGISTRY[name].run(call)
+        out, state = run_guarded(REGISTRY[name].run, call)
     return LinearOutput(out, state) if return_final_state else out
 
 

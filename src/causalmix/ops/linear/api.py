@@ -90,6 +90,7 @@ import torch
 from causalmix.checks import compute_dtype
 from causalmix.ops.linear.call import LinearCall, check_gate, validate
 from causalmix.ops.linear.impl import chunk, recurrent, reference
+from causalmix.ops.nonfinite import run_guarded
 from causalmix.ops.registry import AUTO_REFERENCE_MAX_T, Registry, by_cost  # noqa: F401 (re-exported)
 from causalmix.visibility import Visibility
 
@@ -187,7 +188,7 @@ def linear_attention(
     name = REGISTRY.resolve(fn, impl, call)
     if q.shape[0] == 0 or q.shape[1] == k.shape[1] == 0 or q.is_meta:
         return _empty(call)  # meta tensors: the right shapes, nothing computed
-    out, state = REGISTRY[name].run(call)
+    out, state = run_guarded(REGISTRY[name].run, call)
     return LinearOutput(out, state) if return_final_state else out
 
 

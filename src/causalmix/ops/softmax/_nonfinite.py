@@ -19,10 +19,12 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from causalmix.ops.nonfinite import bad_rows, clean, seen_by
+
 if TYPE_CHECKING:
     from causalmix.visibility import Visibility
 
-_COLS = 512  # keys tested at a time against the spec
+__all__ = ["Poison", "apply", "clean", "poison", "poison_dense"]
 
 
 class Poison(NamedTuple):
@@ -30,42 +32,16 @@ class Poison(NamedTuple):
     lse_rows: torch.Tensor  # [B, Tq, Hq] bool: lse entries that are NaN
 
 
-def clean(x: torch.Tensor) -> torch.Tensor:
-    """``x`` with NaN/inf entries replaced by 0 (differentiable in the finite entries)."""
-    return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
-def _bad_rows(x: torch.Tensor) -> torch.Tensor:
-    """``[B, T, H, D]`` -> ``[B, T, H]`` bool: the row holds a NaN or an infinity."""
-    return ~torch.isfinite(x.detach()).all(dim=-1)
-
-
-def _seen_by(visibility, bad: torch.Tensor, tq: int, q_offset: int, k_offset: int):
-    """``bad: [B, Tk, Hkv]`` bool -> ``[B, Tq, Hkv]`` bool: some visible key is bad."""
-    b, _, hkv = bad.shape
-    dev = bad.device
-    cols = bad.any(dim=2).any(dim=0).nonzero().flatten()
-    hit = torch.zeros(b, tq, hkv, device=dev)
-    nb = visibility.batch_size or 1
-    bi = torch.arange(nb, device=dev).view(nb, 1, 1)
-    i = torch.arange(q_offset, q_offset + tq, device=dev).view(1, tq, 1)
-    for c in cols.split(_COLS):
-        vis = visibility.visible(bi, i, (c + k_offset).view(1, 1, -1))
-        vis = vis.expand(vis.shape[0], tq, c.numel()).float()  # [B', Tq, n]
-        hit += vis @ bad[:, c].float()  # [B, Tq, Hkv]
-    return hit > 0
-
-
 def poison(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibility: Visibility,
            q_offset: int, k_offset: int) -> Poison:
     """The rows the rule above makes NaN (call only when some input is non-finite)."""
     group = q.shape[2] // k.shape[2]
-    bad_q = _bad_rows(q)
-    bad_k = _bad_rows(k)
-    bad_kv = bad_k | _bad_rows(v)
+    bad_q = bad_rows(q)
+    bad_k = bad_rows(k)
+    bad_kv = bad_k | bad_rows(v)
     tq = q.shape[1]
-    seen_k = _seen_by(visibility, bad_k, tq, q_offset, k_offset).repeat_interleave(group, 2)
-    seen_kv = _seen_by(visibility, bad_kv, tq, q_offset, k_offset).repeat_interleave(group, 2)
+    seen_k = seen_by(visibility, bad_k, tq, q_offset, k_offset).repeat_interleave(group, 2)
+    seen_kv = seen_by(visibility, bad_kv, tq, q_offset, k_offset).repeat_interleave(group, 2)
     return Poison(bad_q | seen_kv, bad_q | seen_k)
 
 
@@ -74,13 +50,13 @@ def poison_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibility: 
     """:func:`poison` without a host read (for ``torch.compile`` and ``torch.func``): the spec's
     dense mask times the bad keys, ``O(Tq * Tk)``; call it whatever the inputs hold."""
     group = q.shape[2] // k.shape[2]
-    bad_k = _bad_rows(k).float()
-    bad_kv = (_bad_rows(k) | _bad_rows(v)).float()
+    bad_k = bad_rows(k).float()
+    bad_kv = (bad_rows(k) | bad_rows(v)).float()
     vis = visibility.mask(q.shape[1], k.shape[1], q_offset=q_offset, k_offset=k_offset,
                           device=q.device).float()  # [B', Tq, Tk]
     seen_k = (vis @ bad_k > 0).repeat_interleave(group, 2)
     seen_kv = (vis @ bad_kv > 0).repeat_interleave(group, 2)
-    bad_q = _bad_rows(q)
+    bad_q = bad_rows(q)
     return Poison(bad_q | seen_kv, bad_q | seen_k)
 
 
