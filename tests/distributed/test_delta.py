@@ -210,6 +210,39 @@ def test_nan_stays_in_its_document(tmp_path):
     run_process_group(_nan_job, 2, str(tmp_path))
 
 
+def _nan_state_job(rank, world):
+    """A NaN entry of ``initial_state[0, 0]`` reaches only the document it continues (the
+    first), in that batch row and head; every other output equals the single-process op."""
+    seq_len = 8 * world
+    ids = torch.tensor([0] * 5 + [1] * 6 + [2] * (seq_len - 11))[None].expand(2, seq_len)
+    spec = Segments(ids) & Causal()
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, seq_len, 2, 3, generator=g) for _ in range(3))
+    x = {"q": q, "k": torch.nn.functional.normalize(k, dim=-1), "v": v,
+         "beta": torch.rand(2, seq_len, 2, generator=g)}
+    s0 = torch.randn(2, 2, 3, 3, generator=g)
+    s0[0, 0, 1, 1] = float("nan")
+    ref = single_delta(**x, visibility=spec, initial_state=s0)  # fp32: the baseline
+    truth = single_delta(**{n: t.double() for n, t in x.items()}, visibility=spec,
+                         initial_state=s0.double())
+    reached = torch.zeros_like(ref, dtype=torch.bool)
+    reached[0, :5, 0] = True
+    assert torch.isnan(ref[reached]).all() and torch.isfinite(ref[~reached]).all()
+    for layout in ("contiguous", "zigzag"):
+        local = {n: shard(t, layout, rank, world) for n, t in x.items()}
+        o = _gather(delta_attention(**local, visibility=spec, layout=layout, initial_state=s0),
+                    layout, world)
+        assert torch.isnan(o[0, :5, 0]).any(-1).all(), layout  # every reader is reached
+        assert_close(o[~reached], truth[~reached], ref[~reached], name=f"o {layout}",
+                     dtype=torch.float32)  # and nothing else
+    return True
+
+
+def test_nan_initial_state_stays_in_its_document(tmp_path):
+    for world in (2, 3):
+        run_process_group(_nan_state_job, world, str(tmp_path))
+
+
 REFUSALS = {  # case: what the one message every rank raises must name
     "window": r"Window\(left=2, right=1\)", "striped": "striped",
     "beta": r"beta values must lie in \(0, 2\]", "spec": "visibility"}

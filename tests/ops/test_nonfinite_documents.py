@@ -118,3 +118,49 @@ def test_nan_gradients_stay_in_their_document():
             grads.append(y["q"].grad)
         assert torch.isfinite(grads[0]).all(), impl
         torch.testing.assert_close(grads[0], grads[1], atol=2e-5, rtol=1e-4)
+
+
+OFFSET_IDS = torch.tensor([0] * 19 + [1] * 16 + [2] * 8)  # IDS with 6 more positions first
+
+
+@pytest.mark.parametrize("family,vector", [("linear", False), ("linear", True),
+                                           ("delta", False)])
+@pytest.mark.parametrize("spec_name,offset", [(n, 0) for n in SPECS] +
+                         [("causal, offset 6", 6), ("full, offset 6", 6)])
+def test_nonfinite_initial_state_reaches_only_its_readers(family, vector, spec_name, offset):
+    """A NaN / inf in ``initial_state[:, h]`` makes NaN exactly the outputs of head ``h`` whose
+    query sees the key the state is anchored at (``k_offset - 1``, or the first key), and the
+    final state of ``h`` if the last position sees it: with packed documents, only the
+    document the state continues. Everything else equals a run with a finite state there."""
+    if offset:
+        base = Causal() if spec_name.startswith("causal") else Full()
+        spec = Segments(OFFSET_IDS) & base
+    else:
+        spec = SPECS[spec_name]
+    x = _inputs(family, vector)
+    x.update(q_offset=offset, k_offset=offset)
+    hq = x["q"].shape[2]
+    vis = spec.mask(T + offset, T + offset)[0][offset:, offset:]  # [Tq, Tk] of this call
+    anchor = max(offset - 1, 0)
+    reads_anchor = spec.mask(T + offset, T + offset)[0][offset:, anchor]  # [Tq]
+    bad, other = dict(x), dict(x)
+    bad["initial_state"] = x["initial_state"].clone()
+    bad["initial_state"][0, 1, 0, 0] = float("nan")
+    bad["initial_state"][1, 1, 2, 3] = float("inf")
+    other["initial_state"] = x["initial_state"].clone()
+    other["initial_state"][:, 1] = 2.0 * other["initial_state"][:, 1] + 0.5
+    poisoned = torch.zeros(B, T, hq, dtype=torch.bool)
+    poisoned[:, :, 1] = reads_anchor[None, :]
+    state_bad = torch.zeros(B, hq, dtype=torch.bool)
+    state_bad[:, 1] = bool(reads_anchor[-1])
+    assert vis.shape == (T, T) and reads_anchor.any() and not reads_anchor.all() or \
+        spec_name.startswith("one document")
+    for impl in ("reference", "chunk", "recurrent"):
+        out, state = _run(family, bad, spec, impl)
+        ref, ref_state = _run(family, other, spec, impl)
+        assert torch.isnan(out[poisoned]).all(), impl
+        assert torch.isfinite(out[~poisoned]).all(), impl
+        torch.testing.assert_close(out[~poisoned], ref[~poisoned], atol=2e-5, rtol=1e-4)
+        assert torch.isnan(state[state_bad]).all(), impl
+        torch.testing.assert_close(state[~state_bad], ref_state[~state_bad], atol=2e-5,
+                                   rtol=1e-4)

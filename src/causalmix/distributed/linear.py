@@ -215,13 +215,20 @@ def _local_states(x: Shard) -> tuple[torch.Tensor, torch.Tensor]:
     for r in x.mine:
         kf, vf = x.k[:, _sl(r)].to(x.sd), x.v[:, _sl(r)].to(x.sd)
         g, gr = x.gf[:, _sl(r)], x.gr[:, _sl(r)]  # [B', m, H, 1 | D]
-        cum = g.to(torch.float64).cumsum(1)
-        w_end = torch.exp((cum[:, -1:] - cum).to(x.sd))  # prod_{s=t+1..end} exp(g_s)
+        last = g_in = None
         if x.starts is not None:  # keys of earlier documents of the span reach no later query
             st = x.starts[:, r.start:r.start + r.length]
             later = st.flip(1).cumsum(1).flip(1) - st.to(torch.int64)  # starts after t
-            w_end = torch.where((later == 0)[:, :, None, None], w_end, 0)
-        run_states = [torch.einsum("bthd,bthe->bhde", kf * w_end, vf)]
+            last = (later == 0)[:, :, None, None]  # [B', m, 1, 1]: the span's last document
+            # only its gates and keys enter (where, not a product: NaN in an earlier document
+            # stays there)
+            g_in = torch.where(last, g, 0)
+        cum = (g if last is None else g_in).to(torch.float64).cumsum(1)
+        w_end = torch.exp((cum[:, -1:] - cum).to(x.sd))  # prod_{s=t+1..end} exp(g_s)
+        kw = kf * w_end
+        if last is not None:
+            kw, vf = torch.where(last, kw, 0), torch.where(last, vf, 0)
+        run_states = [torch.einsum("bthd,bthe->bhde", kw, vf)]
         if x.reverse:
             e = torch.nn.functional.pad(gr[:, :-1], (0, 0, 0, 0, 1, 0)).to(torch.float64)
             e = e.cumsum(1)
@@ -277,6 +284,11 @@ def _incoming_state(x: Shard, states, totals, r: Span) -> torch.Tensor:
         gap = (pos[None, :] >= ends[:, None]) & (pos[None, :] < r.start)  # [c, T]
         cut = (gap[:, None, :] & x.starts[None]).any(-1)  # [c, B']
         coef = torch.where(cut[:, :, None, None], 0, coef)
+        # where, not a product: the state of a span cut off by a document start (NaN there
+        # stays there) is never multiplied in
+        side = side[:, None] & ~cut  # [c, B']
+        s = torch.where(side[:, :, None, None, None], states[:, 0], 0)
+        return _weighted(coef, s)
     s = torch.where(side[:, None, None, None, None], states[:, 0], 0)
     return _weighted(coef, s)
 

@@ -25,8 +25,10 @@ This holds for the specs the scan forms serve (they factorise, :mod:`causalmix.o
 each query sees a contiguous run of keys that holds it, so every gate between a visible key and
 the query is at a visible position). For other specs (the linear reference's arbitrary masks)
 and where values cannot be read (``torch.compile``, ``torch.func``, meta tensors) the inputs
-run as given: NaN still gives NaN, possibly in more outputs than the rule names. A NaN
-``initial_state`` reaches the outputs that read it through the implementation.
+run as given: NaN still gives NaN, possibly in more outputs than the rule names. A
+non-finite ``initial_state[b, h]`` makes NaN exactly the outputs (and the final state) of that
+batch and head that read it: the queries that see the key ``k_offset - 1`` (the first key when
+``k_offset`` is 0), and so with documents only the document it continues.
 """
 
 from __future__ import annotations
@@ -112,16 +114,26 @@ def _gate_poison(call: Any, rows: torch.Tensor, state: torch.Tensor | None):
         state = state | seen_by(vis, before, 1, last, k0, -1)[:, 0]
     if call.initial_state is not None:  # S0 is read with every gate up to the query
         upto = fwd.cumsum(dim=1) > 0  # [B, Tk, H]: a bad gate at or before t
-        anchor = torch.tensor(max(k0 - 1, 0), device=dev)
-        nb = vis.batch_size or 1
-        bi = torch.arange(nb, device=dev).view(nb, 1)
-        at = torch.arange(q0, q0 + tq, device=dev)
-        reads = vis.visible(bi, at[None, :], anchor).expand(nb, tq)[..., None]  # [B', Tq, 1]
-        rows = rows | (reads & upto[:, at - k0])
+        reads, reads_l = _reads_initial(call)
+        rows = rows | (reads & upto[:, torch.arange(q0 - k0, q0 - k0 + tq, device=dev)])
         if state is not None:
-            reads_l = vis.visible(bi, torch.tensor(last, device=dev), anchor).view(nb, 1)
             state = state | (reads_l & upto[:, -1])
     return rows, state
+
+
+def _reads_initial(call: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Who reads the initial state (the state just before ``k_offset``, anchored at the key
+    ``k_offset - 1``, or at 0 when that is the first): ``[B', Tq, 1]`` for the queries and
+    ``[B', 1]`` for the final state at the last key."""
+    dev, vis = call.q.device, call.visibility
+    tq, tk, q0, k0 = call.q.shape[1], call.k.shape[1], call.q_offset, call.k_offset
+    anchor = torch.tensor(max(k0 - 1, 0), device=dev)
+    nb = vis.batch_size or 1
+    bi = torch.arange(nb, device=dev).view(nb, 1)
+    at = torch.arange(q0, q0 + tq, device=dev)
+    reads = vis.visible(bi, at[None, :], anchor).expand(nb, tq)[..., None]
+    reads_l = vis.visible(bi, torch.tensor(k0 + tk - 1, device=dev), anchor).view(nb, 1)
+    return reads, reads_l
 
 
 def guard_state_call(call: Any) -> tuple[Any, StatePoison | None]:
@@ -134,8 +146,10 @@ def guard_state_call(call: Any) -> tuple[Any, StatePoison | None]:
     inputs = [call.q, call.k, call.v, *([beta] if beta is not None else []), *_gates(call)]
     if call.factor is None or not values_checked(*inputs):
         return call, None
+    s0 = call.initial_state
     ok = [torch.isfinite(x.detach()).all() for x in inputs[:3 + (beta is not None)]]
     ok += [~torch.isnan(g.detach()).any() for g in _gates(call)]
+    ok += [torch.isfinite(s0.detach()).all()] if s0 is not None else []
     if bool(torch.stack(ok).all()):
         return call, None
     dev, heads, vis = call.q.device, call.heads, call.visibility
@@ -151,6 +165,13 @@ def guard_state_call(call: Any) -> tuple[Any, StatePoison | None]:
     if call.log_gate is not None:
         rows, state = _gate_poison(call, rows, state)
     fixed = {"q": clean(call.q), "k": clean(call.k), "v": clean(call.v)}
+    if s0 is not None:  # a non-finite S0 of (b, h): the queries (and final state) reading it
+        bad_s0 = ~torch.isfinite(s0.detach()).flatten(2).all(-1)  # [B, H]
+        reads, reads_l = _reads_initial(call)
+        rows = rows | (reads & bad_s0[:, None, :])
+        if state is not None:
+            state = state | (reads_l & bad_s0)
+        fixed["initial_state"] = clean(s0)
     for name in ("log_gate", "reverse_log_gate"):
         g = getattr(call, name)
         if g is not None:
