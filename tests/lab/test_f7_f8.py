@@ -227,6 +227,21 @@ def test_f8_rule():
     assert "F1 comma" in header and len(rows) == 2 * len(F8_POINTS) + len(F8_WEIGHTS)
 
 
+def test_f8_reports_whether_full_keeps_rising():
+    """The rule reads lookahead 1..k; a note says whether softmax full is at or above, or below, the
+    best of them, with both numbers, and the verdict does not depend on it."""
+    judge = FINDINGS["F8"].judge
+    res = _f8_results(0.812)  # full at the lookaheads' 0.82
+    note = next(n for n in judge(res).notes if n.startswith("Past the rule"))
+    assert "does not fall" in note and "+0.000" in note
+    res["softmax full"] = _text_runs(0.79, 31.0)
+    j = judge(res)
+    note = next(n for n in j.notes if n.startswith("Past the rule"))
+    assert "the rise stops" in note and "0.790" in note and "lookahead-1 0.820" in note
+    assert "(-0.030)" in note
+    assert j.holds is True
+
+
 def test_f8_arms_and_the_latency_they_record():
     arms = FINDINGS["F8"].arms("smoke")
     names = [a.name for a in arms]

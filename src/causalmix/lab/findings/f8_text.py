@@ -290,6 +290,21 @@ def _best_adaptive(results) -> tuple[str, float, float, float, float] | None:
     return best
 
 
+def _beyond_note(results) -> str:
+    """Whether softmax keeps rising past the lookaheads the rule reads: full against the best
+    fixed lookahead (the rule reads lookahead 1..k only, so a fall at full is reported here)."""
+    best = max(range(1, F8_K + 1),
+               key=lambda a: mean_se(_accs(results, f"softmax lookahead-{a}"))[0])
+    ahead, full = (_accs(results, f"softmax {p}") for p in (f"lookahead-{best}", "full"))
+    diff = mean_se(full)[0] - mean_se(ahead)[0]
+    if diff >= 0:
+        return (f"Past the rule's lookaheads softmax does not fall: full {fmt(full)} vs "
+                f"lookahead-{best} {fmt(ahead)} ({diff:+.3f}).")
+    return (f"Past the rule's lookaheads the rise stops: softmax full {fmt(full)} is below "
+            f"lookahead-{best} {fmt(ahead)} ({diff:+.3f}); the rule reads lookahead 1..{F8_K} "
+            f"only, so more future than that buys nothing at this training budget.")
+
+
 def _f8_judge(results) -> Judgement:
     table = _f8_table(results)
     needed = [f"softmax {p}" for p in F8_POINTS] + [f"softmax adaptive w={w:g}"
@@ -314,6 +329,7 @@ def _f8_judge(results) -> Judgement:
              "The adaptive arm runs on softmax only: causalmix.nn.adaptive mixes over "
              "lookaheads for the softmax and the ungated linear op (ADAPTIVE_MIXERS), not for "
              "the gated one."]
+    notes.append(_beyond_note(results))
     if "gated" not in mixers:
         notes.append(f"gated arms: {GATED_MISSING}.")
     extra = results["softmax causal"][0]
